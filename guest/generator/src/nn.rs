@@ -1,0 +1,120 @@
+//! The wasi:nn side: graphs by model name (cached per instance) and a [`Session`] per
+//! completion over one execution context.
+//!
+//! Each step sends `input_ids` and `position_ids` ([1, S] i64, little-endian) and reads
+//! `logits` (f32; the last position's row).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::bindings::wasi::nn::errors::{Error as NnError, ErrorCode};
+use crate::bindings::wasi::nn::graph::{self, Graph};
+use crate::bindings::wasi::nn::inference::GraphExecutionContext;
+use crate::bindings::wasi::nn::tensor::{Tensor, TensorType};
+use crate::error::{Error, Result};
+use crate::generate::Session;
+
+thread_local! {
+    static GRAPHS: RefCell<HashMap<String, Rc<Graph>>> = RefCell::new(HashMap::new());
+}
+
+fn nn_error(what: &str, e: NnError) -> Error {
+    let code = e.code();
+    let data = e.data();
+    let msg = format!("{what}: {code:?}{}{data}", if data.is_empty() { "" } else { ": " });
+    match code {
+        ErrorCode::NotFound => Error::model(msg),
+        _ => Error::backend(msg),
+    }
+}
+
+fn graph(name: &str) -> Result<Rc<Graph>> {
+    if let Some(g) = GRAPHS.with(|g| g.borrow().get(name).cloned()) {
+        return Ok(g);
+    }
+    let g = Rc::new(graph::load_by_name(name).map_err(|e| nn_error(&format!("loading graph {name:?}"), e))?);
+    GRAPHS.with(|m| m.borrow_mut().insert(name.to_string(), g.clone()));
+    Ok(g)
+}
+
+pub struct NnSession {
+    ctx: GraphExecutionContext,
+    /// Keeps the graph alive as long as the context.
+    _graph: Rc<Graph>,
+}
+
+impl NnSession {
+    pub fn new(model: &str) -> Result<Self> {
+        let g = graph(model)?;
+        let ctx = g.init_execution_context().map_err(|e| nn_error("creating an execution context", e))?;
+        Ok(NnSession { ctx, _graph: g })
+    }
+}
+
+fn i64_tensor(values: impl Iterator<Item = i64>, len: usize) -> Tensor {
+    let mut data = Vec::with_capacity(len * 8);
+    for v in values {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    Tensor::new(&[1, len as u32], TensorType::I64, &data)
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // subnormal
+            let v = f as f32 / 1024.0 * 2f32.powi(-14);
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 112) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// The last row of a logits tensor ([..., vocab]) as f32.
+fn last_row(t: &Tensor) -> Result<Vec<f32>> {
+    let dims = t.dimensions();
+    let vocab = *dims.last().ok_or_else(|| Error::backend("logits tensor has no dimensions"))? as usize;
+    let data = t.data();
+    let values: Vec<f32> = match t.ty() {
+        TensorType::Fp32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        TensorType::Fp16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        TensorType::Bf16 => data
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
+        TensorType::Fp64 => data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            .collect(),
+        other => return Err(Error::backend(format!("logits have type {other:?}; expected a float type"))),
+    };
+    if vocab == 0 || values.len() < vocab || values.len() % vocab != 0 {
+        return Err(Error::backend(format!("logits of shape {dims:?} hold {} values", values.len())));
+    }
+    Ok(values[values.len() - vocab..].to_vec())
+}
+
+impl Session for NnSession {
+    fn step(&mut self, ids: &[u32], start_pos: u32) -> Result<Vec<f32>> {
+        let n = ids.len();
+        let input_ids = i64_tensor(ids.iter().map(|&i| i as i64), n);
+        let positions = i64_tensor((0..n).map(|i| start_pos as i64 + i as i64), n);
+        let outputs = self
+            .ctx
+            .compute(vec![("input_ids".to_string(), input_ids), ("position_ids".to_string(), positions)])
+            .map_err(|e| nn_error("compute", e))?;
+        let logits = outputs
+            .iter()
+            .find(|(name, _)| name == "logits")
+            .or_else(|| outputs.first())
+            .ok_or_else(|| Error::backend("compute returned no outputs"))?;
+        last_row(&logits.1)
+    }
+}

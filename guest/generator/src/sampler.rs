@@ -1,0 +1,323 @@
+//! Choosing the next token from the logits: repetition penalty, temperature, top-k, top-p,
+//! min-p (in that order), then greedy or seeded sampling.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// Validated sampling parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0.0: greedy.
+    pub temperature: f32,
+    /// 0: disabled.
+    pub top_k: u32,
+    /// 1.0: disabled.
+    pub top_p: f32,
+    /// 0.0: disabled.
+    pub min_p: f32,
+    /// 1.0: disabled.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Validate the optional request values; `seed` absent draws one from `random_seed`.
+    pub fn new(
+        temperature: Option<f32>,
+        top_k: Option<u32>,
+        top_p: Option<f32>,
+        min_p: Option<f32>,
+        repetition_penalty: Option<f32>,
+        seed: Option<u64>,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<Self> {
+        let temperature = temperature.unwrap_or(0.0);
+        if !temperature.is_finite() || temperature < 0.0 {
+            return Err(Error::invalid(format!("temperature must be a finite number >= 0, got {temperature}")));
+        }
+        let top_p = top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::invalid(format!("top-p must be in (0, 1], got {top_p}")));
+        }
+        let min_p = min_p.unwrap_or(0.0);
+        if !(0.0..1.0).contains(&min_p) {
+            return Err(Error::invalid(format!("min-p must be in [0, 1), got {min_p}")));
+        }
+        let repetition_penalty = repetition_penalty.unwrap_or(1.0);
+        if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
+            return Err(Error::invalid(format!(
+                "repetition-penalty must be a finite number > 0, got {repetition_penalty}"
+            )));
+        }
+        let seed = match seed {
+            Some(s) => s,
+            None => random_seed(),
+        };
+        Ok(SamplingParams { temperature, top_k: top_k.unwrap_or(0), top_p, min_p, repetition_penalty, seed })
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Chooses tokens; holds the PRNG state and the set of tokens seen (for the penalty).
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    /// seen[id]: the token is in the prompt or the output.
+    seen: Vec<bool>,
+    seen_ids: Vec<u32>,
+    /// Scratch buffer of (id, value) candidates.
+    scratch: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Sampler { params, rng, seen: Vec::new(), seen_ids: Vec::new(), scratch: Vec::new() }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Record tokens of the prompt or the output (for the repetition penalty).
+    pub fn observe(&mut self, ids: &[u32]) {
+        if self.params.repetition_penalty == 1.0 {
+            return;
+        }
+        for &id in ids {
+            let i = id as usize;
+            if i >= self.seen.len() {
+                self.seen.resize(i + 1, false);
+            }
+            if !self.seen[i] {
+                self.seen[i] = true;
+                self.seen_ids.push(id);
+            }
+        }
+    }
+
+    /// Choose the next token. `logits` is modified in place (penalty, temperature).
+    /// Returns None only for an empty vocabulary.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Option<u32> {
+        if logits.is_empty() {
+            return None;
+        }
+        // NaN never wins.
+        for l in logits.iter_mut() {
+            if l.is_nan() {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let penalty = self.params.repetition_penalty;
+        if penalty != 1.0 {
+            for &id in &self.seen_ids {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+                }
+            }
+        }
+        if self.params.is_greedy() {
+            return Some(argmax(logits));
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let cand = &mut self.scratch;
+        cand.clear();
+        cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        // Sort by descending logit (ties: lower id first), cutting to top-k first when set.
+        let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.params.top_k as usize;
+        if k > 0 && k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, cmp);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(cmp);
+        // Softmax over the candidates.
+        let max = cand[0].1;
+        if max == f32::NEG_INFINITY {
+            return Some(cand[0].0);
+        }
+        let mut sum = 0.0f64;
+        for c in cand.iter_mut() {
+            let p = ((c.1 - max) as f64).exp();
+            c.1 = p as f32;
+            sum += p;
+        }
+        for c in cand.iter_mut() {
+            c.1 = (c.1 as f64 / sum) as f32;
+        }
+        // top-p: the smallest prefix whose probability sums to >= p.
+        if self.params.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                acc += c.1 as f64;
+                if acc >= self.params.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep.max(1));
+        }
+        // min-p: relative to the most likely token.
+        if self.params.min_p > 0.0 {
+            let threshold = cand[0].1 * self.params.min_p;
+            let keep = cand.iter().take_while(|c| c.1 >= threshold).count();
+            cand.truncate(keep.max(1));
+        }
+        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        let mut r = self.rng.next_f64() * total;
+        for c in cand.iter() {
+            r -= c.1 as f64;
+            if r < 0.0 {
+                return Some(c.0);
+            }
+        }
+        cand.last().map(|c| c.0)
+    }
+}
+
+/// Index of the largest value; the lowest index on ties.
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32) -> SamplingParams {
+        SamplingParams { temperature: t, seed: 1, ..Default::default() }
+    }
+
+    fn validate(t: Option<f32>, p: Option<f32>, m: Option<f32>, r: Option<f32>) -> Result<SamplingParams> {
+        SamplingParams::new(t, None, p, m, r, Some(0), || 0)
+    }
+
+    #[test]
+    fn validation() {
+        assert!(validate(None, None, None, None).is_ok());
+        assert!(validate(Some(0.7), Some(1.0), Some(0.0), Some(1.1)).is_ok());
+        for bad in [
+            validate(Some(-0.1), None, None, None),
+            validate(Some(f32::NAN), None, None, None),
+            validate(Some(f32::INFINITY), None, None, None),
+            validate(None, Some(0.0), None, None),
+            validate(None, Some(1.01), None, None),
+            validate(None, Some(f32::NAN), None, None),
+            validate(None, None, Some(1.0), None),
+            validate(None, None, Some(-0.5), None),
+            validate(None, None, Some(f32::NAN), None),
+            validate(None, None, None, Some(0.0)),
+            validate(None, None, None, Some(-1.0)),
+            validate(None, None, None, Some(f32::NAN)),
+        ] {
+            assert!(matches!(bad, Err(Error::InvalidRequest(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn seed_absent_uses_random_source() {
+        let p = SamplingParams::new(Some(1.0), None, None, None, None, None, || 99).unwrap();
+        assert_eq!(p.seed, 99);
+    }
+
+    #[test]
+    fn greedy_takes_argmax_first_on_ties() {
+        let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0]), Some(1));
+        assert_eq!(s.sample(&mut [f32::NAN, 0.0, -1.0]), Some(1));
+        assert_eq!(s.sample(&mut []), None);
+    }
+
+    #[test]
+    fn repetition_penalty_hf_style() {
+        let p = SamplingParams { repetition_penalty: 2.0, ..params(0.0) };
+        let mut s = Sampler::new(p);
+        s.observe(&[0, 1]);
+        let mut logits = [4.0, -1.0, 2.5, -3.0];
+        // 4.0 / 2 = 2.0 < 2.5 => token 2 wins; -1.0 * 2 = -2.0
+        assert_eq!(s.sample(&mut logits), Some(2));
+        assert_eq!(logits, [2.0, -2.0, 2.5, -3.0]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 17) as f32 / 5.0).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
+            (0..50).map(|_| s.sample(&mut logits.clone()).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, ..params(5.0) });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [1.0, 2.0, 0.5, 1.9]), Some(1));
+        }
+    }
+
+    #[test]
+    fn top_k_restricts_support() {
+        let mut s = Sampler::new(SamplingParams { top_k: 2, ..params(10.0) });
+        for _ in 0..200 {
+            let t = s.sample(&mut [1.0, 2.0, 0.5, 1.9]).unwrap();
+            assert!(t == 1 || t == 3);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // probabilities ~ [0.5, 0.3, 0.2] with temperature 1
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut s = Sampler::new(SamplingParams { top_p: 0.75, ..params(1.0) });
+        let mut seen = [0; 3];
+        for _ in 0..500 {
+            seen[s.sample(&mut logits.clone()).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen[2], 0);
+        assert!(seen[0] > 0 && seen[1] > 0);
+        let mut s = Sampler::new(SamplingParams { top_p: 0.4, ..params(1.0) });
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut logits.clone()), Some(0));
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely() {
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let mut s = Sampler::new(SamplingParams { min_p: 0.2, ..params(1.0) });
+        for _ in 0..500 {
+            assert_ne!(s.sample(&mut logits.clone()), Some(2));
+        }
+    }
+
+    #[test]
+    fn distribution_roughly_matches_softmax() {
+        let logits = [0.0f32, 1.0f32.ln() - 0.0, 3.0f32.ln()]; // weights 1,1,3
+        let mut s = Sampler::new(params(1.0));
+        let mut n = [0usize; 3];
+        for _ in 0..10_000 {
+            n[s.sample(&mut logits.clone()).unwrap() as usize] += 1;
+        }
+        let f2 = n[2] as f64 / 10_000.0;
+        assert!((f2 - 0.6).abs() < 0.03, "{n:?}");
+    }
+}

@@ -111,10 +111,12 @@ impl Sampler {
         if logits.is_empty() {
             return None;
         }
-        // NaN never wins.
+        // NaN never wins; +inf becomes the largest finite value (keeps the softmax finite).
         for l in logits.iter_mut() {
             if l.is_nan() {
                 *l = f32::NEG_INFINITY;
+            } else if *l == f32::INFINITY {
+                *l = f32::MAX;
             }
         }
         let penalty = self.params.repetition_penalty;
@@ -128,10 +130,12 @@ impl Sampler {
         if self.params.is_greedy() {
             return Some(argmax(logits));
         }
-        let inv_t = 1.0 / self.params.temperature;
+        // Temperature scales the logits; the order is unchanged, so sort on the raw values
+        // and scale inside the softmax (in f64: no overflow even for tiny temperatures).
+        let inv_t = 1.0 / self.params.temperature as f64;
         let cand = &mut self.scratch;
         cand.clear();
-        cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         // Sort by descending logit (ties: lower id first), cutting to top-k first when set.
         let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k as usize;
@@ -147,7 +151,7 @@ impl Sampler {
         }
         let mut sum = 0.0f64;
         for c in cand.iter_mut() {
-            let p = ((c.1 - max) as f64).exp();
+            let p = ((c.1 as f64 - max as f64) * inv_t).exp();
             c.1 = p as f32;
             sum += p;
         }
@@ -306,6 +310,18 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { min_p: 0.2, ..params(1.0) });
         for _ in 0..500 {
             assert_ne!(s.sample(&mut logits.clone()), Some(2));
+        }
+    }
+
+    #[test]
+    fn extreme_values_stay_finite() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-45, ..params(1.0) });
+        assert_eq!(s.sample(&mut [1.0, 1.5, 1.2]), Some(1));
+        let mut s = Sampler::new(params(1.0));
+        assert_eq!(s.sample(&mut [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]), Some(0));
+        let mut s = Sampler::new(params(1000.0));
+        for _ in 0..50 {
+            assert!(s.sample(&mut [1.0, 2.0, f32::NEG_INFINITY]).unwrap() < 2);
         }
     }
 

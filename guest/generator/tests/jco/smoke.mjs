@@ -1,0 +1,45 @@
+// Smoke test of dist/slm-generator.wasm on Node (jco), with a scripted wasi:nn (fake-nn.js):
+// listing, templates, tokenize, streaming with a stop string, EOS, and the error values.
+// Run: guest/generator/tests/jco/run.sh (needs scripts/build, tests/node/node_modules, the models).
+import { _setPreopens } from '@bytecodealliance/preview2-shim/filesystem';
+_setPreopens({ '/models': process.env.MODELS_DIR });
+const { generator } = await import(process.env.GEN_JS);
+const { state } = await import(process.env.FAKE_NN_JS);
+const assert = (c, m) => { if (!c) { console.log('FAIL', m); process.exitCode = 1; } else console.log('ok', m); };
+let t0 = performance.now();
+const models = generator.listModels();
+console.log('models', JSON.stringify(models), (performance.now() - t0).toFixed(0), 'ms');
+const msgs = [{ role: 'user', content: 'Hi there' }];
+console.log(JSON.stringify(generator.applyChatTemplate(undefined, msgs)));
+const ids = generator.tokenize(undefined, '<|im_start|>user');
+assert(ids[0] === 1, 'special token parsed ' + [...ids]);
+assert(generator.detokenize(undefined, ids) === '<|im_start|>user', 'detokenize keeps specials');
+const out = ' Hello world, ça va? 👋 Done.STOPHERE more';
+state.script = [...generator.tokenize(undefined, out)];
+const opts = (o = {}) => ({ stop: [], sampling: {}, ...o });
+t0 = performance.now();
+let c = generator.chat(msgs, opts({ stop: ['STOP'] }));
+let pieces = [];
+for (let p; (p = c.next()) !== undefined;) pieces.push(p);
+console.log(JSON.stringify(pieces), (performance.now() - t0).toFixed(0), 'ms');
+assert(pieces.join('') === ' Hello world, ça va? 👋 Done.', 'stop string');
+const s = c.summary();
+console.log(JSON.stringify(s));
+assert(s.finishReason === 'stop-string', 'finish reason');
+assert(state.calls[0].pos[0] === 0 && state.calls[1].pos[0] === state.calls[0].ids.length, 'positions');
+assert(state.calls[0].ty === 'I64' && state.calls[0].dims[0] === 1, 'tensor type/dims');
+state.script = [...generator.tokenize(undefined, ' short')];
+c = generator.complete('Once upon', opts({ maxTokens: 5 }));
+pieces = []; for (let p; (p = c.next()) !== undefined;) pieces.push(p);
+assert(pieces.join('') === ' short' && c.summary().finishReason === 'stop', 'eos ' + JSON.stringify(pieces));
+const err = (f) => { try { f(); return 'no error'; } catch (e) { return JSON.stringify(e.payload ?? e.message); } };
+const expectErr = (name, tag, f) => { const e = err(f); assert(e.includes(`"tag":"${tag}"`), `${name}: ${e}`); };
+expectErr('unknown model', 'model-not-found', () => generator.complete('x', opts({ model: 'nope' })));
+expectErr('path model', 'model-not-found', () => generator.complete('x', opts({ model: '../models' })));
+expectErr('empty prompt', 'invalid-request', () => generator.complete('', opts()));
+expectErr('empty msgs', 'invalid-request', () => generator.chat([], opts()));
+expectErr('bad role', 'invalid-request', () => generator.chat([{ role: 'tool', content: 'x' }], opts()));
+expectErr('bad temp', 'invalid-request', () => generator.complete('x', opts({ sampling: { temperature: -1 } })));
+expectErr('bad top-p', 'invalid-request', () => generator.complete('x', opts({ sampling: { topP: 0 } })));
+expectErr('too many stops', 'invalid-request', () => generator.complete('x', opts({ stop: Array(17).fill('a') })));
+expectErr('overflow', 'context-overflow', () => generator.complete('hello '.repeat(9000), opts()));

@@ -145,12 +145,17 @@ impl Guest for Component {
     fn list_models() -> std::result::Result<Vec<wit::ModelInfo>, wit::Error> {
         let mut out = Vec::new();
         for name in model::list(Path::new(MODELS_ROOT))? {
-            let m = get_model(Some(&name))?;
+            // The JSON files suffice; parse the tokenizer only if config.json has no vocab size.
+            let info = model::info(&model_dir(&name))?;
+            let vocab_size = match info.vocab_size {
+                Some(n) => n,
+                None => get_model(Some(&name))?.vocab_size,
+            };
             out.push(wit::ModelInfo {
                 name,
-                context_length: m.context_length,
-                vocab_size: m.vocab_size,
-                has_chat_template: m.template.is_some(),
+                context_length: info.context_length,
+                vocab_size,
+                has_chat_template: info.has_chat_template,
             });
         }
         Ok(out)

@@ -92,6 +92,25 @@ fn context_length(config: &Json, tok_config: &Json) -> u32 {
     }
 }
 
+/// What `list-models` reports, read from the JSON files alone (no tokenizer parsing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Info {
+    pub context_length: u32,
+    /// From config.json; None when it does not say (the tokenizer knows).
+    pub vocab_size: Option<u32>,
+    pub has_chat_template: bool,
+}
+
+pub fn info(dir: &Path) -> Result<Info> {
+    let config = read_json(&dir.join("config.json"), true)?;
+    let tok_config = read_json(&dir.join("tokenizer_config.json"), false)?;
+    Ok(Info {
+        context_length: context_length(&config, &tok_config),
+        vocab_size: config.get("vocab_size").and_then(Json::as_u64).map(|n| n as u32),
+        has_chat_template: matches!(tok_config.get("chat_template"), Some(Json::String(_)) | Some(Json::Array(_))),
+    })
+}
+
 impl Model {
     /// Load `dir` (which must hold config.json and tokenizer.json).
     pub fn load(name: &str, dir: &Path) -> Result<Model> {

@@ -37,6 +37,8 @@ fn model_settings() {
     // No BOS on raw prompts for this model.
     assert_eq!(m.encode_prompt("Hello").unwrap(), m.tokenizer.encode("Hello").unwrap());
     assert!(model::list(&root().join("models")).unwrap().contains(&NAME.to_string()));
+    let info = model::info(&root().join("models").join(NAME)).unwrap();
+    assert_eq!(info, model::Info { context_length: 8192, vocab_size: Some(49152), has_chat_template: true });
     assert!(model::list(&root().join("no-such-dir")).unwrap().is_empty());
 }
 

@@ -8,7 +8,9 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use crate::bindings::edge::slm::types as wit;
-use crate::bindings::exports::edge::slm::generator::{Completion as WitCompletion, Guest, GuestCompletion};
+use crate::bindings::exports::edge::slm::generator::{
+    Completion as WitCompletion, Guest, GuestCompletion,
+};
 use crate::error::{Error, Result};
 use crate::generate::{FinishReason, Generation, Request, Summary};
 use crate::model::{self, Model};
@@ -34,7 +36,10 @@ fn resolve(name: Option<&str>) -> Result<String> {
     match name {
         Some(n) => {
             let dir = model_dir(n);
-            if model::valid_name(n) && dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file() {
+            if model::valid_name(n)
+                && dir.join("config.json").is_file()
+                && dir.join("tokenizer.json").is_file()
+            {
                 Ok(n.to_string())
             } else {
                 Err(Error::ModelNotFound(n.to_string()))
@@ -58,7 +63,12 @@ fn get_model(name: Option<&str>) -> Result<Rc<Model>> {
 }
 
 fn messages(msgs: Vec<wit::Message>) -> Vec<Message> {
-    msgs.into_iter().map(|m| Message { role: m.role, content: m.content }).collect()
+    msgs.into_iter()
+        .map(|m| Message {
+            role: m.role,
+            content: m.content,
+        })
+        .collect()
 }
 
 fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
@@ -70,7 +80,12 @@ fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
 }
 
 /// Validate the options (before any inference work) and start a generation.
-fn start(model: Rc<Model>, prompt: Vec<u32>, options: wit::Options, started: Instant) -> Result<WitCompletion> {
+fn start(
+    model: Rc<Model>,
+    prompt: Vec<u32>,
+    options: wit::Options,
+    started: Instant,
+) -> Result<WitCompletion> {
     let s = options.sampling;
     let params = SamplingParams::new(
         s.temperature,
@@ -84,9 +99,17 @@ fn start(model: Rc<Model>, prompt: Vec<u32>, options: wit::Options, started: Ins
     let stop = StopMatcher::new(options.stop)?;
     crate::generate::check_prompt(&model, &prompt)?;
     let session = NnSession::new(&model.name)?;
-    let req = Request { prompt, max_tokens: options.max_tokens, sampler: Sampler::new(params), stop, start: started };
+    let req = Request {
+        prompt,
+        max_tokens: options.max_tokens,
+        sampler: Sampler::new(params),
+        stop,
+        start: started,
+    };
     let generation = Generation::new(model, session, req)?;
-    Ok(WitCompletion::new(CompletionImpl { inner: RefCell::new(generation) }))
+    Ok(WitCompletion::new(CompletionImpl {
+        inner: RefCell::new(generation),
+    }))
 }
 
 impl From<Error> for wit::Error {
@@ -94,9 +117,13 @@ impl From<Error> for wit::Error {
         match e {
             Error::ModelNotFound(m) => wit::Error::ModelNotFound(m),
             Error::InvalidRequest(m) => wit::Error::InvalidRequest(m),
-            Error::ContextOverflow { prompt_tokens, context_length } => {
-                wit::Error::ContextOverflow(wit::ContextOverflow { prompt_tokens, context_length })
-            }
+            Error::ContextOverflow {
+                prompt_tokens,
+                context_length,
+            } => wit::Error::ContextOverflow(wit::ContextOverflow {
+                prompt_tokens,
+                context_length,
+            }),
             Error::ModelError(m) => wit::Error::ModelError(m),
             Error::BackendFailure(m) => wit::Error::BackendFailure(m),
         }
@@ -166,16 +193,25 @@ impl Guest for Component {
         Ok(m.tokenizer.encode(&text)?)
     }
 
-    fn detokenize(model: Option<String>, tokens: Vec<u32>) -> std::result::Result<String, wit::Error> {
+    fn detokenize(
+        model: Option<String>,
+        tokens: Vec<u32>,
+    ) -> std::result::Result<String, wit::Error> {
         let m = get_model(model.as_deref())?;
         let n = m.tokenizer.vocab_size();
         if let Some(bad) = tokens.iter().find(|&&t| t >= n) {
-            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary (size {n})")).into());
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary (size {n})"
+            ))
+            .into());
         }
         Ok(m.tokenizer.decode_with(&tokens, false)?)
     }
 
-    fn complete(prompt: String, options: wit::Options) -> std::result::Result<WitCompletion, wit::Error> {
+    fn complete(
+        prompt: String,
+        options: wit::Options,
+    ) -> std::result::Result<WitCompletion, wit::Error> {
         let started = Instant::now();
         if prompt.is_empty() {
             return Err(Error::invalid("the prompt is empty").into());
@@ -185,7 +221,10 @@ impl Guest for Component {
         Ok(start(m, ids, options, started)?)
     }
 
-    fn chat(messages: Vec<wit::Message>, options: wit::Options) -> std::result::Result<WitCompletion, wit::Error> {
+    fn chat(
+        messages: Vec<wit::Message>,
+        options: wit::Options,
+    ) -> std::result::Result<WitCompletion, wit::Error> {
         let started = Instant::now();
         if messages.is_empty() {
             return Err(Error::invalid("messages must not be empty").into());
@@ -197,7 +236,10 @@ impl Guest for Component {
         Ok(start(m, ids, options, started)?)
     }
 
-    fn apply_chat_template(model: Option<String>, messages: Vec<wit::Message>) -> std::result::Result<String, wit::Error> {
+    fn apply_chat_template(
+        model: Option<String>,
+        messages: Vec<wit::Message>,
+    ) -> std::result::Result<String, wit::Error> {
         let m = get_model(model.as_deref())?;
         Ok(chat_prompt(&m, messages)?)
     }

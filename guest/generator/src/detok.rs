@@ -114,7 +114,16 @@ mod tests {
     struct Spm;
     impl Decode for Spm {
         fn decode(&self, ids: &[u32]) -> Result<String> {
-            let s: String = ids.iter().map(|&i| if i == 0 { " a".to_string() } else { " b".to_string() }).collect();
+            let s: String = ids
+                .iter()
+                .map(|&i| {
+                    if i == 0 {
+                        " a".to_string()
+                    } else {
+                        " b".to_string()
+                    }
+                })
+                .collect();
             Ok(s.strip_prefix(' ').unwrap_or(&s).to_string())
         }
     }
@@ -122,7 +131,10 @@ mod tests {
     #[test]
     fn context_dependent_leading_space() {
         let mut d = Detokenizer::new();
-        let out: Vec<String> = [0, 1, 0].iter().map(|&i| d.push(&Spm, i).unwrap()).collect();
+        let out: Vec<String> = [0, 1, 0]
+            .iter()
+            .map(|&i| d.push(&Spm, i).unwrap())
+            .collect();
         assert_eq!(out.concat(), "a b a");
     }
 }

@@ -7,7 +7,10 @@ use std::fmt;
 pub enum Error {
     ModelNotFound(String),
     InvalidRequest(String),
-    ContextOverflow { prompt_tokens: u32, context_length: u32 },
+    ContextOverflow {
+        prompt_tokens: u32,
+        context_length: u32,
+    },
     ModelError(String),
     BackendFailure(String),
 }
@@ -29,7 +32,10 @@ impl fmt::Display for Error {
         match self {
             Error::ModelNotFound(m) => write!(f, "model not found: {m}"),
             Error::InvalidRequest(m) => write!(f, "invalid request: {m}"),
-            Error::ContextOverflow { prompt_tokens, context_length } => write!(
+            Error::ContextOverflow {
+                prompt_tokens,
+                context_length,
+            } => write!(
                 f,
                 "the prompt has {prompt_tokens} tokens; the context window is {context_length}"
             ),

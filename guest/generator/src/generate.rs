@@ -56,7 +56,10 @@ pub fn check_prompt(model: &Model, prompt: &[u32]) -> Result<()> {
     }
     let n = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
     if n > model.context_length {
-        return Err(Error::ContextOverflow { prompt_tokens: n, context_length: model.context_length });
+        return Err(Error::ContextOverflow {
+            prompt_tokens: n,
+            context_length: model.context_length,
+        });
     }
     Ok(())
 }
@@ -104,6 +107,7 @@ impl<S: Session> Generation<S> {
     }
 
     /// The next piece of text; None once generation has ended and all text was returned.
+    #[allow(clippy::should_implement_trait)] // mirrors the WIT method; fallible, so not an Iterator
     pub fn next(&mut self) -> Result<Option<String>> {
         loop {
             if self.done {
@@ -198,7 +202,11 @@ impl<S: Session> Generation<S> {
     pub fn summary(&self) -> Summary {
         let end = self.end.unwrap_or_else(Instant::now);
         let start = self.req.start;
-        let finish_reason = if self.done { self.finish.unwrap_or(FinishReason::Length) } else { FinishReason::Length };
+        let finish_reason = if self.done {
+            self.finish.unwrap_or(FinishReason::Length)
+        } else {
+            FinishReason::Length
+        };
         Summary {
             finish_reason,
             prompt_tokens: self.req.prompt.len() as u32,
@@ -206,7 +214,10 @@ impl<S: Session> Generation<S> {
             cached_tokens: 0,
             time_to_first_token_ms: self.first_token_at.map(|t| ms(t - start)).unwrap_or(0.0),
             prefill_ms: self.prefill_ms,
-            decode_ms: self.first_token_at.map(|t| ms(end.saturating_duration_since(t))).unwrap_or(0.0),
+            decode_ms: self
+                .first_token_at
+                .map(|t| ms(end.saturating_duration_since(t)))
+                .unwrap_or(0.0),
             total_ms: ms(end.saturating_duration_since(start)),
         }
     }

@@ -53,7 +53,8 @@ pub fn list(root: &Path) -> Result<Vec<String>> {
 
 fn read_json(path: &Path, required: bool) -> Result<Json> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::model(format!("{}: {e}", path.display()))),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::model(format!("{}: {e}", path.display()))),
         Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Json::Null),
         Err(e) => Err(Error::model(format!("reading {}: {e}", path.display()))),
     }
@@ -71,14 +72,24 @@ fn token_str(v: &Json) -> Option<String> {
 /// `eos_token_id`: an integer or a list of integers.
 fn ids(v: &Json) -> Vec<u32> {
     match v {
-        Json::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
+        Json::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .into_iter()
+            .collect(),
         Json::Array(a) => a.iter().flat_map(ids).collect(),
         _ => Vec::new(),
     }
 }
 
 fn context_length(config: &Json, tok_config: &Json) -> u32 {
-    for key in ["max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"] {
+    for key in [
+        "max_position_embeddings",
+        "n_positions",
+        "max_sequence_length",
+        "seq_length",
+        "n_ctx",
+    ] {
         if let Some(n) = config.get(key).and_then(Json::as_u64) {
             if n > 0 {
                 return n.min(u32::MAX as u64) as u32;
@@ -106,8 +117,14 @@ pub fn info(dir: &Path) -> Result<Info> {
     let tok_config = read_json(&dir.join("tokenizer_config.json"), false)?;
     Ok(Info {
         context_length: context_length(&config, &tok_config),
-        vocab_size: config.get("vocab_size").and_then(Json::as_u64).map(|n| n as u32),
-        has_chat_template: matches!(tok_config.get("chat_template"), Some(Json::String(_)) | Some(Json::Array(_))),
+        vocab_size: config
+            .get("vocab_size")
+            .and_then(Json::as_u64)
+            .map(|n| n as u32),
+        has_chat_template: matches!(
+            tok_config.get("chat_template"),
+            Some(Json::String(_)) | Some(Json::Array(_))
+        ),
     })
 }
 
@@ -117,8 +134,12 @@ impl Model {
         let config = read_json(&dir.join("config.json"), true)?;
         let gen_config = read_json(&dir.join("generation_config.json"), false)?;
         let tok_config = read_json(&dir.join("tokenizer_config.json"), false)?;
-        let tok_bytes = std::fs::read(dir.join("tokenizer.json"))
-            .map_err(|e| Error::model(format!("reading {}: {e}", dir.join("tokenizer.json").display())))?;
+        let tok_bytes = std::fs::read(dir.join("tokenizer.json")).map_err(|e| {
+            Error::model(format!(
+                "reading {}: {e}",
+                dir.join("tokenizer.json").display()
+            ))
+        })?;
         let tokenizer = Tokenizer::from_bytes(&tok_bytes)?;
 
         let special = |key: &str| tok_config.get(key).and_then(token_str);
@@ -142,7 +163,11 @@ impl Model {
 
         let mut eos_ids = ids(gen_config.get("eos_token_id").unwrap_or(&Json::Null));
         eos_ids.extend(ids(config.get("eos_token_id").unwrap_or(&Json::Null)));
-        if let Some(id) = tokens.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+        if let Some(id) = tokens
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+        {
             eos_ids.push(id);
         }
         eos_ids.sort_unstable();
@@ -152,8 +177,16 @@ impl Model {
             .get("bos_token_id")
             .and_then(Json::as_u64)
             .map(|n| n as u32)
-            .or_else(|| tokens.bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
-        let add_bos = tok_config.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
+            .or_else(|| {
+                tokens
+                    .bos_token
+                    .as_deref()
+                    .and_then(|t| tokenizer.token_to_id(t))
+            });
+        let add_bos = tok_config
+            .get("add_bos_token")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
         let vocab_size = config
             .get("vocab_size")
             .and_then(Json::as_u64)
@@ -206,8 +239,23 @@ mod tests {
 
     #[test]
     fn context_fallbacks() {
-        assert_eq!(context_length(&serde_json::json!({"max_position_embeddings": 256}), &Json::Null), 256);
-        assert_eq!(context_length(&Json::Null, &serde_json::json!({"model_max_length": 1000000000000000019884624838656u128 as f64})), DEFAULT_CONTEXT);
-        assert_eq!(context_length(&Json::Null, &serde_json::json!({"model_max_length": 4096})), 4096);
+        assert_eq!(
+            context_length(
+                &serde_json::json!({"max_position_embeddings": 256}),
+                &Json::Null
+            ),
+            256
+        );
+        assert_eq!(
+            context_length(
+                &Json::Null,
+                &serde_json::json!({"model_max_length": 1000000000000000019884624838656u128 as f64})
+            ),
+            DEFAULT_CONTEXT
+        );
+        assert_eq!(
+            context_length(&Json::Null, &serde_json::json!({"model_max_length": 4096})),
+            4096
+        );
     }
 }

@@ -22,7 +22,10 @@ thread_local! {
 fn nn_error(what: &str, e: NnError) -> Error {
     let code = e.code();
     let data = e.data();
-    let msg = format!("{what}: {code:?}{}{data}", if data.is_empty() { "" } else { ": " });
+    let msg = format!(
+        "{what}: {code:?}{}{data}",
+        if data.is_empty() { "" } else { ": " }
+    );
     match code {
         ErrorCode::NotFound => Error::model(msg),
         _ => Error::backend(msg),
@@ -33,7 +36,9 @@ fn graph(name: &str) -> Result<Rc<Graph>> {
     if let Some(g) = GRAPHS.with(|g| g.borrow().get(name).cloned()) {
         return Ok(g);
     }
-    let g = Rc::new(graph::load_by_name(name).map_err(|e| nn_error(&format!("loading graph {name:?}"), e))?);
+    let g = Rc::new(
+        graph::load_by_name(name).map_err(|e| nn_error(&format!("loading graph {name:?}"), e))?,
+    );
     GRAPHS.with(|m| m.borrow_mut().insert(name.to_string(), g.clone()));
     Ok(g)
 }
@@ -47,7 +52,9 @@ pub struct NnSession {
 impl NnSession {
     pub fn new(model: &str) -> Result<Self> {
         let g = graph(model)?;
-        let ctx = g.init_execution_context().map_err(|e| nn_error("creating an execution context", e))?;
+        let ctx = g
+            .init_execution_context()
+            .map_err(|e| nn_error("creating an execution context", e))?;
         Ok(NnSession { ctx, _graph: g })
     }
 }
@@ -80,11 +87,19 @@ fn f16_to_f32(h: u16) -> f32 {
 /// The last row of a logits tensor ([..., vocab]) as f32.
 fn last_row(t: &Tensor) -> Result<Vec<f32>> {
     let dims = t.dimensions();
-    let vocab = *dims.last().ok_or_else(|| Error::backend("logits tensor has no dimensions"))? as usize;
+    let vocab = *dims
+        .last()
+        .ok_or_else(|| Error::backend("logits tensor has no dimensions"))? as usize;
     let data = t.data();
     let values: Vec<f32> = match t.ty() {
-        TensorType::Fp32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        TensorType::Fp16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        TensorType::Fp32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        TensorType::Fp16 => data
+            .chunks_exact(2)
+            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
         TensorType::Bf16 => data
             .chunks_exact(2)
             .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
@@ -93,10 +108,17 @@ fn last_row(t: &Tensor) -> Result<Vec<f32>> {
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
             .collect(),
-        other => return Err(Error::backend(format!("logits have type {other:?}; expected a float type"))),
+        other => {
+            return Err(Error::backend(format!(
+                "logits have type {other:?}; expected a float type"
+            )))
+        }
     };
-    if vocab == 0 || values.len() < vocab || values.len() % vocab != 0 {
-        return Err(Error::backend(format!("logits of shape {dims:?} hold {} values", values.len())));
+    if vocab == 0 || values.len() < vocab || !values.len().is_multiple_of(vocab) {
+        return Err(Error::backend(format!(
+            "logits of shape {dims:?} hold {} values",
+            values.len()
+        )));
     }
     Ok(values[values.len() - vocab..].to_vec())
 }
@@ -108,7 +130,10 @@ impl Session for NnSession {
         let positions = i64_tensor((0..n).map(|i| start_pos as i64 + i as i64), n);
         let outputs = self
             .ctx
-            .compute(vec![("input_ids".to_string(), input_ids), ("position_ids".to_string(), positions)])
+            .compute(vec![
+                ("input_ids".to_string(), input_ids),
+                ("position_ids".to_string(), positions),
+            ])
             .map_err(|e| nn_error("compute", e))?;
         let logits = outputs
             .iter()

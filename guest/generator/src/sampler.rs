@@ -22,7 +22,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -39,15 +46,21 @@ impl SamplingParams {
     ) -> Result<Self> {
         let temperature = temperature.unwrap_or(0.0);
         if !temperature.is_finite() || temperature < 0.0 {
-            return Err(Error::invalid(format!("temperature must be a finite number >= 0, got {temperature}")));
+            return Err(Error::invalid(format!(
+                "temperature must be a finite number >= 0, got {temperature}"
+            )));
         }
         let top_p = top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::invalid(format!("top-p must be in (0, 1], got {top_p}")));
+            return Err(Error::invalid(format!(
+                "top-p must be in (0, 1], got {top_p}"
+            )));
         }
         let min_p = min_p.unwrap_or(0.0);
         if !(0.0..1.0).contains(&min_p) {
-            return Err(Error::invalid(format!("min-p must be in [0, 1), got {min_p}")));
+            return Err(Error::invalid(format!(
+                "min-p must be in [0, 1), got {min_p}"
+            )));
         }
         let repetition_penalty = repetition_penalty.unwrap_or(1.0);
         if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
@@ -59,7 +72,14 @@ impl SamplingParams {
             Some(s) => s,
             None => random_seed(),
         };
-        Ok(SamplingParams { temperature, top_k: top_k.unwrap_or(0), top_p, min_p, repetition_penalty, seed })
+        Ok(SamplingParams {
+            temperature,
+            top_k: top_k.unwrap_or(0),
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+        })
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -81,7 +101,13 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = Rng::new(params.seed);
-        Sampler { params, rng, seen: Vec::new(), seen_ids: Vec::new(), scratch: Vec::new() }
+        Sampler {
+            params,
+            rng,
+            seen: Vec::new(),
+            seen_ids: Vec::new(),
+            scratch: Vec::new(),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -205,10 +231,19 @@ mod tests {
     use super::*;
 
     fn params(t: f32) -> SamplingParams {
-        SamplingParams { temperature: t, seed: 1, ..Default::default() }
+        SamplingParams {
+            temperature: t,
+            seed: 1,
+            ..Default::default()
+        }
     }
 
-    fn validate(t: Option<f32>, p: Option<f32>, m: Option<f32>, r: Option<f32>) -> Result<SamplingParams> {
+    fn validate(
+        t: Option<f32>,
+        p: Option<f32>,
+        m: Option<f32>,
+        r: Option<f32>,
+    ) -> Result<SamplingParams> {
         SamplingParams::new(t, None, p, m, r, Some(0), || 0)
     }
 
@@ -250,7 +285,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_hf_style() {
-        let p = SamplingParams { repetition_penalty: 2.0, ..params(0.0) };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0)
+        };
         let mut s = Sampler::new(p);
         s.observe(&[0, 1]);
         let mut logits = [4.0, -1.0, 2.5, -3.0];
@@ -263,8 +301,14 @@ mod tests {
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 17) as f32 / 5.0).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed, ..Default::default() });
-            (0..50).map(|_| s.sample(&mut logits.clone()).unwrap()).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            });
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone()).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
@@ -272,7 +316,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, ..params(5.0) });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..params(5.0)
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [1.0, 2.0, 0.5, 1.9]), Some(1));
         }
@@ -280,7 +328,10 @@ mod tests {
 
     #[test]
     fn top_k_restricts_support() {
-        let mut s = Sampler::new(SamplingParams { top_k: 2, ..params(10.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 2,
+            ..params(10.0)
+        });
         for _ in 0..200 {
             let t = s.sample(&mut [1.0, 2.0, 0.5, 1.9]).unwrap();
             assert!(t == 1 || t == 3);
@@ -291,14 +342,20 @@ mod tests {
     fn top_p_keeps_the_nucleus() {
         // probabilities ~ [0.5, 0.3, 0.2] with temperature 1
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
-        let mut s = Sampler::new(SamplingParams { top_p: 0.75, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.75,
+            ..params(1.0)
+        });
         let mut seen = [0; 3];
         for _ in 0..500 {
             seen[s.sample(&mut logits.clone()).unwrap() as usize] += 1;
         }
         assert_eq!(seen[2], 0);
         assert!(seen[0] > 0 && seen[1] > 0);
-        let mut s = Sampler::new(SamplingParams { top_p: 0.4, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.4,
+            ..params(1.0)
+        });
         for _ in 0..100 {
             assert_eq!(s.sample(&mut logits.clone()), Some(0));
         }
@@ -307,7 +364,10 @@ mod tests {
     #[test]
     fn min_p_drops_unlikely() {
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
-        let mut s = Sampler::new(SamplingParams { min_p: 0.2, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.2,
+            ..params(1.0)
+        });
         for _ in 0..500 {
             assert_ne!(s.sample(&mut logits.clone()), Some(2));
         }
@@ -315,10 +375,16 @@ mod tests {
 
     #[test]
     fn extreme_values_stay_finite() {
-        let mut s = Sampler::new(SamplingParams { temperature: 1e-45, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1e-45,
+            ..params(1.0)
+        });
         assert_eq!(s.sample(&mut [1.0, 1.5, 1.2]), Some(1));
         let mut s = Sampler::new(params(1.0));
-        assert_eq!(s.sample(&mut [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]), Some(0));
+        assert_eq!(
+            s.sample(&mut [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]),
+            Some(0)
+        );
         let mut s = Sampler::new(params(1000.0));
         for _ in 0..50 {
             assert!(s.sample(&mut [1.0, 2.0, f32::NEG_INFINITY]).unwrap() < 2);

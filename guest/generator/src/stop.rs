@@ -32,25 +32,42 @@ impl StopMatcher {
         if stops.iter().any(|s| s.is_empty()) {
             return Err(Error::invalid("stop strings must not be empty"));
         }
-        Ok(StopMatcher { stops, pending: String::new(), stopped: false })
+        Ok(StopMatcher {
+            stops,
+            pending: String::new(),
+            stopped: false,
+        })
     }
 
     /// Add newly decoded text; returns what can be released.
     pub fn push(&mut self, text: &str) -> Pushed {
         if self.stopped {
-            return Pushed { text: String::new(), stopped: true };
+            return Pushed {
+                text: String::new(),
+                stopped: true,
+            };
         }
         self.pending.push_str(text);
         if self.stops.is_empty() {
-            return Pushed { text: std::mem::take(&mut self.pending), stopped: false };
+            return Pushed {
+                text: std::mem::take(&mut self.pending),
+                stopped: false,
+            };
         }
         // Earliest occurrence of any stop string. Text released earlier could not start one,
         // so any occurrence lies inside `pending`.
-        let found = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let found = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = found {
             self.pending.truncate(at);
             self.stopped = true;
-            return Pushed { text: std::mem::take(&mut self.pending), stopped: true };
+            return Pushed {
+                text: std::mem::take(&mut self.pending),
+                stopped: true,
+            };
         }
         // Hold back the longest suffix that is a prefix of some stop string.
         let hold_from = self
@@ -63,7 +80,10 @@ impl StopMatcher {
             })
             .unwrap_or(self.pending.len());
         let rest = self.pending.split_off(hold_from);
-        Pushed { text: std::mem::replace(&mut self.pending, rest), stopped: false }
+        Pushed {
+            text: std::mem::replace(&mut self.pending, rest),
+            stopped: false,
+        }
     }
 
     /// Generation ended without a stop string: release what was held back.

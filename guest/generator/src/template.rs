@@ -34,7 +34,10 @@ fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> 
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=indent)`
 /// (Python separators, no HTML escaping, keys in their given order).
-fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
     kwargs.assert_all_used()?;
     let mut out = String::new();
@@ -43,7 +46,12 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> std::result::Result
 }
 
 /// Python's `json.dumps` layout: `", "` and `": "` without indent; newlines with it.
-fn py_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+fn py_json(
+    v: &Value,
+    indent: Option<usize>,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     use minijinja::value::ValueKind as K;
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
@@ -61,10 +69,16 @@ fn py_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) -> 
                 out.push_str(&i.to_string());
             } else {
                 let f = f64::try_from(v.clone()).unwrap_or(f64::NAN);
-                out.push_str(&if f.is_finite() { serde_json::Value::from(f).to_string() } else { "NaN".into() });
+                out.push_str(&if f.is_finite() {
+                    serde_json::Value::from(f).to_string()
+                } else {
+                    "NaN".into()
+                });
             }
         }
-        K::String | K::Bytes | K::Plain | K::Invalid => out.push_str(&json_str(v.as_str().unwrap_or(&v.to_string()))),
+        K::String | K::Bytes | K::Plain | K::Invalid => {
+            out.push_str(&json_str(v.as_str().unwrap_or(&v.to_string())))
+        }
         K::Seq | K::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
             if items.is_empty() {
@@ -115,8 +129,18 @@ fn strftime_now(fmt: String) -> String {
         .unwrap_or(0);
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let mut out = String::new();
     let mut chars = fmt.chars();
@@ -184,7 +208,10 @@ impl ChatTemplate {
                 )));
             }
         }
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::model(format!("chat template: {e}")))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::model(format!("chat template: {e}")))?;
         let t = &self.tokens;
         let ctx = minijinja::context! {
             messages => messages,
@@ -196,7 +223,9 @@ impl ChatTemplate {
         };
         tmpl.render(ctx).map_err(|e| match e.kind() {
             // raise_exception: the template rejected the conversation.
-            ErrorKind::InvalidOperation => Error::invalid(format!("chat template: {}", e.detail().unwrap_or("error"))),
+            ErrorKind::InvalidOperation => {
+                Error::invalid(format!("chat template: {}", e.detail().unwrap_or("error")))
+            }
             _ => Error::model(format!("chat template: {e}")),
         })
     }
@@ -207,11 +236,18 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> Message {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 
     fn tokens() -> SpecialTokens {
-        SpecialTokens { bos_token: Some("<s>".into()), eos_token: Some("</s>".into()), ..Default::default() }
+        SpecialTokens {
+            bos_token: Some("<s>".into()),
+            eos_token: Some("</s>".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -222,8 +258,13 @@ mod tests {
             {% endfor %}\n\
             {{ sys | tojson }}{% if add_generation_prompt %}<assistant>{% endif %}";
         let t = ChatTemplate::new(src, tokens()).unwrap();
-        let out = t.render(&[msg("system", "  be brief "), msg("user", " hi ")], true).unwrap();
-        assert_eq!(out, "<s>[first]<system>be brief</s>\n<user>hi</s>\n\"be brief\"<assistant>");
+        let out = t
+            .render(&[msg("system", "  be brief "), msg("user", " hi ")], true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<s>[first]<system>be brief</s>\n<user>hi</s>\n\"be brief\"<assistant>"
+        );
     }
 
     #[test]
@@ -232,7 +273,9 @@ mod tests {
         let t = ChatTemplate::new(src, tokens()).unwrap();
         assert_eq!(t.render(&[msg("user", "x")], true).unwrap(), "ok");
         match t.render(&[msg("assistant", "x")], true) {
-            Err(Error::InvalidRequest(m)) => assert!(m.contains("first message must be user"), "{m}"),
+            Err(Error::InvalidRequest(m)) => {
+                assert!(m.contains("first message must be user"), "{m}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -241,18 +284,30 @@ mod tests {
     fn roles_and_empty() {
         let t = ChatTemplate::new("x", tokens()).unwrap();
         assert!(matches!(t.render(&[], true), Err(Error::InvalidRequest(_))));
-        assert!(matches!(t.render(&[msg("tool", "x")], true), Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            t.render(&[msg("tool", "x")], true),
+            Err(Error::InvalidRequest(_))
+        ));
     }
 
     #[test]
     fn bad_template_is_model_error() {
-        assert!(matches!(ChatTemplate::new("{% for %}", tokens()), Err(Error::ModelError(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", tokens()),
+            Err(Error::ModelError(_))
+        ));
     }
 
     #[test]
     fn tojson_like_python() {
-        let t = ChatTemplate::new("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson }}", tokens()).unwrap();
-        let out = t.render(&[msg("user", "<|im_start|> \"é\"\n")], true).unwrap();
+        let t = ChatTemplate::new(
+            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson }}",
+            tokens(),
+        )
+        .unwrap();
+        let out = t
+            .render(&[msg("user", "<|im_start|> \"é\"\n")], true)
+            .unwrap();
         assert_eq!(
             out,
             "[{\"role\": \"user\", \"content\": \"<|im_start|> \\\"é\\\"\\n\"}]|{\n  \"role\": \"user\",\n  \"content\": \"<|im_start|> \\\"é\\\"\\n\"\n}|[]"

@@ -17,13 +17,18 @@ impl Tokenizer {
     /// Token ids of `text`: no special tokens added (no BOS, no post-processor template);
     /// text that spells a special token becomes that token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::model(format!("tokenizer: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::model(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| Error::model(format!("tokenizer: {e}")))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::model(format!("tokenizer: {e}")))
     }
 
     /// Vocabulary size, added tokens included.

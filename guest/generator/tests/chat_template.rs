@@ -14,19 +14,27 @@ fn root() -> PathBuf {
 
 #[test]
 fn renders_like_jinja2() {
-    let fixture = std::fs::read_to_string(root().join("guest/generator/tests/fixtures/chat_templates.json")).unwrap();
+    let fixture =
+        std::fs::read_to_string(root().join("guest/generator/tests/fixtures/chat_templates.json"))
+            .unwrap();
     let cases: Vec<Value> = serde_json::from_str(&fixture).unwrap();
     let mut checked = 0;
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let source = if let Some(model_template) = case["model_template"].as_str() {
             // The real model's template, read from its directory.
-            let path = root().join("models").join(name).join("tokenizer_config.json");
+            let path = root()
+                .join("models")
+                .join(name)
+                .join("tokenizer_config.json");
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup)", path.display()));
             let cfg: Value = serde_json::from_str(&text).unwrap();
             let src = cfg["chat_template"].as_str().unwrap().to_string();
-            assert_eq!(src, model_template, "{name}: the model's template changed; regenerate the fixture");
+            assert_eq!(
+                src, model_template,
+                "{name}: the model's template changed; regenerate the fixture"
+            );
             src
         } else {
             case["template"].as_str().unwrap().to_string()

@@ -35,23 +35,41 @@ fn model_settings() {
     assert!(!m.add_bos);
     assert!(m.template.is_some());
     // No BOS on raw prompts for this model.
-    assert_eq!(m.encode_prompt("Hello").unwrap(), m.tokenizer.encode("Hello").unwrap());
-    assert!(model::list(&root().join("models")).unwrap().contains(&NAME.to_string()));
+    assert_eq!(
+        m.encode_prompt("Hello").unwrap(),
+        m.tokenizer.encode("Hello").unwrap()
+    );
+    assert!(model::list(&root().join("models"))
+        .unwrap()
+        .contains(&NAME.to_string()));
     let info = model::info(&root().join("models").join(NAME)).unwrap();
-    assert_eq!(info, model::Info { context_length: 8192, vocab_size: Some(49152), has_chat_template: true });
+    assert_eq!(
+        info,
+        model::Info {
+            context_length: 8192,
+            vocab_size: Some(49152),
+            has_chat_template: true
+        }
+    );
     assert!(model::list(&root().join("no-such-dir")).unwrap().is_empty());
 }
 
 #[test]
 fn tokenizer_matches_llama_cpp() {
     let m = smollm();
-    let text = std::fs::read_to_string(root().join("tests/fixtures/tokenizer_llamacpp.json")).unwrap();
+    let text =
+        std::fs::read_to_string(root().join("tests/fixtures/tokenizer_llamacpp.json")).unwrap();
     let fixture: Value = serde_json::from_str(&text).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert!(!cases.is_empty());
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(m.tokenizer.encode(text).unwrap(), ids, "{text:?}");
     }
 }
@@ -59,11 +77,17 @@ fn tokenizer_matches_llama_cpp() {
 #[test]
 fn special_token_text_is_one_token() {
     let m = smollm();
-    let ids = m.tokenizer.encode("<|im_start|>user\nhi<|im_end|>").unwrap();
+    let ids = m
+        .tokenizer
+        .encode("<|im_start|>user\nhi<|im_end|>")
+        .unwrap();
     assert_eq!(ids[0], 1);
     assert_eq!(*ids.last().unwrap(), 2);
     // detokenize (the WIT function) keeps special tokens; streaming drops them.
-    assert_eq!(m.tokenizer.decode_with(&ids, false).unwrap(), "<|im_start|>user\nhi<|im_end|>");
+    assert_eq!(
+        m.tokenizer.decode_with(&ids, false).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>"
+    );
     assert_eq!(m.tokenizer.decode(&ids).unwrap(), "user\nhi");
 }
 
@@ -88,22 +112,32 @@ fn streaming_detokenizer_round_trips() {
         for p in &pieces {
             assert!(!p.contains('\u{FFFD}'), "{text:?}: {pieces:?}");
         }
-        assert_eq!(pieces.concat(), m.tokenizer.decode(&ids).unwrap(), "{text:?}");
+        assert_eq!(
+            pieces.concat(),
+            m.tokenizer.decode(&ids).unwrap(),
+            "{text:?}"
+        );
     }
 }
+
+/// (ids, start position) of each `step` call.
+type Calls = Rc<RefCell<Vec<(Vec<u32>, u32)>>>;
 
 /// Returns one-hot logits that make greedy decoding follow `script`; records every call.
 struct Scripted {
     script: Vec<u32>,
     vocab: usize,
-    calls: Rc<RefCell<Vec<(Vec<u32>, u32)>>>,
+    calls: Calls,
 }
 
 impl Session for Scripted {
     fn step(&mut self, ids: &[u32], start_pos: u32) -> Result<Vec<f32>> {
         let n = self.calls.borrow().len();
         self.calls.borrow_mut().push((ids.to_vec(), start_pos));
-        let next = *self.script.get(n).ok_or_else(|| Error::backend("script exhausted"))?;
+        let next = *self
+            .script
+            .get(n)
+            .ok_or_else(|| Error::backend("script exhausted"))?;
         let mut logits = vec![0.0; self.vocab];
         logits[next as usize] = 10.0;
         Ok(logits)
@@ -117,12 +151,23 @@ struct Run {
     calls: Vec<(Vec<u32>, u32)>,
 }
 
-fn run(model: Model, prompt: &str, output: &str, extra: &[u32], stop: &[&str], max_tokens: Option<u32>) -> Run {
+fn run(
+    model: Model,
+    prompt: &str,
+    output: &str,
+    extra: &[u32],
+    stop: &[&str],
+    max_tokens: Option<u32>,
+) -> Run {
     let model = Rc::new(model);
     let mut script = model.tokenizer.encode(output).unwrap();
     script.extend_from_slice(extra);
     let calls = Rc::new(RefCell::new(Vec::new()));
-    let session = Scripted { script, vocab: model.vocab_size as usize, calls: calls.clone() };
+    let session = Scripted {
+        script,
+        vocab: model.vocab_size as usize,
+        calls: calls.clone(),
+    };
     let req = Request {
         prompt: model.tokenizer.encode(prompt).unwrap(),
         max_tokens,
@@ -139,14 +184,30 @@ fn run(model: Model, prompt: &str, output: &str, extra: &[u32], stop: &[&str], m
     assert_eq!(g.next().unwrap(), None);
     let s = g.summary();
     let calls = calls.borrow().clone();
-    Run { pieces, finish: s.finish_reason, completion_tokens: s.completion_tokens, calls }
+    Run {
+        pieces,
+        finish: s.finish_reason,
+        completion_tokens: s.completion_tokens,
+        calls,
+    }
 }
 
 #[test]
 fn eos_ends_and_positions_continue() {
     let m = smollm();
-    let prompt_len = m.tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n").unwrap().len() as u32;
-    let r = run(m, "<|im_start|>user\nhi<|im_end|>\n", "Hello there, 👋!", &[2, 5, 5], &[], None);
+    let prompt_len = m
+        .tokenizer
+        .encode("<|im_start|>user\nhi<|im_end|>\n")
+        .unwrap()
+        .len() as u32;
+    let r = run(
+        m,
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "Hello there, 👋!",
+        &[2, 5, 5],
+        &[],
+        None,
+    );
     assert_eq!(r.pieces.concat(), "Hello there, 👋!");
     assert_eq!(r.finish, FinishReason::Stop);
     // Prefill sends the whole prompt at position 0, then one token per step, positions continuing.
@@ -162,7 +223,14 @@ fn eos_ends_and_positions_continue() {
 #[test]
 fn stop_string_is_not_emitted() {
     let m = smollm();
-    let r = run(m, "Q:", " The answer is 42.\nQ: next", &[2], &["\nQ:"], None);
+    let r = run(
+        m,
+        "Q:",
+        " The answer is 42.\nQ: next",
+        &[2],
+        &["\nQ:"],
+        None,
+    );
     assert_eq!(r.pieces.concat(), " The answer is 42.");
     assert_eq!(r.finish, FinishReason::StopString);
     for p in &r.pieces {
@@ -184,7 +252,10 @@ fn max_tokens_and_special_tokens() {
 
     let m = smollm();
     let r = run(m, "hi", "x", &[], &[], Some(0));
-    assert_eq!((r.finish, r.completion_tokens, r.calls.len()), (FinishReason::Length, 0, 0));
+    assert_eq!(
+        (r.finish, r.completion_tokens, r.calls.len()),
+        (FinishReason::Length, 0, 0)
+    );
 }
 
 #[test]
@@ -204,7 +275,11 @@ fn context_full_and_overflow() {
     let m = Rc::new(m);
     let prompt = m.tokenizer.encode("one two three").unwrap();
     let n = prompt.len() as u32;
-    let session = Scripted { script: vec![], vocab: 10, calls: Default::default() };
+    let session = Scripted {
+        script: vec![],
+        vocab: 10,
+        calls: Default::default(),
+    };
     let req = Request {
         prompt,
         max_tokens: None,
@@ -213,7 +288,10 @@ fn context_full_and_overflow() {
         start: Instant::now(),
     };
     match Generation::new(m, session, req) {
-        Err(Error::ContextOverflow { prompt_tokens, context_length }) => assert_eq!((prompt_tokens, context_length), (n, 2)),
+        Err(Error::ContextOverflow {
+            prompt_tokens,
+            context_length,
+        }) => assert_eq!((prompt_tokens, context_length), (n, 2)),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("expected context-overflow"),
     }
@@ -223,7 +301,11 @@ fn context_full_and_overflow() {
 fn backend_error_is_a_value() {
     let m = smollm();
     let m = Rc::new(m);
-    let session = Scripted { script: vec![], vocab: 10, calls: Default::default() };
+    let session = Scripted {
+        script: vec![],
+        vocab: 10,
+        calls: Default::default(),
+    };
     let req = Request {
         prompt: vec![1, 2, 3],
         max_tokens: None,

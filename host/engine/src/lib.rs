@@ -1,1 +1,19 @@
-pub fn _placeholder() {}
+//! slm-engine: ONNX decoder inference on tract, with the KV cache kept inside the session.
+//!
+//! No wasmtime types: the native host's wasi:nn backend and the in-wasm wasi:nn (guest/nn)
+//! both wrap this crate.
+//!
+//! Contract (see DESIGN.md): a [`Session`] is stateful. Callers send only new `input_ids`
+//! (and `position_ids`); the session appends to its KV cache and returns last-position
+//! `logits` [1, 1, vocab]. A `position_ids` start below the cached length rewinds (truncates)
+//! the cache. Callers that pass `past_key_values.*` themselves get plain stateless ONNX.
+
+mod error;
+mod model;
+mod session;
+mod tensor;
+
+pub use error::EngineError;
+pub use model::{set_threads, Model, ModelInfo};
+pub use session::Session;
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,143 @@
+//! Loading an ONNX decoder into an optimized tract plan, and what the session needs to know of it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::EngineError;
+
+/// Shape facts of a decoder, read from its inputs and outputs.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Number of `past_key_values.{i}.key|value` pairs.
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Width of `logits` (0 when the model has no `logits` output).
+    pub vocab: usize,
+}
+
+/// How the session feeds one model input.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum InputKind {
+    InputIds,
+    PositionIds,
+    AttentionMask,
+    Past { layer: usize, value: bool },
+    Other,
+}
+
+/// A loaded, optimized model, shared (behind `Arc`) by every session that runs it.
+pub struct Model {
+    pub(crate) plan: Arc<TypedRunnableModel>,
+    pub(crate) input_names: Vec<String>,
+    pub(crate) input_kinds: Vec<InputKind>,
+    pub(crate) output_names: Vec<String>,
+    info: ModelInfo,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("inputs", &self.input_names).field("info", &self.info).finish()
+    }
+}
+
+/// Uses every core for matrix products (native builds with the `threads` feature); `n` <= 1 runs
+/// single-threaded.
+pub fn set_threads(n: usize) {
+    #[cfg(feature = "threads")]
+    {
+        use tract_linalg::multithread::{set_default_executor, Executor};
+        set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+    }
+    #[cfg(not(feature = "threads"))]
+    let _ = n;
+}
+
+fn input_kind(name: &str) -> InputKind {
+    match name {
+        "input_ids" => InputKind::InputIds,
+        "position_ids" => InputKind::PositionIds,
+        "attention_mask" => InputKind::AttentionMask,
+        _ => {
+            let past = name.strip_prefix("past_key_values.").and_then(|rest| {
+                let (layer, kind) = rest.split_once('.')?;
+                Some(InputKind::Past { layer: layer.parse().ok()?, value: kind == "value" })
+            });
+            past.unwrap_or(InputKind::Other)
+        }
+    }
+}
+
+impl Model {
+    /// Loads `model.onnx` (external data files next to it are found by tract).
+    pub fn load(path: &Path) -> Result<Model, EngineError> {
+        let name = path.display().to_string();
+        if !path.is_file() {
+            return Err(EngineError::load(&name, "file not found"));
+        }
+        let model = tract_onnx::onnx().model_for_path(path).map_err(|e| EngineError::load(&name, e))?;
+        Self::optimize(model, &name)
+    }
+
+    /// Loads an ONNX model from memory (wasi:nn `load` with the file's bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Model, EngineError> {
+        let mut reader = std::io::Cursor::new(bytes);
+        let model = tract_onnx::onnx().model_for_read(&mut reader).map_err(|e| EngineError::load("<bytes>", e))?;
+        Self::optimize(model, "<bytes>")
+    }
+
+    fn optimize(model: InferenceModel, name: &str) -> Result<Model, EngineError> {
+        let input_names: Vec<String> =
+            model.input_outlets().map_err(|e| EngineError::load(name, e))?.iter().map(|o| model.node(o.node).name.clone()).collect();
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(|e| EngineError::load(name, e))?
+            .iter()
+            .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .collect();
+        let typed = model.into_optimized().map_err(|e| EngineError::load(name, e))?;
+        let input_kinds: Vec<InputKind> = input_names.iter().map(|n| input_kind(n)).collect();
+        if !input_kinds.contains(&InputKind::InputIds) {
+            return Err(EngineError::load(name, "the model has no `input_ids` input: not a decoder"));
+        }
+        let info = Self::read_info(&typed, &input_kinds, &output_names).map_err(|e| EngineError::load(name, e))?;
+        let plan = typed.into_runnable().map_err(|e| EngineError::load(name, e))?;
+        Ok(Model { plan, input_names, input_kinds, output_names, info })
+    }
+
+    fn read_info(typed: &TypedModel, kinds: &[InputKind], outputs: &[String]) -> TractResult<ModelInfo> {
+        let mut info = ModelInfo { layers: 0, kv_heads: 0, head_dim: 0, vocab: 0 };
+        for (i, kind) in kinds.iter().enumerate() {
+            if let InputKind::Past { layer, .. } = kind {
+                info.layers = info.layers.max(layer + 1);
+                let fact = typed.input_fact(i)?;
+                // [batch, kv_heads, past, head_dim]: heads and head_dim are concrete.
+                if fact.rank() == 4 {
+                    info.kv_heads = fact.shape[1].as_i64().unwrap_or(0) as usize;
+                    info.head_dim = fact.shape[3].as_i64().unwrap_or(0) as usize;
+                }
+            }
+        }
+        if let Some(i) = outputs.iter().position(|n| n == "logits") {
+            let fact = typed.output_fact(i)?;
+            info.vocab = fact.shape.last().and_then(|d| d.as_i64()).unwrap_or(0) as usize;
+        }
+        Ok(info)
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Names of the model's inputs, in order.
+    pub fn input_names(&self) -> &[String] {
+        &self.input_names
+    }
+
+    /// Names of the model's outputs, in order.
+    pub fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+}

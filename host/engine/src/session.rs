@@ -1,0 +1,209 @@
+//! An execution context: runs the decoder step by step and keeps its KV cache.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::model::{InputKind, Model};
+use crate::{EngineError, Tensor};
+
+/// A stateful run of one model: the KV cache lives here, never in the caller.
+pub struct Session {
+    model: Arc<Model>,
+    /// KV cache, indexed `layer * 2 + (value as usize)`, each [1, kv_heads, cached, head_dim].
+    past: Vec<TValue>,
+    /// Tokens in the cache (the position of the next token).
+    cached: usize,
+    /// For each model output: the cache slot it refills, if it is a `present.*` tensor.
+    present_slot: Vec<Option<usize>>,
+    logits_output: Option<usize>,
+}
+
+fn slot(layer: usize, value: bool) -> usize {
+    layer * 2 + value as usize
+}
+
+fn present_slot(name: &str) -> Option<usize> {
+    let (layer, kind) = name.strip_prefix("present.")?.split_once('.')?;
+    Some(slot(layer.parse().ok()?, kind == "value"))
+}
+
+impl Session {
+    pub fn new(model: Arc<Model>) -> Session {
+        let present_slot = model.output_names.iter().map(|n| present_slot(n)).collect();
+        let logits_output = model.output_names.iter().position(|n| n == "logits");
+        let mut s = Session { model, past: vec![], cached: 0, present_slot, logits_output };
+        s.reset();
+        s
+    }
+
+    /// Tokens currently in the KV cache.
+    pub fn cached_len(&self) -> usize {
+        self.cached
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) {
+        let info = self.model.info();
+        let shape = [1, info.kv_heads, 0, info.head_dim];
+        self.past = (0..info.layers * 2)
+            .map(|_| tract_onnx::prelude::Tensor::zero::<f32>(&shape).expect("an empty tensor always allocates").into_tvalue())
+            .collect();
+        self.cached = 0;
+    }
+
+    /// Drops cache entries from position `len` on.
+    pub fn truncate(&mut self, len: usize) -> Result<(), EngineError> {
+        if len >= self.cached {
+            return Ok(());
+        }
+        if len == 0 {
+            self.reset();
+            return Ok(());
+        }
+        for t in &mut self.past {
+            *t = t.slice(2, 0, len).map_err(|e| EngineError::Runtime(format!("{e:#}")))?.into();
+        }
+        self.cached = len;
+        Ok(())
+    }
+
+    /// Runs one step.
+    ///
+    /// Stateful (no `past_key_values.*` among `inputs`): `input_ids` [1, S] and optionally
+    /// `position_ids` [1, S] (consecutive, starting at or below the cached length; below rewinds).
+    /// Returns only `logits` [1, 1, vocab] for the last position.
+    ///
+    /// Stateless (`past_key_values.*` given): every model input must be given; returns every output.
+    pub fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, EngineError> {
+        for (name, _) in &inputs {
+            if !self.model.input_names.contains(name) {
+                return Err(EngineError::InvalidInput(format!(
+                    "the model has no input '{name}' (inputs: {})",
+                    summarize(&self.model.input_names)
+                )));
+            }
+        }
+        if inputs.iter().any(|(n, _)| n.starts_with("past_key_values.")) {
+            self.run_stateless(inputs)
+        } else {
+            self.run_stateful(inputs)
+        }
+    }
+
+    fn run_stateless(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let mut ordered = Vec::with_capacity(self.model.input_names.len());
+        for name in &self.model.input_names {
+            let (_, t) = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| EngineError::InvalidInput(format!("missing input '{name}' (stateless call: give every input)")))?;
+            ordered.push(t.to_tract()?.into_tvalue());
+        }
+        let outputs = self.execute(ordered.into())?;
+        self.model.output_names.iter().zip(outputs.iter()).map(|(n, t)| Ok((n.clone(), Tensor::from_tract(t)?))).collect()
+    }
+
+    fn run_stateful(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let ids_t = get("input_ids").ok_or_else(|| EngineError::InvalidInput("missing input 'input_ids'".into()))?;
+        let ids = int_row(ids_t, "input_ids")?;
+        let start = match get("position_ids") {
+            Some(p) => {
+                let pos = int_row(p, "position_ids")?;
+                if pos.len() != ids.len() {
+                    return Err(EngineError::InvalidInput(format!(
+                        "position_ids has {} entries, input_ids {}",
+                        pos.len(),
+                        ids.len()
+                    )));
+                }
+                let start = pos[0];
+                if start < 0 || pos.iter().enumerate().any(|(i, &p)| p != start + i as i64) {
+                    return Err(EngineError::InvalidInput("position_ids must be consecutive and non-negative".into()));
+                }
+                start as usize
+            }
+            None => self.cached,
+        };
+        if start > self.cached {
+            return Err(EngineError::InvalidInput(format!(
+                "position {start} skips ahead of the {} cached tokens",
+                self.cached
+            )));
+        }
+        self.truncate(start)?;
+
+        let n = ids.len();
+        let total = start + n;
+        let mut ordered: TVec<TValue> = tvec![];
+        for kind in &self.model.input_kinds {
+            let value: TValue = match kind {
+                InputKind::InputIds => tract_ndarray::Array2::from_shape_vec((1, n), ids.clone()).unwrap().into_tvalue(),
+                InputKind::PositionIds => {
+                    tract_ndarray::Array2::from_shape_fn((1, n), |(_, i)| (start + i) as i64).into_tvalue()
+                }
+                InputKind::AttentionMask => tract_ndarray::Array2::<i64>::ones((1, total)).into_tvalue(),
+                InputKind::Past { layer, value } => self.past[slot(*layer, *value)].clone(),
+                InputKind::Other => {
+                    return Err(EngineError::InvalidInput("the model has inputs this engine cannot fill".into()))
+                }
+            };
+            ordered.push(value);
+        }
+        let outputs = self.execute(ordered)?;
+        let mut logits = None;
+        for (i, out) in outputs.into_iter().enumerate() {
+            if let Some(s) = self.present_slot[i] {
+                if s < self.past.len() {
+                    self.past[s] = out;
+                }
+            } else if Some(i) == self.logits_output {
+                logits = Some(out);
+            }
+        }
+        self.cached = total;
+        let logits = logits.ok_or_else(|| EngineError::Runtime("the model has no 'logits' output".into()))?;
+        Ok(vec![("logits".to_string(), last_position(&logits)?)])
+    }
+
+    fn execute(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
+        self.model.plan.run(inputs).map_err(|e| EngineError::Runtime(format!("{e:#}")))
+    }
+}
+
+/// Logits of the last position as [1, 1, vocab], whether the model returned one position or all.
+fn last_position(logits: &TValue) -> Result<Tensor, EngineError> {
+    let shape = logits.shape();
+    let vocab = *shape.last().unwrap_or(&0);
+    let rows = if vocab == 0 { 0 } else { logits.len() / vocab };
+    if rows == 0 {
+        return Err(EngineError::Runtime(format!("logits have shape {shape:?}")));
+    }
+    let view = logits.cast_to::<f32>().map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+    let all = view.to_plain_array_view::<f32>().map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+    let last: Vec<f32> = all.iter().skip((rows - 1) * vocab).copied().collect();
+    Ok(Tensor::from_f32(vec![1, 1, vocab], &last))
+}
+
+/// The values of a [1, S] (S >= 1) integer tensor.
+fn int_row(t: &Tensor, name: &str) -> Result<Vec<i64>, EngineError> {
+    let values = t.to_i64().ok_or_else(|| EngineError::InvalidInput(format!("{name} must be i64, got {:?}", t.dtype)))?;
+    if t.dims.len() != 2 || t.dims[0] != 1 || t.dims[1] == 0 || values.len() != t.dims[1] {
+        return Err(EngineError::InvalidInput(format!("{name} must have shape [1, seq] with seq >= 1, got {:?}", t.dims)));
+    }
+    Ok(values)
+}
+
+fn summarize(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
+    if names.len() > 4 {
+        format!("{}, ... ({} in all)", shown.join(", "), names.len())
+    } else {
+        shown.join(", ")
+    }
+}

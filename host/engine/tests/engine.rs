@@ -1,0 +1,202 @@
+//! slm-engine on the tiny test model: KV-cache contract, rewinds, stateless mode, input errors,
+//! and logits parity with ONNX Runtime.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use slm_engine::{DType, EngineError, Model, Session, Tensor};
+
+// Keep in sync with tests/engine_script.py.
+const PREFILL: [i64; 10] = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
+const STEPS: [i64; 3] = [2, 198, 1];
+const REWIND_AT: i64 = 6;
+const REWIND_IDS: [i64; 2] = [30, 31];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny_dir() -> PathBuf {
+    let dir = root().join("target/test-models/tiny");
+    assert!(dir.join("model.onnx").is_file(), "tiny model missing: scripts/test builds it into {}", dir.display());
+    dir
+}
+
+fn load(file: &str) -> Arc<Model> {
+    Arc::new(Model::load(&tiny_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}")))
+}
+
+fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
+    let n = ids.len();
+    let pos: Vec<i64> = (start..start + n as i64).collect();
+    let out = s
+        .run(vec![
+            ("input_ids".into(), Tensor::from_i64(vec![1, n], ids)),
+            ("position_ids".into(), Tensor::from_i64(vec![1, n], &pos)),
+        ])
+        .unwrap();
+    assert_eq!(out.len(), 1, "stateful calls return only logits");
+    assert_eq!(out[0].0, "logits");
+    assert_eq!(out[0].1.dims[..2], [1, 1]);
+    out[0].1.to_f32().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The script of the parity test, through the engine.
+fn engine_script(model: &Arc<Model>) -> Vec<Vec<f32>> {
+    let mut s = Session::new(model.clone());
+    let mut out = vec![step(&mut s, &PREFILL, 0)];
+    let mut pos = PREFILL.len() as i64;
+    for t in STEPS {
+        out.push(step(&mut s, &[t], pos));
+        pos += 1;
+    }
+    out.push(step(&mut s, &REWIND_IDS, REWIND_AT));
+    assert_eq!(s.cached_len(), REWIND_AT as usize + REWIND_IDS.len());
+    out
+}
+
+#[test]
+fn every_layout_loads_and_reports_its_shape() {
+    for file in ["model.onnx", "model_f32.onnx", "model_q4.onnx"] {
+        let m = load(file);
+        let info = m.info();
+        assert_eq!((info.layers, info.kv_heads, info.head_dim, info.vocab), (2, 2, 16, 49152), "{file}");
+    }
+}
+
+#[test]
+fn logits_match_onnx_runtime() {
+    // Tolerance: f32 kernels differ in summation order; 2e-3 absolute on logits of magnitude ~10.
+    let tolerance = 2e-3;
+    let mut failures = vec![];
+    for file in ["model_f32.onnx", "model_q4.onnx", "model.onnx"] {
+        let out = root().join(format!("target/test-models/ort-{file}.json"));
+        let status = Command::new(root().join(".venv/bin/python"))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_reference.py"))
+            .args([tiny_dir().as_os_str(), file.as_ref(), out.as_os_str()])
+            .status()
+            .expect("run .venv/bin/python (scripts/setup makes it)");
+        assert!(status.success(), "ONNX Runtime reference failed for {file}");
+        let reference: Vec<Vec<f32>> = serde_json_lite(&std::fs::read_to_string(&out).unwrap());
+        let ours = engine_script(&load(file));
+        assert_eq!(ours.len(), reference.len());
+        let diffs: Vec<f32> = ours.iter().zip(&reference).map(|(a, b)| max_diff(a, b)).collect();
+        eprintln!("{file}: max |tract - ort| per step {diffs:?}");
+        if diffs.iter().any(|d| *d >= tolerance) {
+            failures.push(format!("{file}: max |tract - ort| per step {diffs:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "over tolerance {tolerance}: {failures:?}");
+}
+
+/// Parses a JSON array of arrays of numbers (keeps the engine's dev-dependencies empty).
+fn serde_json_lite(text: &str) -> Vec<Vec<f32>> {
+    text.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split("], [")
+        .map(|row| row.trim_matches(|c| c == '[' || c == ']').split(", ").map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn prefill_equals_token_by_token_and_rewind_equals_fresh_run() {
+    let m = load("model.onnx");
+    let mut whole = Session::new(m.clone());
+    let all_at_once = step(&mut whole, &PREFILL, 0);
+    let mut one = Session::new(m.clone());
+    let mut last = vec![];
+    for (i, t) in PREFILL.iter().enumerate() {
+        last = step(&mut one, &[*t], i as i64);
+    }
+    assert!(max_diff(&all_at_once, &last) < 1e-3);
+
+    // Rewind to position 4 and continue with other tokens == a fresh session on that prefix.
+    let rewound = step(&mut one, &[7, 8], 4);
+    let mut fresh = Session::new(m);
+    let expected = step(&mut fresh, &[PREFILL[0], PREFILL[1], PREFILL[2], PREFILL[3], 7, 8], 0);
+    assert!(max_diff(&rewound, &expected) < 1e-3);
+    // Position 0 resets.
+    let again = step(&mut one, &PREFILL, 0);
+    assert!(max_diff(&again, &all_at_once) < 1e-5);
+}
+
+#[test]
+fn stateless_calls_match_stateful() {
+    let m = load("model_f32.onnx");
+    let info = m.info().clone();
+    let mut inputs = vec![
+        ("input_ids".to_string(), Tensor::from_i64(vec![1, 3], &PREFILL[..3])),
+        ("position_ids".to_string(), Tensor::from_i64(vec![1, 3], &[0, 1, 2])),
+    ];
+    for layer in 0..info.layers {
+        for kind in ["key", "value"] {
+            inputs.push((
+                format!("past_key_values.{layer}.{kind}"),
+                Tensor::new(vec![1, info.kv_heads, 0, info.head_dim], DType::F32, vec![]).unwrap(),
+            ));
+        }
+    }
+    let mut s = Session::new(m.clone());
+    let out = s.run(inputs).unwrap();
+    assert_eq!(out.len(), 1 + 2 * info.layers, "stateless calls return every output");
+    let present = &out.iter().find(|(n, _)| n == "present.0.key").unwrap().1;
+    assert_eq!(present.dims, vec![1, info.kv_heads, 3, info.head_dim]);
+    let logits = out.iter().find(|(n, _)| n == "logits").unwrap().1.to_f32().unwrap();
+    let mut stateful = Session::new(m);
+    assert!(max_diff(&logits, &step(&mut stateful, &PREFILL[..3], 0)) < 1e-5);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let m = load("model.onnx");
+    let mut s = Session::new(m);
+    let cases: Vec<Vec<(String, Tensor)>> = vec![
+        vec![],
+        vec![("input_ids".into(), Tensor::from_f32(vec![1, 2], &[1.0, 2.0]))],
+        vec![("input_ids".into(), Tensor::from_i64(vec![2], &[1, 2]))],
+        vec![("input_ids".into(), Tensor::from_i64(vec![1, 0], &[]))],
+        vec![("nonsense".into(), Tensor::from_i64(vec![1, 1], &[1]))],
+        vec![
+            ("input_ids".into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
+            ("position_ids".into(), Tensor::from_i64(vec![1, 2], &[5, 6])),
+        ],
+        vec![
+            ("input_ids".into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
+            ("position_ids".into(), Tensor::from_i64(vec![1, 2], &[0, 0])),
+        ],
+        vec![("input_ids".into(), Tensor::from_i64(vec![1, 1], &[10_000_000]))],
+    ];
+    for inputs in cases {
+        let what = format!("{:?}", inputs.iter().map(|(n, t)| (n, &t.dims)).collect::<Vec<_>>());
+        match s.run(inputs) {
+            Err(EngineError::InvalidInput(_)) | Err(EngineError::Runtime(_)) => {}
+            other => panic!("{what}: expected an error, got {other:?}"),
+        }
+    }
+    assert!(Tensor::new(vec![2, 2], DType::F32, vec![0; 3]).is_err());
+    // The session still works after errors.
+    assert_eq!(step(&mut s, &[1, 2], 0).len(), 49152);
+}
+
+#[test]
+fn missing_and_corrupt_models_are_load_errors() {
+    let dir = std::env::temp_dir().join(format!("slm-engine-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("model.onnx");
+    std::fs::write(&garbage, b"this is not an onnx file").unwrap();
+    for path in [dir.join("absent.onnx"), garbage] {
+        match Model::load(&path) {
+            Err(EngineError::Load { message, .. }) => assert!(!message.is_empty()),
+            other => panic!("{}: expected a load error, got {other:?}", path.display()),
+        }
+    }
+    assert!(matches!(Model::from_bytes(b"\x08\x01garbage"), Err(EngineError::Load { .. })));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,313 @@
+//! wasi:nn on slm-engine: an ONNX backend in the shape of `wasmtime-wasi-nn`'s backend traits,
+//! and a model registry discovered from a models directory.
+//!
+//! Graphs are loaded lazily, once per process: a registry entry wraps a [`LazyModel`] whose
+//! first `init-execution-context` loads `model.onnx`; every later context (in any component
+//! instance) shares the same `Arc<Model>`. Each execution context owns a stateful
+//! [`slm_engine::Session`] (the KV cache stays in the host).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use slm_engine::{DType, EngineError, Model, Session};
+use wasmtime_wasi_nn::backend::{
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
+    NamedTensor,
+};
+use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
+use wasmtime_wasi_nn::{ExecutionContext, Graph, GraphRegistry, Tensor};
+
+/// The message shown when a guest asks for the GPU.
+pub const NO_GPU: &str = "no GPU backend in this build (use the cpu target)";
+
+fn access(e: impl Into<wasmtime::Error>) -> BackendError {
+    BackendError::BackendAccess(e.into())
+}
+
+fn access_msg(msg: impl std::fmt::Display) -> BackendError {
+    BackendError::BackendAccess(wasmtime::format_err!("{msg}"))
+}
+
+/// The full text of a backend error (`BackendError`'s own Display drops the cause).
+pub fn backend_error_message(e: &BackendError) -> String {
+    match e {
+        BackendError::BackendAccess(inner) => format!("{inner:#}"),
+        other => other.to_string(),
+    }
+}
+
+/// Whether a backend error is the caller's fault (bad tensors) rather than the backend's.
+pub fn is_invalid_argument(e: &BackendError) -> bool {
+    match e {
+        BackendError::BackendAccess(inner) => {
+            matches!(
+                inner.downcast_ref::<EngineError>(),
+                Some(EngineError::InvalidInput(_))
+            )
+        }
+        BackendError::UnsupportedTensorType(_) | BackendError::InvalidNumberOfBuilders(..) => true,
+        _ => false,
+    }
+}
+
+fn check_target(target: ExecutionTarget) -> Result<(), BackendError> {
+    match target {
+        ExecutionTarget::Cpu => Ok(()),
+        ExecutionTarget::Gpu => Err(access_msg(NO_GPU)),
+        ExecutionTarget::Tpu => Err(access_msg("the tpu execution target is not supported")),
+    }
+}
+
+pub fn to_dtype(t: TensorType) -> DType {
+    match t {
+        TensorType::Fp16 => DType::F16,
+        TensorType::Fp32 => DType::F32,
+        TensorType::Fp64 => DType::F64,
+        TensorType::Bf16 => DType::BF16,
+        TensorType::U8 => DType::U8,
+        TensorType::I32 => DType::I32,
+        TensorType::I64 => DType::I64,
+    }
+}
+
+pub fn to_tensor_type(t: DType) -> TensorType {
+    match t {
+        DType::F16 => TensorType::Fp16,
+        DType::F32 => TensorType::Fp32,
+        DType::F64 => TensorType::Fp64,
+        DType::BF16 => TensorType::Bf16,
+        DType::U8 => TensorType::U8,
+        DType::I32 => TensorType::I32,
+        DType::I64 => TensorType::I64,
+    }
+}
+
+fn to_engine(t: &Tensor) -> Result<slm_engine::Tensor, BackendError> {
+    let dims = t.dimensions.iter().map(|&d| d as usize).collect();
+    slm_engine::Tensor::new(dims, to_dtype(t.ty), t.data.clone()).map_err(access)
+}
+
+fn from_engine(t: slm_engine::Tensor) -> Result<Tensor, BackendError> {
+    let dims = t
+        .dims
+        .iter()
+        .map(|&d| u32::try_from(d).map_err(|_| access_msg(format!("dimension {d} too large"))))
+        .collect::<Result<Vec<u32>, _>>()?;
+    Ok(Tensor::new(dims, to_tensor_type(t.dtype), t.data))
+}
+
+/// The ONNX backend: `cpu` runs on slm-engine (tract); `gpu` and `tpu` are refused.
+#[derive(Default)]
+pub struct OnnxBackend;
+
+impl BackendInner for OnnxBackend {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Onnx
+    }
+
+    fn load(&mut self, builders: &[&[u8]], target: ExecutionTarget) -> Result<Graph, BackendError> {
+        check_target(target)?;
+        if builders.len() != 1 {
+            return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
+        }
+        let model = Model::from_bytes(builders[0]).map_err(access)?;
+        let g: Box<dyn BackendGraph> = Box::new(LoadedGraph(Arc::new(model)));
+        Ok(g.into())
+    }
+
+    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
+        Some(self)
+    }
+}
+
+impl BackendFromDir for OnnxBackend {
+    /// Lazy: the model is read on the first `init-execution-context`.
+    fn load_from_dir(&mut self, dir: &Path, target: ExecutionTarget) -> Result<Graph, BackendError> {
+        check_target(target)?;
+        let g: Box<dyn BackendGraph> = Box::new(LazyModel::new(dir.join("model.onnx")));
+        Ok(g.into())
+    }
+}
+
+/// A graph loaded from bytes by `wasi:nn/graph.load`.
+struct LoadedGraph(Arc<Model>);
+
+impl BackendGraph for LoadedGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        Ok(Context::new(self.0.clone()))
+    }
+}
+
+/// A model file loaded on first use, once per process.
+pub struct LazyModel {
+    path: PathBuf,
+    cell: OnceLock<Result<Arc<Model>, String>>,
+}
+
+impl LazyModel {
+    pub fn new(path: PathBuf) -> Self {
+        LazyModel {
+            path,
+            cell: OnceLock::new(),
+        }
+    }
+
+    pub fn get(&self) -> Result<Arc<Model>, String> {
+        self.cell
+            .get_or_init(|| {
+                let t = std::time::Instant::now();
+                let r = Model::load(&self.path)
+                    .map(Arc::new)
+                    .map_err(|e| format!("cannot load model {}: {e}", self.path.display()));
+                match &r {
+                    Ok(_) => tracing::debug!(
+                        "loaded {} in {:.0} ms",
+                        self.path.display(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    ),
+                    Err(e) => tracing::debug!("{e}"),
+                }
+                r
+            })
+            .clone()
+    }
+}
+
+impl BackendGraph for LazyModel {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        let model = self.get().map_err(access_msg)?;
+        Ok(Context::new(model))
+    }
+}
+
+/// One execution context: a stateful engine session (KV cache) plus the WITX-style
+/// set-input/get-output slots.
+struct Context {
+    session: Mutex<Session>,
+    inputs: Vec<(String, slm_engine::Tensor)>,
+    outputs: Vec<(String, slm_engine::Tensor)>,
+}
+
+impl Context {
+    fn new(model: Arc<Model>) -> ExecutionContext {
+        let c: Box<dyn BackendExecutionContext> = Box::new(Context {
+            session: Mutex::new(Session::new(model)),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        });
+        c.into()
+    }
+
+    fn run(
+        &mut self,
+        inputs: Vec<(String, slm_engine::Tensor)>,
+    ) -> Result<Vec<(String, slm_engine::Tensor)>, BackendError> {
+        let mut session = self
+            .session
+            .lock()
+            .map_err(|_| access_msg("execution context poisoned by an earlier failure"))?;
+        session.run(inputs).map_err(access)
+    }
+}
+
+impl BackendExecutionContext for Context {
+    fn set_input(&mut self, id: Id, tensor: &Tensor) -> Result<(), BackendError> {
+        let name = match id {
+            Id::Name(n) => n,
+            Id::Index(i) => {
+                return Err(access_msg(format!(
+                    "input {i}: inputs are set by name in this backend"
+                )))
+            }
+        };
+        let t = to_engine(tensor)?;
+        self.inputs.retain(|(n, _)| *n != name);
+        self.inputs.push((name, t));
+        Ok(())
+    }
+
+    fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
+        let t = match &id {
+            Id::Name(n) => self.outputs.iter().find(|(m, _)| m == n),
+            Id::Index(i) => self.outputs.get(*i as usize),
+        };
+        let t = t.ok_or_else(|| access_msg(format!("no output {id:?}")))?;
+        from_engine(t.1.clone())
+    }
+
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        match inputs {
+            Some(inputs) => {
+                let inputs = inputs
+                    .iter()
+                    .map(|n| Ok((n.name.clone(), to_engine(&n.tensor)?)))
+                    .collect::<Result<Vec<_>, BackendError>>()?;
+                let outputs = self.run(inputs)?;
+                let outputs = outputs
+                    .into_iter()
+                    .map(|(name, t)| Ok(NamedTensor { name, tensor: from_engine(t)? }))
+                    .collect::<Result<Vec<_>, BackendError>>()?;
+                Ok(Some(outputs))
+            }
+            None => {
+                let inputs = std::mem::take(&mut self.inputs);
+                self.outputs = self.run(inputs)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The models of a directory: every subdirectory with a `model.onnx`, named after it.
+pub struct ModelRegistry {
+    dir: PathBuf,
+    graphs: BTreeMap<String, Graph>,
+}
+
+impl ModelRegistry {
+    /// Scan `dir` (not recursive). Nothing is loaded yet.
+    pub fn discover(dir: &Path) -> std::io::Result<Self> {
+        let mut graphs = BTreeMap::new();
+        let mut backend = OnnxBackend;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if !path.join("model.onnx").is_file() {
+                continue;
+            }
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if let Ok(graph) = backend.load_from_dir(&path, ExecutionTarget::Cpu) {
+                graphs.insert(name.to_string(), graph);
+            }
+        }
+        Ok(ModelRegistry {
+            dir: dir.to_path_buf(),
+            graphs,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Model names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.graphs.keys().cloned().collect()
+    }
+}
+
+impl GraphRegistry for ModelRegistry {
+    fn get(&self, name: &str) -> Option<&Graph> {
+        self.graphs.get(name)
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Graph> {
+        self.graphs.get_mut(name)
+    }
+}

@@ -159,7 +159,10 @@ impl LazyModel {
                 let t = std::time::Instant::now();
                 let r = Model::load(&self.path)
                     .map(Arc::new)
-                    .map_err(|e| format!("cannot load model {}: {e}", self.path.display()));
+                    .map_err(|e| match e {
+                        EngineError::Load { .. } => e.to_string(),
+                        other => format!("cannot load model {}: {other}", self.path.display()),
+                    });
                 match &r {
                     Ok(_) => tracing::debug!(
                         "loaded {} in {:.0} ms",

@@ -1,0 +1,253 @@
+//! End-to-end tests of the `slm` binary: the real executable, the generator component from
+//! `dist/slm-generator.wasm` (scripts/build), and the tiny test model in `target/test-models`
+//! (the real SmolLM2 for one test).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn component() -> PathBuf {
+    let c = root().join("dist/slm-generator.wasm");
+    assert!(c.is_file(), "{} missing: run scripts/build", c.display());
+    c
+}
+
+fn test_models() -> PathBuf {
+    let d = root().join("target/test-models");
+    assert!(
+        d.join("tiny/model.onnx").is_file(),
+        "tiny test model missing in {} (scripts/test writes it)",
+        d.display()
+    );
+    d
+}
+
+/// `slm` with the test models and the built component; compile cache in target/ so tests do not
+/// touch the user's cache.
+fn slm_in(models: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_slm"));
+    c.current_dir(root())
+        .env_remove("SLM_MODELS")
+        .env_remove("RUST_LOG")
+        .env_remove("SLM_LOG")
+        .env("SLM_CACHE_DIR", root().join("target/slm-test-cache"))
+        .env("SLM_COMPONENT", component())
+        .arg("--models")
+        .arg(models)
+        .stdin(Stdio::null());
+    c
+}
+
+fn slm() -> Command {
+    slm_in(&test_models())
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run the slm binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Succeeded; returns stdout.
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "slm failed ({}): {}",
+        o.status,
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Failed cleanly: non-zero exit, one `error: ...` line containing `want`, no panic.
+fn fails_with(o: Output, want: &str) {
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected a failure, got success; stdout {:?}", stdout(&o));
+    assert_eq!(o.status.code(), Some(1), "exit status {} ({err})", o.status);
+    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(
+        lines[0].to_lowercase().contains(&want.to_lowercase()),
+        "error {:?} does not mention {want:?}",
+        lines[0]
+    );
+}
+
+fn tiny_run(args: &[&str]) -> String {
+    ok(run(slm()
+        .args(["-q", "run", "--model", "tiny", "--raw"])
+        .args(args)))
+}
+
+#[test]
+fn greedy_is_deterministic() {
+    let a = tiny_run(&["--max-tokens", "12", "The sky is"]);
+    let b = tiny_run(&["--max-tokens", "12", "The sky is"]);
+    assert_eq!(a, b);
+    assert!(!a.is_empty());
+}
+
+#[test]
+fn seeds_reproduce_and_differ() {
+    let sample = |seed: &str| {
+        tiny_run(&["--max-tokens", "24", "--temperature", "1.5", "--seed", seed, "Once upon a time"])
+    };
+    let a = sample("1");
+    assert_eq!(a, sample("1"), "same seed, same output");
+    let others: Vec<String> = ["2", "3", "4"].iter().map(|s| sample(s)).collect();
+    assert!(others.iter().any(|o| *o != a), "different seeds gave the same text: {a:?}");
+}
+
+#[test]
+fn chat_mode_streams_to_stdout_and_summary_to_stderr() {
+    let o = run(slm().args(["run", "--model", "tiny", "--max-tokens", "5", "Hi"]));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("time to first token"), "summary on stderr: {err}");
+    assert!(!stdout(&o).contains("time to first token"));
+    // --quiet drops the summary.
+    let o = run(slm().args(["-q", "run", "--model", "tiny", "--max-tokens", "5", "Hi"]));
+    assert!(o.status.success());
+    assert!(stderr(&o).is_empty(), "quiet: {}", stderr(&o));
+}
+
+#[test]
+fn tokenize_prints_ids_as_json() {
+    let out = ok(run(slm().args(["tokenize", "--model", "tiny", "<|im_start|>user\nHello"])));
+    let ids: Vec<u32> = serde_json::from_str(out.trim()).expect("a JSON array of ids");
+    assert_eq!(ids[0], 1, "<|im_start|> is one special token: {ids:?}");
+    assert!(ids.len() >= 3);
+}
+
+#[test]
+fn models_lists_the_tiny_model() {
+    let out = ok(run(slm().arg("models")));
+    let line = out.lines().find(|l| l.starts_with("tiny")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("256"), "context length 256: {line}");
+}
+
+#[test]
+fn unknown_model_is_a_clear_error() {
+    fails_with(run(slm().args(["run", "--model", "nope", "Hi"])), "model \"nope\" not found");
+    fails_with(run(slm().args(["tokenize", "--model", "nope", "Hi"])), "not found");
+}
+
+#[test]
+fn empty_prompt_is_an_error() {
+    fails_with(run(slm().args(["run", "--model", "tiny", ""])), "empty");
+    fails_with(run(slm().args(["run", "--model", "tiny", "--raw", "   "])), "empty");
+}
+
+#[test]
+fn prompt_over_the_context_is_an_error() {
+    let long = "word ".repeat(400);
+    fails_with(run(slm().args(["run", "--model", "tiny", "--raw", &long])), "context");
+}
+
+#[test]
+fn invalid_sampling_values_are_errors() {
+    for (flag, value, want) in [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "0", "top-p"),
+        ("--top-p", "1.5", "top-p"),
+        ("--min-p", "1", "min-p"),
+        ("--repeat-penalty", "0", "penalty"),
+    ] {
+        let o = run(slm().args(["run", "--model", "tiny", "--max-tokens", "2", flag, value, "Hi"]));
+        fails_with(o, want);
+    }
+    fails_with(run(slm().args(["run", "--model", "tiny", "--stop", "", "Hi"])), "stop");
+    fails_with(run(slm().args(["run", "--model", "tiny", "--max-tokens", "x", "Hi"])), "invalid value");
+}
+
+/// A models directory with tiny's JSON files and the given model.onnx bytes (None: no model.onnx
+/// at all, so the directory is not a model).
+fn broken_models(tag: &str, onnx: Option<&[u8]>) -> PathBuf {
+    let dir = root().join(format!("target/slm-test-models-{tag}-{}", std::process::id()));
+    let m = dir.join("broken");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(test_models().join("tiny").join(f), m.join(f)).unwrap();
+    }
+    if let Some(bytes) = onnx {
+        std::fs::write(m.join("model.onnx"), bytes).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn corrupt_model_is_a_clear_error() {
+    let dir = broken_models("corrupt", Some(b"this is not an onnx file at all"));
+    let o = run(slm_in(&dir).args(["run", "--model", "broken", "--max-tokens", "2", "Hi"]));
+    std::fs::remove_dir_all(&dir).ok();
+    fails_with(o, "model.onnx");
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let dir = broken_models("missing", None);
+    let o = run(slm_in(&dir).args(["run", "--model", "broken", "Hi"]));
+    std::fs::remove_dir_all(&dir).ok();
+    fails_with(o, "not found");
+}
+
+#[test]
+fn missing_models_dir_and_component_are_clear_errors() {
+    fails_with(run(slm_in(Path::new("/nonexistent/models")).args(["run", "Hi"])), "models directory");
+    let o = run(slm().env("SLM_COMPONENT", "/nonexistent/gen.wasm").args(["run", "Hi"]));
+    fails_with(o, "scripts/build");
+}
+
+#[test]
+fn chat_reads_piped_stdin() {
+    let mut child = slm()
+        .args(["chat", "--model", "tiny", "--max-tokens", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"Hello\nAnd again\n").unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // One reply per line of input (tiny's random weights may print only newlines, so count the
+    // summary lines on stderr); the conversation grows, so the second prompt is longer.
+    let prompts: Vec<u32> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("[prompt ")?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(prompts.len(), 2, "two replies: {err}");
+    assert!(prompts[1] > prompts[0], "the second turn includes the first: {prompts:?}");
+}
+
+#[test]
+fn real_model_knows_the_capital_of_france() {
+    let models = root().join("models");
+    assert!(
+        models.join("smollm2-135m-instruct/model.onnx").is_file(),
+        "real model missing: run scripts/setup"
+    );
+    let out = ok(run(slm_in(&models).args([
+        "-q",
+        "run",
+        "What is the capital of France?",
+        "--max-tokens",
+        "16",
+    ])));
+    assert!(out.contains("Paris"), "{out:?}");
+}

@@ -138,6 +138,10 @@ impl Session {
         }
         self.truncate(start)?;
 
+        let vocab = self.model.info().vocab as i64;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || (vocab > 0 && t >= vocab)) {
+            return Err(EngineError::InvalidInput(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
+        }
         let n = ids.len();
         let total = start + n;
         let mut ordered: TVec<TValue> = tvec![];
@@ -172,7 +176,12 @@ impl Session {
     }
 
     fn execute(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
-        self.model.plan.run(inputs).map_err(|e| EngineError::Runtime(format!("{e:#}")))
+        // A panic inside tract (an op meeting input it did not expect) must not take the host down.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.plan.run(inputs)));
+        match run {
+            Ok(result) => result.map_err(|e| EngineError::Runtime(format!("{e:#}"))),
+            Err(_) => Err(EngineError::Runtime("the inference engine panicked on these inputs".into())),
+        }
     }
 }
 

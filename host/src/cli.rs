@@ -1,4 +1,4 @@
-//! The command line: `slm run`, `slm chat`, `slm tokenize`, `slm models`.
+//! The command line: `slm run`, `slm chat`, `slm serve`, `slm tokenize`, `slm models`.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -19,6 +19,10 @@ use crate::runtime::{
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 /// The generator component's file name (in `dist/`, and next to the `slm` executable).
 pub const GENERATOR_FILE: &str = "slm-generator.wasm";
+/// The HTTP app composed with the generator (imports wasi:nn).
+pub const HTTP_FILE: &str = "slm-http.wasm";
+/// The HTTP app composed with the generator and the in-wasm wasi:nn (imports only wasi:*).
+pub const HTTP_PORTABLE_FILE: &str = "slm-http-portable.wasm";
 
 /// Run small language models as WebAssembly components (wasmtime + wasi:nn on tract).
 ///
@@ -37,7 +41,8 @@ struct Global {
     /// Models directory: every subdirectory with a model.onnx is a model named after it.
     #[arg(long, global = true, env = "SLM_MODELS", default_value = "models", value_name = "DIR")]
     models: PathBuf,
-    /// The generator component (default: slm-generator.wasm next to the slm executable, then dist/).
+    /// The component to run (default: slm-generator.wasm, for `serve` slm-http.wasm; looked up
+    /// next to the slm executable, then in dist/).
     #[arg(long, global = true, env = "SLM_COMPONENT", value_name = "PATH")]
     component: Option<PathBuf>,
     /// Inference threads (default: the number of CPU cores).
@@ -78,6 +83,19 @@ enum Cmd {
     },
     /// List the models found in the models directory.
     Models,
+    /// Serve the OpenAI-compatible HTTP API (dist/slm-http.wasm) with wasi:nn on this host.
+    ///
+    /// Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
+    /// One instance per request; one log line per request on stderr.
+    Serve {
+        /// Address to listen on (port 0 picks a free port; the address is printed on stderr).
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Serve slm-http-portable.wasm, which carries its own wasi:nn (tract compiled to wasm),
+        /// instead of using this host's native one.
+        #[arg(long)]
+        portable: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -177,12 +195,24 @@ pub fn main() -> Result<()> {
     }
     slm_engine::set_threads(threads);
 
+    if let Cmd::Serve { listen, portable } = &cli.cmd {
+        let registry = discover(&cli.global.models)?;
+        let file = if *portable { HTTP_PORTABLE_FILE } else { HTTP_FILE };
+        let component = find_component(cli.global.component.as_deref(), file)?;
+        return crate::serve::serve(crate::serve::ServeOptions {
+            listen: *listen,
+            component: &component,
+            registry: Arc::new(registry),
+        });
+    }
+
     let app = App::new(&cli.global)?;
     match &cli.cmd {
         Cmd::Run { gen, raw, prompt } => app.run(gen, *raw, prompt),
         Cmd::Chat { gen } => app.chat(gen),
         Cmd::Tokenize { model, text } => app.tokenize(model.as_deref(), text),
         Cmd::Models => app.models(),
+        Cmd::Serve { .. } => unreachable!("handled above"),
     }
 }
 
@@ -195,13 +225,7 @@ type Instance = (Store<HostState>, GeneratorComponent);
 
 impl App {
     fn new(g: &Global) -> Result<App> {
-        let dir = &g.models;
-        let registry = ModelRegistry::discover(dir).map_err(|e| {
-            anyhow!(
-                "cannot read models directory {}: {e} (run scripts/setup, or pass --models DIR)",
-                dir.display()
-            )
-        })?;
+        let registry = discover(&g.models)?;
         let component = find_component(g.component.as_deref(), GENERATOR_FILE)?;
         tracing::debug!("component {}", component.display());
         let rt = Runtime::new(&component, Arc::new(registry))?;
@@ -449,6 +473,15 @@ impl App {
         }
         Ok(())
     }
+}
+
+fn discover(dir: &std::path::Path) -> Result<ModelRegistry> {
+    ModelRegistry::discover(dir).map_err(|e| {
+        anyhow!(
+            "cannot read models directory {}: {e} (run scripts/setup, or pass --models DIR)",
+            dir.display()
+        )
+    })
 }
 
 /// Point a guest message about an option at the command-line flag that sets it.

@@ -3,6 +3,7 @@
 mod cli;
 mod nn;
 mod runtime;
+mod serve;
 
 use std::process::ExitCode;
 

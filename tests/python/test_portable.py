@@ -4,7 +4,8 @@
   greedy chat answer as `slm serve` (native wasi:nn);
 - Node.js through jco (`jco serve`, tests/node) on the same file, same answer;
 - `wasmtime run` of the example app dist/slm-summarize-portable.wasm (imports edge:slm/generator)
-  prints the same summary as `slm run` with the same messages.
+  prints the same summary as `slm run` with the same messages;
+- `slm serve --portable` (the in-wasm wasi:nn under our host) gives the same answer too.
 
 Few tokens: the in-wasm engine is slower than the native one, and wasmtime serve instantiates the
 component (and so loads the model) for every request.
@@ -223,11 +224,6 @@ def test_summarize_app_reports_empty_input():
     assert "stdin is empty" in r.stderr
 
 
-@pytest.mark.xfail(
-    reason="slm serve caps an instance's linear memory at 1 GiB (host/src/serve.rs, pooling allocator); "
-    "the in-wasm engine needs about 1.3 GiB (int8 model + f32 casts). Remove this mark when the cap is raised.",
-    strict=False,
-)
 def test_slm_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_path):
     """`slm serve --portable` runs the same file (its own wasi:nn inside) and gives the same answer."""
     port = free_port()

@@ -19,6 +19,8 @@ use crate::runtime::{
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 /// The generator component's file name (in `dist/`, and next to the `slm` executable).
 pub const GENERATOR_FILE: &str = "slm-generator.wasm";
+/// The generator composed with the in-wasm wasi:nn (imports only wasi:*).
+pub const GENERATOR_PORTABLE_FILE: &str = "slm-generator-portable.wasm";
 /// The HTTP app composed with the generator (imports wasi:nn).
 pub const HTTP_FILE: &str = "slm-http.wasm";
 /// The HTTP app composed with the generator and the in-wasm wasi:nn (imports only wasi:*).
@@ -48,6 +50,10 @@ struct Global {
     /// Inference threads (default: the number of CPU cores).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Prefix cache size per model, in MiB: KV caches of earlier prompts (a shared system
+    /// prompt, earlier chat turns) are reused by later ones that start the same way. 0 disables it.
+    #[arg(long, global = true, env = "SLM_PREFIX_CACHE_MB", default_value_t = 256, value_name = "MIB")]
+    prefix_cache_mb: usize,
     /// No summary line on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
@@ -83,6 +89,33 @@ enum Cmd {
     },
     /// List the models found in the models directory.
     Models,
+    /// Measure time to first token, prefill and decode speed, peak memory, cold start and the
+    /// prefix cache (greedy, through the generator component; median of --runs after a warm-up).
+    ///
+    /// With --json the last line of stdout is one JSON object.
+    Bench {
+        /// Model name [default: smollm2-135m-instruct if present, else the first model].
+        #[arg(long, short)]
+        model: Option<String>,
+        /// Prompt length in tokens (cut from --prompt-file).
+        #[arg(long, default_value_t = 128, value_name = "N")]
+        prompt_tokens: usize,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 64, value_name = "M")]
+        gen_tokens: u32,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 3, value_name = "R")]
+        runs: usize,
+        /// Text the prompt is cut from [default: a built-in English text].
+        #[arg(long, value_name = "PATH")]
+        prompt_file: Option<PathBuf>,
+        /// Print only the JSON report.
+        #[arg(long)]
+        json: bool,
+        /// Measure the in-wasm path: slm-generator-portable.wasm, with wasi:nn compiled to wasm.
+        #[arg(long)]
+        portable: bool,
+    },
     /// Serve the OpenAI-compatible HTTP API (dist/slm-http.wasm) with wasi:nn on this host.
     ///
     /// Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
@@ -196,7 +229,7 @@ pub fn main() -> Result<()> {
     slm_engine::set_threads(threads);
 
     if let Cmd::Serve { listen, portable } = &cli.cmd {
-        let registry = discover(&cli.global.models)?;
+        let registry = discover(&cli.global)?;
         let file = if *portable { HTTP_PORTABLE_FILE } else { HTTP_FILE };
         let component = find_component(cli.global.component.as_deref(), file)?;
         return crate::serve::serve(crate::serve::ServeOptions {
@@ -206,30 +239,61 @@ pub fn main() -> Result<()> {
         });
     }
 
-    let app = App::new(&cli.global)?;
+    let file = match &cli.cmd {
+        Cmd::Bench { portable: true, .. } => GENERATOR_PORTABLE_FILE,
+        _ => GENERATOR_FILE,
+    };
+    let app = App::new(&cli.global, file)?;
     match &cli.cmd {
         Cmd::Run { gen, raw, prompt } => app.run(gen, *raw, prompt),
         Cmd::Chat { gen } => app.chat(gen),
         Cmd::Tokenize { model, text } => app.tokenize(model.as_deref(), text),
         Cmd::Models => app.models(),
         Cmd::Serve { .. } => unreachable!("handled above"),
+        Cmd::Bench { model, prompt_tokens, gen_tokens, runs, prompt_file, json, portable } => {
+            let model = app.model(model.as_deref())?;
+            let relaunch = vec![
+                std::env::current_exe()?.display().to_string(),
+                "--models".into(),
+                cli.global.models.display().to_string(),
+                "--threads".into(),
+                threads.to_string(),
+                "--component".into(),
+                app.component.display().to_string(),
+            ];
+            crate::bench::bench(
+                &app.rt,
+                &crate::bench::BenchArgs {
+                    model,
+                    prompt_tokens: *prompt_tokens,
+                    gen_tokens: *gen_tokens,
+                    runs: *runs,
+                    prompt_file: prompt_file.clone(),
+                    json: *json,
+                    threads,
+                    portable: *portable,
+                    relaunch,
+                },
+            )
+        }
     }
 }
 
 struct App {
     rt: Runtime,
+    component: PathBuf,
     quiet: bool,
 }
 
 type Instance = (Store<HostState>, GeneratorComponent);
 
 impl App {
-    fn new(g: &Global) -> Result<App> {
-        let registry = discover(&g.models)?;
-        let component = find_component(g.component.as_deref(), GENERATOR_FILE)?;
+    fn new(g: &Global, file: &str) -> Result<App> {
+        let registry = discover(g)?;
+        let component = find_component(g.component.as_deref(), file)?;
         tracing::debug!("component {}", component.display());
         let rt = Runtime::new(&component, Arc::new(registry))?;
-        Ok(App { rt, quiet: g.quiet })
+        Ok(App { rt, component, quiet: g.quiet })
     }
 
     fn available(&self) -> String {
@@ -475,8 +539,9 @@ impl App {
     }
 }
 
-fn discover(dir: &std::path::Path) -> Result<ModelRegistry> {
-    ModelRegistry::discover(dir).map_err(|e| {
+fn discover(g: &Global) -> Result<ModelRegistry> {
+    let dir = &g.models;
+    ModelRegistry::discover(dir, g.prefix_cache_mb << 20).map_err(|e| {
         anyhow!(
             "cannot read models directory {}: {e} (run scripts/setup, or pass --models DIR)",
             dir.display()

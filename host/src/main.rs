@@ -1,7 +1,9 @@
 //! `slm`: run small language models as WebAssembly components on wasmtime, with wasi:nn on tract.
 
+mod bench;
 mod cli;
 mod nn;
+mod prefix;
 mod runtime;
 mod serve;
 

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use slm_engine::{DType, EngineError, Model, Session};
+
+use crate::prefix::PrefixCache;
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
     NamedTensor,
@@ -125,7 +127,7 @@ impl BackendFromDir for OnnxBackend {
     /// Lazy: the model is read on the first `init-execution-context`.
     fn load_from_dir(&mut self, dir: &Path, target: ExecutionTarget) -> Result<Graph, BackendError> {
         check_target(target)?;
-        let g: Box<dyn BackendGraph> = Box::new(LazyModel::new(dir.join("model.onnx")));
+        let g: Box<dyn BackendGraph> = Box::new(LazyModel::new(dir.join("model.onnx"), 0));
         Ok(g.into())
     }
 }
@@ -135,21 +137,27 @@ struct LoadedGraph(Arc<Model>);
 
 impl BackendGraph for LoadedGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        Ok(Context::new(self.0.clone()))
+        Ok(Context::new(self.0.clone(), None))
     }
 }
 
-/// A model file loaded on first use, once per process.
+/// A model file loaded on first use, once per process, with its prefix cache.
 pub struct LazyModel {
     path: PathBuf,
     cell: OnceLock<Result<Arc<Model>, String>>,
+    prefix: Arc<PrefixCache>,
+    /// How long parsing and optimizing took.
+    load_ms: OnceLock<f64>,
 }
 
 impl LazyModel {
-    pub fn new(path: PathBuf) -> Self {
+    /// `prefix_cache_bytes`: the prefix cache's size limit (0: no cache).
+    pub fn new(path: PathBuf, prefix_cache_bytes: usize) -> Self {
         LazyModel {
             path,
             cell: OnceLock::new(),
+            prefix: Arc::new(PrefixCache::new(prefix_cache_bytes)),
+            load_ms: OnceLock::new(),
         }
     }
 
@@ -163,6 +171,7 @@ impl LazyModel {
                         EngineError::Load { .. } => e.to_string(),
                         other => format!("cannot load model {}: {other}", self.path.display()),
                     });
+                let _ = self.load_ms.set(t.elapsed().as_secs_f64() * 1e3);
                 match &r {
                     Ok(_) => tracing::debug!(
                         "loaded {} in {:.0} ms",
@@ -177,10 +186,19 @@ impl LazyModel {
     }
 }
 
+/// A registry entry: the graph handed to guests delegates to the shared lazy model.
+struct SharedModel(Arc<LazyModel>);
+
+impl BackendGraph for SharedModel {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        self.0.init_execution_context()
+    }
+}
+
 impl BackendGraph for LazyModel {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
         let model = self.get().map_err(access_msg)?;
-        Ok(Context::new(model))
+        Ok(Context::new(model, Some(self.prefix.clone())))
     }
 }
 
@@ -246,10 +264,43 @@ struct Context {
     session: Mutex<Session>,
     inputs: Vec<(String, slm_engine::Tensor)>,
     outputs: Vec<(String, slm_engine::Tensor)>,
+    /// The token ids in the session's KV cache (what the prefix cache is keyed by).
+    tokens: Vec<i64>,
+    prefix: Option<Arc<PrefixCache>>,
+}
+
+/// A stateful step: the token ids sent and the position of the first.
+struct TokenStep {
+    ids: Vec<i64>,
+    start: usize,
+}
+
+fn int_values(t: &slm_engine::Tensor) -> Option<Vec<i64>> {
+    match t.dtype {
+        DType::I64 => Some(
+            t.data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        ),
+        DType::I32 => Some(
+            t.data
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn i64_row(values: impl Iterator<Item = i64>) -> slm_engine::Tensor {
+    let data: Vec<u8> = values.flat_map(|v| v.to_le_bytes()).collect();
+    let n = data.len() / 8;
+    slm_engine::Tensor::new(vec![1, n], DType::I64, data).expect("shape matches data")
 }
 
 impl Context {
-    fn new(model: Arc<Model>) -> ExecutionContext {
+    fn new(model: Arc<Model>, prefix: Option<Arc<PrefixCache>>) -> ExecutionContext {
         let vocab = model.info().vocab;
         let c: Box<dyn BackendExecutionContext> = Box::new(Context {
             vocab,
@@ -257,10 +308,54 @@ impl Context {
             session: Mutex::new(Session::new(model)),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            tokens: Vec::new(),
+            prefix: prefix.filter(|p| p.enabled()),
         });
         c.into()
     }
 
+    /// The step a stateful call makes (`input_ids` and optional `position_ids`, nothing else);
+    /// None for other calls, which the prefix cache leaves alone.
+    fn token_step(&self, inputs: &[(String, slm_engine::Tensor)]) -> Option<TokenStep> {
+        if inputs.iter().any(|(n, _)| n != "input_ids" && n != "position_ids") {
+            return None;
+        }
+        let ids = int_values(&inputs.iter().find(|(n, _)| n == "input_ids")?.1)?;
+        let start = match inputs.iter().find(|(n, _)| n == "position_ids") {
+            Some((_, p)) => usize::try_from(*int_values(p)?.first()?).ok()?,
+            None => self.tokens.len(),
+        };
+        (start <= self.tokens.len() && !ids.is_empty()).then_some(TokenStep { ids, start })
+    }
+
+}
+
+/// Seeds `session` from the longest cached prefix of `full` (the tokens the session will hold
+/// after this step); returns the inputs still to compute and how many tokens the cache gave.
+fn reuse_prefix(
+    cache: &PrefixCache,
+    session: &mut Session,
+    full: &[i64],
+    step: &TokenStep,
+    inputs: Vec<(String, slm_engine::Tensor)>,
+) -> (Vec<(String, slm_engine::Tensor)>, usize) {
+    if step.ids.len() < 2 {
+        return (inputs, 0);
+    }
+    let Some((kv, hit)) = cache.lookup(full) else { return (inputs, 0) };
+    // The last token is always computed: its logits are the answer.
+    let hit = hit.min(full.len() - 1);
+    if hit <= step.start || session.restore(&kv, hit).is_err() {
+        return (inputs, 0);
+    }
+    let inputs = vec![
+        ("input_ids".to_string(), i64_row(full[hit..].iter().copied())),
+        ("position_ids".to_string(), i64_row((hit as i64)..(full.len() as i64))),
+    ];
+    (inputs, hit - step.start)
+}
+
+impl Context {
     fn run(
         &mut self,
         inputs: Vec<(String, slm_engine::Tensor)>,
@@ -271,16 +366,54 @@ impl Context {
             ));
         }
         check_ids(&inputs, self.vocab)?;
-        let mut session = self
-            .session
-            .lock()
+        let step = self.token_step(&inputs);
+        let Context { session, tokens, prefix, broken, .. } = self;
+        let session = session
+            .get_mut()
             .map_err(|_| access_msg("execution context poisoned by an earlier failure"))?;
-        match catch_panic(|| session.run(inputs)) {
+        // The tokens the session holds after this step.
+        let full: Option<Vec<i64>> = step.as_ref().map(|s| {
+            let mut f = tokens[..s.start].to_vec();
+            f.extend_from_slice(&s.ids);
+            f
+        });
+        let (inputs, cached) = match (prefix.as_deref(), &step, &full) {
+            (Some(cache), Some(step), Some(full)) => reuse_prefix(cache, session, full, step, inputs),
+            _ => (inputs, 0),
+        };
+        let result = match catch_panic(|| session.run(inputs)) {
             Ok(r) => r.map_err(access),
             Err(panic) => {
-                drop(session);
-                self.broken = true;
+                *broken = true;
                 Err(access_msg(format!("the inference engine failed: {panic}")))
+            }
+        };
+        let mut outputs = match result {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                tokens.clear();
+                session.reset();
+                return Err(e);
+            }
+        };
+        *tokens = full.unwrap_or_default();
+        if let (Some(cache), Some(step)) = (prefix.as_deref(), &step) {
+            if step.ids.len() > 1 {
+                cache.insert(tokens, session.snapshot());
+                // Tells the guest how much of its prompt was reused (for usage.cached_tokens).
+                outputs.push(("cached_tokens".to_string(), i64_row(std::iter::once(cached as i64))));
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+impl Drop for Context {
+    /// A finished context's tokens (prompt and answer) seed the next turn of the conversation.
+    fn drop(&mut self) {
+        if let (Some(cache), Ok(session)) = (&self.prefix, self.session.get_mut()) {
+            if !self.broken && session.cached_len() == self.tokens.len() {
+                cache.insert(&self.tokens, session.snapshot());
             }
         }
     }
@@ -341,34 +474,50 @@ impl BackendExecutionContext for Context {
 pub struct ModelRegistry {
     dir: PathBuf,
     graphs: BTreeMap<String, Graph>,
+    models: BTreeMap<String, Arc<LazyModel>>,
 }
 
 impl ModelRegistry {
-    /// Scan `dir` (not recursive). Nothing is loaded yet.
-    pub fn discover(dir: &Path) -> std::io::Result<Self> {
+    /// Scan `dir` (not recursive). Nothing is loaded yet. Each model gets a prefix cache of
+    /// `prefix_cache_bytes` (0: none).
+    pub fn discover(dir: &Path, prefix_cache_bytes: usize) -> std::io::Result<Self> {
         let mut graphs = BTreeMap::new();
-        let mut backend = OnnxBackend;
+        let mut models = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let path = entry.path();
-            if !path.join("model.onnx").is_file() {
+            let path = entry?.path();
+            let model = path.join("model.onnx");
+            if !model.is_file() {
                 continue;
             }
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            if let Ok(graph) = backend.load_from_dir(&path, ExecutionTarget::Cpu) {
-                graphs.insert(name.to_string(), graph);
-            }
+            let lazy = Arc::new(LazyModel::new(model, prefix_cache_bytes));
+            let g: Box<dyn BackendGraph> = Box::new(SharedModel(lazy.clone()));
+            graphs.insert(name.to_string(), g.into());
+            models.insert(name.to_string(), lazy);
         }
         Ok(ModelRegistry {
             dir: dir.to_path_buf(),
             graphs,
+            models,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How long loading `name` took, once it is loaded.
+    pub fn load_ms(&self, name: &str) -> Option<f64> {
+        self.models.get(name)?.load_ms.get().copied()
+    }
+
+    /// Empties every model's prefix cache.
+    pub fn clear_prefix_caches(&self) {
+        for m in self.models.values() {
+            m.prefix.clear();
+        }
     }
 
     /// Model names, sorted.

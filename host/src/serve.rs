@@ -58,8 +58,8 @@ fn engine(pooling: bool) -> wasmtime::Result<Engine> {
         pool.max_memories_per_component(8);
         pool.max_tables_per_component(16);
         pool.max_core_instances_per_component(32);
-        // Tokenizer tables and the HTTP buffers live in linear memory.
-        pool.max_memory_size(1 << 30);
+        // Up to the whole 32-bit space: the portable app holds the model in its linear memory.
+        pool.max_memory_size(4 << 30);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     Engine::new(&config)

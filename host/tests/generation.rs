@@ -88,3 +88,52 @@ fn tokenize_matches_llama_cpp_fixture() {
         assert_eq!(got, want, "tokenize {text:?}");
     }
 }
+
+/// `slm chat` on `turns` (one per line), greedy; (stdout, cached tokens of each turn).
+fn chat(models: &str, model: &str, extra: &[&str], turns: &str) -> (String, Vec<u32>) {
+    let component = root().join("dist/slm-generator.wasm");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_slm"));
+    cmd.current_dir(root())
+        .env("SLM_COMPONENT", component)
+        .env_remove("SLM_PREFIX_CACHE_MB")
+        .arg("--models")
+        .arg(root().join(models))
+        .args(extra)
+        .args(["chat", "--model", model, "--max-tokens", "12", "--system", "You are a terse assistant who answers in one short sentence."])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("cannot start slm");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(turns.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let cached = err
+        .lines()
+        .filter_map(|l| l.split(" cached)").next()?.rsplit('(').next()?.parse().ok())
+        .collect();
+    (ok(o), cached)
+}
+
+#[test]
+fn prefix_cache_reuses_earlier_turns_and_changes_nothing() {
+    let turns = "Name a color.\nName another one.\nAnd a third?\n";
+    let (plain, none) = chat("target/test-models", "tiny", &["--prefix-cache-mb", "0"], turns);
+    let (cached, hits) = chat("target/test-models", "tiny", &[], turns);
+    assert_eq!(plain, cached, "the prefix cache changed greedy output");
+    assert_eq!(none, vec![0, 0, 0]);
+    assert_eq!(hits.len(), 3);
+    assert_eq!(hits[0], 0);
+    // Later turns start with the earlier ones (system prompt, question, answer).
+    assert!(hits[1] > 20 && hits[2] > hits[1], "cached tokens per turn: {hits:?}");
+}
+
+#[test]
+fn prefix_cache_on_the_real_model_gives_the_same_answers() {
+    let turns = "What is the capital of France?\nAnd of Italy?\n";
+    let (plain, _) = chat("models", "smollm2-135m-instruct", &["--prefix-cache-mb", "0"], turns);
+    let (cached, hits) = chat("models", "smollm2-135m-instruct", &[], turns);
+    assert_eq!(plain, cached);
+    assert!(plain.contains("Paris"), "{plain}");
+    assert!(hits[1] > 30, "{hits:?}");
+}

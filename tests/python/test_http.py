@@ -223,3 +223,21 @@ def test_client_disconnect_stops_generation(server, client, server_log):
         pytest.fail(f"generation did not stop:\n{server_log.read_text()[-2000:]}")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0)
     assert "Paris" in r.choices[0].message.content
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(client):
+    system = ("You are a museum guide in Amsterdam. You answer visitors' questions about paintings, "
+              "painters and opening hours in one friendly sentence, and you never make up facts.")
+
+    def ask(question: str):
+        return client.chat.completions.create(
+            model=MODEL, max_tokens=12, temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+
+    first = ask("Who painted The Night Watch?")
+    assert first.usage.prompt_tokens_details.cached_tokens < 10  # at most the template's opening tokens
+    ask("When does the museum open?")  # another visitor, same system prompt
+    again = ask("Who painted The Night Watch?")
+    assert again.usage.prompt_tokens_details.cached_tokens >= 40
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content

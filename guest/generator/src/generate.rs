@@ -17,6 +17,12 @@ pub trait Session {
     /// Run `ids` at positions `start_pos..start_pos + ids.len()`, after the tokens already
     /// sent; returns the logits of the last position.
     fn step(&mut self, ids: &[u32], start_pos: u32) -> Result<Vec<f32>>;
+
+    /// Tokens of the last step that the backend took from its prefix cache instead of
+    /// computing them (a host may report this; 0 when it does not).
+    fn cached_tokens(&self) -> u32 {
+        0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +85,8 @@ pub struct Generation<S: Session> {
     done: bool,
     first_token_at: Option<Instant>,
     prefill_ms: f64,
+    /// Prompt tokens the backend reused from its prefix cache.
+    cached: u32,
     end: Option<Instant>,
 }
 
@@ -102,6 +110,7 @@ impl<S: Session> Generation<S> {
             done: false,
             first_token_at: None,
             prefill_ms: 0.0,
+            cached: 0,
             end: None,
         })
     }
@@ -166,6 +175,7 @@ impl<S: Session> Generation<S> {
                 let t0 = Instant::now();
                 let logits = self.session.step(&self.req.prompt, 0)?;
                 self.prefill_ms = ms(t0.elapsed());
+                self.cached = self.session.cached_tokens();
                 self.sent = self.req.prompt.len() as u32;
                 logits
             }
@@ -211,7 +221,7 @@ impl<S: Session> Generation<S> {
             finish_reason,
             prompt_tokens: self.req.prompt.len() as u32,
             completion_tokens: self.generated,
-            cached_tokens: 0,
+            cached_tokens: self.cached,
             time_to_first_token_ms: self.first_token_at.map(|t| ms(t - start)).unwrap_or(0.0),
             prefill_ms: self.prefill_ms,
             decode_ms: self

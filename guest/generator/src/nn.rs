@@ -45,6 +45,8 @@ fn graph(name: &str) -> Result<Rc<Graph>> {
 
 pub struct NnSession {
     ctx: GraphExecutionContext,
+    /// `cached_tokens` of the last step, when the host reports it.
+    cached: u32,
     /// Keeps the graph alive as long as the context.
     _graph: Rc<Graph>,
 }
@@ -55,7 +57,7 @@ impl NnSession {
         let ctx = g
             .init_execution_context()
             .map_err(|e| nn_error("creating an execution context", e))?;
-        Ok(NnSession { ctx, _graph: g })
+        Ok(NnSession { ctx, cached: 0, _graph: g })
     }
 }
 
@@ -124,6 +126,10 @@ fn last_row(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Session for NnSession {
+    fn cached_tokens(&self) -> u32 {
+        self.cached
+    }
+
     fn step(&mut self, ids: &[u32], start_pos: u32) -> Result<Vec<f32>> {
         let n = ids.len();
         let input_ids = i64_tensor(ids.iter().map(|&i| i as i64), n);
@@ -135,6 +141,13 @@ impl Session for NnSession {
                 ("position_ids".to_string(), positions),
             ])
             .map_err(|e| nn_error("compute", e))?;
+        // Hosts with a prefix cache (slm) say how many of these tokens they did not recompute.
+        self.cached = outputs
+            .iter()
+            .find(|(name, _)| name == "cached_tokens")
+            .and_then(|(_, t)| t.data().get(..8).map(|b| i64::from_le_bytes(b.try_into().unwrap())))
+            .map(|v| v.clamp(0, n as i64) as u32)
+            .unwrap_or(0);
         let logits = outputs
             .iter()
             .find(|(name, _)| name == "logits")

@@ -15,5 +15,5 @@ mod tensor;
 
 pub use error::EngineError;
 pub use model::{set_threads, Model, ModelInfo};
-pub use session::Session;
+pub use session::{KvSnapshot, Session};
 pub use tensor::{DType, Tensor};

@@ -216,3 +216,49 @@ fn summarize(names: &[String]) -> String {
         shown.join(", ")
     }
 }
+
+/// A session's KV cache at one moment, shared without copying (tensors are reference-counted):
+/// what a prefix cache keeps to seed later sessions that start with the same tokens.
+#[derive(Clone)]
+pub struct KvSnapshot {
+    past: Vec<TValue>,
+    len: usize,
+}
+
+impl KvSnapshot {
+    /// Tokens covered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of the KV tensors.
+    pub fn bytes(&self) -> usize {
+        self.past.iter().map(|t| t.len() * t.datum_type().size_of()).sum()
+    }
+}
+
+impl Session {
+    /// The KV cache as it is now (no copy).
+    pub fn snapshot(&self) -> KvSnapshot {
+        KvSnapshot { past: self.past.clone(), len: self.cached }
+    }
+
+    /// Replaces the KV cache with the first `len` positions of `snapshot` (taken from a session
+    /// of the same model). The next step continues at position `len`.
+    pub fn restore(&mut self, snapshot: &KvSnapshot, len: usize) -> Result<(), EngineError> {
+        if len > snapshot.len || snapshot.past.len() != self.past.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "a KV snapshot of {} tokens and {} tensors cannot seed {len} tokens of this model",
+                snapshot.len,
+                snapshot.past.len()
+            )));
+        }
+        self.past = snapshot.past.clone();
+        self.cached = snapshot.len;
+        self.truncate(len)
+    }
+}

@@ -10,10 +10,15 @@
 
 mod error;
 mod model;
+mod proto;
+mod qkernel;
+mod quant;
 mod session;
 mod tensor;
 
 pub use error::EngineError;
 pub use model::{set_threads, Model, ModelInfo};
 pub use session::{KvSnapshot, Session};
+#[doc(hidden)]
+pub use session::{NodeTime, Profile};
 pub use tensor::{DType, Tensor};

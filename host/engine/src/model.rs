@@ -5,7 +5,14 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use crate::EngineError;
+use crate::{proto, quant, EngineError};
+
+/// The ONNX front end, with our int8 matmul.
+fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    quant::register(&mut onnx);
+    onnx
+}
 
 /// Shape facts of a decoder, read from its inputs and outputs.
 #[derive(Debug, Clone)]
@@ -77,15 +84,30 @@ impl Model {
         if !path.is_file() {
             return Err(EngineError::load(&name, "file not found"));
         }
-        let model = tract_onnx::onnx().model_for_path(path).map_err(|e| EngineError::load(&name, e))?;
+        let onnx = onnx();
+        let proto = proto::read_path(path).map_err(|e| EngineError::load(&name, e))?;
+        let dir = path.parent().and_then(|d| d.to_str());
+        let model = Self::parse(&onnx, proto, dir).map_err(|e| EngineError::load(&name, e))?;
         Self::optimize(model, &name)
     }
 
     /// Loads an ONNX model from memory (wasi:nn `load` with the file's bytes).
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, EngineError> {
-        let mut reader = std::io::Cursor::new(bytes);
-        let model = tract_onnx::onnx().model_for_read(&mut reader).map_err(|e| EngineError::load("<bytes>", e))?;
+        let onnx = onnx();
+        let proto = proto::read_bytes(bytes).map_err(|e| EngineError::load("<bytes>", e))?;
+        let model = Self::parse(&onnx, proto, None).map_err(|e| EngineError::load("<bytes>", e))?;
         Self::optimize(model, "<bytes>")
+    }
+
+    /// Parses the protobuf after moving its int8 weights into [`quant::QMatMul`] nodes.
+    fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, dir: Option<&str>) -> TractResult<InferenceModel> {
+        let weights = quant::rewrite(&mut proto);
+        let parsed = quant::with_weights(weights, || onnx.parse(&proto, dir))?;
+        drop(proto);
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(tract_onnx::tract_core::internal::format_err!("could not resolve inputs {:?}", parsed.unresolved_inputs));
+        }
+        Ok(parsed.model)
     }
 
     fn optimize(model: InferenceModel, name: &str) -> Result<Model, EngineError> {
@@ -129,6 +151,18 @@ impl Model {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// How many matrix products of the plan run on int8 weights (our [`quant::QMatMul`]).
+    #[doc(hidden)]
+    pub fn int8_matmuls(&self) -> usize {
+        self.plan.model().nodes().iter().filter(|n| n.op_is::<quant::QMatMul>()).count()
+    }
+
+    /// How many row lookups of the plan read int8 tables shared with a [`quant::QMatMul`].
+    #[doc(hidden)]
+    pub fn int8_gathers(&self) -> usize {
+        self.plan.model().nodes().iter().filter(|n| n.op_is::<quant::QGather>()).count()
     }
 
     /// Names of the model's inputs, in order.

@@ -1,8 +1,11 @@
 //! An execution context: runs the decoder step by step and keeps its KV cache.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::plan::eval as eval_node;
 
 use crate::model::{InputKind, Model};
 use crate::{EngineError, Tensor};
@@ -17,6 +20,30 @@ pub struct Session {
     /// For each model output: the cache slot it refills, if it is a `present.*` tensor.
     present_slot: Vec<Option<usize>>,
     logits_output: Option<usize>,
+    /// The plan's run state, kept across steps (built once, not per token).
+    state: Option<TypedSimpleState>,
+    /// Per-node timings, when profiling is on (see [`Session::set_profiling`]).
+    profile: Option<Profile>,
+}
+
+/// Time spent in one node of the plan over the profiled steps.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct NodeTime {
+    pub name: String,
+    /// The op's name and its output shape, e.g. `EinSum [1,1,576]`.
+    pub op: String,
+    pub calls: u64,
+    pub total: Duration,
+}
+
+/// Per-node timings collected by a profiling session (a profiling aid: examples/profile.rs).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    pub nodes: HashMap<usize, NodeTime>,
+    /// Wall time of the profiled `execute` calls (plan run included).
+    pub total: Duration,
 }
 
 fn slot(layer: usize, value: bool) -> usize {
@@ -32,9 +59,21 @@ impl Session {
     pub fn new(model: Arc<Model>) -> Session {
         let present_slot = model.output_names.iter().map(|n| present_slot(n)).collect();
         let logits_output = model.output_names.iter().position(|n| n == "logits");
-        let mut s = Session { model, past: vec![], cached: 0, present_slot, logits_output };
+        let mut s = Session { model, past: vec![], cached: 0, present_slot, logits_output, state: None, profile: None };
         s.reset();
         s
+    }
+
+    /// Starts (or stops) timing every node of the plan on the following steps.
+    #[doc(hidden)]
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = if on { Some(Profile::default()) } else { None };
+    }
+
+    /// The timings collected since profiling was turned on; starts a fresh collection.
+    #[doc(hidden)]
+    pub fn take_profile(&mut self) -> Option<Profile> {
+        self.profile.as_mut().map(std::mem::take)
     }
 
     /// Tokens currently in the KV cache.
@@ -175,12 +214,45 @@ impl Session {
         Ok(vec![("logits".to_string(), last_position(&logits)?)])
     }
 
-    fn execute(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
+    fn execute(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
+        let started = Instant::now();
+        if self.state.is_none() {
+            self.state = Some(self.model.plan.spawn().map_err(|e| EngineError::Runtime(format!("{e:#}")))?);
+        }
+        let state = self.state.as_mut().expect("spawned above");
+        let profile = self.profile.as_mut();
         // A panic inside tract (an op meeting input it did not expect) must not take the host down.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.model.plan.run(inputs)));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match profile {
+            None => state.run(inputs),
+            Some(p) => state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+                let t = Instant::now();
+                let out = eval_node(ctx, op_state, node, inputs);
+                let dt = t.elapsed();
+                let entry = p.nodes.entry(node.id).or_insert_with(|| NodeTime {
+                    name: node.name.clone(),
+                    op: format!("{} {:?}", node.op().name(), out.as_ref().ok().and_then(|o| o.first().map(|t| t.shape().to_vec()))),
+                    calls: 0,
+                    total: Duration::ZERO,
+                });
+                entry.calls += 1;
+                entry.total += dt;
+                out
+            }),
+        }));
+        if let Some(p) = self.profile.as_mut() {
+            p.total += started.elapsed();
+        }
         match run {
-            Ok(result) => result.map_err(|e| EngineError::Runtime(format!("{e:#}"))),
-            Err(_) => Err(EngineError::Runtime("the inference engine panicked on these inputs".into())),
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => {
+                // A failed run leaves the state mid-turn: start the next one afresh.
+                self.state = None;
+                Err(EngineError::Runtime(format!("{e:#}")))
+            }
+            Err(_) => {
+                self.state = None;
+                Err(EngineError::Runtime("the inference engine panicked on these inputs".into()))
+            }
         }
     }
 }

@@ -71,6 +71,17 @@ fn every_layout_loads_and_reports_its_shape() {
 }
 
 #[test]
+fn int8_weights_stay_int8() {
+    // 7 matrix products per layer and the tied LM head run on int8 weights; the f32 reference
+    // has none; the q4 layout keeps only its int8 LM head.
+    // The embedding lookup reads the rows of the tied head's table (held once).
+    for (file, matmuls, gathers) in [("model.onnx", 2 * 7 + 1, 1), ("model_f32.onnx", 0, 0), ("model_q4.onnx", 1, 1)] {
+        let m = load(file);
+        assert_eq!((m.int8_matmuls(), m.int8_gathers()), (matmuls, gathers), "{file}");
+    }
+}
+
+#[test]
 fn logits_match_onnx_runtime() {
     // Tolerance: f32 kernels differ in summation order; 2e-3 absolute on logits of magnitude ~10.
     let tolerance = 2e-3;
@@ -207,5 +218,21 @@ fn missing_and_corrupt_models_are_load_errors() {
         }
     }
     assert!(matches!(Model::from_bytes(b"\x08\x01garbage"), Err(EngineError::Load { .. })));
+    // A file cut short is a load error too.
+    let bytes = std::fs::read(tiny_dir().join("model.onnx")).unwrap();
+    let cut = dir.join("cut.onnx");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(Model::load(&cut), Err(EngineError::Load { .. })));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn loading_from_bytes_equals_loading_the_file() {
+    let from_file = load("model.onnx");
+    let bytes = std::fs::read(tiny_dir().join("model.onnx")).unwrap();
+    let from_bytes = Arc::new(Model::from_bytes(&bytes).unwrap());
+    assert_eq!(from_bytes.int8_matmuls(), from_file.int8_matmuls());
+    let a = step(&mut Session::new(from_file), &PREFILL, 0);
+    let b = step(&mut Session::new(from_bytes), &PREFILL, 0);
+    assert_eq!(a, b);
 }

@@ -1,0 +1,145 @@
+//! Reading the ONNX protobuf without holding the file twice.
+//!
+//! tract's own reader maps (or reads) the whole file and decodes it, which copies every tensor:
+//! for a moment the process holds the file and the decoded protobuf, twice the model. Here the
+//! decoder pulls the file through a 1 MiB window instead, so the peak is the decoded protobuf
+//! alone (whose int8 weights then move, uncopied, into the int8 matmuls).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use prost::bytes::Buf;
+use prost::Message;
+use tract_onnx::pb;
+use tract_onnx::prelude::TractResult;
+use tract_onnx::tract_core::internal::format_err;
+
+const WINDOW: usize = 1 << 20;
+
+/// A `Buf` over a reader: a window of the stream, refilled as the decoder advances.
+struct ReadBuf<R: Read> {
+    reader: R,
+    window: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// Bytes not yet consumed, the window's included.
+    left: usize,
+    error: Option<std::io::Error>,
+}
+
+impl<R: Read> ReadBuf<R> {
+    fn new(reader: R, len: usize) -> ReadBuf<R> {
+        let mut b = ReadBuf { reader, window: vec![0; WINDOW.min(len.max(1))], pos: 0, end: 0, left: len, error: None };
+        b.refill();
+        b
+    }
+
+    fn refill(&mut self) {
+        self.pos = 0;
+        self.end = 0;
+        if self.left == 0 {
+            return;
+        }
+        let want = self.window.len().min(self.left);
+        loop {
+            match self.reader.read(&mut self.window[..want]) {
+                Ok(0) => {
+                    self.fail(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ended early"));
+                    return;
+                }
+                Ok(n) => {
+                    self.end = n;
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Ends the stream: the decoder sees no more bytes and stops with an error.
+    fn fail(&mut self, e: std::io::Error) {
+        self.error = Some(e);
+        self.left = 0;
+        self.pos = 0;
+        self.end = 0;
+    }
+}
+
+impl<R: Read> Buf for ReadBuf<R> {
+    fn remaining(&self) -> usize {
+        self.left
+    }
+
+    fn chunk(&self) -> &[u8] {
+        &self.window[self.pos..self.end]
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 && self.left > 0 {
+            let step = cnt.min(self.end - self.pos);
+            self.pos += step;
+            self.left -= step;
+            cnt -= step;
+            if self.pos == self.end {
+                self.refill();
+            }
+        }
+    }
+}
+
+/// Decodes the ONNX file at `path`, streaming it.
+pub fn read_path(path: &Path) -> TractResult<pb::ModelProto> {
+    let file = File::open(path).map_err(|e| format_err!("opening {}: {e}", path.display()))?;
+    let len = file.metadata()?.len() as usize;
+    let mut buf = ReadBuf::new(file, len);
+    let decoded = pb::ModelProto::decode(&mut buf);
+    if let Some(e) = buf.error.take() {
+        return Err(format_err!("reading {}: {e}", path.display()));
+    }
+    Ok(decoded?)
+}
+
+/// Decodes an ONNX model held in memory (no intermediate copy of the bytes).
+pub fn read_bytes(bytes: &[u8]) -> TractResult<pb::ModelProto> {
+    Ok(pb::ModelProto::decode(bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that hands out at most 3 bytes per call, to cross every boundary.
+    struct Trickle<'a>(&'a [u8]);
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(3).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn streamed_decode_equals_decode_from_memory() {
+        let mut m = pb::ModelProto { producer_name: "x".repeat(5000), ir_version: 8, ..Default::default() };
+        m.graph = Some(pb::GraphProto {
+            name: "g".into(),
+            initializer: vec![pb::TensorProto { name: "w".into(), dims: vec![3000], data_type: 3, raw_data: (0..3000).map(|i| i as u8).collect(), ..Default::default() }],
+            ..Default::default()
+        });
+        let bytes = m.encode_to_vec();
+        let mut buf = ReadBuf::new(Trickle(&bytes), bytes.len());
+        let streamed = pb::ModelProto::decode(&mut buf).unwrap();
+        assert_eq!(streamed, m);
+        // A truncated stream ends the decode (which may stop cleanly at a field boundary) and
+        // records the error that `read_path` reports: no panic, no silent success.
+        let mut short = ReadBuf::new(Trickle(&bytes[..bytes.len() / 2]), bytes.len());
+        let _ = pb::ModelProto::decode(&mut short);
+        assert_eq!(short.error.as_ref().map(|e| e.kind()), Some(std::io::ErrorKind::UnexpectedEof));
+    }
+}

@@ -1,0 +1,421 @@
+//! Matrix products against int8 weights with one f32 scale per output channel, activations in
+//! f32: `y[m, n] = scale[n] * sum_k x[m, k] * q(k, n)`.
+//!
+//! The weights stay int8 in memory (a quarter of the f32 bytes) and are widened to f32 in
+//! registers, so the result is the f32 product with the dequantized weights, up to the order of
+//! the additions. Two layouts, the two an ONNX export writes:
+//! - [`Layout::KN`]: `q` is `[K, N]` row-major (a `MatMul` weight, scale per column), repacked
+//!   at load into panels of 64 columns (`[N/64][K][64]`) so that a row of x streams through
+//!   contiguous memory, one cache line per K step;
+//! - [`Layout::NK`]: `q` is `[N, K]` row-major (a transposed weight such as a tied LM head,
+//!   scale per row).
+//!
+//! Kernels: AVX2 + FMA on x86_64 (detected at run time), a portable version elsewhere (written
+//! so that the compiler can vectorize it, e.g. to simd128 on wasm32). Columns are split across
+//! the tract executor's threads when there is enough work.
+
+/// Where the K and N axes of the int8 weight lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    KN,
+    NK,
+}
+
+/// An int8 weight with per-output-channel scales.
+pub struct QWeights {
+    pub k: usize,
+    pub n: usize,
+    pub layout: Layout,
+    /// int8 values, stored as bytes (two's complement): NK row-major, or KN in panels of
+    /// [`PANEL`] columns, the last one padded with zeros.
+    q: Vec<u8>,
+    /// One per output channel (KN: padded with zeros to whole panels).
+    scale: Vec<f32>,
+}
+
+/// Columns per panel of the packed KN layout.
+pub const PANEL: usize = 64;
+
+impl std::fmt::Debug for QWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QWeights {{ k: {}, n: {}, layout: {:?} }}", self.k, self.n, self.layout)
+    }
+}
+
+impl QWeights {
+    /// `q` holds `k * n` int8 values (as bytes) in `layout`; `scale` one value per output channel.
+    pub fn new(k: usize, n: usize, layout: Layout, q: Vec<u8>, scale: Vec<f32>) -> Result<QWeights, String> {
+        if q.len() != k * n || scale.len() != n || k == 0 || n == 0 {
+            return Err(format!("int8 weight of {} values and {} scales for K={k} N={n}", q.len(), scale.len()));
+        }
+        if layout == Layout::NK {
+            return Ok(QWeights { k, n, layout, q, scale });
+        }
+        let panels = n.div_ceil(PANEL);
+        let mut packed = vec![0u8; panels * k * PANEL];
+        for p in 0..panels {
+            let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
+            for kk in 0..k {
+                let dst = (p * k + kk) * PANEL;
+                packed[dst..dst + width].copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
+            }
+        }
+        drop(q);
+        let mut scale = scale;
+        scale.resize(panels * PANEL, 0.0);
+        Ok(QWeights { k, n, layout, q: packed, scale })
+    }
+
+    fn q(&self) -> &[i8] {
+        // SAFETY: u8 and i8 have the same size and alignment.
+        unsafe { std::slice::from_raw_parts(self.q.as_ptr() as *const i8, self.q.len()) }
+    }
+
+    /// Row `r` of an NK weight (an output channel: a token's row of a tied embedding table).
+    pub fn row(&self, r: usize) -> &[i8] {
+        assert_eq!(self.layout, Layout::NK);
+        &self.q()[r * self.k..(r + 1) * self.k]
+    }
+
+    /// The dequantized weight as f32 `[K, N]` (tests and references).
+    #[cfg(test)]
+    pub fn dequantized_kn(&self) -> Vec<f32> {
+        let q = self.q();
+        let mut w = vec![0f32; self.k * self.n];
+        for kk in 0..self.k {
+            for nn in 0..self.n {
+                let v = match self.layout {
+                    Layout::KN => q[((nn / PANEL) * self.k + kk) * PANEL + nn % PANEL],
+                    Layout::NK => q[nn * self.k + kk],
+                };
+                w[kk * self.n + nn] = v as f32 * self.scale[nn];
+            }
+        }
+        w
+    }
+
+    /// `y[m, n] = scale[n] * sum_k x[m, k] q(k, n)` for `x` `[m, K]` and `y` `[m, N]`, row-major.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), m * self.k);
+        assert_eq!(y.len(), m * self.n);
+        if m == 0 {
+            return;
+        }
+        let out = OutPtr(y.as_mut_ptr());
+        // Columns go to threads in blocks of a panel (a multiple of every kernel's column tile).
+        let block = PANEL;
+        let blocks = self.n.div_ceil(block);
+        let run = |b0: usize, b1: usize| {
+            let (n0, n1) = (b0 * block, (b1 * block).min(self.n));
+            // SAFETY: every call writes only columns n0..n1 of y; the ranges are disjoint.
+            unsafe { self.columns(x, m, out, n0, n1) }
+        };
+        parallel_ranges(blocks, m * self.k * self.n, &run);
+    }
+
+    /// Computes columns `n0..n1` of every row of y.
+    unsafe fn columns(&self, x: &[f32], m: usize, y: OutPtr, n0: usize, n1: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                match self.layout {
+                    Layout::KN => return x86::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1),
+                    Layout::NK => return x86::nk_columns(self.q(), &self.scale, self.k, x, m, y.0, self.n, n0, n1),
+                }
+            }
+        }
+        match self.layout {
+            Layout::KN => portable::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1),
+            Layout::NK => portable::nk_columns(self.q(), &self.scale, self.k, x, m, y.0, self.n, n0, n1),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the threads that share it write disjoint columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Runs `f(b0, b1)` over `0..blocks`, split across the tract executor's threads when the work
+/// (multiply-adds) is large enough to pay for the dispatch.
+fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+    #[cfg(feature = "threads")]
+    {
+        use tract_linalg::multithread::{current_tract_executor, Executor};
+        if blocks >= 2 && macs >= 1 << 18 {
+            if let Executor::MultiThread(pool) = current_tract_executor() {
+                let threads = pool.current_num_threads();
+                if threads > 1 {
+                    let parts = threads.min(blocks);
+                    pool.scope(|s| {
+                        for p in 1..parts {
+                            let (b0, b1) = (blocks * p / parts, blocks * (p + 1) / parts);
+                            s.spawn(move |_| f(b0, b1));
+                        }
+                        f(0, blocks / parts);
+                    });
+                    return;
+                }
+            }
+        }
+    }
+    let _ = macs;
+    f(0, blocks)
+}
+
+mod portable {
+    use super::PANEL;
+
+    /// Packed KN layout, columns n0..n1 (n0 a multiple of PANEL): a panel's accumulators in an
+    /// array the compiler keeps in vector registers.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kn_panels(q: &[i8], scale: &[f32], k: usize, n: usize, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+        for p in n0 / PANEL..n1.div_ceil(PANEL) {
+            let panel = &q[p * k * PANEL..(p + 1) * k * PANEL];
+            let width = PANEL.min(n - p * PANEL);
+            for row in 0..m {
+                let xr = &x[row * k..(row + 1) * k];
+                let mut acc = [0f32; PANEL];
+                for (kk, &xv) in xr.iter().enumerate() {
+                    let w = &panel[kk * PANEL..(kk + 1) * PANEL];
+                    for j in 0..PANEL {
+                        acc[j] += xv * w[j] as f32;
+                    }
+                }
+                for j in 0..width {
+                    *y.add(row * n + p * PANEL + j) = acc[j] * scale[p * PANEL + j];
+                }
+            }
+        }
+    }
+
+    /// NK layout: one dot product per output, summed in 8 lanes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn nk_columns(q: &[i8], scale: &[f32], k: usize, x: &[f32], m: usize, y: *mut f32, n: usize, n0: usize, n1: usize) {
+        for row in 0..m {
+            let xr = &x[row * k..(row + 1) * k];
+            for c in n0..n1 {
+                let w = &q[c * k..(c + 1) * k];
+                let mut lanes = [0f32; 8];
+                let chunks = k / 8;
+                for i in 0..chunks {
+                    for j in 0..8 {
+                        lanes[j] += xr[i * 8 + j] * w[i * 8 + j] as f32;
+                    }
+                }
+                let mut acc: f32 = lanes.iter().sum();
+                for i in chunks * 8..k {
+                    acc += xr[i] * w[i] as f32;
+                }
+                *y.add(row * n + c) = acc * scale[c];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// 8 int8 at `p` widened to 8 f32.
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// A tile of MR rows of x by NV*8 columns of a panel, over all of K. `q` points at the
+    /// tile's first column in the panel (rows of PANEL bytes); `out` is `[MR][PANEL]`.
+    #[inline(always)]
+    unsafe fn kn_tile<const MR: usize, const NV: usize>(q: *const i8, k: usize, x: *const f32, out: *mut f32, scale: *const f32) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        for kk in 0..k {
+            let w = q.add(kk * PANEL);
+            let mut xb = [_mm256_setzero_ps(); MR];
+            for r in 0..MR {
+                xb[r] = _mm256_broadcast_ss(&*x.add(r * k + kk));
+            }
+            for v in 0..NV {
+                let wv = load8(w.add(v * 8));
+                for r in 0..MR {
+                    acc[r][v] = _mm256_fmadd_ps(xb[r], wv, acc[r][v]);
+                }
+            }
+        }
+        for v in 0..NV {
+            let s = _mm256_loadu_ps(scale.add(v * 8));
+            for r in 0..MR {
+                _mm256_storeu_ps(out.add(r * PANEL + v * 8), _mm256_mul_ps(acc[r][v], s));
+            }
+        }
+    }
+
+    /// Packed KN layout, columns n0..n1 (n0 a multiple of PANEL).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kn_panels(q: &[i8], scale: &[f32], k: usize, n: usize, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+        let mut out = [0f32; 4 * PANEL];
+        let o = out.as_mut_ptr();
+        for p in n0 / PANEL..n1.div_ceil(PANEL) {
+            let panel = q.as_ptr().add(p * k * PANEL);
+            let sp = scale.as_ptr().add(p * PANEL);
+            let width = PANEL.min(n - p * PANEL);
+            let mut row = 0;
+            // Four rows at a time (prefill): each widened weight vector feeds four FMAs; the
+            // panel (K x 64 bytes) stays in cache across the row tiles.
+            while row + 4 <= m {
+                let xp = x.as_ptr().add(row * k);
+                for s in (0..width).step_by(16) {
+                    kn_tile::<4, 2>(panel.add(s), k, xp, o.add(s), sp.add(s));
+                }
+                for r in 0..4 {
+                    std::ptr::copy_nonoverlapping(o.add(r * PANEL), y.add((row + r) * n + p * PANEL), width);
+                }
+                row += 4;
+            }
+            // One row at a time (decode): the whole panel width, a cache line of weights per K step.
+            while row < m {
+                kn_tile::<1, 8>(panel, k, x.as_ptr().add(row * k), o, sp);
+                std::ptr::copy_nonoverlapping(o, y.add(row * n + p * PANEL), width);
+                row += 1;
+            }
+        }
+    }
+
+    /// NK layout: eight output rows at a time, each a dot product over K.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn nk_columns(q: &[i8], scale: &[f32], k: usize, x: &[f32], m: usize, y: *mut f32, n: usize, n0: usize, n1: usize) {
+        const R: usize = 8;
+        let k8 = k / 8 * 8;
+        for row in 0..m {
+            let xr = x.as_ptr().add(row * k);
+            let mut c = n0;
+            while c < n1 {
+                let rows = R.min(n1 - c);
+                let mut acc = [_mm256_setzero_ps(); R];
+                if rows == R {
+                    let mut i = 0;
+                    while i < k8 {
+                        let xv = _mm256_loadu_ps(xr.add(i));
+                        for r in 0..R {
+                            acc[r] = _mm256_fmadd_ps(load8(q.as_ptr().add((c + r) * k + i)), xv, acc[r]);
+                        }
+                        i += 8;
+                    }
+                } else {
+                    let mut i = 0;
+                    while i < k8 {
+                        let xv = _mm256_loadu_ps(xr.add(i));
+                        for r in 0..rows {
+                            acc[r] = _mm256_fmadd_ps(load8(q.as_ptr().add((c + r) * k + i)), xv, acc[r]);
+                        }
+                        i += 8;
+                    }
+                }
+                for r in 0..rows {
+                    let w = &q[(c + r) * k..(c + r + 1) * k];
+                    let mut s = hsum(acc[r]);
+                    for i in k8..k {
+                        s += *xr.add(i) * w[i] as f32;
+                    }
+                    *y.add(row * n + c + r) = s * scale[c + r];
+                }
+                c += rows;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no dev-dependencies).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn f32(&mut self) -> f32 {
+            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+        }
+        fn i8(&mut self) -> u8 {
+            (self.next() % 255) as i32 as u8 ^ 0x80 // spans -127..=127 and -128
+        }
+    }
+
+    fn reference(w: &QWeights, x: &[f32], m: usize) -> Vec<f32> {
+        let wd = w.dequantized_kn();
+        let mut y = vec![0f32; m * w.n];
+        for r in 0..m {
+            for c in 0..w.n {
+                let mut acc = 0f64;
+                for kk in 0..w.k {
+                    acc += x[r * w.k + kk] as f64 * wd[kk * w.n + c] as f64;
+                }
+                y[r * w.n + c] = acc as f32;
+            }
+        }
+        y
+    }
+
+    fn check(layout: Layout, m: usize, k: usize, n: usize) {
+        let mut g = Lcg(m as u64 * 1000003 + k as u64 * 1009 + n as u64);
+        let q: Vec<u8> = (0..k * n).map(|_| g.i8()).collect();
+        let scale: Vec<f32> = (0..n).map(|_| 0.001 + g.f32().abs() * 0.02).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+        let w = QWeights::new(k, n, layout, q, scale).unwrap();
+        let expected = reference(&w, &x, m);
+        let mut y = vec![f32::NAN; m * n];
+        w.matmul(&x, m, &mut y);
+        // Sums of k products of magnitude <= 127 * 0.021: the f32 rounding stays far below 1e-3.
+        for (i, (a, b)) in y.iter().zip(&expected).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{layout:?} m={m} k={k} n={n} at {i}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn int8_matmul_matches_f32_reference() {
+        for layout in [Layout::KN, Layout::NK] {
+            for (m, k, n) in [(1, 1, 1), (1, 8, 8), (1, 576, 192), (1, 13, 77), (2, 17, 129), (3, 64, 200), (4, 40, 72), (5, 576, 576), (7, 31, 9), (9, 96, 1536), (1, 1536, 130)] {
+                check(layout, m, k, n);
+            }
+        }
+    }
+
+    #[test]
+    fn int8_matmul_is_the_same_on_threads() {
+        let (m, k, n) = (6, 160, 1000);
+        let mut g = Lcg(7);
+        let q: Vec<u8> = (0..k * n).map(|_| g.i8()).collect();
+        let scale: Vec<f32> = (0..n).map(|_| 0.01).collect();
+        let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+        for layout in [Layout::KN, Layout::NK] {
+            let w = QWeights::new(k, n, layout, q.clone(), scale.clone()).unwrap();
+            let mut one = vec![0f32; m * n];
+            w.matmul(&x, m, &mut one);
+            #[cfg(feature = "threads")]
+            {
+                use tract_linalg::multithread::{multithread_tract_scope, Executor};
+                let mut two = vec![0f32; m * n];
+                multithread_tract_scope(Executor::multithread(2), || w.matmul(&x, m, &mut two));
+                assert_eq!(one, two, "{layout:?}");
+            }
+            for (a, b) in one.iter().zip(reference(&w, &x, m)) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{layout:?}: {a} vs {b}");
+            }
+        }
+    }
+}

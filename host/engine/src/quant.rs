@@ -1,0 +1,471 @@
+//! Keeps int8 weights int8: an ONNX rewrite and a tract op.
+//!
+//! An int8 export writes each weight as `MatMul(x, Cast(Q int8) * scale)` (optionally with a
+//! `Transpose` of the dequantized weight, as a tied LM head does). Left to itself, tract folds
+//! the constant `Cast * Mul` into an f32 weight: four times the bytes, read on every token.
+//! Before tract parses the model we replace such a `MatMul` by an `SlmQMatMul` node whose
+//! weights (the int8 values and the scales, moved out of the protobuf) wait in a registry the
+//! node's builder reads; tract then runs it as [`QMatMul`], whose kernels widen the int8 values
+//! in registers ([`crate::qkernel`]). The `Cast`, `Mul` and initializers that fed only rewritten
+//! nodes are dropped. Nothing else changes: the result is the same product (up to the order of
+//! the additions) and the ONNX file stays what ONNX Runtime runs.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::qkernel::{Layout, QWeights};
+
+const OP: &str = "SlmQMatMul";
+const GATHER: &str = "SlmQGather";
+
+thread_local! {
+    /// Weights of the rewritten nodes, by key, while tract parses the rewritten protobuf.
+    static PENDING: RefCell<HashMap<String, Arc<QWeights>>> = RefCell::new(HashMap::new());
+}
+
+/// Registers the op builder that turns rewritten nodes into [`QMatMul`].
+pub fn register(onnx: &mut tract_onnx::Onnx) {
+    onnx.op_register.insert(OP, build);
+    onnx.op_register.insert(GATHER, build_gather);
+}
+
+/// Runs `f` (the parse of a protobuf rewritten by [`rewrite`]) with `weights` available to it.
+pub fn with_weights<R>(weights: HashMap<String, Arc<QWeights>>, f: impl FnOnce() -> R) -> R {
+    PENDING.with(|p| *p.borrow_mut() = weights);
+    let r = f();
+    PENDING.with(|p| p.borrow_mut().clear());
+    r
+}
+
+fn pending_weights(node: &pb::NodeProto) -> TractResult<Arc<QWeights>> {
+    let key = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "weights")
+        .map(|a| String::from_utf8_lossy(&a.s).to_string())
+        .context("SlmQMatMul without a weights key")?;
+    PENDING.with(|p| p.borrow().get(&key).cloned()).with_context(|| format!("{}: no weights {key}", node.op_type))
+}
+
+fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(QMatMulExpansion { w: pending_weights(node)? }), vec![]))
+}
+
+fn build_gather(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let w = pending_weights(node)?;
+    ensure!(w.layout == Layout::NK, "{GATHER} needs row-major weights");
+    Ok((expand(QGatherExpansion { w }), vec![]))
+}
+
+/// The inference-time face of [`QGather`]: `ids [..] -> rows [.., K]`, int8.
+#[derive(Debug, Clone)]
+struct QGatherExpansion {
+    w: Arc<QWeights>,
+}
+
+impl Expansion for QGatherExpansion {
+    fn name(&self) -> StaticName {
+        GATHER.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, i8::datum_type())?;
+        s.equals(inputs[0].rank.bex() + 1, outputs[0].rank.bex())?;
+        let k = self.w.k.to_dim();
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for ax in 0..rank {
+                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
+            }
+            s.equals(&outputs[0].shape[rank], k.clone())
+        })?;
+        Ok(())
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, QGather { w: self.w.clone() }, &[inputs[0]])
+    }
+}
+
+/// Rows of an int8 table (ONNX `Gather` on axis 0) read from the weights of a [`QMatMul`].
+#[derive(Clone)]
+pub struct QGather {
+    pub w: Arc<QWeights>,
+}
+
+impl std::fmt::Debug for QGather {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QGather({:?})", self.w)
+    }
+}
+
+impl PartialEq for QGather {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w)
+    }
+}
+impl Eq for QGather {}
+
+impl Op for QGather {
+    fn name(&self) -> StaticName {
+        GATHER.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QGather {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let ids = inputs[0].cast_to::<i64>()?;
+        let plain = ids.try_as_plain_ram()?;
+        let ids: &[i64] = plain.as_slice()?;
+        let (rows, k) = (self.w.n as i64, self.w.k);
+        let mut shape: TVec<usize> = inputs[0].shape().into();
+        shape.push(k);
+        let mut out = vec![0i8; ids.len() * k];
+        for (i, &id) in ids.iter().enumerate() {
+            let r = if id < 0 { id + rows } else { id };
+            ensure!((0..rows).contains(&r), "{GATHER}: index {id} out of 0..{rows}");
+            out[i * k..(i + 1) * k].copy_from_slice(self.w.row(r as usize));
+        }
+        Ok(tvec!(Tensor::from_shape(&shape, &out)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for QGather {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.to_tvec();
+        shape.push(self.w.k.to_dim());
+        Ok(tvec!(i8::fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// The inference-time face of [`QMatMul`]: `x [.., K] -> y [.., N]`, f32.
+#[derive(Debug, Clone)]
+struct QMatMulExpansion {
+    w: Arc<QWeights>,
+}
+
+impl Expansion for QMatMulExpansion {
+    fn name(&self) -> StaticName {
+        OP.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].rank, &inputs[0].rank)?;
+        let (k, n) = (self.w.k.to_dim(), self.w.n.to_dim());
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for ax in 0..rank - 1 {
+                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
+            }
+            s.equals(&inputs[0].shape[rank - 1], k.clone())?;
+            s.equals(&outputs[0].shape[rank - 1], n.clone())
+        })?;
+        Ok(())
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, QMatMul { w: self.w.clone() }, &[inputs[0]])
+    }
+}
+
+/// `y = x @ dequant(W)`: x f32 `[.., K]`, y f32 `[.., N]`, W int8 with per-channel scales.
+#[derive(Clone)]
+pub struct QMatMul {
+    pub w: Arc<QWeights>,
+}
+
+impl std::fmt::Debug for QMatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatMul({:?})", self.w)
+    }
+}
+
+impl PartialEq for QMatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.w, &other.w)
+    }
+}
+impl Eq for QMatMul {}
+
+impl Op for QMatMul {
+    fn name(&self) -> StaticName {
+        OP.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("int8 {:?} K={} N={}", self.w.layout, self.w.k, self.w.n)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for QMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = &inputs[0];
+        let shape = x.shape();
+        ensure!(shape.last() == Some(&self.w.k), "{OP}: input shape {shape:?}, K={}", self.w.k);
+        let m = x.len() / self.w.k;
+        let mut out_shape: TVec<usize> = shape.into();
+        *out_shape.last_mut().unwrap() = self.w.n;
+        let plain = x.try_as_plain_ram()?;
+        let xs: &[f32] = plain.as_slice()?;
+        // SAFETY: every element is written by the matmul.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let ys: &mut [f32] = view.as_slice_mut()?;
+            self.w.matmul(xs, m, ys);
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for QMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.to_tvec();
+        ensure!(!shape.is_empty(), "{OP} needs a rank >= 1 input");
+        *shape.last_mut().unwrap() = self.w.n.to_dim();
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), rows * (self.w.k * self.w.n))))
+    }
+
+    as_op!();
+}
+
+// ---- the protobuf rewrite ----
+
+const FLOAT: i32 = 1;
+const INT8: i32 = 3;
+
+/// Values of an initializer held in the file (not external data), by element type.
+fn init_i8(t: &pb::TensorProto) -> Option<Vec<u8>> {
+    if t.data_type != INT8 || t.data_location == Some(1) {
+        return None;
+    }
+    let len: i64 = t.dims.iter().product();
+    if !t.raw_data.is_empty() {
+        return (t.raw_data.len() as i64 == len).then(|| t.raw_data.clone());
+    }
+    (t.int32_data.len() as i64 == len).then(|| t.int32_data.iter().map(|&v| v as i8 as u8).collect())
+}
+
+fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != FLOAT || t.data_location == Some(1) {
+        return None;
+    }
+    let len: i64 = t.dims.iter().product();
+    if !t.raw_data.is_empty() {
+        if t.raw_data.len() as i64 != len * 4 {
+            return None;
+        }
+        return Some(t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+    }
+    (t.float_data.len() as i64 == len).then(|| t.float_data.clone())
+}
+
+fn init_i64(t: &pb::TensorProto) -> Option<Vec<i64>> {
+    if t.data_type != 7 || t.data_location == Some(1) {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        return Some(t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect());
+    }
+    Some(t.int64_data.clone())
+}
+
+fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
+/// A weight found behind a MatMul: the int8 initializer, the scales and their layout.
+struct Found {
+    q_init: String,
+    /// Nodes that only served this weight (Cast, Mul, Unsqueeze, Transpose), candidates for removal.
+    k: usize,
+    n: usize,
+    layout: Layout,
+    scale: Vec<f32>,
+}
+
+/// Replaces `MatMul(x, [Transpose](Cast(Q int8) * scale))` by `SlmQMatMul(x)` nodes; returns their
+/// weights by key, for [`with_weights`]. Patterns that do not fit exactly are left to tract.
+pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
+    let mut weights = HashMap::new();
+    let Some(graph) = proto.graph.as_mut() else { return weights };
+    let producer: HashMap<String, usize> =
+        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+    let inits: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+
+    let find = |b: &str| -> Option<Found> {
+        let node = |name: &str| producer.get(name).map(|&i| &graph.node[i]);
+        let init = |name: &str| inits.get(name).map(|&i| &graph.initializer[i]);
+        let mut b = b.to_string();
+        let mut transposed = false;
+        if let Some(t) = node(&b).filter(|n| n.op_type == "Transpose") {
+            let perm = attr(t, "perm").map(|a| a.ints.clone());
+            if !(perm.is_none() || perm == Some(vec![1, 0])) {
+                return None;
+            }
+            transposed = true;
+            b = t.input[0].clone();
+        }
+        let mul = node(&b).filter(|n| n.op_type == "Mul" && n.input.len() == 2)?;
+        let (cast, scale_name) = [(0, 1), (1, 0)].iter().find_map(|&(c, s)| {
+            node(&mul.input[c]).filter(|n| n.op_type == "Cast").map(|n| (n, mul.input[s].clone()))
+        })?;
+        if attr(cast, "to").map(|a| a.i) != Some(FLOAT as i64) {
+            return None;
+        }
+        let q = init(&cast.input[0])?;
+        if q.data_type != INT8 || q.dims.len() != 2 || q.data_location == Some(1) {
+            return None;
+        }
+        let (rows, cols) = (q.dims[0] as usize, q.dims[1] as usize);
+        // The scale's broadcast shape: an initializer, or an Unsqueeze of one.
+        let (scale, scale_dims) = if let Some(s) = init(&scale_name) {
+            (init_f32(s)?, s.dims.clone())
+        } else {
+            let u = node(&scale_name).filter(|n| n.op_type == "Unsqueeze")?;
+            let s = init(&u.input[0])?;
+            if s.dims.len() != 1 {
+                return None;
+            }
+            let axes = match u.input.get(1) {
+                Some(a) => init_i64(init(a)?)?,
+                None => attr(u, "axes")?.ints.clone(),
+            };
+            let dims = match axes.as_slice() {
+                [-1] | [1] => vec![s.dims[0], 1],
+                [0] | [-2] => vec![1, s.dims[0]],
+                _ => return None,
+            };
+            (init_f32(s)?, dims)
+        };
+        // Per column of Q ([C] or [1, C]) or per row ([R, 1]).
+        let per_column = scale_dims == [cols as i64] || scale_dims == [1, cols as i64];
+        let per_row = scale_dims == [rows as i64, 1];
+        match (transposed, per_column, per_row) {
+            // x @ (Q * s): K = rows, N = cols, a scale per output column.
+            (false, true, _) => Some(Found { q_init: q.name.clone(), k: rows, n: cols, layout: Layout::KN, scale }),
+            // x @ (Q * s)^T: K = cols, N = rows, a scale per output row.
+            (true, _, true) => Some(Found { q_init: q.name.clone(), k: cols, n: rows, layout: Layout::NK, scale }),
+            _ => None,
+        }
+    };
+
+    let mut rewrites = vec![];
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type == "MatMul" && node.domain.is_empty() && node.input.len() == 2 {
+            if let Some(found) = find(&node.input[1]) {
+                rewrites.push((i, found));
+            }
+        }
+    }
+    if rewrites.is_empty() {
+        return weights;
+    }
+    let mut pending = vec![];
+    for (i, found) in rewrites {
+        let key = format!("{}#{}", found.q_init, i);
+        let node = &mut graph.node[i];
+        node.op_type = OP.to_string();
+        node.domain = String::new();
+        node.input.truncate(1);
+        node.attribute = vec![pb::AttributeProto {
+            name: "weights".into(),
+            r#type: pb::attribute_proto::AttributeType::String as i32,
+            s: key.clone().into_bytes(),
+            ..Default::default()
+        }];
+        pending.push((key, found));
+    }
+    // A Gather of rows from an int8 table that a rewritten NK MatMul also reads (a tied
+    // embedding) reads the rows from the same weights: the table is held once.
+    let tables: HashMap<String, String> =
+        pending.iter().filter(|(_, f)| f.layout == Layout::NK).map(|(key, f)| (f.q_init.clone(), key.clone())).collect();
+    for node in graph.node.iter_mut() {
+        let axis = attr(node, "axis").map(|a| a.i).unwrap_or(0);
+        if node.op_type == "Gather" && node.domain.is_empty() && node.input.len() == 2 && axis == 0 {
+            if let Some(key) = tables.get(&node.input[0]) {
+                node.op_type = GATHER.to_string();
+                node.input.remove(0);
+                node.attribute = vec![pb::AttributeProto {
+                    name: "weights".into(),
+                    r#type: pb::attribute_proto::AttributeType::String as i32,
+                    s: key.clone().into_bytes(),
+                    ..Default::default()
+                }];
+            }
+        }
+    }
+    let used = remove_dead_nodes(graph);
+    // An int8 initializer nothing else reads any more is moved out of the protobuf (no copy);
+    // one that stays (a tied embedding table, which a Gather also reads) is copied.
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for (_, found) in &pending {
+        *uses.entry(found.q_init.clone()).or_default() += 1;
+    }
+    for (key, found) in pending {
+        let t = &mut graph.initializer[inits[&found.q_init]];
+        let values = if !used.contains(&found.q_init) && uses[&found.q_init] == 1 && !t.raw_data.is_empty() {
+            std::mem::take(&mut t.raw_data)
+        } else {
+            init_i8(t).expect("checked int8 initializer")
+        };
+        if let Ok(w) = QWeights::new(found.k, found.n, found.layout, values, found.scale) {
+            weights.insert(key, Arc::new(w));
+        }
+    }
+    graph.initializer.retain(|t| used.contains(&t.name));
+    weights
+}
+
+/// Drops nodes whose outputs nobody reads; returns the names still read (by nodes or as outputs).
+fn remove_dead_nodes(graph: &mut pb::GraphProto) -> std::collections::HashSet<String> {
+    loop {
+        let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for n in &graph.node {
+            used.extend(n.input.iter().cloned());
+        }
+        used.extend(graph.output.iter().map(|o| o.name.clone()));
+        let before = graph.node.len();
+        graph.node.retain(|n| n.output.is_empty() || n.output.iter().any(|o| !o.is_empty() && used.contains(o)));
+        if graph.node.len() == before {
+            return used;
+        }
+    }
+}

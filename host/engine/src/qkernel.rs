@@ -3,21 +3,21 @@
 //!
 //! The weights stay int8 in memory (a quarter of the f32 bytes) and are widened to f32 in
 //! registers, so the result is the f32 product with the dequantized weights, up to the order of
-//! the additions. Two layouts, the two an ONNX export writes:
-//! - [`Layout::KN`]: `q` is `[K, N]` row-major (a `MatMul` weight, scale per column), repacked
-//!   at load into panels of 64 columns (`[N/64][K][64]`) so that a row of x streams through
-//!   contiguous memory, one cache line per K step;
-//! - [`Layout::NK`]: `q` is `[N, K]` row-major (a transposed weight such as a tied LM head,
-//!   scale per row).
+//! the additions. An ONNX export writes them in one of two layouts ([`Layout`]); both are
+//! repacked at load into panels of 64 columns (`[N/64][K][64]`), so that a row of x streams
+//! through contiguous memory, one cache line per K step, for every weight: a tied LM head too
+//! (its rows, the embedding table's, are read back as columns by [`QWeights::copy_column`]).
 //!
 //! Kernels: AVX2 + FMA on x86_64 (detected at run time), a portable version elsewhere (written
 //! so that the compiler can vectorize it, e.g. to simd128 on wasm32). Columns are split across
 //! the tract executor's threads when there is enough work.
 
-/// Where the K and N axes of the int8 weight lie.
+/// Where the K and N axes of an int8 weight lie in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
+    /// `[K, N]` row-major: a `MatMul` weight, a scale per column.
     KN,
+    /// `[N, K]` row-major: a transposed weight such as a tied LM head, a scale per row.
     NK,
 }
 
@@ -25,15 +25,16 @@ pub enum Layout {
 pub struct QWeights {
     pub k: usize,
     pub n: usize,
+    /// The layout it was read from (it is stored in panels either way).
     pub layout: Layout,
-    /// int8 values, stored as bytes (two's complement): NK row-major, or KN in panels of
-    /// [`PANEL`] columns, the last one padded with zeros.
+    /// int8 values, stored as bytes (two's complement), in panels of [`PANEL`] columns
+    /// (`[N/PANEL][K][PANEL]`), the last one padded with zeros.
     q: Vec<u8>,
-    /// One per output channel (KN: padded with zeros to whole panels).
+    /// One per output channel, padded with zeros to whole panels.
     scale: Vec<f32>,
 }
 
-/// Columns per panel of the packed KN layout.
+/// Columns per panel of the packed layout.
 pub const PANEL: usize = 64;
 
 impl std::fmt::Debug for QWeights {
@@ -48,16 +49,26 @@ impl QWeights {
         if q.len() != k * n || scale.len() != n || k == 0 || n == 0 {
             return Err(format!("int8 weight of {} values and {} scales for K={k} N={n}", q.len(), scale.len()));
         }
-        if layout == Layout::NK {
-            return Ok(QWeights { k, n, layout, q, scale });
-        }
         let panels = n.div_ceil(PANEL);
         let mut packed = vec![0u8; panels * k * PANEL];
         for p in 0..panels {
             let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
-            for kk in 0..k {
-                let dst = (p * k + kk) * PANEL;
-                packed[dst..dst + width].copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
+            let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
+            match layout {
+                Layout::KN => {
+                    for kk in 0..k {
+                        panel[kk * PANEL..kk * PANEL + width].copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
+                    }
+                }
+                // A transpose, one panel (64 rows of the file, a few KB) at a time.
+                Layout::NK => {
+                    for j in 0..width {
+                        let row = &q[(c0 + j) * k..(c0 + j + 1) * k];
+                        for (kk, &v) in row.iter().enumerate() {
+                            panel[kk * PANEL + j] = v;
+                        }
+                    }
+                }
             }
         }
         drop(q);
@@ -71,24 +82,25 @@ impl QWeights {
         unsafe { std::slice::from_raw_parts(self.q.as_ptr() as *const i8, self.q.len()) }
     }
 
-    /// Row `r` of an NK weight (an output channel: a token's row of a tied embedding table).
-    pub fn row(&self, r: usize) -> &[i8] {
-        assert_eq!(self.layout, Layout::NK);
-        &self.q()[r * self.k..(r + 1) * self.k]
+    /// Output channel `c` (K values) into `out`: a token's row of a tied embedding table.
+    pub fn copy_column(&self, c: usize, out: &mut [i8]) {
+        assert!(c < self.n && out.len() == self.k);
+        let q = self.q();
+        let base = (c / PANEL) * self.k * PANEL + c % PANEL;
+        for (kk, o) in out.iter_mut().enumerate() {
+            *o = q[base + kk * PANEL];
+        }
     }
 
     /// The dequantized weight as f32 `[K, N]` (tests and references).
     #[cfg(test)]
     pub fn dequantized_kn(&self) -> Vec<f32> {
-        let q = self.q();
         let mut w = vec![0f32; self.k * self.n];
-        for kk in 0..self.k {
-            for nn in 0..self.n {
-                let v = match self.layout {
-                    Layout::KN => q[((nn / PANEL) * self.k + kk) * PANEL + nn % PANEL],
-                    Layout::NK => q[nn * self.k + kk],
-                };
-                w[kk * self.n + nn] = v as f32 * self.scale[nn];
+        let mut col = vec![0i8; self.k];
+        for nn in 0..self.n {
+            self.copy_column(nn, &mut col);
+            for kk in 0..self.k {
+                w[kk * self.n + nn] = col[kk] as f32 * self.scale[nn];
             }
         }
         w
@@ -118,16 +130,10 @@ impl QWeights {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                match self.layout {
-                    Layout::KN => return x86::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1),
-                    Layout::NK => return x86::nk_columns(self.q(), &self.scale, self.k, x, m, y.0, self.n, n0, n1),
-                }
+                return x86::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1);
             }
         }
-        match self.layout {
-            Layout::KN => portable::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1),
-            Layout::NK => portable::nk_columns(self.q(), &self.scale, self.k, x, m, y.0, self.n, n0, n1),
-        }
+        portable::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1)
     }
 }
 
@@ -189,29 +195,6 @@ mod portable {
             }
         }
     }
-
-    /// NK layout: one dot product per output, summed in 8 lanes.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn nk_columns(q: &[i8], scale: &[f32], k: usize, x: &[f32], m: usize, y: *mut f32, n: usize, n0: usize, n1: usize) {
-        for row in 0..m {
-            let xr = &x[row * k..(row + 1) * k];
-            for c in n0..n1 {
-                let w = &q[c * k..(c + 1) * k];
-                let mut lanes = [0f32; 8];
-                let chunks = k / 8;
-                for i in 0..chunks {
-                    for j in 0..8 {
-                        lanes[j] += xr[i * 8 + j] * w[i * 8 + j] as f32;
-                    }
-                }
-                let mut acc: f32 = lanes.iter().sum();
-                for i in chunks * 8..k {
-                    acc += xr[i] * w[i] as f32;
-                }
-                *y.add(row * n + c) = acc * scale[c];
-            }
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -224,14 +207,6 @@ mod x86 {
     #[inline(always)]
     unsafe fn load8(p: *const i8) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// A tile of MR rows of x by NV*8 columns of a panel, over all of K. `q` points at the
@@ -288,50 +263,6 @@ mod x86 {
                 kn_tile::<1, 8>(panel, k, x.as_ptr().add(row * k), o, sp);
                 std::ptr::copy_nonoverlapping(o, y.add(row * n + p * PANEL), width);
                 row += 1;
-            }
-        }
-    }
-
-    /// NK layout: eight output rows at a time, each a dot product over K.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn nk_columns(q: &[i8], scale: &[f32], k: usize, x: &[f32], m: usize, y: *mut f32, n: usize, n0: usize, n1: usize) {
-        const R: usize = 8;
-        let k8 = k / 8 * 8;
-        for row in 0..m {
-            let xr = x.as_ptr().add(row * k);
-            let mut c = n0;
-            while c < n1 {
-                let rows = R.min(n1 - c);
-                let mut acc = [_mm256_setzero_ps(); R];
-                if rows == R {
-                    let mut i = 0;
-                    while i < k8 {
-                        let xv = _mm256_loadu_ps(xr.add(i));
-                        for r in 0..R {
-                            acc[r] = _mm256_fmadd_ps(load8(q.as_ptr().add((c + r) * k + i)), xv, acc[r]);
-                        }
-                        i += 8;
-                    }
-                } else {
-                    let mut i = 0;
-                    while i < k8 {
-                        let xv = _mm256_loadu_ps(xr.add(i));
-                        for r in 0..rows {
-                            acc[r] = _mm256_fmadd_ps(load8(q.as_ptr().add((c + r) * k + i)), xv, acc[r]);
-                        }
-                        i += 8;
-                    }
-                }
-                for r in 0..rows {
-                    let w = &q[(c + r) * k..(c + r + 1) * k];
-                    let mut s = hsum(acc[r]);
-                    for i in k8..k {
-                        s += *xr.add(i) * w[i] as f32;
-                    }
-                    *y.add(row * n + c + r) = s * scale[c + r];
-                }
-                c += rows;
             }
         }
     }

@@ -59,7 +59,7 @@ fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn In
 
 fn build_gather(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let w = pending_weights(node)?;
-    ensure!(w.layout == Layout::NK, "{GATHER} needs row-major weights");
+    ensure!(w.layout == Layout::NK, "{GATHER} needs a table of rows (a transposed MatMul weight)");
     Ok((expand(QGatherExpansion { w }), vec![]))
 }
 
@@ -141,7 +141,8 @@ impl EvalOp for QGather {
         for (i, &id) in ids.iter().enumerate() {
             let r = if id < 0 { id + rows } else { id };
             ensure!((0..rows).contains(&r), "{GATHER}: index {id} out of 0..{rows}");
-            out[i * k..(i + 1) * k].copy_from_slice(self.w.row(r as usize));
+            // A row of the table is an output channel of the head: a column of its panels.
+            self.w.copy_column(r as usize, &mut out[i * k..(i + 1) * k]);
         }
         Ok(tvec!(Tensor::from_shape(&shape, &out)?.into_tvalue()))
     }

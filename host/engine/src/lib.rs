@@ -8,6 +8,7 @@
 //! `logits` [1, 1, vocab]. A `position_ids` start below the cached length rewinds (truncates)
 //! the cache. Callers that pass `past_key_values.*` themselves get plain stateless ONNX.
 
+mod attention;
 mod error;
 mod model;
 mod proto;

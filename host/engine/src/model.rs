@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use crate::{proto, quant, EngineError};
+use crate::{attention, proto, quant, EngineError};
 
-/// The ONNX front end, with our int8 matmul.
+/// The ONNX front end, with our int8 matmul and fused attention.
 fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     quant::register(&mut onnx);
+    attention::register(&mut onnx);
     onnx
 }
 
@@ -99,8 +100,10 @@ impl Model {
         Self::optimize(model, "<bytes>")
     }
 
-    /// Parses the protobuf after moving its int8 weights into [`quant::QMatMul`] nodes.
+    /// Parses the protobuf after fusing its attention chains ([`attention::Attention`]) and
+    /// moving its int8 weights into [`quant::QMatMul`] nodes.
     fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, dir: Option<&str>) -> TractResult<InferenceModel> {
+        attention::rewrite(&mut proto);
         let weights = quant::rewrite(&mut proto);
         let parsed = quant::with_weights(weights, || onnx.parse(&proto, dir))?;
         drop(proto);
@@ -163,6 +166,12 @@ impl Model {
     #[doc(hidden)]
     pub fn int8_gathers(&self) -> usize {
         self.plan.model().nodes().iter().filter(|n| n.op_is::<quant::QGather>()).count()
+    }
+
+    /// How many attention chains of the plan run fused ([`attention::Attention`]).
+    #[doc(hidden)]
+    pub fn fused_attentions(&self) -> usize {
+        self.plan.model().nodes().iter().filter(|n| n.op_is::<attention::Attention>()).count()
     }
 
     /// Names of the model's inputs, in order.

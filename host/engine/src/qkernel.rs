@@ -145,7 +145,7 @@ unsafe impl Sync for OutPtr {}
 
 /// Runs `f(b0, b1)` over `0..blocks`, split across the tract executor's threads when the work
 /// (multiply-adds) is large enough to pay for the dispatch.
-fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{current_tract_executor, Executor};

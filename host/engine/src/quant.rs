@@ -284,7 +284,7 @@ fn init_i8(t: &pb::TensorProto) -> Option<Vec<u8>> {
     (t.int32_data.len() as i64 == len).then(|| t.int32_data.iter().map(|&v| v as i8 as u8).collect())
 }
 
-fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
+pub(crate) fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != FLOAT || t.data_location == Some(1) {
         return None;
     }
@@ -308,7 +308,7 @@ fn init_i64(t: &pb::TensorProto) -> Option<Vec<i64>> {
     Some(t.int64_data.clone())
 }
 
-fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
+pub(crate) fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {
     node.attribute.iter().find(|a| a.name == name)
 }
 
@@ -456,7 +456,7 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
 }
 
 /// Drops nodes whose outputs nobody reads; returns the names still read (by nodes or as outputs).
-fn remove_dead_nodes(graph: &mut pb::GraphProto) -> std::collections::HashSet<String> {
+pub(crate) fn remove_dead_nodes(graph: &mut pb::GraphProto) -> std::collections::HashSet<String> {
     loop {
         let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
         for n in &graph.node {

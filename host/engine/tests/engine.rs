@@ -71,6 +71,14 @@ fn every_layout_loads_and_reports_its_shape() {
 }
 
 #[test]
+fn attention_is_fused_in_every_layout() {
+    // One SlmAttention per layer; `logits_match_onnx_runtime` checks what it computes.
+    for file in ["model.onnx", "model_f32.onnx", "model_q4.onnx"] {
+        assert_eq!(load(file).fused_attentions(), 2, "{file}");
+    }
+}
+
+#[test]
 fn int8_weights_stay_int8() {
     // 7 matrix products per layer and the tied LM head run on int8 weights; the f32 reference
     // has none; the q4 layout keeps only its int8 LM head.

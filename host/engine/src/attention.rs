@@ -1,0 +1,390 @@
+//! Fused scaled-dot-product attention: an ONNX rewrite and a tract op.
+//!
+//! An ONNX export spells attention out as `MatMul(Softmax(MatMul(q, Transpose(k)) * scale +
+//! mask), v)`. Run node by node, a decode step spends most of its attention time outside the
+//! arithmetic: the transposed K is repacked for the matrix product, the score and probability
+//! tensors are allocated and reshaped, every layer, every token. Before tract parses the model we
+//! replace that chain by one `SlmAttention(q, k, v, mask)` node ([`Attention`]), which reads K and
+//! V where they are (the `present.*` KV tensors) and computes each query row in one pass:
+//! scores, softmax, weighted sum of V. Same arithmetic in f32; the ONNX file is unchanged.
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::quant::{attr, init_f32, remove_dead_nodes};
+
+const OP: &str = "SlmAttention";
+
+/// A mask value at or below this is taken as is for the score: whatever the dot product, the
+/// exponential of such a score underflows to exactly 0 (the export's "minus infinity" is -1e9).
+const MASKED: f32 = -1e8;
+
+/// Registers the op builder for rewritten nodes.
+pub fn register(onnx: &mut tract_onnx::Onnx) {
+    onnx.op_register.insert(OP, build);
+}
+
+fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let scale = attr(node, "scale").map(|a| a.f).context("SlmAttention without a scale")?;
+    Ok((expand(AttentionExpansion { scale }), vec![]))
+}
+
+/// Replaces every `MatMul(Softmax(MatMul(q, Transpose(k, [0,1,3,2])) * c + mask, axis=-1), v)`
+/// (c a scalar initializer, the operands of `*` and `+` in either order) by
+/// `SlmAttention(q, k, v, mask)`. Chains that differ in any way are left to tract.
+/// Returns how many were rewritten.
+pub fn rewrite(proto: &mut pb::ModelProto) -> usize {
+    let Some(graph) = proto.graph.as_mut() else { return 0 };
+    let producer: std::collections::HashMap<&str, usize> =
+        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i))).collect();
+    let mut readers: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let scalar = |name: &str| -> Option<f32> {
+        let t = graph.initializer.iter().find(|t| t.name == name)?;
+        match init_f32(t)?.as_slice() {
+            [v] => Some(*v),
+            _ => None,
+        }
+    };
+    let node = |name: &str, op: &str| -> Option<&pb::NodeProto> {
+        let n = &graph.node[*producer.get(name)?];
+        // An intermediate that something else reads, or that the model returns, must stay.
+        (n.op_type == op && n.domain.is_empty() && readers.get(name) == Some(&1) && !outputs.contains(name)).then_some(n)
+    };
+    let find = |pv: &pb::NodeProto| -> Option<(Vec<String>, f32)> {
+        if pv.input.len() != 2 {
+            return None;
+        }
+        let softmax = node(&pv.input[0], "Softmax")?;
+        if !matches!(attr(softmax, "axis").map(|a| a.i), Some(-1) | Some(3)) {
+            return None;
+        }
+        let add = node(&softmax.input[0], "Add")?;
+        let (mul, mask) = [(0, 1), (1, 0)]
+            .iter()
+            .find_map(|&(a, b)| node(&add.input[a], "Mul").map(|m| (m, add.input[b].clone())))?;
+        let (scores, scale) =
+            [(0, 1), (1, 0)].iter().find_map(|&(a, b)| Some((node(&mul.input[a], "MatMul")?, scalar(&mul.input[b])?)))?;
+        let kt = node(&scores.input[1], "Transpose")?;
+        if attr(kt, "perm").map(|a| a.ints.as_slice()) != Some(&[0, 1, 3, 2]) {
+            return None;
+        }
+        Some((vec![scores.input[0].clone(), kt.input[0].clone(), pv.input[1].clone(), mask], scale))
+    };
+    let found: Vec<(usize, Vec<String>, f32)> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "MatMul" && n.domain.is_empty())
+        .filter_map(|(i, n)| find(n).map(|(inputs, scale)| (i, inputs, scale)))
+        .collect();
+    for (i, inputs, scale) in &found {
+        let n = &mut graph.node[*i];
+        n.op_type = OP.into();
+        n.input = inputs.clone();
+        n.attribute = vec![pb::AttributeProto {
+            name: "scale".into(),
+            r#type: pb::attribute_proto::AttributeType::Float as i32,
+            f: *scale,
+            ..Default::default()
+        }];
+    }
+    if !found.is_empty() {
+        let used = remove_dead_nodes(graph);
+        graph.initializer.retain(|t| used.contains(&t.name));
+    }
+    found.len()
+}
+
+/// The inference-time face of [`Attention`].
+#[derive(Debug, Clone)]
+struct AttentionExpansion {
+    scale: f32,
+}
+
+impl Expansion for AttentionExpansion {
+    fn name(&self) -> StaticName {
+        OP.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 4)?;
+        check_output_arity(outputs, 1)?;
+        for input in inputs {
+            s.equals(&input.datum_type, f32::datum_type())?;
+        }
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].rank, &inputs[0].rank)?;
+        s.equals(&inputs[1].rank, &inputs[0].rank)?;
+        s.equals(&inputs[2].rank, &inputs[0].rank)?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            let rank = rank as usize;
+            for ax in 0..rank - 1 {
+                s.equals(&outputs[0].shape[ax], &inputs[0].shape[ax])?;
+            }
+            s.equals(&inputs[1].shape[rank - 1], &inputs[0].shape[rank - 1])?;
+            s.equals(&inputs[2].shape[rank - 2], &inputs[1].shape[rank - 2])?;
+            s.equals(&outputs[0].shape[rank - 1], &inputs[2].shape[rank - 1])
+        })?;
+        Ok(())
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, Attention { scale: self.scale }, inputs)
+    }
+}
+
+/// `out = softmax(q @ k^T * scale + mask) @ v` over the last axis: q `[.., M, D]`, k `[.., T, D]`,
+/// v `[.., T, Dv]`, mask broadcast to `[.., M, T]`; the leading axes of k, v and mask broadcast
+/// to q's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    pub scale: f32,
+}
+
+impl Eq for Attention {}
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        OP.into()
+    }
+
+    op_as_typed_op!();
+}
+
+/// Element strides of `shape` seen as `target` (right-aligned, numpy broadcasting): 0 on an
+/// axis of size 1 that `target` repeats.
+fn broadcast_strides(shape: &[usize], target: &[usize]) -> TractResult<Vec<usize>> {
+    ensure!(shape.len() <= target.len(), "cannot broadcast {shape:?} to {target:?}");
+    let mut strides = vec![0; target.len()];
+    let mut stride = 1;
+    for (i, &d) in shape.iter().enumerate().rev() {
+        let t = target[target.len() - shape.len() + i];
+        ensure!(d == t || d == 1, "cannot broadcast {shape:?} to {target:?}");
+        strides[target.len() - shape.len() + i] = if d == 1 { 0 } else { stride };
+        stride *= d;
+    }
+    Ok(strides)
+}
+
+/// Offset of the leading-axes index `lead` (row-major over `dims`) under `strides`.
+fn offset(mut lead: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for (d, s) in dims.iter().zip(strides).rev() {
+        off += (lead % d) * s;
+        lead /= d;
+    }
+    off
+}
+
+impl EvalOp for Attention {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (q, k, v, mask) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+        let rank = q.rank();
+        ensure!(rank >= 2 && k.rank() == rank && v.rank() == rank, "{OP}: q, k and v need one rank >= 2");
+        let (m, d) = (q.shape()[rank - 2], q.shape()[rank - 1]);
+        let (t, dv) = (k.shape()[rank - 2], v.shape()[rank - 1]);
+        ensure!(k.shape()[rank - 1] == d && v.shape()[rank - 2] == t, "{OP}: q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape());
+        let lead = &q.shape()[..rank - 2];
+        let heads: usize = lead.iter().product();
+        // Strides of the leading axes, and of the mask's last two, all in elements.
+        let lead_strides = |x: &TValue, inner: usize| -> TractResult<Vec<usize>> {
+            let s = broadcast_strides(&x.shape()[..rank - 2], lead)?;
+            Ok(s.into_iter().map(|s| s * inner).collect())
+        };
+        let (ks, vs) = (lead_strides(k, t * d)?, lead_strides(v, t * dv)?);
+        let mut mask_target: Vec<usize> = lead.to_vec();
+        mask_target.extend([m, t]);
+        let mask_strides = broadcast_strides(mask.shape(), &mask_target)?;
+        let (mask_row, mask_col) = (mask_strides[rank - 2], mask_strides[rank - 1]);
+        let views = [q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?, mask.try_as_plain_ram()?];
+        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) =
+            (views[0].as_slice()?, views[1].as_slice()?, views[2].as_slice()?, views[3].as_slice()?);
+
+        let mut out_shape: TVec<usize> = q.shape().into();
+        out_shape[rank - 1] = dv;
+        let mut out = vec![0f32; heads * m * dv];
+        let dst = OutPtr(out.as_mut_ptr());
+        let rows = heads * m;
+        let run = |r0: usize, r1: usize| {
+            let mut scores = vec![0f32; t];
+            for row in r0..r1 {
+                let (h, i) = (row / m, row % m);
+                let kh = &kd[offset(h, lead, &ks)..][..t * d];
+                let vh = &vd[offset(h, lead, &vs)..][..t * dv];
+                let mask_base = offset(h, lead, &mask_strides[..rank - 2]) + i * mask_row;
+                let q_row = &qd[row * d..(row + 1) * d];
+                // SAFETY: each row of the output is written by exactly one call.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), dv) };
+                let mask_of = |j: usize| maskd[mask_base + j * mask_col];
+                kernels::attend_row(q_row, kh, vh, &mask_of, self.scale, &mut scores, o);
+            }
+        };
+        crate::qkernel::parallel_ranges(rows, rows * t * (d + dv), &run);
+        Ok(tvec!(Tensor::from_shape(&out_shape, &out)?.into_tvalue()))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the threads that share it write disjoint rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// (A method, so that closures capture the whole Send + Sync wrapper.)
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the output buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
+impl TypedOp for Attention {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.to_tvec();
+        let dv = inputs[2].shape.last().cloned().context("SlmAttention: v has rank 0")?;
+        *shape.last_mut().context("SlmAttention: q has rank 0")? = dv;
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
+        let keys = inputs[1].shape.iter().rev().nth(1).cloned().unwrap_or(1.into());
+        let width = inputs[0].shape.last().cloned().unwrap_or(1.into()) + inputs[2].shape.last().cloned().unwrap_or(1.into());
+        Ok(tvec!((Cost::FMA(f32::datum_type()), rows * keys * width)))
+    }
+
+    as_op!();
+}
+
+mod kernels {
+    use super::MASKED;
+
+    /// One query row: `scores` (T long) is scratch, `out` receives the Dv-wide result.
+    #[inline(always)]
+    fn attend_row_body(q: &[f32], k: &[f32], v: &[f32], mask: &dyn Fn(usize) -> f32, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let (d, dv) = (q.len(), out.len());
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate() {
+            let m = mask(j);
+            *s = if m <= MASKED { m } else { dot(q, &k[j * d..(j + 1) * d]) * scale + m };
+            max = max.max(*s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            if p != 0.0 {
+                for (o, &x) in out.iter_mut().zip(&v[j * dv..(j + 1) * dv]) {
+                    *o += p * x;
+                }
+            }
+        }
+        let inv = 1.0 / sum;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
+    }
+
+    /// A dot product in 8 independent lanes (the compiler keeps them in one vector register).
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut lanes = [0f32; 8];
+        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ac.zip(bc) {
+            for i in 0..8 {
+                lanes[i] += x[i] * y[i];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn attend_row_avx2(q: &[f32], k: &[f32], v: &[f32], mask: &dyn Fn(usize) -> f32, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        attend_row_body(q, k, v, mask, scale, scores, out)
+    }
+
+    pub fn attend_row(q: &[f32], k: &[f32], v: &[f32], mask: &dyn Fn(usize) -> f32, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { attend_row_avx2(q, k, v, mask, scale, scores, out) };
+        }
+        attend_row_body(q, k, v, mask, scale, scores, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// softmax(q k^T * scale + mask) v, row by row, in f64.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], m: usize, t: usize, d: usize, scale: f32) -> Vec<f32> {
+        let mut out = vec![0f32; m * d];
+        for i in 0..m {
+            let s: Vec<f64> = (0..t)
+                .map(|j| (0..d).map(|x| q[i * d + x] as f64 * k[j * d + x] as f64).sum::<f64>() * scale as f64 + mask[i * t + j] as f64)
+                .collect();
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for x in 0..d {
+                out[i * d + x] = ((0..t).map(|j| e[j] * v[j * d + x] as f64).sum::<f64>() / sum) as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_reference_with_a_causal_mask_over_heads() {
+        let (heads, m, t, d) = (3, 5, 9, 12);
+        let val = |i: usize| (i * 7919 % 113) as f32 / 56.0 - 1.0;
+        let q: Vec<f32> = (0..heads * m * d).map(val).collect();
+        let k: Vec<f32> = (0..heads * t * d).map(|i| val(i + 5)).collect();
+        let v: Vec<f32> = (0..heads * t * d).map(|i| val(i + 11)).collect();
+        // Query i sits at position t - m + i: it sees keys 0..=t - m + i.
+        let mask: Vec<f32> = (0..m * t).map(|x| if x % t <= t - m + x / t { 0.0 } else { -1e9 }).collect();
+        let tv = |data: &[f32], shape: &[usize]| Tensor::from_shape(shape, data).unwrap().into_tvalue();
+        let op = Attention { scale: 0.3 };
+        let out = op
+            .eval(
+                &EvalContext::out_of_plan(),
+                tvec!(tv(&q, &[1, heads, m, d]), tv(&k, &[1, heads, t, d]), tv(&v, &[1, heads, t, d]), tv(&mask, &[m, t])),
+            )
+            .unwrap();
+        let view = out[0].try_as_plain_ram().unwrap();
+        let got: &[f32] = view.as_slice().unwrap();
+        for h in 0..heads {
+            let expected = reference(&q[h * m * d..], &k[h * t * d..], &v[h * t * d..], &mask, m, t, d, 0.3);
+            for (a, b) in got[h * m * d..(h + 1) * m * d].iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-5, "head {h}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_strides_follow_numpy() {
+        assert_eq!(broadcast_strides(&[5, 9], &[1, 3, 5, 9]).unwrap(), vec![0, 0, 9, 1]);
+        assert_eq!(broadcast_strides(&[1, 1, 9], &[2, 5, 9]).unwrap(), vec![0, 0, 1]);
+        assert!(broadcast_strides(&[4, 9], &[1, 3, 5, 9]).is_err());
+    }
+}

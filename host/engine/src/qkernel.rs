@@ -143,13 +143,19 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// Work (multiply-adds) below which a product runs on the calling thread. Waking the pool's
+/// threads costs tens of microseconds (more in a VM): a decode step's layer products (at most
+/// ~0.9 M multiply-adds, ~70 us) ran slower split over 2 threads than on one; the LM head
+/// (28 M) and prefill products gain.
+const PARALLEL_MIN_MACS: usize = 1 << 22;
+
 /// Runs `f(b0, b1)` over `0..blocks`, split across the tract executor's threads when the work
 /// (multiply-adds) is large enough to pay for the dispatch.
 pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{current_tract_executor, Executor};
-        if blocks >= 2 && macs >= 1 << 18 {
+        if blocks >= 2 && macs >= PARALLEL_MIN_MACS {
             if let Executor::MultiThread(pool) = current_tract_executor() {
                 let threads = pool.current_num_threads();
                 if threads > 1 {
@@ -328,7 +334,8 @@ mod tests {
 
     #[test]
     fn int8_matmul_is_the_same_on_threads() {
-        let (m, k, n) = (6, 160, 1000);
+        // Enough work (m * k * n >= PARALLEL_MIN_MACS) to be split.
+        let (m, k, n) = (6, 800, 1000);
         let mut g = Lcg(7);
         let q: Vec<u8> = (0..k * n).map(|_| g.i8()).collect();
         let scale: Vec<f32> = (0..n).map(|_| 0.01).collect();

@@ -330,6 +330,18 @@ impl App {
         self.rt.instantiate()
     }
 
+    /// Starts loading model `name` on a background thread, so that the load overlaps the
+    /// guest's start (instantiation, tokenizer parse): the guest's wasi:nn `load` then waits for
+    /// this load instead of starting its own. A failed load is reported by that `load`.
+    fn preload(&self, name: &str) {
+        if let Some(m) = self.rt.registry.model(name) {
+            let m = Arc::clone(m);
+            std::thread::spawn(move || {
+                let _ = m.get();
+            });
+        }
+    }
+
     fn guest_error(&self, e: GuestError) -> anyhow::Error {
         match e {
             GuestError::ModelNotFound(m) => anyhow!(
@@ -352,6 +364,7 @@ impl App {
             bail!("the prompt is empty (pass the text to generate from)");
         }
         let model = self.model(gen.model.as_deref())?;
+        self.preload(&model);
         let mut inst = self.instance()?;
         let opts = gen.options(model);
         let text = if raw {
@@ -440,6 +453,7 @@ impl App {
 
     fn chat(&self, gen: &GenArgs) -> Result<()> {
         let model = self.model(gen.model.as_deref())?;
+        self.preload(&model);
         let mut inst = self.instance()?;
         let opts = gen.options(model.clone());
         let stdin = std::io::stdin();

@@ -40,6 +40,8 @@ pub struct BenchArgs {
     pub json: bool,
     pub threads: usize,
     pub portable: bool,
+    /// Where the model runs (`--device`).
+    pub device: slm_engine::Placement,
     /// How to start this program again, for the cold-start measurement.
     pub relaunch: Vec<String>,
 }
@@ -231,6 +233,13 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
     let (ttft_ms, prefill_tps, decode_tps) =
         (pick(|s| s.ttft_ms), pick(|s| s.prefill_tps), pick(|s| s.decode_tps));
     let peak_rss_mb = peak_rss_mb();
+    // Where the model ended up (`auto` falls back to the CPU when the GPU plan fails) and, on a
+    // GPU, the device memory in use (the whole device: cuMemGetInfo).
+    let placed = rt.registry.model(&a.model).and_then(|m| m.placed().cloned()).unwrap_or(a.device.clone());
+    let gpu_mem = match placed {
+        slm_engine::Placement::Gpu(_) => slm_engine::gpu_memory_mib().map(|(used, _)| used),
+        slm_engine::Placement::Cpu => None,
+    };
 
     // Prefix cache: the same ~100-token system prompt, a new ~28-token question each time.
     let chat = |q: &str| {
@@ -285,6 +294,8 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         "model": a.model,
         "path": if a.portable { "portable (wasi:nn inside wasm)" } else { "native (host wasi:nn)" },
         "threads": a.threads,
+        "device": placed.to_string(),
+        "gpu_memory_used_mib": gpu_mem,
         "runs": a.runs,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": samples.iter().map(|s| s.completion_tokens).min().unwrap_or(0),
@@ -311,9 +322,12 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
     if !a.json {
         let opt = |v: Option<f64>, unit: &str| v.map(|v| format!("{v:.0} {unit}")).unwrap_or_else(|| "n/a".into());
         println!(
-            "{} ({}), {} threads, prompt {} tokens, {} generated, median of {} runs",
+            "{} ({}) on {placed}, {} threads, prompt {} tokens, {} generated, median of {} runs",
             a.model, report["path"].as_str().unwrap_or(""), a.threads, prompt_tokens, a.gen_tokens, a.runs
         );
+        if let Some(used) = gpu_mem {
+            println!("  GPU memory used      {used} MiB (whole device)");
+        }
         println!("  time to first token  {ttft_ms:.0} ms");
         println!("  prefill              {prefill_tps:.1} tokens/s");
         println!("  decode               {decode_tps:.1} tokens/s");

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use wasmtime::component::ResourceAny;
 use wasmtime::Store;
 
+use slm_engine::{Device, Placement};
+
 use crate::nn::ModelRegistry;
 use crate::runtime::{
     find_component, one_line, FinishReason, GeneratorComponent, GuestError, HostState, Message,
@@ -50,6 +52,13 @@ struct Global {
     /// Inference threads (default: the number of CPU cores).
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Where models run: `gpu` (an NVIDIA GPU through CUDA; fails with the reason when there is
+    /// none), `cpu`, or `auto`: the GPU when one is usable (named on stderr), else the CPU.
+    /// GPU support is a build option: scripts/build-gpu. Guests asking wasi:nn for the `gpu`
+    /// target get the GPU unless this is `cpu`.
+    #[arg(long, global = true, env = "SLM_DEVICE", default_value = "auto", value_name = "DEVICE",
+          value_parser = ["auto", "gpu", "cpu"])]
+    device: String,
     /// Prefix cache size per model, in MiB: KV caches of earlier prompts (a shared system
     /// prompt, earlier chat turns) are reused by later ones that start the same way. 0 disables it.
     #[arg(long, global = true, env = "SLM_PREFIX_CACHE_MB", default_value_t = 256, value_name = "MIB")]
@@ -116,6 +125,11 @@ enum Cmd {
         #[arg(long)]
         portable: bool,
     },
+    /// Diagnostic (scripts/gpu-check): greedy decoding straight on the engine (no component),
+    /// its logits written to a file, timings, and the session contract (rewind, prefix snapshot)
+    /// checked on this device. One JSON line on stdout.
+    #[command(hide = true)]
+    Logits(crate::devcheck::LogitsArgs),
     /// Serve the OpenAI-compatible HTTP API (dist/slm-http.wasm) with wasi:nn on this host.
     ///
     /// Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
@@ -227,9 +241,16 @@ pub fn main() -> Result<()> {
         bail!("--threads must be at least 1");
     }
     slm_engine::set_threads(threads);
+    let device: Device = cli.global.device.parse().map_err(|e: String| anyhow!(e))?;
+    // Only the commands that run a model look for a GPU.
+    let placement = match &cli.cmd {
+        Cmd::Tokenize { .. } | Cmd::Models => Placement::Cpu,
+        _ => resolve_device(device, cli.global.quiet)?,
+    };
+    let registry = || discover(&cli.global, device, placement.clone());
 
     if let Cmd::Serve { listen, portable } = &cli.cmd {
-        let registry = discover(&cli.global)?;
+        let registry = registry()?;
         let file = if *portable { HTTP_PORTABLE_FILE } else { HTTP_FILE };
         let component = find_component(cli.global.component.as_deref(), file)?;
         return crate::serve::serve(crate::serve::ServeOptions {
@@ -243,13 +264,16 @@ pub fn main() -> Result<()> {
         Cmd::Bench { portable: true, .. } => GENERATOR_PORTABLE_FILE,
         _ => GENERATOR_FILE,
     };
-    let app = App::new(&cli.global, file)?;
+    if let Cmd::Logits(args) = &cli.cmd {
+        return crate::devcheck::logits(&registry()?, args);
+    }
+    let app = App::new(&cli.global, file, registry()?)?;
     match &cli.cmd {
         Cmd::Run { gen, raw, prompt } => app.run(gen, *raw, prompt),
         Cmd::Chat { gen } => app.chat(gen),
         Cmd::Tokenize { model, text } => app.tokenize(model.as_deref(), text),
         Cmd::Models => app.models(),
-        Cmd::Serve { .. } => unreachable!("handled above"),
+        Cmd::Serve { .. } | Cmd::Logits(_) => unreachable!("handled above"),
         Cmd::Bench { model, prompt_tokens, gen_tokens, runs, prompt_file, json, portable } => {
             let model = app.model(model.as_deref())?;
             let relaunch = vec![
@@ -258,6 +282,8 @@ pub fn main() -> Result<()> {
                 cli.global.models.display().to_string(),
                 "--threads".into(),
                 threads.to_string(),
+                "--device".into(),
+                device.to_string(),
                 "--component".into(),
                 app.component.display().to_string(),
             ];
@@ -272,6 +298,7 @@ pub fn main() -> Result<()> {
                     json: *json,
                     threads,
                     portable: *portable,
+                    device: if *portable { Placement::Cpu } else { placement.clone() },
                     relaunch,
                 },
             )
@@ -288,8 +315,7 @@ struct App {
 type Instance = (Store<HostState>, GeneratorComponent);
 
 impl App {
-    fn new(g: &Global, file: &str) -> Result<App> {
-        let registry = discover(g)?;
+    fn new(g: &Global, file: &str, registry: ModelRegistry) -> Result<App> {
         let component = find_component(g.component.as_deref(), file)?;
         tracing::debug!("component {}", component.display());
         let rt = Runtime::new(&component, Arc::new(registry))?;
@@ -553,9 +579,25 @@ impl App {
     }
 }
 
-fn discover(g: &Global) -> Result<ModelRegistry> {
+/// What `--device` comes to here: `gpu` without a usable GPU is an error naming what is missing;
+/// a GPU that `auto` picks is named on stderr (unless --quiet).
+fn resolve_device(device: Device, quiet: bool) -> Result<Placement> {
+    let placement = slm_engine::resolve(device).map_err(|why| anyhow!("--device gpu: {why}"))?;
+    match &placement {
+        Placement::Gpu(g) if !quiet => eprintln!("device: {g}"),
+        Placement::Gpu(_) => {}
+        Placement::Cpu if device == Device::Auto => {
+            let why = slm_engine::gpu().err().unwrap_or_default();
+            tracing::debug!("device: CPU (--device auto; no GPU: {why})");
+        }
+        Placement::Cpu => tracing::debug!("device: CPU"),
+    }
+    Ok(placement)
+}
+
+fn discover(g: &Global, device: Device, placement: Placement) -> Result<ModelRegistry> {
     let dir = &g.models;
-    ModelRegistry::discover(dir, g.prefix_cache_mb << 20).map_err(|e| {
+    ModelRegistry::discover_on(dir, g.prefix_cache_mb << 20, device, placement).map_err(|e| {
         anyhow!(
             "cannot read models directory {}: {e} (run scripts/setup, or pass --models DIR)",
             dir.display()

@@ -2,6 +2,7 @@
 
 mod bench;
 mod cli;
+mod devcheck;
 mod nn;
 mod prefix;
 mod runtime;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use slm_engine::{DType, EngineError, Model, Session};
+use slm_engine::{DType, Device, EngineError, Model, Placement, Session};
 
 use crate::prefix::PrefixCache;
 use wasmtime_wasi_nn::backend::{
@@ -20,8 +20,9 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph, GraphRegistry, Tensor};
 
-/// The message shown when a guest asks for the GPU.
-pub const NO_GPU: &str = "no GPU backend in this build (use the cpu target)";
+/// The start of the message a guest gets when it asks for the GPU and there is none (the reason
+/// follows: a build without GPU support, no driver, a missing CUDA library, no device).
+pub const NO_GPU: &str = "no usable GPU";
 
 fn access(e: impl Into<wasmtime::Error>) -> BackendError {
     BackendError::BackendAccess(e.into())
@@ -53,10 +54,16 @@ pub fn is_invalid_argument(e: &BackendError) -> bool {
     }
 }
 
-fn check_target(target: ExecutionTarget) -> Result<(), BackendError> {
+/// Where a graph a guest loads with `target` runs. `cpu` is the CPU; `gpu` is the GPU when one
+/// is usable and the host allows it (`host`: the `--device` option; `cpu` keeps guests off the GPU).
+fn check_target(target: ExecutionTarget, host: Device) -> Result<Placement, BackendError> {
     match target {
-        ExecutionTarget::Cpu => Ok(()),
-        ExecutionTarget::Gpu => Err(access_msg(NO_GPU)),
+        ExecutionTarget::Cpu => Ok(Placement::Cpu),
+        ExecutionTarget::Gpu if host == Device::Cpu => {
+            Err(access_msg(format!("{NO_GPU}: the host runs with --device cpu")))
+        }
+        ExecutionTarget::Gpu => slm_engine::resolve(Device::Gpu)
+            .map_err(|why| access_msg(format!("{NO_GPU}: {why}"))),
         ExecutionTarget::Tpu => Err(access_msg("the tpu execution target is not supported")),
     }
 }
@@ -99,9 +106,12 @@ fn from_engine(t: slm_engine::Tensor) -> Result<Tensor, BackendError> {
     Ok(Tensor::new(dims, to_tensor_type(t.dtype), t.data))
 }
 
-/// The ONNX backend: `cpu` runs on slm-engine (tract); `gpu` and `tpu` are refused.
+/// The ONNX backend: `cpu` runs on slm-engine (tract), `gpu` on its GPU engine where there is
+/// one (and the host's `--device`, `host`, is not `cpu`); `tpu` is refused.
 #[derive(Default)]
-pub struct OnnxBackend;
+pub struct OnnxBackend {
+    pub host: Device,
+}
 
 impl BackendInner for OnnxBackend {
     fn encoding(&self) -> GraphEncoding {
@@ -109,11 +119,11 @@ impl BackendInner for OnnxBackend {
     }
 
     fn load(&mut self, builders: &[&[u8]], target: ExecutionTarget) -> Result<Graph, BackendError> {
-        check_target(target)?;
+        let placement = check_target(target, self.host)?;
         if builders.len() != 1 {
             return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
         }
-        let model = Model::from_bytes(builders[0]).map_err(access)?;
+        let model = Model::from_bytes_on(builders[0], &placement).map_err(access)?;
         let g: Box<dyn BackendGraph> = Box::new(LoadedGraph(Arc::new(model)));
         Ok(g.into())
     }
@@ -126,8 +136,10 @@ impl BackendInner for OnnxBackend {
 impl BackendFromDir for OnnxBackend {
     /// Lazy: the model is read on the first `init-execution-context`.
     fn load_from_dir(&mut self, dir: &Path, target: ExecutionTarget) -> Result<Graph, BackendError> {
-        check_target(target)?;
-        let g: Box<dyn BackendGraph> = Box::new(LazyModel::new(dir.join("model.onnx"), 0));
+        let placement = check_target(target, self.host)?;
+        let device = if placement == Placement::Cpu { Device::Cpu } else { Device::Gpu };
+        let g: Box<dyn BackendGraph> =
+            Box::new(LazyModel::new(dir.join("model.onnx"), 0).on(device, placement));
         Ok(g.into())
     }
 }
@@ -148,6 +160,11 @@ pub struct LazyModel {
     prefix: Arc<PrefixCache>,
     /// How long parsing and optimizing took.
     load_ms: OnceLock<f64>,
+    /// What was asked (`auto` falls back to the CPU when the GPU plan cannot be built) and where
+    /// it goes; `placed` is where the model ended up, once loaded.
+    device: Device,
+    placement: Placement,
+    placed: OnceLock<Placement>,
 }
 
 impl LazyModel {
@@ -158,14 +175,47 @@ impl LazyModel {
             cell: OnceLock::new(),
             prefix: Arc::new(PrefixCache::new(prefix_cache_bytes)),
             load_ms: OnceLock::new(),
+            device: Device::Cpu,
+            placement: Placement::Cpu,
+            placed: OnceLock::new(),
         }
+    }
+
+    /// Loads on `placement` (what `device` resolved to: [`slm_engine::resolve`]).
+    pub fn on(mut self, device: Device, placement: Placement) -> Self {
+        self.device = device;
+        self.placement = placement;
+        self
+    }
+
+    /// Where the model runs, once loaded.
+    pub fn placed(&self) -> Option<&Placement> {
+        self.placed.get()
+    }
+
+    fn load(&self) -> Result<Model, EngineError> {
+        // The GPU engine panics on some driver failures; `catch_panic` keeps the hook quiet.
+        let r = catch_panic(|| Model::load_on(&self.path, &self.placement))
+            .unwrap_or_else(|p| Err(EngineError::Runtime(format!("the engine failed while loading: {p}"))));
+        let placed = match (&r, &self.placement, self.device) {
+            (Err(e), Placement::Gpu(g), Device::Auto) => {
+                let why = format!("{e}").replace('\n', " ");
+                eprintln!("warning: cannot run {} on {g}: {why}; using the CPU", self.path.display());
+                let _ = self.placed.set(Placement::Cpu);
+                return Model::load(&self.path);
+            }
+            _ => self.placement.clone(),
+        };
+        let _ = self.placed.set(placed);
+        r
     }
 
     pub fn get(&self) -> Result<Arc<Model>, String> {
         self.cell
             .get_or_init(|| {
                 let t = std::time::Instant::now();
-                let r = Model::load(&self.path)
+                let r = self
+                    .load()
                     .map(Arc::new)
                     .map_err(|e| match e {
                         EngineError::Load { .. } => e.to_string(),
@@ -174,8 +224,9 @@ impl LazyModel {
                 let _ = self.load_ms.set(t.elapsed().as_secs_f64() * 1e3);
                 match &r {
                     Ok(_) => tracing::debug!(
-                        "loaded {} in {:.0} ms",
+                        "loaded {} on {} in {:.0} ms",
                         self.path.display(),
+                        self.placed.get().unwrap_or(&Placement::Cpu),
                         t.elapsed().as_secs_f64() * 1e3
                     ),
                     Err(e) => tracing::debug!("{e}"),
@@ -475,12 +526,19 @@ pub struct ModelRegistry {
     dir: PathBuf,
     graphs: BTreeMap<String, Graph>,
     models: BTreeMap<String, Arc<LazyModel>>,
+    device: Device,
 }
 
 impl ModelRegistry {
     /// Scan `dir` (not recursive). Nothing is loaded yet. Each model gets a prefix cache of
-    /// `prefix_cache_bytes` (0: none).
-    pub fn discover(dir: &Path, prefix_cache_bytes: usize) -> std::io::Result<Self> {
+    /// `prefix_cache_bytes` (0: none) and is to be loaded on `placement` (what `device`, the
+    /// host's `--device`, resolved to).
+    pub fn discover_on(
+        dir: &Path,
+        prefix_cache_bytes: usize,
+        device: Device,
+        placement: Placement,
+    ) -> std::io::Result<Self> {
         let mut graphs = BTreeMap::new();
         let mut models = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
@@ -492,7 +550,8 @@ impl ModelRegistry {
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            let lazy = Arc::new(LazyModel::new(model, prefix_cache_bytes));
+            let lazy =
+                Arc::new(LazyModel::new(model, prefix_cache_bytes).on(device, placement.clone()));
             let g: Box<dyn BackendGraph> = Box::new(SharedModel(lazy.clone()));
             graphs.insert(name.to_string(), g.into());
             models.insert(name.to_string(), lazy);
@@ -501,7 +560,18 @@ impl ModelRegistry {
             dir: dir.to_path_buf(),
             graphs,
             models,
+            device,
         })
+    }
+
+    /// The host's `--device`.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The lazily loaded model `name`.
+    pub fn model(&self, name: &str) -> Option<&Arc<LazyModel>> {
+        self.models.get(name)
     }
 
     pub fn dir(&self) -> &Path {
@@ -533,5 +603,39 @@ impl GraphRegistry for ModelRegistry {
 
     fn get_mut(&mut self, name: &str) -> Option<&mut Graph> {
         self.graphs.get_mut(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest loading a graph for the `gpu` target (wasi:nn `load`) on a machine without a usable
+    /// GPU, or a host run with `--device cpu`: a clear error (the runtime maps the `NO_GPU`
+    /// prefix to wasi:nn's unsupported-operation), before the bytes are even parsed.
+    #[test]
+    fn guest_gpu_target_without_a_gpu_is_refused_with_the_reason() {
+        let err = |host: Device| {
+            let e = OnnxBackend { host }
+                .load(&[b"not parsed".as_slice()], ExecutionTarget::Gpu)
+                .err()
+                .expect("refused");
+            backend_error_message(&e)
+        };
+        let msg = err(Device::Cpu);
+        assert_eq!(msg, format!("{NO_GPU}: the host runs with --device cpu"));
+        if let Err(why) = slm_engine::gpu() {
+            for host in [Device::Auto, Device::Gpu] {
+                let msg = err(host);
+                assert_eq!(msg, format!("{NO_GPU}: {why}"));
+                assert!(!msg.contains('\n'));
+            }
+        }
+        // The cpu target parses the bytes (and fails on these as an invalid model, not a GPU).
+        let e = OnnxBackend { host: Device::Cpu }
+            .load(&[b"not an onnx model".as_slice()], ExecutionTarget::Cpu)
+            .err()
+            .expect("not a model");
+        assert!(!backend_error_message(&e).contains(NO_GPU));
     }
 }

@@ -267,7 +267,8 @@ impl wasi::nn::graph::Host for HostState {
             ExecutionTarget::Tpu => wasmtime_wasi_nn::wit::ExecutionTarget::Tpu,
         };
         let slices: Vec<&[u8]> = builders.iter().map(|b| b.as_slice()).collect();
-        match OnnxBackend.load(&slices, target) {
+        let mut backend = OnnxBackend { host: self.registry.device() };
+        match backend.load(&slices, target) {
             Ok(g) => Ok(Ok(self.table.push(g)?)),
             Err(e) => {
                 let msg = backend_error_message(&e);

@@ -9,6 +9,7 @@
 //! the cache. Callers that pass `past_key_values.*` themselves get plain stateless ONNX.
 
 mod attention;
+mod device;
 mod error;
 mod model;
 mod proto;
@@ -17,6 +18,7 @@ mod quant;
 mod session;
 mod tensor;
 
+pub use device::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};
 pub use error::EngineError;
 pub use model::{set_threads, Model, ModelInfo};
 pub use session::{KvSnapshot, Session};

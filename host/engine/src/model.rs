@@ -42,7 +42,7 @@ pub struct Model {
     pub(crate) input_names: Vec<String>,
     pub(crate) input_kinds: Vec<InputKind>,
     pub(crate) output_names: Vec<String>,
-    info: ModelInfo,
+    pub(crate) info: ModelInfo,
 }
 
 impl std::fmt::Debug for Model {
@@ -63,7 +63,7 @@ pub fn set_threads(n: usize) {
     let _ = n;
 }
 
-fn input_kind(name: &str) -> InputKind {
+pub(crate) fn input_kind(name: &str) -> InputKind {
     match name {
         "input_ids" => InputKind::InputIds,
         "position_ids" => InputKind::PositionIds,
@@ -132,7 +132,7 @@ impl Model {
         Ok(Model { plan, input_names, input_kinds, output_names, info })
     }
 
-    fn read_info(typed: &TypedModel, kinds: &[InputKind], outputs: &[String]) -> TractResult<ModelInfo> {
+    pub(crate) fn read_info(typed: &TypedModel, kinds: &[InputKind], outputs: &[String]) -> TractResult<ModelInfo> {
         let mut info = ModelInfo { layers: 0, kv_heads: 0, head_dim: 0, vocab: 0 };
         for (i, kind) in kinds.iter().enumerate() {
             if let InputKind::Past { layer, .. } = kind {

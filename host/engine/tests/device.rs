@@ -1,0 +1,110 @@
+//! Device selection (src/device.rs) on a machine with or without a GPU, and the GPU plan's
+//! graph (plain tract-onnx, f32 weights) run on the CPU against the default engine: everything
+//! of the GPU path but tract-cuda itself.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use slm_engine::{Device, Model, Placement, Session, Tensor};
+
+fn tiny() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models/tiny/model.onnx");
+    assert!(p.is_file(), "tiny model missing: scripts/test builds it into {}", p.display());
+    p
+}
+
+fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
+    let pos: Vec<i64> = (start..start + ids.len() as i64).collect();
+    let out = s
+        .run(vec![
+            ("input_ids".into(), Tensor::from_i64(vec![1, ids.len()], ids)),
+            ("position_ids".into(), Tensor::from_i64(vec![1, ids.len()], &pos)),
+        ])
+        .unwrap();
+    out[0].1.to_f32().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn devices_resolve_and_a_missing_gpu_is_one_line() {
+    assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+    assert_eq!("gpu".parse::<Device>(), Ok(Device::Gpu));
+    assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
+    assert!("tpu".parse::<Device>().is_err());
+    assert_eq!(slm_engine::resolve(Device::Cpu), Ok(Placement::Cpu));
+    match slm_engine::gpu() {
+        Ok(g) => {
+            // A machine with a usable GPU (and a `gpu` build): auto and gpu both pick it.
+            assert_eq!(slm_engine::resolve(Device::Gpu), Ok(Placement::Gpu(g.clone())));
+            assert_eq!(slm_engine::resolve(Device::Auto), Ok(Placement::Gpu(g)));
+        }
+        Err(why) => {
+            assert_eq!(slm_engine::resolve(Device::Auto), Ok(Placement::Cpu));
+            assert_eq!(slm_engine::resolve(Device::Gpu), Err(why.clone()));
+            assert!(!why.contains('\n') && !why.is_empty(), "{why:?}");
+            if slm_engine::GPU_BUILT {
+                // What is missing: the driver library, a CUDA library, or a device.
+                assert!(why.contains("not found") || why.contains("CUDA"), "{why}");
+            } else {
+                assert_eq!(why, slm_engine::NOT_BUILT);
+                assert!(why.contains("--features gpu"), "{why}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_placement_without_a_gpu_is_an_error_not_a_panic() {
+    if slm_engine::gpu().is_ok() {
+        return; // covered by scripts/gpu-check on a GPU machine
+    }
+    let fake = Placement::Gpu(slm_engine::GpuInfo { ordinal: 0, name: "none".into(), memory_mib: 0 });
+    let e = Model::load_on(&tiny(), &fake).expect_err("no GPU here");
+    assert!(!e.to_string().contains('\n'), "{e}");
+    let bytes = std::fs::read(tiny()).unwrap();
+    assert!(Model::from_bytes_on(&bytes, &fake).is_err());
+    // The CPU placement is the default engine.
+    let m = Model::load_on(&tiny(), &Placement::Cpu).unwrap();
+    assert!(m.int8_matmuls() > 0);
+}
+
+/// The GPU plan's graph on the CPU agrees with the default (int8-kernel) engine, and keeps the
+/// session contract: prefill == token by token, rewind == fresh run, snapshot restore.
+#[test]
+fn plain_plan_matches_the_default_engine() {
+    let plain = Arc::new(Model::load_plain(&tiny()).unwrap());
+    let default = Arc::new(Model::load(&tiny()).unwrap());
+    assert_eq!(plain.input_names(), default.input_names());
+    assert_eq!(plain.output_names(), default.output_names());
+    assert_eq!(plain.info().vocab, default.info().vocab);
+    assert_eq!(plain.int8_matmuls(), 0, "the plain plan has none of our CPU ops");
+    // On the GPU, every KV input's Concat stays on the CPU (an empty cache is never uploaded).
+    let on_cpu = Model::gpu_cpu_nodes(&tiny()).unwrap();
+    let concats = on_cpu.iter().filter(|n| n.contains("Concat")).count();
+    assert_eq!(concats, 2 * plain.info().layers, "{on_cpu:?}");
+    assert!(on_cpu.len() <= 2 * concats, "{on_cpu:?}");
+
+    let ids = [1i64, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
+    let (mut p, mut d) = (Session::new(plain.clone()), Session::new(default));
+    let a = step(&mut p, &ids, 0);
+    let b = step(&mut d, &ids, 0);
+    assert!(max_diff(&a, &b) < 1e-3, "plain vs default: {}", max_diff(&a, &b));
+    for (i, t) in [2i64, 198, 1].into_iter().enumerate() {
+        let pos = (ids.len() + i) as i64;
+        let (x, y) = (step(&mut p, &[t], pos), step(&mut d, &[t], pos));
+        assert!(max_diff(&x, &y) < 1e-3, "step {i}: {}", max_diff(&x, &y));
+    }
+    // Rewind into the prompt and recompute its end: the prefill's logits again.
+    let again = step(&mut p, &ids[4..], 4);
+    assert!(max_diff(&again, &a) < 1e-4, "rewind: {}", max_diff(&again, &a));
+    // A new session seeded from a snapshot.
+    let snap = p.snapshot();
+    let mut q = Session::new(plain);
+    q.restore(&snap, ids.len() - 1).unwrap();
+    let last = step(&mut q, &ids[ids.len() - 1..], ids.len() as i64 - 1);
+    assert!(max_diff(&last, &a) < 1e-4, "snapshot: {}", max_diff(&last, &a));
+}

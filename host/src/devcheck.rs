@@ -1,0 +1,164 @@
+//! `slm logits` (hidden, for scripts/gpu-check): greedy decoding straight on the engine, no
+//! component in the way, so two devices can be compared logit for logit. Prints one JSON line:
+//! where the model ran, the greedy tokens, time to first token (prefill of the whole prompt,
+//! median), decode speed, and the session contract checked on this device: a rewind
+//! (`Session::truncate` through `position_ids`) and a prefix-cache restore (`KvSnapshot`) must
+//! give the logits of a fresh prefill.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::Args;
+use serde_json::json;
+use slm_engine::{Model, Placement, Session, Tensor};
+
+use crate::nn::ModelRegistry;
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// Model name [default: smollm2-135m-instruct].
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Prompt token ids: a JSON array (what `slm tokenize` prints).
+    #[arg(long)]
+    ids: String,
+    /// Greedy decoding steps after the prefill.
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
+    /// Feed these tokens (a JSON array, e.g. another device's greedy `tokens`) instead of this
+    /// device's own choices, so that every step's logits compare with that run's.
+    #[arg(long, value_name = "IDS")]
+    follow: Option<String>,
+    /// Write the prefill's and every step's last-position logits here: f32 little-endian,
+    /// (1 + steps) rows of vocab.
+    #[arg(long, value_name = "PATH")]
+    out: Option<PathBuf>,
+    /// Run the GPU plan's graph (plain tract-onnx, f32 weights) on the CPU instead.
+    #[arg(long)]
+    plain: bool,
+    /// Timed prefills (time to first token: the median), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+fn row(ids: &[i64]) -> Tensor {
+    Tensor::from_i64(vec![1, ids.len()], ids)
+}
+
+/// Runs `ids` from position `start`; the last position's logits.
+fn step(s: &mut Session, ids: &[i64], start: usize) -> Result<Vec<f32>> {
+    let pos: Vec<i64> = (start as i64..(start + ids.len()) as i64).collect();
+    let out = s
+        .run(vec![("input_ids".into(), row(ids)), ("position_ids".into(), row(&pos))])
+        .map_err(|e| anyhow!("{e}"))?;
+    let logits = out.into_iter().find(|(n, _)| n == "logits").context("no logits")?.1;
+    logits.to_f32().context("logits are not f32")
+}
+
+fn argmax(v: &[f32]) -> i64 {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as i64
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
+    let ids: Vec<i64> = serde_json::from_str(&a.ids).context("--ids: expected a JSON array of token ids")?;
+    if ids.len() < 2 {
+        bail!("--ids: give at least 2 token ids");
+    }
+    let name = a.model.clone().unwrap_or_else(|| crate::cli::DEFAULT_MODEL.to_string());
+    let lazy = registry
+        .model(&name)
+        .ok_or_else(|| anyhow!("model {name:?} not found in {}", registry.dir().display()))?;
+    let t = Instant::now();
+    let (model, placed): (Arc<Model>, String) = if a.plain {
+        let path = registry.dir().join(&name).join("model.onnx");
+        (Arc::new(Model::load_plain(&path).map_err(|e| anyhow!("{e}"))?), "CPU (plain f32 plan)".into())
+    } else {
+        let m = lazy.get().map_err(|e| anyhow!("{e}"))?;
+        (m, lazy.placed().cloned().unwrap_or(Placement::Cpu).to_string())
+    };
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let on_gpu = !a.plain && matches!(lazy.placed(), Some(Placement::Gpu(_)));
+    let n = ids.len();
+    let follow: Option<Vec<i64>> = match &a.follow {
+        Some(f) => Some(serde_json::from_str(f).context("--follow: expected a JSON array of token ids")?),
+        None => None,
+    };
+    if follow.as_ref().is_some_and(|f| f.len() < a.steps) {
+        bail!("--follow: give at least --steps ({}) tokens", a.steps);
+    }
+
+    // Time to first token: a fresh session's prefill of the whole prompt (the first one warms up).
+    let mut ttfts = Vec::new();
+    for i in 0..=a.runs.max(1) {
+        let mut s = Session::new(model.clone());
+        let t = Instant::now();
+        step(&mut s, &ids, 0)?;
+        if i > 0 {
+            ttfts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+
+    // Greedy decoding, every step's logits kept.
+    let mut s = Session::new(model.clone());
+    let first = step(&mut s, &ids, 0)?;
+    let mut rows = vec![first.clone()];
+    let mut tokens = vec![argmax(&first)];
+    let t = Instant::now();
+    for i in 0..a.steps {
+        let feed = follow.as_ref().map_or(tokens[i], |f| f[i]);
+        let next = step(&mut s, &[feed], n + i)?;
+        tokens.push(argmax(&next));
+        rows.push(next);
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    let gpu_mem = if on_gpu { slm_engine::gpu_memory_mib().map(|(used, _)| used) } else { None };
+
+    // The contract on this device: rewind to the middle of the prompt and recompute its end;
+    // seed a new session from a snapshot of the prompt and recompute its last token.
+    let half = n / 2;
+    let rewound = step(&mut s, &ids[half..], half)?;
+    let snapshot = s.snapshot();
+    let mut s2 = Session::new(model.clone());
+    s2.restore(&snapshot, n - 1).map_err(|e| anyhow!("{e}"))?;
+    let restored = step(&mut s2, &ids[n - 1..], n - 1)?;
+
+    if let Some(out) = &a.out {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?,
+        );
+        for r in &rows {
+            for x in r {
+                f.write_all(&x.to_le_bytes())?;
+            }
+        }
+        f.flush()?;
+    }
+    let report = json!({
+        "model": name,
+        "device": placed,
+        "prompt_tokens": n,
+        "steps": a.steps,
+        "vocab": first.len(),
+        "tokens": tokens,
+        "load_ms": load_ms,
+        "ttft_ms": median(ttfts),
+        "decode_tps": if decode_s > 0.0 { a.steps as f64 / decode_s } else { 0.0 },
+        "rewind_max_abs_diff": max_diff(&rewound, &first),
+        "snapshot_max_abs_diff": max_diff(&restored, &first),
+        "gpu_memory_used_mib": gpu_mem,
+    });
+    println!("{report}");
+    Ok(())
+}

@@ -49,7 +49,8 @@ def median_of(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def bench_llamacpp(ids, gen, threads, runs):
+def llamacpp_runner(ids, gen, threads):
+    """Loads llama.cpp, warms it up; returns a function that times one generation."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_path()), n_ctx=len(ids) + gen + 8, n_batch=len(ids) + gen + 8, n_threads=threads,
@@ -65,10 +66,11 @@ def bench_llamacpp(ids, gen, threads, runs):
         return llm.scores[llm.n_tokens - 1]
 
     timed_generation(prefill, step, ids, 4)  # warm-up
-    return median_of([timed_generation(prefill, step, ids, gen) for _ in range(runs)])
+    return lambda: timed_generation(prefill, step, ids, gen)
 
 
-def bench_ort(ids, gen, threads, runs):
+def ort_runner(ids, gen, threads):
+    """Loads ONNX Runtime, warms it up; returns a function that times one generation."""
     from slmconv.ort_eval import OrtModel
 
     m = OrtModel(str(MODEL_DIR), "model.onnx", threads=threads)
@@ -83,10 +85,11 @@ def bench_ort(ids, gen, threads, runs):
         return logits[-1]
 
     timed_generation(prefill, step, ids, 4)
-    return median_of([timed_generation(prefill, step, ids, gen) for _ in range(runs)])
+    return lambda: timed_generation(prefill, step, ids, gen)
 
 
 def bench_ours(n, gen, threads, runs) -> dict:
+    """One `slm bench --json` (its own warm-up, then `runs` runs): its report."""
     cmd = [str(ROOT / "target/release/slm"), "bench", "--prompt-tokens", str(n), "--gen-tokens", str(gen),
            "--threads", str(threads), "--runs", str(runs), "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -120,9 +123,19 @@ def main() -> None:
               "model_onnx_bytes": weight_bytes, "gguf_bytes": gguf_path().stat().st_size, "threads": {}}
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        ours = bench_ours(args.prompt_tokens, args.gen_tokens, threads, args.runs)
-        llama = bench_llamacpp(ids, args.gen_tokens, threads, args.runs)
-        ort = bench_ort(ids, args.gen_tokens, threads, args.runs)
+        # Interleaved rounds (ours, llama.cpp, ONNX Runtime, again...): this machine's speed
+        # drifts by tens of percent over a minute (shared host), and a drift must hit every
+        # runtime alike. Medians over the rounds.
+        llama_run = llamacpp_runner(ids, args.gen_tokens, threads)
+        ort_run = ort_runner(ids, args.gen_tokens, threads)
+        rounds = {"ours": [], "llama.cpp": [], "onnxruntime": []}
+        for _ in range(args.runs):
+            rounds["ours"].append(bench_ours(args.prompt_tokens, args.gen_tokens, threads, 1))
+            rounds["llama.cpp"].append(llama_run())
+            rounds["onnxruntime"].append(ort_run())
+        last = rounds["ours"][-1]
+        ours = {**last, **median_of([{k: r[k] for k in ("ttft_ms", "prefill_tps", "decode_tps")} for r in rounds["ours"]])}
+        llama, ort = median_of(rounds["llama.cpp"]), median_of(rounds["onnxruntime"])
         bound = bw * 1e9 / weight_bytes  # every weight byte read once per decoded token
         report["threads"][threads] = {"ours": ours, "llama.cpp": llama, "onnxruntime": ort, "decode_bound_tps": bound}
         for metric in ("decode_tps", "prefill_tps"):

@@ -16,6 +16,8 @@ mod proto;
 mod qkernel;
 mod quant;
 mod session;
+#[cfg(feature = "threads")]
+mod spin;
 mod tensor;
 
 pub use device::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};

@@ -58,6 +58,7 @@ pub fn set_threads(n: usize) {
     {
         use tract_linalg::multithread::{set_default_executor, Executor};
         set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+        crate::spin::set_threads(n);
     }
     #[cfg(not(feature = "threads"))]
     let _ = n;

@@ -143,10 +143,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Work (multiply-adds) below which a product runs on the calling thread. Waking the pool's
-/// threads costs tens of microseconds (more in a VM): a decode step's layer products (at most
-/// ~0.9 M multiply-adds, ~70 us) ran slower split over 2 threads than on one; the LM head
-/// (28 M) and prefill products gain.
+/// Work (multiply-adds) from which a product is split across the spinning workers
+/// ([`crate::spin`]), which start a job within a microsecond while tokens are generated.
+const SPIN_MIN_MACS: usize = 1 << 16;
+
+/// Work from which a product goes to the tract executor's (rayon) threads when the spinning
+/// workers are taken by another session. Waking a parked pool thread costs tens of microseconds
+/// (more in a VM): a decode step's layer products (at most ~0.9 M multiply-adds, ~70 us) ran
+/// slower split over 2 such threads than on one.
 const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// Runs `f(b0, b1)` over `0..blocks`, split across the tract executor's threads when the work
@@ -155,6 +159,9 @@ pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usi
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{current_tract_executor, Executor};
+        if blocks >= 2 && macs >= SPIN_MIN_MACS && crate::spin::run(blocks, f) {
+            return;
+        }
         if blocks >= 2 && macs >= PARALLEL_MIN_MACS {
             if let Executor::MultiThread(pool) = current_tract_executor() {
                 let threads = pool.current_num_threads();

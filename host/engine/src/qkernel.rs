@@ -37,6 +37,9 @@ pub struct QWeights {
 /// Columns per panel of the packed layout.
 pub const PANEL: usize = 64;
 
+/// Columns of the smallest tile: column ranges given to a kernel start at a multiple of it.
+const BLOCK: usize = 16;
+
 impl std::fmt::Debug for QWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "QWeights {{ k: {}, n: {}, layout: {:?} }}", self.k, self.n, self.layout)
@@ -114,8 +117,9 @@ impl QWeights {
             return;
         }
         let out = OutPtr(y.as_mut_ptr());
-        // Columns go to threads in blocks of a panel (a multiple of every kernel's column tile).
-        let block = PANEL;
+        // Columns go to threads in blocks of 16 (every kernel's smallest column tile), so that a
+        // decode step's products (9 or 3 panels wide) split evenly.
+        let block = BLOCK;
         let blocks = self.n.div_ceil(block);
         let run = |b0: usize, b1: usize| {
             let (n0, n1) = (b0 * block, (b1 * block).min(self.n));
@@ -125,7 +129,7 @@ impl QWeights {
         parallel_ranges(blocks, m * self.k * self.n, &run);
     }
 
-    /// Computes columns `n0..n1` of every row of y.
+    /// Computes columns `n0..n1` (n0 a multiple of [`BLOCK`]) of every row of y.
     unsafe fn columns(&self, x: &[f32], m: usize, y: OutPtr, n0: usize, n1: usize) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -186,13 +190,15 @@ pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usi
 mod portable {
     use super::PANEL;
 
-    /// Packed KN layout, columns n0..n1 (n0 a multiple of PANEL): a panel's accumulators in an
-    /// array the compiler keeps in vector registers.
+    /// Packed KN layout, columns n0..n1: a panel's accumulators in an array the compiler keeps
+    /// in vector registers (whole panels are computed, the columns in range written).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn kn_panels(q: &[i8], scale: &[f32], k: usize, n: usize, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+        let _ = n;
         for p in n0 / PANEL..n1.div_ceil(PANEL) {
             let panel = &q[p * k * PANEL..(p + 1) * k * PANEL];
-            let width = PANEL.min(n - p * PANEL);
+            let lo = n0.max(p * PANEL) - p * PANEL;
+            let hi = n1.min((p + 1) * PANEL) - p * PANEL;
             for row in 0..m {
                 let xr = &x[row * k..(row + 1) * k];
                 let mut acc = [0f32; PANEL];
@@ -202,7 +208,7 @@ mod portable {
                         acc[j] += xv * w[j] as f32;
                     }
                 }
-                for j in 0..width {
+                for j in lo..hi {
                     *y.add(row * n + p * PANEL + j) = acc[j] * scale[p * PANEL + j];
                 }
             }
@@ -248,7 +254,7 @@ mod x86 {
         }
     }
 
-    /// Packed KN layout, columns n0..n1 (n0 a multiple of PANEL).
+    /// Packed KN layout, columns n0..n1 (n0 a multiple of 16).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn kn_panels(q: &[i8], scale: &[f32], k: usize, n: usize, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
@@ -257,24 +263,41 @@ mod x86 {
         for p in n0 / PANEL..n1.div_ceil(PANEL) {
             let panel = q.as_ptr().add(p * k * PANEL);
             let sp = scale.as_ptr().add(p * PANEL);
-            let width = PANEL.min(n - p * PANEL);
+            // The panel's columns in range: lo a multiple of 16, the last panel's padding beyond n.
+            let lo = n0.max(p * PANEL) - p * PANEL;
+            let hi = n1.min((p + 1) * PANEL) - p * PANEL;
             let mut row = 0;
             // Four rows at a time (prefill): each widened weight vector feeds four FMAs; the
             // panel (K x 64 bytes) stays in cache across the row tiles.
             while row + 4 <= m {
                 let xp = x.as_ptr().add(row * k);
-                for s in (0..width).step_by(16) {
+                for s in (lo..hi).step_by(16) {
                     kn_tile::<4, 2>(panel.add(s), k, xp, o.add(s), sp.add(s));
                 }
                 for r in 0..4 {
-                    std::ptr::copy_nonoverlapping(o.add(r * PANEL), y.add((row + r) * n + p * PANEL), width);
+                    std::ptr::copy_nonoverlapping(o.add(r * PANEL + lo), y.add((row + r) * n + p * PANEL + lo), hi - lo);
                 }
                 row += 4;
             }
-            // One row at a time (decode): the whole panel width, a cache line of weights per K step.
+            // One row at a time (decode): the whole panel width, a cache line of weights per K
+            // step; a part of a panel (a thread's share) in tiles of 32 and 16 columns.
             while row < m {
-                kn_tile::<1, 8>(panel, k, x.as_ptr().add(row * k), o, sp);
-                std::ptr::copy_nonoverlapping(o, y.add(row * n + p * PANEL), width);
+                let xr = x.as_ptr().add(row * k);
+                if lo == 0 && hi > 32 {
+                    kn_tile::<1, 8>(panel, k, xr, o, sp);
+                } else {
+                    let mut s = lo;
+                    while s < hi {
+                        if hi - s > 16 {
+                            kn_tile::<1, 4>(panel.add(s), k, xr, o.add(s), sp.add(s));
+                            s += 32;
+                        } else {
+                            kn_tile::<1, 2>(panel.add(s), k, xr, o.add(s), sp.add(s));
+                            s += 16;
+                        }
+                    }
+                }
+                std::ptr::copy_nonoverlapping(o.add(lo), y.add(row * n + p * PANEL + lo), hi - lo);
                 row += 1;
             }
         }

@@ -53,28 +53,39 @@ impl QWeights {
             return Err(format!("int8 weight of {} values and {} scales for K={k} N={n}", q.len(), scale.len()));
         }
         let panels = n.div_ceil(PANEL);
-        let mut packed = vec![0u8; panels * k * PANEL];
-        for p in 0..panels {
-            let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
-            let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
-            match layout {
-                Layout::KN => {
+        let packed = match layout {
+            Layout::KN => {
+                let mut packed = vec![0u8; panels * k * PANEL];
+                for p in 0..panels {
+                    let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
                     for kk in 0..k {
-                        panel[kk * PANEL..kk * PANEL + width].copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
+                        let dst = (p * k + kk) * PANEL;
+                        packed[dst..dst + width].copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
                     }
                 }
-                // A transpose, one panel (64 rows of the file, a few KB) at a time.
-                Layout::NK => {
+                packed
+            }
+            // Panel p holds rows p*64.. of the file, which are exactly the bytes it replaces:
+            // transposed in place, one panel at a time through a small buffer (a tied LM head
+            // is the largest weight; no second copy of it, not even while loading).
+            Layout::NK => {
+                let mut packed = q;
+                packed.resize(panels * k * PANEL, 0);
+                let mut rows = vec![0u8; PANEL * k];
+                for p in 0..panels {
+                    let width = PANEL.min(n - p * PANEL);
+                    let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
+                    rows[..width * k].copy_from_slice(&panel[..width * k]);
+                    panel.fill(0);
                     for j in 0..width {
-                        let row = &q[(c0 + j) * k..(c0 + j + 1) * k];
-                        for (kk, &v) in row.iter().enumerate() {
+                        for (kk, &v) in rows[j * k..(j + 1) * k].iter().enumerate() {
                             panel[kk * PANEL + j] = v;
                         }
                     }
                 }
+                packed
             }
-        }
-        drop(q);
+        };
         let mut scale = scale;
         scale.resize(panels * PANEL, 0.0);
         Ok(QWeights { k, n, layout, q: packed, scale })

@@ -13,6 +13,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
+use crate::qkernel::OutPtr;
 use crate::quant::{attr, init_f32, remove_dead_nodes};
 
 const OP: &str = "SlmAttention";
@@ -236,20 +237,6 @@ impl EvalOp for Attention {
         };
         crate::qkernel::parallel_ranges(rows, rows * t * (d + dv), &run);
         Ok(tvec!(Tensor::from_shape(&out_shape, &out)?.into_tvalue()))
-    }
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the threads that share it write disjoint rows.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// (A method, so that closures capture the whole Send + Sync wrapper.)
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the output buffer.
-        unsafe { self.0.add(i) }
     }
 }
 

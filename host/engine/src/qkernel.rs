@@ -153,19 +153,29 @@ impl QWeights {
 }
 
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the threads that share it write disjoint columns.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: the threads that share it write disjoint parts (columns here, rows in attention).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// (A method, so that closures capture the whole Send + Sync wrapper.)
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the output buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// Work (multiply-adds) from which a product is split across the spinning workers
 /// ([`crate::spin`]), which start a job within a microsecond while tokens are generated.
+#[cfg(feature = "threads")]
 const SPIN_MIN_MACS: usize = 1 << 16;
 
 /// Work from which a product goes to the tract executor's (rayon) threads when the spinning
 /// workers are taken by another session. Waking a parked pool thread costs tens of microseconds
 /// (more in a VM): a decode step's layer products (at most ~0.9 M multiply-adds, ~70 us) ran
 /// slower split over 2 such threads than on one.
+#[cfg(feature = "threads")]
 const PARALLEL_MIN_MACS: usize = 1 << 22;
 
 /// Runs `f(b0, b1)` over `0..blocks`, split across the tract executor's threads when the work

@@ -11,6 +11,10 @@ Weight layouts (one file each):
         activations stay float32; the tied embedding / LM head int8 with one scale per token row.
   q4    symmetric 4-bit blocks of 32 (com.microsoft MatMulNBits, Q4_0-style) for the block matmuls;
         embedding / LM head as in int8. Not faithful for this model: kept to measure against.
+  q4_1  asymmetric 4-bit blocks of 32 (Q4_1: value = d * q + m, d and m float16) for the block
+        matmuls, written as MatMulNBits with float zero points (zp = -m / d); embedding / LM head
+        as in int8. The default model's GGUF stores these weights as Q4_1, so this layout holds
+        them exactly, in 5 bits per weight.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .spec import LlamaModel
 
-LAYOUTS = ("f32", "int8", "q4")
+LAYOUTS = ("f32", "int8", "q4", "q4_1")
 OPSET = 17
 NEG_INF = -1e9  # finite: a fully masked row never turns into NaN
 
@@ -69,6 +73,22 @@ def _quant_q4_blocks(w: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.nda
     return packed, scale.reshape(-1)
 
 
+def _quant_q4_1_blocks(w: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 blocks along the input dim of w [out, in]: value = d * q + m, q in 0..15, d and m
+    float16 (as llama.cpp writes them). Weights that are already Q4_1 values (the default GGUF)
+    come back exactly: m is the block's minimum and d its range / 15.
+    Returns (packed [out, in/32, 16] low nibble first, scales d [out*in/32], zero points -m/d)."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // block, block).astype(np.float32)
+    lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+    m = lo.astype(np.float16).astype(np.float32)
+    d = ((hi - m) / 15.0).astype(np.float16).astype(np.float32)
+    d = np.where(d > 0, d, 1.0).astype(np.float32)  # a constant block: q = 0, value = m
+    q = np.clip(np.round((blocks - m[..., None]) / d[..., None]), 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return packed, d.reshape(-1), (-m / d).astype(np.float32).reshape(-1)
+
+
 def _dequant(b: _Builder, q: str, scale: str, hint: str) -> str:
     """int8 -> float32 as Cast * scale (scale broadcast per output channel).
 
@@ -92,6 +112,10 @@ def _linear(b: _Builder, x: str, w: np.ndarray, layout: str, hint: str) -> str:
         packed, scale = _quant_q4_blocks(w)
         return b.op("MatMulNBits", [x, b.const(packed, hint + "_q4"), b.const(scale, hint + "_s")], hint,
                     domain="com.microsoft", K=in_f, N=out_f, bits=4, block_size=32)
+    if layout == "q4_1":
+        packed, scale, zero = _quant_q4_1_blocks(w)
+        return b.op("MatMulNBits", [x, b.const(packed, hint + "_q4"), b.const(scale, hint + "_s"), b.const(zero, hint + "_zp")],
+                    hint, domain="com.microsoft", K=in_f, N=out_f, bits=4, block_size=32)
     raise ValueError(layout)
 
 
@@ -203,12 +227,12 @@ def build_graph(model: LlamaModel, layout: str) -> onnx.ModelProto:
         head_t = b.op("Transpose", [table], "lm_head_t", perm=[1, 0])
         b.op("MatMul", [last, head_t], outputs=["logits"])
     else:
-        head = _linear(b, last, w["lm_head.weight"], layout if layout != "q4" else "int8", "lm_head")
+        head = _linear(b, last, w["lm_head.weight"], layout if layout in ("f32", "int8") else "int8", "lm_head")
         b.op("Identity", [head], outputs=["logits"])
 
     graph = helper.make_graph(b.nodes, "llama_decoder", inputs, outputs, b.inits)
     opsets = [helper.make_opsetid("", OPSET)]
-    if layout == "q4":
+    if layout in ("q4", "q4_1"):
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     m = helper.make_model(graph, opset_imports=opsets, producer_name="edge-slm slmconv")
     m.ir_version = 8

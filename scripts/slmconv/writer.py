@@ -11,11 +11,17 @@ import onnx
 from . import graph, tokenizer
 from .spec import LlamaModel
 
-DEFAULT_LAYOUT = "int8"
+# Q4_1: the default GGUF's own layer weights, exactly, in 5 bits per weight (graph.py).
+DEFAULT_LAYOUT = "q4_1"
 
 
-def variant_file(layout: str) -> str:
-    return "model.onnx" if layout == DEFAULT_LAYOUT else f"model_{layout}.onnx"
+def default_layout(layouts: list[str]) -> str:
+    """The layout written as model.onnx: the default, or the first one asked for without it."""
+    return DEFAULT_LAYOUT if DEFAULT_LAYOUT in layouts else layouts[0]
+
+
+def variant_file(layout: str, layouts: list[str]) -> str:
+    return "model.onnx" if layout == default_layout(layouts) else f"model_{layout}.onnx"
 
 
 def config_json(model: LlamaModel, layouts: list[str]) -> dict:
@@ -41,8 +47,8 @@ def config_json(model: LlamaModel, layouts: list[str]) -> dict:
         "torch_dtype": "float32",
         "edge_slm": {
             "source": model.name,
-            "default_layout": DEFAULT_LAYOUT,
-            "variants": {layout: variant_file(layout) for layout in layouts},
+            "default_layout": default_layout(layouts),
+            "variants": {layout: variant_file(layout, layouts) for layout in layouts},
             "onnx_logits": "last_position",
         },
     }
@@ -75,9 +81,9 @@ def write_model_dir(model: LlamaModel, out_dir: str, layouts: list[str], log=pri
         dump("generation_config.json", generation_config(model))
         for layout in layouts:
             proto = graph.build_graph(model, layout)
-            path = os.path.join(tmp, variant_file(layout))
+            path = os.path.join(tmp, variant_file(layout, layouts))
             onnx.save_model(proto, path)
-            log(f"  wrote {variant_file(layout)} ({layout}, {os.path.getsize(path) / 1e6:.1f} MB)")
+            log(f"  wrote {variant_file(layout, layouts)} ({layout}, {os.path.getsize(path) / 1e6:.1f} MB)")
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         os.chmod(tmp, 0o755)

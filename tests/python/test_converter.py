@@ -17,7 +17,7 @@ FILES = ["model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json",
 
 
 def test_default_model_directory(model_dir):
-    for f in FILES + ["model_f32.onnx", "model_q4.onnx"]:
+    for f in FILES + ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]:
         assert (model_dir / f).is_file(), f
     cfg = json.loads((model_dir / "config.json").read_text())
     # Values read from the GGUF metadata.
@@ -27,7 +27,7 @@ def test_default_model_directory(model_dir):
     assert 2 in gen["eos_token_id"]
 
 
-@pytest.mark.parametrize("file", ["model.onnx", "model_f32.onnx", "model_q4.onnx"])
+@pytest.mark.parametrize("file", ["model.onnx", "model_f32.onnx", "model_int8.onnx", "model_q4.onnx"])
 def test_onnx_interface(model_dir, file):
     m = onnx.load(str(model_dir / file), load_external_data=False)
     onnx.checker.check_model(m)
@@ -119,8 +119,8 @@ def test_other_llama_gguf_converts_from_metadata(gguf, tmp_path):
 
     write_model_dir(model, str(tmp_path / "direct"), ["f32"], log=lambda m: None)
     ids = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47]
-    got = OrtModel(str(tmp_path / "converted"), "model_f32.onnx").stepwise_logits(ids)
-    want = OrtModel(str(tmp_path / "direct"), "model_f32.onnx").stepwise_logits(ids)
+    got = OrtModel(str(tmp_path / "converted"), "model.onnx").stepwise_logits(ids)
+    want = OrtModel(str(tmp_path / "direct"), "model.onnx").stepwise_logits(ids)
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
@@ -166,3 +166,23 @@ def test_failed_conversion_keeps_previous_output(gguf, tmp_path, tiny_dir):
     assert run_converter("tiny", str(out), "--tokenizer-from", str(gguf), "--layouts", "int8").returncode == 0
     r = run_converter("gguf", str(tmp_path / "missing.gguf"), str(out))
     assert r.returncode == 1 and (out / "model.onnx").is_file()
+
+
+def test_q4_1_layout_holds_the_gguf_weights_exactly(gguf):
+    """The default GGUF stores its layer weights as Q4_1: the q4_1 layout (the default model.onnx)
+    recovers every block's scale, offset and values, so its weights are the f32 reference's."""
+    from slmconv.graph import _quant_q4_1_blocks
+
+    model = read_gguf(str(gguf))
+    checked = 0
+    for name, w in model.weights.items():
+        if w.ndim != 2 or "embed" in name:
+            continue
+        packed, d, zero = _quant_q4_1_blocks(w)
+        n, k = w.shape
+        q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 32).astype(np.float32)
+        back = q * d.reshape(n, -1, 1) - (zero * d).reshape(n, -1, 1)
+        assert np.abs(back.reshape(n, k) - w).max() <= 1e-6 * max(1.0, np.abs(w).max()), name
+        assert (d.astype(np.float16).astype(np.float32) == d).all(), name  # float16 scales, as Q4_1
+        checked += 1
+    assert checked == 30 * 7

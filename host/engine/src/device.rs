@@ -184,7 +184,8 @@ fn parse_plain(source: Source, name: &str) -> Result<InferenceModel, EngineError
         }
         Source::Bytes(bytes) => (proto::read_bytes(bytes), None),
     };
-    let proto = proto.map_err(|e| EngineError::load(name, e))?;
+    let mut proto = proto.map_err(|e| EngineError::load(name, e))?;
+    crate::quant::dequantize_nbits(&mut proto);
     let parsed = tract_onnx::onnx().parse(&proto, dir).map_err(|e| EngineError::load(name, e))?;
     drop(proto);
     if !parsed.unresolved_inputs.is_empty() {

@@ -13,6 +13,7 @@ mod device;
 mod error;
 mod model;
 mod proto;
+mod q4kernel;
 mod qkernel;
 mod quant;
 mod session;

@@ -102,7 +102,7 @@ impl Model {
     }
 
     /// Parses the protobuf after fusing its attention chains ([`attention::Attention`]) and
-    /// moving its int8 weights into [`quant::QMatMul`] nodes.
+    /// moving its int8 and Q4_1 weights into [`quant::QMatMul`] nodes.
     fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, dir: Option<&str>) -> TractResult<InferenceModel> {
         attention::rewrite(&mut proto);
         let weights = quant::rewrite(&mut proto);
@@ -160,7 +160,13 @@ impl Model {
     /// How many matrix products of the plan run on int8 weights (our [`quant::QMatMul`]).
     #[doc(hidden)]
     pub fn int8_matmuls(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_is::<quant::QMatMul>()).count()
+        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| !q.is_q4_1())).count()
+    }
+
+    /// How many matrix products of the plan run on Q4_1 weights (our [`quant::QMatMul`]).
+    #[doc(hidden)]
+    pub fn q4_1_matmuls(&self) -> usize {
+        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| q.is_q4_1())).count()
     }
 
     /// How many row lookups of the plan read int8 tables shared with a [`quant::QMatMul`].

@@ -9,6 +9,9 @@
 //! in registers ([`crate::qkernel`]). The `Cast`, `Mul` and initializers that fed only rewritten
 //! nodes are dropped. Nothing else changes: the result is the same product (up to the order of
 //! the additions) and the ONNX file stays what ONNX Runtime runs.
+//!
+//! Q4_1 weights (`com.microsoft` `MatMulNBits`, 4 bits, blocks of 32, with zero points) become
+//! the same `SlmQMatMul` node, run on [`Q4Weights`] ([`crate::q4kernel`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,6 +22,9 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
+use half::f16;
+
+use crate::q4kernel::{Q4Weights, QBLOCK};
 use crate::qkernel::{Layout, QWeights};
 
 const OP: &str = "SlmQMatMul";
@@ -26,7 +32,7 @@ const GATHER: &str = "SlmQGather";
 
 thread_local! {
     /// Weights of the rewritten nodes, by key, while tract parses the rewritten protobuf.
-    static PENDING: RefCell<HashMap<String, Arc<QWeights>>> = RefCell::new(HashMap::new());
+    static PENDING: RefCell<HashMap<String, Packed>> = RefCell::new(HashMap::new());
 }
 
 /// Registers the op builder that turns rewritten nodes into [`QMatMul`].
@@ -36,14 +42,61 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
 }
 
 /// Runs `f` (the parse of a protobuf rewritten by [`rewrite`]) with `weights` available to it.
-pub fn with_weights<R>(weights: HashMap<String, Arc<QWeights>>, f: impl FnOnce() -> R) -> R {
+pub fn with_weights<R>(weights: HashMap<String, Packed>, f: impl FnOnce() -> R) -> R {
     PENDING.with(|p| *p.borrow_mut() = weights);
     let r = f();
     PENDING.with(|p| p.borrow_mut().clear());
     r
 }
 
-fn pending_weights(node: &pb::NodeProto) -> TractResult<Arc<QWeights>> {
+/// The weight of a rewritten product, in one of the packed formats.
+#[derive(Clone)]
+pub enum Packed {
+    Int8(Arc<QWeights>),
+    Q4_1(Arc<Q4Weights>),
+}
+
+impl Packed {
+    fn k(&self) -> usize {
+        match self {
+            Packed::Int8(w) => w.k,
+            Packed::Q4_1(w) => w.k,
+        }
+    }
+
+    fn n(&self) -> usize {
+        match self {
+            Packed::Int8(w) => w.n,
+            Packed::Q4_1(w) => w.n,
+        }
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        match self {
+            Packed::Int8(w) => w.matmul(x, m, y),
+            Packed::Q4_1(w) => w.matmul(x, m, y),
+        }
+    }
+
+    fn same(&self, other: &Packed) -> bool {
+        match (self, other) {
+            (Packed::Int8(a), Packed::Int8(b)) => Arc::ptr_eq(a, b),
+            (Packed::Q4_1(a), Packed::Q4_1(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Packed::Int8(w) => w.fmt(f),
+            Packed::Q4_1(w) => w.fmt(f),
+        }
+    }
+}
+
+fn pending_weights(node: &pb::NodeProto) -> TractResult<Packed> {
     let key = node
         .attribute
         .iter()
@@ -58,8 +111,10 @@ fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn In
 }
 
 fn build_gather(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let w = pending_weights(node)?;
-    ensure!(w.layout == Layout::NK, "{GATHER} needs a table of rows (a transposed MatMul weight)");
+    let w = match pending_weights(node)? {
+        Packed::Int8(w) if w.layout == Layout::NK => w,
+        _ => bail!("{GATHER} needs an int8 table of rows (a transposed MatMul weight)"),
+    };
     Ok((expand(QGatherExpansion { w }), vec![]))
 }
 
@@ -161,7 +216,7 @@ impl TypedOp for QGather {
 /// The inference-time face of [`QMatMul`]: `x [.., K] -> y [.., N]`, f32.
 #[derive(Debug, Clone)]
 struct QMatMulExpansion {
-    w: Arc<QWeights>,
+    w: Packed,
 }
 
 impl Expansion for QMatMulExpansion {
@@ -180,7 +235,7 @@ impl Expansion for QMatMulExpansion {
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].rank, &inputs[0].rank)?;
-        let (k, n) = (self.w.k.to_dim(), self.w.n.to_dim());
+        let (k, n) = (self.w.k().to_dim(), self.w.n().to_dim());
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = rank as usize;
             for ax in 0..rank - 1 {
@@ -197,10 +252,17 @@ impl Expansion for QMatMulExpansion {
     }
 }
 
-/// `y = x @ dequant(W)`: x f32 `[.., K]`, y f32 `[.., N]`, W int8 with per-channel scales.
+/// `y = x @ dequant(W)`: x f32 `[.., K]`, y f32 `[.., N]`, W int8 with per-channel scales or
+/// Q4_1 blocks.
 #[derive(Clone)]
 pub struct QMatMul {
-    pub w: Arc<QWeights>,
+    pub w: Packed,
+}
+
+impl QMatMul {
+    pub fn is_q4_1(&self) -> bool {
+        matches!(self.w, Packed::Q4_1(_))
+    }
 }
 
 impl std::fmt::Debug for QMatMul {
@@ -211,7 +273,7 @@ impl std::fmt::Debug for QMatMul {
 
 impl PartialEq for QMatMul {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.w, &other.w)
+        self.w.same(&other.w)
     }
 }
 impl Eq for QMatMul {}
@@ -222,7 +284,7 @@ impl Op for QMatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("int8 {:?} K={} N={}", self.w.layout, self.w.k, self.w.n)])
+        Ok(vec![format!("{:?}", self.w)])
     }
 
     op_as_typed_op!();
@@ -234,10 +296,11 @@ impl EvalOp for QMatMul {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = &inputs[0];
         let shape = x.shape();
-        ensure!(shape.last() == Some(&self.w.k), "{OP}: input shape {shape:?}, K={}", self.w.k);
-        let m = x.len() / self.w.k;
+        let (k, n) = (self.w.k(), self.w.n());
+        ensure!(shape.last() == Some(&k), "{OP}: input shape {shape:?}, K={k}");
+        let m = x.len() / k;
         let mut out_shape: TVec<usize> = shape.into();
-        *out_shape.last_mut().unwrap() = self.w.n;
+        *out_shape.last_mut().unwrap() = n;
         let plain = x.try_as_plain_ram()?;
         let xs: &[f32] = plain.as_slice()?;
         // SAFETY: every element is written by the matmul.
@@ -255,13 +318,13 @@ impl TypedOp for QMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape = inputs[0].shape.to_tvec();
         ensure!(!shape.is_empty(), "{OP} needs a rank >= 1 input");
-        *shape.last_mut().unwrap() = self.w.n.to_dim();
+        *shape.last_mut().unwrap() = self.w.n().to_dim();
         Ok(tvec!(f32::fact(shape)))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
-        Ok(tvec!((Cost::FMA(f32::datum_type()), rows * (self.w.k * self.w.n))))
+        Ok(tvec!((Cost::FMA(f32::datum_type()), rows * (self.w.k() * self.w.n()))))
     }
 
     as_op!();
@@ -322,11 +385,27 @@ struct Found {
     scale: Vec<f32>,
 }
 
-/// Replaces `MatMul(x, [Transpose](Cast(Q int8) * scale))` by `SlmQMatMul(x)` nodes; returns their
-/// weights by key, for [`with_weights`]. Patterns that do not fit exactly are left to tract.
-pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
+/// Replaces `MatMul(x, [Transpose](Cast(Q int8) * scale))` and Q4_1 `MatMulNBits(x, ...)` by
+/// `SlmQMatMul(x)` nodes; returns their weights by key, for [`with_weights`]. Patterns that do not
+/// fit exactly are left to tract.
+pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Packed> {
     let mut weights = HashMap::new();
     let Some(graph) = proto.graph.as_mut() else { return weights };
+    rewrite_q4_1(graph, &mut weights);
+    rewrite_int8(graph, &mut weights);
+    weights
+}
+
+fn weights_attribute(key: &str) -> Vec<pb::AttributeProto> {
+    vec![pb::AttributeProto {
+        name: "weights".into(),
+        r#type: pb::attribute_proto::AttributeType::String as i32,
+        s: key.as_bytes().to_vec(),
+        ..Default::default()
+    }]
+}
+
+fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>) {
     let producer: HashMap<String, usize> =
         graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
     let inits: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
@@ -397,7 +476,7 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
         }
     }
     if rewrites.is_empty() {
-        return weights;
+        return;
     }
     let mut pending = vec![];
     for (i, found) in rewrites {
@@ -406,12 +485,7 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
         node.op_type = OP.to_string();
         node.domain = String::new();
         node.input.truncate(1);
-        node.attribute = vec![pb::AttributeProto {
-            name: "weights".into(),
-            r#type: pb::attribute_proto::AttributeType::String as i32,
-            s: key.clone().into_bytes(),
-            ..Default::default()
-        }];
+        node.attribute = weights_attribute(&key);
         pending.push((key, found));
     }
     // A Gather of rows from an int8 table that a rewritten NK MatMul also reads (a tied
@@ -424,12 +498,7 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
             if let Some(key) = tables.get(&node.input[0]) {
                 node.op_type = GATHER.to_string();
                 node.input.remove(0);
-                node.attribute = vec![pb::AttributeProto {
-                    name: "weights".into(),
-                    r#type: pb::attribute_proto::AttributeType::String as i32,
-                    s: key.clone().into_bytes(),
-                    ..Default::default()
-                }];
+                node.attribute = weights_attribute(key);
             }
         }
     }
@@ -448,11 +517,145 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Arc<QWeights>> {
             init_i8(t).expect("checked int8 initializer")
         };
         if let Ok(w) = QWeights::new(found.k, found.n, found.layout, values, found.scale) {
-            weights.insert(key, Arc::new(w));
+            weights.insert(key, Packed::Int8(Arc::new(w)));
         }
     }
     graph.initializer.retain(|t| used.contains(&t.name));
-    weights
+}
+
+const UINT8: i32 = 2;
+
+/// Replaces `MatMulNBits` nodes (4 bits, blocks of 32, no `g_idx` or bias) whose scales and
+/// offsets are float16 values (as Q4_1 stores them) by `SlmQMatMul` on [`Q4Weights`]. Zero
+/// points: float (`m = -zp * d`), packed 4-bit, or absent (8).
+fn rewrite_q4_1(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>) {
+    let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut found = vec![];
+    for (i, node) in graph.node.iter().enumerate() {
+        if let Some(w) = q4_1_weight(node, &inits) {
+            found.push((i, w));
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    for (i, w) in found {
+        let node = &mut graph.node[i];
+        let key = format!("{}#q4_1#{i}", node.input[1]);
+        node.op_type = OP.to_string();
+        node.domain = String::new();
+        node.input.truncate(1);
+        node.attribute = weights_attribute(&key);
+        weights.insert(key, Packed::Q4_1(Arc::new(w)));
+    }
+    let used = remove_dead_nodes(graph);
+    graph.initializer.retain(|t| used.contains(&t.name));
+}
+
+/// A 4-bit `MatMulNBits` (blocks of 32, no `g_idx` or bias) read from its initializers:
+/// value(c, k) = scale * (q - zero) per block.
+struct NBits<'a> {
+    k: usize,
+    n: usize,
+    /// `[N][K/32][16]`, two values per byte, low nibble first.
+    raw: &'a [u8],
+    scale: Vec<f32>,
+    zero: Vec<f32>,
+}
+
+impl NBits<'_> {
+    fn q(&self, c: usize, kk: usize) -> u8 {
+        self.raw[c * self.k / 2 + kk / 2] >> (4 * (kk % 2)) & 15
+    }
+}
+
+fn nbits<'a>(node: &pb::NodeProto, inits: &HashMap<&str, &'a pb::TensorProto>) -> Option<NBits<'a>> {
+    if node.op_type != "MatMulNBits" || node.domain != "com.microsoft" {
+        return None;
+    }
+    let int = |name: &str| attr(node, name).map(|a| a.i);
+    let (k, n) = (int("K")? as usize, int("N")? as usize);
+    if int("bits") != Some(4) || int("block_size") != Some(QBLOCK as i64) || k % QBLOCK != 0 || node.input.len() < 3 {
+        return None;
+    }
+    if node.input.iter().skip(4).any(|i| !i.is_empty()) {
+        return None; // g_idx or bias
+    }
+    let kb = k / QBLOCK;
+    let b = inits.get(node.input[1].as_str())?;
+    if b.data_type != UINT8 || b.data_location == Some(1) || b.raw_data.len() != n * kb * QBLOCK / 2 {
+        return None;
+    }
+    let scale = init_f32(inits.get(node.input[2].as_str())?)?;
+    let zero: Vec<f32> = match node.input.get(3).filter(|z| !z.is_empty()) {
+        None => vec![8.0; n * kb],
+        Some(z) => {
+            let z = inits.get(z.as_str())?;
+            if let Some(f) = init_f32(z) {
+                f
+            } else if z.data_type == UINT8 && z.data_location != Some(1) && z.raw_data.len() == n * kb.div_ceil(2) {
+                // Two 4-bit zero points per byte, low nibble first, each row padded to whole bytes.
+                (0..n * kb).map(|i| (z.raw_data[(i / kb) * kb.div_ceil(2) + (i % kb) / 2] >> (4 * (i % kb % 2)) & 15) as f32).collect()
+            } else {
+                return None;
+            }
+        }
+    };
+    (scale.len() == n * kb && zero.len() == n * kb).then_some(NBits { k, n, raw: &b.raw_data, scale, zero })
+}
+
+fn q4_1_weight(node: &pb::NodeProto, inits: &HashMap<&str, &pb::TensorProto>) -> Option<Q4Weights> {
+    let w = nbits(node, inits)?;
+    // Held as float16: only when that is exact (to f32 rounding), as for a Q4_1 export.
+    let exact_f16 = |v: f32| {
+        let h = f16::from_f32(v);
+        ((h.to_f32() - v).abs() <= 1e-5 * v.abs()).then_some(h)
+    };
+    let d: Vec<f16> = w.scale.iter().map(|&s| exact_f16(s)).collect::<Option<_>>()?;
+    let m: Vec<f16> = w.scale.iter().zip(&w.zero).map(|(&s, &z)| exact_f16(-z * s)).collect::<Option<_>>()?;
+    Q4Weights::new(w.k, w.n, |c, kk| w.q(c, kk), &d, &m).ok()
+}
+
+/// Replaces every 4-bit `MatMulNBits` by a `MatMul` on its dequantized f32 weight, for front ends
+/// that do not run it (tract's own import has no zero points; the GPU plan runs f32 weights).
+pub fn dequantize_nbits(proto: &mut pb::ModelProto) {
+    let Some(graph) = proto.graph.as_mut() else { return };
+    let mut dense = vec![];
+    {
+        let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+        for (i, node) in graph.node.iter().enumerate() {
+            if let Some(w) = nbits(node, &inits) {
+                let kb = w.k / QBLOCK;
+                let mut kn = vec![0u8; w.k * w.n * 4];
+                for c in 0..w.n {
+                    for kk in 0..w.k {
+                        let (s, z) = (w.scale[c * kb + kk / QBLOCK], w.zero[c * kb + kk / QBLOCK]);
+                        let v = s * (w.q(c, kk) as f32 - z);
+                        kn[(kk * w.n + c) * 4..][..4].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                dense.push((i, w.k, w.n, kn));
+            }
+        }
+    }
+    for (i, k, n, raw) in dense {
+        let name = format!("{}_dequantized", graph.node[i].input[1]);
+        let node = &mut graph.node[i];
+        node.op_type = "MatMul".into();
+        node.domain = String::new();
+        node.input.truncate(1);
+        node.input.push(name.clone());
+        node.attribute.clear();
+        graph.initializer.push(pb::TensorProto {
+            name,
+            dims: vec![k as i64, n as i64],
+            data_type: FLOAT,
+            raw_data: raw,
+            ..Default::default()
+        });
+    }
+    let used = remove_dead_nodes(graph);
+    graph.initializer.retain(|t| used.contains(&t.name));
 }
 
 /// Drops nodes whose outputs nobody reads; returns the names still read (by nodes or as outputs).

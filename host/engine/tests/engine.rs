@@ -12,6 +12,9 @@ const PREFILL: [i64; 10] = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
 const STEPS: [i64; 3] = [2, 198, 1];
 const REWIND_AT: i64 = 6;
 const REWIND_IDS: [i64; 2] = [30, 31];
+/// Max |ours - ONNX Runtime| on the tiny model's Q4_1 logits (see `logits_match_onnx_runtime`):
+/// measured 1.2 on logits up to 50 (std 8). A weight read wrongly moves them by 5 or more.
+const TOL_Q4_1: f32 = 2.5;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -63,7 +66,7 @@ fn engine_script(model: &Arc<Model>) -> Vec<Vec<f32>> {
 
 #[test]
 fn every_layout_loads_and_reports_its_shape() {
-    for file in ["model.onnx", "model_f32.onnx", "model_q4.onnx"] {
+    for file in ["model.onnx", "model_int8.onnx", "model_f32.onnx", "model_q4.onnx"] {
         let m = load(file);
         let info = m.info();
         assert_eq!((info.layers, info.kv_heads, info.head_dim, info.vocab), (2, 2, 16, 49152), "{file}");
@@ -73,28 +76,33 @@ fn every_layout_loads_and_reports_its_shape() {
 #[test]
 fn attention_is_fused_in_every_layout() {
     // One SlmAttention per layer; `logits_match_onnx_runtime` checks what it computes.
-    for file in ["model.onnx", "model_f32.onnx", "model_q4.onnx"] {
+    for file in ["model.onnx", "model_int8.onnx", "model_f32.onnx", "model_q4.onnx"] {
         assert_eq!(load(file).fused_attentions(), 2, "{file}");
     }
 }
 
 #[test]
-fn int8_weights_stay_int8() {
-    // 7 matrix products per layer and the tied LM head run on int8 weights; the f32 reference
-    // has none; the q4 layout keeps only its int8 LM head.
-    // The embedding lookup reads the rows of the tied head's table (held once).
-    for (file, matmuls, gathers) in [("model.onnx", 2 * 7 + 1, 1), ("model_f32.onnx", 0, 0), ("model_q4.onnx", 1, 1)] {
+fn quantized_weights_stay_quantized() {
+    // Default (Q4_1): 7 matrix products per layer on Q4_1 weights, the tied LM head on int8.
+    // int8: all 7 and the head on int8. The f32 reference has none; q4 (symmetric, f32 scales,
+    // left to tract) keeps only its int8 LM head. The embedding lookup reads the rows of the tied
+    // head's table (held once).
+    for (file, q4_1, int8, gathers) in
+        [("model.onnx", 2 * 7, 1, 1), ("model_int8.onnx", 0, 2 * 7 + 1, 1), ("model_f32.onnx", 0, 0, 0), ("model_q4.onnx", 0, 1, 1)]
+    {
         let m = load(file);
-        assert_eq!((m.int8_matmuls(), m.int8_gathers()), (matmuls, gathers), "{file}");
+        assert_eq!((m.q4_1_matmuls(), m.int8_matmuls(), m.int8_gathers()), (q4_1, int8, gathers), "{file}");
     }
 }
 
 #[test]
 fn logits_match_onnx_runtime() {
-    // Tolerance: f32 kernels differ in summation order; 2e-3 absolute on logits of magnitude ~10.
-    let tolerance = 2e-3;
+    // Tolerance: f32 and int8 kernels differ from ONNX Runtime's in summation order only; 2e-3
+    // absolute on logits of magnitude ~10. The Q4_1 kernels also round activations to 8 bits per
+    // block of 32 (ONNX Runtime keeps them f32), which moves these logits by up to TOL_Q4_1; its
+    // effect on perplexity is bounded on the real model (tests/python/test_quality.py).
     let mut failures = vec![];
-    for file in ["model_f32.onnx", "model.onnx"] {
+    for (file, tolerance) in [("model_f32.onnx", 2e-3), ("model_int8.onnx", 2e-3), ("model.onnx", TOL_Q4_1)] {
         let out = root().join(format!("target/test-models/ort-{file}.json"));
         let status = Command::new(root().join(".venv/bin/python"))
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_reference.py"))
@@ -107,11 +115,13 @@ fn logits_match_onnx_runtime() {
         assert_eq!(ours.len(), reference.len());
         let diffs: Vec<f32> = ours.iter().zip(&reference).map(|(a, b)| max_diff(a, b)).collect();
         eprintln!("{file}: max |tract - ort| per step {diffs:?}");
-        if diffs.iter().any(|d| *d >= tolerance) {
-            failures.push(format!("{file}: max |tract - ort| per step {diffs:?}"));
+        let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
+        let same_top1 = ours.iter().zip(&reference).all(|(a, b)| argmax(a) == argmax(b));
+        if diffs.iter().any(|d| *d >= tolerance) || !same_top1 {
+            failures.push(format!("{file}: max |tract - ort| per step {diffs:?} (bound {tolerance}), same top-1: {same_top1}"));
         }
     }
-    assert!(failures.is_empty(), "over tolerance {tolerance}: {failures:?}");
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 /// q4 (MatMulNBits, not faithful and not the default) runs in tract, but its logits are far from
@@ -240,6 +250,7 @@ fn loading_from_bytes_equals_loading_the_file() {
     let bytes = std::fs::read(tiny_dir().join("model.onnx")).unwrap();
     let from_bytes = Arc::new(Model::from_bytes(&bytes).unwrap());
     assert_eq!(from_bytes.int8_matmuls(), from_file.int8_matmuls());
+    assert_eq!(from_bytes.q4_1_matmuls(), from_file.q4_1_matmuls());
     let a = step(&mut Session::new(from_file), &PREFILL, 0);
     let b = step(&mut Session::new(from_bytes), &PREFILL, 0);
     assert_eq!(a, b);

@@ -12,7 +12,8 @@
 //! its effect on perplexity is measured by the quality tests (tests/python/test_quality.py).
 //!
 //! Kernels: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) or AVX2 (`vpmaddubsw`) on x86_64,
-//! detected at run time; a portable version elsewhere (wasm32).
+//! detected at run time; simd128 (`i32x4.dot_i16x8_s`) on wasm32 built with it (the guests are);
+//! a portable version elsewhere.
 
 use half::f16;
 
@@ -123,6 +124,9 @@ impl Q4Weights {
                 return x86::panels_avx2(self, x, m, y.0, p0, p1);
             }
         }
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        return wasm::panels(self, x, m, y.0, p0, p1);
+        #[allow(unreachable_code)]
         portable::panels(self, x, m, y.0, p0, p1)
     }
 }
@@ -206,6 +210,70 @@ mod portable {
                 for (j, v) in facc[..cols].iter().enumerate() {
                     *y.add(row * n + p * Q4_PANEL + j) = *v;
                 }
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm {
+    use std::arch::wasm32::*;
+
+    use super::*;
+
+    /// Four float16 at `p` as f32 (finite values: the exponent is rebased by a multiply, which
+    /// also handles zeros and subnormals).
+    #[inline(always)]
+    unsafe fn f16x4(p: *const f16) -> v128 {
+        let h = u32x4_extend_low_u16x8(v128_load64_zero(p as *const u64));
+        let magnitude = f32x4_mul(u32x4_shl(v128_and(h, u32x4_splat(0x7fff)), 13), f32x4_splat(f32::from_bits(0x7780_0000))); // 2^112
+        v128_or(magnitude, u32x4_shl(v128_and(h, u32x4_splat(0x8000)), 16))
+    }
+
+    pub unsafe fn panels(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+        let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
+        let nib = u8x16_splat(15);
+        let mut out = [0f32; Q4_PANEL];
+        for p in p0..p1 {
+            let cols = Q4_PANEL.min(n - p * Q4_PANEL);
+            for row in 0..m {
+                let mut facc = [f32x4_splat(0.0); Q4_PANEL / 4];
+                for b in 0..kb {
+                    let blk = w.q.as_ptr().add((p * kb + b) * BLOCK_BYTES);
+                    let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
+                    // Per 4 columns: two lanes per column (pairs of K values), added at the end.
+                    let mut acc = [[i32x4_splat(0); 2]; Q4_PANEL / 4];
+                    for g in 0..4 {
+                        let xg = xq.add(8 * g);
+                        let a = *(xg as *const [i8; 4]);
+                        let bb = *(xg.add(4) as *const [i8; 4]);
+                        let xa = i16x8(a[0] as i16, a[1] as i16, a[2] as i16, a[3] as i16, a[0] as i16, a[1] as i16, a[2] as i16, a[3] as i16);
+                        let xb = i16x8(bb[0] as i16, bb[1] as i16, bb[2] as i16, bb[3] as i16, bb[0] as i16, bb[1] as i16, bb[2] as i16, bb[3] as i16);
+                        for (c4, acc) in acc.iter_mut().enumerate() {
+                            let v = v128_load(blk.add(g * 128 + c4 * 16) as *const v128);
+                            let (lo, hi) = (v128_and(v, nib), u8x16_shr(v, 4));
+                            acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(lo), xa));
+                            acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(hi), xb));
+                            acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(lo), xa));
+                            acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(hi), xb));
+                        }
+                    }
+                    let i = row * kb + b;
+                    let (xs, sx) = (f32x4_splat(x.scale[i]), f32x4_splat(x.sum[i]));
+                    let sm = (p * kb + b) * Q4_PANEL;
+                    for (c4, acc) in acc.iter().enumerate() {
+                        // [c0 c0 c1 c1] and [c2 c2 c3 c3] -> [c0 c1 c2 c3]
+                        let sums = i32x4_add(i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]), i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]));
+                        let d = f16x4(w.d.as_ptr().add(sm + c4 * 4));
+                        let mo = f16x4(w.m.as_ptr().add(sm + c4 * 4));
+                        let f = f32x4_add(facc[c4], f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xs)));
+                        facc[c4] = f32x4_add(f, f32x4_mul(mo, sx));
+                    }
+                }
+                for (c4, f) in facc.iter().enumerate() {
+                    v128_store(out.as_mut_ptr().add(c4 * 4) as *mut v128, *f);
+                }
+                std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(row * n + p * Q4_PANEL), cols);
             }
         }
     }
@@ -428,6 +496,7 @@ mod tests {
 
     /// Every kernel this CPU runs, and the public entry point (which picks one, and threads).
     fn kernels() -> Vec<(&'static str, Kernel)> {
+        #[allow(unused_mut)]
         let mut v: Vec<(&'static str, Kernel)> = vec![("matmul", portable::panels), ("portable", portable::panels)];
         #[cfg(target_arch = "x86_64")]
         {

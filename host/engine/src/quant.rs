@@ -529,27 +529,40 @@ const UINT8: i32 = 2;
 /// offsets are float16 values (as Q4_1 stores them) by `SlmQMatMul` on [`Q4Weights`]. Zero
 /// points: float (`m = -zp * d`), packed 4-bit, or absent (8).
 fn rewrite_q4_1(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>) {
-    let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-    let mut found = vec![];
-    for (i, node) in graph.node.iter().enumerate() {
-        if let Some(w) = q4_1_weight(node, &inits) {
-            found.push((i, w));
+    // Readers of each initializer: one that only its MatMulNBits reads is freed as soon as that
+    // node's weight is packed, so the load never holds a layer's weights twice over.
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *readers.entry(i.clone()).or_default() += 1;
         }
     }
-    if found.is_empty() {
-        return;
-    }
-    for (i, w) in found {
+    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let mut rewritten = false;
+    for i in 0..graph.node.len() {
+        let w = {
+            let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+            q4_1_weight(&graph.node[i], &inits)
+        };
+        let Some(w) = w else { continue };
         let node = &mut graph.node[i];
+        let freed: Vec<String> =
+            node.input[1..].iter().filter(|n| readers.get(*n) == Some(&1) && !outputs.contains(n.as_str())).cloned().collect();
         let key = format!("{}#q4_1#{i}", node.input[1]);
         node.op_type = OP.to_string();
         node.domain = String::new();
         node.input.truncate(1);
         node.attribute = weights_attribute(&key);
         weights.insert(key, Packed::Q4_1(Arc::new(w)));
+        for t in graph.initializer.iter_mut().filter(|t| freed.contains(&t.name)) {
+            *t = pb::TensorProto { name: std::mem::take(&mut t.name), ..Default::default() };
+        }
+        rewritten = true;
     }
-    let used = remove_dead_nodes(graph);
-    graph.initializer.retain(|t| used.contains(&t.name));
+    if rewritten {
+        let used = remove_dead_nodes(graph);
+        graph.initializer.retain(|t| used.contains(&t.name));
+    }
 }
 
 /// A 4-bit `MatMulNBits` (blocks of 32, no `g_idx` or bias) read from its initializers:

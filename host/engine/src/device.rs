@@ -180,9 +180,9 @@ fn parse_plain(source: Source, name: &str) -> Result<InferenceModel, EngineError
             if !path.is_file() {
                 return Err(EngineError::load(name, "file not found"));
             }
-            (proto::read_path(path), path.parent().and_then(|d| d.to_str()))
+            (proto::read_path(path, &mut proto::KeepAll), path.parent().and_then(|d| d.to_str()))
         }
-        Source::Bytes(bytes) => (proto::read_bytes(bytes), None),
+        Source::Bytes(bytes) => (proto::read_bytes(bytes, &mut proto::KeepAll), None),
     };
     let mut proto = proto.map_err(|e| EngineError::load(name, e))?;
     crate::quant::dequantize_nbits(&mut proto);

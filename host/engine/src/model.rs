@@ -64,6 +64,19 @@ pub fn set_threads(n: usize) {
     let _ = n;
 }
 
+/// Hands the heap pages that loading freed (the decoded protobuf, in pieces of a few hundred KB
+/// that glibc keeps for reuse) back to the OS: ~10 MiB less resident for the process's life.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns unused heap memory to the OS.
+        unsafe { malloc_trim(0) };
+    }
+}
+
 pub(crate) fn input_kind(name: &str) -> InputKind {
     match name {
         "input_ids" => InputKind::InputIds,
@@ -87,25 +100,32 @@ impl Model {
             return Err(EngineError::load(&name, "file not found"));
         }
         let onnx = onnx();
-        let proto = proto::read_path(path).map_err(|e| EngineError::load(&name, e))?;
+        let mut q4 = quant::Q4Stream::default();
+        let proto = proto::read_path(path, &mut q4).map_err(|e| EngineError::load(&name, e))?;
         let dir = path.parent().and_then(|d| d.to_str());
-        let model = Self::parse(&onnx, proto, dir).map_err(|e| EngineError::load(&name, e))?;
-        Self::optimize(model, &name)
+        let model = Self::parse(&onnx, proto, q4, dir).map_err(|e| EngineError::load(&name, e))?;
+        let model = Self::optimize(model, &name);
+        release_free_memory();
+        model
     }
 
     /// Loads an ONNX model from memory (wasi:nn `load` with the file's bytes).
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, EngineError> {
         let onnx = onnx();
-        let proto = proto::read_bytes(bytes).map_err(|e| EngineError::load("<bytes>", e))?;
-        let model = Self::parse(&onnx, proto, None).map_err(|e| EngineError::load("<bytes>", e))?;
-        Self::optimize(model, "<bytes>")
+        let mut q4 = quant::Q4Stream::default();
+        let proto = proto::read_bytes(bytes, &mut q4).map_err(|e| EngineError::load("<bytes>", e))?;
+        let model = Self::parse(&onnx, proto, q4, None).map_err(|e| EngineError::load("<bytes>", e))?;
+        let model = Self::optimize(model, "<bytes>");
+        release_free_memory();
+        model
     }
 
     /// Parses the protobuf after fusing its attention chains ([`attention::Attention`]) and
     /// moving its int8 and Q4_1 weights into [`quant::QMatMul`] nodes.
-    fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, dir: Option<&str>) -> TractResult<InferenceModel> {
+    fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, q4: quant::Q4Stream, dir: Option<&str>) -> TractResult<InferenceModel> {
+        let mut weights = q4.finish(&mut proto);
         attention::rewrite(&mut proto);
-        let weights = quant::rewrite(&mut proto);
+        weights.extend(quant::rewrite(&mut proto));
         let parsed = quant::with_weights(weights, || onnx.parse(&proto, dir))?;
         drop(proto);
         if !parsed.unresolved_inputs.is_empty() {

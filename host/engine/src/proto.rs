@@ -4,13 +4,18 @@
 //! for a moment the process holds the file and the decoded protobuf, twice the model. Here the
 //! decoder pulls the file through a 1 MiB window instead, so the peak is the decoded protobuf
 //! alone (whose int8 weights then move, uncopied, into the int8 matmuls).
+//!
+//! Each initializer is also handed, as it is decoded, to an [`Initializers`] sink, which may keep
+//! it or take it (the Q4_1 weights are packed as their tensors arrive, so the decoded protobuf
+//! never holds them all: [`crate::quant::Q4Stream`]).
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use prost::bytes::Buf;
-use prost::Message;
+use prost::bytes::{Buf, BufMut};
+use prost::encoding::{DecodeContext, WireType};
+use prost::{DecodeError, Message};
 use tract_onnx::pb;
 use tract_onnx::prelude::TractResult;
 use tract_onnx::tract_core::internal::format_err;
@@ -92,12 +97,107 @@ impl<R: Read> Buf for ReadBuf<R> {
     }
 }
 
-/// Decodes the ONNX file at `path`, streaming it.
-pub fn read_path(path: &Path) -> TractResult<pb::ModelProto> {
+/// Where decoded initializers go.
+pub trait Initializers: Send + Sync {
+    /// Receives an initializer of `graph`, whose nodes are decoded by now (files written by onnx
+    /// put them first). Keeps it (`graph.initializer.push(t)`) or takes it.
+    fn take(&mut self, graph: &mut pb::GraphProto, t: pb::TensorProto);
+}
+
+/// Keeps every initializer in the graph.
+pub struct KeepAll;
+
+impl Initializers for KeepAll {
+    fn take(&mut self, graph: &mut pb::GraphProto, t: pb::TensorProto) {
+        graph.initializer.push(t);
+    }
+}
+
+/// Field numbers of onnx.proto.
+const MODEL_GRAPH: u32 = 7;
+const GRAPH_INITIALIZER: u32 = 5;
+
+/// A `ModelProto` being decoded, its graph's initializers sent to a sink.
+struct ModelStream<'a> {
+    model: pb::ModelProto,
+    sink: &'a mut dyn Initializers,
+}
+
+struct GraphStream<'a, 'b> {
+    graph: &'a mut pb::GraphProto,
+    sink: &'b mut dyn Initializers,
+}
+
+impl std::fmt::Debug for ModelStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.model.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for GraphStream<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.graph.fmt(f)
+    }
+}
+
+impl Message for ModelStream<'_> {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.model.encode_raw(buf)
+    }
+
+    fn merge_field(&mut self, tag: u32, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+        if tag != MODEL_GRAPH {
+            return self.model.merge_field(tag, wire_type, buf, ctx);
+        }
+        let graph = self.model.graph.get_or_insert_with(Default::default);
+        prost::encoding::message::merge(wire_type, &mut GraphStream { graph, sink: &mut *self.sink }, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.model.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        self.model.clear()
+    }
+}
+
+impl Message for GraphStream<'_, '_> {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.graph.encode_raw(buf)
+    }
+
+    fn merge_field(&mut self, tag: u32, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+        if tag != GRAPH_INITIALIZER {
+            return self.graph.merge_field(tag, wire_type, buf, ctx);
+        }
+        let mut t = pb::TensorProto::default();
+        prost::encoding::message::merge(wire_type, &mut t, buf, ctx)?;
+        self.sink.take(self.graph, t);
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.graph.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        self.graph.clear()
+    }
+}
+
+fn decode(buf: impl Buf, sink: &mut dyn Initializers) -> Result<pb::ModelProto, DecodeError> {
+    let mut stream = ModelStream { model: pb::ModelProto::default(), sink };
+    stream.merge(buf)?;
+    Ok(stream.model)
+}
+
+/// Decodes the ONNX file at `path`, streaming it; initializers go to `sink`.
+pub fn read_path(path: &Path, sink: &mut dyn Initializers) -> TractResult<pb::ModelProto> {
     let file = File::open(path).map_err(|e| format_err!("opening {}: {e}", path.display()))?;
     let len = file.metadata()?.len() as usize;
     let mut buf = ReadBuf::new(file, len);
-    let decoded = pb::ModelProto::decode(&mut buf);
+    let decoded = decode(&mut buf, sink);
     if let Some(e) = buf.error.take() {
         return Err(format_err!("reading {}: {e}", path.display()));
     }
@@ -105,8 +205,8 @@ pub fn read_path(path: &Path) -> TractResult<pb::ModelProto> {
 }
 
 /// Decodes an ONNX model held in memory (no intermediate copy of the bytes).
-pub fn read_bytes(bytes: &[u8]) -> TractResult<pb::ModelProto> {
-    Ok(pb::ModelProto::decode(bytes)?)
+pub fn read_bytes(bytes: &[u8], sink: &mut dyn Initializers) -> TractResult<pb::ModelProto> {
+    Ok(decode(bytes, sink)?)
 }
 
 #[cfg(test)]
@@ -134,12 +234,13 @@ mod tests {
         });
         let bytes = m.encode_to_vec();
         let mut buf = ReadBuf::new(Trickle(&bytes), bytes.len());
-        let streamed = pb::ModelProto::decode(&mut buf).unwrap();
+        let streamed = decode(&mut buf, &mut KeepAll).unwrap();
         assert_eq!(streamed, m);
+        assert_eq!(read_bytes(&bytes, &mut KeepAll).unwrap(), m);
         // A truncated stream ends the decode (which may stop cleanly at a field boundary) and
         // records the error that `read_path` reports: no panic, no silent success.
         let mut short = ReadBuf::new(Trickle(&bytes[..bytes.len() / 2]), bytes.len());
-        let _ = pb::ModelProto::decode(&mut short);
+        let _ = decode(&mut short, &mut KeepAll);
         assert_eq!(short.error.as_ref().map(|e| e.kind()), Some(std::io::ErrorKind::UnexpectedEof));
     }
 }

@@ -565,6 +565,94 @@ fn rewrite_q4_1(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
     }
 }
 
+/// Packs Q4_1 `MatMulNBits` weights while the protobuf is decoded: a node's 4-bit values, scales
+/// and zero points are held until the last of them arrives, then packed and dropped, so the
+/// decoded protobuf never holds more than one product's weights (the load's peak memory is the
+/// packed model, not the file). Nodes it cannot pack keep their initializers, for [`rewrite`].
+#[derive(Default)]
+pub struct Q4Stream {
+    /// Candidate nodes and their initializer inputs (found once the nodes are decoded).
+    candidates: Option<Vec<Candidate>>,
+    /// Initializer name -> candidate.
+    index: HashMap<String, usize>,
+    /// Packed weights, by the output name of their node.
+    packed: HashMap<String, Packed>,
+}
+
+struct Candidate {
+    node: pb::NodeProto,
+    needed: usize,
+    held: Vec<pb::TensorProto>,
+}
+
+impl crate::proto::Initializers for Q4Stream {
+    fn take(&mut self, graph: &mut pb::GraphProto, t: pb::TensorProto) {
+        let candidates = self.candidates.get_or_insert_with(|| {
+            let mut readers: HashMap<&str, usize> = HashMap::new();
+            for n in &graph.node {
+                for i in &n.input {
+                    *readers.entry(i.as_str()).or_default() += 1;
+                }
+            }
+            let mut found = vec![];
+            for n in graph.node.iter().filter(|n| n.op_type == "MatMulNBits" && n.domain == "com.microsoft" && !n.output.is_empty()) {
+                let inits: Vec<&String> = n.input.iter().skip(1).take(3).filter(|i| !i.is_empty()).collect();
+                if inits.len() >= 2 && inits.iter().all(|i| readers.get(i.as_str()) == Some(&1)) {
+                    for i in inits.iter() {
+                        self.index.insert((*i).clone(), found.len());
+                    }
+                    found.push(Candidate { node: n.clone(), needed: inits.len(), held: vec![] });
+                }
+            }
+            found
+        });
+        let Some(&c) = self.index.get(&t.name) else {
+            graph.initializer.push(t);
+            return;
+        };
+        let cand = &mut candidates[c];
+        cand.held.push(t);
+        if cand.held.len() < cand.needed {
+            return;
+        }
+        let inits: HashMap<&str, &pb::TensorProto> = cand.held.iter().map(|t| (t.name.as_str(), t)).collect();
+        match q4_1_weight(&cand.node, &inits) {
+            Some(w) => {
+                self.packed.insert(cand.node.output[0].clone(), Packed::Q4_1(Arc::new(w)));
+                cand.held.clear();
+            }
+            None => graph.initializer.append(&mut cand.held),
+        }
+    }
+}
+
+impl Q4Stream {
+    /// Rewrites the packed nodes of the decoded `proto` into `SlmQMatMul` and returns their
+    /// weights (for [`with_weights`]); initializers still held go back to the graph.
+    pub fn finish(self, proto: &mut pb::ModelProto) -> HashMap<String, Packed> {
+        let mut weights = HashMap::new();
+        let Some(graph) = proto.graph.as_mut() else { return weights };
+        for mut c in self.candidates.unwrap_or_default() {
+            graph.initializer.append(&mut c.held);
+        }
+        let mut packed = self.packed;
+        for node in graph.node.iter_mut() {
+            if node.op_type != "MatMulNBits" || node.output.is_empty() {
+                continue;
+            }
+            if let Some(w) = packed.remove(&node.output[0]) {
+                let key = format!("{}#q4_1", node.output[0]);
+                node.op_type = OP.to_string();
+                node.domain = String::new();
+                node.input.truncate(1);
+                node.attribute = weights_attribute(&key);
+                weights.insert(key, w);
+            }
+        }
+        weights
+    }
+}
+
 /// A 4-bit `MatMulNBits` (blocks of 32, no `g_idx` or bias) read from its initializers:
 /// value(c, k) = scale * (q - zero) per block.
 struct NBits<'a> {
@@ -684,5 +772,70 @@ pub(crate) fn remove_dead_nodes(graph: &mut pb::GraphProto) -> std::collections:
         if graph.node.len() == before {
             return used;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn f32_tensor(name: &str, v: &[f32]) -> pb::TensorProto {
+        let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        pb::TensorProto { name: name.into(), dims: vec![v.len() as i64], data_type: FLOAT, raw_data: raw, ..Default::default() }
+    }
+
+    /// `y = MatMulNBits(x)` with K = 64, N = 3, scales `scale`, float zero points.
+    fn nbits_model(scale: f32) -> Vec<u8> {
+        let (k, n) = (64usize, 3usize);
+        let node = pb::NodeProto {
+            op_type: "MatMulNBits".into(),
+            domain: "com.microsoft".into(),
+            input: vec!["x".into(), "b".into(), "s".into(), "zp".into()],
+            output: vec!["y".into()],
+            attribute: [("K", k), ("N", n), ("bits", 4), ("block_size", 32)]
+                .iter()
+                .map(|(name, v)| pb::AttributeProto { name: (*name).into(), i: *v as i64, r#type: 2, ..Default::default() })
+                .collect(),
+            ..Default::default()
+        };
+        let b = pb::TensorProto {
+            name: "b".into(),
+            dims: vec![n as i64, 2, 16],
+            data_type: UINT8,
+            raw_data: (0..n * k / 2).map(|i| (i * 37 % 256) as u8).collect(),
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            node: vec![node],
+            initializer: vec![b, f32_tensor("s", &[scale; 6]), f32_tensor("zp", &[8.0; 6]), f32_tensor("other", &[1.0; 4])],
+            ..Default::default()
+        };
+        pb::ModelProto { graph: Some(graph), ..Default::default() }.encode_to_vec()
+    }
+
+    #[test]
+    fn q4_1_weights_are_packed_while_decoding() {
+        let mut stream = Q4Stream::default();
+        let mut proto = crate::proto::read_bytes(&nbits_model(0.5), &mut stream).unwrap();
+        // Only the tensor that no packed node reads was kept in the protobuf.
+        let kept: Vec<&str> = proto.graph.as_ref().unwrap().initializer.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(kept, ["other"]);
+        let weights = stream.finish(&mut proto);
+        assert_eq!(weights.len(), 1);
+        let node = &proto.graph.as_ref().unwrap().node[0];
+        assert_eq!((node.op_type.as_str(), node.input.len()), (OP, 1));
+    }
+
+    #[test]
+    fn weights_it_cannot_pack_stay_in_the_protobuf() {
+        // A scale that float16 does not hold exactly: left to tract, every initializer kept.
+        let mut stream = Q4Stream::default();
+        let mut proto = crate::proto::read_bytes(&nbits_model(0.1), &mut stream).unwrap();
+        assert!(stream.finish(&mut proto).is_empty());
+        let graph = proto.graph.as_ref().unwrap();
+        assert_eq!(graph.initializer.len(), 4);
+        assert_eq!(graph.node[0].op_type, "MatMulNBits");
     }
 }

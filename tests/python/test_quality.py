@@ -91,7 +91,7 @@ def test_default_layout_is_faithful_through_our_engine(runs, ids, tmp_path):
         return float(np.exp(-log_softmax(logits)[np.arange(len(target)), target].mean()))
 
     assert ppl(ours) <= FAITHFUL * ppl(ref)
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= MIN_AGREEMENT["q4_1"]
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.88  # measured 0.92
 
 
 def test_q4_is_not_faithful(runs, ids):

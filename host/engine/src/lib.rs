@@ -14,6 +14,7 @@ mod error;
 mod model;
 mod proto;
 mod q4kernel;
+mod q8kernel;
 mod qkernel;
 mod quant;
 mod session;

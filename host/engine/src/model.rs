@@ -125,7 +125,7 @@ impl Model {
     fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, q4: quant::Q4Stream, dir: Option<&str>) -> TractResult<InferenceModel> {
         let mut weights = q4.finish(&mut proto);
         attention::rewrite(&mut proto);
-        weights.extend(quant::rewrite(&mut proto));
+        quant::rewrite(&mut proto, &mut weights);
         let parsed = quant::with_weights(weights, || onnx.parse(&proto, dir))?;
         drop(proto);
         if !parsed.unresolved_inputs.is_empty() {
@@ -180,7 +180,14 @@ impl Model {
     /// How many matrix products of the plan run on int8 weights (our [`quant::QMatMul`]).
     #[doc(hidden)]
     pub fn int8_matmuls(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| !q.is_q4_1())).count()
+        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| !q.is_q4_1() && !q.is_q8_head())).count()
+    }
+
+    /// How many matrix products of the plan run on int8 weights with 8-bit activations (the
+    /// tied LM head of a Q4_1 model).
+    #[doc(hidden)]
+    pub fn q8_heads(&self) -> usize {
+        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| q.is_q8_head())).count()
     }
 
     /// How many matrix products of the plan run on Q4_1 weights (our [`quant::QMatMul`]).

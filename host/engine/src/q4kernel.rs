@@ -134,15 +134,15 @@ impl Q4Weights {
 const ROUND: f32 = 12582912.0;
 
 /// Rows of x quantized per block of 32: `x ~ xs * xq`, with the exact sum of each block.
-struct QuantRows {
-    q: Vec<i8>,
+pub(crate) struct QuantRows {
+    pub(crate) q: Vec<i8>,
     /// Per row and block: the scale and the sum of the f32 values.
-    scale: Vec<f32>,
-    sum: Vec<f32>,
+    pub(crate) scale: Vec<f32>,
+    pub(crate) sum: Vec<f32>,
 }
 
 impl QuantRows {
-    fn new(x: &[f32], m: usize, k: usize) -> QuantRows {
+    pub(crate) fn new(x: &[f32], m: usize, k: usize) -> QuantRows {
         let blocks = m * k / QBLOCK;
         let mut q = vec![0i8; m * k];
         let (mut scale, mut sum) = (vec![0f32; blocks], vec![0f32; blocks]);
@@ -280,7 +280,7 @@ mod wasm {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -341,11 +341,11 @@ mod x86 {
     }
 
     /// `acc + sum of 4 products u8 * i8` per 32-bit lane.
-    trait Dot {
+    pub(crate) trait Dot {
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
     }
 
-    struct Vnni;
+    pub(crate) struct Vnni;
     impl Dot for Vnni {
         #[inline(always)]
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
@@ -353,7 +353,7 @@ mod x86 {
         }
     }
 
-    struct Avx2;
+    pub(crate) struct Avx2;
     impl Dot for Avx2 {
         #[inline(always)]
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {

@@ -25,6 +25,7 @@ use tract_onnx::tract_hir::internal::*;
 use half::f16;
 
 use crate::q4kernel::{Q4Weights, QBLOCK};
+use crate::q8kernel::Q8Weights;
 use crate::qkernel::{Layout, QWeights};
 
 const OP: &str = "SlmQMatMul";
@@ -54,6 +55,8 @@ pub fn with_weights<R>(weights: HashMap<String, Packed>, f: impl FnOnce() -> R) 
 pub enum Packed {
     Int8(Arc<QWeights>),
     Q4_1(Arc<Q4Weights>),
+    /// The tied LM head of a Q4_1 model: int8, with activations rounded as the Q4_1 products.
+    Q8Head(Arc<Q8Weights>),
 }
 
 impl Packed {
@@ -61,6 +64,7 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.k,
             Packed::Q4_1(w) => w.k,
+            Packed::Q8Head(w) => w.k,
         }
     }
 
@@ -68,6 +72,7 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.n,
             Packed::Q4_1(w) => w.n,
+            Packed::Q8Head(w) => w.n,
         }
     }
 
@@ -75,6 +80,24 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.matmul(x, m, y),
             Packed::Q4_1(w) => w.matmul(x, m, y),
+            Packed::Q8Head(w) => w.matmul(x, m, y),
+        }
+    }
+
+    /// Whether its output channels are rows of a table (a tied embedding reads them back).
+    fn is_table(&self) -> bool {
+        match self {
+            Packed::Int8(w) => w.layout == Layout::NK,
+            Packed::Q8Head(_) => true,
+            Packed::Q4_1(_) => false,
+        }
+    }
+
+    fn copy_column(&self, c: usize, out: &mut [i8]) {
+        match self {
+            Packed::Int8(w) => w.copy_column(c, out),
+            Packed::Q8Head(w) => w.copy_column(c, out),
+            Packed::Q4_1(_) => unreachable!("checked by is_table"),
         }
     }
 
@@ -82,6 +105,7 @@ impl Packed {
         match (self, other) {
             (Packed::Int8(a), Packed::Int8(b)) => Arc::ptr_eq(a, b),
             (Packed::Q4_1(a), Packed::Q4_1(b)) => Arc::ptr_eq(a, b),
+            (Packed::Q8Head(a), Packed::Q8Head(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -92,6 +116,7 @@ impl std::fmt::Debug for Packed {
         match self {
             Packed::Int8(w) => w.fmt(f),
             Packed::Q4_1(w) => w.fmt(f),
+            Packed::Q8Head(w) => w.fmt(f),
         }
     }
 }
@@ -112,7 +137,7 @@ fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn In
 
 fn build_gather(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let w = match pending_weights(node)? {
-        Packed::Int8(w) if w.layout == Layout::NK => w,
+        w @ Packed::Int8(_) | w @ Packed::Q8Head(_) if w.is_table() => w,
         _ => bail!("{GATHER} needs an int8 table of rows (a transposed MatMul weight)"),
     };
     Ok((expand(QGatherExpansion { w }), vec![]))
@@ -121,7 +146,7 @@ fn build_gather(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box
 /// The inference-time face of [`QGather`]: `ids [..] -> rows [.., K]`, int8.
 #[derive(Debug, Clone)]
 struct QGatherExpansion {
-    w: Arc<QWeights>,
+    w: Packed,
 }
 
 impl Expansion for QGatherExpansion {
@@ -139,7 +164,7 @@ impl Expansion for QGatherExpansion {
         check_output_arity(outputs, 1)?;
         s.equals(&outputs[0].datum_type, i8::datum_type())?;
         s.equals(inputs[0].rank.bex() + 1, outputs[0].rank.bex())?;
-        let k = self.w.k.to_dim();
+        let k = self.w.k().to_dim();
         s.given(&inputs[0].rank, move |s, rank| {
             let rank = rank as usize;
             for ax in 0..rank {
@@ -158,7 +183,7 @@ impl Expansion for QGatherExpansion {
 /// Rows of an int8 table (ONNX `Gather` on axis 0) read from the weights of a [`QMatMul`].
 #[derive(Clone)]
 pub struct QGather {
-    pub w: Arc<QWeights>,
+    pub w: Packed,
 }
 
 impl std::fmt::Debug for QGather {
@@ -169,7 +194,7 @@ impl std::fmt::Debug for QGather {
 
 impl PartialEq for QGather {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.w, &other.w)
+        self.w.same(&other.w)
     }
 }
 impl Eq for QGather {}
@@ -189,7 +214,7 @@ impl EvalOp for QGather {
         let ids = inputs[0].cast_to::<i64>()?;
         let plain = ids.try_as_plain_ram()?;
         let ids: &[i64] = plain.as_slice()?;
-        let (rows, k) = (self.w.n as i64, self.w.k);
+        let (rows, k) = (self.w.n() as i64, self.w.k());
         let mut shape: TVec<usize> = inputs[0].shape().into();
         shape.push(k);
         let mut out = vec![0i8; ids.len() * k];
@@ -206,7 +231,7 @@ impl EvalOp for QGather {
 impl TypedOp for QGather {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape = inputs[0].shape.to_tvec();
-        shape.push(self.w.k.to_dim());
+        shape.push(self.w.k().to_dim());
         Ok(tvec!(i8::fact(shape)))
     }
 
@@ -262,6 +287,10 @@ pub struct QMatMul {
 impl QMatMul {
     pub fn is_q4_1(&self) -> bool {
         matches!(self.w, Packed::Q4_1(_))
+    }
+
+    pub fn is_q8_head(&self) -> bool {
+        matches!(self.w, Packed::Q8Head(_))
     }
 }
 
@@ -386,14 +415,15 @@ struct Found {
 }
 
 /// Replaces `MatMul(x, [Transpose](Cast(Q int8) * scale))` and Q4_1 `MatMulNBits(x, ...)` by
-/// `SlmQMatMul(x)` nodes; returns their weights by key, for [`with_weights`]. Patterns that do not
-/// fit exactly are left to tract.
-pub fn rewrite(proto: &mut pb::ModelProto) -> HashMap<String, Packed> {
-    let mut weights = HashMap::new();
-    let Some(graph) = proto.graph.as_mut() else { return weights };
-    rewrite_q4_1(graph, &mut weights);
-    rewrite_int8(graph, &mut weights);
-    weights
+/// `SlmQMatMul(x)` nodes, their weights by key in `weights`, for [`with_weights`]. Patterns that do
+/// not fit exactly are left to tract.
+/// `weights` may already hold those of [`Q4Stream`]; the new ones are added.
+pub fn rewrite(proto: &mut pb::ModelProto, weights: &mut HashMap<String, Packed>) {
+    let Some(graph) = proto.graph.as_mut() else { return };
+    rewrite_q4_1(graph, weights);
+    // A Q4_1 model already rounds activations to 8 bits per block: its int8 LM head does too.
+    let head_q8 = weights.values().any(|w| matches!(w, Packed::Q4_1(_)));
+    rewrite_int8(graph, weights, head_q8);
 }
 
 fn weights_attribute(key: &str) -> Vec<pb::AttributeProto> {
@@ -405,7 +435,7 @@ fn weights_attribute(key: &str) -> Vec<pb::AttributeProto> {
     }]
 }
 
-fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>) {
+fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>, head_q8: bool) {
     let producer: HashMap<String, usize> =
         graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
     let inits: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
@@ -516,8 +546,20 @@ fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
         } else {
             init_i8(t).expect("checked int8 initializer")
         };
-        if let Ok(w) = QWeights::new(found.k, found.n, found.layout, values, found.scale) {
-            weights.insert(key, Packed::Int8(Arc::new(w)));
+        let (values, scale) = if head_q8 && found.layout == Layout::NK {
+            match Q8Weights::from_rows(found.k, found.n, values, found.scale) {
+                Ok(w) => {
+                    weights.insert(key, Packed::Q8Head(Arc::new(w)));
+                    continue;
+                }
+                Err(back) => back,
+            }
+        } else {
+            (values, found.scale)
+        };
+        let packed = QWeights::new(found.k, found.n, found.layout, values, scale).map(|w| Packed::Int8(Arc::new(w)));
+        if let Ok(w) = packed {
+            weights.insert(key, w);
         }
     }
     graph.initializer.retain(|t| used.contains(&t.name));

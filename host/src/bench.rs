@@ -172,13 +172,14 @@ fn peak_rss_mb() -> Option<f64> {
 /// The prompt of the cold-start runs.
 const COLD_START_PROMPT: &str = "Hello";
 
-/// A new `slm run` process: milliseconds from its start to the first byte of its answer.
-fn cold_start_ms(relaunch: &[String], prompt: &str) -> Result<f64> {
+/// A new `slm run` process: milliseconds from its start to the first byte of its answer, and
+/// its own model load time (its `-v` log), which the start-up overlaps.
+fn cold_start_ms(relaunch: &[String], prompt: &str) -> Result<(f64, Option<f64>)> {
     let (exe, args) = relaunch.split_first().context("no program to relaunch")?;
     let t = Instant::now();
     let mut child = Command::new(exe)
         .args(args)
-        .args(["-q", "run", "--raw", "--max-tokens", "1", "--temperature", "0", prompt])
+        .args(["-v", "run", "--raw", "--max-tokens", "1", "--temperature", "0", prompt])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -187,10 +188,18 @@ fn cold_start_ms(relaunch: &[String], prompt: &str) -> Result<f64> {
     let got = child.stdout.as_mut().map(|o| o.read(&mut first)).transpose()?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let out = child.wait_with_output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || got != Some(1) {
-        bail!("the cold-start run failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("the cold-start run failed: {}", log.trim());
     }
-    Ok(ms)
+    Ok((ms, logged_load_ms(&log)))
+}
+
+/// The model load time in an `slm -v` log: "loaded PATH on DEVICE in N ms".
+fn logged_load_ms(log: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains("loaded ") && l.ends_with(" ms"))?;
+    let (_, tail) = line.rsplit_once(" in ")?;
+    tail.strip_suffix(" ms")?.trim().parse().ok()
 }
 
 pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
@@ -281,14 +290,18 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
 
     // Cold start is the start-up path (process, compiled code, model load, guest start), so
     // its prompt is one word: the prompt's own prefill is `ttft_ms` above.
-    let mut colds = Vec::new();
+    // Its ratio to the model load is taken within each run (that process's own load, under the
+    // same conditions: this machine's speed drifts by tens of percent between runs).
+    let (mut colds, mut cold_ratios) = (Vec::new(), Vec::new());
     if !a.relaunch.is_empty() {
         for _ in 0..a.runs {
-            colds.push(cold_start_ms(&a.relaunch, COLD_START_PROMPT)?);
+            let (ms, load) = cold_start_ms(&a.relaunch, COLD_START_PROMPT)?;
+            colds.push(ms);
+            cold_ratios.extend(load.map(|l| ms / l));
         }
     }
     let cold_start = median(colds);
-    let cold_over_load = model_load_ms.map(|l| cold_start / l).filter(|r| r.is_finite());
+    let cold_over_load = Some(median(cold_ratios)).filter(|r| r.is_finite());
 
     let report = json!({
         "model": a.model,
@@ -350,4 +363,18 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logged_load_ms;
+
+    #[test]
+    fn load_time_is_read_from_the_verbose_log() {
+        let log = "\u{1b}[2m2026-11-27T06:16:33Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m compile cache hit: x.cwasm\n\
+                   \u{1b}[2m2026-11-27T06:16:33Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m loaded models/m/model.onnx on CPU in 585 ms\n\
+                   [prompt 1 tokens (0 cached), completion 1 tokens, time to first token 593 ms]";
+        assert_eq!(logged_load_ms(log), Some(585.0));
+        assert_eq!(logged_load_ms("no model here"), None);
+    }
 }

@@ -46,30 +46,48 @@ impl std::fmt::Debug for Q4Weights {
 }
 
 impl Q4Weights {
-    /// `q[n][k]` holds the values 0..16 of output channel n (one byte each is not required:
-    /// `value(n, k)` returns them), `d` and `m` are `[N][K/32]`.
+    /// `value(n, k)` is the value (0..16) of output channel n at k; `d` and `m` are `[N][K/32]`.
+    #[cfg(test)]
     pub fn new(k: usize, n: usize, value: impl Fn(usize, usize) -> u8, d: &[f16], m: &[f16]) -> Result<Q4Weights, String> {
+        let mut raw = vec![0u8; n * k / 2];
+        for c in 0..n {
+            for kk in 0..k {
+                let v = value(c, kk);
+                if v > 15 {
+                    return Err(format!("Q4_1 value {v} out of 0..16"));
+                }
+                raw[(c * k + kk) / 2] |= v << (4 * (kk % 2));
+            }
+        }
+        Self::from_nbits(k, n, &raw, d, m)
+    }
+
+    /// From `MatMulNBits` data: `raw` is `[N][K/32][16]`, two values per byte, low nibble first;
+    /// `d` and `m` are `[N][K/32]`.
+    pub fn from_nbits(k: usize, n: usize, raw: &[u8], d: &[f16], m: &[f16]) -> Result<Q4Weights, String> {
         let kb = k / QBLOCK;
-        if k == 0 || n == 0 || k % QBLOCK != 0 || d.len() != n * kb || m.len() != n * kb {
-            return Err(format!("Q4_1 weight with {} scales and {} offsets for K={k} N={n}", d.len(), m.len()));
+        if k == 0 || n == 0 || k % QBLOCK != 0 || d.len() != n * kb || m.len() != n * kb || raw.len() != n * k / 2 {
+            return Err(format!("Q4_1 weight of {} bytes, {} scales, {} offsets for K={k} N={n}", raw.len(), d.len(), m.len()));
         }
         let panels = n.div_ceil(Q4_PANEL);
         let mut q = vec![0u8; panels * kb * BLOCK_BYTES];
         let mut ds = vec![f16::ZERO; panels * kb * Q4_PANEL];
         let mut ms = vec![f16::ZERO; panels * kb * Q4_PANEL];
+        // Spreads the 4 nibbles of x (16 bits) to the low nibbles of 4 bytes.
+        let spread = |x: u32| {
+            let x = (x | (x << 8)) & 0x00FF_00FF;
+            (x | (x << 4)) & 0x0F0F_0F0F
+        };
         for c in 0..n {
             let (p, j) = (c / Q4_PANEL, c % Q4_PANEL);
             for b in 0..kb {
-                let base = (p * kb + b) * BLOCK_BYTES;
+                let src = &raw[(c * kb + b) * QBLOCK / 2..][..QBLOCK / 2];
+                let dst = (p * kb + b) * BLOCK_BYTES + j * 4;
                 for g in 0..4 {
-                    for t in 0..4 {
-                        let k0 = b * QBLOCK + 8 * g + t;
-                        let (lo, hi) = (value(c, k0), value(c, k0 + 4));
-                        if lo > 15 || hi > 15 {
-                            return Err(format!("Q4_1 value {} out of 0..16", lo.max(hi)));
-                        }
-                        q[base + g * 128 + j * 4 + t] = lo | (hi << 4);
-                    }
+                    // Values 8g..8g+8 (a u32 of nibbles) -> bytes t = 0..4 of (8g + t, 8g + 4 + t).
+                    let v = u32::from_le_bytes(src[4 * g..4 * g + 4].try_into().unwrap());
+                    let packed = spread(v & 0xFFFF) | (spread(v >> 16) << 4);
+                    q[dst + g * 128..dst + g * 128 + 4].copy_from_slice(&packed.to_le_bytes());
                 }
                 ds[(p * kb + b) * Q4_PANEL + j] = d[c * kb + b];
                 ms[(p * kb + b) * Q4_PANEL + j] = m[c * kb + b];
@@ -594,6 +612,7 @@ mod tests {
     fn rejects_bad_shapes() {
         let d = vec![f16::ONE; 2];
         assert!(Q4Weights::new(48, 1, |_, _| 0, &d, &d).is_err());
+        assert!(Q4Weights::from_nbits(64, 1, &[0; 31], &d, &d).is_err());
         assert!(Q4Weights::new(64, 1, |_, _| 16, &d, &d).is_err());
     }
 }

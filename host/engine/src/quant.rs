@@ -756,7 +756,7 @@ fn q4_1_weight(node: &pb::NodeProto, inits: &HashMap<&str, &pb::TensorProto>) ->
     };
     let d: Vec<f16> = w.scale.iter().map(|&s| exact_f16(s)).collect::<Option<_>>()?;
     let m: Vec<f16> = w.scale.iter().zip(&w.zero).map(|(&s, &z)| exact_f16(-z * s)).collect::<Option<_>>()?;
-    Q4Weights::new(w.k, w.n, |c, kk| w.q(c, kk), &d, &m).ok()
+    Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()
 }
 
 /// Replaces every 4-bit `MatMulNBits` by a `MatMul` on its dequantized f32 weight, for front ends

@@ -162,7 +162,7 @@ fn prompt_of(rt: &Runtime, model: &str, text: &str, n: usize) -> Result<(String,
 }
 
 /// Peak resident memory of this process, in MiB (Linux: VmHWM).
-fn peak_rss_mb() -> Option<f64> {
+pub(crate) fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -172,9 +172,18 @@ fn peak_rss_mb() -> Option<f64> {
 /// The prompt of the cold-start runs.
 const COLD_START_PROMPT: &str = "Hello";
 
-/// A new `slm run` process: milliseconds from its start to the first byte of its answer, and
-/// its own model load time (its `-v` log), which the start-up overlaps.
-fn cold_start_ms(relaunch: &[String], prompt: &str) -> Result<(f64, Option<f64>)> {
+/// What a cold-start run measured.
+struct ColdStart {
+    /// From process start to the first byte of the answer.
+    ms: f64,
+    /// Its own model load, which the start-up overlaps (its `-v` log).
+    load_ms: Option<f64>,
+    /// Its peak resident memory (its `-v` log).
+    peak_rss_mb: Option<f64>,
+}
+
+/// A new `slm run` process, answering `prompt` with one token.
+fn cold_start(relaunch: &[String], prompt: &str) -> Result<ColdStart> {
     let (exe, args) = relaunch.split_first().context("no program to relaunch")?;
     let t = Instant::now();
     let mut child = Command::new(exe)
@@ -192,7 +201,7 @@ fn cold_start_ms(relaunch: &[String], prompt: &str) -> Result<(f64, Option<f64>)
     if !out.status.success() || got != Some(1) {
         bail!("the cold-start run failed: {}", log.trim());
     }
-    Ok((ms, logged_load_ms(&log)))
+    Ok(ColdStart { ms, load_ms: logged_load_ms(&log), peak_rss_mb: logged_peak_rss_mb(&log) })
 }
 
 /// The model load time in an `slm -v` log: "loaded PATH on DEVICE in N ms".
@@ -200,6 +209,13 @@ fn logged_load_ms(log: &str) -> Option<f64> {
     let line = log.lines().rev().find(|l| l.contains("loaded ") && l.ends_with(" ms"))?;
     let (_, tail) = line.rsplit_once(" in ")?;
     tail.strip_suffix(" ms")?.trim().parse().ok()
+}
+
+/// The peak RSS in an `slm -v run` log: "peak RSS N MiB".
+fn logged_peak_rss_mb(log: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains("peak RSS ") && l.ends_with(" MiB"))?;
+    let (_, tail) = line.rsplit_once("peak RSS ")?;
+    tail.strip_suffix(" MiB")?.trim().parse().ok()
 }
 
 pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
@@ -292,14 +308,21 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
     // its prompt is one word: the prompt's own prefill is `ttft_ms` above.
     // Its ratio to the model load is taken within each run (that process's own load, under the
     // same conditions: this machine's speed drifts by tens of percent between runs).
-    let (mut colds, mut cold_ratios) = (Vec::new(), Vec::new());
+    let (mut colds, mut cold_ratios, mut cold_rss) = (Vec::new(), Vec::new(), Vec::new());
     if !a.relaunch.is_empty() {
         for _ in 0..a.runs {
-            let (ms, load) = cold_start_ms(&a.relaunch, COLD_START_PROMPT)?;
-            colds.push(ms);
-            cold_ratios.extend(load.map(|l| ms / l));
+            let c = cold_start(&a.relaunch, COLD_START_PROMPT)?;
+            colds.push(c.ms);
+            cold_ratios.extend(c.load_ms.map(|l| c.ms / l));
+            cold_rss.extend(c.peak_rss_mb);
         }
     }
+    let run_peak_rss_mb = cold_rss.iter().copied().reduce(f64::max);
+    let model_file_mb = rt
+        .registry
+        .model(&a.model)
+        .and_then(|m| std::fs::metadata(m.path()).ok())
+        .map(|md| md.len() as f64 / (1024.0 * 1024.0));
     let cold_start = median(colds);
     let cold_over_load = Some(median(cold_ratios)).filter(|r| r.is_finite());
 
@@ -316,6 +339,9 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         "prefill_tps": prefill_tps,
         "decode_tps": decode_tps,
         "peak_rss_mb": peak_rss_mb,
+        "run_peak_rss_mb": run_peak_rss_mb,
+        "model_file_mb": model_file_mb,
+        "run_peak_rss_over_model_file": run_peak_rss_mb.zip(model_file_mb).map(|(r, f)| r / f),
         "model_load_ms": model_load_ms,
         "first_request_ms": first_request_ms,
         "cold_start_ms": if cold_start.is_nan() { None } else { Some(cold_start) },
@@ -344,7 +370,12 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         println!("  time to first token  {ttft_ms:.0} ms");
         println!("  prefill              {prefill_tps:.1} tokens/s");
         println!("  decode               {decode_tps:.1} tokens/s");
-        println!("  peak RSS             {}", opt(peak_rss_mb, "MiB"));
+        println!("  peak RSS             {} (this process: two instances, prefix caches)", opt(peak_rss_mb, "MiB"));
+        println!(
+            "  peak RSS of slm run  {} (a cold-start run; model file {})",
+            opt(run_peak_rss_mb, "MiB"),
+            opt(model_file_mb, "MiB")
+        );
         println!("  model load           {}", opt(model_load_ms, "ms"));
         println!(
             "  cold start           {} (new process to first token of {COLD_START_PROMPT:?}, compiled code cached; {} the model load)",
@@ -367,7 +398,7 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::logged_load_ms;
+    use super::{logged_load_ms, logged_peak_rss_mb};
 
     #[test]
     fn load_time_is_read_from_the_verbose_log() {
@@ -376,5 +407,6 @@ mod tests {
                    [prompt 1 tokens (0 cached), completion 1 tokens, time to first token 593 ms]";
         assert_eq!(logged_load_ms(log), Some(585.0));
         assert_eq!(logged_load_ms("no model here"), None);
+        assert_eq!(logged_peak_rss_mb("x\n\u{1b}[34mDEBUG\u{1b}[0m peak RSS 154.2 MiB\n"), Some(154.2));
     }
 }

@@ -269,7 +269,14 @@ pub fn main() -> Result<()> {
     }
     let app = App::new(&cli.global, file, registry()?)?;
     match &cli.cmd {
-        Cmd::Run { gen, raw, prompt } => app.run(gen, *raw, prompt),
+        Cmd::Run { gen, raw, prompt } => {
+            let r = app.run(gen, *raw, prompt);
+            // For `slm bench`'s cold-start runs, which read it from the -v log.
+            if let Some(mb) = crate::bench::peak_rss_mb() {
+                tracing::debug!("peak RSS {mb:.1} MiB");
+            }
+            r
+        }
         Cmd::Chat { gen } => app.chat(gen),
         Cmd::Tokenize { model, text } => app.tokenize(model.as_deref(), text),
         Cmd::Models => app.models(),

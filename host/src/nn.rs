@@ -189,6 +189,11 @@ impl LazyModel {
     }
 
     /// Where the model runs, once loaded.
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn placed(&self) -> Option<&Placement> {
         self.placed.get()
     }

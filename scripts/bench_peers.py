@@ -69,11 +69,11 @@ def llamacpp_runner(ids, gen, threads):
     return lambda: timed_generation(prefill, step, ids, gen)
 
 
-def ort_runner(ids, gen, threads):
-    """Loads ONNX Runtime, warms it up; returns a function that times one generation."""
+def ort_runner(ids, gen, threads, file="model.onnx"):
+    """Loads ONNX Runtime on `file`, warms it up; returns a function that times one generation."""
     from slmconv.ort_eval import OrtModel
 
-    m = OrtModel(str(MODEL_DIR), "model.onnx", threads=threads)
+    m = OrtModel(str(MODEL_DIR), file, threads=threads)
     state = {}
 
     def prefill(p):
@@ -128,25 +128,37 @@ def main() -> None:
         # runtime alike. Medians over the rounds.
         llama_run = llamacpp_runner(ids, args.gen_tokens, threads)
         ort_run = ort_runner(ids, args.gen_tokens, threads)
-        rounds = {"ours": [], "llama.cpp": [], "onnxruntime": []}
+        # ONNX Runtime also on the int8 file (which it folds to f32): its MatMulNBits with float
+        # zero points (the default Q4_1 file) takes a slow path, so that column alone flatters us.
+        int8 = (MODEL_DIR / "model_int8.onnx").is_file()
+        ort_int8_run = ort_runner(ids, args.gen_tokens, threads, "model_int8.onnx") if int8 else None
+        rounds = {"ours": [], "llama.cpp": [], "onnxruntime": [], "onnxruntime_int8": []}
         for _ in range(args.runs):
             rounds["ours"].append(bench_ours(args.prompt_tokens, args.gen_tokens, threads, 1))
             rounds["llama.cpp"].append(llama_run())
             rounds["onnxruntime"].append(ort_run())
+            if ort_int8_run:
+                rounds["onnxruntime_int8"].append(ort_int8_run())
         last = rounds["ours"][-1]
         ours = {**last, **median_of([{k: r[k] for k in ("ttft_ms", "prefill_tps", "decode_tps")} for r in rounds["ours"]])}
         llama, ort = median_of(rounds["llama.cpp"]), median_of(rounds["onnxruntime"])
+        ort8 = median_of(rounds["onnxruntime_int8"]) if int8 else None
         bound = bw * 1e9 / weight_bytes  # every weight byte read once per decoded token
-        report["threads"][threads] = {"ours": ours, "llama.cpp": llama, "onnxruntime": ort, "decode_bound_tps": bound}
+        report["threads"][threads] = {"ours": ours, "llama.cpp": llama, "onnxruntime": ort,
+                                      "onnxruntime_int8": ort8, "decode_bound_tps": bound}
+        nan = float("nan")
         for metric in ("decode_tps", "prefill_tps"):
             rows.append((threads, metric, ours[metric], ours[metric] / llama[metric], ours[metric] / ort[metric],
-                         ours[metric] / bound if metric == "decode_tps" else float("nan")))
-        rows.append((threads, "ttft_ms", ours["ttft_ms"], llama["ttft_ms"] / ours["ttft_ms"], ort["ttft_ms"] / ours["ttft_ms"], float("nan")))
+                         ours[metric] / ort8[metric] if ort8 else nan, ours[metric] / bound if metric == "decode_tps" else nan))
+        rows.append((threads, "ttft_ms", ours["ttft_ms"], llama["ttft_ms"] / ours["ttft_ms"], ort["ttft_ms"] / ours["ttft_ms"],
+                     ort8["ttft_ms"] / ours["ttft_ms"] if ort8 else nan, nan))
     print(f"memory bandwidth {bw:.1f} GB/s; model.onnx {weight_bytes / 1e6:.0f} MB")
-    print(f"{'threads':>7} {'metric':>12} {'ours':>10} {'/llama.cpp':>11} {'/onnxrt':>9} {'/bound':>8}")
-    for t, m, v, rl, ro, rb in rows:
-        print(f"{t:>7} {m:>12} {v:>10.1f} {rl:>10.2f}x {ro:>8.2f}x {rb:>7.2f}x")
-    print("(ratios > 1 mean ours is better; ttft ratios are peer time / our time)")
+    print(f"{'threads':>7} {'metric':>12} {'ours':>10} {'/llama.cpp':>11} {'/onnxrt':>9} {'/onnxrt-int8':>13} {'/bound':>8}")
+    ratio = lambda r, w: f"{r:>{w - 1}.2f}x" if r == r else " " * w  # noqa: E731 (blank for NaN)
+    for t, m, v, rl, ro, r8, rb in rows:
+        print(f"{t:>7} {m:>12} {v:>10.1f} {ratio(rl, 11)} {ratio(ro, 9)} {ratio(r8, 13)} {ratio(rb, 8)}")
+    print("(ratios > 1 mean ours is better; ttft ratios are peer time / our time; onnxrt: ONNX Runtime on model.onnx,"
+          " onnxrt-int8: on model_int8.onnx)")
     out = ROOT / "target" / "bench" / "peers.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -252,7 +252,8 @@ mod x86 {
                     };
                     for v in 0..4 {
                         let sums = _mm256_sub_epi32(acc[v], correction);
-                        facc[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), xs, facc[v]);
+                        // Multiply, then add (no FMA), as the wasm kernel: the same logits.
+                        facc[v] = _mm256_add_ps(facc[v], _mm256_mul_ps(_mm256_cvtepi32_ps(sums), xs));
                     }
                 }
                 for v in 0..4 {

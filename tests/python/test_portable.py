@@ -60,7 +60,7 @@ REQUEST_TIMEOUT = 900
 def exact_models() -> pathlib.Path:
     """A models directory whose model.onnx is the default model's int8 layout (hard links, or
     copies: a symlink would lead out of a WASI preopen)."""
-    src, out = DEFAULT_MODELS / MODEL, ROOT / "target" / "test-models" / "portable-int8"
+    src, out = DEFAULT_MODELS / MODEL, ROOT / "target" / "portable-int8-models"
     if not (src / "model_int8.onnx").is_file():
         return out  # `need` below reports the missing model
     (out / MODEL).mkdir(parents=True, exist_ok=True)

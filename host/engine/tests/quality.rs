@@ -19,7 +19,8 @@ fn root() -> PathBuf {
 fn whole_prompt_perplexity_is_faithful() {
     let model_dir = root().join("models/smollm2-135m-instruct");
     assert!(model_dir.join("model.onnx").is_file(), "run scripts/setup first: it converts the default model");
-    let work = root().join("target/test-models/quality");
+    // Not under target/test-models: that is a models directory for other tests.
+    let work = root().join("target/quality-check");
     let status = Command::new(root().join(".venv/bin/python"))
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/quality_reference.py"))
         .arg(&model_dir)

@@ -10,7 +10,10 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::json;
 
-use crate::runtime::{one_line, GeneratorComponent, GuestError, HostState, Message, Options, Runtime, Sampling, Summary};
+use crate::runtime::{
+    one_line, GeneratorComponent, GuestError, HostState, Message, Options, Runtime, Sampling,
+    Summary,
+};
 use wasmtime::Store;
 
 /// The default benchmark text (the same text `scripts/bench-peers` feeds the peers).
@@ -96,7 +99,11 @@ fn request(rt: &Runtime, prompt: Prompt, opts: &Options) -> Result<Summary> {
 }
 
 /// One request in `inst`, all text drained; its summary.
-fn request_on(inst: &mut (Store<HostState>, GeneratorComponent), prompt: Prompt, opts: &Options) -> Result<Summary> {
+fn request_on(
+    inst: &mut (Store<HostState>, GeneratorComponent),
+    prompt: Prompt,
+    opts: &Options,
+) -> Result<Summary> {
     let (store, g) = inst;
     let api = g.edge_slm_generator();
     let started = match prompt {
@@ -108,13 +115,18 @@ fn request_on(inst: &mut (Store<HostState>, GeneratorComponent), prompt: Prompt,
         .map_err(guest)?;
     let c = api.completion();
     loop {
-        match c.call_next(&mut *store, completion).map_err(|e| anyhow!("{}", one_line(&e)))? {
+        match c
+            .call_next(&mut *store, completion)
+            .map_err(|e| anyhow!("{}", one_line(&e)))?
+        {
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(e) => return Err(guest(e)),
         }
     }
-    let summary = c.call_summary(&mut *store, completion).map_err(|e| anyhow!("{}", one_line(&e)))?;
+    let summary = c
+        .call_summary(&mut *store, completion)
+        .map_err(|e| anyhow!("{}", one_line(&e)))?;
     let _ = completion.resource_drop(&mut *store);
     Ok(summary)
 }
@@ -124,7 +136,11 @@ fn sample(s: &Summary) -> Sample {
     let t = &s.timings;
     Sample {
         ttft_ms: t.time_to_first_token_ms,
-        prefill_tps: if t.prefill_ms > 0.0 { u.prompt_tokens as f64 * 1e3 / t.prefill_ms } else { f64::NAN },
+        prefill_tps: if t.prefill_ms > 0.0 {
+            u.prompt_tokens as f64 * 1e3 / t.prefill_ms
+        } else {
+            f64::NAN
+        },
         decode_tps: if u.completion_tokens > 1 && t.decode_ms > 0.0 {
             (u.completion_tokens - 1) as f64 * 1e3 / t.decode_ms
         } else {
@@ -188,32 +204,55 @@ fn cold_start(relaunch: &[String], prompt: &str) -> Result<ColdStart> {
     let t = Instant::now();
     let mut child = Command::new(exe)
         .args(args)
-        .args(["-v", "run", "--raw", "--max-tokens", "1", "--temperature", "0", prompt])
+        .args([
+            "-v",
+            "run",
+            "--raw",
+            "--max-tokens",
+            "1",
+            "--temperature",
+            "0",
+            prompt,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start slm for the cold-start run")?;
     let mut first = [0u8; 1];
-    let got = child.stdout.as_mut().map(|o| o.read(&mut first)).transpose()?;
+    let got = child
+        .stdout
+        .as_mut()
+        .map(|o| o.read(&mut first))
+        .transpose()?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let out = child.wait_with_output()?;
     let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || got != Some(1) {
         bail!("the cold-start run failed: {}", log.trim());
     }
-    Ok(ColdStart { ms, load_ms: logged_load_ms(&log), peak_rss_mb: logged_peak_rss_mb(&log) })
+    Ok(ColdStart {
+        ms,
+        load_ms: logged_load_ms(&log),
+        peak_rss_mb: logged_peak_rss_mb(&log),
+    })
 }
 
 /// The model load time in an `slm -v` log: "loaded PATH on DEVICE in N ms".
 fn logged_load_ms(log: &str) -> Option<f64> {
-    let line = log.lines().rev().find(|l| l.contains("loaded ") && l.ends_with(" ms"))?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("loaded ") && l.ends_with(" ms"))?;
     let (_, tail) = line.rsplit_once(" in ")?;
     tail.strip_suffix(" ms")?.trim().parse().ok()
 }
 
 /// The peak RSS in an `slm -v run` log: "peak RSS N MiB".
 fn logged_peak_rss_mb(log: &str) -> Option<f64> {
-    let line = log.lines().rev().find(|l| l.contains("peak RSS ") && l.ends_with(" MiB"))?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("peak RSS ") && l.ends_with(" MiB"))?;
     let (_, tail) = line.rsplit_once("peak RSS ")?;
     tail.strip_suffix(" MiB")?.trim().parse().ok()
 }
@@ -223,7 +262,9 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         bail!("--runs, --prompt-tokens and --gen-tokens must be at least 1");
     }
     let text = match &a.prompt_file {
-        Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
         None => BENCH_TEXT.to_string(),
     };
     let (prompt, prompt_tokens) = prompt_of(rt, &a.model, &text, a.prompt_tokens)?;
@@ -255,12 +296,19 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         samples.push(s);
     }
     let pick = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-    let (ttft_ms, prefill_tps, decode_tps) =
-        (pick(|s| s.ttft_ms), pick(|s| s.prefill_tps), pick(|s| s.decode_tps));
+    let (ttft_ms, prefill_tps, decode_tps) = (
+        pick(|s| s.ttft_ms),
+        pick(|s| s.prefill_tps),
+        pick(|s| s.decode_tps),
+    );
     let peak_rss_mb = peak_rss_mb();
     // Where the model ended up (`auto` falls back to the CPU when the GPU plan fails) and, on a
     // GPU, the device memory in use (the whole device: cuMemGetInfo).
-    let placed = rt.registry.model(&a.model).and_then(|m| m.placed().cloned()).unwrap_or(a.device.clone());
+    let placed = rt
+        .registry
+        .model(&a.model)
+        .and_then(|m| m.placed().cloned())
+        .unwrap_or(a.device.clone());
     let gpu_mem = match placed {
         slm_engine::Placement::Gpu(_) => slm_engine::gpu_memory_mib().map(|(used, _)| used),
         slm_engine::Placement::Cpu => None,
@@ -269,8 +317,14 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
     // Prefix cache: the same ~100-token system prompt, a new ~28-token question each time.
     let chat = |q: &str| {
         vec![
-            Message { role: "system".into(), content: SYSTEM_PROMPT.into() },
-            Message { role: "user".into(), content: q.into() },
+            Message {
+                role: "system".into(),
+                content: SYSTEM_PROMPT.into(),
+            },
+            Message {
+                role: "user".into(),
+                content: q.into(),
+            },
         ]
     };
     // Twice: in a fresh instance per request (what `slm serve` does: the time includes the
@@ -279,7 +333,8 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
     let one = greedy(&a.model, 1);
     let mut inst = rt.instantiate()?;
     request_on(&mut inst, Prompt::Raw("Hello"), &one)?;
-    let (mut uncached, mut cached, mut uncached_fresh, mut cached_fresh) = (vec![], vec![], vec![], vec![]);
+    let (mut uncached, mut cached, mut uncached_fresh, mut cached_fresh) =
+        (vec![], vec![], vec![], vec![]);
     let (mut reused, mut prefix_prompt) = (vec![], 0);
     for i in 0..a.runs {
         let q = chat(QUESTIONS[i % QUESTIONS.len()]);
@@ -359,10 +414,18 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         },
     });
     if !a.json {
-        let opt = |v: Option<f64>, unit: &str| v.map(|v| format!("{v:.0} {unit}")).unwrap_or_else(|| "n/a".into());
+        let opt = |v: Option<f64>, unit: &str| {
+            v.map(|v| format!("{v:.0} {unit}"))
+                .unwrap_or_else(|| "n/a".into())
+        };
         println!(
             "{} ({}) on {placed}, {} threads, prompt {} tokens, {} generated, median of {} runs",
-            a.model, report["path"].as_str().unwrap_or(""), a.threads, prompt_tokens, a.gen_tokens, a.runs
+            a.model,
+            report["path"].as_str().unwrap_or(""),
+            a.threads,
+            prompt_tokens,
+            a.gen_tokens,
+            a.runs
         );
         if let Some(used) = gpu_mem {
             println!("  GPU memory used      {used} MiB (whole device)");
@@ -370,7 +433,10 @@ pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {
         println!("  time to first token  {ttft_ms:.0} ms");
         println!("  prefill              {prefill_tps:.1} tokens/s");
         println!("  decode               {decode_tps:.1} tokens/s");
-        println!("  peak RSS             {} (this process: two instances, prefix caches)", opt(peak_rss_mb, "MiB"));
+        println!(
+            "  peak RSS             {} (this process: two instances, prefix caches)",
+            opt(peak_rss_mb, "MiB")
+        );
         println!(
             "  peak RSS of slm run  {} (a cold-start run; model file {})",
             opt(run_peak_rss_mb, "MiB"),
@@ -407,6 +473,9 @@ mod tests {
                    [prompt 1 tokens (0 cached), completion 1 tokens, time to first token 593 ms]";
         assert_eq!(logged_load_ms(log), Some(585.0));
         assert_eq!(logged_load_ms("no model here"), None);
-        assert_eq!(logged_peak_rss_mb("x\n\u{1b}[34mDEBUG\u{1b}[0m peak RSS 154.2 MiB\n"), Some(154.2));
+        assert_eq!(
+            logged_peak_rss_mb("x\n\u{1b}[34mDEBUG\u{1b}[0m peak RSS 154.2 MiB\n"),
+            Some(154.2)
+        );
     }
 }

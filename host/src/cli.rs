@@ -43,7 +43,13 @@ struct Cli {
 #[derive(Args)]
 struct Global {
     /// Models directory: every subdirectory with a model.onnx is a model named after it.
-    #[arg(long, global = true, env = "SLM_MODELS", default_value = "models", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLM_MODELS",
+        default_value = "models",
+        value_name = "DIR"
+    )]
     models: PathBuf,
     /// The component to run (default: slm-generator.wasm, for `serve` slm-http.wasm; looked up
     /// next to the slm executable, then in dist/).
@@ -61,7 +67,13 @@ struct Global {
     device: String,
     /// Prefix cache size per model, in MiB: KV caches of earlier prompts (a shared system
     /// prompt, earlier chat turns) are reused by later ones that start the same way. 0 disables it.
-    #[arg(long, global = true, env = "SLM_PREFIX_CACHE_MB", default_value_t = 256, value_name = "MIB")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLM_PREFIX_CACHE_MB",
+        default_value_t = 256,
+        value_name = "MIB"
+    )]
     prefix_cache_mb: usize,
     /// No summary line on stderr.
     #[arg(long, short, global = true)]
@@ -251,7 +263,11 @@ pub fn main() -> Result<()> {
 
     if let Cmd::Serve { listen, portable } = &cli.cmd {
         let registry = registry()?;
-        let file = if *portable { HTTP_PORTABLE_FILE } else { HTTP_FILE };
+        let file = if *portable {
+            HTTP_PORTABLE_FILE
+        } else {
+            HTTP_FILE
+        };
         let component = find_component(cli.global.component.as_deref(), file)?;
         return crate::serve::serve(crate::serve::ServeOptions {
             listen: *listen,
@@ -281,7 +297,15 @@ pub fn main() -> Result<()> {
         Cmd::Tokenize { model, text } => app.tokenize(model.as_deref(), text),
         Cmd::Models => app.models(),
         Cmd::Serve { .. } | Cmd::Logits(_) => unreachable!("handled above"),
-        Cmd::Bench { model, prompt_tokens, gen_tokens, runs, prompt_file, json, portable } => {
+        Cmd::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            runs,
+            prompt_file,
+            json,
+            portable,
+        } => {
             let model = app.model(model.as_deref())?;
             let relaunch = vec![
                 std::env::current_exe()?.display().to_string(),
@@ -305,7 +329,11 @@ pub fn main() -> Result<()> {
                     json: *json,
                     threads,
                     portable: *portable,
-                    device: if *portable { Placement::Cpu } else { placement.clone() },
+                    device: if *portable {
+                        Placement::Cpu
+                    } else {
+                        placement.clone()
+                    },
                     relaunch,
                 },
             )
@@ -326,7 +354,11 @@ impl App {
         let component = find_component(g.component.as_deref(), file)?;
         tracing::debug!("component {}", component.display());
         let rt = Runtime::new(&component, Arc::new(registry))?;
-        Ok(App { rt, component, quiet: g.quiet })
+        Ok(App {
+            rt,
+            component,
+            quiet: g.quiet,
+        })
     }
 
     fn available(&self) -> String {
@@ -571,7 +603,12 @@ impl App {
             );
             return Ok(());
         }
-        let w = models.iter().map(|m| m.name.len()).max().unwrap_or(4).max(4);
+        let w = models
+            .iter()
+            .map(|m| m.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
         println!("{:w$}  {:>7}  {:>6}  chat", "name", "context", "vocab");
         for m in models {
             println!(

@@ -52,18 +52,34 @@ fn row(ids: &[i64]) -> Tensor {
 fn step(s: &mut Session, ids: &[i64], start: usize) -> Result<Vec<f32>> {
     let pos: Vec<i64> = (start as i64..(start + ids.len()) as i64).collect();
     let out = s
-        .run(vec![("input_ids".into(), row(ids)), ("position_ids".into(), row(&pos))])
+        .run(vec![
+            ("input_ids".into(), row(ids)),
+            ("position_ids".into(), row(&pos)),
+        ])
         .map_err(|e| anyhow!("{e}"))?;
-    let logits = out.into_iter().find(|(n, _)| n == "logits").context("no logits")?.1;
+    let logits = out
+        .into_iter()
+        .find(|(n, _)| n == "logits")
+        .context("no logits")?
+        .1;
     logits.to_f32().context("logits are not f32")
 }
 
 fn argmax(v: &[f32]) -> i64 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as i64
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as i64
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -72,27 +88,39 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
-    let ids: Vec<i64> = serde_json::from_str(&a.ids).context("--ids: expected a JSON array of token ids")?;
+    let ids: Vec<i64> =
+        serde_json::from_str(&a.ids).context("--ids: expected a JSON array of token ids")?;
     if ids.len() < 2 {
         bail!("--ids: give at least 2 token ids");
     }
-    let name = a.model.clone().unwrap_or_else(|| crate::cli::DEFAULT_MODEL.to_string());
+    let name = a
+        .model
+        .clone()
+        .unwrap_or_else(|| crate::cli::DEFAULT_MODEL.to_string());
     let lazy = registry
         .model(&name)
         .ok_or_else(|| anyhow!("model {name:?} not found in {}", registry.dir().display()))?;
     let t = Instant::now();
     let (model, placed): (Arc<Model>, String) = if a.plain {
         let path = registry.dir().join(&name).join("model.onnx");
-        (Arc::new(Model::load_plain(&path).map_err(|e| anyhow!("{e}"))?), "CPU (plain f32 plan)".into())
+        (
+            Arc::new(Model::load_plain(&path).map_err(|e| anyhow!("{e}"))?),
+            "CPU (plain f32 plan)".into(),
+        )
     } else {
         let m = lazy.get().map_err(|e| anyhow!("{e}"))?;
-        (m, lazy.placed().cloned().unwrap_or(Placement::Cpu).to_string())
+        (
+            m,
+            lazy.placed().cloned().unwrap_or(Placement::Cpu).to_string(),
+        )
     };
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let on_gpu = !a.plain && matches!(lazy.placed(), Some(Placement::Gpu(_)));
     let n = ids.len();
     let follow: Option<Vec<i64>> = match &a.follow {
-        Some(f) => Some(serde_json::from_str(f).context("--follow: expected a JSON array of token ids")?),
+        Some(f) => {
+            Some(serde_json::from_str(f).context("--follow: expected a JSON array of token ids")?)
+        }
         None => None,
     };
     if follow.as_ref().is_some_and(|f| f.len() < a.steps) {
@@ -123,7 +151,11 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
         rows.push(next);
     }
     let decode_s = t.elapsed().as_secs_f64();
-    let gpu_mem = if on_gpu { slm_engine::gpu_memory_mib().map(|(used, _)| used) } else { None };
+    let gpu_mem = if on_gpu {
+        slm_engine::gpu_memory_mib().map(|(used, _)| used)
+    } else {
+        None
+    };
 
     // The contract on this device: rewind to the middle of the prompt and recompute its end;
     // seed a new session from a snapshot of the prompt and recompute its last token.
@@ -136,7 +168,8 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
 
     if let Some(out) = &a.out {
         let mut f = std::io::BufWriter::new(
-            std::fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?,
+            std::fs::File::create(out)
+                .with_context(|| format!("cannot write {}", out.display()))?,
         );
         for r in &rows {
             for x in r {

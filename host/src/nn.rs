@@ -59,11 +59,12 @@ pub fn is_invalid_argument(e: &BackendError) -> bool {
 fn check_target(target: ExecutionTarget, host: Device) -> Result<Placement, BackendError> {
     match target {
         ExecutionTarget::Cpu => Ok(Placement::Cpu),
-        ExecutionTarget::Gpu if host == Device::Cpu => {
-            Err(access_msg(format!("{NO_GPU}: the host runs with --device cpu")))
+        ExecutionTarget::Gpu if host == Device::Cpu => Err(access_msg(format!(
+            "{NO_GPU}: the host runs with --device cpu"
+        ))),
+        ExecutionTarget::Gpu => {
+            slm_engine::resolve(Device::Gpu).map_err(|why| access_msg(format!("{NO_GPU}: {why}")))
         }
-        ExecutionTarget::Gpu => slm_engine::resolve(Device::Gpu)
-            .map_err(|why| access_msg(format!("{NO_GPU}: {why}"))),
         ExecutionTarget::Tpu => Err(access_msg("the tpu execution target is not supported")),
     }
 }
@@ -135,9 +136,17 @@ impl BackendInner for OnnxBackend {
 
 impl BackendFromDir for OnnxBackend {
     /// Lazy: the model is read on the first `init-execution-context`.
-    fn load_from_dir(&mut self, dir: &Path, target: ExecutionTarget) -> Result<Graph, BackendError> {
+    fn load_from_dir(
+        &mut self,
+        dir: &Path,
+        target: ExecutionTarget,
+    ) -> Result<Graph, BackendError> {
         let placement = check_target(target, self.host)?;
-        let device = if placement == Placement::Cpu { Device::Cpu } else { Device::Gpu };
+        let device = if placement == Placement::Cpu {
+            Device::Cpu
+        } else {
+            Device::Gpu
+        };
         let g: Box<dyn BackendGraph> =
             Box::new(LazyModel::new(dir.join("model.onnx"), 0).on(device, placement));
         Ok(g.into())
@@ -200,12 +209,18 @@ impl LazyModel {
 
     fn load(&self) -> Result<Model, EngineError> {
         // The GPU engine panics on some driver failures; `catch_panic` keeps the hook quiet.
-        let r = catch_panic(|| Model::load_on(&self.path, &self.placement))
-            .unwrap_or_else(|p| Err(EngineError::Runtime(format!("the engine failed while loading: {p}"))));
+        let r = catch_panic(|| Model::load_on(&self.path, &self.placement)).unwrap_or_else(|p| {
+            Err(EngineError::Runtime(format!(
+                "the engine failed while loading: {p}"
+            )))
+        });
         let placed = match (&r, &self.placement, self.device) {
             (Err(e), Placement::Gpu(g), Device::Auto) => {
                 let why = format!("{e}").replace('\n', " ");
-                eprintln!("warning: cannot run {} on {g}: {why}; using the CPU", self.path.display());
+                eprintln!(
+                    "warning: cannot run {} on {g}: {why}; using the CPU",
+                    self.path.display()
+                );
                 let _ = self.placed.set(Placement::Cpu);
                 return Model::load(&self.path);
             }
@@ -219,13 +234,10 @@ impl LazyModel {
         self.cell
             .get_or_init(|| {
                 let t = std::time::Instant::now();
-                let r = self
-                    .load()
-                    .map(Arc::new)
-                    .map_err(|e| match e {
-                        EngineError::Load { .. } => e.to_string(),
-                        other => format!("cannot load model {}: {other}", self.path.display()),
-                    });
+                let r = self.load().map(Arc::new).map_err(|e| match e {
+                    EngineError::Load { .. } => e.to_string(),
+                    other => format!("cannot load model {}: {other}", self.path.display()),
+                });
                 let _ = self.load_ms.set(t.elapsed().as_secs_f64() * 1e3);
                 match &r {
                     Ok(_) => tracing::debug!(
@@ -373,7 +385,10 @@ impl Context {
     /// The step a stateful call makes (`input_ids` and optional `position_ids`, nothing else);
     /// None for other calls, which the prefix cache leaves alone.
     fn token_step(&self, inputs: &[(String, slm_engine::Tensor)]) -> Option<TokenStep> {
-        if inputs.iter().any(|(n, _)| n != "input_ids" && n != "position_ids") {
+        if inputs
+            .iter()
+            .any(|(n, _)| n != "input_ids" && n != "position_ids")
+        {
             return None;
         }
         let ids = int_values(&inputs.iter().find(|(n, _)| n == "input_ids")?.1)?;
@@ -383,7 +398,6 @@ impl Context {
         };
         (start <= self.tokens.len() && !ids.is_empty()).then_some(TokenStep { ids, start })
     }
-
 }
 
 /// Seeds `session` from the longest cached prefix of `full` (the tokens the session will hold
@@ -398,15 +412,23 @@ fn reuse_prefix(
     if step.ids.len() < 2 {
         return (inputs, 0);
     }
-    let Some((kv, hit)) = cache.lookup(full) else { return (inputs, 0) };
+    let Some((kv, hit)) = cache.lookup(full) else {
+        return (inputs, 0);
+    };
     // The last token is always computed: its logits are the answer.
     let hit = hit.min(full.len() - 1);
     if hit <= step.start || session.restore(&kv, hit).is_err() {
         return (inputs, 0);
     }
     let inputs = vec![
-        ("input_ids".to_string(), i64_row(full[hit..].iter().copied())),
-        ("position_ids".to_string(), i64_row((hit as i64)..(full.len() as i64))),
+        (
+            "input_ids".to_string(),
+            i64_row(full[hit..].iter().copied()),
+        ),
+        (
+            "position_ids".to_string(),
+            i64_row((hit as i64)..(full.len() as i64)),
+        ),
     ];
     (inputs, hit - step.start)
 }
@@ -423,7 +445,13 @@ impl Context {
         }
         check_ids(&inputs, self.vocab)?;
         let step = self.token_step(&inputs);
-        let Context { session, tokens, prefix, broken, .. } = self;
+        let Context {
+            session,
+            tokens,
+            prefix,
+            broken,
+            ..
+        } = self;
         let session = session
             .get_mut()
             .map_err(|_| access_msg("execution context poisoned by an earlier failure"))?;
@@ -434,7 +462,9 @@ impl Context {
             f
         });
         let (inputs, cached) = match (prefix.as_deref(), &step, &full) {
-            (Some(cache), Some(step), Some(full)) => reuse_prefix(cache, session, full, step, inputs),
+            (Some(cache), Some(step), Some(full)) => {
+                reuse_prefix(cache, session, full, step, inputs)
+            }
             _ => (inputs, 0),
         };
         let result = match catch_panic(|| session.run(inputs)) {
@@ -457,7 +487,10 @@ impl Context {
             if step.ids.len() > 1 {
                 cache.insert(tokens, session.snapshot());
                 // Tells the guest how much of its prompt was reused (for usage.cached_tokens).
-                outputs.push(("cached_tokens".to_string(), i64_row(std::iter::once(cached as i64))));
+                outputs.push((
+                    "cached_tokens".to_string(),
+                    i64_row(std::iter::once(cached as i64)),
+                ));
             }
         }
         Ok(outputs)
@@ -513,7 +546,12 @@ impl BackendExecutionContext for Context {
                 let outputs = self.run(inputs)?;
                 let outputs = outputs
                     .into_iter()
-                    .map(|(name, t)| Ok(NamedTensor { name, tensor: from_engine(t)? }))
+                    .map(|(name, t)| {
+                        Ok(NamedTensor {
+                            name,
+                            tensor: from_engine(t)?,
+                        })
+                    })
                     .collect::<Result<Vec<_>, BackendError>>()?;
                 Ok(Some(outputs))
             }

@@ -53,7 +53,14 @@ fn common_prefix(a: &[i64], b: &[i64]) -> usize {
 impl<K: Kv> PrefixCache<K> {
     /// A cache holding at most `limit_bytes` of KV tensors (0 disables it).
     pub fn new(limit_bytes: usize) -> Self {
-        PrefixCache { limit_bytes, entries: Mutex::new(Entries { list: Vec::new(), bytes: 0, clock: 0 }) }
+        PrefixCache {
+            limit_bytes,
+            entries: Mutex::new(Entries {
+                list: Vec::new(),
+                bytes: 0,
+                clock: 0,
+            }),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -68,7 +75,12 @@ impl<K: Kv> PrefixCache<K> {
         let best = e
             .list
             .iter_mut()
-            .map(|entry| (common_prefix(&entry.tokens, tokens).min(entry.kv.len()), entry))
+            .map(|entry| {
+                (
+                    common_prefix(&entry.tokens, tokens).min(entry.kv.len()),
+                    entry,
+                )
+            })
             .filter(|(n, _)| *n > 0)
             .max_by_key(|(n, _)| *n)?;
         best.1.last_used = now;
@@ -84,7 +96,9 @@ impl<K: Kv> PrefixCache<K> {
         if bytes > self.limit_bytes {
             return;
         }
-        let Ok(mut e) = self.entries.lock() else { return };
+        let Ok(mut e) = self.entries.lock() else {
+            return;
+        };
         e.clock += 1;
         let now = e.clock;
         // Already covered by a longer entry: only refresh it.
@@ -99,9 +113,20 @@ impl<K: Kv> PrefixCache<K> {
             e.bytes = e.list.iter().map(|x| x.bytes).sum();
         }
         e.bytes += bytes;
-        e.list.push(Entry { tokens: tokens.to_vec(), kv, bytes, last_used: now });
+        e.list.push(Entry {
+            tokens: tokens.to_vec(),
+            kv,
+            bytes,
+            last_used: now,
+        });
         while e.bytes > self.limit_bytes {
-            let Some(oldest) = e.list.iter().enumerate().min_by_key(|(_, x)| x.last_used).map(|(i, _)| i) else {
+            let Some(oldest) = e
+                .list
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, x)| x.last_used)
+                .map(|(i, _)| i)
+            else {
                 break;
             };
             let gone = e.list.swap_remove(oldest);
@@ -120,7 +145,10 @@ impl<K: Kv> PrefixCache<K> {
     /// (entries, bytes) held now (what the tests check).
     #[cfg(test)]
     pub fn usage(&self) -> (usize, usize) {
-        self.entries.lock().map(|e| (e.list.len(), e.bytes)).unwrap_or((0, 0))
+        self.entries
+            .lock()
+            .map(|e| (e.list.len(), e.bytes))
+            .unwrap_or((0, 0))
     }
 }
 

@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Config, Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 use wasmtime_wasi_nn::backend::{BackendInner, NamedTensor as BackendNamedTensor};
 use wasmtime_wasi_nn::GraphRegistry;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::nn::{backend_error_message, is_invalid_argument, ModelRegistry, OnnxBackend};
 
@@ -85,10 +85,16 @@ impl WasiHttpHooks for NoOutgoingRequests {
         _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
         dyn std::future::Future<
-                Output = Result<(
-                    hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>,
-                    Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                ), wasmtime_wasi_http::Error>,
+                Output = Result<
+                    (
+                        hyper::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
             > + Send,
     > {
         Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
@@ -267,7 +273,9 @@ impl wasi::nn::graph::Host for HostState {
             ExecutionTarget::Tpu => wasmtime_wasi_nn::wit::ExecutionTarget::Tpu,
         };
         let slices: Vec<&[u8]> = builders.iter().map(|b| b.as_slice()).collect();
-        let mut backend = OnnxBackend { host: self.registry.device() };
+        let mut backend = OnnxBackend {
+            host: self.registry.device(),
+        };
         match backend.load(&slices, target) {
             Ok(g) => Ok(Ok(self.table.push(g)?)),
             Err(e) => {
@@ -306,9 +314,8 @@ impl wasi::nn::graph::HostGraph for HostState {
     fn init_execution_context(
         &mut self,
         g: Resource<wasmtime_wasi_nn::Graph>,
-    ) -> wasmtime::Result<
-        Result<Resource<wasmtime_wasi_nn::ExecutionContext>, Resource<NnError>>,
-    > {
+    ) -> wasmtime::Result<Result<Resource<wasmtime_wasi_nn::ExecutionContext>, Resource<NnError>>>
+    {
         let graph = self.table.get(&g)?.clone();
         match graph.init_execution_context() {
             Ok(ctx) => Ok(Ok(self.table.push(ctx)?)),
@@ -396,10 +403,11 @@ pub fn find_component(explicit: Option<&Path>, file: &str) -> Result<PathBuf> {
         }
     }
     candidates.push(PathBuf::from("dist").join(file));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| anyhow!("component {file} not found next to the slm executable or in dist/ (run scripts/build)"))
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow!(
+            "component {file} not found next to the slm executable or in dist/ (run scripts/build)"
+        )
+    })
 }
 
 /// Compile a component, or load it from the `.cwasm` cache.
@@ -427,15 +435,22 @@ pub fn load_component(engine: &Engine, path: &Path) -> Result<Component> {
                     tracing::debug!("compile cache hit: {}", c.display());
                     return Ok(comp);
                 }
-                Err(e) => tracing::debug!("compile cache entry unusable ({}): recompiling", one_line(&e)),
+                Err(e) => tracing::debug!(
+                    "compile cache entry unusable ({}): recompiling",
+                    one_line(&e)
+                ),
             }
         }
     }
     tracing::debug!("compile cache miss: compiling {}", path.display());
     let t = std::time::Instant::now();
-    let serialized = engine
-        .precompile_component(&bytes)
-        .map_err(|e| anyhow!("cannot compile component {}: {}", path.display(), one_line(&e)))?;
+    let serialized = engine.precompile_component(&bytes).map_err(|e| {
+        anyhow!(
+            "cannot compile component {}: {}",
+            path.display(),
+            one_line(&e)
+        )
+    })?;
     tracing::debug!("compiled in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
     if let Some(c) = &cached {
         let write = || -> std::io::Result<()> {

@@ -18,9 +18,9 @@ use hyper::server::conn::http1;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::nn::ModelRegistry;
@@ -71,7 +71,10 @@ impl Server {
         let engine = match engine(true) {
             Ok(e) => e,
             Err(e) => {
-                tracing::debug!("pooling allocator unavailable ({}): allocating on demand", one_line(&e));
+                tracing::debug!(
+                    "pooling allocator unavailable ({}): allocating on demand",
+                    one_line(&e)
+                );
                 engine(false).map_err(werr)?
             }
         };
@@ -89,7 +92,11 @@ impl Server {
                 one_line(&e)
             )
         })?;
-        Ok(Server { engine, pre, registry })
+        Ok(Server {
+            engine,
+            pre,
+            registry,
+        })
     }
 
     /// Serves one request with a fresh instance.
@@ -134,7 +141,10 @@ impl Server {
                 0 => 500,
                 c => c,
             };
-            let error = result.as_ref().err().map(|e| format!(" error: {}", one_line(e)));
+            let error = result
+                .as_ref()
+                .err()
+                .map(|e| format!(" error: {}", one_line(e)));
             // The access log: one line per request.
             eprintln!(
                 "{method} {path} {code} tokens {}+{} {:.0} ms{}",
@@ -189,7 +199,8 @@ impl Drop for AbortOnDrop {
 /// A plain-text 500 for failures outside the component (it answers everything else itself).
 fn internal_error(message: String) -> hyper::Response<HyperOutgoingBody> {
     use http_body_util::{BodyExt, Full};
-    let body = serde_json::json!({"error": {"message": message, "type": "server_error", "code": null}});
+    let body =
+        serde_json::json!({"error": {"message": message, "type": "server_error", "code": null}});
     let body = Full::new(bytes::Bytes::from(body.to_string()))
         .map_err(|never| match never {})
         .boxed_unsync();
@@ -206,7 +217,10 @@ fn internal_error(message: String) -> hyper::Response<HyperOutgoingBody> {
 pub fn serve(opts: ServeOptions) -> Result<()> {
     let server = Arc::new(Server::new(opts.component, opts.registry)?);
     // Inference blocks the worker running it: keep enough workers for accepting and streaming.
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(16);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(16);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

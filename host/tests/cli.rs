@@ -71,9 +71,18 @@ fn ok(o: Output) -> String {
 /// Failed cleanly: non-zero exit, one `error: ...` line containing `want`, no panic.
 fn fails_with(o: Output, want: &str) {
     let err = stderr(&o);
-    assert!(!o.status.success(), "expected a failure, got success; stdout {:?}", stdout(&o));
+    assert!(
+        !o.status.success(),
+        "expected a failure, got success; stdout {:?}",
+        stdout(&o)
+    );
     assert_eq!(o.status.code(), Some(1), "exit status {} ({err})", o.status);
-    assert!(!err.contains("panicked") && !err.contains("internal error") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("internal error")
+            && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "one error line expected: {err}");
     assert!(
@@ -100,12 +109,23 @@ fn greedy_is_deterministic() {
 #[test]
 fn seeds_reproduce_and_differ() {
     let sample = |seed: &str| {
-        tiny_run(&["--max-tokens", "24", "--temperature", "1.5", "--seed", seed, "Once upon a time"])
+        tiny_run(&[
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+            "Once upon a time",
+        ])
     };
     let a = sample("1");
     assert_eq!(a, sample("1"), "same seed, same output");
     let others: Vec<String> = ["2", "3", "4"].iter().map(|s| sample(s)).collect();
-    assert!(others.iter().any(|o| *o != a), "different seeds gave the same text: {a:?}");
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds gave the same text: {a:?}"
+    );
 }
 
 #[test]
@@ -113,7 +133,10 @@ fn chat_mode_streams_to_stdout_and_summary_to_stderr() {
     let o = run(slm().args(["run", "--model", "tiny", "--max-tokens", "5", "Hi"]));
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("time to first token"), "summary on stderr: {err}");
+    assert!(
+        err.contains("time to first token"),
+        "summary on stderr: {err}"
+    );
     assert!(!stdout(&o).contains("time to first token"));
     // --quiet drops the summary.
     let o = run(slm().args(["-q", "run", "--model", "tiny", "--max-tokens", "5", "Hi"]));
@@ -123,7 +146,12 @@ fn chat_mode_streams_to_stdout_and_summary_to_stderr() {
 
 #[test]
 fn tokenize_prints_ids_as_json() {
-    let out = ok(run(slm().args(["tokenize", "--model", "tiny", "<|im_start|>user\nHello"])));
+    let out = ok(run(slm().args([
+        "tokenize",
+        "--model",
+        "tiny",
+        "<|im_start|>user\nHello",
+    ])));
     let ids: Vec<u32> = serde_json::from_str(out.trim()).expect("a JSON array of ids");
     assert_eq!(ids[0], 1, "<|im_start|> is one special token: {ids:?}");
     assert!(ids.len() >= 3);
@@ -132,26 +160,41 @@ fn tokenize_prints_ids_as_json() {
 #[test]
 fn models_lists_the_tiny_model() {
     let out = ok(run(slm().arg("models")));
-    let line = out.lines().find(|l| l.starts_with("tiny")).unwrap_or_else(|| panic!("{out}"));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("tiny"))
+        .unwrap_or_else(|| panic!("{out}"));
     assert!(line.contains("256"), "context length 256: {line}");
 }
 
 #[test]
 fn unknown_model_is_a_clear_error() {
-    fails_with(run(slm().args(["run", "--model", "nope", "Hi"])), "model \"nope\" not found");
-    fails_with(run(slm().args(["tokenize", "--model", "nope", "Hi"])), "not found");
+    fails_with(
+        run(slm().args(["run", "--model", "nope", "Hi"])),
+        "model \"nope\" not found",
+    );
+    fails_with(
+        run(slm().args(["tokenize", "--model", "nope", "Hi"])),
+        "not found",
+    );
 }
 
 #[test]
 fn empty_prompt_is_an_error() {
     fails_with(run(slm().args(["run", "--model", "tiny", ""])), "empty");
-    fails_with(run(slm().args(["run", "--model", "tiny", "--raw", "   "])), "empty");
+    fails_with(
+        run(slm().args(["run", "--model", "tiny", "--raw", "   "])),
+        "empty",
+    );
 }
 
 #[test]
 fn prompt_over_the_context_is_an_error() {
     let long = "word ".repeat(400);
-    fails_with(run(slm().args(["run", "--model", "tiny", "--raw", &long])), "context");
+    fails_with(
+        run(slm().args(["run", "--model", "tiny", "--raw", &long])),
+        "context",
+    );
 }
 
 #[test]
@@ -163,20 +206,43 @@ fn invalid_sampling_values_are_errors() {
         ("--min-p", "1", "min-p"),
         ("--repeat-penalty", "0", "penalty"),
     ] {
-        let o = run(slm().args(["run", "--model", "tiny", "--max-tokens", "2", flag, value, "Hi"]));
+        let o = run(slm().args([
+            "run",
+            "--model",
+            "tiny",
+            "--max-tokens",
+            "2",
+            flag,
+            value,
+            "Hi",
+        ]));
         fails_with(o, want);
     }
-    fails_with(run(slm().args(["run", "--model", "tiny", "--stop", "", "Hi"])), "stop");
-    fails_with(run(slm().args(["run", "--model", "tiny", "--max-tokens", "x", "Hi"])), "invalid value");
+    fails_with(
+        run(slm().args(["run", "--model", "tiny", "--stop", "", "Hi"])),
+        "stop",
+    );
+    fails_with(
+        run(slm().args(["run", "--model", "tiny", "--max-tokens", "x", "Hi"])),
+        "invalid value",
+    );
 }
 
 /// A models directory with tiny's JSON files and the given model.onnx bytes (None: no model.onnx
 /// at all, so the directory is not a model).
 fn broken_models(tag: &str, onnx: Option<&[u8]>) -> PathBuf {
-    let dir = root().join(format!("target/slm-test-models-{tag}-{}", std::process::id()));
+    let dir = root().join(format!(
+        "target/slm-test-models-{tag}-{}",
+        std::process::id()
+    ));
     let m = dir.join("broken");
     std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(test_models().join("tiny").join(f), m.join(f)).unwrap();
     }
     if let Some(bytes) = onnx {
@@ -203,8 +269,13 @@ fn missing_model_file_is_a_clear_error() {
 
 #[test]
 fn missing_models_dir_and_component_are_clear_errors() {
-    fails_with(run(slm_in(Path::new("/nonexistent/models")).args(["run", "Hi"])), "models directory");
-    let o = run(slm().env("SLM_COMPONENT", "/nonexistent/gen.wasm").args(["run", "Hi"]));
+    fails_with(
+        run(slm_in(Path::new("/nonexistent/models")).args(["run", "Hi"])),
+        "models directory",
+    );
+    let o = run(slm()
+        .env("SLM_COMPONENT", "/nonexistent/gen.wasm")
+        .args(["run", "Hi"]));
     fails_with(o, "scripts/build");
 }
 
@@ -232,7 +303,10 @@ fn chat_reads_piped_stdin() {
         .filter_map(|l| l.strip_prefix("[prompt ")?.split(' ').next()?.parse().ok())
         .collect();
     assert_eq!(prompts.len(), 2, "two replies: {err}");
-    assert!(prompts[1] > prompts[0], "the second turn includes the first: {prompts:?}");
+    assert!(
+        prompts[1] > prompts[0],
+        "the second turn includes the first: {prompts:?}"
+    );
 }
 
 #[test]

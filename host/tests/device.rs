@@ -12,9 +12,16 @@ fn root() -> PathBuf {
 
 fn slm() -> Command {
     let component = root().join("dist/slm-generator.wasm");
-    assert!(component.is_file(), "{} missing: run scripts/build", component.display());
+    assert!(
+        component.is_file(),
+        "{} missing: run scripts/build",
+        component.display()
+    );
     let models = root().join("target/test-models");
-    assert!(models.join("tiny/model.onnx").is_file(), "tiny test model missing (scripts/test writes it)");
+    assert!(
+        models.join("tiny/model.onnx").is_file(),
+        "tiny test model missing (scripts/test writes it)"
+    );
     let mut c = Command::new(env!("CARGO_BIN_EXE_slm"));
     c.current_dir(root())
         .env_remove("SLM_MODELS")
@@ -41,9 +48,21 @@ fn stderr(o: &Output) -> String {
 fn tiny(device: &str, extra: &[&str]) -> (String, String) {
     let mut args = vec!["--device", device];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&["run", "--model", "tiny", "--raw", "--max-tokens", "16", "Once upon a time"]);
+    args.extend_from_slice(&[
+        "run",
+        "--model",
+        "tiny",
+        "--raw",
+        "--max-tokens",
+        "16",
+        "Once upon a time",
+    ]);
     let o = run(&args);
-    assert!(o.status.success(), "slm --device {device} failed: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "slm --device {device} failed: {}",
+        stderr(&o)
+    );
     (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
 }
 
@@ -53,14 +72,27 @@ fn gpu_in_use(err: &str) -> bool {
 
 #[test]
 fn device_gpu_without_a_gpu_fails_with_one_line_naming_what_is_missing() {
-    let o = run(&["--device", "gpu", "run", "--model", "tiny", "--raw", "--max-tokens", "4", "Hello"]);
+    let o = run(&[
+        "--device",
+        "gpu",
+        "run",
+        "--model",
+        "tiny",
+        "--raw",
+        "--max-tokens",
+        "4",
+        "Hello",
+    ]);
     let err = stderr(&o);
     if o.status.success() && gpu_in_use(&err) {
         return; // a machine with a GPU and a gpu build: scripts/gpu-check
     }
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(o.stdout.is_empty(), "nothing generated");
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "one line: {err:?}");
     let line = err.lines().next().unwrap();
     assert!(line.starts_with("error: --device gpu: "), "{line}");
@@ -75,7 +107,15 @@ fn device_gpu_without_a_gpu_fails_with_one_line_naming_what_is_missing() {
     // The same through the environment.
     let o = slm()
         .env("SLM_DEVICE", "gpu")
-        .args(["run", "--model", "tiny", "--raw", "--max-tokens", "4", "Hello"])
+        .args([
+            "run",
+            "--model",
+            "tiny",
+            "--raw",
+            "--max-tokens",
+            "4",
+            "Hello",
+        ])
         .output()
         .unwrap();
     assert_eq!(stderr(&o), err);
@@ -96,7 +136,10 @@ fn device_auto_without_a_gpu_gives_the_cpu_output() {
     assert_eq!(default, cpu);
     assert!(default_err.is_empty(), "{default_err}");
     let (_, verbose) = tiny("auto", &["-v"]);
-    assert!(verbose.contains("device: CPU (--device auto; no GPU: "), "{verbose}");
+    assert!(
+        verbose.contains("device: CPU (--device auto; no GPU: "),
+        "{verbose}"
+    );
 }
 
 #[test]

@@ -57,7 +57,11 @@ impl NnSession {
         let ctx = g
             .init_execution_context()
             .map_err(|e| nn_error("creating an execution context", e))?;
-        Ok(NnSession { ctx, cached: 0, _graph: g })
+        Ok(NnSession {
+            ctx,
+            cached: 0,
+            _graph: g,
+        })
     }
 }
 
@@ -145,7 +149,11 @@ impl Session for NnSession {
         self.cached = outputs
             .iter()
             .find(|(name, _)| name == "cached_tokens")
-            .and_then(|(_, t)| t.data().get(..8).map(|b| i64::from_le_bytes(b.try_into().unwrap())))
+            .and_then(|(_, t)| {
+                t.data()
+                    .get(..8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            })
             .map(|v| v.clamp(0, n as i64) as u32)
             .unwrap_or(0);
         let logits = outputs

@@ -23,11 +23,26 @@ mod handler {
         let path = req.path_with_query().unwrap_or_default();
         let path = path.split('?').next().unwrap_or_default().to_string();
         let is_post = matches!(req.method(), Method::Post);
-        let method = if is_post { "POST" } else if matches!(req.method(), Method::Get) { "GET" } else { "OTHER" };
+        let method = if is_post {
+            "POST"
+        } else if matches!(req.method(), Method::Get) {
+            "GET"
+        } else {
+            "OTHER"
+        };
         let body = if is_post {
             match req.into_body().await {
                 Ok(b) => b,
-                Err(e) => return reply::send_error(out, openai::ApiError::invalid(format!("could not read the request body: {e:?}"), None)).await,
+                Err(e) => {
+                    return reply::send_error(
+                        out,
+                        openai::ApiError::invalid(
+                            format!("could not read the request body: {e:?}"),
+                            None,
+                        ),
+                    )
+                    .await
+                }
             }
         } else {
             Vec::new()

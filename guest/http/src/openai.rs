@@ -17,7 +17,13 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self { status: 400, message: message.into(), kind: "invalid_request_error", code: None, param }
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code: None,
+            param,
+        }
     }
 }
 
@@ -100,7 +106,8 @@ pub struct Request<T> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let text = std::str::from_utf8(body).map_err(|_| ApiError::invalid("request body is not valid UTF-8", None))?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::invalid("request body is not valid UTF-8", None))?;
     serde_json::from_str(text).map_err(|e| {
         let msg = e.to_string();
         ApiError::invalid(format!("invalid request body: {msg}"), None)
@@ -110,7 +117,10 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
-            return Err(ApiError::invalid(format!("n = {n} is not supported: only one choice (n = 1) per request"), Some("n")));
+            return Err(ApiError::invalid(
+                format!("n = {n} is not supported: only one choice (n = 1) per request"),
+                Some("n"),
+            ));
         }
     }
     let stop = match c.stop {
@@ -119,7 +129,10 @@ fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
         Some(Stop::Many(v)) => v,
     };
     if stop.iter().any(|s| s.is_empty()) {
-        return Err(ApiError::invalid("stop strings must not be empty", Some("stop")));
+        return Err(ApiError::invalid(
+            "stop strings must not be empty",
+            Some("stop"),
+        ));
     }
     let options = Options {
         model: c.model,
@@ -141,15 +154,28 @@ fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
 pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
     let body: ChatBody = parse(body)?;
     if body.messages.is_empty() {
-        return Err(ApiError::invalid("messages must contain at least one message", Some("messages")));
+        return Err(ApiError::invalid(
+            "messages must contain at least one message",
+            Some("messages"),
+        ));
     }
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in body.messages {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
-            return Err(ApiError::invalid(format!("unsupported message role '{}'", m.role), Some("messages")));
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer"
+        ) {
+            return Err(ApiError::invalid(
+                format!("unsupported message role '{}'", m.role),
+                Some("messages"),
+            ));
         }
         // OpenAI's newer "developer" role is the system role under another name.
-        let role = if m.role == "developer" { "system".to_string() } else { m.role };
+        let role = if m.role == "developer" {
+            "system".to_string()
+        } else {
+            m.role
+        };
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
@@ -158,15 +184,28 @@ pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
         messages.push(Message { role, content });
     }
     let (options, stream, include_usage) = common_options(body.common)?;
-    Ok(Request { input: messages, options, stream, include_usage })
+    Ok(Request {
+        input: messages,
+        options,
+        stream,
+        include_usage,
+    })
 }
 
 fn text_parts(parts: &[Value]) -> Result<String, ApiError> {
     let mut text = String::new();
     for p in parts {
-        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+        match (
+            p.get("type").and_then(Value::as_str),
+            p.get("text").and_then(Value::as_str),
+        ) {
             (Some("text"), Some(t)) => text.push_str(t),
-            _ => return Err(ApiError::invalid("only text content parts are supported", Some("messages"))),
+            _ => {
+                return Err(ApiError::invalid(
+                    "only text content parts are supported",
+                    Some("messages"),
+                ))
+            }
         }
     }
     Ok(text)
@@ -177,10 +216,20 @@ pub fn completion_request(body: &[u8]) -> Result<Request<String>, ApiError> {
     let prompt = match body.prompt {
         Prompt::One(p) => p,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(_) => return Err(ApiError::invalid("prompt must be one string (batches are not supported)", Some("prompt"))),
+        Prompt::Many(_) => {
+            return Err(ApiError::invalid(
+                "prompt must be one string (batches are not supported)",
+                Some("prompt"),
+            ))
+        }
     };
     let (options, stream, include_usage) = common_options(body.common)?;
-    Ok(Request { input: prompt, options, stream, include_usage })
+    Ok(Request {
+        input: prompt,
+        options,
+        stream,
+        include_usage,
+    })
 }
 
 #[cfg(test)]
@@ -220,7 +269,10 @@ mod tests {
     #[test]
     fn completion_prompt_forms() {
         assert_eq!(completion_request(br#"{"prompt":"a"}"#).unwrap().input, "a");
-        assert_eq!(completion_request(br#"{"prompt":["b"]}"#).unwrap().input, "b");
+        assert_eq!(
+            completion_request(br#"{"prompt":["b"]}"#).unwrap().input,
+            "b"
+        );
         assert!(completion_request(br#"{"prompt":["a","b"]}"#).is_err());
         assert!(completion_request(br#"{"prompt":3}"#).is_err());
     }

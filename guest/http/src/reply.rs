@@ -9,19 +9,40 @@ use crate::openai::{self, ApiError};
 /// The OpenAI error a generator error maps to.
 pub fn api_error(e: GenError) -> ApiError {
     let (status, message, kind, code, param) = match e {
-        GenError::ModelNotFound(m) => (404, format!("the model '{m}' does not exist"), "invalid_request_error", Some("model_not_found"), Some("model")),
+        GenError::ModelNotFound(m) => (
+            404,
+            format!("the model '{m}' does not exist"),
+            "invalid_request_error",
+            Some("model_not_found"),
+            Some("model"),
+        ),
         GenError::InvalidRequest(m) => (400, m, "invalid_request_error", None, None),
         GenError::ContextOverflow(c) => (
             400,
-            format!("the prompt has {} tokens, more than the model's context length of {}", c.prompt_tokens, c.context_length),
+            format!(
+                "the prompt has {} tokens, more than the model's context length of {}",
+                c.prompt_tokens, c.context_length
+            ),
             "invalid_request_error",
             Some("context_length_exceeded"),
             Some("messages"),
         ),
         GenError::ModelError(m) => (500, format!("model error: {m}"), "server_error", None, None),
-        GenError::BackendFailure(m) => (500, format!("inference backend failed: {m}"), "server_error", None, None),
+        GenError::BackendFailure(m) => (
+            500,
+            format!("inference backend failed: {m}"),
+            "server_error",
+            None,
+            None,
+        ),
     };
-    ApiError { status, message, kind, code, param }
+    ApiError {
+        status,
+        message,
+        kind,
+        code,
+        param,
+    }
 }
 
 fn error_body(e: &ApiError) -> Value {
@@ -46,27 +67,45 @@ fn usage(s: &Summary) -> Value {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn new_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{prefix}-{:x}{:x}", nanos as u64, COUNTER.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{:x}{:x}",
+        nanos as u64,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The model name to report, and a 400 when `max_tokens` can never fit the model's context.
 fn check_model(options: &crate::bindings::edge::slm::types::Options) -> Result<String, ApiError> {
     let models = generator::list_models().map_err(api_error)?;
     let info = match &options.model {
-        Some(name) => models.iter().find(|m| &m.name == name).ok_or_else(|| api_error(GenError::ModelNotFound(name.clone())))?,
-        None => models.first().ok_or_else(|| api_error(GenError::ModelNotFound("(none installed)".into())))?,
+        Some(name) => models
+            .iter()
+            .find(|m| &m.name == name)
+            .ok_or_else(|| api_error(GenError::ModelNotFound(name.clone())))?,
+        None => models
+            .first()
+            .ok_or_else(|| api_error(GenError::ModelNotFound("(none installed)".into())))?,
     };
     if let Some(max) = options.max_tokens {
         if max > info.context_length {
             return Err(ApiError::invalid(
-                format!("max_tokens = {max} exceeds the context length of {} ({})", info.name, info.context_length),
+                format!(
+                    "max_tokens = {max} exceeds the context length of {} ({})",
+                    info.name, info.context_length
+                ),
                 Some("max_tokens"),
             ));
         }
@@ -89,7 +128,13 @@ impl Kind {
         }
     }
 
-    fn choice(&self, text: Option<&str>, first: bool, finish: Option<&str>, streaming: bool) -> Value {
+    fn choice(
+        &self,
+        text: Option<&str>,
+        first: bool,
+        finish: Option<&str>,
+        streaming: bool,
+    ) -> Value {
         match self {
             Kind::Chat if streaming => {
                 let mut delta = serde_json::Map::new();
@@ -101,8 +146,12 @@ impl Kind {
                 }
                 json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
             }
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")}, "finish_reason": finish, "logprobs": null}),
-            Kind::Text => json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")}, "finish_reason": finish, "logprobs": null})
+            }
+            Kind::Text => {
+                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+            }
         }
     }
 }
@@ -137,8 +186,19 @@ pub async fn completions(out: ResponseOutparam, body: &[u8]) {
     }
 }
 
-async fn respond(out: ResponseOutparam, kind: Kind, model: String, completion: Completion, stream: bool, include_usage: bool) {
-    let id = new_id(if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" });
+async fn respond(
+    out: ResponseOutparam,
+    kind: Kind,
+    model: String,
+    completion: Completion,
+    stream: bool,
+    include_usage: bool,
+) {
+    let id = new_id(if matches!(kind, Kind::Chat) {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
     let created = now_secs();
     if !stream {
         let mut text = String::new();
@@ -159,7 +219,10 @@ async fn respond(out: ResponseOutparam, kind: Kind, model: String, completion: C
     }
 
     // Server-Sent Events: one `data:` event per generated piece, flushed as it is produced.
-    let response = OutgoingResponse::new(headers(&[("content-type", "text/event-stream"), ("cache-control", "no-cache")]));
+    let response = OutgoingResponse::new(headers(&[
+        ("content-type", "text/event-stream"),
+        ("cache-control", "no-cache"),
+    ]));
     let _ = response.set_status_code(200);
     let mut sink = response.take_body();
     out.set(response);
@@ -182,7 +245,9 @@ async fn respond(out: ResponseOutparam, kind: Kind, model: String, completion: C
             }
             Ok(None) => break,
             Err(e) => {
-                let _ = sink.send(format!("data: {}\n\n", error_body(&api_error(e))).into_bytes()).await;
+                let _ = sink
+                    .send(format!("data: {}\n\n", error_body(&api_error(e))).into_bytes())
+                    .await;
                 break;
             }
         };
@@ -192,7 +257,10 @@ async fn respond(out: ResponseOutparam, kind: Kind, model: String, completion: C
         }
     }
     let s = completion.summary();
-    let mut tail = chunk(json!([kind.choice(None, first, Some(finish_reason(s.finish_reason)), true)]), None);
+    let mut tail = chunk(
+        json!([kind.choice(None, first, Some(finish_reason(s.finish_reason)), true)]),
+        None,
+    );
     if include_usage {
         tail.extend(chunk(json!([]), Some(usage(&s))));
     }
@@ -215,7 +283,9 @@ pub async fn models(out: ResponseOutparam) {
 
 pub async fn health(out: ResponseOutparam) {
     match generator::list_models() {
-        Ok(m) if !m.is_empty() => send_json(out, 200, &json!({"status": "ok", "models": m.len()})).await,
+        Ok(m) if !m.is_empty() => {
+            send_json(out, 200, &json!({"status": "ok", "models": m.len()})).await
+        }
         Ok(_) => send_json(out, 503, &json!({"status": "no models installed"})).await,
         Err(e) => send_error(out, api_error(e)).await,
     }
@@ -228,11 +298,16 @@ pub async fn send_error(out: ResponseOutparam, e: ApiError) {
 async fn send_json(out: ResponseOutparam, status: u16, body: &Value) {
     let response = OutgoingResponse::new(headers(&[("content-type", "application/json")]));
     let _ = response.set_status_code(status);
-    let _ = out.set_with_body(response, body.to_string().into_bytes()).await;
+    let _ = out
+        .set_with_body(response, body.to_string().into_bytes())
+        .await;
 }
 
 fn headers(pairs: &[(&str, &str)]) -> Fields {
-    let list: Vec<(String, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+    let list: Vec<(String, Vec<u8>)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
     Fields::from_list(&list).expect("static header names are valid")
 }
 

@@ -24,12 +24,21 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { model: PathBuf::new(), prompt: 126, gen: 64, threads: 1, runs: 3, top: 20 };
+    let mut args = Args {
+        model: PathBuf::new(),
+        prompt: 126,
+        gen: 64,
+        threads: 1,
+        runs: 3,
+        top: 20,
+    };
     let mut it = std::env::args().skip(1);
     let mut model = None;
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Result<usize, String> {
-            it.next().and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} takes a number"))
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} takes a number"))
         };
         match a.as_str() {
             "--prompt-tokens" => args.prompt = num(&a)?.max(1),
@@ -42,7 +51,11 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let model = model.ok_or("usage: profile MODEL_DIR|MODEL.onnx [--prompt-tokens N] [--gen-tokens M] [--threads T] [--runs R] [--top K]")?;
-    args.model = if model.is_dir() { model.join("model.onnx") } else { model };
+    args.model = if model.is_dir() {
+        model.join("model.onnx")
+    } else {
+        model
+    };
     Ok(args)
 }
 
@@ -59,11 +72,22 @@ fn step(s: &mut Session, ids: &[i64], start: usize) -> Vec<f32> {
 }
 
 fn argmax(v: &[f32]) -> i64 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as i64
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as i64
 }
 
 /// Prefill time, per-token decode times, and the greedy tokens.
-fn one_run(model: &Arc<Model>, prompt: &[i64], gen: usize, profile: bool) -> (Duration, Vec<Duration>, Profile, Profile) {
+fn one_run(
+    model: &Arc<Model>,
+    prompt: &[i64],
+    gen: usize,
+    profile: bool,
+) -> (Duration, Vec<Duration>, Profile, Profile) {
     let mut s = Session::new(model.clone());
     s.set_profiling(profile);
     let t = Instant::now();
@@ -95,7 +119,12 @@ fn peak_rss_mb() -> Option<f64> {
 fn print_profile(title: &str, p: &Profile, tokens: usize, top: usize) {
     let per_tok = |d: Duration| d.as_secs_f64() * 1e3 / tokens as f64;
     let in_nodes: Duration = p.nodes.values().map(|n| n.total).sum();
-    println!("\n== {title}: {:.3} ms/token in execute, {:.3} ms/token in nodes ({} nodes)", per_tok(p.total), per_tok(in_nodes), p.nodes.len());
+    println!(
+        "\n== {title}: {:.3} ms/token in execute, {:.3} ms/token in nodes ({} nodes)",
+        per_tok(p.total),
+        per_tok(in_nodes),
+        p.nodes.len()
+    );
     let mut kinds: HashMap<&str, (Duration, u64)> = HashMap::new();
     for n in p.nodes.values() {
         let e = kinds.entry(n.op.as_str()).or_default();
@@ -106,7 +135,12 @@ fn print_profile(title: &str, p: &Profile, tokens: usize, top: usize) {
     kinds.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
     println!("  by op kind (op [output shape]): ms/token, share, nodes");
     for (op, (d, count)) in kinds.iter().take(top) {
-        println!("  {:>9.3} {:>5.1}% {:>4}  {op}", per_tok(*d), 100.0 * d.as_secs_f64() / in_nodes.as_secs_f64(), count);
+        println!(
+            "  {:>9.3} {:>5.1}% {:>4}  {op}",
+            per_tok(*d),
+            100.0 * d.as_secs_f64() / in_nodes.as_secs_f64(),
+            count
+        );
     }
     let mut nodes: Vec<_> = p.nodes.values().collect();
     nodes.sort_by(|a, b| b.total.cmp(&a.total));
@@ -124,7 +158,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let load = t.elapsed();
     let vocab = model.info().vocab.max(2) as i64;
     // A fixed, spread-out prompt (the speed does not depend on which tokens).
-    let prompt: Vec<i64> = (0..args.prompt as i64).map(|i| 1 + (i * 7919 + 13) % (vocab - 1)).collect();
+    let prompt: Vec<i64> = (0..args.prompt as i64)
+        .map(|i| 1 + (i * 7919 + 13) % (vocab - 1))
+        .collect();
     println!(
         "model {} | load {:.0} ms | threads {} | prompt {} | gen {} | runs {}",
         args.model.display(),
@@ -141,8 +177,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (prefill, steps, _, _) = one_run(&model, &prompt, args.gen, false);
         let p = args.prompt as f64 / prefill.as_secs_f64();
         let decode: Duration = steps.iter().sum();
-        let d = if steps.is_empty() { 0.0 } else { steps.len() as f64 / decode.as_secs_f64() };
-        println!("run {r}: prefill {:.1} ms ({p:.1} tok/s), decode {d:.2} tok/s", prefill.as_secs_f64() * 1e3);
+        let d = if steps.is_empty() {
+            0.0
+        } else {
+            steps.len() as f64 / decode.as_secs_f64()
+        };
+        println!(
+            "run {r}: prefill {:.1} ms ({p:.1} tok/s), decode {d:.2} tok/s",
+            prefill.as_secs_f64() * 1e3
+        );
         prefill_tps.push(p);
         decode_tps.push(d);
         decode_ms.push(if d > 0.0 { 1e3 / d } else { 0.0 });
@@ -155,9 +198,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let (_, _, prefill_profile, decode_profile) = one_run(&model, &prompt, args.gen, true);
-    print_profile(&format!("prefill ({} tokens, per prompt token)", args.prompt), &prefill_profile, args.prompt, args.top);
+    print_profile(
+        &format!("prefill ({} tokens, per prompt token)", args.prompt),
+        &prefill_profile,
+        args.prompt,
+        args.top,
+    );
     if args.gen > 0 {
-        print_profile(&format!("decode ({} steps, per token)", args.gen), &decode_profile, args.gen, args.top);
+        print_profile(
+            &format!("decode ({} steps, per token)", args.gen),
+            &decode_profile,
+            args.gen,
+            args.top,
+        );
     }
     if let Some(mb) = peak_rss_mb() {
         println!("\npeak RSS {mb:.0} MB");

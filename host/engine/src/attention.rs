@@ -27,8 +27,13 @@ pub fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(OP, build);
 }
 
-fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let scale = attr(node, "scale").map(|a| a.f).context("SlmAttention without a scale")?;
+fn build(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let scale = attr(node, "scale")
+        .map(|a| a.f)
+        .context("SlmAttention without a scale")?;
     Ok((expand(AttentionExpansion { scale }), vec![]))
 }
 
@@ -37,16 +42,23 @@ fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn In
 /// `SlmAttention(q, k, v, mask)`. Chains that differ in any way are left to tract.
 /// Returns how many were rewritten.
 pub fn rewrite(proto: &mut pb::ModelProto) -> usize {
-    let Some(graph) = proto.graph.as_mut() else { return 0 };
-    let producer: std::collections::HashMap<&str, usize> =
-        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i))).collect();
+    let Some(graph) = proto.graph.as_mut() else {
+        return 0;
+    };
+    let producer: std::collections::HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
     let mut readers: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for n in &graph.node {
         for i in &n.input {
             *readers.entry(i.as_str()).or_default() += 1;
         }
     }
-    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let outputs: std::collections::HashSet<&str> =
+        graph.output.iter().map(|o| o.name.as_str()).collect();
     let scalar = |name: &str| -> Option<f32> {
         let t = graph.initializer.iter().find(|t| t.name == name)?;
         match init_f32(t)?.as_slice() {
@@ -57,7 +69,11 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> usize {
     let node = |name: &str, op: &str| -> Option<&pb::NodeProto> {
         let n = &graph.node[*producer.get(name)?];
         // An intermediate that something else reads, or that the model returns, must stay.
-        (n.op_type == op && n.domain.is_empty() && readers.get(name) == Some(&1) && !outputs.contains(name)).then_some(n)
+        (n.op_type == op
+            && n.domain.is_empty()
+            && readers.get(name) == Some(&1)
+            && !outputs.contains(name))
+        .then_some(n)
     };
     let find = |pv: &pb::NodeProto| -> Option<(Vec<String>, f32)> {
         if pv.input.len() != 2 {
@@ -71,13 +87,22 @@ pub fn rewrite(proto: &mut pb::ModelProto) -> usize {
         let (mul, mask) = [(0, 1), (1, 0)]
             .iter()
             .find_map(|&(a, b)| node(&add.input[a], "Mul").map(|m| (m, add.input[b].clone())))?;
-        let (scores, scale) =
-            [(0, 1), (1, 0)].iter().find_map(|&(a, b)| Some((node(&mul.input[a], "MatMul")?, scalar(&mul.input[b])?)))?;
+        let (scores, scale) = [(0, 1), (1, 0)]
+            .iter()
+            .find_map(|&(a, b)| Some((node(&mul.input[a], "MatMul")?, scalar(&mul.input[b])?)))?;
         let kt = node(&scores.input[1], "Transpose")?;
         if attr(kt, "perm").map(|a| a.ints.as_slice()) != Some(&[0, 1, 3, 2]) {
             return None;
         }
-        Some((vec![scores.input[0].clone(), kt.input[0].clone(), pv.input[1].clone(), mask], scale))
+        Some((
+            vec![
+                scores.input[0].clone(),
+                kt.input[0].clone(),
+                pv.input[1].clone(),
+                mask,
+            ],
+            scale,
+        ))
     };
     let found: Vec<(usize, Vec<String>, f32)> = graph
         .node
@@ -142,7 +167,12 @@ impl Expansion for AttentionExpansion {
         Ok(())
     }
 
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
         model.wire_node(prefix, Attention { scale: self.scale }, inputs)
     }
 }
@@ -168,7 +198,10 @@ impl Op for Attention {
 /// Element strides of `shape` seen as `target` (right-aligned, numpy broadcasting): 0 on an
 /// axis of size 1 that `target` repeats.
 fn broadcast_strides(shape: &[usize], target: &[usize]) -> TractResult<Vec<usize>> {
-    ensure!(shape.len() <= target.len(), "cannot broadcast {shape:?} to {target:?}");
+    ensure!(
+        shape.len() <= target.len(),
+        "cannot broadcast {shape:?} to {target:?}"
+    );
     let mut strides = vec![0; target.len()];
     let mut stride = 1;
     for (i, &d) in shape.iter().enumerate().rev() {
@@ -196,10 +229,19 @@ impl EvalOp for Attention {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, k, v, mask) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
         let rank = q.rank();
-        ensure!(rank >= 2 && k.rank() == rank && v.rank() == rank, "{OP}: q, k and v need one rank >= 2");
+        ensure!(
+            rank >= 2 && k.rank() == rank && v.rank() == rank,
+            "{OP}: q, k and v need one rank >= 2"
+        );
         let (m, d) = (q.shape()[rank - 2], q.shape()[rank - 1]);
         let (t, dv) = (k.shape()[rank - 2], v.shape()[rank - 1]);
-        ensure!(k.shape()[rank - 1] == d && v.shape()[rank - 2] == t, "{OP}: q {:?} k {:?} v {:?}", q.shape(), k.shape(), v.shape());
+        ensure!(
+            k.shape()[rank - 1] == d && v.shape()[rank - 2] == t,
+            "{OP}: q {:?} k {:?} v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
         let lead = &q.shape()[..rank - 2];
         let heads: usize = lead.iter().product();
         // Strides of the leading axes, and of the mask's last two, all in elements.
@@ -212,9 +254,18 @@ impl EvalOp for Attention {
         mask_target.extend([m, t]);
         let mask_strides = broadcast_strides(mask.shape(), &mask_target)?;
         let (mask_row, mask_col) = (mask_strides[rank - 2], mask_strides[rank - 1]);
-        let views = [q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?, mask.try_as_plain_ram()?];
-        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) =
-            (views[0].as_slice()?, views[1].as_slice()?, views[2].as_slice()?, views[3].as_slice()?);
+        let views = [
+            q.try_as_plain_ram()?,
+            k.try_as_plain_ram()?,
+            v.try_as_plain_ram()?,
+            mask.try_as_plain_ram()?,
+        ];
+        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) = (
+            views[0].as_slice()?,
+            views[1].as_slice()?,
+            views[2].as_slice()?,
+            views[3].as_slice()?,
+        );
 
         let mut out_shape: TVec<usize> = q.shape().into();
         out_shape[rank - 1] = dv;
@@ -243,15 +294,26 @@ impl EvalOp for Attention {
 impl TypedOp for Attention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape = inputs[0].shape.to_tvec();
-        let dv = inputs[2].shape.last().cloned().context("SlmAttention: v has rank 0")?;
+        let dv = inputs[2]
+            .shape
+            .last()
+            .cloned()
+            .context("SlmAttention: v has rank 0")?;
         *shape.last_mut().context("SlmAttention: q has rank 0")? = dv;
         Ok(tvec!(f32::fact(shape)))
     }
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
-        let keys = inputs[1].shape.iter().rev().nth(1).cloned().unwrap_or(1.into());
-        let width = inputs[0].shape.last().cloned().unwrap_or(1.into()) + inputs[2].shape.last().cloned().unwrap_or(1.into());
+        let keys = inputs[1]
+            .shape
+            .iter()
+            .rev()
+            .nth(1)
+            .cloned()
+            .unwrap_or(1.into());
+        let width = inputs[0].shape.last().cloned().unwrap_or(1.into())
+            + inputs[2].shape.last().cloned().unwrap_or(1.into());
         Ok(tvec!((Cost::FMA(f32::datum_type()), rows * keys * width)))
     }
 
@@ -263,12 +325,24 @@ mod kernels {
 
     /// One query row: `scores` (T long) is scratch, `out` receives the Dv-wide result.
     #[inline(always)]
-    fn attend_row_body(q: &[f32], k: &[f32], v: &[f32], mask: &dyn Fn(usize) -> f32, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    fn attend_row_body(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &dyn Fn(usize) -> f32,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         let (d, dv) = (q.len(), out.len());
         let mut max = f32::NEG_INFINITY;
         for (j, s) in scores.iter_mut().enumerate() {
             let m = mask(j);
-            *s = if m <= MASKED { m } else { dot(q, &k[j * d..(j + 1) * d]) * scale + m };
+            *s = if m <= MASKED {
+                m
+            } else {
+                dot(q, &k[j * d..(j + 1) * d]) * scale + m
+            };
             max = max.max(*s);
         }
         let mut sum = 0f32;
@@ -295,7 +369,12 @@ mod kernels {
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut lanes = [0f32; 8];
         let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+        let tail: f32 = ac
+            .remainder()
+            .iter()
+            .zip(bc.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
         for (x, y) in ac.zip(bc) {
             for i in 0..8 {
                 lanes[i] += x[i] * y[i];
@@ -306,11 +385,27 @@ mod kernels {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn attend_row_avx2(q: &[f32], k: &[f32], v: &[f32], mask: &dyn Fn(usize) -> f32, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    unsafe fn attend_row_avx2(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &dyn Fn(usize) -> f32,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         attend_row_body(q, k, v, mask, scale, scores, out)
     }
 
-    pub fn attend_row(q: &[f32], k: &[f32], v: &[f32], mask: &dyn Fn(usize) -> f32, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    pub fn attend_row(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &dyn Fn(usize) -> f32,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
@@ -325,17 +420,33 @@ mod tests {
     use super::*;
 
     /// softmax(q k^T * scale + mask) v, row by row, in f64.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], m: usize, t: usize, d: usize, scale: f32) -> Vec<f32> {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[f32],
+        m: usize,
+        t: usize,
+        d: usize,
+        scale: f32,
+    ) -> Vec<f32> {
         let mut out = vec![0f32; m * d];
         for i in 0..m {
             let s: Vec<f64> = (0..t)
-                .map(|j| (0..d).map(|x| q[i * d + x] as f64 * k[j * d + x] as f64).sum::<f64>() * scale as f64 + mask[i * t + j] as f64)
+                .map(|j| {
+                    (0..d)
+                        .map(|x| q[i * d + x] as f64 * k[j * d + x] as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                        + mask[i * t + j] as f64
+                })
                 .collect();
             let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
             let sum: f64 = e.iter().sum();
             for x in 0..d {
-                out[i * d + x] = ((0..t).map(|j| e[j] * v[j * d + x] as f64).sum::<f64>() / sum) as f32;
+                out[i * d + x] =
+                    ((0..t).map(|j| e[j] * v[j * d + x] as f64).sum::<f64>() / sum) as f32;
             }
         }
         out
@@ -349,19 +460,36 @@ mod tests {
         let k: Vec<f32> = (0..heads * t * d).map(|i| val(i + 5)).collect();
         let v: Vec<f32> = (0..heads * t * d).map(|i| val(i + 11)).collect();
         // Query i sits at position t - m + i: it sees keys 0..=t - m + i.
-        let mask: Vec<f32> = (0..m * t).map(|x| if x % t <= t - m + x / t { 0.0 } else { -1e9 }).collect();
-        let tv = |data: &[f32], shape: &[usize]| Tensor::from_shape(shape, data).unwrap().into_tvalue();
+        let mask: Vec<f32> = (0..m * t)
+            .map(|x| if x % t <= t - m + x / t { 0.0 } else { -1e9 })
+            .collect();
+        let tv =
+            |data: &[f32], shape: &[usize]| Tensor::from_shape(shape, data).unwrap().into_tvalue();
         let op = Attention { scale: 0.3 };
         let out = op
             .eval(
                 &EvalContext::out_of_plan(),
-                tvec!(tv(&q, &[1, heads, m, d]), tv(&k, &[1, heads, t, d]), tv(&v, &[1, heads, t, d]), tv(&mask, &[m, t])),
+                tvec!(
+                    tv(&q, &[1, heads, m, d]),
+                    tv(&k, &[1, heads, t, d]),
+                    tv(&v, &[1, heads, t, d]),
+                    tv(&mask, &[m, t])
+                ),
             )
             .unwrap();
         let view = out[0].try_as_plain_ram().unwrap();
         let got: &[f32] = view.as_slice().unwrap();
         for h in 0..heads {
-            let expected = reference(&q[h * m * d..], &k[h * t * d..], &v[h * t * d..], &mask, m, t, d, 0.3);
+            let expected = reference(
+                &q[h * m * d..],
+                &k[h * t * d..],
+                &v[h * t * d..],
+                &mask,
+                m,
+                t,
+                d,
+                0.3,
+            );
             for (a, b) in got[h * m * d..(h + 1) * m * d].iter().zip(&expected) {
                 assert!((a - b).abs() < 1e-5, "head {h}: {a} vs {b}");
             }
@@ -370,8 +498,14 @@ mod tests {
 
     #[test]
     fn broadcast_strides_follow_numpy() {
-        assert_eq!(broadcast_strides(&[5, 9], &[1, 3, 5, 9]).unwrap(), vec![0, 0, 9, 1]);
-        assert_eq!(broadcast_strides(&[1, 1, 9], &[2, 5, 9]).unwrap(), vec![0, 0, 1]);
+        assert_eq!(
+            broadcast_strides(&[5, 9], &[1, 3, 5, 9]).unwrap(),
+            vec![0, 0, 9, 1]
+        );
+        assert_eq!(
+            broadcast_strides(&[1, 1, 9], &[2, 5, 9]).unwrap(),
+            vec![0, 0, 1]
+        );
         assert!(broadcast_strides(&[4, 9], &[1, 3, 5, 9]).is_err());
     }
 }

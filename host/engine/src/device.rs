@@ -65,7 +65,11 @@ pub struct GpuInfo {
 
 impl fmt::Display for GpuInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GPU {} ({}, {} MiB, CUDA)", self.ordinal, self.name, self.memory_mib)
+        write!(
+            f,
+            "GPU {} ({}, {} MiB, CUDA)",
+            self.ordinal, self.name, self.memory_mib
+        )
     }
 }
 
@@ -134,7 +138,10 @@ fn probe() -> Result<GpuInfo, String> {
     // (cudarc panics when it binds a symbol of a library that is absent).
     tract_cuda::utils::ensure_cuda_runtime_dependencies("CUDA libraries missing").map_err(|e| {
         let root = one_line(e.root_cause().to_string());
-        let root = root.strip_prefix("CUDA libraries missing: ").unwrap_or(&root).to_string();
+        let root = root
+            .strip_prefix("CUDA libraries missing: ")
+            .unwrap_or(&root)
+            .to_string();
         if root.contains("cuInit returned 100") {
             "no CUDA device found (cuInit: CUDA_ERROR_NO_DEVICE)".to_string()
         } else {
@@ -152,9 +159,14 @@ fn probe() -> Result<GpuInfo, String> {
         let name = device::get_name(dev).unwrap_or_else(|_| "unknown".to_string());
         // SAFETY: `dev` comes from cuDeviceGet.
         let bytes = unsafe { device::total_mem(dev) }.unwrap_or(0);
-        Ok(GpuInfo { ordinal: 0, name, memory_mib: (bytes >> 20) as u64 })
+        Ok(GpuInfo {
+            ordinal: 0,
+            name,
+            memory_mib: (bytes >> 20) as u64,
+        })
     });
-    info.unwrap_or_else(|_| Err("the CUDA driver failed while probing the device".to_string())).map_err(one_line)
+    info.unwrap_or_else(|_| Err("the CUDA driver failed while probing the device".to_string()))
+        .map_err(one_line)
 }
 
 /// A model file, or its bytes (wasi:nn `load`).
@@ -180,16 +192,24 @@ fn parse_plain(source: Source, name: &str) -> Result<InferenceModel, EngineError
             if !path.is_file() {
                 return Err(EngineError::load(name, "file not found"));
             }
-            (proto::read_path(path, &mut proto::KeepAll), path.parent().and_then(|d| d.to_str()))
+            (
+                proto::read_path(path, &mut proto::KeepAll),
+                path.parent().and_then(|d| d.to_str()),
+            )
         }
         Source::Bytes(bytes) => (proto::read_bytes(bytes, &mut proto::KeepAll), None),
     };
     let mut proto = proto.map_err(|e| EngineError::load(name, e))?;
     crate::quant::dequantize_nbits(&mut proto);
-    let parsed = tract_onnx::onnx().parse(&proto, dir).map_err(|e| EngineError::load(name, e))?;
+    let parsed = tract_onnx::onnx()
+        .parse(&proto, dir)
+        .map_err(|e| EngineError::load(name, e))?;
     drop(proto);
     if !parsed.unresolved_inputs.is_empty() {
-        return Err(EngineError::load(name, format!("could not resolve inputs {:?}", parsed.unresolved_inputs)));
+        return Err(EngineError::load(
+            name,
+            format!("could not resolve inputs {:?}", parsed.unresolved_inputs),
+        ));
     }
     Ok(parsed.model)
 }
@@ -225,7 +245,9 @@ fn past_concats(model: &TypedModel) -> Vec<String> {
                     let node = model.node(succ.node);
                     names.push(node.name.clone());
                     if !node.op().name().contains("Concat") {
-                        next.extend((0..node.outputs.len()).map(|slot| OutletId::new(node.id, slot)));
+                        next.extend(
+                            (0..node.outputs.len()).map(|slot| OutletId::new(node.id, slot)),
+                        );
                     }
                 }
             }
@@ -260,14 +282,17 @@ impl Model {
     /// GPU path but tract-cuda itself.
     #[doc(hidden)]
     pub fn load_plain(path: &Path) -> Result<Model, EngineError> {
-        Self::load_with(Source::Path(path), |typed| Ok(typed.into_optimized()?.into_runnable()?))
+        Self::load_with(Source::Path(path), |typed| {
+            Ok(typed.into_optimized()?.into_runnable()?)
+        })
     }
 
     /// The nodes the GPU plan keeps on the CPU (each KV cache input up to its Concat).
     #[doc(hidden)]
     pub fn gpu_cpu_nodes(path: &Path) -> Result<Vec<String>, EngineError> {
         let name = path.display().to_string();
-        let typed = plain_typed(parse_plain(Source::Path(path), &name)?).map_err(|e| EngineError::load(&name, e))?;
+        let typed = plain_typed(parse_plain(Source::Path(path), &name)?)
+            .map_err(|e| EngineError::load(&name, e))?;
         Ok(past_concats(&typed))
     }
 
@@ -288,18 +313,26 @@ impl Model {
             // 0 bytes (cuMemAlloc: invalid value): keep each past -> Concat on the CPU, so only
             // the (never empty) concatenation crosses to the GPU.
             let on_cpu = past_concats(&typed).join(",");
-            let knobs = tract_onnx::tract_core::tract_data::knobs::KnobScope::new([("TRACT_CUDA_FORCE_CPU", on_cpu.as_str())])?;
+            let knobs = tract_onnx::tract_core::tract_data::knobs::KnobScope::new([(
+                "TRACT_CUDA_FORCE_CPU",
+                on_cpu.as_str(),
+            )])?;
             // tract-cuda panics (`expect`) when it cannot create its context or streams.
-            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| knobs.enter(|| rt.prepare(typed))))
-                .map_err(|p| {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    tract_onnx::tract_core::internal::format_err!("tract-cuda failed: {msg}")
-                })??;
-            prepared.typed_plan().cloned().context("the cuda runtime did not build a tract plan")
+            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                knobs.enter(|| rt.prepare(typed))
+            }))
+            .map_err(|p| {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tract_onnx::tract_core::internal::format_err!("tract-cuda failed: {msg}")
+            })??;
+            prepared
+                .typed_plan()
+                .cloned()
+                .context("the cuda runtime did not build a tract plan")
         })
     }
 
@@ -310,21 +343,39 @@ impl Model {
         let name = source.name();
         let model = parse_plain(source, &name)?;
         let err = |e| EngineError::load(&name, e);
-        let input_names: Vec<String> =
-            model.input_outlets().map_err(err)?.iter().map(|o| model.node(o.node).name.clone()).collect();
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(err)?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
         let output_names: Vec<String> = model
             .output_outlets()
             .map_err(err)?
             .iter()
-            .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
             .collect();
         let input_kinds: Vec<InputKind> = input_names.iter().map(|n| input_kind(n)).collect();
         if !input_kinds.contains(&InputKind::InputIds) {
-            return Err(EngineError::load(&name, "the model has no `input_ids` input: not a decoder"));
+            return Err(EngineError::load(
+                &name,
+                "the model has no `input_ids` input: not a decoder",
+            ));
         }
         let typed = plain_typed(model).map_err(err)?;
         let info = Self::read_info(&typed, &input_kinds, &output_names).map_err(err)?;
         let plan = prepare(typed).map_err(err)?;
-        Ok(Model { plan, input_names, input_kinds, output_names, info })
+        Ok(Model {
+            plan,
+            input_names,
+            input_kinds,
+            output_names,
+            info,
+        })
     }
 }

@@ -5,7 +5,10 @@ use thiserror::Error;
 pub enum EngineError {
     /// The model file is missing, unreadable, not ONNX, or uses something tract cannot run.
     #[error("cannot load model {source_name}: {message}")]
-    Load { source_name: String, message: String },
+    Load {
+        source_name: String,
+        message: String,
+    },
     /// The caller's tensors do not fit the model (names, types, shapes, positions).
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -16,6 +19,9 @@ pub enum EngineError {
 
 impl EngineError {
     pub(crate) fn load(source_name: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        EngineError::Load { source_name: source_name.into(), message: format!("{e:#}") }
+        EngineError::Load {
+            source_name: source_name.into(),
+            message: format!("{e:#}"),
+        }
     }
 }

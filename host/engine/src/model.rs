@@ -47,7 +47,10 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("inputs", &self.input_names).field("info", &self.info).finish()
+        f.debug_struct("Model")
+            .field("inputs", &self.input_names)
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -57,7 +60,11 @@ pub fn set_threads(n: usize) {
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{set_default_executor, Executor};
-        set_default_executor(if n > 1 { Executor::multithread(n) } else { Executor::SingleThread });
+        set_default_executor(if n > 1 {
+            Executor::multithread(n)
+        } else {
+            Executor::SingleThread
+        });
         crate::spin::set_threads(n);
     }
     #[cfg(not(feature = "threads"))]
@@ -85,7 +92,10 @@ pub(crate) fn input_kind(name: &str) -> InputKind {
         _ => {
             let past = name.strip_prefix("past_key_values.").and_then(|rest| {
                 let (layer, kind) = rest.split_once('.')?;
-                Some(InputKind::Past { layer: layer.parse().ok()?, value: kind == "value" })
+                Some(InputKind::Past {
+                    layer: layer.parse().ok()?,
+                    value: kind == "value",
+                })
             });
             past.unwrap_or(InputKind::Other)
         }
@@ -113,8 +123,10 @@ impl Model {
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, EngineError> {
         let onnx = onnx();
         let mut q4 = quant::Q4Stream::default();
-        let proto = proto::read_bytes(bytes, &mut q4).map_err(|e| EngineError::load("<bytes>", e))?;
-        let model = Self::parse(&onnx, proto, q4, None).map_err(|e| EngineError::load("<bytes>", e))?;
+        let proto =
+            proto::read_bytes(bytes, &mut q4).map_err(|e| EngineError::load("<bytes>", e))?;
+        let model =
+            Self::parse(&onnx, proto, q4, None).map_err(|e| EngineError::load("<bytes>", e))?;
         let model = Self::optimize(model, "<bytes>");
         release_free_memory();
         model
@@ -122,39 +134,79 @@ impl Model {
 
     /// Parses the protobuf after fusing its attention chains ([`attention::Attention`]) and
     /// moving its int8 and Q4_1 weights into [`quant::QMatMul`] nodes.
-    fn parse(onnx: &tract_onnx::Onnx, mut proto: tract_onnx::pb::ModelProto, q4: quant::Q4Stream, dir: Option<&str>) -> TractResult<InferenceModel> {
+    fn parse(
+        onnx: &tract_onnx::Onnx,
+        mut proto: tract_onnx::pb::ModelProto,
+        q4: quant::Q4Stream,
+        dir: Option<&str>,
+    ) -> TractResult<InferenceModel> {
         let mut weights = q4.finish(&mut proto);
         attention::rewrite(&mut proto);
         quant::rewrite(&mut proto, &mut weights);
         let parsed = quant::with_weights(weights, || onnx.parse(&proto, dir))?;
         drop(proto);
         if !parsed.unresolved_inputs.is_empty() {
-            return Err(tract_onnx::tract_core::internal::format_err!("could not resolve inputs {:?}", parsed.unresolved_inputs));
+            return Err(tract_onnx::tract_core::internal::format_err!(
+                "could not resolve inputs {:?}",
+                parsed.unresolved_inputs
+            ));
         }
         Ok(parsed.model)
     }
 
     fn optimize(model: InferenceModel, name: &str) -> Result<Model, EngineError> {
-        let input_names: Vec<String> =
-            model.input_outlets().map_err(|e| EngineError::load(name, e))?.iter().map(|o| model.node(o.node).name.clone()).collect();
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(|e| EngineError::load(name, e))?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
         let output_names: Vec<String> = model
             .output_outlets()
             .map_err(|e| EngineError::load(name, e))?
             .iter()
-            .map(|o| model.outlet_label(*o).map(str::to_string).unwrap_or_else(|| model.node(o.node).name.clone()))
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
             .collect();
-        let typed = model.into_optimized().map_err(|e| EngineError::load(name, e))?;
+        let typed = model
+            .into_optimized()
+            .map_err(|e| EngineError::load(name, e))?;
         let input_kinds: Vec<InputKind> = input_names.iter().map(|n| input_kind(n)).collect();
         if !input_kinds.contains(&InputKind::InputIds) {
-            return Err(EngineError::load(name, "the model has no `input_ids` input: not a decoder"));
+            return Err(EngineError::load(
+                name,
+                "the model has no `input_ids` input: not a decoder",
+            ));
         }
-        let info = Self::read_info(&typed, &input_kinds, &output_names).map_err(|e| EngineError::load(name, e))?;
-        let plan = typed.into_runnable().map_err(|e| EngineError::load(name, e))?;
-        Ok(Model { plan, input_names, input_kinds, output_names, info })
+        let info = Self::read_info(&typed, &input_kinds, &output_names)
+            .map_err(|e| EngineError::load(name, e))?;
+        let plan = typed
+            .into_runnable()
+            .map_err(|e| EngineError::load(name, e))?;
+        Ok(Model {
+            plan,
+            input_names,
+            input_kinds,
+            output_names,
+            info,
+        })
     }
 
-    pub(crate) fn read_info(typed: &TypedModel, kinds: &[InputKind], outputs: &[String]) -> TractResult<ModelInfo> {
-        let mut info = ModelInfo { layers: 0, kv_heads: 0, head_dim: 0, vocab: 0 };
+    pub(crate) fn read_info(
+        typed: &TypedModel,
+        kinds: &[InputKind],
+        outputs: &[String],
+    ) -> TractResult<ModelInfo> {
+        let mut info = ModelInfo {
+            layers: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            vocab: 0,
+        };
         for (i, kind) in kinds.iter().enumerate() {
             if let InputKind::Past { layer, .. } = kind {
                 info.layers = info.layers.max(layer + 1);
@@ -180,32 +232,60 @@ impl Model {
     /// How many matrix products of the plan run on int8 weights (our [`quant::QMatMul`]).
     #[doc(hidden)]
     pub fn int8_matmuls(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| !q.is_q4_1() && !q.is_q8_head())).count()
+        self.plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| {
+                n.op_as::<quant::QMatMul>()
+                    .is_some_and(|q| !q.is_q4_1() && !q.is_q8_head())
+            })
+            .count()
     }
 
     /// How many matrix products of the plan run on int8 weights with 8-bit activations (the
     /// tied LM head of a Q4_1 model).
     #[doc(hidden)]
     pub fn q8_heads(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| q.is_q8_head())).count()
+        self.plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| q.is_q8_head()))
+            .count()
     }
 
     /// How many matrix products of the plan run on Q4_1 weights (our [`quant::QMatMul`]).
     #[doc(hidden)]
     pub fn q4_1_matmuls(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| q.is_q4_1())).count()
+        self.plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op_as::<quant::QMatMul>().is_some_and(|q| q.is_q4_1()))
+            .count()
     }
 
     /// How many row lookups of the plan read int8 tables shared with a [`quant::QMatMul`].
     #[doc(hidden)]
     pub fn int8_gathers(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_is::<quant::QGather>()).count()
+        self.plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<quant::QGather>())
+            .count()
     }
 
     /// How many attention chains of the plan run fused ([`attention::Attention`]).
     #[doc(hidden)]
     pub fn fused_attentions(&self) -> usize {
-        self.plan.model().nodes().iter().filter(|n| n.op_is::<attention::Attention>()).count()
+        self.plan
+            .model()
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<attention::Attention>())
+            .count()
     }
 
     /// Names of the model's inputs, in order.

@@ -35,7 +35,14 @@ struct ReadBuf<R: Read> {
 
 impl<R: Read> ReadBuf<R> {
     fn new(reader: R, len: usize) -> ReadBuf<R> {
-        let mut b = ReadBuf { reader, window: vec![0; WINDOW.min(len.max(1))], pos: 0, end: 0, left: len, error: None };
+        let mut b = ReadBuf {
+            reader,
+            window: vec![0; WINDOW.min(len.max(1))],
+            pos: 0,
+            end: 0,
+            left: len,
+            error: None,
+        };
         b.refill();
         b
     }
@@ -50,7 +57,10 @@ impl<R: Read> ReadBuf<R> {
         loop {
             match self.reader.read(&mut self.window[..want]) {
                 Ok(0) => {
-                    self.fail(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file ended early"));
+                    self.fail(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ended early",
+                    ));
                     return;
                 }
                 Ok(n) => {
@@ -145,12 +155,26 @@ impl Message for ModelStream<'_> {
         self.model.encode_raw(buf)
     }
 
-    fn merge_field(&mut self, tag: u32, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
         if tag != MODEL_GRAPH {
             return self.model.merge_field(tag, wire_type, buf, ctx);
         }
         let graph = self.model.graph.get_or_insert_with(Default::default);
-        prost::encoding::message::merge(wire_type, &mut GraphStream { graph, sink: &mut *self.sink }, buf, ctx)
+        prost::encoding::message::merge(
+            wire_type,
+            &mut GraphStream {
+                graph,
+                sink: &mut *self.sink,
+            },
+            buf,
+            ctx,
+        )
     }
 
     fn encoded_len(&self) -> usize {
@@ -167,7 +191,13 @@ impl Message for GraphStream<'_, '_> {
         self.graph.encode_raw(buf)
     }
 
-    fn merge_field(&mut self, tag: u32, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
         if tag != GRAPH_INITIALIZER {
             return self.graph.merge_field(tag, wire_type, buf, ctx);
         }
@@ -187,7 +217,10 @@ impl Message for GraphStream<'_, '_> {
 }
 
 fn decode(buf: impl Buf, sink: &mut dyn Initializers) -> Result<pb::ModelProto, DecodeError> {
-    let mut stream = ModelStream { model: pb::ModelProto::default(), sink };
+    let mut stream = ModelStream {
+        model: pb::ModelProto::default(),
+        sink,
+    };
     stream.merge(buf)?;
     Ok(stream.model)
 }
@@ -226,10 +259,20 @@ mod tests {
 
     #[test]
     fn streamed_decode_equals_decode_from_memory() {
-        let mut m = pb::ModelProto { producer_name: "x".repeat(5000), ir_version: 8, ..Default::default() };
+        let mut m = pb::ModelProto {
+            producer_name: "x".repeat(5000),
+            ir_version: 8,
+            ..Default::default()
+        };
         m.graph = Some(pb::GraphProto {
             name: "g".into(),
-            initializer: vec![pb::TensorProto { name: "w".into(), dims: vec![3000], data_type: 3, raw_data: (0..3000).map(|i| i as u8).collect(), ..Default::default() }],
+            initializer: vec![pb::TensorProto {
+                name: "w".into(),
+                dims: vec![3000],
+                data_type: 3,
+                raw_data: (0..3000).map(|i| i as u8).collect(),
+                ..Default::default()
+            }],
             ..Default::default()
         });
         let bytes = m.encode_to_vec();
@@ -241,6 +284,9 @@ mod tests {
         // records the error that `read_path` reports: no panic, no silent success.
         let mut short = ReadBuf::new(Trickle(&bytes[..bytes.len() / 2]), bytes.len());
         let _ = decode(&mut short, &mut KeepAll);
-        assert_eq!(short.error.as_ref().map(|e| e.kind()), Some(std::io::ErrorKind::UnexpectedEof));
+        assert_eq!(
+            short.error.as_ref().map(|e| e.kind()),
+            Some(std::io::ErrorKind::UnexpectedEof)
+        );
     }
 }

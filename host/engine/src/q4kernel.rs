@@ -48,7 +48,13 @@ impl std::fmt::Debug for Q4Weights {
 impl Q4Weights {
     /// `value(n, k)` is the value (0..16) of output channel n at k; `d` and `m` are `[N][K/32]`.
     #[cfg(test)]
-    pub fn new(k: usize, n: usize, value: impl Fn(usize, usize) -> u8, d: &[f16], m: &[f16]) -> Result<Q4Weights, String> {
+    pub fn new(
+        k: usize,
+        n: usize,
+        value: impl Fn(usize, usize) -> u8,
+        d: &[f16],
+        m: &[f16],
+    ) -> Result<Q4Weights, String> {
         let mut raw = vec![0u8; n * k / 2];
         for c in 0..n {
             for kk in 0..k {
@@ -64,10 +70,27 @@ impl Q4Weights {
 
     /// From `MatMulNBits` data: `raw` is `[N][K/32][16]`, two values per byte, low nibble first;
     /// `d` and `m` are `[N][K/32]`.
-    pub fn from_nbits(k: usize, n: usize, raw: &[u8], d: &[f16], m: &[f16]) -> Result<Q4Weights, String> {
+    pub fn from_nbits(
+        k: usize,
+        n: usize,
+        raw: &[u8],
+        d: &[f16],
+        m: &[f16],
+    ) -> Result<Q4Weights, String> {
         let kb = k / QBLOCK;
-        if k == 0 || n == 0 || k % QBLOCK != 0 || d.len() != n * kb || m.len() != n * kb || raw.len() != n * k / 2 {
-            return Err(format!("Q4_1 weight of {} bytes, {} scales, {} offsets for K={k} N={n}", raw.len(), d.len(), m.len()));
+        if k == 0
+            || n == 0
+            || k % QBLOCK != 0
+            || d.len() != n * kb
+            || m.len() != n * kb
+            || raw.len() != n * k / 2
+        {
+            return Err(format!(
+                "Q4_1 weight of {} bytes, {} scales, {} offsets for K={k} N={n}",
+                raw.len(),
+                d.len(),
+                m.len()
+            ));
         }
         let panels = n.div_ceil(Q4_PANEL);
         let mut q = vec![0u8; panels * kb * BLOCK_BYTES];
@@ -93,7 +116,13 @@ impl Q4Weights {
                 ms[(p * kb + b) * Q4_PANEL + j] = m[c * kb + b];
             }
         }
-        Ok(Q4Weights { k, n, q, d: ds, m: ms })
+        Ok(Q4Weights {
+            k,
+            n,
+            q,
+            d: ds,
+            m: ms,
+        })
     }
 
     /// The dequantized weight as f32 `[K, N]` (tests and references).
@@ -175,11 +204,16 @@ impl QuantRows {
     }
 
     fn quantize_portable(x: &[f32], q: &mut [i8], scale: &mut [f32], sum: &mut [f32]) {
-        for (i, (xb, qb)) in x.chunks_exact(QBLOCK).zip(q.chunks_exact_mut(QBLOCK)).enumerate() {
+        for (i, (xb, qb)) in x
+            .chunks_exact(QBLOCK)
+            .zip(q.chunks_exact_mut(QBLOCK))
+            .enumerate()
+        {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             // The sum in the AVX2 version's order (8 lanes, a tree), so that every build rounds
             // it alike: lane l = (x[l] + x[8+l]) + (x[16+l] + x[24+l]), then lanes l + (l+4), ...
-            let t: [f32; 8] = std::array::from_fn(|l| (xb[l] + xb[8 + l]) + (xb[16 + l] + xb[24 + l]));
+            let t: [f32; 8] =
+                std::array::from_fn(|l| (xb[l] + xb[8 + l]) + (xb[16 + l] + xb[24 + l]));
             sum[i] = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
             if amax > 0.0 {
                 scale[i] = amax / 127.0;
@@ -196,7 +230,14 @@ impl QuantRows {
 mod portable {
     use super::*;
 
-    pub unsafe fn panels(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels(
+        w: &Q4Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         for p in p0..p1 {
             let cols = Q4_PANEL.min(n - p * Q4_PANEL);
@@ -210,7 +251,8 @@ mod portable {
                         for (j, a) in acc.iter_mut().enumerate() {
                             for t in 0..4 {
                                 let byte = blk[g * 128 + j * 4 + t];
-                                *a += (byte & 15) as i32 * xq[8 * g + t] as i32 + (byte >> 4) as i32 * xq[8 * g + 4 + t] as i32;
+                                *a += (byte & 15) as i32 * xq[8 * g + t] as i32
+                                    + (byte >> 4) as i32 * xq[8 * g + 4 + t] as i32;
                             }
                         }
                     }
@@ -241,11 +283,21 @@ mod wasm {
     #[inline(always)]
     unsafe fn f16x4(p: *const f16) -> v128 {
         let h = u32x4_extend_low_u16x8(v128_load64_zero(p as *const u64));
-        let magnitude = f32x4_mul(u32x4_shl(v128_and(h, u32x4_splat(0x7fff)), 13), f32x4_splat(f32::from_bits(0x7780_0000))); // 2^112
+        let magnitude = f32x4_mul(
+            u32x4_shl(v128_and(h, u32x4_splat(0x7fff)), 13),
+            f32x4_splat(f32::from_bits(0x7780_0000)),
+        ); // 2^112
         v128_or(magnitude, u32x4_shl(v128_and(h, u32x4_splat(0x8000)), 16))
     }
 
-    pub unsafe fn panels(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels(
+        w: &Q4Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         let nib = u8x16_splat(15);
         let mut out = [0f32; Q4_PANEL];
@@ -262,15 +314,37 @@ mod wasm {
                         let xg = xq.add(8 * g);
                         let a = *(xg as *const [i8; 4]);
                         let bb = *(xg.add(4) as *const [i8; 4]);
-                        let xa = i16x8(a[0] as i16, a[1] as i16, a[2] as i16, a[3] as i16, a[0] as i16, a[1] as i16, a[2] as i16, a[3] as i16);
-                        let xb = i16x8(bb[0] as i16, bb[1] as i16, bb[2] as i16, bb[3] as i16, bb[0] as i16, bb[1] as i16, bb[2] as i16, bb[3] as i16);
+                        let xa = i16x8(
+                            a[0] as i16,
+                            a[1] as i16,
+                            a[2] as i16,
+                            a[3] as i16,
+                            a[0] as i16,
+                            a[1] as i16,
+                            a[2] as i16,
+                            a[3] as i16,
+                        );
+                        let xb = i16x8(
+                            bb[0] as i16,
+                            bb[1] as i16,
+                            bb[2] as i16,
+                            bb[3] as i16,
+                            bb[0] as i16,
+                            bb[1] as i16,
+                            bb[2] as i16,
+                            bb[3] as i16,
+                        );
                         for (c4, acc) in acc.iter_mut().enumerate() {
                             let v = v128_load(blk.add(g * 128 + c4 * 16) as *const v128);
                             let (lo, hi) = (v128_and(v, nib), u8x16_shr(v, 4));
-                            acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(lo), xa));
-                            acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(hi), xb));
-                            acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(lo), xa));
-                            acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(hi), xb));
+                            acc[0] =
+                                i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(lo), xa));
+                            acc[0] =
+                                i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(hi), xb));
+                            acc[1] =
+                                i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(lo), xa));
+                            acc[1] =
+                                i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(hi), xb));
                         }
                     }
                     let i = row * kb + b;
@@ -278,10 +352,16 @@ mod wasm {
                     let sm = (p * kb + b) * Q4_PANEL;
                     for (c4, acc) in acc.iter().enumerate() {
                         // [c0 c0 c1 c1] and [c2 c2 c3 c3] -> [c0 c1 c2 c3]
-                        let sums = i32x4_add(i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]), i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]));
+                        let sums = i32x4_add(
+                            i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
+                            i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
+                        );
                         let d = f16x4(w.d.as_ptr().add(sm + c4 * 4));
                         let mo = f16x4(w.m.as_ptr().add(sm + c4 * 4));
-                        let f = f32x4_add(facc[c4], f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xs)));
+                        let f = f32x4_add(
+                            facc[c4],
+                            f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xs)),
+                        );
                         facc[c4] = f32x4_add(f, f32x4_mul(mo, sx));
                     }
                 }
@@ -301,11 +381,15 @@ pub(crate) mod x86 {
     use super::*;
 
     pub fn has_vnni() -> bool {
-        has_avx2() && std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")
+        has_avx2()
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
     }
 
     pub fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
 
     /// [`QuantRows`] of whole blocks: per block of 32, the largest magnitude, the sum, and the
@@ -313,9 +397,19 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantize(x: &[f32], q: &mut [i8], scale: &mut [f32], sum: &mut [f32]) {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        for (i, ((s, t), qb)) in scale.iter_mut().zip(sum.iter_mut()).zip(q.chunks_exact_mut(QBLOCK)).enumerate() {
+        for (i, ((s, t), qb)) in scale
+            .iter_mut()
+            .zip(sum.iter_mut())
+            .zip(q.chunks_exact_mut(QBLOCK))
+            .enumerate()
+        {
             let p = x.as_ptr().add(i * QBLOCK);
-            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
             let m = _mm256_max_ps(
                 _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
                 _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
@@ -373,23 +467,47 @@ pub(crate) mod x86 {
         #[inline(always)]
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
             // u8 <= 15 times i8: pairs sum to at most 2 * 15 * 128, no i16 saturation.
-            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)))
+            _mm256_add_epi32(
+                acc,
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)),
+            )
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn panels_vnni(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels_vnni(
+        w: &Q4Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         panels::<Vnni, 4>(w, x, m, y, p0, p1)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn panels_avx2(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels_avx2(
+        w: &Q4Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         // 16 vector registers: 4 rows x 16 columns of accumulators at a time.
         panels::<Avx2, 2>(w, x, m, y, p0, p1)
     }
 
     #[inline(always)]
-    unsafe fn panels<D: Dot, const NV4: usize>(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    unsafe fn panels<D: Dot, const NV4: usize>(
+        w: &Q4Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let n = w.n;
         let mut out = [0f32; 4 * Q4_PANEL];
         let o = out.as_mut_ptr();
@@ -402,7 +520,11 @@ pub(crate) mod x86 {
                     tile::<D, 4, NV4>(w, p, c, x, row, o.add(c));
                 }
                 for r in 0..4 {
-                    std::ptr::copy_nonoverlapping(o.add(r * Q4_PANEL), y.add((row + r) * n + p * Q4_PANEL), cols);
+                    std::ptr::copy_nonoverlapping(
+                        o.add(r * Q4_PANEL),
+                        y.add((row + r) * n + p * Q4_PANEL),
+                        cols,
+                    );
                 }
                 row += 4;
             }
@@ -418,7 +540,14 @@ pub(crate) mod x86 {
     /// Rows `row..row + MR` by columns `c..c + 8 * NV` of panel `p`, over all of K, into `out`
     /// (`[MR][Q4_PANEL]`, at column c).
     #[inline(always)]
-    unsafe fn tile<D: Dot, const MR: usize, const NV: usize>(w: &Q4Weights, p: usize, c: usize, x: &QuantRows, row: usize, out: *mut f32) {
+    unsafe fn tile<D: Dot, const MR: usize, const NV: usize>(
+        w: &Q4Weights,
+        p: usize,
+        c: usize,
+        x: &QuantRows,
+        row: usize,
+        out: *mut f32,
+    ) {
         let (k, kb) = (w.k, w.k / QBLOCK);
         let nib = _mm256_set1_epi8(0x0F);
         let mut facc = [[_mm256_setzero_ps(); NV]; MR];
@@ -445,15 +574,22 @@ pub(crate) mod x86 {
             }
             let sm = (p * kb + b) * Q4_PANEL + c;
             for v in 0..NV {
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(w.d.as_ptr().add(sm + v * 8) as *const __m128i));
-                let mo = _mm256_cvtph_ps(_mm_loadu_si128(w.m.as_ptr().add(sm + v * 8) as *const __m128i));
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(
+                    w.d.as_ptr().add(sm + v * 8) as *const __m128i
+                ));
+                let mo = _mm256_cvtph_ps(_mm_loadu_si128(
+                    w.m.as_ptr().add(sm + v * 8) as *const __m128i
+                ));
                 for r in 0..MR {
                     let i = (row + r) * kb + b;
                     let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));
                     let sx = _mm256_set1_ps(*x.sum.get_unchecked(i));
                     // Multiply, then add (no FMA): the same roundings as the wasm kernel, so that
                     // native and portable builds give the same logits (and greedy text).
-                    let f = _mm256_add_ps(facc[r][v], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), _mm256_mul_ps(d, xs)));
+                    let f = _mm256_add_ps(
+                        facc[r][v],
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), _mm256_mul_ps(d, xs)),
+                    );
                     facc[r][v] = _mm256_add_ps(f, _mm256_mul_ps(mo, sx));
                 }
             }
@@ -473,7 +609,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (self.0 >> 33) as u32
         }
         fn f32(&mut self) -> f32 {
@@ -483,8 +622,12 @@ mod tests {
 
     fn weights(g: &mut Lcg, k: usize, n: usize) -> Q4Weights {
         let q: Vec<u8> = (0..k * n).map(|_| (g.next() % 16) as u8).collect();
-        let d: Vec<f16> = (0..n * k / QBLOCK).map(|_| f16::from_f32(0.002 + g.f32().abs() * 0.02)).collect();
-        let m: Vec<f16> = (0..n * k / QBLOCK).map(|_| f16::from_f32(-0.15 * g.f32().abs())).collect();
+        let d: Vec<f16> = (0..n * k / QBLOCK)
+            .map(|_| f16::from_f32(0.002 + g.f32().abs() * 0.02))
+            .collect();
+        let m: Vec<f16> = (0..n * k / QBLOCK)
+            .map(|_| f16::from_f32(-0.15 * g.f32().abs()))
+            .collect();
         Q4Weights::new(k, n, |c, kk| q[c * k + kk], &d, &m).unwrap()
     }
 
@@ -495,7 +638,9 @@ mod tests {
         let w = weights(&mut g, k, n);
         let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
         let xr = QuantRows::new(&x, m, k);
-        let rounded: Vec<f32> = (0..m * k).map(|i| xr.q[i] as f32 * xr.scale[i / QBLOCK]).collect();
+        let rounded: Vec<f32> = (0..m * k)
+            .map(|i| xr.q[i] as f32 * xr.scale[i / QBLOCK])
+            .collect();
         let wd = w.dequantized_kn();
         for (name, kernel) in kernels() {
             let mut y = vec![f32::NAN; m * n];
@@ -514,7 +659,8 @@ mod tests {
     /// Every kernel this CPU runs, and the public entry point (which picks one, and threads).
     fn kernels() -> Vec<(&'static str, Kernel)> {
         #[allow(unused_mut)]
-        let mut v: Vec<(&'static str, Kernel)> = vec![("matmul", portable::panels), ("portable", portable::panels)];
+        let mut v: Vec<(&'static str, Kernel)> =
+            vec![("matmul", portable::panels), ("portable", portable::panels)];
         #[cfg(target_arch = "x86_64")]
         {
             if x86::has_avx2() {
@@ -527,7 +673,15 @@ mod tests {
         v
     }
 
-    fn compare(name: &str, w: &Q4Weights, wd: &[f32], x: &[f32], rounded: &[f32], y: &[f32], m: usize) {
+    fn compare(
+        name: &str,
+        w: &Q4Weights,
+        wd: &[f32],
+        x: &[f32],
+        rounded: &[f32],
+        y: &[f32],
+        m: usize,
+    ) {
         let (k, n) = (w.k, w.n);
         for r in 0..m {
             for c in 0..n {
@@ -542,16 +696,33 @@ mod tests {
                     same += rounded[r * k + kk] as f64 * (wv - mv) + x[r * k + kk] as f64 * mv;
                 }
                 let got = y[r * n + c] as f64;
-                assert!((got - same).abs() <= 1e-5 * (1.0 + mag), "{name} m={m} k={k} n={n} [{r},{c}]: {got} vs {same}");
+                assert!(
+                    (got - same).abs() <= 1e-5 * (1.0 + mag),
+                    "{name} m={m} k={k} n={n} [{r},{c}]: {got} vs {same}"
+                );
                 // Rounding x to 8 bits per block moves each product by at most 1/254 of it.
-                assert!((got - exact).abs() <= mag / 254.0 + 1e-5, "{name} m={m} k={k} n={n} [{r},{c}]: {got} vs exact {exact}");
+                assert!(
+                    (got - exact).abs() <= mag / 254.0 + 1e-5,
+                    "{name} m={m} k={k} n={n} [{r},{c}]: {got} vs exact {exact}"
+                );
             }
         }
     }
 
     #[test]
     fn q4_1_matmul_matches_reference() {
-        for (m, k, n) in [(1, 32, 1), (1, 64, 32), (1, 576, 192), (1, 96, 77), (2, 32, 33), (3, 128, 64), (4, 64, 40), (5, 576, 96), (9, 160, 70), (1, 1536, 64)] {
+        for (m, k, n) in [
+            (1, 32, 1),
+            (1, 64, 32),
+            (1, 576, 192),
+            (1, 96, 77),
+            (2, 32, 33),
+            (3, 128, 64),
+            (4, 64, 40),
+            (5, 576, 96),
+            (9, 160, 70),
+            (1, 1536, 64),
+        ] {
             check(m, k, n);
         }
     }
@@ -563,7 +734,11 @@ mod tests {
         let mut x: Vec<f32> = (0..m * k).map(|_| g.f32() * 3.0).collect();
         x[..32].fill(0.0); // an all-zero block
         let fast = QuantRows::new(&x, m, k);
-        let (mut q, mut scale, mut sum) = (vec![0i8; m * k], vec![0f32; m * k / 32], vec![0f32; m * k / 32]);
+        let (mut q, mut scale, mut sum) = (
+            vec![0i8; m * k],
+            vec![0f32; m * k / 32],
+            vec![0f32; m * k / 32],
+        );
         QuantRows::quantize_portable(&x, &mut q, &mut scale, &mut sum);
         assert_eq!(fast.q, q);
         assert_eq!(fast.scale, scale);
@@ -601,7 +776,11 @@ mod tests {
         for c in 0..n {
             assert_eq!(y[c], 0.0);
             let want = k as f32 * (0.5 * c as f32 - 1.0);
-            assert!((y[n + c] - want).abs() <= 1e-5 * want.abs().max(1.0), "{c}: {} vs {want}", y[n + c]);
+            assert!(
+                (y[n + c] - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{c}: {} vs {want}",
+                y[n + c]
+            );
         }
     }
 

@@ -42,8 +42,19 @@ impl Q8Weights {
     /// row (output channel). K must be a multiple of 32, and the values in -127..=127, as a
     /// symmetric export writes them (the AVX2 kernel negates weights). Else the table is handed
     /// back, for the f32-activation kernels.
-    pub fn from_rows(k: usize, n: usize, rows: Vec<u8>, scale: Vec<f32>) -> Result<Q8Weights, (Vec<u8>, Vec<f32>)> {
-        if k == 0 || n == 0 || k % QBLOCK != 0 || rows.len() != k * n || scale.len() != n || rows.contains(&0x80) {
+    pub fn from_rows(
+        k: usize,
+        n: usize,
+        rows: Vec<u8>,
+        scale: Vec<f32>,
+    ) -> Result<Q8Weights, (Vec<u8>, Vec<f32>)> {
+        if k == 0
+            || n == 0
+            || k % QBLOCK != 0
+            || rows.len() != k * n
+            || scale.len() != n
+            || rows.contains(&0x80)
+        {
             return Err((rows, scale));
         }
         let panels = n.div_ceil(Q8_PANEL);
@@ -112,7 +123,14 @@ impl Q8Weights {
 mod portable {
     use super::*;
 
-    pub unsafe fn panels(w: &Q8Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels(
+        w: &Q8Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         for p in p0..p1 {
             let panel = &w.q[p * Q8_PANEL * k..(p + 1) * Q8_PANEL * k];
@@ -140,7 +158,14 @@ mod wasm {
 
     use super::*;
 
-    pub unsafe fn panels(w: &Q8Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels(
+        w: &Q8Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         let offset = i16x8_splat(128);
         let mut out = [0f32; Q8_PANEL];
@@ -153,7 +178,16 @@ mod wasm {
                     let mut acc = [[i32x4_splat(0); 2]; Q8_PANEL / 4];
                     for g in 0..8 {
                         let a = *(xq.add(4 * g) as *const [i8; 4]);
-                        let xa = i16x8(a[0] as i16, a[1] as i16, a[2] as i16, a[3] as i16, a[0] as i16, a[1] as i16, a[2] as i16, a[3] as i16);
+                        let xa = i16x8(
+                            a[0] as i16,
+                            a[1] as i16,
+                            a[2] as i16,
+                            a[3] as i16,
+                            a[0] as i16,
+                            a[1] as i16,
+                            a[2] as i16,
+                            a[3] as i16,
+                        );
                         for (c4, acc) in acc.iter_mut().enumerate() {
                             let v = v128_load(blk.add(g * Q8_PANEL * 4 + c4 * 16) as *const v128);
                             let lo = i16x8_sub(u16x8_extend_low_u8x16(v), offset);
@@ -164,7 +198,10 @@ mod wasm {
                     }
                     let xs = f32x4_splat(x.scale[row * kb + b]);
                     for (c4, acc) in acc.iter().enumerate() {
-                        let sums = i32x4_add(i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]), i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]));
+                        let sums = i32x4_add(
+                            i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
+                            i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
+                        );
                         facc[c4] = f32x4_add(facc[c4], f32x4_mul(f32x4_convert_i32x4(sums), xs));
                     }
                 }
@@ -208,23 +245,47 @@ mod x86 {
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i {
             // |x| (u8) times w with x's sign (i8): pairs stay within i16 (2 * 127 * 128).
             let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
-            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)))
+            _mm256_add_epi32(
+                acc,
+                _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
+            )
         }
     }
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub unsafe fn panels_vnni(w: &Q8Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels_vnni(
+        w: &Q8Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         panels::<Vnni>(w, x, m, y, p0, p1)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panels_avx2(w: &Q8Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    pub unsafe fn panels_avx2(
+        w: &Q8Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         panels::<Avx2>(w, x, m, y, p0, p1)
     }
 
     /// One row at a time (the head runs on the last position only), a whole panel per step.
     #[inline(always)]
-    unsafe fn panels<D: Dot8>(w: &Q8Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+    unsafe fn panels<D: Dot8>(
+        w: &Q8Weights,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         let mut out = [0f32; Q8_PANEL];
         for p in p0..p1 {
@@ -238,14 +299,19 @@ mod x86 {
                         let xa = _mm256_set1_epi32((xq.add(4 * g) as *const i32).read_unaligned());
                         let xa_abs = _mm256_abs_epi8(xa);
                         for (v, a) in acc.iter_mut().enumerate() {
-                            let wv = _mm256_loadu_si256(blk.add(g * Q8_PANEL * 4 + v * 32) as *const __m256i);
+                            let wv = _mm256_loadu_si256(
+                                blk.add(g * Q8_PANEL * 4 + v * 32) as *const __m256i
+                            );
                             *a = D::dot(*a, wv, xa, xa_abs);
                         }
                     }
                     let i = row * kb + b;
                     let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));
                     let correction = if D::OFFSET {
-                        let qsum: i32 = std::slice::from_raw_parts(xq, QBLOCK).iter().map(|&v| v as i32).sum();
+                        let qsum: i32 = std::slice::from_raw_parts(xq, QBLOCK)
+                            .iter()
+                            .map(|&v| v as i32)
+                            .sum();
                         _mm256_set1_epi32(128 * qsum)
                     } else {
                         _mm256_setzero_si256()
@@ -253,7 +319,8 @@ mod x86 {
                     for v in 0..4 {
                         let sums = _mm256_sub_epi32(acc[v], correction);
                         // Multiply, then add (no FMA), as the wasm kernel: the same logits.
-                        facc[v] = _mm256_add_ps(facc[v], _mm256_mul_ps(_mm256_cvtepi32_ps(sums), xs));
+                        facc[v] =
+                            _mm256_add_ps(facc[v], _mm256_mul_ps(_mm256_cvtepi32_ps(sums), xs));
                     }
                 }
                 for v in 0..4 {
@@ -267,9 +334,15 @@ mod x86 {
     }
 
     #[cfg(test)]
-    pub(super) fn kernels() -> Vec<(&'static str, unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize))> {
+    pub(super) fn kernels() -> Vec<(
+        &'static str,
+        unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize),
+    )> {
         use crate::q4kernel::x86::{has_avx2, has_vnni};
-        let mut v: Vec<(&'static str, unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize))> = vec![];
+        let mut v: Vec<(
+            &'static str,
+            unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize),
+        )> = vec![];
         if has_avx2() {
             v.push(("avx2", panels_avx2));
         }
@@ -285,40 +358,69 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (*seed >> 33) as u32
     }
 
     #[test]
     fn q8_head_matches_reference_and_keeps_its_rows() {
-        for (m, k, n) in [(1, 32, 1), (1, 64, 33), (2, 96, 70), (1, 576, 128), (3, 128, 64)] {
+        for (m, k, n) in [
+            (1, 32, 1),
+            (1, 64, 33),
+            (2, 96, 70),
+            (1, 576, 128),
+            (3, 128, 64),
+        ] {
             let mut seed = (m * 1000 + k * 10 + n) as u64;
             // The symmetric int8 range, -127..=127.
-            let rows: Vec<u8> = (0..k * n).map(|_| (lcg(&mut seed) % 255) as u8 ^ 0x80).map(|b| if b == 0x80 { 0x81 } else { b }).collect();
-            let scale: Vec<f32> = (0..n).map(|_| 0.001 + (lcg(&mut seed) % 100) as f32 * 1e-4).collect();
-            let x: Vec<f32> = (0..m * k).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+            let rows: Vec<u8> = (0..k * n)
+                .map(|_| (lcg(&mut seed) % 255) as u8 ^ 0x80)
+                .map(|b| if b == 0x80 { 0x81 } else { b })
+                .collect();
+            let scale: Vec<f32> = (0..n)
+                .map(|_| 0.001 + (lcg(&mut seed) % 100) as f32 * 1e-4)
+                .collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
             let w = Q8Weights::from_rows(k, n, rows.clone(), scale.clone()).unwrap();
             let mut with_min = rows.clone();
             with_min[0] = 0x80;
-            assert!(Q8Weights::from_rows(k, n, with_min, scale.clone()).is_err(), "-128 is refused");
+            assert!(
+                Q8Weights::from_rows(k, n, with_min, scale.clone()).is_err(),
+                "-128 is refused"
+            );
             let mut col = vec![0i8; k];
             for c in 0..n {
                 w.copy_column(c, &mut col);
-                assert!(col.iter().zip(&rows[c * k..(c + 1) * k]).all(|(a, b)| *a as u8 == *b), "row {c}");
+                assert!(
+                    col.iter()
+                        .zip(&rows[c * k..(c + 1) * k])
+                        .all(|(a, b)| *a as u8 == *b),
+                    "row {c}"
+                );
             }
             let xr = QuantRows::new(&x, m, k);
             let reference: Vec<f32> = (0..m * n)
                 .map(|i| {
                     let (r, c) = (i / n, i % n);
                     let dot: f64 = (0..k)
-                        .map(|kk| rows[c * k + kk] as i8 as f64 * xr.q[r * k + kk] as f64 * xr.scale[r * k / QBLOCK + kk / QBLOCK] as f64)
+                        .map(|kk| {
+                            rows[c * k + kk] as i8 as f64
+                                * xr.q[r * k + kk] as f64
+                                * xr.scale[r * k / QBLOCK + kk / QBLOCK] as f64
+                        })
                         .sum();
                     (dot * scale[c] as f64) as f32
                 })
                 .collect();
             #[allow(unused_mut)]
-            let mut kernels: Vec<(&str, unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize))> =
-                vec![("portable", portable::panels)];
+            let mut kernels: Vec<(
+                &str,
+                unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize),
+            )> = vec![("portable", portable::panels)];
             #[cfg(target_arch = "x86_64")]
             kernels.extend(x86::kernels());
             for (name, kernel) in kernels {
@@ -326,13 +428,19 @@ mod tests {
                 // SAFETY: the kernel's CPU features were detected; y holds m x n.
                 unsafe { kernel(&w, &xr, m, y.as_mut_ptr(), 0, n.div_ceil(Q8_PANEL)) };
                 for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{name} m={m} k={k} n={n} at {i}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{name} m={m} k={k} n={n} at {i}: {a} vs {b}"
+                    );
                 }
             }
             let mut y = vec![f32::NAN; m * n];
             w.matmul(&x, m, &mut y);
             for (a, b) in y.iter().zip(&reference) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "matmul: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "matmul: {a} vs {b}"
+                );
             }
         }
     }

@@ -42,15 +42,29 @@ const BLOCK: usize = 16;
 
 impl std::fmt::Debug for QWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QWeights {{ k: {}, n: {}, layout: {:?} }}", self.k, self.n, self.layout)
+        write!(
+            f,
+            "QWeights {{ k: {}, n: {}, layout: {:?} }}",
+            self.k, self.n, self.layout
+        )
     }
 }
 
 impl QWeights {
     /// `q` holds `k * n` int8 values (as bytes) in `layout`; `scale` one value per output channel.
-    pub fn new(k: usize, n: usize, layout: Layout, q: Vec<u8>, scale: Vec<f32>) -> Result<QWeights, String> {
+    pub fn new(
+        k: usize,
+        n: usize,
+        layout: Layout,
+        q: Vec<u8>,
+        scale: Vec<f32>,
+    ) -> Result<QWeights, String> {
         if q.len() != k * n || scale.len() != n || k == 0 || n == 0 {
-            return Err(format!("int8 weight of {} values and {} scales for K={k} N={n}", q.len(), scale.len()));
+            return Err(format!(
+                "int8 weight of {} values and {} scales for K={k} N={n}",
+                q.len(),
+                scale.len()
+            ));
         }
         let panels = n.div_ceil(PANEL);
         let packed = match layout {
@@ -60,7 +74,8 @@ impl QWeights {
                     let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
                     for kk in 0..k {
                         let dst = (p * k + kk) * PANEL;
-                        packed[dst..dst + width].copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
+                        packed[dst..dst + width]
+                            .copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
                     }
                 }
                 packed
@@ -88,7 +103,13 @@ impl QWeights {
         };
         let mut scale = scale;
         scale.resize(panels * PANEL, 0.0);
-        Ok(QWeights { k, n, layout, q: packed, scale })
+        Ok(QWeights {
+            k,
+            n,
+            layout,
+            q: packed,
+            scale,
+        })
     }
 
     fn q(&self) -> &[i8] {
@@ -214,7 +235,17 @@ mod portable {
     /// Packed KN layout, columns n0..n1: a panel's accumulators in an array the compiler keeps
     /// in vector registers (whole panels are computed, the columns in range written).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kn_panels(q: &[i8], scale: &[f32], k: usize, n: usize, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+    pub unsafe fn kn_panels(
+        q: &[i8],
+        scale: &[f32],
+        k: usize,
+        n: usize,
+        x: &[f32],
+        m: usize,
+        y: *mut f32,
+        n0: usize,
+        n1: usize,
+    ) {
         let _ = n;
         for p in n0 / PANEL..n1.div_ceil(PANEL) {
             let panel = &q[p * k * PANEL..(p + 1) * k * PANEL];
@@ -252,7 +283,13 @@ mod x86 {
     /// A tile of MR rows of x by NV*8 columns of a panel, over all of K. `q` points at the
     /// tile's first column in the panel (rows of PANEL bytes); `out` is `[MR][PANEL]`.
     #[inline(always)]
-    unsafe fn kn_tile<const MR: usize, const NV: usize>(q: *const i8, k: usize, x: *const f32, out: *mut f32, scale: *const f32) {
+    unsafe fn kn_tile<const MR: usize, const NV: usize>(
+        q: *const i8,
+        k: usize,
+        x: *const f32,
+        out: *mut f32,
+        scale: *const f32,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
         for kk in 0..k {
             let w = q.add(kk * PANEL);
@@ -278,7 +315,17 @@ mod x86 {
     /// Packed KN layout, columns n0..n1 (n0 a multiple of 16).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kn_panels(q: &[i8], scale: &[f32], k: usize, n: usize, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+    pub unsafe fn kn_panels(
+        q: &[i8],
+        scale: &[f32],
+        k: usize,
+        n: usize,
+        x: &[f32],
+        m: usize,
+        y: *mut f32,
+        n0: usize,
+        n1: usize,
+    ) {
         let mut out = [0f32; 4 * PANEL];
         let o = out.as_mut_ptr();
         for p in n0 / PANEL..n1.div_ceil(PANEL) {
@@ -296,7 +343,11 @@ mod x86 {
                     kn_tile::<4, 2>(panel.add(s), k, xp, o.add(s), sp.add(s));
                 }
                 for r in 0..4 {
-                    std::ptr::copy_nonoverlapping(o.add(r * PANEL + lo), y.add((row + r) * n + p * PANEL + lo), hi - lo);
+                    std::ptr::copy_nonoverlapping(
+                        o.add(r * PANEL + lo),
+                        y.add((row + r) * n + p * PANEL + lo),
+                        hi - lo,
+                    );
                 }
                 row += 4;
             }
@@ -333,7 +384,10 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> u32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (self.0 >> 33) as u32
         }
         fn f32(&mut self) -> f32 {
@@ -370,14 +424,29 @@ mod tests {
         w.matmul(&x, m, &mut y);
         // Sums of k products of magnitude <= 127 * 0.021: the f32 rounding stays far below 1e-3.
         for (i, (a, b)) in y.iter().zip(&expected).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{layout:?} m={m} k={k} n={n} at {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{layout:?} m={m} k={k} n={n} at {i}: {a} vs {b}"
+            );
         }
     }
 
     #[test]
     fn int8_matmul_matches_f32_reference() {
         for layout in [Layout::KN, Layout::NK] {
-            for (m, k, n) in [(1, 1, 1), (1, 8, 8), (1, 576, 192), (1, 13, 77), (2, 17, 129), (3, 64, 200), (4, 40, 72), (5, 576, 576), (7, 31, 9), (9, 96, 1536), (1, 1536, 130)] {
+            for (m, k, n) in [
+                (1, 1, 1),
+                (1, 8, 8),
+                (1, 576, 192),
+                (1, 13, 77),
+                (2, 17, 129),
+                (3, 64, 200),
+                (4, 40, 72),
+                (5, 576, 576),
+                (7, 31, 9),
+                (9, 96, 1536),
+                (1, 1536, 130),
+            ] {
                 check(layout, m, k, n);
             }
         }
@@ -403,7 +472,10 @@ mod tests {
                 assert_eq!(one, two, "{layout:?}");
             }
             for (a, b) in one.iter().zip(reference(&w, &x, m)) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{layout:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{layout:?}: {a} vs {b}"
+                );
             }
         }
     }

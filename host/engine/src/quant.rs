@@ -128,14 +128,27 @@ fn pending_weights(node: &pb::NodeProto) -> TractResult<Packed> {
         .find(|a| a.name == "weights")
         .map(|a| String::from_utf8_lossy(&a.s).to_string())
         .context("SlmQMatMul without a weights key")?;
-    PENDING.with(|p| p.borrow().get(&key).cloned()).with_context(|| format!("{}: no weights {key}", node.op_type))
+    PENDING
+        .with(|p| p.borrow().get(&key).cloned())
+        .with_context(|| format!("{}: no weights {key}", node.op_type))
 }
 
-fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(QMatMulExpansion { w: pending_weights(node)? }), vec![]))
+fn build(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((
+        expand(QMatMulExpansion {
+            w: pending_weights(node)?,
+        }),
+        vec![],
+    ))
 }
 
-fn build_gather(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn build_gather(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let w = match pending_weights(node)? {
         w @ Packed::Int8(_) | w @ Packed::Q8Head(_) if w.is_table() => w,
         _ => bail!("{GATHER} needs an int8 table of rows (a transposed MatMul weight)"),
@@ -175,7 +188,12 @@ impl Expansion for QGatherExpansion {
         Ok(())
     }
 
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
         model.wire_node(prefix, QGather { w: self.w.clone() }, &[inputs[0]])
     }
 }
@@ -220,7 +238,10 @@ impl EvalOp for QGather {
         let mut out = vec![0i8; ids.len() * k];
         for (i, &id) in ids.iter().enumerate() {
             let r = if id < 0 { id + rows } else { id };
-            ensure!((0..rows).contains(&r), "{GATHER}: index {id} out of 0..{rows}");
+            ensure!(
+                (0..rows).contains(&r),
+                "{GATHER}: index {id} out of 0..{rows}"
+            );
             // A row of the table is an output channel of the head: a column of its panels.
             self.w.copy_column(r as usize, &mut out[i * k..(i + 1) * k]);
         }
@@ -272,7 +293,12 @@ impl Expansion for QMatMulExpansion {
         Ok(())
     }
 
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
         model.wire_node(prefix, QMatMul { w: self.w.clone() }, &[inputs[0]])
     }
 }
@@ -326,7 +352,10 @@ impl EvalOp for QMatMul {
         let x = &inputs[0];
         let shape = x.shape();
         let (k, n) = (self.w.k(), self.w.n());
-        ensure!(shape.last() == Some(&k), "{OP}: input shape {shape:?}, K={k}");
+        ensure!(
+            shape.last() == Some(&k),
+            "{OP}: input shape {shape:?}, K={k}"
+        );
         let m = x.len() / k;
         let mut out_shape: TVec<usize> = shape.into();
         *out_shape.last_mut().unwrap() = n;
@@ -353,7 +382,10 @@ impl TypedOp for QMatMul {
 
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         let rows: TDim = inputs[0].shape.iter().rev().skip(1).product();
-        Ok(tvec!((Cost::FMA(f32::datum_type()), rows * (self.w.k() * self.w.n()))))
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            rows * (self.w.k() * self.w.n())
+        )))
     }
 
     as_op!();
@@ -373,7 +405,8 @@ fn init_i8(t: &pb::TensorProto) -> Option<Vec<u8>> {
     if !t.raw_data.is_empty() {
         return (t.raw_data.len() as i64 == len).then(|| t.raw_data.clone());
     }
-    (t.int32_data.len() as i64 == len).then(|| t.int32_data.iter().map(|&v| v as i8 as u8).collect())
+    (t.int32_data.len() as i64 == len)
+        .then(|| t.int32_data.iter().map(|&v| v as i8 as u8).collect())
 }
 
 pub(crate) fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
@@ -385,7 +418,12 @@ pub(crate) fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
         if t.raw_data.len() as i64 != len * 4 {
             return None;
         }
-        return Some(t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+        return Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        );
     }
     (t.float_data.len() as i64 == len).then(|| t.float_data.clone())
 }
@@ -395,7 +433,12 @@ fn init_i64(t: &pb::TensorProto) -> Option<Vec<i64>> {
         return None;
     }
     if !t.raw_data.is_empty() {
-        return Some(t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect());
+        return Some(
+            t.raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        );
     }
     Some(t.int64_data.clone())
 }
@@ -419,7 +462,9 @@ struct Found {
 /// not fit exactly are left to tract.
 /// `weights` may already hold those of [`Q4Stream`]; the new ones are added.
 pub fn rewrite(proto: &mut pb::ModelProto, weights: &mut HashMap<String, Packed>) {
-    let Some(graph) = proto.graph.as_mut() else { return };
+    let Some(graph) = proto.graph.as_mut() else {
+        return;
+    };
     rewrite_q4_1(graph, weights);
     // A Q4_1 model already rounds activations to 8 bits per block: its int8 LM head does too.
     let head_q8 = weights.values().any(|w| matches!(w, Packed::Q4_1(_)));
@@ -436,9 +481,18 @@ fn weights_attribute(key: &str) -> Vec<pb::AttributeProto> {
 }
 
 fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>, head_q8: bool) {
-    let producer: HashMap<String, usize> =
-        graph.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
-    let inits: HashMap<String, usize> = graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let producer: HashMap<String, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
+    let inits: HashMap<String, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
 
     let find = |b: &str| -> Option<Found> {
         let node = |name: &str| producer.get(name).map(|&i| &graph.node[i]);
@@ -455,7 +509,9 @@ fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
         }
         let mul = node(&b).filter(|n| n.op_type == "Mul" && n.input.len() == 2)?;
         let (cast, scale_name) = [(0, 1), (1, 0)].iter().find_map(|&(c, s)| {
-            node(&mul.input[c]).filter(|n| n.op_type == "Cast").map(|n| (n, mul.input[s].clone()))
+            node(&mul.input[c])
+                .filter(|n| n.op_type == "Cast")
+                .map(|n| (n, mul.input[s].clone()))
         })?;
         if attr(cast, "to").map(|a| a.i) != Some(FLOAT as i64) {
             return None;
@@ -490,9 +546,21 @@ fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
         let per_row = scale_dims == [rows as i64, 1];
         match (transposed, per_column, per_row) {
             // x @ (Q * s): K = rows, N = cols, a scale per output column.
-            (false, true, _) => Some(Found { q_init: q.name.clone(), k: rows, n: cols, layout: Layout::KN, scale }),
+            (false, true, _) => Some(Found {
+                q_init: q.name.clone(),
+                k: rows,
+                n: cols,
+                layout: Layout::KN,
+                scale,
+            }),
             // x @ (Q * s)^T: K = cols, N = rows, a scale per output row.
-            (true, _, true) => Some(Found { q_init: q.name.clone(), k: cols, n: rows, layout: Layout::NK, scale }),
+            (true, _, true) => Some(Found {
+                q_init: q.name.clone(),
+                k: cols,
+                n: rows,
+                layout: Layout::NK,
+                scale,
+            }),
             _ => None,
         }
     };
@@ -520,11 +588,15 @@ fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
     }
     // A Gather of rows from an int8 table that a rewritten NK MatMul also reads (a tied
     // embedding) reads the rows from the same weights: the table is held once.
-    let tables: HashMap<String, String> =
-        pending.iter().filter(|(_, f)| f.layout == Layout::NK).map(|(key, f)| (f.q_init.clone(), key.clone())).collect();
+    let tables: HashMap<String, String> = pending
+        .iter()
+        .filter(|(_, f)| f.layout == Layout::NK)
+        .map(|(key, f)| (f.q_init.clone(), key.clone()))
+        .collect();
     for node in graph.node.iter_mut() {
         let axis = attr(node, "axis").map(|a| a.i).unwrap_or(0);
-        if node.op_type == "Gather" && node.domain.is_empty() && node.input.len() == 2 && axis == 0 {
+        if node.op_type == "Gather" && node.domain.is_empty() && node.input.len() == 2 && axis == 0
+        {
             if let Some(key) = tables.get(&node.input[0]) {
                 node.op_type = GATHER.to_string();
                 node.input.remove(0);
@@ -541,7 +613,10 @@ fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
     }
     for (key, found) in pending {
         let t = &mut graph.initializer[inits[&found.q_init]];
-        let values = if !used.contains(&found.q_init) && uses[&found.q_init] == 1 && !t.raw_data.is_empty() {
+        let values = if !used.contains(&found.q_init)
+            && uses[&found.q_init] == 1
+            && !t.raw_data.is_empty()
+        {
             std::mem::take(&mut t.raw_data)
         } else {
             init_i8(t).expect("checked int8 initializer")
@@ -557,7 +632,8 @@ fn rewrite_int8(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
         } else {
             (values, found.scale)
         };
-        let packed = QWeights::new(found.k, found.n, found.layout, values, scale).map(|w| Packed::Int8(Arc::new(w)));
+        let packed = QWeights::new(found.k, found.n, found.layout, values, scale)
+            .map(|w| Packed::Int8(Arc::new(w)));
         if let Ok(w) = packed {
             weights.insert(key, w);
         }
@@ -579,25 +655,40 @@ fn rewrite_q4_1(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed
             *readers.entry(i.clone()).or_default() += 1;
         }
     }
-    let outputs: std::collections::HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let outputs: std::collections::HashSet<&str> =
+        graph.output.iter().map(|o| o.name.as_str()).collect();
     let mut rewritten = false;
     for i in 0..graph.node.len() {
         let w = {
-            let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+            let inits: HashMap<&str, &pb::TensorProto> = graph
+                .initializer
+                .iter()
+                .map(|t| (t.name.as_str(), t))
+                .collect();
             q4_1_weight(&graph.node[i], &inits)
         };
         let Some(w) = w else { continue };
         let node = &mut graph.node[i];
-        let freed: Vec<String> =
-            node.input[1..].iter().filter(|n| readers.get(*n) == Some(&1) && !outputs.contains(n.as_str())).cloned().collect();
+        let freed: Vec<String> = node.input[1..]
+            .iter()
+            .filter(|n| readers.get(*n) == Some(&1) && !outputs.contains(n.as_str()))
+            .cloned()
+            .collect();
         let key = format!("{}#q4_1#{i}", node.input[1]);
         node.op_type = OP.to_string();
         node.domain = String::new();
         node.input.truncate(1);
         node.attribute = weights_attribute(&key);
         weights.insert(key, Packed::Q4_1(Arc::new(w)));
-        for t in graph.initializer.iter_mut().filter(|t| freed.contains(&t.name)) {
-            *t = pb::TensorProto { name: std::mem::take(&mut t.name), ..Default::default() };
+        for t in graph
+            .initializer
+            .iter_mut()
+            .filter(|t| freed.contains(&t.name))
+        {
+            *t = pb::TensorProto {
+                name: std::mem::take(&mut t.name),
+                ..Default::default()
+            };
         }
         rewritten = true;
     }
@@ -637,13 +728,25 @@ impl crate::proto::Initializers for Q4Stream {
                 }
             }
             let mut found = vec![];
-            for n in graph.node.iter().filter(|n| n.op_type == "MatMulNBits" && n.domain == "com.microsoft" && !n.output.is_empty()) {
-                let inits: Vec<&String> = n.input.iter().skip(1).take(3).filter(|i| !i.is_empty()).collect();
+            for n in graph.node.iter().filter(|n| {
+                n.op_type == "MatMulNBits" && n.domain == "com.microsoft" && !n.output.is_empty()
+            }) {
+                let inits: Vec<&String> = n
+                    .input
+                    .iter()
+                    .skip(1)
+                    .take(3)
+                    .filter(|i| !i.is_empty())
+                    .collect();
                 if inits.len() >= 2 && inits.iter().all(|i| readers.get(i.as_str()) == Some(&1)) {
                     for i in inits.iter() {
                         self.index.insert((*i).clone(), found.len());
                     }
-                    found.push(Candidate { node: n.clone(), needed: inits.len(), held: vec![] });
+                    found.push(Candidate {
+                        node: n.clone(),
+                        needed: inits.len(),
+                        held: vec![],
+                    });
                 }
             }
             found
@@ -657,10 +760,12 @@ impl crate::proto::Initializers for Q4Stream {
         if cand.held.len() < cand.needed {
             return;
         }
-        let inits: HashMap<&str, &pb::TensorProto> = cand.held.iter().map(|t| (t.name.as_str(), t)).collect();
+        let inits: HashMap<&str, &pb::TensorProto> =
+            cand.held.iter().map(|t| (t.name.as_str(), t)).collect();
         match q4_1_weight(&cand.node, &inits) {
             Some(w) => {
-                self.packed.insert(cand.node.output[0].clone(), Packed::Q4_1(Arc::new(w)));
+                self.packed
+                    .insert(cand.node.output[0].clone(), Packed::Q4_1(Arc::new(w)));
                 cand.held.clear();
             }
             None => graph.initializer.append(&mut cand.held),
@@ -673,7 +778,9 @@ impl Q4Stream {
     /// weights (for [`with_weights`]); initializers still held go back to the graph.
     pub fn finish(self, proto: &mut pb::ModelProto) -> HashMap<String, Packed> {
         let mut weights = HashMap::new();
-        let Some(graph) = proto.graph.as_mut() else { return weights };
+        let Some(graph) = proto.graph.as_mut() else {
+            return weights;
+        };
         for mut c in self.candidates.unwrap_or_default() {
             graph.initializer.append(&mut c.held);
         }
@@ -712,13 +819,20 @@ impl NBits<'_> {
     }
 }
 
-fn nbits<'a>(node: &pb::NodeProto, inits: &HashMap<&str, &'a pb::TensorProto>) -> Option<NBits<'a>> {
+fn nbits<'a>(
+    node: &pb::NodeProto,
+    inits: &HashMap<&str, &'a pb::TensorProto>,
+) -> Option<NBits<'a>> {
     if node.op_type != "MatMulNBits" || node.domain != "com.microsoft" {
         return None;
     }
     let int = |name: &str| attr(node, name).map(|a| a.i);
     let (k, n) = (int("K")? as usize, int("N")? as usize);
-    if int("bits") != Some(4) || int("block_size") != Some(QBLOCK as i64) || k % QBLOCK != 0 || node.input.len() < 3 {
+    if int("bits") != Some(4)
+        || int("block_size") != Some(QBLOCK as i64)
+        || k % QBLOCK != 0
+        || node.input.len() < 3
+    {
         return None;
     }
     if node.input.iter().skip(4).any(|i| !i.is_empty()) {
@@ -726,7 +840,8 @@ fn nbits<'a>(node: &pb::NodeProto, inits: &HashMap<&str, &'a pb::TensorProto>) -
     }
     let kb = k / QBLOCK;
     let b = inits.get(node.input[1].as_str())?;
-    if b.data_type != UINT8 || b.data_location == Some(1) || b.raw_data.len() != n * kb * QBLOCK / 2 {
+    if b.data_type != UINT8 || b.data_location == Some(1) || b.raw_data.len() != n * kb * QBLOCK / 2
+    {
         return None;
     }
     let scale = init_f32(inits.get(node.input[2].as_str())?)?;
@@ -736,15 +851,29 @@ fn nbits<'a>(node: &pb::NodeProto, inits: &HashMap<&str, &'a pb::TensorProto>) -
             let z = inits.get(z.as_str())?;
             if let Some(f) = init_f32(z) {
                 f
-            } else if z.data_type == UINT8 && z.data_location != Some(1) && z.raw_data.len() == n * kb.div_ceil(2) {
+            } else if z.data_type == UINT8
+                && z.data_location != Some(1)
+                && z.raw_data.len() == n * kb.div_ceil(2)
+            {
                 // Two 4-bit zero points per byte, low nibble first, each row padded to whole bytes.
-                (0..n * kb).map(|i| (z.raw_data[(i / kb) * kb.div_ceil(2) + (i % kb) / 2] >> (4 * (i % kb % 2)) & 15) as f32).collect()
+                (0..n * kb)
+                    .map(|i| {
+                        (z.raw_data[(i / kb) * kb.div_ceil(2) + (i % kb) / 2] >> (4 * (i % kb % 2))
+                            & 15) as f32
+                    })
+                    .collect()
             } else {
                 return None;
             }
         }
     };
-    (scale.len() == n * kb && zero.len() == n * kb).then_some(NBits { k, n, raw: &b.raw_data, scale, zero })
+    (scale.len() == n * kb && zero.len() == n * kb).then_some(NBits {
+        k,
+        n,
+        raw: &b.raw_data,
+        scale,
+        zero,
+    })
 }
 
 fn q4_1_weight(node: &pb::NodeProto, inits: &HashMap<&str, &pb::TensorProto>) -> Option<Q4Weights> {
@@ -754,18 +883,33 @@ fn q4_1_weight(node: &pb::NodeProto, inits: &HashMap<&str, &pb::TensorProto>) ->
         let h = f16::from_f32(v);
         ((h.to_f32() - v).abs() <= 1e-5 * v.abs()).then_some(h)
     };
-    let d: Vec<f16> = w.scale.iter().map(|&s| exact_f16(s)).collect::<Option<_>>()?;
-    let m: Vec<f16> = w.scale.iter().zip(&w.zero).map(|(&s, &z)| exact_f16(-z * s)).collect::<Option<_>>()?;
+    let d: Vec<f16> = w
+        .scale
+        .iter()
+        .map(|&s| exact_f16(s))
+        .collect::<Option<_>>()?;
+    let m: Vec<f16> = w
+        .scale
+        .iter()
+        .zip(&w.zero)
+        .map(|(&s, &z)| exact_f16(-z * s))
+        .collect::<Option<_>>()?;
     Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()
 }
 
 /// Replaces every 4-bit `MatMulNBits` by a `MatMul` on its dequantized f32 weight, for front ends
 /// that do not run it (tract's own import has no zero points; the GPU plan runs f32 weights).
 pub fn dequantize_nbits(proto: &mut pb::ModelProto) {
-    let Some(graph) = proto.graph.as_mut() else { return };
+    let Some(graph) = proto.graph.as_mut() else {
+        return;
+    };
     let mut dense = vec![];
     {
-        let inits: HashMap<&str, &pb::TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+        let inits: HashMap<&str, &pb::TensorProto> = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
         for (i, node) in graph.node.iter().enumerate() {
             if let Some(w) = nbits(node, &inits) {
                 let kb = w.k / QBLOCK;
@@ -810,7 +954,9 @@ pub(crate) fn remove_dead_nodes(graph: &mut pb::GraphProto) -> std::collections:
         }
         used.extend(graph.output.iter().map(|o| o.name.clone()));
         let before = graph.node.len();
-        graph.node.retain(|n| n.output.is_empty() || n.output.iter().any(|o| !o.is_empty() && used.contains(o)));
+        graph.node.retain(|n| {
+            n.output.is_empty() || n.output.iter().any(|o| !o.is_empty() && used.contains(o))
+        });
         if graph.node.len() == before {
             return used;
         }
@@ -825,7 +971,13 @@ mod tests {
 
     fn f32_tensor(name: &str, v: &[f32]) -> pb::TensorProto {
         let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        pb::TensorProto { name: name.into(), dims: vec![v.len() as i64], data_type: FLOAT, raw_data: raw, ..Default::default() }
+        pb::TensorProto {
+            name: name.into(),
+            dims: vec![v.len() as i64],
+            data_type: FLOAT,
+            raw_data: raw,
+            ..Default::default()
+        }
     }
 
     /// `y = MatMulNBits(x)` with K = 64, N = 3, scales `scale`, float zero points.
@@ -838,7 +990,12 @@ mod tests {
             output: vec!["y".into()],
             attribute: [("K", k), ("N", n), ("bits", 4), ("block_size", 32)]
                 .iter()
-                .map(|(name, v)| pb::AttributeProto { name: (*name).into(), i: *v as i64, r#type: 2, ..Default::default() })
+                .map(|(name, v)| pb::AttributeProto {
+                    name: (*name).into(),
+                    i: *v as i64,
+                    r#type: 2,
+                    ..Default::default()
+                })
                 .collect(),
             ..Default::default()
         };
@@ -851,10 +1008,19 @@ mod tests {
         };
         let graph = pb::GraphProto {
             node: vec![node],
-            initializer: vec![b, f32_tensor("s", &[scale; 6]), f32_tensor("zp", &[8.0; 6]), f32_tensor("other", &[1.0; 4])],
+            initializer: vec![
+                b,
+                f32_tensor("s", &[scale; 6]),
+                f32_tensor("zp", &[8.0; 6]),
+                f32_tensor("other", &[1.0; 4]),
+            ],
             ..Default::default()
         };
-        pb::ModelProto { graph: Some(graph), ..Default::default() }.encode_to_vec()
+        pb::ModelProto {
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
     }
 
     #[test]
@@ -862,7 +1028,14 @@ mod tests {
         let mut stream = Q4Stream::default();
         let mut proto = crate::proto::read_bytes(&nbits_model(0.5), &mut stream).unwrap();
         // Only the tensor that no packed node reads was kept in the protobuf.
-        let kept: Vec<&str> = proto.graph.as_ref().unwrap().initializer.iter().map(|t| t.name.as_str()).collect();
+        let kept: Vec<&str> = proto
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
         assert_eq!(kept, ["other"]);
         let weights = stream.finish(&mut proto);
         assert_eq!(weights.len(), 1);

@@ -59,7 +59,15 @@ impl Session {
     pub fn new(model: Arc<Model>) -> Session {
         let present_slot = model.output_names.iter().map(|n| present_slot(n)).collect();
         let logits_output = model.output_names.iter().position(|n| n == "logits");
-        let mut s = Session { model, past: vec![], cached: 0, present_slot, logits_output, state: None, profile: None };
+        let mut s = Session {
+            model,
+            past: vec![],
+            cached: 0,
+            present_slot,
+            logits_output,
+            state: None,
+            profile: None,
+        };
         s.reset();
         s
     }
@@ -90,7 +98,11 @@ impl Session {
         let info = self.model.info();
         let shape = [1, info.kv_heads, 0, info.head_dim];
         self.past = (0..info.layers * 2)
-            .map(|_| tract_onnx::prelude::Tensor::zero::<f32>(&shape).expect("an empty tensor always allocates").into_tvalue())
+            .map(|_| {
+                tract_onnx::prelude::Tensor::zero::<f32>(&shape)
+                    .expect("an empty tensor always allocates")
+                    .into_tvalue()
+            })
             .collect();
         self.cached = 0;
     }
@@ -105,7 +117,10 @@ impl Session {
             return Ok(());
         }
         for t in &mut self.past {
-            *t = t.slice(2, 0, len).map_err(|e| EngineError::Runtime(format!("{e:#}")))?.into();
+            *t = t
+                .slice(2, 0, len)
+                .map_err(|e| EngineError::Runtime(format!("{e:#}")))?
+                .into();
         }
         self.cached = len;
         Ok(())
@@ -118,7 +133,10 @@ impl Session {
     /// Returns only `logits` [1, 1, vocab] for the last position.
     ///
     /// Stateless (`past_key_values.*` given): every model input must be given; returns every output.
-    pub fn run(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, EngineError> {
+    pub fn run(
+        &mut self,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, EngineError> {
         for (name, _) in &inputs {
             if !self.model.input_names.contains(name) {
                 return Err(EngineError::InvalidInput(format!(
@@ -127,29 +145,45 @@ impl Session {
                 )));
             }
         }
-        if inputs.iter().any(|(n, _)| n.starts_with("past_key_values.")) {
+        if inputs
+            .iter()
+            .any(|(n, _)| n.starts_with("past_key_values."))
+        {
             self.run_stateless(inputs)
         } else {
             self.run_stateful(inputs)
         }
     }
 
-    fn run_stateless(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, EngineError> {
+    fn run_stateless(
+        &mut self,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, EngineError> {
         let mut ordered = Vec::with_capacity(self.model.input_names.len());
         for name in &self.model.input_names {
-            let (_, t) = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| EngineError::InvalidInput(format!("missing input '{name}' (stateless call: give every input)")))?;
+            let (_, t) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                EngineError::InvalidInput(format!(
+                    "missing input '{name}' (stateless call: give every input)"
+                ))
+            })?;
             ordered.push(t.to_tract()?.into_tvalue());
         }
         let outputs = self.execute(ordered.into())?;
-        self.model.output_names.iter().zip(outputs.iter()).map(|(n, t)| Ok((n.clone(), Tensor::from_tract(t)?))).collect()
+        self.model
+            .output_names
+            .iter()
+            .zip(outputs.iter())
+            .map(|(n, t)| Ok((n.clone(), Tensor::from_tract(t)?)))
+            .collect()
     }
 
-    fn run_stateful(&mut self, inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>, EngineError> {
+    fn run_stateful(
+        &mut self,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, EngineError> {
         let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
-        let ids_t = get("input_ids").ok_or_else(|| EngineError::InvalidInput("missing input 'input_ids'".into()))?;
+        let ids_t = get("input_ids")
+            .ok_or_else(|| EngineError::InvalidInput("missing input 'input_ids'".into()))?;
         let ids = int_row(ids_t, "input_ids")?;
         let start = match get("position_ids") {
             Some(p) => {
@@ -163,7 +197,9 @@ impl Session {
                 }
                 let start = pos[0];
                 if start < 0 || pos.iter().enumerate().any(|(i, &p)| p != start + i as i64) {
-                    return Err(EngineError::InvalidInput("position_ids must be consecutive and non-negative".into()));
+                    return Err(EngineError::InvalidInput(
+                        "position_ids must be consecutive and non-negative".into(),
+                    ));
                 }
                 start as usize
             }
@@ -179,21 +215,30 @@ impl Session {
 
         let vocab = self.model.info().vocab as i64;
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || (vocab > 0 && t >= vocab)) {
-            return Err(EngineError::InvalidInput(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
         }
         let n = ids.len();
         let total = start + n;
         let mut ordered: TVec<TValue> = tvec![];
         for kind in &self.model.input_kinds {
             let value: TValue = match kind {
-                InputKind::InputIds => tract_ndarray::Array2::from_shape_vec((1, n), ids.clone()).unwrap().into_tvalue(),
+                InputKind::InputIds => tract_ndarray::Array2::from_shape_vec((1, n), ids.clone())
+                    .unwrap()
+                    .into_tvalue(),
                 InputKind::PositionIds => {
-                    tract_ndarray::Array2::from_shape_fn((1, n), |(_, i)| (start + i) as i64).into_tvalue()
+                    tract_ndarray::Array2::from_shape_fn((1, n), |(_, i)| (start + i) as i64)
+                        .into_tvalue()
                 }
-                InputKind::AttentionMask => tract_ndarray::Array2::<i64>::ones((1, total)).into_tvalue(),
+                InputKind::AttentionMask => {
+                    tract_ndarray::Array2::<i64>::ones((1, total)).into_tvalue()
+                }
                 InputKind::Past { layer, value } => self.past[slot(*layer, *value)].clone(),
                 InputKind::Other => {
-                    return Err(EngineError::InvalidInput("the model has inputs this engine cannot fill".into()))
+                    return Err(EngineError::InvalidInput(
+                        "the model has inputs this engine cannot fill".into(),
+                    ))
                 }
             };
             ordered.push(value);
@@ -210,14 +255,20 @@ impl Session {
             }
         }
         self.cached = total;
-        let logits = logits.ok_or_else(|| EngineError::Runtime("the model has no 'logits' output".into()))?;
+        let logits = logits
+            .ok_or_else(|| EngineError::Runtime("the model has no 'logits' output".into()))?;
         Ok(vec![("logits".to_string(), last_position(&logits)?)])
     }
 
     fn execute(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
         let started = Instant::now();
         if self.state.is_none() {
-            self.state = Some(self.model.plan.spawn().map_err(|e| EngineError::Runtime(format!("{e:#}")))?);
+            self.state = Some(
+                self.model
+                    .plan
+                    .spawn()
+                    .map_err(|e| EngineError::Runtime(format!("{e:#}")))?,
+            );
         }
         let state = self.state.as_mut().expect("spawned above");
         let profile = self.profile.as_mut();
@@ -230,7 +281,13 @@ impl Session {
                 let dt = t.elapsed();
                 let entry = p.nodes.entry(node.id).or_insert_with(|| NodeTime {
                     name: node.name.clone(),
-                    op: format!("{} {:?}", node.op().name(), out.as_ref().ok().and_then(|o| o.first().map(|t| t.shape().to_vec()))),
+                    op: format!(
+                        "{} {:?}",
+                        node.op().name(),
+                        out.as_ref()
+                            .ok()
+                            .and_then(|o| o.first().map(|t| t.shape().to_vec()))
+                    ),
                     calls: 0,
                     total: Duration::ZERO,
                 });
@@ -251,7 +308,9 @@ impl Session {
             }
             Err(_) => {
                 self.state = None;
-                Err(EngineError::Runtime("the inference engine panicked on these inputs".into()))
+                Err(EngineError::Runtime(
+                    "the inference engine panicked on these inputs".into(),
+                ))
             }
         }
     }
@@ -265,17 +324,26 @@ fn last_position(logits: &TValue) -> Result<Tensor, EngineError> {
     if rows == 0 {
         return Err(EngineError::Runtime(format!("logits have shape {shape:?}")));
     }
-    let view = logits.cast_to::<f32>().map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
-    let all = view.to_plain_array_view::<f32>().map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+    let view = logits
+        .cast_to::<f32>()
+        .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+    let all = view
+        .to_plain_array_view::<f32>()
+        .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
     let last: Vec<f32> = all.iter().skip((rows - 1) * vocab).copied().collect();
     Ok(Tensor::from_f32(vec![1, 1, vocab], &last))
 }
 
 /// The values of a [1, S] (S >= 1) integer tensor.
 fn int_row(t: &Tensor, name: &str) -> Result<Vec<i64>, EngineError> {
-    let values = t.to_i64().ok_or_else(|| EngineError::InvalidInput(format!("{name} must be i64, got {:?}", t.dtype)))?;
+    let values = t.to_i64().ok_or_else(|| {
+        EngineError::InvalidInput(format!("{name} must be i64, got {:?}", t.dtype))
+    })?;
     if t.dims.len() != 2 || t.dims[0] != 1 || t.dims[1] == 0 || values.len() != t.dims[1] {
-        return Err(EngineError::InvalidInput(format!("{name} must have shape [1, seq] with seq >= 1, got {:?}", t.dims)));
+        return Err(EngineError::InvalidInput(format!(
+            "{name} must have shape [1, seq] with seq >= 1, got {:?}",
+            t.dims
+        )));
     }
     Ok(values)
 }
@@ -309,14 +377,20 @@ impl KvSnapshot {
 
     /// Bytes of the KV tensors.
     pub fn bytes(&self) -> usize {
-        self.past.iter().map(|t| t.len() * t.datum_type().size_of()).sum()
+        self.past
+            .iter()
+            .map(|t| t.len() * t.datum_type().size_of())
+            .sum()
     }
 }
 
 impl Session {
     /// The KV cache as it is now (no copy).
     pub fn snapshot(&self) -> KvSnapshot {
-        KvSnapshot { past: self.past.clone(), len: self.cached }
+        KvSnapshot {
+            past: self.past.clone(),
+            len: self.cached,
+        }
     }
 
     /// Replaces the KV cache with the first `len` positions of `snapshot` (taken from a session

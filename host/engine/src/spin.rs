@@ -77,7 +77,11 @@ impl Pool {
             threads.push(handle.thread().clone());
             slots.push(slot);
         }
-        Pool { slots, threads, busy: Mutex::new(()) }
+        Pool {
+            slots,
+            threads,
+            busy: Mutex::new(()),
+        }
     }
 }
 
@@ -118,7 +122,11 @@ fn work(slot: &Slot) {
 /// Runs `f(b0, b1)` over `0..blocks` split between the caller and the workers; false (nothing
 /// run) when there are no workers or another caller is using them.
 pub fn run<'a>(blocks: usize, f: &'a (dyn Fn(usize, usize) + Sync + 'a)) -> bool {
-    let pool = match pool_cell().lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    let pool = match pool_cell()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
         Some(p) => p.clone(),
         None => return false,
     };
@@ -134,7 +142,8 @@ pub fn run<'a>(blocks: usize, f: &'a (dyn Fn(usize, usize) + Sync + 'a)) -> bool
     }
     // SAFETY (lifetime): every worker given a part is waited for below, before `f` goes out of
     // scope; the transmute only erases the borrow's lifetime.
-    let job: *const Job = unsafe { std::mem::transmute::<&'a (dyn Fn(usize, usize) + Sync + 'a), &'static Job>(f) };
+    let job: *const Job =
+        unsafe { std::mem::transmute::<&'a (dyn Fn(usize, usize) + Sync + 'a), &'static Job>(f) };
     let mut sent = vec![];
     for p in 1..parts {
         let (slot, thread) = (&pool.slots[p - 1], &pool.threads[p - 1]);
@@ -158,7 +167,10 @@ pub fn run<'a>(blocks: usize, f: &'a (dyn Fn(usize, usize) + Sync + 'a)) -> bool
     if let Err(p) = mine {
         std::panic::resume_unwind(p);
     }
-    assert!(!worker_panicked, "a worker thread panicked in a parallel product");
+    assert!(
+        !worker_panicked,
+        "a worker thread panicked in a parallel product"
+    );
     true
 }
 

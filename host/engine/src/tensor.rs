@@ -74,33 +74,54 @@ impl Tensor {
     }
 
     pub fn from_i64(dims: Vec<usize>, values: &[i64]) -> Tensor {
-        Tensor { dims, dtype: DType::I64, data: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+        Tensor {
+            dims,
+            dtype: DType::I64,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
     }
 
     pub fn from_f32(dims: Vec<usize>, values: &[f32]) -> Tensor {
-        Tensor { dims, dtype: DType::F32, data: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+        Tensor {
+            dims,
+            dtype: DType::F32,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
     }
 
     /// The elements as i64 (for I64 and I32 tensors).
     pub fn to_i64(&self) -> Option<Vec<i64>> {
         match self.dtype {
-            DType::I64 => Some(self.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
-            DType::I32 => Some(self.data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            DType::I64 => Some(
+                self.data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            DType::I32 => Some(
+                self.data
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                    .collect(),
+            ),
             _ => None,
         }
     }
 
     /// The elements as f32 (for F32 tensors).
     pub fn to_f32(&self) -> Option<Vec<f32>> {
-        (self.dtype == DType::F32)
-            .then(|| self.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        (self.dtype == DType::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        })
     }
 
     pub(crate) fn to_tract(&self) -> Result<TractTensor, EngineError> {
-        let dt = self
-            .dtype
-            .datum()
-            .ok_or_else(|| EngineError::InvalidInput(format!("{:?} tensors are not supported", self.dtype)))?;
+        let dt = self.dtype.datum().ok_or_else(|| {
+            EngineError::InvalidInput(format!("{:?} tensors are not supported", self.dtype))
+        })?;
         // SAFETY: the byte length was checked against dims and type in `Tensor::new`, and tract copies
         // the bytes into an aligned buffer; every bit pattern is a valid value of these numeric types.
         unsafe { TractTensor::from_raw_dt(dt, &self.dims, &self.data) }
@@ -108,9 +129,17 @@ impl Tensor {
     }
 
     pub(crate) fn from_tract(t: &TractTensor) -> Result<Tensor, EngineError> {
-        let dtype = DType::from_datum(t.datum_type())
-            .ok_or_else(|| EngineError::Runtime(format!("output of type {:?} is not supported", t.datum_type())))?;
+        let dtype = DType::from_datum(t.datum_type()).ok_or_else(|| {
+            EngineError::Runtime(format!(
+                "output of type {:?} is not supported",
+                t.datum_type()
+            ))
+        })?;
         let data = t.as_bytes().to_vec();
-        Ok(Tensor { dims: t.shape().to_vec(), dtype, data })
+        Ok(Tensor {
+            dims: t.shape().to_vec(),
+            dtype,
+            data,
+        })
     }
 }

@@ -9,7 +9,11 @@ use slm_engine::{Device, Model, Placement, Session, Tensor};
 
 fn tiny() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models/tiny/model.onnx");
-    assert!(p.is_file(), "tiny model missing: scripts/test builds it into {}", p.display());
+    assert!(
+        p.is_file(),
+        "tiny model missing: scripts/test builds it into {}",
+        p.display()
+    );
     p
 }
 
@@ -17,8 +21,14 @@ fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
     let pos: Vec<i64> = (start..start + ids.len() as i64).collect();
     let out = s
         .run(vec![
-            ("input_ids".into(), Tensor::from_i64(vec![1, ids.len()], ids)),
-            ("position_ids".into(), Tensor::from_i64(vec![1, ids.len()], &pos)),
+            (
+                "input_ids".into(),
+                Tensor::from_i64(vec![1, ids.len()], ids),
+            ),
+            (
+                "position_ids".into(),
+                Tensor::from_i64(vec![1, ids.len()], &pos),
+            ),
         ])
         .unwrap();
     out[0].1.to_f32().unwrap()
@@ -26,7 +36,10 @@ fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -39,7 +52,10 @@ fn devices_resolve_and_a_missing_gpu_is_one_line() {
     match slm_engine::gpu() {
         Ok(g) => {
             // A machine with a usable GPU (and a `gpu` build): auto and gpu both pick it.
-            assert_eq!(slm_engine::resolve(Device::Gpu), Ok(Placement::Gpu(g.clone())));
+            assert_eq!(
+                slm_engine::resolve(Device::Gpu),
+                Ok(Placement::Gpu(g.clone()))
+            );
             assert_eq!(slm_engine::resolve(Device::Auto), Ok(Placement::Gpu(g)));
         }
         Err(why) => {
@@ -62,7 +78,11 @@ fn gpu_placement_without_a_gpu_is_an_error_not_a_panic() {
     if slm_engine::gpu().is_ok() {
         return; // covered by scripts/gpu-check on a GPU machine
     }
-    let fake = Placement::Gpu(slm_engine::GpuInfo { ordinal: 0, name: "none".into(), memory_mib: 0 });
+    let fake = Placement::Gpu(slm_engine::GpuInfo {
+        ordinal: 0,
+        name: "none".into(),
+        memory_mib: 0,
+    });
     let e = Model::load_on(&tiny(), &fake).expect_err("no GPU here");
     assert!(!e.to_string().contains('\n'), "{e}");
     let bytes = std::fs::read(tiny()).unwrap();
@@ -79,12 +99,23 @@ fn gpu_placement_without_a_gpu_is_an_error_not_a_panic() {
 /// activations that our Q4_1 kernels do (engine.rs: TOL_Q4_1).
 #[test]
 fn plain_plan_matches_the_default_engine() {
-    let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+    };
     let ids = [1i64, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
     let q4_plain = Arc::new(Model::load_plain(&tiny()).unwrap());
     let q4 = Arc::new(Model::load(&tiny()).unwrap());
-    let (a, b) = (step(&mut Session::new(q4_plain), &ids, 0), step(&mut Session::new(q4), &ids, 0));
-    assert!(max_diff(&a, &b) < 2.5 && argmax(&a) == argmax(&b), "Q4_1 plain vs default: {}", max_diff(&a, &b));
+    let (a, b) = (
+        step(&mut Session::new(q4_plain), &ids, 0),
+        step(&mut Session::new(q4), &ids, 0),
+    );
+    assert!(
+        max_diff(&a, &b) < 2.5 && argmax(&a) == argmax(&b),
+        "Q4_1 plain vs default: {}",
+        max_diff(&a, &b)
+    );
 
     let int8 = tiny().with_file_name("model_int8.onnx");
     let plain = Arc::new(Model::load_plain(&int8).unwrap());
@@ -92,7 +123,11 @@ fn plain_plan_matches_the_default_engine() {
     assert_eq!(plain.input_names(), default.input_names());
     assert_eq!(plain.output_names(), default.output_names());
     assert_eq!(plain.info().vocab, default.info().vocab);
-    assert_eq!(plain.int8_matmuls(), 0, "the plain plan has none of our CPU ops");
+    assert_eq!(
+        plain.int8_matmuls(),
+        0,
+        "the plain plan has none of our CPU ops"
+    );
     // On the GPU, every KV input's Concat stays on the CPU (an empty cache is never uploaded).
     let on_cpu = Model::gpu_cpu_nodes(&tiny()).unwrap();
     let concats = on_cpu.iter().filter(|n| n.contains("Concat")).count();
@@ -102,7 +137,11 @@ fn plain_plan_matches_the_default_engine() {
     let (mut p, mut d) = (Session::new(plain.clone()), Session::new(default));
     let a = step(&mut p, &ids, 0);
     let b = step(&mut d, &ids, 0);
-    assert!(max_diff(&a, &b) < 1e-3, "plain vs default: {}", max_diff(&a, &b));
+    assert!(
+        max_diff(&a, &b) < 1e-3,
+        "plain vs default: {}",
+        max_diff(&a, &b)
+    );
     for (i, t) in [2i64, 198, 1].into_iter().enumerate() {
         let pos = (ids.len() + i) as i64;
         let (x, y) = (step(&mut p, &[t], pos), step(&mut d, &[t], pos));
@@ -110,11 +149,19 @@ fn plain_plan_matches_the_default_engine() {
     }
     // Rewind into the prompt and recompute its end: the prefill's logits again.
     let again = step(&mut p, &ids[4..], 4);
-    assert!(max_diff(&again, &a) < 1e-4, "rewind: {}", max_diff(&again, &a));
+    assert!(
+        max_diff(&again, &a) < 1e-4,
+        "rewind: {}",
+        max_diff(&again, &a)
+    );
     // A new session seeded from a snapshot.
     let snap = p.snapshot();
     let mut q = Session::new(plain);
     q.restore(&snap, ids.len() - 1).unwrap();
     let last = step(&mut q, &ids[ids.len() - 1..], ids.len() as i64 - 1);
-    assert!(max_diff(&last, &a) < 1e-4, "snapshot: {}", max_diff(&last, &a));
+    assert!(
+        max_diff(&last, &a) < 1e-4,
+        "snapshot: {}",
+        max_diff(&last, &a)
+    );
 }

@@ -22,7 +22,11 @@ fn root() -> PathBuf {
 
 fn tiny_dir() -> PathBuf {
     let dir = root().join("target/test-models/tiny");
-    assert!(dir.join("model.onnx").is_file(), "tiny model missing: scripts/test builds it into {}", dir.display());
+    assert!(
+        dir.join("model.onnx").is_file(),
+        "tiny model missing: scripts/test builds it into {}",
+        dir.display()
+    );
     dir
 }
 
@@ -47,7 +51,10 @@ fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// The script of the parity test, through the engine.
@@ -66,17 +73,31 @@ fn engine_script(model: &Arc<Model>) -> Vec<Vec<f32>> {
 
 #[test]
 fn every_layout_loads_and_reports_its_shape() {
-    for file in ["model.onnx", "model_int8.onnx", "model_f32.onnx", "model_q4.onnx"] {
+    for file in [
+        "model.onnx",
+        "model_int8.onnx",
+        "model_f32.onnx",
+        "model_q4.onnx",
+    ] {
         let m = load(file);
         let info = m.info();
-        assert_eq!((info.layers, info.kv_heads, info.head_dim, info.vocab), (2, 2, 16, 49152), "{file}");
+        assert_eq!(
+            (info.layers, info.kv_heads, info.head_dim, info.vocab),
+            (2, 2, 16, 49152),
+            "{file}"
+        );
     }
 }
 
 #[test]
 fn attention_is_fused_in_every_layout() {
     // One SlmAttention per layer; `logits_match_onnx_runtime` checks what it computes.
-    for file in ["model.onnx", "model_int8.onnx", "model_f32.onnx", "model_q4.onnx"] {
+    for file in [
+        "model.onnx",
+        "model_int8.onnx",
+        "model_f32.onnx",
+        "model_q4.onnx",
+    ] {
         assert_eq!(load(file).fused_attentions(), 2, "{file}");
     }
 }
@@ -94,7 +115,16 @@ fn quantized_weights_stay_quantized() {
         ("model_q4.onnx", 0, 0, 1, 1),
     ] {
         let m = load(file);
-        assert_eq!((m.q4_1_matmuls(), m.q8_heads(), m.int8_matmuls(), m.int8_gathers()), (q4_1, q8_head, int8, gathers), "{file}");
+        assert_eq!(
+            (
+                m.q4_1_matmuls(),
+                m.q8_heads(),
+                m.int8_matmuls(),
+                m.int8_gathers()
+            ),
+            (q4_1, q8_head, int8, gathers),
+            "{file}"
+        );
     }
 }
 
@@ -105,7 +135,11 @@ fn logits_match_onnx_runtime() {
     // block of 32 (ONNX Runtime keeps them f32), which moves these logits by up to TOL_Q4_1; its
     // effect on perplexity is bounded on the real model (tests/python/test_quality.py).
     let mut failures = vec![];
-    for (file, tolerance) in [("model_f32.onnx", 2e-3), ("model_int8.onnx", 2e-3), ("model.onnx", TOL_Q4_1)] {
+    for (file, tolerance) in [
+        ("model_f32.onnx", 2e-3),
+        ("model_int8.onnx", 2e-3),
+        ("model.onnx", TOL_Q4_1),
+    ] {
         let out = root().join(format!("target/test-models/ort-{file}.json"));
         let status = Command::new(root().join(".venv/bin/python"))
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ort_reference.py"))
@@ -116,10 +150,21 @@ fn logits_match_onnx_runtime() {
         let reference: Vec<Vec<f32>> = serde_json_lite(&std::fs::read_to_string(&out).unwrap());
         let ours = engine_script(&load(file));
         assert_eq!(ours.len(), reference.len());
-        let diffs: Vec<f32> = ours.iter().zip(&reference).map(|(a, b)| max_diff(a, b)).collect();
+        let diffs: Vec<f32> = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| max_diff(a, b))
+            .collect();
         eprintln!("{file}: max |tract - ort| per step {diffs:?}");
-        let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
-        let same_top1 = ours.iter().zip(&reference).all(|(a, b)| argmax(a) == argmax(b));
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+        };
+        let same_top1 = ours
+            .iter()
+            .zip(&reference)
+            .all(|(a, b)| argmax(a) == argmax(b));
         if diffs.iter().any(|d| *d >= tolerance) || !same_top1 {
             failures.push(format!("{file}: max |tract - ort| per step {diffs:?} (bound {tolerance}), same top-1: {same_top1}"));
         }
@@ -142,7 +187,12 @@ fn serde_json_lite(text: &str) -> Vec<Vec<f32>> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .split("], [")
-        .map(|row| row.trim_matches(|c| c == '[' || c == ']').split(", ").map(|v| v.parse().unwrap()).collect())
+        .map(|row| {
+            row.trim_matches(|c| c == '[' || c == ']')
+                .split(", ")
+                .map(|v| v.parse().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -161,7 +211,11 @@ fn prefill_equals_token_by_token_and_rewind_equals_fresh_run() {
     // Rewind to position 4 and continue with other tokens == a fresh session on that prefix.
     let rewound = step(&mut one, &[7, 8], 4);
     let mut fresh = Session::new(m);
-    let expected = step(&mut fresh, &[PREFILL[0], PREFILL[1], PREFILL[2], PREFILL[3], 7, 8], 0);
+    let expected = step(
+        &mut fresh,
+        &[PREFILL[0], PREFILL[1], PREFILL[2], PREFILL[3], 7, 8],
+        0,
+    );
     assert!(max_diff(&rewound, &expected) < 1e-3);
     // Position 0 resets.
     let again = step(&mut one, &PREFILL, 0);
@@ -173,8 +227,14 @@ fn stateless_calls_match_stateful() {
     let m = load("model_f32.onnx");
     let info = m.info().clone();
     let mut inputs = vec![
-        ("input_ids".to_string(), Tensor::from_i64(vec![1, 3], &PREFILL[..3])),
-        ("position_ids".to_string(), Tensor::from_i64(vec![1, 3], &[0, 1, 2])),
+        (
+            "input_ids".to_string(),
+            Tensor::from_i64(vec![1, 3], &PREFILL[..3]),
+        ),
+        (
+            "position_ids".to_string(),
+            Tensor::from_i64(vec![1, 3], &[0, 1, 2]),
+        ),
     ];
     for layer in 0..info.layers {
         for kind in ["key", "value"] {
@@ -186,10 +246,20 @@ fn stateless_calls_match_stateful() {
     }
     let mut s = Session::new(m.clone());
     let out = s.run(inputs).unwrap();
-    assert_eq!(out.len(), 1 + 2 * info.layers, "stateless calls return every output");
+    assert_eq!(
+        out.len(),
+        1 + 2 * info.layers,
+        "stateless calls return every output"
+    );
     let present = &out.iter().find(|(n, _)| n == "present.0.key").unwrap().1;
     assert_eq!(present.dims, vec![1, info.kv_heads, 3, info.head_dim]);
-    let logits = out.iter().find(|(n, _)| n == "logits").unwrap().1.to_f32().unwrap();
+    let logits = out
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .unwrap()
+        .1
+        .to_f32()
+        .unwrap();
     let mut stateful = Session::new(m);
     assert!(max_diff(&logits, &step(&mut stateful, &PREFILL[..3], 0)) < 1e-5);
 }
@@ -200,7 +270,10 @@ fn bad_inputs_are_errors_not_panics() {
     let mut s = Session::new(m);
     let cases: Vec<Vec<(String, Tensor)>> = vec![
         vec![],
-        vec![("input_ids".into(), Tensor::from_f32(vec![1, 2], &[1.0, 2.0]))],
+        vec![(
+            "input_ids".into(),
+            Tensor::from_f32(vec![1, 2], &[1.0, 2.0]),
+        )],
         vec![("input_ids".into(), Tensor::from_i64(vec![2], &[1, 2]))],
         vec![("input_ids".into(), Tensor::from_i64(vec![1, 0], &[]))],
         vec![("nonsense".into(), Tensor::from_i64(vec![1, 1], &[1]))],
@@ -212,10 +285,16 @@ fn bad_inputs_are_errors_not_panics() {
             ("input_ids".into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
             ("position_ids".into(), Tensor::from_i64(vec![1, 2], &[0, 0])),
         ],
-        vec![("input_ids".into(), Tensor::from_i64(vec![1, 1], &[10_000_000]))],
+        vec![(
+            "input_ids".into(),
+            Tensor::from_i64(vec![1, 1], &[10_000_000]),
+        )],
     ];
     for inputs in cases {
-        let what = format!("{:?}", inputs.iter().map(|(n, t)| (n, &t.dims)).collect::<Vec<_>>());
+        let what = format!(
+            "{:?}",
+            inputs.iter().map(|(n, t)| (n, &t.dims)).collect::<Vec<_>>()
+        );
         match s.run(inputs) {
             Err(EngineError::InvalidInput(_)) | Err(EngineError::Runtime(_)) => {}
             other => panic!("{what}: expected an error, got {other:?}"),
@@ -238,7 +317,10 @@ fn missing_and_corrupt_models_are_load_errors() {
             other => panic!("{}: expected a load error, got {other:?}", path.display()),
         }
     }
-    assert!(matches!(Model::from_bytes(b"\x08\x01garbage"), Err(EngineError::Load { .. })));
+    assert!(matches!(
+        Model::from_bytes(b"\x08\x01garbage"),
+        Err(EngineError::Load { .. })
+    ));
     // A file cut short is a load error too.
     let bytes = std::fs::read(tiny_dir().join("model.onnx")).unwrap();
     let cut = dir.join("cut.onnx");

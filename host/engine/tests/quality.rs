@@ -18,7 +18,10 @@ fn root() -> PathBuf {
 #[test]
 fn whole_prompt_perplexity_is_faithful() {
     let model_dir = root().join("models/smollm2-135m-instruct");
-    assert!(model_dir.join("model.onnx").is_file(), "run scripts/setup first: it converts the default model");
+    assert!(
+        model_dir.join("model.onnx").is_file(),
+        "run scripts/setup first: it converts the default model"
+    );
     // Not under target/test-models: that is a models directory for other tests.
     let work = root().join("target/quality-check");
     let status = Command::new(root().join(".venv/bin/python"))
@@ -30,8 +33,15 @@ fn whole_prompt_perplexity_is_faithful() {
         .status()
         .expect("run .venv/bin/python (scripts/setup makes it)");
     assert!(status.success(), "the ONNX Runtime reference failed");
-    let ids: Vec<i64> = parse_numbers(&std::fs::read_to_string(work.join("ids.json")).unwrap()).iter().map(|&v| v as i64).collect();
-    let reference: f64 = std::fs::read_to_string(work.join("reference.json")).unwrap().trim().parse().unwrap();
+    let ids: Vec<i64> = parse_numbers(&std::fs::read_to_string(work.join("ids.json")).unwrap())
+        .iter()
+        .map(|&v| v as i64)
+        .collect();
+    let reference: f64 = std::fs::read_to_string(work.join("reference.json"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
 
     // A stateless call (empty past_key_values) returns the logits of every position.
     let model = Arc::new(Model::load(&work.join("model.onnx")).unwrap());
@@ -40,15 +50,27 @@ fn whole_prompt_perplexity_is_faithful() {
     let pos: Vec<i64> = (0..n as i64).collect();
     let mut inputs = vec![
         ("input_ids".to_string(), Tensor::from_i64(vec![1, n], &ids)),
-        ("position_ids".to_string(), Tensor::from_i64(vec![1, n], &pos)),
+        (
+            "position_ids".to_string(),
+            Tensor::from_i64(vec![1, n], &pos),
+        ),
     ];
     for layer in 0..info.layers {
         for kind in ["key", "value"] {
-            inputs.push((format!("past_key_values.{layer}.{kind}"), Tensor::from_f32(vec![1, info.kv_heads, 0, info.head_dim], &[])));
+            inputs.push((
+                format!("past_key_values.{layer}.{kind}"),
+                Tensor::from_f32(vec![1, info.kv_heads, 0, info.head_dim], &[]),
+            ));
         }
     }
     let out = Session::new(model).run(inputs).unwrap();
-    let logits = out.into_iter().find(|(name, _)| name == "logits").unwrap().1.to_f32().unwrap();
+    let logits = out
+        .into_iter()
+        .find(|(name, _)| name == "logits")
+        .unwrap()
+        .1
+        .to_f32()
+        .unwrap();
     assert_eq!(logits.len(), n * info.vocab);
 
     // Row i predicts ids[i + 1].
@@ -56,19 +78,35 @@ fn whole_prompt_perplexity_is_faithful() {
         .map(|i| {
             let row = &logits[i * info.vocab..(i + 1) * info.vocab];
             let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            let log_sum = row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             log_sum - row[ids[i + 1] as usize] as f64
         })
         .sum();
     let ours = (nll / (n - 1) as f64).exp();
-    eprintln!("whole-prompt perplexity: ours {ours:.3}, f32 reference {reference:.3} ({:+.2}%)", (ours / reference - 1.0) * 100.0);
-    assert!(ours <= FAITHFUL * reference, "perplexity {ours} over {FAITHFUL} x {reference}");
-    assert!(reference < 60.0, "a sane model on English prose (measured 36)");
+    eprintln!(
+        "whole-prompt perplexity: ours {ours:.3}, f32 reference {reference:.3} ({:+.2}%)",
+        (ours / reference - 1.0) * 100.0
+    );
+    assert!(
+        ours <= FAITHFUL * reference,
+        "perplexity {ours} over {FAITHFUL} x {reference}"
+    );
+    assert!(
+        reference < 60.0,
+        "a sane model on English prose (measured 36)"
+    );
 }
 
 /// The numbers in a small JSON text (keeps the engine's dev-dependencies empty).
 fn parse_numbers(text: &str) -> Vec<f64> {
-    text.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == 'E' || c == '+'))
-        .filter_map(|s| s.parse().ok())
-        .collect()
+    text.split(|c: char| {
+        !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == 'E' || c == '+')
+    })
+    .filter_map(|s| s.parse().ok())
+    .collect()
 }

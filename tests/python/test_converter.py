@@ -60,27 +60,27 @@ def _permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def _write_gguf(w) -> None:
+    """Write out a GGUFWriter's header, metadata and tensors, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _write_llama_gguf(path: pathlib.Path, model: LlamaModel, rope_theta: float) -> None:
     import gguf
 
     c, t = model.config, model.tokenizer
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.n_layers)
-    w.add_context_length(c.context)
-    w.add_embedding_length(c.hidden)
-    w.add_feed_forward_length(c.ffn)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_rope_freq_base(rope_theta)
-    w.add_layer_norm_rms_eps(c.rms_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(t.pre)
-    w.add_token_list(t.tokens)
-    w.add_token_types(t.token_types)
-    w.add_token_merges(t.merges)
-    w.add_bos_token_id(t.bos_id)
-    w.add_eos_token_id(t.eos_id)
-    w.add_chat_template(t.chat_template)
+    metadata = {"block_count": c.n_layers, "context_length": c.context, "embedding_length": c.hidden,
+                "feed_forward_length": c.ffn, "head_count": c.n_heads, "head_count_kv": c.n_kv_heads,
+                "rope_freq_base": rope_theta, "layer_norm_rms_eps": c.rms_eps, "tokenizer_model": "gpt2",
+                "tokenizer_pre": t.pre, "token_list": t.tokens, "token_types": t.token_types,
+                "token_merges": t.merges, "bos_token_id": t.bos_id, "eos_token_id": t.eos_id,
+                "chat_template": t.chat_template}
+    for key, value in metadata.items():
+        getattr(w, f"add_{key}")(value)  # GGUFWriter.add_block_count(...) and so on, in this order
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
@@ -97,10 +97,7 @@ def _write_llama_gguf(path: pathlib.Path, model: LlamaModel, rope_theta: float) 
                 arr = _permute_for_gguf(arr, c.n_kv_heads)
             w.add_tensor(f"blk.{i}.{gg}.weight", arr)
     w.add_tensor("output_norm.weight", model.weights["model.norm.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_gguf(w)
 
 
 def test_other_llama_gguf_converts_from_metadata(gguf, tmp_path):
@@ -152,10 +149,7 @@ def test_unsupported_architecture(tmp_path):
     w = gg.GGUFWriter(str(path), "phi2")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_gguf(w)
     out = tmp_path / "out"
     _assert_clean_failure(run_converter("gguf", str(path), str(out)), out, "unsupported architecture 'phi2'")
 

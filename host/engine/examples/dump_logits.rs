@@ -6,7 +6,11 @@
 //!   cargo run --release -p slm-engine --example dump_logits -- MODEL.onnx OUT.bin ID...
 use std::sync::Arc;
 
-use slm_engine::{Model, Session, Tensor};
+use slm_engine::names::LOGITS;
+use slm_engine::{Model, Session};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -18,30 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
-    let n = ids.len();
-    let pos: Vec<i64> = (0..n as i64).collect();
-    let info = model.info().clone();
-    let mut inputs = vec![
-        ("input_ids".to_string(), Tensor::from_i64(vec![1, n], &ids)),
-        (
-            "position_ids".to_string(),
-            Tensor::from_i64(vec![1, n], &pos),
-        ),
-    ];
-    for layer in 0..info.layers {
-        for kind in ["key", "value"] {
-            inputs.push((
-                format!("past_key_values.{layer}.{kind}"),
-                Tensor::from_f32(vec![1, info.kv_heads, 0, info.head_dim], &[]),
-            ));
-        }
-    }
+    let inputs = common::stateless_inputs(model.info(), &ids);
     let out = Session::new(model).run(inputs)?;
-    let logits = out
-        .into_iter()
-        .find(|(name, _)| name == "logits")
-        .ok_or("no logits output")?
-        .1;
+    let logits = common::output(&out, LOGITS).ok_or("no logits output")?;
     std::fs::write(&args[2], &logits.data)?;
     Ok(())
 }

@@ -12,7 +12,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slm_engine::{Model, Profile, Session, Tensor};
+use slm_engine::{Model, Profile, Session};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{argmax, step};
 
 struct Args {
     model: PathBuf,
@@ -59,28 +64,6 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn step(s: &mut Session, ids: &[i64], start: usize) -> Vec<f32> {
-    let n = ids.len();
-    let pos: Vec<i64> = (start as i64..(start + n) as i64).collect();
-    let out = s
-        .run(vec![
-            ("input_ids".into(), Tensor::from_i64(vec![1, n], ids)),
-            ("position_ids".into(), Tensor::from_i64(vec![1, n], &pos)),
-        ])
-        .expect("engine step");
-    out[0].1.to_f32().expect("f32 logits")
-}
-
-fn argmax(v: &[f32]) -> i64 {
-    v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-        )
-        .0 as i64
-}
-
 /// Prefill time, per-token decode times, and the greedy tokens.
 fn one_run(
     model: &Arc<Model>,
@@ -91,13 +74,13 @@ fn one_run(
     let mut s = Session::new(model.clone());
     s.set_profiling(profile);
     let t = Instant::now();
-    let mut next = argmax(&step(&mut s, prompt, 0));
+    let mut next = argmax(&step(&mut s, prompt, 0)) as i64;
     let prefill = t.elapsed();
     let prefill_profile = s.take_profile().unwrap_or_default();
     let mut steps = vec![];
     for i in 0..gen {
         let t = Instant::now();
-        next = argmax(&step(&mut s, &[next], prompt.len() + i));
+        next = argmax(&step(&mut s, &[next], prompt.len() + i)) as i64;
         steps.push(t.elapsed());
     }
     let decode_profile = s.take_profile().unwrap_or_default();

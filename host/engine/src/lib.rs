@@ -3,28 +3,38 @@
 //! No wasmtime types: the native host's wasi:nn backend and the in-wasm wasi:nn (guest/nn)
 //! both wrap this crate.
 //!
-//! Contract (see DESIGN.md): a [`Session`] is stateful. Callers send only new `input_ids`
-//! (and `position_ids`); the session appends to its KV cache and returns last-position
-//! `logits` [1, 1, vocab]. A `position_ids` start below the cached length rewinds (truncates)
-//! the cache. Callers that pass `past_key_values.*` themselves get plain stateless ONNX.
+//! Contract (ARCHITECTURE.md at the repository root, "The wasi:nn contract"): a [`Session`] is
+//! stateful. Callers send only new `input_ids` (and `position_ids`); the session appends to its
+//! KV cache and returns last-position `logits` [1, 1, vocab]. A `position_ids` start below the
+//! cached length rewinds (truncates) the cache. Callers that pass `past_key_values.*` themselves
+//! get plain stateless ONNX. The tensor names are in [`names`].
+//!
+//! Layout, by job:
+//! - `model/`: loading a [`Model`]: the CPU engine (`cpu.rs`), the GPU plan (`gpu.rs`), the
+//!   device it runs on (`device.rs`);
+//! - `onnx/`: the ONNX protobuf, streamed from the file (`proto.rs`) and rewritten before tract
+//!   parses it: int8 and Q4_1 weights stay quantized, attention chains are fused;
+//! - `ops/`: the tract ops those rewrites produce (quantized matmul and gather, attention);
+//! - `kernels/`: their compute (int8, Q4_1, Q8, attention), activation quantization, CPU feature
+//!   detection, and the threads a product is split across;
+//! - [`Session`] (`session.rs`), [`Tensor`] (`tensor.rs`), [`EngineError`] (`error.rs`).
 
-mod attention;
-mod device;
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod error;
+mod kernels;
 mod model;
-mod proto;
-mod q4kernel;
-mod q8kernel;
-mod qkernel;
-mod quant;
+pub mod names;
+mod onnx;
+mod ops;
 mod session;
-#[cfg(feature = "threads")]
-mod spin;
 mod tensor;
 
-pub use device::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};
 pub use error::EngineError;
-pub use model::{set_threads, Model, ModelInfo};
+pub use kernels::set_threads;
+pub use model::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};
+pub use model::{Model, ModelInfo};
 pub use session::{KvSnapshot, Session};
 #[doc(hidden)]
 pub use session::{NodeTime, Profile};

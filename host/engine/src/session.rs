@@ -8,7 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::eval as eval_node;
 
 use crate::model::{InputKind, Model};
-use crate::{EngineError, Tensor};
+use crate::{names, EngineError, Tensor};
 
 /// A stateful run of one model: the KV cache lives here, never in the caller.
 pub struct Session {
@@ -51,14 +51,14 @@ fn slot(layer: usize, value: bool) -> usize {
 }
 
 fn present_slot(name: &str) -> Option<usize> {
-    let (layer, kind) = name.strip_prefix("present.")?.split_once('.')?;
+    let (layer, kind) = name.strip_prefix(names::PRESENT_PREFIX)?.split_once('.')?;
     Some(slot(layer.parse().ok()?, kind == "value"))
 }
 
 impl Session {
     pub fn new(model: Arc<Model>) -> Session {
         let present_slot = model.output_names.iter().map(|n| present_slot(n)).collect();
-        let logits_output = model.output_names.iter().position(|n| n == "logits");
+        let logits_output = model.output_names.iter().position(|n| n == names::LOGITS);
         let mut s = Session {
             model,
             past: vec![],
@@ -147,7 +147,7 @@ impl Session {
         }
         if inputs
             .iter()
-            .any(|(n, _)| n.starts_with("past_key_values."))
+            .any(|(n, _)| n.starts_with(names::PAST_KEY_VALUES_PREFIX))
         {
             self.run_stateless(inputs)
         } else {
@@ -182,24 +182,28 @@ impl Session {
         inputs: Vec<(String, Tensor)>,
     ) -> Result<Vec<(String, Tensor)>, EngineError> {
         let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
-        let ids_t = get("input_ids")
-            .ok_or_else(|| EngineError::InvalidInput("missing input 'input_ids'".into()))?;
-        let ids = int_row(ids_t, "input_ids")?;
-        let start = match get("position_ids") {
+        let ids_t = get(names::INPUT_IDS).ok_or_else(|| {
+            EngineError::InvalidInput(format!("missing input '{}'", names::INPUT_IDS))
+        })?;
+        let ids = int_row(ids_t, names::INPUT_IDS)?;
+        let start = match get(names::POSITION_IDS) {
             Some(p) => {
-                let pos = int_row(p, "position_ids")?;
+                let pos = int_row(p, names::POSITION_IDS)?;
                 if pos.len() != ids.len() {
                     return Err(EngineError::InvalidInput(format!(
-                        "position_ids has {} entries, input_ids {}",
+                        "{} has {} entries, {} {}",
+                        names::POSITION_IDS,
                         pos.len(),
+                        names::INPUT_IDS,
                         ids.len()
                     )));
                 }
                 let start = pos[0];
                 if start < 0 || pos.iter().enumerate().any(|(i, &p)| p != start + i as i64) {
-                    return Err(EngineError::InvalidInput(
-                        "position_ids must be consecutive and non-negative".into(),
-                    ));
+                    return Err(EngineError::InvalidInput(format!(
+                        "{} must be consecutive and non-negative",
+                        names::POSITION_IDS
+                    )));
                 }
                 start as usize
             }
@@ -255,9 +259,10 @@ impl Session {
             }
         }
         self.cached = total;
-        let logits = logits
-            .ok_or_else(|| EngineError::Runtime("the model has no 'logits' output".into()))?;
-        Ok(vec![("logits".to_string(), last_position(&logits)?)])
+        let logits = logits.ok_or_else(|| {
+            EngineError::Runtime(format!("the model has no '{}' output", names::LOGITS))
+        })?;
+        Ok(vec![(names::LOGITS.to_string(), last_position(&logits)?)])
     }
 
     fn execute(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {

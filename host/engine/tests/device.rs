@@ -1,45 +1,17 @@
-//! Device selection (src/device.rs) on a machine with or without a GPU, and the GPU plan's
+//! Device selection (src/model/device.rs) on a machine with or without a GPU, and the GPU plan's
 //! graph (plain tract-onnx, f32 weights) run on the CPU against the default engine: everything
 //! of the GPU path but tract-cuda itself.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use slm_engine::{Device, Model, Placement, Session, Tensor};
+use common::{argmax, max_diff, step, tiny_dir};
+use slm_engine::{Device, Model, Placement, Session};
 
 fn tiny() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models/tiny/model.onnx");
-    assert!(
-        p.is_file(),
-        "tiny model missing: scripts/test builds it into {}",
-        p.display()
-    );
-    p
-}
-
-fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
-    let pos: Vec<i64> = (start..start + ids.len() as i64).collect();
-    let out = s
-        .run(vec![
-            (
-                "input_ids".into(),
-                Tensor::from_i64(vec![1, ids.len()], ids),
-            ),
-            (
-                "position_ids".into(),
-                Tensor::from_i64(vec![1, ids.len()], &pos),
-            ),
-        ])
-        .unwrap();
-    out[0].1.to_f32().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    tiny_dir().join("model.onnx")
 }
 
 #[test]
@@ -99,11 +71,6 @@ fn gpu_placement_without_a_gpu_is_an_error_not_a_panic() {
 /// activations that our Q4_1 kernels do (engine.rs: TOL_Q4_1).
 #[test]
 fn plain_plan_matches_the_default_engine() {
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
-    };
     let ids = [1i64, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
     let q4_plain = Arc::new(Model::load_plain(&tiny()).unwrap());
     let q4 = Arc::new(Model::load(&tiny()).unwrap());
@@ -143,7 +110,7 @@ fn plain_plan_matches_the_default_engine() {
         max_diff(&a, &b)
     );
     for (i, t) in [2i64, 198, 1].into_iter().enumerate() {
-        let pos = (ids.len() + i) as i64;
+        let pos = ids.len() + i;
         let (x, y) = (step(&mut p, &[t], pos), step(&mut d, &[t], pos));
         assert!(max_diff(&x, &y) < 1e-3, "step {i}: {}", max_diff(&x, &y));
     }
@@ -158,7 +125,7 @@ fn plain_plan_matches_the_default_engine() {
     let snap = p.snapshot();
     let mut q = Session::new(plain);
     q.restore(&snap, ids.len() - 1).unwrap();
-    let last = step(&mut q, &ids[ids.len() - 1..], ids.len() as i64 - 1);
+    let last = step(&mut q, &ids[ids.len() - 1..], ids.len() - 1);
     assert!(
         max_diff(&last, &a) < 1e-4,
         "snapshot: {}",

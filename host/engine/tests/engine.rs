@@ -1,73 +1,38 @@
 //! slm-engine on the tiny test model: KV-cache contract, rewinds, stateless mode, input errors,
 //! and logits parity with ONNX Runtime.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use common::{argmax, max_diff, output, root, stateless_inputs, step, tiny_dir};
+use slm_engine::names::{INPUT_IDS, LOGITS, POSITION_IDS, PRESENT_PREFIX};
 use slm_engine::{DType, EngineError, Model, Session, Tensor};
 
 // Keep in sync with tests/engine_script.py.
 const PREFILL: [i64; 10] = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
 const STEPS: [i64; 3] = [2, 198, 1];
-const REWIND_AT: i64 = 6;
+const REWIND_AT: usize = 6;
 const REWIND_IDS: [i64; 2] = [30, 31];
 /// Max |ours - ONNX Runtime| on the tiny model's Q4_1 logits (see `logits_match_onnx_runtime`):
 /// measured 1.2 on logits up to 50 (std 8). A weight read wrongly moves them by 5 or more.
 const TOL_Q4_1: f32 = 2.5;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny_dir() -> PathBuf {
-    let dir = root().join("target/test-models/tiny");
-    assert!(
-        dir.join("model.onnx").is_file(),
-        "tiny model missing: scripts/test builds it into {}",
-        dir.display()
-    );
-    dir
-}
-
 fn load(file: &str) -> Arc<Model> {
     Arc::new(Model::load(&tiny_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}")))
-}
-
-fn step(s: &mut Session, ids: &[i64], start: i64) -> Vec<f32> {
-    let n = ids.len();
-    let pos: Vec<i64> = (start..start + n as i64).collect();
-    let out = s
-        .run(vec![
-            ("input_ids".into(), Tensor::from_i64(vec![1, n], ids)),
-            ("position_ids".into(), Tensor::from_i64(vec![1, n], &pos)),
-        ])
-        .unwrap();
-    assert_eq!(out.len(), 1, "stateful calls return only logits");
-    assert_eq!(out[0].0, "logits");
-    assert_eq!(out[0].1.dims[..2], [1, 1]);
-    out[0].1.to_f32().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The script of the parity test, through the engine.
 fn engine_script(model: &Arc<Model>) -> Vec<Vec<f32>> {
     let mut s = Session::new(model.clone());
     let mut out = vec![step(&mut s, &PREFILL, 0)];
-    let mut pos = PREFILL.len() as i64;
-    for t in STEPS {
-        out.push(step(&mut s, &[t], pos));
-        pos += 1;
+    for (i, t) in STEPS.into_iter().enumerate() {
+        out.push(step(&mut s, &[t], PREFILL.len() + i));
     }
     out.push(step(&mut s, &REWIND_IDS, REWIND_AT));
-    assert_eq!(s.cached_len(), REWIND_AT as usize + REWIND_IDS.len());
+    assert_eq!(s.cached_len(), REWIND_AT + REWIND_IDS.len());
     out
 }
 
@@ -156,11 +121,6 @@ fn logits_match_onnx_runtime() {
             .map(|(a, b)| max_diff(a, b))
             .collect();
         eprintln!("{file}: max |tract - ort| per step {diffs:?}");
-        let argmax = |v: &[f32]| {
-            v.iter()
-                .enumerate()
-                .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
-        };
         let same_top1 = ours
             .iter()
             .zip(&reference)
@@ -204,7 +164,7 @@ fn prefill_equals_token_by_token_and_rewind_equals_fresh_run() {
     let mut one = Session::new(m.clone());
     let mut last = vec![];
     for (i, t) in PREFILL.iter().enumerate() {
-        last = step(&mut one, &[*t], i as i64);
+        last = step(&mut one, &[*t], i);
     }
     assert!(max_diff(&all_at_once, &last) < 1e-3);
 
@@ -225,25 +185,8 @@ fn prefill_equals_token_by_token_and_rewind_equals_fresh_run() {
 #[test]
 fn stateless_calls_match_stateful() {
     let m = load("model_f32.onnx");
+    let inputs = stateless_inputs(m.info(), &PREFILL[..3]);
     let info = m.info().clone();
-    let mut inputs = vec![
-        (
-            "input_ids".to_string(),
-            Tensor::from_i64(vec![1, 3], &PREFILL[..3]),
-        ),
-        (
-            "position_ids".to_string(),
-            Tensor::from_i64(vec![1, 3], &[0, 1, 2]),
-        ),
-    ];
-    for layer in 0..info.layers {
-        for kind in ["key", "value"] {
-            inputs.push((
-                format!("past_key_values.{layer}.{kind}"),
-                Tensor::new(vec![1, info.kv_heads, 0, info.head_dim], DType::F32, vec![]).unwrap(),
-            ));
-        }
-    }
     let mut s = Session::new(m.clone());
     let out = s.run(inputs).unwrap();
     assert_eq!(
@@ -251,15 +194,9 @@ fn stateless_calls_match_stateful() {
         1 + 2 * info.layers,
         "stateless calls return every output"
     );
-    let present = &out.iter().find(|(n, _)| n == "present.0.key").unwrap().1;
+    let present = output(&out, &format!("{PRESENT_PREFIX}0.key")).unwrap();
     assert_eq!(present.dims, vec![1, info.kv_heads, 3, info.head_dim]);
-    let logits = out
-        .iter()
-        .find(|(n, _)| n == "logits")
-        .unwrap()
-        .1
-        .to_f32()
-        .unwrap();
+    let logits = output(&out, LOGITS).unwrap().to_f32().unwrap();
     let mut stateful = Session::new(m);
     assert!(max_diff(&logits, &step(&mut stateful, &PREFILL[..3], 0)) < 1e-5);
 }
@@ -270,23 +207,20 @@ fn bad_inputs_are_errors_not_panics() {
     let mut s = Session::new(m);
     let cases: Vec<Vec<(String, Tensor)>> = vec![
         vec![],
-        vec![(
-            "input_ids".into(),
-            Tensor::from_f32(vec![1, 2], &[1.0, 2.0]),
-        )],
-        vec![("input_ids".into(), Tensor::from_i64(vec![2], &[1, 2]))],
-        vec![("input_ids".into(), Tensor::from_i64(vec![1, 0], &[]))],
+        vec![(INPUT_IDS.into(), Tensor::from_f32(vec![1, 2], &[1.0, 2.0]))],
+        vec![(INPUT_IDS.into(), Tensor::from_i64(vec![2], &[1, 2]))],
+        vec![(INPUT_IDS.into(), Tensor::from_i64(vec![1, 0], &[]))],
         vec![("nonsense".into(), Tensor::from_i64(vec![1, 1], &[1]))],
         vec![
-            ("input_ids".into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
-            ("position_ids".into(), Tensor::from_i64(vec![1, 2], &[5, 6])),
+            (INPUT_IDS.into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
+            (POSITION_IDS.into(), Tensor::from_i64(vec![1, 2], &[5, 6])),
         ],
         vec![
-            ("input_ids".into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
-            ("position_ids".into(), Tensor::from_i64(vec![1, 2], &[0, 0])),
+            (INPUT_IDS.into(), Tensor::from_i64(vec![1, 2], &[1, 2])),
+            (POSITION_IDS.into(), Tensor::from_i64(vec![1, 2], &[0, 0])),
         ],
         vec![(
-            "input_ids".into(),
+            INPUT_IDS.into(),
             Tensor::from_i64(vec![1, 1], &[10_000_000]),
         )],
     ];

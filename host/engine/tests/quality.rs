@@ -2,18 +2,18 @@
 //! on held-out text within +3% of the f32 reference in ONNX Runtime (the faithfulness bound).
 //! Token by token (the decode kernels), through `slm`: tests/python/test_quality.py.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use slm_engine::{Model, Session, Tensor};
+use common::{output, root, stateless_inputs};
+use slm_engine::names::LOGITS;
+use slm_engine::{Model, Session};
 
 const TOKENS: usize = 300;
 const FAITHFUL: f64 = 1.03;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 #[test]
 fn whole_prompt_perplexity_is_faithful() {
@@ -47,30 +47,10 @@ fn whole_prompt_perplexity_is_faithful() {
     let model = Arc::new(Model::load(&work.join("model.onnx")).unwrap());
     let info = model.info().clone();
     let n = ids.len();
-    let pos: Vec<i64> = (0..n as i64).collect();
-    let mut inputs = vec![
-        ("input_ids".to_string(), Tensor::from_i64(vec![1, n], &ids)),
-        (
-            "position_ids".to_string(),
-            Tensor::from_i64(vec![1, n], &pos),
-        ),
-    ];
-    for layer in 0..info.layers {
-        for kind in ["key", "value"] {
-            inputs.push((
-                format!("past_key_values.{layer}.{kind}"),
-                Tensor::from_f32(vec![1, info.kv_heads, 0, info.head_dim], &[]),
-            ));
-        }
-    }
-    let out = Session::new(model).run(inputs).unwrap();
-    let logits = out
-        .into_iter()
-        .find(|(name, _)| name == "logits")
-        .unwrap()
-        .1
-        .to_f32()
+    let out = Session::new(model)
+        .run(stateless_inputs(&info, &ids))
         .unwrap();
+    let logits = output(&out, LOGITS).unwrap().to_f32().unwrap();
     assert_eq!(logits.len(), n * info.vocab);
 
     // Row i predicts ids[i + 1].

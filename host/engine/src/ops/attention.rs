@@ -1,144 +1,42 @@
-//! Fused scaled-dot-product attention: an ONNX rewrite and a tract op.
-//!
-//! An ONNX export spells attention out as `MatMul(Softmax(MatMul(q, Transpose(k)) * scale +
-//! mask), v)`. Run node by node, a decode step spends most of its attention time outside the
-//! arithmetic: the transposed K is repacked for the matrix product, the score and probability
-//! tensors are allocated and reshaped, every layer, every token. Before tract parses the model we
-//! replace that chain by one `SlmAttention(q, k, v, mask)` node ([`Attention`]), which reads K and
-//! V where they are (the `present.*` KV tensors) and computes each query row in one pass:
-//! scores, softmax, weighted sum of V. Same arithmetic in f32; the ONNX file is unchanged.
+//! `SlmAttention`: fused scaled-dot-product attention. Run node by node, the chain an ONNX
+//! export spells out ([`crate::onnx::attention`]) spends most of a decode step's attention time
+//! outside the arithmetic: the transposed K is repacked for the matrix product, the score and
+//! probability tensors are allocated and reshaped, every layer, every token. This op reads K and
+//! V where they are (the `present.*` KV tensors) and computes each query row in one pass
+//! ([`crate::kernels::attention`]): scores, softmax, weighted sum of V. Same arithmetic in f32.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::qkernel::OutPtr;
-use crate::quant::{attr, init_f32, remove_dead_nodes};
+use super::{Inferred, Rules, ATTENTION, SCALE};
+use crate::kernels::attention::attend_row;
+use crate::kernels::{parallel_ranges, OutPtr};
+use crate::onnx::graph::attr;
 
-const OP: &str = "SlmAttention";
-
-/// A mask value at or below this is taken as is for the score: whatever the dot product, the
-/// exponential of such a score underflows to exactly 0 (the export's "minus infinity" is -1e9).
-const MASKED: f32 = -1e8;
-
-/// Registers the op builder for rewritten nodes.
-pub fn register(onnx: &mut tract_onnx::Onnx) {
-    onnx.op_register.insert(OP, build);
-}
-
-fn build(
+pub(super) fn build(
     _ctx: &ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let scale = attr(node, "scale")
+    let scale = attr(node, SCALE)
         .map(|a| a.f)
         .context("SlmAttention without a scale")?;
-    Ok((expand(AttentionExpansion { scale }), vec![]))
+    Ok((expand(Inferred(Attention { scale })), vec![]))
 }
 
-/// Replaces every `MatMul(Softmax(MatMul(q, Transpose(k, [0,1,3,2])) * c + mask, axis=-1), v)`
-/// (c a scalar initializer, the operands of `*` and `+` in either order) by
-/// `SlmAttention(q, k, v, mask)`. Chains that differ in any way are left to tract.
-/// Returns how many were rewritten.
-pub fn rewrite(proto: &mut pb::ModelProto) -> usize {
-    let Some(graph) = proto.graph.as_mut() else {
-        return 0;
-    };
-    let producer: std::collections::HashMap<&str, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
-    let mut readers: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            *readers.entry(i.as_str()).or_default() += 1;
-        }
-    }
-    let outputs: std::collections::HashSet<&str> =
-        graph.output.iter().map(|o| o.name.as_str()).collect();
-    let scalar = |name: &str| -> Option<f32> {
-        let t = graph.initializer.iter().find(|t| t.name == name)?;
-        match init_f32(t)?.as_slice() {
-            [v] => Some(*v),
-            _ => None,
-        }
-    };
-    let node = |name: &str, op: &str| -> Option<&pb::NodeProto> {
-        let n = &graph.node[*producer.get(name)?];
-        // An intermediate that something else reads, or that the model returns, must stay.
-        (n.op_type == op
-            && n.domain.is_empty()
-            && readers.get(name) == Some(&1)
-            && !outputs.contains(name))
-        .then_some(n)
-    };
-    let find = |pv: &pb::NodeProto| -> Option<(Vec<String>, f32)> {
-        if pv.input.len() != 2 {
-            return None;
-        }
-        let softmax = node(&pv.input[0], "Softmax")?;
-        if !matches!(attr(softmax, "axis").map(|a| a.i), Some(-1) | Some(3)) {
-            return None;
-        }
-        let add = node(&softmax.input[0], "Add")?;
-        let (mul, mask) = [(0, 1), (1, 0)]
-            .iter()
-            .find_map(|&(a, b)| node(&add.input[a], "Mul").map(|m| (m, add.input[b].clone())))?;
-        let (scores, scale) = [(0, 1), (1, 0)]
-            .iter()
-            .find_map(|&(a, b)| Some((node(&mul.input[a], "MatMul")?, scalar(&mul.input[b])?)))?;
-        let kt = node(&scores.input[1], "Transpose")?;
-        if attr(kt, "perm").map(|a| a.ints.as_slice()) != Some(&[0, 1, 3, 2]) {
-            return None;
-        }
-        Some((
-            vec![
-                scores.input[0].clone(),
-                kt.input[0].clone(),
-                pv.input[1].clone(),
-                mask,
-            ],
-            scale,
-        ))
-    };
-    let found: Vec<(usize, Vec<String>, f32)> = graph
-        .node
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.op_type == "MatMul" && n.domain.is_empty())
-        .filter_map(|(i, n)| find(n).map(|(inputs, scale)| (i, inputs, scale)))
-        .collect();
-    for (i, inputs, scale) in &found {
-        let n = &mut graph.node[*i];
-        n.op_type = OP.into();
-        n.input = inputs.clone();
-        n.attribute = vec![pb::AttributeProto {
-            name: "scale".into(),
-            r#type: pb::attribute_proto::AttributeType::Float as i32,
-            f: *scale,
-            ..Default::default()
-        }];
-    }
-    if !found.is_empty() {
-        let used = remove_dead_nodes(graph);
-        graph.initializer.retain(|t| used.contains(&t.name));
-    }
-    found.len()
+/// `out = softmax(q @ k^T * scale + mask) @ v` over the last axis: q `[.., M, D]`, k `[.., T, D]`,
+/// v `[.., T, Dv]`, mask broadcast to `[.., M, T]`; the leading axes of k, v and mask broadcast
+/// to q's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    pub scale: f32,
 }
 
-/// The inference-time face of [`Attention`].
-#[derive(Debug, Clone)]
-struct AttentionExpansion {
-    scale: f32,
-}
+impl Eq for Attention {}
 
-impl Expansion for AttentionExpansion {
-    fn name(&self) -> StaticName {
-        OP.into()
-    }
+impl Rules for Attention {
+    const INPUTS: usize = 4;
 
     fn rules<'r, 'p: 'r, 's: 'r>(
         &'s self,
@@ -146,8 +44,6 @@ impl Expansion for AttentionExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 4)?;
-        check_output_arity(outputs, 1)?;
         for input in inputs {
             s.equals(&input.datum_type, f32::datum_type())?;
         }
@@ -166,30 +62,11 @@ impl Expansion for AttentionExpansion {
         })?;
         Ok(())
     }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, Attention { scale: self.scale }, inputs)
-    }
 }
-
-/// `out = softmax(q @ k^T * scale + mask) @ v` over the last axis: q `[.., M, D]`, k `[.., T, D]`,
-/// v `[.., T, Dv]`, mask broadcast to `[.., M, T]`; the leading axes of k, v and mask broadcast
-/// to q's.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Attention {
-    pub scale: f32,
-}
-
-impl Eq for Attention {}
 
 impl Op for Attention {
     fn name(&self) -> StaticName {
-        OP.into()
+        ATTENTION.into()
     }
 
     op_as_typed_op!();
@@ -231,13 +108,13 @@ impl EvalOp for Attention {
         let rank = q.rank();
         ensure!(
             rank >= 2 && k.rank() == rank && v.rank() == rank,
-            "{OP}: q, k and v need one rank >= 2"
+            "{ATTENTION}: q, k and v need one rank >= 2"
         );
         let (m, d) = (q.shape()[rank - 2], q.shape()[rank - 1]);
         let (t, dv) = (k.shape()[rank - 2], v.shape()[rank - 1]);
         ensure!(
             k.shape()[rank - 1] == d && v.shape()[rank - 2] == t,
-            "{OP}: q {:?} k {:?} v {:?}",
+            "{ATTENTION}: q {:?} k {:?} v {:?}",
             q.shape(),
             k.shape(),
             v.shape()
@@ -280,13 +157,15 @@ impl EvalOp for Attention {
                 let vh = &vd[offset(h, lead, &vs)..][..t * dv];
                 let mask_base = offset(h, lead, &mask_strides[..rank - 2]) + i * mask_row;
                 let q_row = &qd[row * d..(row + 1) * d];
-                // SAFETY: each row of the output is written by exactly one call.
+                // SAFETY: row < heads * m, so the Dv values from row * dv are inside `out`
+                // (heads * m * dv long, alive until the calls return); each row is written by
+                // exactly one call, so the slice aliases nothing.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), dv) };
                 let mask_of = |j: usize| maskd[mask_base + j * mask_col];
-                kernels::attend_row(q_row, kh, vh, &mask_of, self.scale, &mut scores, o);
+                attend_row(q_row, kh, vh, &mask_of, self.scale, &mut scores, o);
             }
         };
-        crate::qkernel::parallel_ranges(rows, rows * t * (d + dv), &run);
+        parallel_ranges(rows, rows * t * (d + dv), &run);
         Ok(tvec!(Tensor::from_shape(&out_shape, &out)?.into_tvalue()))
     }
 }
@@ -318,101 +197,6 @@ impl TypedOp for Attention {
     }
 
     as_op!();
-}
-
-mod kernels {
-    use super::MASKED;
-
-    /// One query row: `scores` (T long) is scratch, `out` receives the Dv-wide result.
-    #[inline(always)]
-    fn attend_row_body(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: &dyn Fn(usize) -> f32,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let (d, dv) = (q.len(), out.len());
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let m = mask(j);
-            *s = if m <= MASKED {
-                m
-            } else {
-                dot(q, &k[j * d..(j + 1) * d]) * scale + m
-            };
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        out.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            if p != 0.0 {
-                for (o, &x) in out.iter_mut().zip(&v[j * dv..(j + 1) * dv]) {
-                    *o += p * x;
-                }
-            }
-        }
-        let inv = 1.0 / sum;
-        for o in out.iter_mut() {
-            *o *= inv;
-        }
-    }
-
-    /// A dot product in 8 independent lanes (the compiler keeps them in one vector register).
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut lanes = [0f32; 8];
-        let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ac
-            .remainder()
-            .iter()
-            .zip(bc.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
-        for (x, y) in ac.zip(bc) {
-            for i in 0..8 {
-                lanes[i] += x[i] * y[i];
-            }
-        }
-        lanes.iter().sum::<f32>() + tail
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn attend_row_avx2(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: &dyn Fn(usize) -> f32,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        attend_row_body(q, k, v, mask, scale, scores, out)
-    }
-
-    pub fn attend_row(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: &dyn Fn(usize) -> f32,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { attend_row_avx2(q, k, v, mask, scale, scores, out) };
-        }
-        attend_row_body(q, k, v, mask, scale, scores, out)
-    }
 }
 
 #[cfg(test)]

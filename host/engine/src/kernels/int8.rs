@@ -10,7 +10,9 @@
 //!
 //! Kernels: AVX2 + FMA on x86_64 (detected at run time), a portable version elsewhere (written
 //! so that the compiler can vectorize it, e.g. to simd128 on wasm32). Columns are split across
-//! the tract executor's threads when there is enough work.
+//! threads when there is enough work ([`super::parallel`]).
+
+use super::parallel::{parallel_ranges, OutPtr};
 
 /// Where the K and N axes of an int8 weight lie in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,91 +164,33 @@ impl QWeights {
     }
 
     /// Computes columns `n0..n1` (n0 a multiple of [`BLOCK`]) of every row of y.
+    ///
+    /// # Safety
+    /// `y` points at `m * N` floats, of which no other thread writes columns `n0..n1`;
+    /// `x` holds `m * K`.
     unsafe fn columns(&self, x: &[f32], m: usize, y: OutPtr, n0: usize, n1: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return x86::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1);
+            if super::cpu::avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA; the rest is the caller's contract.
+                return unsafe { x86::kn_panels(self, x, m, y.0, n0, n1) };
             }
         }
-        portable::kn_panels(self.q(), &self.scale, self.k, self.n, x, m, y.0, n0, n1)
+        // SAFETY: the caller's contract.
+        unsafe { portable::kn_panels(self, x, m, y.0, n0, n1) }
     }
-}
-
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-// SAFETY: the threads that share it write disjoint parts (columns here, rows in attention).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// (A method, so that closures capture the whole Send + Sync wrapper.)
-    pub(crate) fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the output buffer.
-        unsafe { self.0.add(i) }
-    }
-}
-
-/// Work (multiply-adds) from which a product is split across the spinning workers
-/// ([`crate::spin`]), which start a job within a microsecond while tokens are generated.
-#[cfg(feature = "threads")]
-const SPIN_MIN_MACS: usize = 1 << 16;
-
-/// Work from which a product goes to the tract executor's (rayon) threads when the spinning
-/// workers are taken by another session. Waking a parked pool thread costs tens of microseconds
-/// (more in a VM): a decode step's layer products (at most ~0.9 M multiply-adds, ~70 us) ran
-/// slower split over 2 such threads than on one.
-#[cfg(feature = "threads")]
-const PARALLEL_MIN_MACS: usize = 1 << 22;
-
-/// Runs `f(b0, b1)` over `0..blocks`, split across the tract executor's threads when the work
-/// (multiply-adds) is large enough to pay for the dispatch.
-pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usize) + Sync)) {
-    #[cfg(feature = "threads")]
-    {
-        use tract_linalg::multithread::{current_tract_executor, Executor};
-        if blocks >= 2 && macs >= SPIN_MIN_MACS && crate::spin::run(blocks, f) {
-            return;
-        }
-        if blocks >= 2 && macs >= PARALLEL_MIN_MACS {
-            if let Executor::MultiThread(pool) = current_tract_executor() {
-                let threads = pool.current_num_threads();
-                if threads > 1 {
-                    let parts = threads.min(blocks);
-                    pool.scope(|s| {
-                        for p in 1..parts {
-                            let (b0, b1) = (blocks * p / parts, blocks * (p + 1) / parts);
-                            s.spawn(move |_| f(b0, b1));
-                        }
-                        f(0, blocks / parts);
-                    });
-                    return;
-                }
-            }
-        }
-    }
-    let _ = macs;
-    f(0, blocks)
 }
 
 mod portable {
-    use super::PANEL;
+    use super::{QWeights, PANEL};
 
     /// Packed KN layout, columns n0..n1: a panel's accumulators in an array the compiler keeps
     /// in vector registers (whole panels are computed, the columns in range written).
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kn_panels(
-        q: &[i8],
-        scale: &[f32],
-        k: usize,
-        n: usize,
-        x: &[f32],
-        m: usize,
-        y: *mut f32,
-        n0: usize,
-        n1: usize,
-    ) {
-        let _ = n;
+    ///
+    /// # Safety
+    /// As [`QWeights::columns`].
+    pub unsafe fn kn_panels(w: &QWeights, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+        let (q, scale, k, n) = (w.q(), &w.scale[..], w.k, w.n);
         for p in n0 / PANEL..n1.div_ceil(PANEL) {
             let panel = &q[p * k * PANEL..(p + 1) * k * PANEL];
             let lo = n0.max(p * PANEL) - p * PANEL;
@@ -261,7 +205,9 @@ mod portable {
                     }
                 }
                 for j in lo..hi {
-                    *y.add(row * n + p * PANEL + j) = acc[j] * scale[p * PANEL + j];
+                    // SAFETY: row < m and p * PANEL + j < n1 <= N: inside y, in the columns
+                    // this call owns.
+                    unsafe { *y.add(row * n + p * PANEL + j) = acc[j] * scale[p * PANEL + j] };
                 }
             }
         }
@@ -272,16 +218,24 @@ mod portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::PANEL;
+    use super::{QWeights, PANEL};
 
     /// 8 int8 at `p` widened to 8 f32.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable bytes; the CPU has AVX2.
     #[inline(always)]
     unsafe fn load8(p: *const i8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        // SAFETY: the caller's 8 bytes, on a CPU with AVX2.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
     }
 
     /// A tile of MR rows of x by NV*8 columns of a panel, over all of K. `q` points at the
     /// tile's first column in the panel (rows of PANEL bytes); `out` is `[MR][PANEL]`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `q` has K rows of PANEL bytes with NV*8 of them from `q`, `x`
+    /// MR rows of K floats, `out` MR rows of PANEL floats with NV*8 from `out`, `scale` NV*8.
     #[inline(always)]
     unsafe fn kn_tile<const MR: usize, const NV: usize>(
         q: *const i8,
@@ -290,87 +244,96 @@ mod x86 {
         out: *mut f32,
         scale: *const f32,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
-        for kk in 0..k {
-            let w = q.add(kk * PANEL);
-            let mut xb = [_mm256_setzero_ps(); MR];
-            for r in 0..MR {
-                xb[r] = _mm256_broadcast_ss(&*x.add(r * k + kk));
-            }
-            for v in 0..NV {
-                let wv = load8(w.add(v * 8));
+        // SAFETY: every pointer stays inside the ranges of the caller's contract (kk < K,
+        // r < MR, v < NV), on a CPU with AVX2 and FMA.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+            for kk in 0..k {
+                let w = q.add(kk * PANEL);
+                let mut xb = [_mm256_setzero_ps(); MR];
                 for r in 0..MR {
-                    acc[r][v] = _mm256_fmadd_ps(xb[r], wv, acc[r][v]);
+                    xb[r] = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                }
+                for v in 0..NV {
+                    let wv = load8(w.add(v * 8));
+                    for r in 0..MR {
+                        acc[r][v] = _mm256_fmadd_ps(xb[r], wv, acc[r][v]);
+                    }
                 }
             }
-        }
-        for v in 0..NV {
-            let s = _mm256_loadu_ps(scale.add(v * 8));
-            for r in 0..MR {
-                _mm256_storeu_ps(out.add(r * PANEL + v * 8), _mm256_mul_ps(acc[r][v], s));
+            for v in 0..NV {
+                let s = _mm256_loadu_ps(scale.add(v * 8));
+                for r in 0..MR {
+                    _mm256_storeu_ps(out.add(r * PANEL + v * 8), _mm256_mul_ps(acc[r][v], s));
+                }
             }
         }
     }
 
     /// Packed KN layout, columns n0..n1 (n0 a multiple of 16).
+    ///
+    /// # Safety
+    /// As [`QWeights::columns`], on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn kn_panels(
-        q: &[i8],
-        scale: &[f32],
-        k: usize,
-        n: usize,
-        x: &[f32],
-        m: usize,
-        y: *mut f32,
-        n0: usize,
-        n1: usize,
-    ) {
+    pub unsafe fn kn_panels(w: &QWeights, x: &[f32], m: usize, y: *mut f32, n0: usize, n1: usize) {
+        let (q, scale, k, n) = (w.q(), &w.scale[..], w.k, w.n);
         let mut out = [0f32; 4 * PANEL];
         let o = out.as_mut_ptr();
-        for p in n0 / PANEL..n1.div_ceil(PANEL) {
-            let panel = q.as_ptr().add(p * k * PANEL);
-            let sp = scale.as_ptr().add(p * PANEL);
-            // The panel's columns in range: lo a multiple of 16, the last panel's padding beyond n.
-            let lo = n0.max(p * PANEL) - p * PANEL;
-            let hi = n1.min((p + 1) * PANEL) - p * PANEL;
-            let mut row = 0;
-            // Four rows at a time (prefill): each widened weight vector feeds four FMAs; the
-            // panel (K x 64 bytes) stays in cache across the row tiles.
-            while row + 4 <= m {
-                let xp = x.as_ptr().add(row * k);
-                for s in (lo..hi).step_by(16) {
-                    kn_tile::<4, 2>(panel.add(s), k, xp, o.add(s), sp.add(s));
+        // SAFETY: panels p < N/PANEL (rounded up) are inside the packed weights (K x PANEL
+        // bytes each) and their scales; tiles start at s in lo..hi, a multiple of 16, and span
+        // at most hi - s columns of the panel; rows row..row + 4 <= m of x; `out` holds 4
+        // rows of PANEL; y receives columns lo..hi of panel p, which lie in n0..n1 (the
+        // caller's) and below N.
+        unsafe {
+            for p in n0 / PANEL..n1.div_ceil(PANEL) {
+                let panel = q.as_ptr().add(p * k * PANEL);
+                let sp = scale.as_ptr().add(p * PANEL);
+                // The panel's columns in range: lo a multiple of 16, the last panel's padding
+                // beyond n.
+                let lo = n0.max(p * PANEL) - p * PANEL;
+                let hi = n1.min((p + 1) * PANEL) - p * PANEL;
+                let mut row = 0;
+                // Four rows at a time (prefill): each widened weight vector feeds four FMAs; the
+                // panel (K x 64 bytes) stays in cache across the row tiles.
+                while row + 4 <= m {
+                    let xp = x.as_ptr().add(row * k);
+                    for s in (lo..hi).step_by(16) {
+                        kn_tile::<4, 2>(panel.add(s), k, xp, o.add(s), sp.add(s));
+                    }
+                    for r in 0..4 {
+                        std::ptr::copy_nonoverlapping(
+                            o.add(r * PANEL + lo),
+                            y.add((row + r) * n + p * PANEL + lo),
+                            hi - lo,
+                        );
+                    }
+                    row += 4;
                 }
-                for r in 0..4 {
-                    std::ptr::copy_nonoverlapping(
-                        o.add(r * PANEL + lo),
-                        y.add((row + r) * n + p * PANEL + lo),
-                        hi - lo,
-                    );
-                }
-                row += 4;
-            }
-            // One row at a time (decode): the whole panel width, a cache line of weights per K
-            // step; a part of a panel (a thread's share) in tiles of 32 and 16 columns.
-            while row < m {
-                let xr = x.as_ptr().add(row * k);
-                if lo == 0 && hi > 32 {
-                    kn_tile::<1, 8>(panel, k, xr, o, sp);
-                } else {
-                    let mut s = lo;
-                    while s < hi {
-                        if hi - s > 16 {
-                            kn_tile::<1, 4>(panel.add(s), k, xr, o.add(s), sp.add(s));
-                            s += 32;
-                        } else {
-                            kn_tile::<1, 2>(panel.add(s), k, xr, o.add(s), sp.add(s));
-                            s += 16;
+                // One row at a time (decode): the whole panel width, a cache line of weights per
+                // K step; a part of a panel (a thread's share) in tiles of 32 and 16 columns.
+                while row < m {
+                    let xr = x.as_ptr().add(row * k);
+                    if lo == 0 && hi > 32 {
+                        kn_tile::<1, 8>(panel, k, xr, o, sp);
+                    } else {
+                        let mut s = lo;
+                        while s < hi {
+                            if hi - s > 16 {
+                                kn_tile::<1, 4>(panel.add(s), k, xr, o.add(s), sp.add(s));
+                                s += 32;
+                            } else {
+                                kn_tile::<1, 2>(panel.add(s), k, xr, o.add(s), sp.add(s));
+                                s += 16;
+                            }
                         }
                     }
+                    std::ptr::copy_nonoverlapping(
+                        o.add(lo),
+                        y.add(row * n + p * PANEL + lo),
+                        hi - lo,
+                    );
+                    row += 1;
                 }
-                std::ptr::copy_nonoverlapping(o.add(lo), y.add(row * n + p * PANEL + lo), hi - lo);
-                row += 1;
             }
         }
     }
@@ -379,38 +342,11 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A small deterministic generator (no dev-dependencies).
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (self.0 >> 33) as u32
-        }
-        fn f32(&mut self) -> f32 {
-            self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
-        }
-        fn i8(&mut self) -> u8 {
-            (self.next() % 255) as i32 as u8 ^ 0x80 // spans -127..=127 and -128
-        }
-    }
+    use crate::kernels::testing::{reference_kn, same_on_threads, Lcg};
 
     fn reference(w: &QWeights, x: &[f32], m: usize) -> Vec<f32> {
-        let wd = w.dequantized_kn();
-        let mut y = vec![0f32; m * w.n];
-        for r in 0..m {
-            for c in 0..w.n {
-                let mut acc = 0f64;
-                for kk in 0..w.k {
-                    acc += x[r * w.k + kk] as f64 * wd[kk * w.n + c] as f64;
-                }
-                y[r * w.n + c] = acc as f32;
-            }
-        }
-        y
+        let y = reference_kn(&w.dequantized_kn(), x, m, w.k, w.n);
+        y.into_iter().map(|v| v as f32).collect()
     }
 
     fn check(layout: Layout, m: usize, k: usize, n: usize) {
@@ -462,15 +398,7 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
         for layout in [Layout::KN, Layout::NK] {
             let w = QWeights::new(k, n, layout, q.clone(), scale.clone()).unwrap();
-            let mut one = vec![0f32; m * n];
-            w.matmul(&x, m, &mut one);
-            #[cfg(feature = "threads")]
-            {
-                use tract_linalg::multithread::{multithread_tract_scope, Executor};
-                let mut two = vec![0f32; m * n];
-                multithread_tract_scope(Executor::multithread(2), || w.matmul(&x, m, &mut two));
-                assert_eq!(one, two, "{layout:?}");
-            }
+            let one = same_on_threads(m * n, |y| w.matmul(&x, m, y));
             for (a, b) in one.iter().zip(reference(&w, &x, m)) {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),

@@ -1,5 +1,5 @@
-//! Worker threads that spin between jobs, for the small, back-to-back matrix products of a
-//! decode step.
+//! The spinning thread pool: worker threads that poll for the next job instead of sleeping, for
+//! the small, back-to-back matrix products of a decode step.
 //!
 //! A decode step runs ~200 products of 0.1 to 1 M multiply-adds each (~10 to 70 us). Waking a
 //! sleeping pool thread for each costs about as much as the product (more in a VM), so with a
@@ -30,8 +30,12 @@ struct Slot {
     job: UnsafeCell<Option<(*const Job, usize, usize)>>,
 }
 
-// SAFETY: `job` is handed over through the seq/done protocol described on `Slot`.
+// SAFETY: the only field that is not Sync is `job`, which the caller and the worker never touch
+// at the same time: the caller writes it only while the worker is idle (`done` == `seq`) and
+// publishes it by the Release store of `seq`; the worker reads it after its Acquire load of `seq`.
 unsafe impl Sync for Slot {}
+// SAFETY: the raw job pointer is only dereferenced under the protocol above, while the caller
+// that owns the closure waits for `done`.
 unsafe impl Send for Slot {}
 
 struct Pool {
@@ -108,8 +112,10 @@ fn work(slot: &Slot) {
             }
         };
         seen = seq;
-        // SAFETY: the caller wrote the job before bumping `seq` and keeps it alive until `done`.
+        // SAFETY: the caller wrote `job` before its Release store of `seq` (seen above with
+        // Acquire) and does not write it again before this worker stores `done`.
         if let Some((job, b0, b1)) = unsafe { *slot.job.get() } {
+            // SAFETY: the caller keeps the closure borrowed (alive) until it sees `done` == `seq`.
             let job = unsafe { &*job };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(b0, b1))).is_err() {
                 slot.panicked.store(true, Ordering::SeqCst);
@@ -140,8 +146,8 @@ pub fn run<'a>(blocks: usize, f: &'a (dyn Fn(usize, usize) + Sync + 'a)) -> bool
     if parts < 2 {
         return false;
     }
-    // SAFETY (lifetime): every worker given a part is waited for below, before `f` goes out of
-    // scope; the transmute only erases the borrow's lifetime.
+    // SAFETY: only the borrow's lifetime is erased (same type otherwise); every worker given a
+    // part is waited for below, before `f` goes out of scope, so none uses it past its lifetime.
     let job: *const Job =
         unsafe { std::mem::transmute::<&'a (dyn Fn(usize, usize) + Sync + 'a), &'static Job>(f) };
     let mut sent = vec![];

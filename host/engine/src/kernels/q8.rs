@@ -1,6 +1,6 @@
 //! The tied LM head of a Q4_1 model: int8 weights with one scale per output channel (the int8
 //! export's table), multiplied by activations rounded to 8 bits per block of 32 as the Q4_1
-//! products round them ([`crate::q4kernel`]), so that a block's sum is one integer dot product.
+//! products round them ([`super::quantize`]), so that a block's sum is one integer dot product.
 //!
 //! The head reads 28 MB per token (49152 x 576): with f32 activations, widening every weight to
 //! f32 made it compute-bound (1.5 ms of a 8 ms token at 2 threads); byte dot products are not.
@@ -10,13 +10,16 @@
 //! `vpdpbusd` wants unsigned). The table is repacked in place, as it is also the embedding:
 //! [`Q8Weights::copy_column`] reads a token's row back.
 
-use crate::q4kernel::{QuantRows, QBLOCK};
-use crate::qkernel::{parallel_ranges, OutPtr};
+use super::dispatch::panel_kernels;
+use super::q4_1::QBLOCK;
+use super::quantize::QuantRows;
 
 /// Columns per panel.
 pub const Q8_PANEL: usize = 32;
 const BLOCK_BYTES: usize = Q8_PANEL * QBLOCK;
 
+/// An int8 table `[N][K]` with a scale per row, packed for products with 8-bit activations:
+/// `y = x @ W^T * scale` (`PanelKernels::matmul`).
 pub struct Q8Weights {
     pub k: usize,
     pub n: usize,
@@ -85,44 +88,15 @@ impl Q8Weights {
             *o = (panel[offset(c % Q8_PANEL, kk)] ^ 0x80) as i8;
         }
     }
-
-    /// `y = x @ W^T * scale` for `x` `[m, K]` and `y` `[m, N]`, x rounded to 8 bits per block.
-    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        assert_eq!(x.len(), m * self.k);
-        assert_eq!(y.len(), m * self.n);
-        if m == 0 {
-            return;
-        }
-        let xq = QuantRows::new(x, m, self.k);
-        let out = OutPtr(y.as_mut_ptr());
-        let run = |p0: usize, p1: usize| {
-            // SAFETY: every call writes only the columns of panels p0..p1; the ranges are disjoint.
-            unsafe { self.panels(&xq, m, out, p0, p1) }
-        };
-        parallel_ranges(self.n.div_ceil(Q8_PANEL), m * self.k * self.n, &run);
-    }
-
-    unsafe fn panels(&self, x: &QuantRows, m: usize, y: OutPtr, p0: usize, p1: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::q4kernel::x86::{has_avx2, has_vnni};
-            if has_vnni() {
-                return x86::panels_vnni(self, x, m, y.0, p0, p1);
-            }
-            if has_avx2() {
-                return x86::panels_avx2(self, x, m, y.0, p0, p1);
-            }
-        }
-        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        return wasm::panels(self, x, m, y.0, p0, p1);
-        #[allow(unreachable_code)]
-        portable::panels(self, x, m, y.0, p0, p1)
-    }
 }
+
+panel_kernels!(Q8Weights, Q8_PANEL);
 
 mod portable {
     use super::*;
 
+    /// # Safety
+    /// As `dispatch::PanelKernels`.
     pub unsafe fn panels(
         w: &Q8Weights,
         x: &QuantRows,
@@ -145,7 +119,8 @@ mod portable {
                         }
                         acc += isum as f32 * x.scale[row * kb + b];
                     }
-                    *y.add(row * n + p * Q8_PANEL + j) = acc * w.scale[p * Q8_PANEL + j];
+                    // SAFETY: row < m and column p * 32 + j < N, of a panel this call owns.
+                    unsafe { *y.add(row * n + p * Q8_PANEL + j) = acc * w.scale[p * Q8_PANEL + j] };
                 }
             }
         }
@@ -157,7 +132,10 @@ mod wasm {
     use std::arch::wasm32::*;
 
     use super::*;
+    use crate::kernels::quantize::wasm::i8x4_twice;
 
+    /// # Safety
+    /// As `dispatch::PanelKernels`.
     pub unsafe fn panels(
         w: &Q8Weights,
         x: &QuantRows,
@@ -169,48 +147,50 @@ mod wasm {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         let offset = i16x8_splat(128);
         let mut out = [0f32; Q8_PANEL];
-        for p in p0..p1 {
-            for row in 0..m {
-                let mut facc = [f32x4_splat(0.0); Q8_PANEL / 4];
-                for b in 0..kb {
-                    let blk = w.q.as_ptr().add(p * Q8_PANEL * k + b * BLOCK_BYTES);
-                    let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
-                    let mut acc = [[i32x4_splat(0); 2]; Q8_PANEL / 4];
-                    for g in 0..8 {
-                        let a = *(xq.add(4 * g) as *const [i8; 4]);
-                        let xa = i16x8(
-                            a[0] as i16,
-                            a[1] as i16,
-                            a[2] as i16,
-                            a[3] as i16,
-                            a[0] as i16,
-                            a[1] as i16,
-                            a[2] as i16,
-                            a[3] as i16,
-                        );
-                        for (c4, acc) in acc.iter_mut().enumerate() {
-                            let v = v128_load(blk.add(g * Q8_PANEL * 4 + c4 * 16) as *const v128);
-                            let lo = i16x8_sub(u16x8_extend_low_u8x16(v), offset);
-                            let hi = i16x8_sub(u16x8_extend_high_u8x16(v), offset);
-                            acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(lo, xa));
-                            acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi, xa));
+        // SAFETY: for p < p1 <= N/32 (rounded up), b < K/32 and row < m, the block's 1 KiB,
+        // the panel's 32 scales and the row's 32 quantized values are inside `w` and `x`; the
+        // row's columns p * 32 .. p * 32 + cols are inside y, in a panel this call owns.
+        unsafe {
+            for p in p0..p1 {
+                for row in 0..m {
+                    let mut facc = [f32x4_splat(0.0); Q8_PANEL / 4];
+                    for b in 0..kb {
+                        let blk = w.q.as_ptr().add(p * Q8_PANEL * k + b * BLOCK_BYTES);
+                        let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
+                        let mut acc = [[i32x4_splat(0); 2]; Q8_PANEL / 4];
+                        for g in 0..8 {
+                            let xa = i8x4_twice(xq.add(4 * g));
+                            for (c4, acc) in acc.iter_mut().enumerate() {
+                                let v =
+                                    v128_load(blk.add(g * Q8_PANEL * 4 + c4 * 16) as *const v128);
+                                let lo = i16x8_sub(u16x8_extend_low_u8x16(v), offset);
+                                let hi = i16x8_sub(u16x8_extend_high_u8x16(v), offset);
+                                acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(lo, xa));
+                                acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi, xa));
+                            }
+                        }
+                        let xs = f32x4_splat(x.scale[row * kb + b]);
+                        for (c4, acc) in acc.iter().enumerate() {
+                            let sums = i32x4_add(
+                                i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
+                                i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
+                            );
+                            facc[c4] =
+                                f32x4_add(facc[c4], f32x4_mul(f32x4_convert_i32x4(sums), xs));
                         }
                     }
-                    let xs = f32x4_splat(x.scale[row * kb + b]);
-                    for (c4, acc) in acc.iter().enumerate() {
-                        let sums = i32x4_add(
-                            i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
-                            i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
-                        );
-                        facc[c4] = f32x4_add(facc[c4], f32x4_mul(f32x4_convert_i32x4(sums), xs));
+                    for (c4, f) in facc.iter().enumerate() {
+                        let s =
+                            v128_load(w.scale.as_ptr().add(p * Q8_PANEL + c4 * 4) as *const v128);
+                        v128_store(out.as_mut_ptr().add(c4 * 4) as *mut v128, f32x4_mul(*f, s));
                     }
+                    let cols = Q8_PANEL.min(n - p * Q8_PANEL);
+                    std::ptr::copy_nonoverlapping(
+                        out.as_ptr(),
+                        y.add(row * n + p * Q8_PANEL),
+                        cols,
+                    );
                 }
-                for (c4, f) in facc.iter().enumerate() {
-                    let s = v128_load(w.scale.as_ptr().add(p * Q8_PANEL + c4 * 4) as *const v128);
-                    v128_store(out.as_mut_ptr().add(c4 * 4) as *mut v128, f32x4_mul(*f, s));
-                }
-                let cols = Q8_PANEL.min(n - p * Q8_PANEL);
-                std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(row * n + p * Q8_PANEL), cols);
             }
         }
     }
@@ -224,6 +204,8 @@ mod x86 {
 
     /// `acc + sum of 4 products (w - 128) * x` per 32-bit lane, for w stored as u8.
     trait Dot8 {
+        /// # Safety
+        /// The CPU has the instructions of the implementation.
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i;
         /// Whether the sums still carry `128 * sum(x)` (removed once per block).
         const OFFSET: bool;
@@ -234,7 +216,8 @@ mod x86 {
         const OFFSET: bool = true;
         #[inline(always)]
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, _: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(acc, w, x)
+            // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
+            unsafe { _mm256_dpbusd_epi32(acc, w, x) }
         }
     }
 
@@ -244,14 +227,19 @@ mod x86 {
         #[inline(always)]
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i {
             // |x| (u8) times w with x's sign (i8): pairs stay within i16 (2 * 127 * 128).
-            let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
-            _mm256_add_epi32(
-                acc,
-                _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
-            )
+            // SAFETY: the caller runs on a CPU with AVX2.
+            unsafe {
+                let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
+                _mm256_add_epi32(
+                    acc,
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
+                )
+            }
         }
     }
 
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
     pub unsafe fn panels_vnni(
         w: &Q8Weights,
@@ -261,9 +249,12 @@ mod x86 {
         p0: usize,
         p1: usize,
     ) {
-        panels::<Vnni>(w, x, m, y, p0, p1)
+        // SAFETY: the caller's contract; this function has the features `Vnni` needs.
+        unsafe { panels::<Vnni>(w, x, m, y, p0, p1) }
     }
 
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn panels_avx2(
         w: &Q8Weights,
@@ -273,10 +264,14 @@ mod x86 {
         p0: usize,
         p1: usize,
     ) {
-        panels::<Avx2>(w, x, m, y, p0, p1)
+        // SAFETY: the caller's contract; this function has the features `Avx2` needs.
+        unsafe { panels::<Avx2>(w, x, m, y, p0, p1) }
     }
 
     /// One row at a time (the head runs on the last position only), a whole panel per step.
+    ///
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and what `D` needs.
     #[inline(always)]
     unsafe fn panels<D: Dot8>(
         w: &Q8Weights,
@@ -288,81 +283,69 @@ mod x86 {
     ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         let mut out = [0f32; Q8_PANEL];
-        for p in p0..p1 {
-            for row in 0..m {
-                let mut facc = [_mm256_setzero_ps(); 4];
-                for b in 0..kb {
-                    let blk = w.q.as_ptr().add(p * Q8_PANEL * k + b * BLOCK_BYTES);
-                    let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
-                    let mut acc = [_mm256_setzero_si256(); 4];
-                    for g in 0..8 {
-                        let xa = _mm256_set1_epi32((xq.add(4 * g) as *const i32).read_unaligned());
-                        let xa_abs = _mm256_abs_epi8(xa);
-                        for (v, a) in acc.iter_mut().enumerate() {
-                            let wv = _mm256_loadu_si256(
-                                blk.add(g * Q8_PANEL * 4 + v * 32) as *const __m256i
-                            );
-                            *a = D::dot(*a, wv, xa, xa_abs);
+        // SAFETY: for p < p1 <= N/32 (rounded up), b < K/32 and row < m, the block's 1 KiB,
+        // the panel's 32 scales and the row's 32 quantized values (and its block's scale) are
+        // inside `w` and `x`; the row's columns p * 32 .. p * 32 + cols are inside y, in a
+        // panel this call owns.
+        unsafe {
+            for p in p0..p1 {
+                for row in 0..m {
+                    let mut facc = [_mm256_setzero_ps(); 4];
+                    for b in 0..kb {
+                        let blk = w.q.as_ptr().add(p * Q8_PANEL * k + b * BLOCK_BYTES);
+                        let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
+                        let mut acc = [_mm256_setzero_si256(); 4];
+                        for g in 0..8 {
+                            let xa =
+                                _mm256_set1_epi32((xq.add(4 * g) as *const i32).read_unaligned());
+                            let xa_abs = _mm256_abs_epi8(xa);
+                            for (v, a) in acc.iter_mut().enumerate() {
+                                let wv = _mm256_loadu_si256(
+                                    blk.add(g * Q8_PANEL * 4 + v * 32) as *const __m256i
+                                );
+                                *a = D::dot(*a, wv, xa, xa_abs);
+                            }
+                        }
+                        let i = row * kb + b;
+                        let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));
+                        let correction = if D::OFFSET {
+                            let qsum: i32 = std::slice::from_raw_parts(xq, QBLOCK)
+                                .iter()
+                                .map(|&v| v as i32)
+                                .sum();
+                            _mm256_set1_epi32(128 * qsum)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        for v in 0..4 {
+                            let sums = _mm256_sub_epi32(acc[v], correction);
+                            // Multiply, then add (no FMA), as the wasm kernel: the same logits.
+                            facc[v] =
+                                _mm256_add_ps(facc[v], _mm256_mul_ps(_mm256_cvtepi32_ps(sums), xs));
                         }
                     }
-                    let i = row * kb + b;
-                    let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));
-                    let correction = if D::OFFSET {
-                        let qsum: i32 = std::slice::from_raw_parts(xq, QBLOCK)
-                            .iter()
-                            .map(|&v| v as i32)
-                            .sum();
-                        _mm256_set1_epi32(128 * qsum)
-                    } else {
-                        _mm256_setzero_si256()
-                    };
                     for v in 0..4 {
-                        let sums = _mm256_sub_epi32(acc[v], correction);
-                        // Multiply, then add (no FMA), as the wasm kernel: the same logits.
-                        facc[v] =
-                            _mm256_add_ps(facc[v], _mm256_mul_ps(_mm256_cvtepi32_ps(sums), xs));
+                        let s = _mm256_loadu_ps(w.scale.as_ptr().add(p * Q8_PANEL + v * 8));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(v * 8), _mm256_mul_ps(facc[v], s));
                     }
+                    let cols = Q8_PANEL.min(n - p * Q8_PANEL);
+                    std::ptr::copy_nonoverlapping(
+                        out.as_ptr(),
+                        y.add(row * n + p * Q8_PANEL),
+                        cols,
+                    );
                 }
-                for v in 0..4 {
-                    let s = _mm256_loadu_ps(w.scale.as_ptr().add(p * Q8_PANEL + v * 8));
-                    _mm256_storeu_ps(out.as_mut_ptr().add(v * 8), _mm256_mul_ps(facc[v], s));
-                }
-                let cols = Q8_PANEL.min(n - p * Q8_PANEL);
-                std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(row * n + p * Q8_PANEL), cols);
             }
         }
-    }
-
-    #[cfg(test)]
-    pub(super) fn kernels() -> Vec<(
-        &'static str,
-        unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize),
-    )> {
-        use crate::q4kernel::x86::{has_avx2, has_vnni};
-        let mut v: Vec<(
-            &'static str,
-            unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize),
-        )> = vec![];
-        if has_avx2() {
-            v.push(("avx2", panels_avx2));
-        }
-        if has_vnni() {
-            v.push(("vnni", panels_vnni));
-        }
-        v
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (*seed >> 33) as u32
-    }
+    use crate::kernels::dispatch::kernels;
+    use crate::kernels::dispatch::PanelKernels;
+    use crate::kernels::testing::Lcg;
 
     #[test]
     fn q8_head_matches_reference_and_keeps_its_rows() {
@@ -373,17 +356,17 @@ mod tests {
             (1, 576, 128),
             (3, 128, 64),
         ] {
-            let mut seed = (m * 1000 + k * 10 + n) as u64;
+            let mut g = Lcg((m * 1000 + k * 10 + n) as u64);
             // The symmetric int8 range, -127..=127.
             let rows: Vec<u8> = (0..k * n)
-                .map(|_| (lcg(&mut seed) % 255) as u8 ^ 0x80)
+                .map(|_| (g.next() % 255) as u8 ^ 0x80)
                 .map(|b| if b == 0x80 { 0x81 } else { b })
                 .collect();
             let scale: Vec<f32> = (0..n)
-                .map(|_| 0.001 + (lcg(&mut seed) % 100) as f32 * 1e-4)
+                .map(|_| 0.001 + (g.next() % 100) as f32 * 1e-4)
                 .collect();
             let x: Vec<f32> = (0..m * k)
-                .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+                .map(|_| (g.next() % 2001) as f32 / 1000.0 - 1.0)
                 .collect();
             let w = Q8Weights::from_rows(k, n, rows.clone(), scale.clone()).unwrap();
             let mut with_min = rows.clone();
@@ -416,16 +399,9 @@ mod tests {
                     (dot * scale[c] as f64) as f32
                 })
                 .collect();
-            #[allow(unused_mut)]
-            let mut kernels: Vec<(
-                &str,
-                unsafe fn(&Q8Weights, &QuantRows, usize, *mut f32, usize, usize),
-            )> = vec![("portable", portable::panels)];
-            #[cfg(target_arch = "x86_64")]
-            kernels.extend(x86::kernels());
-            for (name, kernel) in kernels {
+            for (name, kernel) in kernels::<Q8Weights>() {
                 let mut y = vec![f32::NAN; m * n];
-                // SAFETY: the kernel's CPU features were detected; y holds m x n.
+                // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
                 unsafe { kernel(&w, &xr, m, y.as_mut_ptr(), 0, n.div_ceil(Q8_PANEL)) };
                 for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
                     assert!(

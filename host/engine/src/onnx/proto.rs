@@ -7,7 +7,7 @@
 //!
 //! Each initializer is also handed, as it is decoded, to an [`Initializers`] sink, which may keep
 //! it or take it (the Q4_1 weights are packed as their tensors arrive, so the decoded protobuf
-//! never holds them all: [`crate::quant::Q4Stream`]).
+//! never holds them all: [`super::q4_1::Q4Stream`]).
 
 use std::fs::File;
 use std::io::Read;
@@ -127,102 +127,131 @@ impl Initializers for KeepAll {
 const MODEL_GRAPH: u32 = 7;
 const GRAPH_INITIALIZER: u32 = 5;
 
+/// A message being decoded by prost, one of whose fields (number [`Self::TAG`]) it decodes
+/// itself ([`Intercept::merge_tag`]); [`Intercepted`] makes it a [`Message`].
+trait Intercept: Send + Sync {
+    type Inner: Message + std::fmt::Debug;
+    const TAG: u32;
+
+    fn inner(&self) -> &Self::Inner;
+
+    fn inner_mut(&mut self) -> &mut Self::Inner;
+
+    fn merge_tag(
+        &mut self,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError>;
+}
+
+struct Intercepted<T>(T);
+
+impl<T: Intercept> std::fmt::Debug for Intercepted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.inner().fmt(f)
+    }
+}
+
+impl<T: Intercept> Message for Intercepted<T> {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.0.inner().encode_raw(buf)
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        if tag == T::TAG {
+            self.0.merge_tag(wire_type, buf, ctx)
+        } else {
+            self.0.inner_mut().merge_field(tag, wire_type, buf, ctx)
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.inner().encoded_len()
+    }
+
+    fn clear(&mut self) {
+        self.0.inner_mut().clear()
+    }
+}
+
 /// A `ModelProto` being decoded, its graph's initializers sent to a sink.
 struct ModelStream<'a> {
     model: pb::ModelProto,
     sink: &'a mut dyn Initializers,
 }
 
+impl Intercept for ModelStream<'_> {
+    type Inner = pb::ModelProto;
+    const TAG: u32 = MODEL_GRAPH;
+
+    fn inner(&self) -> &pb::ModelProto {
+        &self.model
+    }
+
+    fn inner_mut(&mut self) -> &mut pb::ModelProto {
+        &mut self.model
+    }
+
+    fn merge_tag(
+        &mut self,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        let graph = self.model.graph.get_or_insert_with(Default::default);
+        let mut stream = Intercepted(GraphStream {
+            graph,
+            sink: &mut *self.sink,
+        });
+        prost::encoding::message::merge(wire_type, &mut stream, buf, ctx)
+    }
+}
+
+/// The graph of a [`ModelStream`].
 struct GraphStream<'a, 'b> {
     graph: &'a mut pb::GraphProto,
     sink: &'b mut dyn Initializers,
 }
 
-impl std::fmt::Debug for ModelStream<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.model.fmt(f)
-    }
-}
+impl Intercept for GraphStream<'_, '_> {
+    type Inner = pb::GraphProto;
+    const TAG: u32 = GRAPH_INITIALIZER;
 
-impl std::fmt::Debug for GraphStream<'_, '_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.graph.fmt(f)
-    }
-}
-
-impl Message for ModelStream<'_> {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.model.encode_raw(buf)
+    fn inner(&self) -> &pb::GraphProto {
+        self.graph
     }
 
-    fn merge_field(
+    fn inner_mut(&mut self) -> &mut pb::GraphProto {
+        self.graph
+    }
+
+    fn merge_tag(
         &mut self,
-        tag: u32,
         wire_type: WireType,
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
-        if tag != MODEL_GRAPH {
-            return self.model.merge_field(tag, wire_type, buf, ctx);
-        }
-        let graph = self.model.graph.get_or_insert_with(Default::default);
-        prost::encoding::message::merge(
-            wire_type,
-            &mut GraphStream {
-                graph,
-                sink: &mut *self.sink,
-            },
-            buf,
-            ctx,
-        )
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.model.encoded_len()
-    }
-
-    fn clear(&mut self) {
-        self.model.clear()
-    }
-}
-
-impl Message for GraphStream<'_, '_> {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.graph.encode_raw(buf)
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), DecodeError> {
-        if tag != GRAPH_INITIALIZER {
-            return self.graph.merge_field(tag, wire_type, buf, ctx);
-        }
         let mut t = pb::TensorProto::default();
         prost::encoding::message::merge(wire_type, &mut t, buf, ctx)?;
         self.sink.take(self.graph, t);
         Ok(())
     }
-
-    fn encoded_len(&self) -> usize {
-        self.graph.encoded_len()
-    }
-
-    fn clear(&mut self) {
-        self.graph.clear()
-    }
 }
 
 fn decode(buf: impl Buf, sink: &mut dyn Initializers) -> Result<pb::ModelProto, DecodeError> {
-    let mut stream = ModelStream {
+    let mut stream = Intercepted(ModelStream {
         model: pb::ModelProto::default(),
         sink,
-    };
+    });
     stream.merge(buf)?;
-    Ok(stream.model)
+    Ok(stream.0.model)
 }
 
 /// Decodes the ONNX file at `path`, streaming it; initializers go to `sink`.

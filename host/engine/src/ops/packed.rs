@@ -1,0 +1,85 @@
+//! The weight of a quantized product, in one of the packed formats of [`crate::kernels`].
+
+use std::sync::Arc;
+
+use crate::kernels::dispatch::PanelKernels;
+use crate::kernels::int8::{Layout, QWeights};
+use crate::kernels::q4_1::Q4Weights;
+use crate::kernels::q8::Q8Weights;
+
+/// The weight of a rewritten product, in one of the packed formats.
+#[derive(Clone)]
+pub enum Packed {
+    Int8(Arc<QWeights>),
+    Q4_1(Arc<Q4Weights>),
+    /// The tied LM head of a Q4_1 model: int8, with activations rounded as the Q4_1 products.
+    Q8Head(Arc<Q8Weights>),
+}
+
+impl Packed {
+    pub(crate) fn k(&self) -> usize {
+        match self {
+            Packed::Int8(w) => w.k,
+            Packed::Q4_1(w) => w.k,
+            Packed::Q8Head(w) => w.k,
+        }
+    }
+
+    pub(crate) fn n(&self) -> usize {
+        match self {
+            Packed::Int8(w) => w.n,
+            Packed::Q4_1(w) => w.n,
+            Packed::Q8Head(w) => w.n,
+        }
+    }
+
+    /// `y = x @ W` for `x` `[m, K]` and `y` `[m, N]`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        match self {
+            Packed::Int8(w) => w.matmul(x, m, y),
+            Packed::Q4_1(w) => w.matmul(x, m, y),
+            Packed::Q8Head(w) => w.matmul(x, m, y),
+        }
+    }
+
+    /// Whether its output channels are rows of a table (a tied embedding reads them back).
+    pub(crate) fn is_table(&self) -> bool {
+        match self {
+            Packed::Int8(w) => w.layout == Layout::NK,
+            Packed::Q8Head(_) => true,
+            Packed::Q4_1(_) => false,
+        }
+    }
+
+    /// Output channel `c` (K values) into `out`; only for a [`Packed::is_table`] weight.
+    pub(crate) fn copy_column(&self, c: usize, out: &mut [i8]) {
+        match self {
+            Packed::Int8(w) => w.copy_column(c, out),
+            Packed::Q8Head(w) => w.copy_column(c, out),
+            Packed::Q4_1(_) => unreachable!("checked by is_table"),
+        }
+    }
+}
+
+/// The same weight (not a copy): ops that read it are equal.
+impl PartialEq for Packed {
+    fn eq(&self, other: &Packed) -> bool {
+        match (self, other) {
+            (Packed::Int8(a), Packed::Int8(b)) => Arc::ptr_eq(a, b),
+            (Packed::Q4_1(a), Packed::Q4_1(b)) => Arc::ptr_eq(a, b),
+            (Packed::Q8Head(a), Packed::Q8Head(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+impl Eq for Packed {}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Packed::Int8(w) => w.fmt(f),
+            Packed::Q4_1(w) => w.fmt(f),
+            Packed::Q8Head(w) => w.fmt(f),
+        }
+    }
+}

@@ -30,7 +30,13 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
-/// Subdirectories of `root` holding `config.json` and `tokenizer.json`, sorted by name.
+/// The model used when a request names none: listed first when installed. The native host's
+/// registry has the same rule (host/src/registry.rs `DEFAULT_MODEL`), so `slm run` and an HTTP
+/// request without a `model` pick the same model.
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// Subdirectories of `root` holding `config.json` and `tokenizer.json`: [`DEFAULT_MODEL`] first
+/// when present, then the others by name.
 pub fn list(root: &Path) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
@@ -47,7 +53,7 @@ pub fn list(root: &Path) -> Result<Vec<String>> {
             dir.join("config.json").is_file() && dir.join("tokenizer.json").is_file()
         })
         .collect();
-    names.sort();
+    names.sort_by(|a, b| (a != DEFAULT_MODEL, a).cmp(&(b != DEFAULT_MODEL, b)));
     Ok(names)
 }
 
@@ -257,5 +263,20 @@ mod tests {
             context_length(&Json::Null, &serde_json::json!({"model_max_length": 4096})),
             4096
         );
+    }
+
+    #[test]
+    fn the_default_model_is_listed_first_then_the_others_by_name() {
+        let root = std::env::temp_dir().join(format!("slm-list-{}", std::process::id()));
+        for name in ["zeta", DEFAULT_MODEL, "alpha", ".hidden"] {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("config.json"), "{}").unwrap();
+            std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        }
+        std::fs::create_dir_all(root.join("no-files")).unwrap();
+        let listed = list(&root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(listed, [DEFAULT_MODEL, "alpha", "zeta"]);
     }
 }

@@ -1,11 +1,9 @@
 //! wasi:nn@0.2.0-rc-2024-10-28, exported from a component: the same engine as the native host
 //! (`slm-engine`, tract), so hosts without wasi:nn (Spin, jco, most edge platforms) run the models.
 //!
-//! Same contract as the host: an execution context keeps the KV cache; the caller sends only new
-//! `input_ids` + `position_ids` and gets last-position `logits`. `load-by-name(<name>)` reads
-//! `/models/<name>/model.onnx`; loaded graphs are cached for the life of the instance.
-
-pub mod convert;
+//! Only the export glue is here; tensors, errors and the stateful execution context are the
+//! `slm-wasi-nn` crate's, shared with the native host, so both answer alike. `load-by-name(<name>)`
+//! reads `/models/<name>/model.onnx`; loaded graphs are cached for the life of the instance.
 
 #[cfg(target_arch = "wasm32")]
 mod component {
@@ -13,7 +11,8 @@ mod component {
     use std::collections::HashMap;
     use std::sync::Arc;
 
-    use crate::convert::{self, Failure, Kind, Ty};
+    use slm_engine::{Model, Placement};
+    use slm_wasi_nn::{ErrorKind, ExecContext, NnError, NnTensor, Target};
 
     wit_bindgen::generate!({ path: "../../wit", world: "edge:slm/nn-component" });
 
@@ -24,6 +23,8 @@ mod component {
     use exports::wasi::nn::inference::{self, GuestGraphExecutionContext, NamedTensor};
     use exports::wasi::nn::tensor::{self, GuestTensor, TensorData, TensorDimensions, TensorType};
 
+    slm_wasi_nn::wit_conversions!(TensorType, ErrorCode, ExecutionTarget);
+
     struct Component;
     export!(Component);
 
@@ -32,133 +33,72 @@ mod component {
 
     thread_local! {
         /// Graphs loaded by name, shared by every `graph` handle of this instance.
-        static GRAPHS: RefCell<HashMap<String, Arc<slm_engine::Model>>> = RefCell::new(HashMap::new());
+        static GRAPHS: RefCell<HashMap<String, Arc<Model>>> = RefCell::new(HashMap::new());
     }
 
-    fn error(code: ErrorCode, message: impl Into<String>) -> errors::Error {
-        errors::Error::new(NnError {
-            code,
-            message: message.into(),
-        })
+    fn error(e: NnError) -> errors::Error {
+        errors::Error::new(NnErrorResource(e))
     }
 
-    fn fail((kind, message): Failure) -> errors::Error {
-        let code = match kind {
-            Kind::InvalidArgument => ErrorCode::InvalidArgument,
-            Kind::InvalidEncoding => ErrorCode::InvalidEncoding,
-            Kind::UnsupportedOperation => ErrorCode::UnsupportedOperation,
-            Kind::NotFound => ErrorCode::NotFound,
-            Kind::RuntimeError => ErrorCode::RuntimeError,
-        };
-        error(code, message)
-    }
+    pub struct NnErrorResource(NnError);
 
-    fn ty(t: TensorType) -> Ty {
-        match t {
-            TensorType::Fp16 => Ty::Fp16,
-            TensorType::Fp32 => Ty::Fp32,
-            TensorType::Fp64 => Ty::Fp64,
-            TensorType::Bf16 => Ty::Bf16,
-            TensorType::U8 => Ty::U8,
-            TensorType::I32 => Ty::I32,
-            TensorType::I64 => Ty::I64,
-        }
-    }
-
-    fn tensor_type(t: Ty) -> TensorType {
-        match t {
-            Ty::Fp16 => TensorType::Fp16,
-            Ty::Fp32 => TensorType::Fp32,
-            Ty::Fp64 => TensorType::Fp64,
-            Ty::Bf16 => TensorType::Bf16,
-            Ty::U8 => TensorType::U8,
-            Ty::I32 => TensorType::I32,
-            Ty::I64 => TensorType::I64,
-        }
-    }
-
-    pub struct NnError {
-        code: ErrorCode,
-        message: String,
-    }
-
-    impl GuestError for NnError {
+    impl GuestError for NnErrorResource {
         fn code(&self) -> ErrorCode {
-            self.code
+            to_error_code(self.0.kind)
         }
         fn data(&self) -> String {
-            self.message.clone()
+            self.0.message.clone()
         }
     }
 
-    pub struct NnTensor {
-        dimensions: Vec<u32>,
-        ty: TensorType,
-        data: Vec<u8>,
-    }
+    pub struct NnTensorResource(NnTensor);
 
-    impl GuestTensor for NnTensor {
+    impl GuestTensor for NnTensorResource {
         fn new(dimensions: TensorDimensions, ty: TensorType, data: TensorData) -> Self {
-            NnTensor {
+            let ty = to_dtype(ty);
+            NnTensorResource(NnTensor {
                 dimensions,
                 ty,
                 data,
-            }
+            })
         }
         fn dimensions(&self) -> TensorDimensions {
-            self.dimensions.clone()
+            self.0.dimensions.clone()
         }
         fn ty(&self) -> TensorType {
-            self.ty
+            to_tensor_type(self.0.ty)
         }
         fn data(&self) -> TensorData {
-            self.data.clone()
+            self.0.data.clone()
         }
     }
 
-    pub struct NnGraph {
-        model: Arc<slm_engine::Model>,
-    }
+    pub struct NnGraph(Arc<Model>);
 
     impl GuestGraph for NnGraph {
         fn init_execution_context(
             &self,
         ) -> Result<inference::GraphExecutionContext, errors::Error> {
-            let ctx = convert::Context::new(self.model.clone());
-            Ok(inference::GraphExecutionContext::new(NnContext {
-                ctx: RefCell::new(ctx),
-            }))
+            let ctx = ExecContext::new(self.0.clone(), None);
+            Ok(inference::GraphExecutionContext::new(NnContext(
+                RefCell::new(ctx),
+            )))
         }
     }
 
-    pub struct NnContext {
-        ctx: RefCell<convert::Context>,
-    }
+    pub struct NnContext(RefCell<ExecContext>);
 
     impl GuestGraphExecutionContext for NnContext {
         fn compute(&self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, errors::Error> {
-            let mut named = Vec::with_capacity(inputs.len());
-            for (name, t) in inputs {
-                let t: NnTensor = t.into_inner();
-                named.push((
-                    name,
-                    convert::to_engine(&t.dimensions, ty(t.ty), t.data).map_err(fail)?,
-                ));
-            }
-            let outputs = self.ctx.borrow_mut().run(named).map_err(fail)?;
-            let mut out = Vec::with_capacity(outputs.len());
-            for (name, t) in outputs {
-                let (dimensions, t, data) = convert::from_engine(t).map_err(fail)?;
-                out.push((
-                    name,
-                    tensor::Tensor::new(NnTensor {
-                        dimensions,
-                        ty: tensor_type(t),
-                        data,
-                    }),
-                ));
-            }
-            Ok(out)
+            let inputs = inputs
+                .into_iter()
+                .map(|(name, t)| (name, t.into_inner::<NnTensorResource>().0))
+                .collect();
+            let outputs = self.0.borrow_mut().compute(inputs).map_err(error)?;
+            Ok(outputs
+                .into_iter()
+                .map(|(name, t)| (name, tensor::Tensor::new(NnTensorResource(t))))
+                .collect())
         }
     }
 
@@ -166,70 +106,49 @@ mod component {
         type Graph = NnGraph;
 
         fn load(
-            builder: Vec<GraphBuilder>,
+            builders: Vec<GraphBuilder>,
             encoding: GraphEncoding,
             target: ExecutionTarget,
         ) -> Result<graph::Graph, errors::Error> {
             if encoding != GraphEncoding::Onnx {
-                return Err(error(
-                    ErrorCode::InvalidEncoding,
-                    format!("graph encoding {encoding:?} is not supported (only onnx)"),
-                ));
+                return Err(error(NnError::invalid_encoding(encoding)));
             }
-            match target {
-                ExecutionTarget::Cpu => {}
-                ExecutionTarget::Gpu => {
+            match to_target(target) {
+                Target::Cpu => {}
+                other => {
                     return Err(error(
-                        ErrorCode::UnsupportedOperation,
-                        "no GPU backend in wasi:nn inside wasm (use the cpu target)",
-                    ))
-                }
-                ExecutionTarget::Tpu => {
-                    return Err(error(
-                        ErrorCode::UnsupportedOperation,
-                        "the tpu execution target is not supported",
+                        other.unsupported("wasi:nn inside wasm runs on the cpu target only"),
                     ))
                 }
             }
-            let [bytes] = builder.as_slice() else {
-                return Err(error(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "expected 1 graph builder (the ONNX file), got {}",
-                        builder.len()
-                    ),
-                ));
-            };
-            let model = convert::load_bytes(bytes).map_err(fail)?;
-            Ok(graph::Graph::new(NnGraph {
-                model: Arc::new(model),
-            }))
+            let model = slm_wasi_nn::load_bytes(&builders, &Placement::Cpu).map_err(error)?;
+            Ok(graph::Graph::new(NnGraph(Arc::new(model))))
         }
 
         fn load_by_name(name: String) -> Result<graph::Graph, errors::Error> {
-            convert::check_name(&name).map_err(fail)?;
+            slm_wasi_nn::check_model_name(&name).map_err(error)?;
             if let Some(model) = GRAPHS.with(|g| g.borrow().get(&name).cloned()) {
-                return Ok(graph::Graph::new(NnGraph { model }));
+                return Ok(graph::Graph::new(NnGraph(model)));
             }
             let path = std::path::PathBuf::from(format!("{MODELS_DIR}/{name}/model.onnx"));
             if !path.is_file() {
-                return Err(error(
-                    ErrorCode::NotFound,
+                return Err(error(NnError::new(
+                    ErrorKind::NotFound,
                     format!("no model named {name:?} in {MODELS_DIR}"),
-                ));
+                )));
             }
-            let model = Arc::new(convert::load_path(&path).map_err(fail)?);
+            let model = Arc::new(slm_wasi_nn::load_file(&path).map_err(error)?);
             GRAPHS.with(|g| g.borrow_mut().insert(name, model.clone()));
-            Ok(graph::Graph::new(NnGraph { model }))
+            Ok(graph::Graph::new(NnGraph(model)))
         }
     }
 
     impl tensor::Guest for Component {
-        type Tensor = NnTensor;
+        type Tensor = NnTensorResource;
     }
 
     impl errors::Guest for Component {
-        type Error = NnError;
+        type Error = NnErrorResource;
     }
 
     impl inference::Guest for Component {

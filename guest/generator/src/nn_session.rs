@@ -2,7 +2,8 @@
 //! completion over one execution context.
 //!
 //! Each step sends `input_ids` and `position_ids` ([1, S] i64, little-endian) and reads
-//! `logits` (f32; the last position's row).
+//! `logits` (f32; the last position's row). The tensor names are the wasi:nn contract's
+//! (ARCHITECTURE.md; the engine's `slm_engine::names`, which this wasm guest does not link).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -14,6 +15,15 @@ use crate::bindings::wasi::nn::inference::GraphExecutionContext;
 use crate::bindings::wasi::nn::tensor::{Tensor, TensorType};
 use crate::error::{Error, Result};
 use crate::generate::Session;
+
+/// Token ids of the new positions.
+const INPUT_IDS: &str = "input_ids";
+/// Their positions; a start below the context's cached length rewinds its KV cache.
+const POSITION_IDS: &str = "position_ids";
+/// The last position's logits.
+const LOGITS: &str = "logits";
+/// The native host's extension: how many of a prefill's tokens its prefix cache supplied.
+const CACHED_TOKENS: &str = "cached_tokens";
 
 thread_local! {
     static GRAPHS: RefCell<HashMap<String, Rc<Graph>>> = RefCell::new(HashMap::new());
@@ -141,14 +151,14 @@ impl Session for NnSession {
         let outputs = self
             .ctx
             .compute(vec![
-                ("input_ids".to_string(), input_ids),
-                ("position_ids".to_string(), positions),
+                (INPUT_IDS.to_string(), input_ids),
+                (POSITION_IDS.to_string(), positions),
             ])
             .map_err(|e| nn_error("compute", e))?;
         // Hosts with a prefix cache (slm) say how many of these tokens they did not recompute.
         self.cached = outputs
             .iter()
-            .find(|(name, _)| name == "cached_tokens")
+            .find(|(name, _)| name == CACHED_TOKENS)
             .and_then(|(_, t)| {
                 t.data()
                     .get(..8)
@@ -158,7 +168,7 @@ impl Session for NnSession {
             .unwrap_or(0);
         let logits = outputs
             .iter()
-            .find(|(name, _)| name == "logits")
+            .find(|(name, _)| name == LOGITS)
             .or_else(|| outputs.first())
             .ok_or_else(|| Error::backend("compute returned no outputs"))?;
         last_row(&logits.1)

@@ -8,7 +8,11 @@
 pub mod bindings {
     wit_bindgen::generate!({ path: "../../wit", world: "edge:slm/generator-client" });
 }
+// Only the wasm32 `handler` below calls into these; native builds (the unit tests) leave most
+// of them unused.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod openai;
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod reply;
 
 #[cfg(target_arch = "wasm32")]
@@ -74,26 +78,27 @@ pub fn route(method: &str, path: &str) -> Route {
         "/v1/completions" => ("POST", Route::Completions),
         "/v1/models" => ("GET", Route::Models),
         "/health" => ("GET", Route::Health),
-        _ => {
-            return Route::Error(openai::ApiError {
-                status: 404,
-                message: format!("no route for {path}"),
-                kind: "invalid_request_error",
-                code: Some("not_found"),
-                param: None,
-            })
-        }
+        _ => return no_route(404, "not_found", format!("no route for {path}")),
     };
     if method != wanted {
-        return Route::Error(openai::ApiError {
-            status: 405,
-            message: format!("{path} takes {wanted}, not {method}"),
-            kind: "invalid_request_error",
-            code: Some("method_not_allowed"),
-            param: None,
-        });
+        return no_route(
+            405,
+            "method_not_allowed",
+            format!("{path} takes {wanted}, not {method}"),
+        );
     }
     route
+}
+
+/// A request that matches no route: an `invalid_request_error` with this status and code.
+fn no_route(status: u16, code: &'static str, message: String) -> Route {
+    Route::Error(openai::ApiError {
+        status,
+        message,
+        kind: "invalid_request_error",
+        code: Some(code),
+        param: None,
+    })
 }
 
 #[cfg(test)]

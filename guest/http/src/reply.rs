@@ -3,7 +3,9 @@
 use serde_json::{json, Value};
 
 use crate::bindings::edge::slm::generator::{self, Completion};
-use crate::bindings::edge::slm::types::{Error as GenError, FinishReason, Summary};
+use crate::bindings::edge::slm::types::{
+    Error as GenError, FinishReason, Message, Options, Summary,
+};
 use crate::openai::{self, ApiError};
 
 /// The OpenAI error a generator error maps to.
@@ -88,7 +90,7 @@ fn new_id(prefix: &str) -> String {
 }
 
 /// The model name to report, and a 400 when `max_tokens` can never fit the model's context.
-fn check_model(options: &crate::bindings::edge::slm::types::Options) -> Result<String, ApiError> {
+fn check_model(options: &Options) -> Result<String, ApiError> {
     let models = generator::list_models().map_err(api_error)?;
     let info = match &options.model {
         Some(name) => models
@@ -156,23 +158,39 @@ impl Kind {
     }
 }
 
-pub async fn chat(out: ResponseOutparam, body: &[u8]) {
-    let req = match openai::chat_request(body) {
-        Ok(r) => r,
-        Err(e) => return send_error(out, e).await,
-    };
-    let model = match check_model(&req.options) {
-        Ok(m) => m,
-        Err(e) => return send_error(out, e).await,
-    };
-    match generator::chat(&req.input, &req.options) {
-        Ok(c) => respond(out, Kind::Chat, model, c, req.stream, req.include_usage).await,
-        Err(e) => send_error(out, api_error(e)).await,
+/// What a request asks the generator for: chat messages or a raw prompt. It decides the generator
+/// call and the shape of the response.
+trait Input {
+    const KIND: Kind;
+    fn start(&self, options: &Options) -> Result<Completion, GenError>;
+}
+
+impl Input for Vec<Message> {
+    const KIND: Kind = Kind::Chat;
+    fn start(&self, options: &Options) -> Result<Completion, GenError> {
+        generator::chat(self, options)
     }
 }
 
+impl Input for String {
+    const KIND: Kind = Kind::Text;
+    fn start(&self, options: &Options) -> Result<Completion, GenError> {
+        generator::complete(self, options)
+    }
+}
+
+pub async fn chat(out: ResponseOutparam, body: &[u8]) {
+    serve(out, openai::chat_request(body)).await
+}
+
 pub async fn completions(out: ResponseOutparam, body: &[u8]) {
-    let req = match openai::completion_request(body) {
+    serve(out, openai::completion_request(body)).await
+}
+
+/// Answers a parsed chat or completion request: checks the model, starts the generation and
+/// sends its result.
+async fn serve<T: Input>(out: ResponseOutparam, request: Result<openai::Request<T>, ApiError>) {
+    let req = match request {
         Ok(r) => r,
         Err(e) => return send_error(out, e).await,
     };
@@ -180,8 +198,8 @@ pub async fn completions(out: ResponseOutparam, body: &[u8]) {
         Ok(m) => m,
         Err(e) => return send_error(out, e).await,
     };
-    match generator::complete(&req.input, &req.options) {
-        Ok(c) => respond(out, Kind::Text, model, c, req.stream, req.include_usage).await,
+    match req.input.start(&req.options) {
+        Ok(c) => respond(out, T::KIND, model, c, req.stream, req.include_usage).await,
         Err(e) => send_error(out, api_error(e)).await,
     }
 }

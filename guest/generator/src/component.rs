@@ -14,7 +14,7 @@ use crate::bindings::exports::edge::slm::generator::{
 use crate::error::{Error, Result};
 use crate::generate::{FinishReason, Generation, Request, Summary};
 use crate::model::{self, Model};
-use crate::nn::NnSession;
+use crate::nn_session::NnSession;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::template::Message;
@@ -79,13 +79,36 @@ fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
     template.render(&messages(msgs), true)
 }
 
-/// Validate the options (before any inference work) and start a generation.
-fn start(
-    model: Rc<Model>,
-    prompt: Vec<u32>,
-    options: wit::Options,
-    started: Instant,
-) -> Result<WitCompletion> {
+/// What a generation starts from: a raw prompt (`complete`) or chat messages (`chat`).
+enum Input {
+    Prompt(String),
+    Chat(Vec<wit::Message>),
+}
+
+impl Input {
+    fn check_not_empty(&self) -> Result<()> {
+        match self {
+            Input::Prompt(p) if p.is_empty() => Err(Error::invalid("the prompt is empty")),
+            Input::Chat(m) if m.is_empty() => Err(Error::invalid("messages must not be empty")),
+            _ => Ok(()),
+        }
+    }
+
+    fn encode(self, model: &Model) -> Result<Vec<u32>> {
+        match self {
+            Input::Prompt(p) => model.encode_prompt(&p),
+            // The template writes any BOS itself.
+            Input::Chat(m) => model.tokenizer.encode(&chat_prompt(model, m)?),
+        }
+    }
+}
+
+/// Validate the request (before any inference work) and start a generation.
+fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
+    let started = Instant::now();
+    input.check_not_empty()?;
+    let model = get_model(options.model.as_deref())?;
+    let prompt = input.encode(&model)?;
     let s = options.sampling;
     let params = SamplingParams::new(
         s.temperature,
@@ -212,28 +235,14 @@ impl Guest for Component {
         prompt: String,
         options: wit::Options,
     ) -> std::result::Result<WitCompletion, wit::Error> {
-        let started = Instant::now();
-        if prompt.is_empty() {
-            return Err(Error::invalid("the prompt is empty").into());
-        }
-        let m = get_model(options.model.as_deref())?;
-        let ids = m.encode_prompt(&prompt)?;
-        Ok(start(m, ids, options, started)?)
+        Ok(start(Input::Prompt(prompt), options)?)
     }
 
     fn chat(
         messages: Vec<wit::Message>,
         options: wit::Options,
     ) -> std::result::Result<WitCompletion, wit::Error> {
-        let started = Instant::now();
-        if messages.is_empty() {
-            return Err(Error::invalid("messages must not be empty").into());
-        }
-        let m = get_model(options.model.as_deref())?;
-        let prompt = chat_prompt(&m, messages)?;
-        // The template writes any BOS itself.
-        let ids = m.tokenizer.encode(&prompt)?;
-        Ok(start(m, ids, options, started)?)
+        Ok(start(Input::Chat(messages), options)?)
     }
 
     fn apply_chat_template(

@@ -2,7 +2,7 @@
 //!
 //! Model files come from `/models/<name>/` in the WASI filesystem; inference goes through
 //! wasi:nn (`load-by-name(<name>)`, one execution context per completion, the KV cache kept
-//! by the host). Everything but `nn` and `component` is pure logic that tests natively.
+//! by the host). Everything but `nn_session` and `component` is pure logic that tests natively.
 
 pub mod detok;
 pub mod error;
@@ -21,4 +21,4 @@ mod bindings {
 #[cfg(target_arch = "wasm32")]
 mod component;
 #[cfg(target_arch = "wasm32")]
-mod nn;
+mod nn_session;

@@ -238,6 +238,17 @@ mod tests {
         }
     }
 
+    /// How often each token comes out of `n` draws from a sampler with `params` (fresh logits
+    /// each draw).
+    fn counts(params: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(params);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[s.sample(&mut logits.to_vec()).unwrap() as usize] += 1;
+        }
+        counts
+    }
+
     fn validate(
         t: Option<f32>,
         p: Option<f32>,
@@ -316,61 +327,46 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams {
+        let p = SamplingParams {
             temperature: 5.0,
             top_k: 1,
             ..params(5.0)
-        });
-        for _ in 0..20 {
-            assert_eq!(s.sample(&mut [1.0, 2.0, 0.5, 1.9]), Some(1));
-        }
+        };
+        assert_eq!(counts(p, &[1.0, 2.0, 0.5, 1.9], 20), [0, 20, 0, 0]);
     }
 
     #[test]
     fn top_k_restricts_support() {
-        let mut s = Sampler::new(SamplingParams {
+        let p = SamplingParams {
             top_k: 2,
             ..params(10.0)
-        });
-        for _ in 0..200 {
-            let t = s.sample(&mut [1.0, 2.0, 0.5, 1.9]).unwrap();
-            assert!(t == 1 || t == 3);
-        }
+        };
+        let n = counts(p, &[1.0, 2.0, 0.5, 1.9], 200);
+        assert_eq!((n[0], n[2]), (0, 0), "{n:?}");
     }
 
     #[test]
     fn top_p_keeps_the_nucleus() {
         // probabilities ~ [0.5, 0.3, 0.2] with temperature 1
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
-        let mut s = Sampler::new(SamplingParams {
-            top_p: 0.75,
+        let top_p = |top_p| SamplingParams {
+            top_p,
             ..params(1.0)
-        });
-        let mut seen = [0; 3];
-        for _ in 0..500 {
-            seen[s.sample(&mut logits.clone()).unwrap() as usize] += 1;
-        }
+        };
+        let seen = counts(top_p(0.75), &logits, 500);
         assert_eq!(seen[2], 0);
         assert!(seen[0] > 0 && seen[1] > 0);
-        let mut s = Sampler::new(SamplingParams {
-            top_p: 0.4,
-            ..params(1.0)
-        });
-        for _ in 0..100 {
-            assert_eq!(s.sample(&mut logits.clone()), Some(0));
-        }
+        assert_eq!(counts(top_p(0.4), &logits, 100), [100, 0, 0]);
     }
 
     #[test]
     fn min_p_drops_unlikely() {
         let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
-        let mut s = Sampler::new(SamplingParams {
+        let p = SamplingParams {
             min_p: 0.2,
             ..params(1.0)
-        });
-        for _ in 0..500 {
-            assert_ne!(s.sample(&mut logits.clone()), Some(2));
-        }
+        };
+        assert_eq!(counts(p, &logits, 500)[2], 0);
     }
 
     #[test]
@@ -385,20 +381,16 @@ mod tests {
             s.sample(&mut [f32::INFINITY, f32::NEG_INFINITY, f32::NAN]),
             Some(0)
         );
-        let mut s = Sampler::new(params(1000.0));
-        for _ in 0..50 {
-            assert!(s.sample(&mut [1.0, 2.0, f32::NEG_INFINITY]).unwrap() < 2);
-        }
+        assert_eq!(
+            counts(params(1000.0), &[1.0, 2.0, f32::NEG_INFINITY], 50)[2],
+            0
+        );
     }
 
     #[test]
     fn distribution_roughly_matches_softmax() {
         let logits = [0.0f32, 1.0f32.ln() - 0.0, 3.0f32.ln()]; // weights 1,1,3
-        let mut s = Sampler::new(params(1.0));
-        let mut n = [0usize; 3];
-        for _ in 0..10_000 {
-            n[s.sample(&mut logits.clone()).unwrap() as usize] += 1;
-        }
+        let n = counts(params(1.0), &logits, 10_000);
         let f2 = n[2] as f64 / 10_000.0;
         assert!((f2 - 0.6).abs() < 0.03, "{n:?}");
     }

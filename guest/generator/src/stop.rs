@@ -41,18 +41,25 @@ impl StopMatcher {
 
     /// Add newly decoded text; returns what can be released.
     pub fn push(&mut self, text: &str) -> Pushed {
-        if self.stopped {
-            return Pushed {
-                text: String::new(),
-                stopped: true,
-            };
+        let text = if self.stopped {
+            String::new()
+        } else {
+            self.pending.push_str(text);
+            let at = self.release_len();
+            let rest = self.pending.split_off(at);
+            std::mem::replace(&mut self.pending, rest)
+        };
+        Pushed {
+            text,
+            stopped: self.stopped,
         }
-        self.pending.push_str(text);
+    }
+
+    /// How much of `pending` (in bytes) can be released. A stop string found in it ends the
+    /// output: it and all after it are dropped, and `stopped` is set.
+    fn release_len(&mut self) -> usize {
         if self.stops.is_empty() {
-            return Pushed {
-                text: std::mem::take(&mut self.pending),
-                stopped: false,
-            };
+            return self.pending.len();
         }
         // Earliest occurrence of any stop string. Text released earlier could not start one,
         // so any occurrence lies inside `pending`.
@@ -64,26 +71,17 @@ impl StopMatcher {
         if let Some(at) = found {
             self.pending.truncate(at);
             self.stopped = true;
-            return Pushed {
-                text: std::mem::take(&mut self.pending),
-                stopped: true,
-            };
+            return at;
         }
         // Hold back the longest suffix that is a prefix of some stop string.
-        let hold_from = self
-            .pending
+        self.pending
             .char_indices()
             .map(|(i, _)| i)
             .find(|&i| {
                 let suffix = &self.pending[i..];
                 self.stops.iter().any(|s| s.starts_with(suffix))
             })
-            .unwrap_or(self.pending.len());
-        let rest = self.pending.split_off(hold_from);
-        Pushed {
-            text: std::mem::replace(&mut self.pending, rest),
-            stopped: false,
-        }
+            .unwrap_or(self.pending.len())
     }
 
     /// Generation ended without a stop string: release what was held back.

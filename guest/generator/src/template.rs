@@ -79,41 +79,29 @@ fn py_json(
         K::String | K::Bytes | K::Plain | K::Invalid => {
             out.push_str(&json_str(v.as_str().unwrap_or(&v.to_string())))
         }
-        K::Seq | K::Iterable => {
+        K::Seq | K::Iterable | K::Map => {
+            // A map iterates over its keys; each item is then `key: value`.
+            let is_map = matches!(v.kind(), K::Map);
+            let (open, close) = if is_map { ('{', '}') } else { ('[', ']') };
             let items: Vec<Value> = v.try_iter()?.collect();
-            if items.is_empty() {
-                out.push_str("[]");
-                return Ok(());
-            }
-            out.push('[');
+            out.push(open);
             for (i, x) in items.iter().enumerate() {
                 if i > 0 {
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                py_json(x, indent, depth + 1, out)?;
-            }
-            newline(out, depth);
-            out.push(']');
-        }
-        K::Map => {
-            let keys: Vec<Value> = v.try_iter()?.collect();
-            if keys.is_empty() {
-                out.push_str("{}");
-                return Ok(());
-            }
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(item_sep);
+                if is_map {
+                    out.push_str(&json_str(x.as_str().unwrap_or(&x.to_string())));
+                    out.push_str(": ");
+                    py_json(&v.get_item(x)?, indent, depth + 1, out)?;
+                } else {
+                    py_json(x, indent, depth + 1, out)?;
                 }
-                newline(out, depth + 1);
-                out.push_str(&json_str(k.as_str().unwrap_or(&k.to_string())));
-                out.push_str(": ");
-                py_json(&v.get_item(k)?, indent, depth + 1, out)?;
             }
-            newline(out, depth);
-            out.push('}');
+            if !items.is_empty() {
+                newline(out, depth);
+            }
+            out.push(close);
         }
         _ => out.push_str(&json_str(&v.to_string())),
     }
@@ -301,7 +289,7 @@ mod tests {
     #[test]
     fn tojson_like_python() {
         let t = ChatTemplate::new(
-            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson }}",
+            "{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson }}|{{ {} | tojson(indent=2) }}",
             tokens(),
         )
         .unwrap();
@@ -310,7 +298,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            "[{\"role\": \"user\", \"content\": \"<|im_start|> \\\"é\\\"\\n\"}]|{\n  \"role\": \"user\",\n  \"content\": \"<|im_start|> \\\"é\\\"\\n\"\n}|[]"
+            "[{\"role\": \"user\", \"content\": \"<|im_start|> \\\"é\\\"\\n\"}]|{\n  \"role\": \"user\",\n  \"content\": \"<|im_start|> \\\"é\\\"\\n\"\n}|[]|{}"
         );
     }
 

@@ -144,6 +144,28 @@ impl Session for Scripted {
     }
 }
 
+impl Scripted {
+    /// A session whose first step fails (its script is empty).
+    fn exhausted() -> Self {
+        Scripted {
+            script: vec![],
+            vocab: 10,
+            calls: Default::default(),
+        }
+    }
+}
+
+/// A greedy request.
+fn request(prompt: Vec<u32>, stop: &[&str], max_tokens: Option<u32>) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        sampler: Sampler::new(SamplingParams::default()),
+        stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
+        start: Instant::now(),
+    }
+}
+
 struct Run {
     pieces: Vec<String>,
     finish: FinishReason,
@@ -168,13 +190,7 @@ fn run(
         vocab: model.vocab_size as usize,
         calls: calls.clone(),
     };
-    let req = Request {
-        prompt: model.tokenizer.encode(prompt).unwrap(),
-        max_tokens,
-        sampler: Sampler::new(SamplingParams::default()),
-        stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
-        start: Instant::now(),
-    };
+    let req = request(model.tokenizer.encode(prompt).unwrap(), stop, max_tokens);
     let mut g = Generation::new(model, session, req).unwrap();
     let mut pieces = Vec::new();
     while let Some(p) = g.next().unwrap() {
@@ -195,19 +211,9 @@ fn run(
 #[test]
 fn eos_ends_and_positions_continue() {
     let m = smollm();
-    let prompt_len = m
-        .tokenizer
-        .encode("<|im_start|>user\nhi<|im_end|>\n")
-        .unwrap()
-        .len() as u32;
-    let r = run(
-        m,
-        "<|im_start|>user\nhi<|im_end|>\n",
-        "Hello there, 👋!",
-        &[2, 5, 5],
-        &[],
-        None,
-    );
+    let prompt = "<|im_start|>user\nhi<|im_end|>\n";
+    let prompt_len = m.tokenizer.encode(prompt).unwrap().len() as u32;
+    let r = run(m, prompt, "Hello there, 👋!", &[2, 5, 5], &[], None);
     assert_eq!(r.pieces.concat(), "Hello there, 👋!");
     assert_eq!(r.finish, FinishReason::Stop);
     // Prefill sends the whole prompt at position 0, then one token per step, positions continuing.
@@ -275,19 +281,7 @@ fn context_full_and_overflow() {
     let m = Rc::new(m);
     let prompt = m.tokenizer.encode("one two three").unwrap();
     let n = prompt.len() as u32;
-    let session = Scripted {
-        script: vec![],
-        vocab: 10,
-        calls: Default::default(),
-    };
-    let req = Request {
-        prompt,
-        max_tokens: None,
-        sampler: Sampler::new(SamplingParams::default()),
-        stop: StopMatcher::new(vec![]).unwrap(),
-        start: Instant::now(),
-    };
-    match Generation::new(m, session, req) {
+    match Generation::new(m, Scripted::exhausted(), request(prompt, &[], None)) {
         Err(Error::ContextOverflow {
             prompt_tokens,
             context_length,
@@ -299,21 +293,9 @@ fn context_full_and_overflow() {
 
 #[test]
 fn backend_error_is_a_value() {
-    let m = smollm();
-    let m = Rc::new(m);
-    let session = Scripted {
-        script: vec![],
-        vocab: 10,
-        calls: Default::default(),
-    };
-    let req = Request {
-        prompt: vec![1, 2, 3],
-        max_tokens: None,
-        sampler: Sampler::new(SamplingParams::default()),
-        stop: StopMatcher::new(vec![]).unwrap(),
-        start: Instant::now(),
-    };
-    let mut g = Generation::new(m, session, req).unwrap();
+    let m = Rc::new(smollm());
+    let req = request(vec![1, 2, 3], &[], None);
+    let mut g = Generation::new(m, Scripted::exhausted(), req).unwrap();
     assert!(matches!(g.next(), Err(Error::BackendFailure(_))));
     assert_eq!(g.next(), Ok(None));
 }

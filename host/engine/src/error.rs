@@ -1,3 +1,6 @@
+//! The engine's error type: loading a model failed, the caller's tensors do not fit it, or
+//! inference itself failed.
+
 use thiserror::Error;
 
 /// What went wrong, in terms a caller can act on.

@@ -10,7 +10,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{Inferred, Rules, ATTENTION, SCALE};
+use super::{Inferred, Io, Rules, ATTENTION, SCALE};
 use crate::kernels::attention::attend_row;
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
@@ -38,12 +38,8 @@ impl Eq for Attention {}
 impl Rules for Attention {
     const INPUTS: usize = 4;
 
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
+    fn rules<'r>(&'r self, s: &mut Solver<'r>, io: Io<'r>) -> InferenceResult {
+        let Io { inputs, outputs } = io;
         for input in inputs {
             s.equals(&input.datum_type, f32::datum_type())?;
         }

@@ -66,12 +66,13 @@ pub(crate) trait Rules: TypedOp + Clone {
     const INPUTS: usize;
 
     /// The rules, arities checked.
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult;
+    fn rules<'r>(&'r self, s: &mut Solver<'r>, io: Io<'r>) -> InferenceResult;
+}
+
+/// The proxies of an op's inputs and outputs, for its [`Rules`].
+pub(crate) struct Io<'r> {
+    pub(crate) inputs: &'r [TensorProxy],
+    pub(crate) outputs: &'r [TensorProxy],
 }
 
 /// The inference-time face of an op of ours: its [`Rules`]; in the typed graph, the op itself.
@@ -91,7 +92,7 @@ impl<T: Rules> Expansion for Inferred<T> {
     ) -> InferenceResult {
         check_input_arity(inputs, T::INPUTS)?;
         check_output_arity(outputs, 1)?;
-        self.0.rules(s, inputs, outputs)
+        self.0.rules(s, Io { inputs, outputs })
     }
 
     fn wire(

@@ -6,7 +6,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{pending_weights, Inferred, Packed, Rules, QGATHER};
+use super::{pending_weights, Inferred, Io, Packed, Rules, QGATHER};
 
 pub(super) fn build(
     _ctx: &ParsingContext,
@@ -34,12 +34,8 @@ impl std::fmt::Debug for QGather {
 impl Rules for QGather {
     const INPUTS: usize = 1;
 
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
+    fn rules<'r>(&'r self, s: &mut Solver<'r>, io: Io<'r>) -> InferenceResult {
+        let Io { inputs, outputs } = io;
         s.equals(&outputs[0].datum_type, i8::datum_type())?;
         s.equals(inputs[0].rank.bex() + 1, outputs[0].rank.bex())?;
         let k = self.w.k().to_dim();

@@ -5,7 +5,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{pending_weights, Inferred, Packed, Rules, QMATMUL};
+use super::{pending_weights, Inferred, Io, Packed, Rules, QMATMUL};
 
 pub(super) fn build(
     _ctx: &ParsingContext,
@@ -41,12 +41,8 @@ impl std::fmt::Debug for QMatMul {
 impl Rules for QMatMul {
     const INPUTS: usize = 1;
 
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
+    fn rules<'r>(&'r self, s: &mut Solver<'r>, io: Io<'r>) -> InferenceResult {
+        let Io { inputs, outputs } = io;
         s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].rank, &inputs[0].rank)?;

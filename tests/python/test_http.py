@@ -165,6 +165,17 @@ def test_bad_requests(server, body, status, code):
     assert _raw(server, "GET", "/health")[0] == 200
 
 
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 1.5), ("min_p", 1),
+                                         ("repetition_penalty", 0)])
+def test_an_invalid_option_is_named_in_param(server, field, value):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], field: value}
+    got, _, raw = _raw(server, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert got == 400, raw
+    err = json.loads(raw)["error"]
+    assert err["param"] == field, err
+    assert err["type"] == "invalid_request_error"
+
+
 def test_wrong_method_and_path(server):
     assert _raw(server, "GET", "/v1/chat/completions")[0] == 405
     assert _raw(server, "POST", "/v1/nothing-here", b"{}")[0] == 404

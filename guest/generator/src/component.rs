@@ -140,6 +140,12 @@ impl From<Error> for wit::Error {
         match e {
             Error::ModelNotFound(m) => wit::Error::ModelNotFound(m),
             Error::InvalidRequest(m) => wit::Error::InvalidRequest(m),
+            Error::InvalidOption { name, message } => {
+                wit::Error::InvalidOption(wit::InvalidOption {
+                    name: name.to_string(),
+                    message,
+                })
+            }
             Error::ContextOverflow {
                 prompt_tokens,
                 context_length,

@@ -7,6 +7,11 @@ use std::fmt;
 pub enum Error {
     ModelNotFound(String),
     InvalidRequest(String),
+    /// An option's value; `name` as in the WIT `options` / `sampling` records ("top-p").
+    InvalidOption {
+        name: &'static str,
+        message: String,
+    },
     ContextOverflow {
         prompt_tokens: u32,
         context_length: u32,
@@ -18,6 +23,12 @@ pub enum Error {
 impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidRequest(msg.into())
+    }
+    pub fn invalid_option(name: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidOption {
+            name,
+            message: msg.into(),
+        }
     }
     pub fn model(msg: impl Into<String>) -> Self {
         Error::ModelError(msg.into())
@@ -32,6 +43,7 @@ impl fmt::Display for Error {
         match self {
             Error::ModelNotFound(m) => write!(f, "model not found: {m}"),
             Error::InvalidRequest(m) => write!(f, "invalid request: {m}"),
+            Error::InvalidOption { message, .. } => write!(f, "invalid request: {message}"),
             Error::ContextOverflow {
                 prompt_tokens,
                 context_length,

@@ -33,6 +33,15 @@ impl Default for SamplingParams {
     }
 }
 
+/// `Ok` when `valid`, else the option `name`'s error with `message()`.
+fn check(valid: bool, name: &'static str, message: impl FnOnce() -> String) -> Result<()> {
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid_option(name, message()))
+    }
+}
+
 impl SamplingParams {
     /// Validate the optional request values; `seed` absent draws one from `random_seed`.
     pub fn new(
@@ -45,29 +54,25 @@ impl SamplingParams {
         random_seed: impl FnOnce() -> u64,
     ) -> Result<Self> {
         let temperature = temperature.unwrap_or(0.0);
-        if !temperature.is_finite() || temperature < 0.0 {
-            return Err(Error::invalid(format!(
-                "temperature must be a finite number >= 0, got {temperature}"
-            )));
-        }
+        check(
+            temperature.is_finite() && temperature >= 0.0,
+            "temperature",
+            || format!("temperature must be a finite number >= 0, got {temperature}"),
+        )?;
         let top_p = top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::invalid(format!(
-                "top-p must be in (0, 1], got {top_p}"
-            )));
-        }
+        check(top_p > 0.0 && top_p <= 1.0, "top-p", || {
+            format!("top-p must be in (0, 1], got {top_p}")
+        })?;
         let min_p = min_p.unwrap_or(0.0);
-        if !(0.0..1.0).contains(&min_p) {
-            return Err(Error::invalid(format!(
-                "min-p must be in [0, 1), got {min_p}"
-            )));
-        }
+        check((0.0..1.0).contains(&min_p), "min-p", || {
+            format!("min-p must be in [0, 1), got {min_p}")
+        })?;
         let repetition_penalty = repetition_penalty.unwrap_or(1.0);
-        if !repetition_penalty.is_finite() || repetition_penalty <= 0.0 {
-            return Err(Error::invalid(format!(
-                "repetition-penalty must be a finite number > 0, got {repetition_penalty}"
-            )));
-        }
+        check(
+            repetition_penalty.is_finite() && repetition_penalty > 0.0,
+            "repetition-penalty",
+            || format!("repetition-penalty must be a finite number > 0, got {repetition_penalty}"),
+        )?;
         let seed = match seed {
             Some(s) => s,
             None => random_seed(),
@@ -262,21 +267,27 @@ mod tests {
     fn validation() {
         assert!(validate(None, None, None, None).is_ok());
         assert!(validate(Some(0.7), Some(1.0), Some(0.0), Some(1.1)).is_ok());
-        for bad in [
-            validate(Some(-0.1), None, None, None),
-            validate(Some(f32::NAN), None, None, None),
-            validate(Some(f32::INFINITY), None, None, None),
-            validate(None, Some(0.0), None, None),
-            validate(None, Some(1.01), None, None),
-            validate(None, Some(f32::NAN), None, None),
-            validate(None, None, Some(1.0), None),
-            validate(None, None, Some(-0.5), None),
-            validate(None, None, Some(f32::NAN), None),
-            validate(None, None, None, Some(0.0)),
-            validate(None, None, None, Some(-1.0)),
-            validate(None, None, None, Some(f32::NAN)),
+        for (bad, option) in [
+            (validate(Some(-0.1), None, None, None), "temperature"),
+            (validate(Some(f32::NAN), None, None, None), "temperature"),
+            (validate(Some(f32::INFINITY), None, None, None), "temperature"),
+            (validate(None, Some(0.0), None, None), "top-p"),
+            (validate(None, Some(1.01), None, None), "top-p"),
+            (validate(None, Some(f32::NAN), None, None), "top-p"),
+            (validate(None, None, Some(1.0), None), "min-p"),
+            (validate(None, None, Some(-0.5), None), "min-p"),
+            (validate(None, None, Some(f32::NAN), None), "min-p"),
+            (validate(None, None, None, Some(0.0)), "repetition-penalty"),
+            (validate(None, None, None, Some(-1.0)), "repetition-penalty"),
+            (validate(None, None, None, Some(f32::NAN)), "repetition-penalty"),
         ] {
-            assert!(matches!(bad, Err(Error::InvalidRequest(_))), "{bad:?}");
+            match bad {
+                Err(Error::InvalidOption { name, message }) => {
+                    assert_eq!(name, option);
+                    assert!(message.starts_with(option), "{message}");
+                }
+                other => panic!("{option}: {other:?}"),
+            }
         }
     }
 

@@ -24,13 +24,19 @@ pub struct Pushed {
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Result<Self> {
         if stops.len() > MAX_STOP_STRINGS {
-            return Err(Error::invalid(format!(
-                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
-                stops.len()
-            )));
+            return Err(Error::invalid_option(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
+                    stops.len()
+                ),
+            ));
         }
         if stops.iter().any(|s| s.is_empty()) {
-            return Err(Error::invalid("stop strings must not be empty"));
+            return Err(Error::invalid_option(
+                "stop",
+                "stop strings must not be empty",
+            ));
         }
         Ok(StopMatcher {
             stops,

@@ -151,6 +151,19 @@ fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
     Ok((options, c.stream, include_usage))
 }
 
+/// The request field that sets a generator option (`name` as in the WIT `options` /
+/// `sampling` records), for the `param` of an error about it.
+pub fn request_field(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "temperature" => "temperature",
+        "top-p" => "top_p",
+        "min-p" => "min_p",
+        "repetition-penalty" => "repetition_penalty",
+        "stop" => "stop",
+        _ => return None,
+    })
+}
+
 pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
     let body: ChatBody = parse(body)?;
     if body.messages.is_empty() {

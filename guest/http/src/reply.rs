@@ -19,6 +19,10 @@ pub fn api_error(e: GenError) -> ApiError {
             Some("model"),
         ),
         GenError::InvalidRequest(m) => (400, m, "invalid_request_error", None, None),
+        GenError::InvalidOption(o) => {
+            let param = openai::request_field(&o.name);
+            (400, o.message, "invalid_request_error", None, param)
+        }
         GenError::ContextOverflow(c) => (
             400,
             format!(

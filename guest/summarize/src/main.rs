@@ -59,6 +59,7 @@ fn describe(e: &Error) -> String {
     match e {
         Error::ModelNotFound(m) => format!("model not found: {m}"),
         Error::InvalidRequest(m) => format!("invalid request: {m}"),
+        Error::InvalidOption(o) => format!("invalid request: {}", o.message),
         Error::ContextOverflow(o) => {
             format!(
                 "the text is too long: {} tokens, the model takes {}",

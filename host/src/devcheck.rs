@@ -6,43 +6,16 @@
 //! give the logits of a fresh prefill.
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use clap::Args;
 use serde_json::json;
 use slm_engine::{Model, Placement, Session, Tensor};
 
-use crate::nn::ModelRegistry;
-
-#[derive(Args)]
-pub struct LogitsArgs {
-    /// Model name [default: smollm2-135m-instruct].
-    #[arg(long, short)]
-    model: Option<String>,
-    /// Prompt token ids: a JSON array (what `slm tokenize` prints).
-    #[arg(long)]
-    ids: String,
-    /// Greedy decoding steps after the prefill.
-    #[arg(long, default_value_t = 16)]
-    steps: usize,
-    /// Feed these tokens (a JSON array, e.g. another device's greedy `tokens`) instead of this
-    /// device's own choices, so that every step's logits compare with that run's.
-    #[arg(long, value_name = "IDS")]
-    follow: Option<String>,
-    /// Write the prefill's and every step's last-position logits here: f32 little-endian,
-    /// (1 + steps) rows of vocab.
-    #[arg(long, value_name = "PATH")]
-    out: Option<PathBuf>,
-    /// Run the GPU plan's graph (plain tract-onnx, f32 weights) on the CPU instead.
-    #[arg(long)]
-    plain: bool,
-    /// Timed prefills (time to first token: the median), after one warm-up.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-}
+use crate::cli::LogitsArgs;
+use crate::registry::ModelRegistry;
+use crate::stats::median;
 
 fn row(ids: &[i64]) -> Tensor {
     Tensor::from_i64(vec![1, ids.len()], ids)
@@ -65,14 +38,13 @@ fn step(s: &mut Session, ids: &[i64], start: usize) -> Result<Vec<f32>> {
     logits.to_f32().context("logits are not f32")
 }
 
+/// The index of the largest value: the first of equal ones; NaN never wins, and 0 when no value is
+/// above minus infinity.
 fn argmax(v: &[f32]) -> i64 {
+    let top = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     v.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-        )
-        .0 as i64
+        .position(|&x| x == top && x > f32::NEG_INFINITY)
+        .unwrap_or(0) as i64
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -80,11 +52,6 @@ fn max_diff(a: &[f32], b: &[f32]) -> f64 {
         .zip(b)
         .map(|(x, y)| (x - y).abs() as f64)
         .fold(0.0, f64::max)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
@@ -96,7 +63,8 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
     let name = a
         .model
         .clone()
-        .unwrap_or_else(|| crate::cli::DEFAULT_MODEL.to_string());
+        .or_else(|| registry.default_model())
+        .ok_or_else(|| anyhow!("no models found in {}", registry.dir().display()))?;
     let lazy = registry
         .model(&name)
         .ok_or_else(|| anyhow!("model {name:?} not found in {}", registry.dir().display()))?;
@@ -194,4 +162,18 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::argmax;
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_skips_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 2.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, -1.0, 0.5, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
 }

@@ -2,18 +2,21 @@
 
 mod bench;
 mod cli;
+mod commands;
+mod completion;
 mod devcheck;
-mod nn;
-mod prefix;
+mod registry;
 mod runtime;
 mod serve;
+mod stats;
+mod wasi_nn;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     // One line, never a backtrace (RUST_BACKTRACE may be set in the environment).
     std::panic::set_hook(Box::new(|info| {
-        if nn::panics_are_caught() {
+        if slm_wasi_nn::panics_are_caught() {
             return; // turned into an error by the caller
         }
         let msg = info
@@ -31,7 +34,7 @@ fn main() -> ExitCode {
             msg.replace('\n', " ")
         );
     }));
-    match cli::main() {
+    match commands::main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");

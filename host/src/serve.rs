@@ -23,7 +23,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
-use crate::nn::ModelRegistry;
+use crate::registry::ModelRegistry;
 use crate::runtime::{add_nn_to_linker, load_component, one_line, werr, HostState};
 
 /// How often running wasm yields to the scheduler.
@@ -136,7 +136,7 @@ impl Server {
                     .await
             }
             .await;
-            let stats = store.data().stats;
+            let stats = store.data().nn.stats;
             let code = match status.load(Ordering::Relaxed) {
                 0 => 500,
                 c => c,
@@ -236,10 +236,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             std::thread::sleep(EPOCH_TICK);
             engine.increment_epoch();
         });
+        // Requests that name no model get the default (the generator lists it first).
+        let default = server.registry.default_model();
         eprintln!(
-            "serving {} on http://{addr} (models: {})",
+            "serving {} on http://{addr} (models: {}{})",
             opts.component.display(),
-            server.registry.names().join(", ")
+            server.registry.names().join(", "),
+            default
+                .map(|m| format!("; default {m}"))
+                .unwrap_or_default()
         );
         loop {
             let (stream, _) = tokio::select! {

@@ -66,23 +66,24 @@ fn tiny(device: &str, extra: &[&str]) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
 }
 
+/// A short greedy `slm run` on the tiny model.
+const RUN_TINY: [&str; 7] = [
+    "run",
+    "--model",
+    "tiny",
+    "--raw",
+    "--max-tokens",
+    "4",
+    "Hello",
+];
+
 fn gpu_in_use(err: &str) -> bool {
     err.lines().any(|l| l.starts_with("device: GPU"))
 }
 
 #[test]
 fn device_gpu_without_a_gpu_fails_with_one_line_naming_what_is_missing() {
-    let o = run(&[
-        "--device",
-        "gpu",
-        "run",
-        "--model",
-        "tiny",
-        "--raw",
-        "--max-tokens",
-        "4",
-        "Hello",
-    ]);
+    let o = run(&[&["--device", "gpu"][..], &RUN_TINY].concat());
     let err = stderr(&o);
     if o.status.success() && gpu_in_use(&err) {
         return; // a machine with a GPU and a gpu build: scripts/gpu-check
@@ -107,15 +108,7 @@ fn device_gpu_without_a_gpu_fails_with_one_line_naming_what_is_missing() {
     // The same through the environment.
     let o = slm()
         .env("SLM_DEVICE", "gpu")
-        .args([
-            "run",
-            "--model",
-            "tiny",
-            "--raw",
-            "--max-tokens",
-            "4",
-            "Hello",
-        ])
+        .args(RUN_TINY)
         .output()
         .unwrap();
     assert_eq!(stderr(&o), err);

@@ -167,17 +167,23 @@ fn chat(models: &str, model: &str, extra: &[&str], turns: &str) -> (String, Vec<
     (ok(o), cached)
 }
 
+/// `slm chat` on `turns` with the prefix cache off, then on, which must give the same output:
+/// (that output, cached tokens of each turn without the cache, with it).
+fn chat_without_and_with_the_cache(
+    models: &str,
+    model: &str,
+    turns: &str,
+) -> (String, Vec<u32>, Vec<u32>) {
+    let (plain, none) = chat(models, model, &["--prefix-cache-mb", "0"], turns);
+    let (cached, hits) = chat(models, model, &[], turns);
+    assert_eq!(plain, cached, "the prefix cache changed greedy output");
+    (plain, none, hits)
+}
+
 #[test]
 fn prefix_cache_reuses_earlier_turns_and_changes_nothing() {
     let turns = "Name a color.\nName another one.\nAnd a third?\n";
-    let (plain, none) = chat(
-        "target/test-models",
-        "tiny",
-        &["--prefix-cache-mb", "0"],
-        turns,
-    );
-    let (cached, hits) = chat("target/test-models", "tiny", &[], turns);
-    assert_eq!(plain, cached, "the prefix cache changed greedy output");
+    let (_, none, hits) = chat_without_and_with_the_cache("target/test-models", "tiny", turns);
     assert_eq!(none, vec![0, 0, 0]);
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0], 0);
@@ -191,14 +197,8 @@ fn prefix_cache_reuses_earlier_turns_and_changes_nothing() {
 #[test]
 fn prefix_cache_on_the_real_model_gives_the_same_answers() {
     let turns = "What is the capital of France?\nAnd of Italy?\n";
-    let (plain, _) = chat(
-        "models",
-        "smollm2-135m-instruct",
-        &["--prefix-cache-mb", "0"],
-        turns,
-    );
-    let (cached, hits) = chat("models", "smollm2-135m-instruct", &[], turns);
-    assert_eq!(plain, cached);
+    let (plain, _, hits) =
+        chat_without_and_with_the_cache("models", "smollm2-135m-instruct", turns);
     assert!(plain.contains("Paris"), "{plain}");
     assert!(hits[1] > 30, "{hits:?}");
 }

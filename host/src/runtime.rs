@@ -31,7 +31,7 @@ wasmtime::component::bindgen!({
 });
 
 pub use edge::slm::types::{
-    Error as GuestError, FinishReason, InvalidOption, Message, Options, Sampling, Summary,
+    Error as GuestError, FinishReason, Message, Options, Sampling, Summary,
 };
 
 /// Per-instance state.

@@ -39,22 +39,7 @@ pub(crate) fn rewrite(
     head_q8: bool,
 ) {
     let inits = init_positions(graph);
-    let rewrites = {
-        let finder = Finder {
-            graph,
-            producer: producers(graph),
-            inits: &inits,
-        };
-        let mut rewrites = vec![];
-        for (i, node) in graph.node.iter().enumerate() {
-            if node.op_type == "MatMul" && node.domain.is_empty() && node.input.len() == 2 {
-                if let Some(found) = finder.find(&node.input[1]) {
-                    rewrites.push((i, found));
-                }
-            }
-        }
-        rewrites
-    };
+    let rewrites = find_matmuls(graph, &inits);
     if rewrites.is_empty() {
         return;
     }
@@ -87,6 +72,24 @@ pub(crate) fn rewrite(
         }
     }
     graph.initializer.retain(|t| used.contains(&t.name));
+}
+
+/// The `MatMul` nodes whose weight is an int8 one ([`Finder::find`]), by index.
+fn find_matmuls(graph: &pb::GraphProto, inits: &HashMap<String, usize>) -> Vec<(usize, Found)> {
+    let finder = Finder {
+        graph,
+        producer: producers(graph),
+        inits,
+    };
+    let mut rewrites = vec![];
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type == "MatMul" && node.domain.is_empty() && node.input.len() == 2 {
+            if let Some(found) = finder.find(&node.input[1]) {
+                rewrites.push((i, found));
+            }
+        }
+    }
+    rewrites
 }
 
 /// A Gather of rows from an int8 table that a rewritten NK MatMul also reads (a tied embedding)

@@ -67,7 +67,7 @@ fn flag(name: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::InvalidOption;
+    use crate::runtime::edge::slm::types::InvalidOption;
 
     #[test]
     fn guest_messages_name_the_flag_and_the_models() {

@@ -117,8 +117,8 @@ mod x86 {
                     _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)),
                 );
                 let total = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
-                *t = hsum(total);
-                let amax = hmax(m);
+                *t = fold(total, |a, b| _mm_add_ps(a, b));
+                let amax = fold(m, |a, b| _mm_max_ps(a, b));
                 if amax > 0.0 {
                     *s = amax / 127.0;
                     let inv = _mm256_set1_ps(127.0 / amax);
@@ -139,27 +139,18 @@ mod x86 {
         }
     }
 
+    /// The 8 lanes of `v` folded by `op` (lane-wise on 128-bit halves) in a tree: lane l with
+    /// lane l + 4, then l + 2, then l + 1 (the order the portable sum copies).
+    ///
     /// # Safety
     /// The CPU has AVX (the caller is compiled for AVX2).
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    unsafe fn fold(v: __m256, op: impl Fn(__m128, __m128) -> __m128) -> f32 {
         // SAFETY: register-only AVX/SSE operations, on a CPU with AVX (the caller's contract).
         unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX (the caller is compiled for AVX2).
-    #[inline(always)]
-    unsafe fn hmax(v: __m256) -> f32 {
-        // SAFETY: register-only AVX/SSE operations, on a CPU with AVX (the caller's contract).
-        unsafe {
-            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)))
+            let s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = op(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(op(s, _mm_shuffle_ps(s, s, 1)))
         }
     }
 }

@@ -345,17 +345,11 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::kernels;
     use crate::kernels::dispatch::PanelKernels;
-    use crate::kernels::testing::Lcg;
+    use crate::kernels::testing::{Lcg, SHAPES};
 
     #[test]
     fn q8_head_matches_reference_and_keeps_its_rows() {
-        for (m, k, n) in [
-            (1, 32, 1),
-            (1, 64, 33),
-            (2, 96, 70),
-            (1, 576, 128),
-            (3, 128, 64),
-        ] {
+        for (m, k, n) in SHAPES {
             let mut g = Lcg((m * 1000 + k * 10 + n) as u64);
             // The symmetric int8 range, -127..=127.
             let rows: Vec<u8> = (0..k * n)

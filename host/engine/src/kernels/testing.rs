@@ -1,4 +1,5 @@
-//! What the kernels' tests share: test data, the f64 reference product, the threaded run.
+//! What the kernels' tests share: test data, the shapes of the products, the f64 reference
+//! product, the threaded run.
 
 /// A small deterministic generator (no dev-dependencies).
 pub struct Lcg(pub u64);
@@ -22,6 +23,29 @@ impl Lcg {
         (self.next() % 255) as i32 as u8 ^ 0x80
     }
 }
+
+/// The `(m, k, n)` every quantized product is checked on: K in whole blocks of 32 (the Q4_1 and
+/// Q8 unit), up to the default model's 576 and 1536; one row (decode) or several (prefill, below,
+/// at and past the 4-row tiles); N from 1 to 1536, in whole and partial panels of 32 and 64.
+pub const SHAPES: [(usize, usize, usize); 17] = [
+    (1, 32, 1),
+    (1, 64, 32),
+    (1, 64, 33),
+    (1, 96, 77),
+    (1, 576, 128),
+    (1, 576, 192),
+    (1, 1536, 64),
+    (1, 1536, 130),
+    (2, 32, 33),
+    (2, 96, 70),
+    (3, 64, 200),
+    (3, 128, 64),
+    (4, 64, 40),
+    (5, 576, 96),
+    (5, 576, 576),
+    (9, 96, 1536),
+    (9, 160, 70),
+];
 
 /// `x @ w` in f64 for `x` `[m, K]` and `w` `[K, N]` (row-major).
 pub fn reference_kn(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {

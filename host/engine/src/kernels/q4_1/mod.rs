@@ -208,7 +208,7 @@ mod tests {
     use super::*;
     use crate::kernels::dispatch::kernels;
     use crate::kernels::dispatch::PanelKernels;
-    use crate::kernels::testing::{same_on_threads, Lcg};
+    use crate::kernels::testing::{same_on_threads, Lcg, SHAPES};
 
     fn weights(g: &mut Lcg, k: usize, n: usize) -> Q4Weights {
         let q: Vec<u8> = (0..k * n).map(|_| (g.next() % 16) as u8).collect();
@@ -282,18 +282,7 @@ mod tests {
 
     #[test]
     fn q4_1_matmul_matches_reference() {
-        for (m, k, n) in [
-            (1, 32, 1),
-            (1, 64, 32),
-            (1, 576, 192),
-            (1, 96, 77),
-            (2, 32, 33),
-            (3, 128, 64),
-            (4, 64, 40),
-            (5, 576, 96),
-            (9, 160, 70),
-            (1, 1536, 64),
-        ] {
+        for (m, k, n) in SHAPES {
             check(m, k, n);
         }
     }

@@ -5,17 +5,26 @@
 /// exponential of such a score underflows to exactly 0 (the export's "minus infinity" is -1e9).
 const MASKED: f32 = -1e8;
 
+/// One query row `q` (D) and what it attends to: keys `k` (`[T, D]`) and values `v` (`[T, Dv]`),
+/// `mask(j)` the mask of key j, `scale` the factor of the scores.
+pub struct Query<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub mask: &'a dyn Fn(usize) -> f32,
+    pub scale: f32,
+}
+
 /// One query row: `scores` (T long) is scratch, `out` receives the Dv-wide result.
 #[inline(always)]
-fn attend_row_body(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &dyn Fn(usize) -> f32,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_row_body(query: &Query, scores: &mut [f32], out: &mut [f32]) {
+    let Query {
+        q,
+        k,
+        v,
+        mask,
+        scale,
+    } = *query;
     let (d, dv) = (q.len(), out.len());
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
@@ -71,33 +80,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The CPU has AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_row_avx2(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &dyn Fn(usize) -> f32,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_row_body(q, k, v, mask, scale, scores, out)
+unsafe fn attend_row_avx2(query: &Query, scores: &mut [f32], out: &mut [f32]) {
+    attend_row_body(query, scores, out)
 }
 
-/// One query row `q` (D) against keys `k` (`[T, D]`) and values `v` (`[T, Dv]`): `out` (Dv) =
-/// softmax(q k^T * scale + mask) v, `mask(j)` the mask of key j, `scores` (T) scratch.
-pub fn attend_row(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: &dyn Fn(usize) -> f32,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+/// One query row: `out` (Dv) = softmax(q k^T * scale + mask) v, `scores` (T) scratch.
+pub fn attend_row(query: &Query, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::avx2() {
         // SAFETY: the CPU has AVX2.
-        return unsafe { attend_row_avx2(q, k, v, mask, scale, scores, out) };
+        return unsafe { attend_row_avx2(query, scores, out) };
     }
-    attend_row_body(q, k, v, mask, scale, scores, out)
+    attend_row_body(query, scores, out)
 }

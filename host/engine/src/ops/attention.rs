@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::attend_row;
+use crate::kernels::attention::{attend_row, Query};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -152,13 +152,19 @@ impl EvalOp for Attention {
                 let kh = &kd[offset(h, lead, &ks)..][..t * d];
                 let vh = &vd[offset(h, lead, &vs)..][..t * dv];
                 let mask_base = offset(h, lead, &mask_strides[..rank - 2]) + i * mask_row;
-                let q_row = &qd[row * d..(row + 1) * d];
                 // SAFETY: row < heads * m, so the Dv values from row * dv are inside `out`
                 // (heads * m * dv long, alive until the calls return); each row is written by
                 // exactly one call, so the slice aliases nothing.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), dv) };
                 let mask_of = |j: usize| maskd[mask_base + j * mask_col];
-                attend_row(q_row, kh, vh, &mask_of, self.scale, &mut scores, o);
+                let query = Query {
+                    q: &qd[row * d..(row + 1) * d],
+                    k: kh,
+                    v: vh,
+                    mask: &mask_of,
+                    scale: self.scale,
+                };
+                attend_row(&query, &mut scores, o);
             }
         };
         parallel_ranges(rows, rows * t * (d + dv), &run);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{output, root, stateless_inputs};
+use common::{default_model_dir, output, root, stateless_inputs};
 use slm_engine::names::LOGITS;
 use slm_engine::{Model, Session};
 
@@ -17,11 +17,7 @@ const FAITHFUL: f64 = 1.03;
 
 #[test]
 fn whole_prompt_perplexity_is_faithful() {
-    let model_dir = root().join("models/smollm2-135m-instruct");
-    assert!(
-        model_dir.join("model.onnx").is_file(),
-        "run scripts/setup first: it converts the default model"
-    );
+    let model_dir = default_model_dir();
     // Not under target/test-models: that is a models directory for other tests.
     let work = root().join("target/quality-check");
     let status = Command::new(root().join(".venv/bin/python"))

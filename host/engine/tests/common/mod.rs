@@ -15,10 +15,23 @@ pub fn root() -> PathBuf {
 
 /// The tiny test model's directory (scripts/test builds it).
 pub fn tiny_dir() -> PathBuf {
-    let dir = root().join("target/test-models/tiny");
+    model_dir("target/test-models/tiny", "scripts/test builds it")
+}
+
+/// The default model's directory (scripts/setup converts it).
+pub fn default_model_dir() -> PathBuf {
+    model_dir(
+        "models/smollm2-135m-instruct",
+        "run scripts/setup first: it converts the default model",
+    )
+}
+
+/// `path` under the root, which must hold a model.onnx (else a failure saying `how` to make it).
+fn model_dir(path: &str, how: &str) -> PathBuf {
+    let dir = root().join(path);
     assert!(
         dir.join("model.onnx").is_file(),
-        "tiny model missing: scripts/test builds it into {}",
+        "{} has no model.onnx: {how}",
         dir.display()
     );
     dir

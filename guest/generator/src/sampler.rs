@@ -270,7 +270,10 @@ mod tests {
         for (bad, option) in [
             (validate(Some(-0.1), None, None, None), "temperature"),
             (validate(Some(f32::NAN), None, None, None), "temperature"),
-            (validate(Some(f32::INFINITY), None, None, None), "temperature"),
+            (
+                validate(Some(f32::INFINITY), None, None, None),
+                "temperature",
+            ),
             (validate(None, Some(0.0), None, None), "top-p"),
             (validate(None, Some(1.01), None, None), "top-p"),
             (validate(None, Some(f32::NAN), None, None), "top-p"),
@@ -279,7 +282,10 @@ mod tests {
             (validate(None, None, Some(f32::NAN), None), "min-p"),
             (validate(None, None, None, Some(0.0)), "repetition-penalty"),
             (validate(None, None, None, Some(-1.0)), "repetition-penalty"),
-            (validate(None, None, None, Some(f32::NAN)), "repetition-penalty"),
+            (
+                validate(None, None, None, Some(f32::NAN)),
+                "repetition-penalty",
+            ),
         ] {
             match bad {
                 Err(Error::InvalidOption { name, message }) => {

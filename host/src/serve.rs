@@ -28,6 +28,8 @@ use crate::runtime::{add_nn_to_linker, load_component, one_line, werr, HostState
 
 /// How often running wasm yields to the scheduler.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How long to wait before accepting again after an accept failed (e.g. no file descriptors left).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Instances that may exist at once (each request holds one while it runs).
 const MAX_INSTANCES: u32 = 128;
 
@@ -246,12 +248,30 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 .map(|m| format!("; default {m}"))
                 .unwrap_or_default()
         );
+        let mut accept_failing = false;
         loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => accepted.context("accept failed")?,
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("shutting down");
                     return Ok(());
+                }
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => {
+                    accept_failing = false;
+                    stream
+                }
+                // Out of file descriptors, or a connection gone before it was accepted: the
+                // connections already open go on, and accepting resumes once some close. Back
+                // off so a full descriptor table does not spin this loop; warn once per streak.
+                Err(e) => {
+                    if !accept_failing {
+                        eprintln!("warning: cannot accept connections: {e} (retrying)");
+                        accept_failing = true;
+                    }
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
                 }
             };
             let _ = stream.set_nodelay(true);

@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
 import pathlib
 import re
 import signal
@@ -48,7 +49,7 @@ def served(model_dir, tmp_path_factory):
             log.seek(0)
             pytest.fail(f"slm serve did not become ready:\n{log.read()}")
         time.sleep(0.3)
-    yield f"http://127.0.0.1:{port}", log_path
+    yield f"http://127.0.0.1:{port}", log_path, proc
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0  # Ctrl-C is a clean shutdown
     log.seek(0)
@@ -252,3 +253,33 @@ def test_prefix_cache_reuses_a_shared_system_prompt(client):
     assert again.usage.prompt_tokens_details.cached_tokens >= 40
     assert again.usage.prompt_tokens == first.usage.prompt_tokens
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_running_out_of_file_descriptors_does_not_stop_the_server(served):
+    """More idle connections than the process may open files: accepting fails (EMFILE) until some
+    close, and the server keeps serving (it used to exit on the first failed accept). Runs last:
+    it lowers the running server's descriptor limit for a moment."""
+    server, _, proc = served
+    host, port = server.removeprefix("http://").split(":")
+    limit = subprocess.run(["prlimit", f"--pid={proc.pid}", "--nofile", "--output=SOFT", "--noheadings"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    low = len(os.listdir(f"/proc/{proc.pid}/fd")) + 16
+    subprocess.run(["prlimit", f"--pid={proc.pid}", f"--nofile={low}:"], check=True)
+    socks = []
+    try:
+        socks = [socket.create_connection((host, int(port)), timeout=5) for _ in range(low + 32)]
+        time.sleep(1.0)  # the server accepts what it can, then fails on the rest
+        assert proc.poll() is None, "slm serve exited when it ran out of file descriptors"
+    finally:
+        for s in socks:
+            s.close()
+        subprocess.run(["prlimit", f"--pid={proc.pid}", f"--nofile={limit}:"], check=True)
+    deadline = time.time() + 30
+    while True:
+        try:
+            if _raw(server, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert time.time() < deadline, "slm serve did not answer again after the connections closed"
+        time.sleep(0.2)

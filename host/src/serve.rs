@@ -109,6 +109,16 @@ impl Server {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        // HTTP/1.1 requires Host; without it the request cannot be handed to the component.
+        if req.uri().authority().is_none() && !req.headers().contains_key(hyper::header::HOST) {
+            eprintln!("{method} {path} 400 no Host header");
+            let message = "the request has no Host header".to_string();
+            return Ok(error_response(
+                hyper::StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                message,
+            ));
+        }
 
         let mut store = Store::new(&self.engine, HostState::new(self.registry.clone())?);
         store.epoch_deadline_async_yield_and_update(1);
@@ -200,14 +210,26 @@ impl Drop for AbortOnDrop {
 
 /// A plain-text 500 for failures outside the component (it answers everything else itself).
 fn internal_error(message: String) -> hyper::Response<HyperOutgoingBody> {
+    error_response(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        message,
+    )
+}
+
+/// An error the host answers itself, in OpenAI's shape.
+fn error_response(
+    status: hyper::StatusCode,
+    kind: &str,
+    message: String,
+) -> hyper::Response<HyperOutgoingBody> {
     use http_body_util::{BodyExt, Full};
-    let body =
-        serde_json::json!({"error": {"message": message, "type": "server_error", "code": null}});
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": null}});
     let body = Full::new(bytes::Bytes::from(body.to_string()))
         .map_err(|never| match never {})
         .boxed_unsync();
     let mut resp = hyper::Response::new(body);
-    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),

@@ -177,6 +177,21 @@ def test_an_invalid_option_is_named_in_param(server, field, value):
     assert err["type"] == "invalid_request_error"
 
 
+def test_a_request_without_host_is_a_bad_request(server):
+    """HTTP/1.1 requires Host: a clear 400 in OpenAI's shape, not a 500 from the host's internals."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", raw
+    err = json.loads(body)["error"]
+    assert err["type"] == "invalid_request_error" and "Host" in err["message"], err
+    assert _raw(server, "GET", "/health")[0] == 200
+
+
 def test_wrong_method_and_path(server):
     assert _raw(server, "GET", "/v1/chat/completions")[0] == 405
     assert _raw(server, "POST", "/v1/nothing-here", b"{}")[0] == 404

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,14 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(model_dir, tmp_path_factory):
-    """A running `slm serve`: its base URL and the file its stderr (the access log) goes to."""
+def _start_serve(models: pathlib.Path, log_path: pathlib.Path):
+    """`slm serve` on a free port, once it answers /health: its base URL, process and log file."""
     assert SLM.is_file(), "build the host first: scripts/build-all"
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w+")
-    proc = subprocess.Popen([str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(ROOT / "models")],
+    proc = subprocess.Popen([str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(models)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + 120
     while True:
@@ -49,11 +48,23 @@ def served(model_dir, tmp_path_factory):
             log.seek(0)
             pytest.fail(f"slm serve did not become ready:\n{log.read()}")
         time.sleep(0.3)
-    yield f"http://127.0.0.1:{port}", log_path, proc
+    return f"http://127.0.0.1:{port}", proc, log
+
+
+def _stop_serve(proc, log):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0  # Ctrl-C is a clean shutdown
     log.seek(0)
     print(log.read()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory):
+    """A running `slm serve`: its base URL, the file its stderr (the access log) goes to, its process."""
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    url, proc, log = _start_serve(ROOT / "models", log_path)
+    yield url, log_path, proc
+    _stop_serve(proc, log)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +201,29 @@ def test_a_request_without_host_is_a_bad_request(server):
     err = json.loads(body)["error"]
     assert err["type"] == "invalid_request_error" and "Host" in err["message"], err
     assert _raw(server, "GET", "/health")[0] == 200
+
+
+def test_one_broken_model_does_not_break_the_others(tmp_path):
+    """A model directory with an unreadable config.json is left out of /v1/models; /health and the
+    other models keep working, and a request naming it gets a clear model error."""
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "target" / "test-models" / "tiny", models / "tiny")
+    shutil.copytree(ROOT / "target" / "test-models" / "tiny", models / "broken")
+    (models / "broken" / "config.json").write_text("{not json")
+    url, proc, log = _start_serve(models, tmp_path / "serve.log")
+    try:
+        status, _, body = _raw(url, "GET", "/v1/models")
+        assert status == 200, body
+        assert [m["id"] for m in json.loads(body)["data"]] == ["tiny"]
+        ask = lambda model: _raw(url, "POST", "/v1/completions",
+                                 json.dumps({"model": model, "prompt": "a b", "max_tokens": 2}).encode())
+        assert ask("tiny")[0] == 200
+        status, _, body = ask("broken")
+        assert status == 500, body
+        assert "config.json" in json.loads(body)["error"]["message"], body
+        assert ask("absent")[0] == 404
+    finally:
+        _stop_serve(proc, log)
 
 
 def test_wrong_method_and_path(server):

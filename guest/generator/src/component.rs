@@ -181,6 +181,22 @@ fn summary(s: Summary) -> wit::Summary {
     }
 }
 
+/// What `list-models` says of model `name`. The JSON files suffice; the tokenizer is parsed only
+/// if config.json has no vocabulary size.
+fn model_info(name: String) -> Result<wit::ModelInfo> {
+    let info = model::info(&model_dir(&name))?;
+    let vocab_size = match info.vocab_size {
+        Some(n) => n,
+        None => get_model(Some(&name))?.vocab_size,
+    };
+    Ok(wit::ModelInfo {
+        name,
+        context_length: info.context_length,
+        vocab_size,
+        has_chat_template: info.has_chat_template,
+    })
+}
+
 struct CompletionImpl {
     inner: RefCell<Generation<NnSession>>,
 }
@@ -201,18 +217,12 @@ impl Guest for Component {
     fn list_models() -> std::result::Result<Vec<wit::ModelInfo>, wit::Error> {
         let mut out = Vec::new();
         for name in model::list(Path::new(MODELS_ROOT))? {
-            // The JSON files suffice; parse the tokenizer only if config.json has no vocab size.
-            let info = model::info(&model_dir(&name))?;
-            let vocab_size = match info.vocab_size {
-                Some(n) => n,
-                None => get_model(Some(&name))?.vocab_size,
-            };
-            out.push(wit::ModelInfo {
-                name,
-                context_length: info.context_length,
-                vocab_size,
-                has_chat_template: info.has_chat_template,
-            });
+            match model_info(name.clone()) {
+                Ok(info) => out.push(info),
+                // One broken model directory must not hide the others (nor fail /health): it is
+                // left out of the list, said on stderr, and a request naming it gets its error.
+                Err(e) => eprintln!("warning: model {name:?} is not listed: {e}"),
+            }
         }
         Ok(out)
     }

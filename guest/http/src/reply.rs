@@ -97,10 +97,11 @@ fn new_id(prefix: &str) -> String {
 fn check_model(options: &Options) -> Result<String, ApiError> {
     let models = generator::list_models().map_err(api_error)?;
     let info = match &options.model {
-        Some(name) => models
-            .iter()
-            .find(|m| &m.name == name)
-            .ok_or_else(|| api_error(GenError::ModelNotFound(name.clone())))?,
+        Some(name) => match models.iter().find(|m| &m.name == name) {
+            Some(info) => info,
+            // Not listed: not installed, or installed but unreadable; the generator says which.
+            None => return Ok(name.clone()),
+        },
         None => models
             .first()
             .ok_or_else(|| api_error(GenError::ModelNotFound("(none installed)".into())))?,

@@ -15,6 +15,9 @@ mod openai;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod reply;
 
+/// The request parser, for the integration tests (tests/fuzz_request.rs).
+pub use openai::{chat_request, completion_request, ApiError, Request};
+
 #[cfg(target_arch = "wasm32")]
 mod handler {
     use spin_sdk::http::{IncomingRequest, Method, ResponseOutparam};

@@ -121,17 +121,59 @@ pub enum Cmd {
     Logits(LogitsArgs),
     /// Serve the OpenAI-compatible HTTP API (dist/slm-http.wasm) with wasi:nn on this host.
     ///
-    /// Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
-    /// One instance per request; one log line per request on stderr.
-    Serve {
-        /// Address to listen on (port 0 picks a free port; the address is printed on stderr).
-        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
-        listen: std::net::SocketAddr,
-        /// Serve slm-http-portable.wasm, which carries its own wasi:nn (tract compiled to wasm),
-        /// instead of using this host's native one.
-        #[arg(long)]
-        portable: bool,
-    },
+    /// Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+    /// GET /metrics (Prometheus). One instance per request; one log line per request on stderr.
+    /// Every limit below answers in OpenAI's error shape; README "Security and limits".
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the address is printed on stderr).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+    /// Serve slm-http-portable.wasm, which carries its own wasi:nn (tract compiled to wasm),
+    /// instead of using this host's native one.
+    #[arg(long)]
+    pub portable: bool,
+    /// Require `Authorization: Bearer KEY` on every route but /health (401 otherwise).
+    /// Repeatable; see also --api-key-file.
+    #[arg(long, env = "SLM_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Vec<String>,
+    /// Accepted API keys, one per line (blank lines and lines starting with # are skipped).
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest request body, in KiB (413 above it, refused before it is read).
+    #[arg(long, default_value_t = 1024, value_name = "KIB")]
+    pub max_body_kib: usize,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body (408 after it).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub body_timeout: u64,
+    /// Open connections at most; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub max_connections: usize,
+    /// Generations running at once per model; more wait in its queue.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub max_running: usize,
+    /// Generations waiting per model; one more is answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_queue: usize,
+    /// Seconds a request may take from arrival to its last byte, waiting included (503 if no
+    /// answer has started by then; a stream is cut).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub request_timeout: u64,
+    /// Tokens one request may generate: a larger max_tokens is refused (400), a request
+    /// without one gets this.
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    pub max_tokens_limit: u32,
+    /// Linear memory one request's instance may use, in MiB [default: 512, --portable 2048
+    /// (it holds the model)].
+    #[arg(long, value_name = "MIB")]
+    pub max_instance_memory_mib: Option<usize>,
 }
 
 #[derive(Args, Clone, Default)]

@@ -16,6 +16,8 @@ pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 /// A model file loaded on first use, once per process, with its prefix cache.
 pub struct LazyModel {
+    /// The model's name: its directory's.
+    name: String,
     path: PathBuf,
     cell: OnceLock<Result<Arc<Model>, String>>,
     prefix: Arc<PrefixCache>,
@@ -32,12 +34,14 @@ impl LazyModel {
     /// `prefix_cache_bytes`: the prefix cache's size limit (0: no cache). Loads on `placement`
     /// (what `device` resolved to: [`slm_engine::resolve`]).
     pub fn new(
+        name: String,
         path: PathBuf,
         prefix_cache_bytes: usize,
         device: Device,
         placement: Placement,
     ) -> Self {
         LazyModel {
+            name,
             path,
             cell: OnceLock::new(),
             prefix: Arc::new(PrefixCache::new(prefix_cache_bytes)),
@@ -46,6 +50,11 @@ impl LazyModel {
             placement,
             placed: OnceLock::new(),
         }
+    }
+
+    /// The model's name (its directory's).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The model file.
@@ -86,14 +95,17 @@ impl LazyModel {
         r
     }
 
-    /// The model, loading it on the first call (every caller waits for that one load).
+    /// The model, loading it on the first call (every caller waits for that one load). The error
+    /// names the model, not the host's path: it reaches guests and, through them, HTTP clients.
     pub fn get(&self) -> Result<Arc<Model>, String> {
         self.cell
             .get_or_init(|| {
                 let t = std::time::Instant::now();
                 let r = self.load().map(Arc::new).map_err(|e| match e {
-                    EngineError::Load { .. } => e.to_string(),
-                    other => format!("cannot load model {}: {other}", self.path.display()),
+                    EngineError::Load { message, .. } => {
+                        format!("cannot load model {} (model.onnx): {message}", self.name)
+                    }
+                    other => format!("cannot load model {}: {other}", self.name),
                 });
                 let _ = self.load_ms.set(t.elapsed().as_secs_f64() * 1e3);
                 match &r {
@@ -115,6 +127,9 @@ impl LazyModel {
 pub struct ModelRegistry {
     dir: PathBuf,
     models: BTreeMap<String, Arc<LazyModel>>,
+    /// Models whose directory is a symbolic link, with the directory it resolves to: guests get
+    /// each mounted at `/models/<name>`, since their sandbox does not follow links.
+    linked: Vec<(String, PathBuf)>,
     device: Device,
 }
 
@@ -129,8 +144,10 @@ impl ModelRegistry {
         placement: Placement,
     ) -> std::io::Result<Self> {
         let mut models = BTreeMap::new();
+        let mut linked = Vec::new();
         for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             let model = path.join("model.onnx");
             if !model.is_file() {
                 continue;
@@ -138,12 +155,22 @@ impl ModelRegistry {
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            let lazy = LazyModel::new(model, prefix_cache_bytes, device, placement.clone());
+            if entry.file_type()?.is_symlink() {
+                linked.push((name.to_string(), std::fs::canonicalize(&path)?));
+            }
+            let lazy = LazyModel::new(
+                name.to_string(),
+                model,
+                prefix_cache_bytes,
+                device,
+                placement.clone(),
+            );
             models.insert(name.to_string(), Arc::new(lazy));
         }
         Ok(ModelRegistry {
             dir: dir.to_path_buf(),
             models,
+            linked,
             device,
         })
     }
@@ -160,6 +187,19 @@ impl ModelRegistry {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Models whose directory is a symbolic link, and where it leads.
+    pub fn linked_dirs(&self) -> &[(String, PathBuf)] {
+        &self.linked
+    }
+
+    /// The context length `config.json` declares (`max_position_embeddings`), if it is readable.
+    pub fn context_length(&self, name: &str) -> Option<u64> {
+        let dir = self.models.get(name)?.path.parent()?;
+        let config = std::fs::read(dir.join("config.json")).ok()?;
+        let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
+        config.get("max_position_embeddings")?.as_u64()
     }
 
     /// How long loading `name` took, once it is loaded.

@@ -2,7 +2,8 @@
 //! as a `.cwasm` keyed by a content hash), pre-linked once (`InstancePre`), instantiated per use.
 //!
 //! The guest sees WASI Preview 2 with only the models directory, read-only, at `/models`, stderr,
-//! clocks and random; no network, no environment, no other files. wasi:nn is ours (see [`crate::wasi_nn`]).
+//! clocks and random; no network, no other files, and no environment but what the host passes on
+//! purpose (`slm serve`'s limits). wasi:nn is ours (see [`crate::wasi_nn`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct HostState {
     pub nn: NnCtx,
     http: WasiHttpCtx,
     http_hooks: NoOutgoingRequests,
+    /// Memory the instance may grow to (`slm serve`; unlimited otherwise).
+    pub limits: wasmtime::StoreLimits,
 }
 
 /// The guests we serve have no business making outgoing HTTP requests.
@@ -85,24 +88,39 @@ impl HostState {
     /// A fresh state: WASI with the models directory read-only at `/models`, stderr, clocks and
     /// random; wasi:nn on the shared registry.
     pub fn new(registry: Arc<ModelRegistry>) -> Result<HostState> {
+        Self::with_env(registry, &[])
+    }
+
+    /// [`HostState::new`] with these environment variables for the guest.
+    pub fn with_env(registry: Arc<ModelRegistry>, env: &[(&str, String)]) -> Result<HostState> {
         let dir = registry.dir();
-        let wasi = WasiCtxBuilder::new()
-            .inherit_stderr()
-            .preopened_dir(dir, "/models", FsPerms::ReadOnly)
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.inherit_stderr();
+        wasi.preopened_dir(dir, "/models", FsPerms::ReadOnly)
             .map_err(|e| {
                 anyhow!(
                     "cannot open models directory {}: {}",
                     dir.display(),
                     one_line(&e)
                 )
-            })?
-            .build();
+            })?;
+        // The sandbox does not follow a link out of `/models`: mount a linked model directory
+        // at its own path, where the guest looks for it.
+        for (name, target) in registry.linked_dirs() {
+            let at = format!("/models/{name}");
+            wasi.preopened_dir(target, &at, FsPerms::ReadOnly)
+                .map_err(|e| anyhow!("cannot open model directory {name}: {}", one_line(&e)))?;
+        }
+        for (key, value) in env {
+            wasi.env(key, value);
+        }
         Ok(HostState {
-            wasi,
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             nn: NnCtx::new(registry),
             http: WasiHttpCtx::new(),
             http_hooks: NoOutgoingRequests,
+            limits: wasmtime::StoreLimits::default(),
         })
     }
 }

@@ -8,10 +8,12 @@
 //! glue (tensor checks, error kinds, the stateful context, the prefix cache) is in the
 //! `slm-wasi-nn` crate, which the in-wasm wasi:nn (guest/nn) shares.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use slm_engine::{Device, Model, Placement};
-use slm_wasi_nn::names::INPUT_IDS;
+use slm_wasi_nn::names::{CACHED_TOKENS, INPUT_IDS};
 use slm_wasi_nn::{ExecContext, NnError, NnTensor, Target};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -64,11 +66,35 @@ impl NnStats {
     }
 }
 
+/// One finished `compute` on a registered model, as [`StepObserver`]s see it.
+pub struct Step<'a> {
+    pub model: &'a str,
+    /// Tokens sent (`input_ids`), and how many of the context's tokens the prefix cache restored.
+    pub tokens: u64,
+    pub cached_tokens: u64,
+    /// Seconds since the instance's previous step, or since `started` for its first.
+    pub seconds: f64,
+    pub first: bool,
+}
+
+/// Receives what an instance's wasi:nn calls do as they happen (`slm serve`'s metrics).
+pub trait StepObserver: Send + Sync {
+    fn step(&self, step: &Step);
+    /// The tokens held in KV caches of `model` changed by `delta`.
+    fn kv_tokens(&self, model: &str, delta: i64);
+}
+
 /// Per-instance wasi:nn state.
 pub struct NnCtx {
     registry: Arc<ModelRegistry>,
     /// What this instance asked of the engine (for the per-request log line).
     pub stats: NnStats,
+    observer: Option<Arc<dyn StepObserver>>,
+    /// When the instance's work started, then when its last step ended.
+    last_step: Instant,
+    first_step_done: bool,
+    /// Live execution contexts on registered models: their model and the tokens they hold.
+    contexts: BTreeMap<u32, (Arc<str>, usize)>,
 }
 
 impl NnCtx {
@@ -76,7 +102,71 @@ impl NnCtx {
         NnCtx {
             registry,
             stats: NnStats::default(),
+            observer: None,
+            last_step: Instant::now(),
+            first_step_done: false,
+            contexts: BTreeMap::new(),
         }
+    }
+
+    /// Reports every step to `observer`; the first step's time counts from `started`.
+    pub fn observe(&mut self, observer: Arc<dyn StepObserver>, started: Instant) {
+        self.observer = Some(observer);
+        self.last_step = started;
+    }
+
+    /// Context `rep` now holds `held` tokens in its KV cache.
+    fn holds(&mut self, rep: u32, held: usize) {
+        if let (Some(observer), Some((model, before))) =
+            (&self.observer, self.contexts.get_mut(&rep))
+        {
+            observer.kv_tokens(model, held as i64 - *before as i64);
+            *before = held;
+        }
+    }
+
+    /// Context `rep` finished a step that sent `tokens`.
+    fn stepped(&mut self, rep: u32, tokens: u64, cached_tokens: u64) {
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last_step).as_secs_f64();
+        self.last_step = now;
+        let first = !std::mem::replace(&mut self.first_step_done, true);
+        if let (Some(observer), Some((model, _))) = (&self.observer, self.contexts.get(&rep)) {
+            observer.step(&Step {
+                model,
+                tokens,
+                cached_tokens,
+                seconds,
+                first,
+            });
+        }
+    }
+
+    /// Context `rep` is gone: its KV cache with it.
+    fn released(&mut self, rep: u32) {
+        if let (Some(observer), Some((model, held))) = (&self.observer, self.contexts.remove(&rep))
+        {
+            observer.kv_tokens(&model, -(held as i64));
+        }
+    }
+}
+
+impl Drop for NnCtx {
+    fn drop(&mut self) {
+        for rep in self.contexts.keys().copied().collect::<Vec<_>>() {
+            self.released(rep);
+        }
+    }
+}
+
+/// Runs `f`, inference that blocks for a while, without holding up an async runtime it is called
+/// from: under `slm serve` (tokio, multi-threaded) the worker first hands its other tasks (other
+/// connections, `/health`) to another thread. Elsewhere `f` just runs.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -211,13 +301,10 @@ impl graph::Host for NnView<'_> {
                 let graph = NnGraph::Registered(model.clone());
                 Ok(Ok(self.table.push(graph)?))
             }
-            None => {
-                let dir = self.ctx.registry.dir().display();
-                self.fail(NnError::new(
-                    slm_wasi_nn::ErrorKind::NotFound,
-                    format!("no model named {name:?} in {dir}"),
-                ))
-            }
+            None => self.fail(NnError::new(
+                slm_wasi_nn::ErrorKind::NotFound,
+                format!("no model named {name:?} in the models directory"),
+            )),
         }
     }
 }
@@ -227,15 +314,25 @@ impl graph::HostGraph for NnView<'_> {
         &mut self,
         g: Resource<NnGraph>,
     ) -> wasmtime::Result<Result<Resource<ExecContext>, Resource<NnError>>> {
-        let ctx = match self.table.get(&g)? {
-            NnGraph::Loaded(model) => Ok(ExecContext::new(model.clone(), None)),
-            NnGraph::Registered(lazy) => lazy
-                .get()
-                .map(|model| ExecContext::new(model, Some(lazy.prefix_cache())))
-                .map_err(NnError::runtime),
+        let (ctx, model) = match self.table.get(&g)? {
+            NnGraph::Loaded(model) => (Ok(ExecContext::new(model.clone(), None)), None),
+            NnGraph::Registered(lazy) => {
+                let lazy = lazy.clone();
+                // The first use loads the model: seconds.
+                let ctx = blocking(|| lazy.get())
+                    .map(|model| ExecContext::new(model, Some(lazy.prefix_cache())))
+                    .map_err(NnError::runtime);
+                (ctx, Some(Arc::<str>::from(lazy.name())))
+            }
         };
         match ctx {
-            Ok(ctx) => Ok(Ok(self.table.push(ctx)?)),
+            Ok(ctx) => {
+                let r = self.table.push(ctx)?;
+                if let Some(model) = model {
+                    self.ctx.contexts.insert(r.rep(), (model, 0));
+                }
+                Ok(Ok(r))
+            }
             Err(e) => self.fail(e),
         }
     }
@@ -255,13 +352,26 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         for (name, t) in inputs {
             named.push((name, self.table.delete(t)?));
         }
-        if let Some((_, t)) = named.iter().find(|(n, _)| n == INPUT_IDS) {
-            self.ctx
-                .stats
-                .record(t.dimensions.iter().map(|&d| d as u64).product());
+        let tokens = named
+            .iter()
+            .find(|(n, _)| n == INPUT_IDS)
+            .map(|(_, t)| t.dimensions.iter().map(|&d| d as u64).product::<u64>());
+        if let Some(tokens) = tokens {
+            self.ctx.stats.record(tokens);
         }
-        match self.table.get_mut(&ctx)?.compute(named) {
+        let exec = self.table.get_mut(&ctx)?;
+        let result = blocking(|| exec.compute(named));
+        let held = exec.cached_len();
+        self.ctx.holds(ctx.rep(), held);
+        match result {
             Ok(outputs) => {
+                let cached = outputs
+                    .iter()
+                    .find(|(n, _)| n == CACHED_TOKENS)
+                    .and_then(|(_, t)| Some(i64::from_le_bytes(t.data.get(..8)?.try_into().ok()?)))
+                    .unwrap_or(0);
+                self.ctx
+                    .stepped(ctx.rep(), tokens.unwrap_or(0), cached.max(0) as u64);
                 let mut out = Vec::with_capacity(outputs.len());
                 for (name, t) in outputs {
                     out.push((name, self.table.push(t)?));
@@ -272,6 +382,7 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
         }
     }
     fn drop(&mut self, ctx: Resource<ExecContext>) -> wasmtime::Result<()> {
+        self.ctx.released(ctx.rep());
         self.delete(ctx)
     }
 }

@@ -28,12 +28,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_serve(models: pathlib.Path, log_path: pathlib.Path):
-    """`slm serve` on a free port, once it answers /health: its base URL, process and log file."""
+def _start_serve(models: pathlib.Path, log_path: pathlib.Path, *flags: str):
+    """`slm serve FLAGS` on a free port, once it answers /health: its base URL, process and log file."""
     assert SLM.is_file(), "build the host first: scripts/build-all"
     port = _free_port()
     log = open(log_path, "w+")
-    proc = subprocess.Popen([str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(models)],
+    proc = subprocess.Popen([str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(models), *flags],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + 120
     while True:

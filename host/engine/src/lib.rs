@@ -34,7 +34,7 @@ mod tensor;
 pub use error::EngineError;
 pub use kernels::set_threads;
 pub use model::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};
-pub use model::{Model, ModelInfo};
+pub use model::{release_free_memory, Model, ModelInfo};
 pub use session::{KvSnapshot, Session};
 #[doc(hidden)]
 pub use session::{NodeTime, Profile};

@@ -59,9 +59,7 @@ pub fn main() -> Result<()> {
     let registry = || discover(&cli.global, device, placement.clone());
 
     match &cli.cmd {
-        Cmd::Serve { listen, portable } => {
-            return serve::serve(&cli.global, registry()?, *listen, *portable)
-        }
+        Cmd::Serve(args) => return serve::serve(&cli.global, registry()?, args),
         Cmd::Logits(args) => return crate::devcheck::logits(&registry()?, args),
         _ => {}
     }
@@ -102,7 +100,7 @@ pub fn main() -> Result<()> {
                 portable: *portable,
             },
         ),
-        Cmd::Serve { .. } | Cmd::Logits(_) => unreachable!("handled above"),
+        Cmd::Serve(_) | Cmd::Logits(_) => unreachable!("handled above"),
     }
 }
 

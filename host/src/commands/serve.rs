@@ -1,31 +1,88 @@
-//! `slm serve`: picks the HTTP component (native or portable) and runs [`crate::serve`] on the
-//! models.
+//! `slm serve`: picks the HTTP component (native or portable), turns the flags into the server's
+//! limits and API keys, and runs [`crate::serve`] on the models.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context as _, Result};
 
-use crate::cli::Global;
+use crate::cli::{Global, ServeArgs};
 use crate::commands::{HTTP_FILE, HTTP_PORTABLE_FILE};
 use crate::registry::ModelRegistry;
 use crate::runtime::find_component;
+use crate::serve::{ApiKeys, Limits};
 
-pub fn serve(
-    g: &Global,
-    registry: ModelRegistry,
-    listen: SocketAddr,
-    portable: bool,
-) -> Result<()> {
-    let file = if portable {
+/// Linear memory of one instance by default, in MiB: the native app needs the tokenizer and the
+/// request; the portable one also holds the model it runs.
+const INSTANCE_MEMORY_MIB: usize = 512;
+const PORTABLE_INSTANCE_MEMORY_MIB: usize = 2048;
+
+pub fn serve(g: &Global, registry: ModelRegistry, args: &ServeArgs) -> Result<()> {
+    let file = if args.portable {
         HTTP_PORTABLE_FILE
     } else {
         HTTP_FILE
     };
     let component = find_component(g.component.as_deref(), file)?;
     crate::serve::serve(crate::serve::ServeOptions {
-        listen,
+        listen: args.listen,
         component: &component,
         registry: Arc::new(registry),
+        limits: limits(args)?,
+        api_keys: api_keys(args)?,
     })
+}
+
+fn limits(args: &ServeArgs) -> Result<Limits> {
+    let positive = |flag: &str, n: u64| {
+        if n == 0 {
+            bail!("{flag} must be at least 1");
+        }
+        Ok(())
+    };
+    positive("--max-body-kib", args.max_body_kib as u64)?;
+    positive("--header-timeout", args.header_timeout)?;
+    positive("--body-timeout", args.body_timeout)?;
+    positive("--max-connections", args.max_connections as u64)?;
+    positive("--max-running", args.max_running as u64)?;
+    positive("--request-timeout", args.request_timeout)?;
+    positive("--max-tokens-limit", args.max_tokens_limit.into())?;
+    let memory_mib = args.max_instance_memory_mib.unwrap_or(if args.portable {
+        PORTABLE_INSTANCE_MEMORY_MIB
+    } else {
+        INSTANCE_MEMORY_MIB
+    });
+    positive("--max-instance-memory-mib", memory_mib as u64)?;
+    if memory_mib > 4096 {
+        bail!("--max-instance-memory-mib: a 32-bit instance has at most 4096 MiB");
+    }
+    Ok(Limits {
+        max_body_bytes: args.max_body_kib.saturating_mul(1024),
+        header_timeout: Duration::from_secs(args.header_timeout),
+        body_timeout: Duration::from_secs(args.body_timeout),
+        max_connections: args.max_connections,
+        max_running: args.max_running,
+        max_queue: args.max_queue,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        max_tokens: args.max_tokens_limit,
+        instance_memory_bytes: memory_mib << 20,
+    })
+}
+
+fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
+    let mut keys = args.api_key.clone();
+    if let Some(file) = &args.api_key_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read --api-key-file {}", file.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+        if keys.is_empty() {
+            bail!("--api-key-file {} holds no key", file.display());
+        }
+    }
+    ApiKeys::new(keys)
 }

@@ -43,6 +43,11 @@ impl ExecContext {
         }
     }
 
+    /// Tokens in the context's KV cache now.
+    pub fn cached_len(&self) -> usize {
+        self.tokens.len()
+    }
+
     /// wasi:nn `compute` on boundary tensors.
     pub fn compute(&mut self, inputs: Named<NnTensor>) -> Result<Named<NnTensor>, NnError> {
         let inputs = inputs

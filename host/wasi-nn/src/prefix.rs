@@ -142,8 +142,7 @@ impl<K: Kv> PrefixCache<K> {
         }
     }
 
-    /// (entries, bytes) held now (what the tests check).
-    #[cfg(test)]
+    /// (entries, bytes) held now (for metrics and tests).
     pub fn usage(&self) -> (usize, usize) {
         self.entries
             .lock()

@@ -17,9 +17,10 @@ fn front_end() -> tract_onnx::Onnx {
     onnx
 }
 
-/// Hands the heap pages that loading freed (the decoded protobuf, in pieces of a few hundred KB
-/// that glibc keeps for reuse) back to the OS: ~10 MiB less resident for the process's life.
-fn release_free_memory() {
+/// Hands free heap pages back to the OS: after loading (the decoded protobuf, in pieces of a few
+/// hundred KB that glibc keeps for reuse: ~10 MiB less resident for the process's life), and for
+/// servers after a burst of long prompts. A no-op off glibc.
+pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         unsafe extern "C" {

@@ -15,6 +15,7 @@ mod cpu;
 mod device;
 mod gpu;
 
+pub use cpu::release_free_memory;
 pub use device::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};
 
 /// Shape facts of a decoder, read from its inputs and outputs.
@@ -144,9 +145,11 @@ impl Model {
             head_dim: 0,
             vocab: 0,
         };
+        let mut past_inputs = 0;
         for (i, kind) in kinds.iter().enumerate() {
             if let InputKind::Past { layer, .. } = kind {
-                info.layers = info.layers.max(layer + 1);
+                past_inputs += 1;
+                info.layers = info.layers.max(layer.saturating_add(1));
                 let fact = typed.input_fact(i)?;
                 // [batch, kv_heads, past, head_dim]: heads and head_dim are concrete.
                 if fact.rank() == 4 {
@@ -154,6 +157,15 @@ impl Model {
                     info.head_dim = fact.shape[3].as_i64().unwrap_or(0) as usize;
                 }
             }
+        }
+        // The session holds a KV cache slot for every layer up to the largest number: numbers
+        // beyond the inputs there are (`past_key_values.4294967296.key`) are a broken model.
+        if info.layers > past_inputs {
+            return Err(tract_onnx::tract_core::internal::format_err!(
+                "{}{}.* is not among {past_inputs} past inputs numbered from 0",
+                names::PAST_KEY_VALUES_PREFIX,
+                info.layers - 1
+            ));
         }
         if let Some(i) = outputs.iter().position(|n| n == names::LOGITS) {
             let fact = typed.output_fact(i)?;

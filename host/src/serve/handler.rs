@@ -1,0 +1,333 @@
+//! One request, from arrival to its last byte: the host's own checks (Host header, API key,
+//! body size and time), `/metrics`, admission to a model's slots, then a fresh instance of the
+//! component under the request's deadline and memory limit.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, StatusCode};
+use wasmtime::component::Linker;
+use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::WasiHttpView;
+
+use super::admission::{Admission, Slot};
+use super::metrics::{self, Metrics};
+use super::respond::{ApiError, Response};
+use super::{body, ApiKeys, Limits};
+use crate::registry::ModelRegistry;
+use crate::runtime::{add_nn_to_linker, load_component, one_line, werr, HostState};
+
+/// What every request needs: the pre-linked component, the shared models, the limits.
+pub struct Server {
+    pub engine: Engine,
+    pre: ProxyPre<HostState>,
+    pub registry: Arc<ModelRegistry>,
+    pub limits: Limits,
+    api_keys: ApiKeys,
+    admission: Admission,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How an instance's work ended.
+enum Ended {
+    Done(wasmtime::Result<()>),
+    /// It ran past the request's deadline and was stopped.
+    TimedOut,
+}
+
+type RequestTask = tokio::task::JoinHandle<Ended>;
+
+impl Server {
+    pub fn new(
+        engine: Engine,
+        component: &Path,
+        registry: Arc<ModelRegistry>,
+        limits: Limits,
+        api_keys: ApiKeys,
+    ) -> Result<Server> {
+        let component = load_component(&engine, component)?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(werr)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(werr)?;
+        add_nn_to_linker(&mut linker)?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow!("the HTTP component does not link: {}", one_line(&e)))?;
+        let pre = ProxyPre::new(pre).map_err(|e| {
+            anyhow!(
+                "the component does not export wasi:http/incoming-handler: {}",
+                one_line(&e)
+            )
+        })?;
+        let metrics = Arc::new(Metrics::new(limits.max_running));
+        let admission = Admission::new(
+            registry.names(),
+            limits.max_running,
+            limits.max_queue,
+            metrics.clone(),
+        );
+        Ok(Server {
+            engine,
+            pre,
+            registry,
+            limits,
+            api_keys,
+            admission,
+            metrics,
+        })
+    }
+
+    /// Serves one request; every answer, the host's or the component's, is logged and counted.
+    pub async fn handle(self: Arc<Self>, req: hyper::Request<hyper::body::Incoming>) -> Response {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        match self.clone().answer(req, started).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let status = e.status.as_u16();
+                eprintln!(
+                    "{method} {path} {status} {:.0} ms: {}",
+                    started.elapsed().as_secs_f64() * 1e3,
+                    e.message
+                );
+                self.metrics.request(&path, status);
+                e.into_response()
+            }
+        }
+    }
+
+    async fn answer(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+        started: Instant,
+    ) -> Result<Response, ApiError> {
+        let deadline = tokio::time::Instant::from_std(started + self.limits.request_timeout);
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        // HTTP/1.1 requires Host; without it the request cannot be handed to the component.
+        if req.uri().authority().is_none() && !req.headers().contains_key(hyper::header::HOST) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the request has no Host header",
+            ));
+        }
+        let route = metrics::route_label(&path);
+        if self.api_keys.required() && route != "/health" {
+            let auth = req.headers().get(hyper::header::AUTHORIZATION);
+            if !self.api_keys.allows(auth.map(|v| v.as_bytes())) {
+                let message = match auth {
+                    None => "no API key: send Authorization: Bearer <key>",
+                    Some(_) => "incorrect API key",
+                };
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    message,
+                )
+                .code("invalid_api_key"));
+            }
+        }
+        if route == "/metrics" && method == Method::GET {
+            let text = self.metrics.render(&self.registry);
+            // Counted before rendering would count the scrape in itself; count it after.
+            self.metrics.request(&path, 200);
+            return Ok(super::respond::full(
+                text,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ));
+        }
+        let req = body::read(req, self.limits.max_body_bytes, self.limits.body_timeout).await?;
+
+        // A generation waits for a slot of its model (the default when it names none).
+        let generates =
+            method == Method::POST && matches!(route, "/v1/chat/completions" | "/v1/completions");
+        let model = match generates.then(|| body::requested_model(req.body())) {
+            Some(Some(Some(model))) => Some(model),
+            Some(Some(None)) => self.registry.default_model(),
+            _ => None,
+        };
+        let slot = match model {
+            Some(model) => self.admit(&model, deadline).await?,
+            None => None,
+        };
+        self.run(req, started, deadline, slot).await
+    }
+
+    async fn admit(
+        &self,
+        model: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Slot>, ApiError> {
+        match tokio::time::timeout_at(deadline, self.admission.admit(model)).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(full)) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!(
+                    "model {} is busy: {} generations running and {} waiting; retry later",
+                    full.model, full.running, full.waiting
+                ),
+            )
+            .code("overloaded")
+            .retry_after(1)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!(
+                "the request took longer than this server's limit of {} s",
+                self.limits.request_timeout.as_secs()
+            ),
+        )
+        .code("timeout")
+    }
+
+    /// Runs the component on the request in a fresh instance, in its own task.
+    async fn run(
+        &self,
+        req: hyper::Request<bytes::Bytes>,
+        started: Instant,
+        deadline: tokio::time::Instant,
+        slot: Option<Slot>,
+    ) -> Result<Response, ApiError> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let internal = |what: &str, e: wasmtime::Error| {
+            eprintln!("{method} {path}: {what}: {}", one_line(&e));
+            ApiError::internal()
+        };
+        let env = [("SLM_MAX_TOKENS", self.limits.max_tokens.to_string())];
+        let mut state = HostState::with_env(self.registry.clone(), &env).map_err(|e| {
+            eprintln!("{method} {path}: {e:#}");
+            ApiError::internal()
+        })?;
+        state.limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.instance_memory_bytes)
+            .build();
+        state.nn.observe(metrics::observer(&self.metrics), started);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let status = Arc::new(AtomicU16::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (request, out) = {
+            let body = req.map(|b| {
+                Full::new(b)
+                    .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} })
+            });
+            let mut http = store.data_mut().http();
+            let request = http
+                .new_incoming_request(Scheme::Http, body)
+                .map_err(|e| internal("cannot pass the request on", e))?;
+            let seen = status.clone();
+            let out = http
+                .new_response_outparam_from_callback(move |resp| {
+                    let code = resp.as_ref().map(|r| r.status().as_u16()).unwrap_or(500);
+                    seen.store(code, Ordering::Relaxed);
+                    let _ = tx.send(resp);
+                })
+                .map_err(|e| internal("cannot pass the request on", e))?;
+            (request, out)
+        };
+
+        let pre = self.pre.clone();
+        let metrics = self.metrics.clone();
+        let (log_method, log_path) = (method.clone(), path.clone());
+        let task = tokio::spawn(async move {
+            let _slot = slot; // held until the last byte is written
+            let work = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, out)
+                    .await
+            };
+            let ended = match tokio::time::timeout_at(deadline, work).await {
+                Ok(result) => Ended::Done(result),
+                Err(_) => Ended::TimedOut,
+            };
+            let stats = store.data().nn.stats;
+            let code = match status.load(Ordering::Relaxed) {
+                0 => 500,
+                c => c,
+            };
+            let error = match &ended {
+                Ended::Done(Ok(())) => String::new(),
+                Ended::Done(Err(e)) => format!(" error: {}", one_line(e)),
+                Ended::TimedOut => " stopped: past --request-timeout".to_string(),
+            };
+            // The access log: one line per request.
+            eprintln!(
+                "{log_method} {log_path} {code} tokens {}+{} {:.0} ms{error}",
+                stats.prompt_tokens,
+                stats.generated_tokens,
+                started.elapsed().as_secs_f64() * 1e3,
+            );
+            // An unanswered request is counted by whoever answers it.
+            if status.load(Ordering::Relaxed) != 0 {
+                metrics.request(&log_path, code);
+            }
+            ended
+        });
+        // Dropped when the client goes away before the response starts: stop its work too.
+        let guard = AbortOnDrop(Some(task));
+
+        match rx.await {
+            Ok(Ok(resp)) => {
+                drop(guard.take()); // the task now feeds the body, and stops when it is dropped
+                Ok(resp)
+            }
+            Ok(Err(code)) => {
+                eprintln!("{method} {path}: the component answered with an error: {code:?}");
+                Err(ApiError::internal())
+            }
+            Err(_) => {
+                // The component finished (or trapped, or ran out of time) without a response.
+                match guard.take().await {
+                    Ok(Ended::TimedOut) => Err(self.timed_out()),
+                    Ok(Ended::Done(Ok(()))) => {
+                        eprintln!("{method} {path}: the component sent no response");
+                        Err(ApiError::internal())
+                    }
+                    // Logged with its cause by the task (the access log line).
+                    Ok(Ended::Done(Err(_))) => Err(ApiError::internal()),
+                    Err(e) => {
+                        eprintln!("{method} {path}: the request task failed: {e}");
+                        Err(ApiError::internal())
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped, unless taken back.
+struct AbortOnDrop(Option<RequestTask>);
+
+impl AbortOnDrop {
+    fn take(mut self) -> RequestTask {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}

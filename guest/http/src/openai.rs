@@ -103,6 +103,57 @@ pub struct Request<T> {
     pub options: Options,
     pub stream: bool,
     pub include_usage: bool,
+    /// The field that set `options.max_tokens` ("max_tokens" or "max_completion_tokens"); None
+    /// when the client set neither.
+    pub max_tokens_field: Option<&'static str>,
+}
+
+/// The environment variable holding the server's limit on tokens generated per request.
+pub const MAX_TOKENS_VAR: &str = "SLM_MAX_TOKENS";
+
+/// The server's limit on tokens generated per request, from [`MAX_TOKENS_VAR`]'s value: None
+/// when unset; a value that is not a whole number from 1 to 4294967295 is a misconfigured
+/// server (500), never ignored.
+pub fn token_limit(value: Option<&str>) -> Result<Option<u32>, ApiError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(ApiError {
+            status: 500,
+            message: format!(
+                "the server is misconfigured: {MAX_TOKENS_VAR} = {value:?} is not a token limit \
+                 (a whole number from 1 to 4294967295)"
+            ),
+            kind: "server_error",
+            code: None,
+            param: None,
+        }),
+    }
+}
+
+impl<T> Request<T> {
+    /// Apply the server's token limit: a larger `max_tokens` is refused (400, naming the
+    /// field the client used); a request without one gets the limit.
+    pub fn limit_tokens(&mut self, limit: Option<u32>) -> Result<(), ApiError> {
+        let Some(limit) = limit else {
+            return Ok(());
+        };
+        match (self.options.max_tokens, self.max_tokens_field) {
+            (Some(asked), Some(field)) if asked > limit => Err(ApiError::invalid(
+                format!(
+                    "{field} = {asked} is above this server's limit of {limit} tokens per request"
+                ),
+                Some(field),
+            )),
+            (Some(_), _) => Ok(()),
+            (None, _) => {
+                self.options.max_tokens = Some(limit);
+                Ok(())
+            }
+        }
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -114,7 +165,11 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
+/// What the shared fields ask for: options, stream, include_usage and the field that set
+/// max_tokens.
+type CommonOptions = (Options, bool, bool, Option<&'static str>);
+
+fn common_options(c: Common) -> Result<CommonOptions, ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
             return Err(ApiError::invalid(
@@ -134,6 +189,13 @@ fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
             Some("stop"),
         ));
     }
+    let max_tokens_field = if c.max_completion_tokens.is_some() {
+        Some("max_completion_tokens")
+    } else if c.max_tokens.is_some() {
+        Some("max_tokens")
+    } else {
+        None
+    };
     let options = Options {
         model: c.model,
         max_tokens: c.max_completion_tokens.or(c.max_tokens),
@@ -148,7 +210,7 @@ fn common_options(c: Common) -> Result<(Options, bool, bool), ApiError> {
         },
     };
     let include_usage = c.stream_options.map(|o| o.include_usage).unwrap_or(false);
-    Ok((options, c.stream, include_usage))
+    Ok((options, c.stream, include_usage, max_tokens_field))
 }
 
 /// The request field that sets a generator option (`name` as in the WIT `options` /
@@ -196,12 +258,13 @@ pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
         };
         messages.push(Message { role, content });
     }
-    let (options, stream, include_usage) = common_options(body.common)?;
+    let (options, stream, include_usage, max_tokens_field) = common_options(body.common)?;
     Ok(Request {
         input: messages,
         options,
         stream,
         include_usage,
+        max_tokens_field,
     })
 }
 
@@ -236,12 +299,13 @@ pub fn completion_request(body: &[u8]) -> Result<Request<String>, ApiError> {
             ))
         }
     };
-    let (options, stream, include_usage) = common_options(body.common)?;
+    let (options, stream, include_usage, max_tokens_field) = common_options(body.common)?;
     Ok(Request {
         input: prompt,
         options,
         stream,
         include_usage,
+        max_tokens_field,
     })
 }
 
@@ -277,6 +341,44 @@ mod tests {
             let e = chat_request(body).unwrap_err();
             assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn the_server_token_limit() {
+        assert_eq!(token_limit(None), Ok(None));
+        assert_eq!(token_limit(Some("2048")), Ok(Some(2048)));
+        assert_eq!(token_limit(Some(" 5\n")), Ok(Some(5)));
+        for bad in ["", "0", "-1", "ten", "4294967296", "1e3"] {
+            let e = token_limit(Some(bad)).unwrap_err();
+            assert_eq!((e.status, e.kind), (500, "server_error"), "{bad:?}");
+            assert!(e.message.contains("SLM_MAX_TOKENS"), "{}", e.message);
+        }
+
+        let chat = |body: &[u8]| chat_request(body).unwrap();
+        let mut r = chat(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":8192}"#);
+        let e = r.limit_tokens(Some(2048)).unwrap_err();
+        assert_eq!((e.status, e.param), (400, Some("max_tokens")));
+        assert_eq!(
+            e.message,
+            "max_tokens = 8192 is above this server's limit of 2048 tokens per request"
+        );
+        let mut r = chat(
+            br#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":9,"max_tokens":1}"#,
+        );
+        assert_eq!(
+            r.limit_tokens(Some(5)).unwrap_err().param,
+            Some("max_completion_tokens")
+        );
+        let mut r = chat(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#);
+        r.limit_tokens(Some(5)).unwrap();
+        assert_eq!(r.options.max_tokens, Some(5));
+        let mut r = chat(br#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        r.limit_tokens(None).unwrap();
+        assert_eq!((r.options.max_tokens, r.max_tokens_field), (None, None));
+        r.limit_tokens(Some(7)).unwrap();
+        assert_eq!((r.options.max_tokens, r.max_tokens_field), (Some(7), None));
+        let mut r = completion_request(br#"{"prompt":"a","max_tokens":3}"#).unwrap();
+        r.limit_tokens(Some(2)).unwrap_err();
     }
 
     #[test]

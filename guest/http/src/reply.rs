@@ -93,8 +93,12 @@ fn new_id(prefix: &str) -> String {
     )
 }
 
-/// The model name to report, and a 400 when `max_tokens` can never fit the model's context.
-fn check_model(options: &Options) -> Result<String, ApiError> {
+/// The model name to report, and a 400 when the client's `max_tokens` (set by the request field
+/// `max_tokens_field`) can never fit the model's context.
+fn check_model(
+    options: &Options,
+    max_tokens_field: Option<&'static str>,
+) -> Result<String, ApiError> {
     let models = generator::list_models().map_err(api_error)?;
     let info = match &options.model {
         Some(name) => match models.iter().find(|m| &m.name == name) {
@@ -106,14 +110,14 @@ fn check_model(options: &Options) -> Result<String, ApiError> {
             .first()
             .ok_or_else(|| api_error(GenError::ModelNotFound("(none installed)".into())))?,
     };
-    if let Some(max) = options.max_tokens {
+    if let (Some(max), Some(field)) = (options.max_tokens, max_tokens_field) {
         if max > info.context_length {
             return Err(ApiError::invalid(
                 format!(
-                    "max_tokens = {max} exceeds the context length of {} ({})",
+                    "{field} = {max} exceeds the context length of {} ({})",
                     info.name, info.context_length
                 ),
-                Some("max_tokens"),
+                Some(field),
             ));
         }
     }
@@ -195,11 +199,21 @@ pub async fn completions(out: ResponseOutparam, body: &[u8]) {
 /// Answers a parsed chat or completion request: checks the model, starts the generation and
 /// sends its result.
 async fn serve<T: Input>(out: ResponseOutparam, request: Result<openai::Request<T>, ApiError>) {
-    let req = match request {
-        Ok(r) => r,
-        Err(e) => return send_error(out, e).await,
+    let limit = std::env::var(openai::MAX_TOKENS_VAR);
+    let limit = openai::token_limit(match &limit {
+        Ok(v) => Some(v.as_str()),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => Some("(not UTF-8)"),
+    });
+    let req = match (request, limit) {
+        (Ok(mut r), Ok(limit)) => match r.limit_tokens(limit) {
+            Ok(()) => r,
+            Err(e) => return send_error(out, e).await,
+        },
+        // A misconfigured server says so before judging the request.
+        (_, Err(e)) | (Err(e), _) => return send_error(out, e).await,
     };
-    let model = match check_model(&req.options) {
+    let model = match check_model(&req.options, req.max_tokens_field) {
         Ok(m) => m,
         Err(e) => return send_error(out, e).await,
     };

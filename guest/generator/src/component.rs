@@ -11,13 +11,14 @@ use crate::bindings::edge::slm::types as wit;
 use crate::bindings::exports::edge::slm::generator::{
     Completion as WitCompletion, Guest, GuestCompletion,
 };
+use crate::chat;
 use crate::error::{Error, Result};
 use crate::generate::{FinishReason, Generation, Request, Summary};
 use crate::model::{self, Model};
 use crate::nn_session::NnSession;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
-use crate::template::Message;
+use crate::template::{ChatTemplate, Message};
 
 const MODELS_ROOT: &str = "/models";
 
@@ -71,12 +72,23 @@ fn messages(msgs: Vec<wit::Message>) -> Vec<Message> {
         .collect()
 }
 
-fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
-    let template = model
+fn template(model: &Model) -> Result<&ChatTemplate> {
+    model
         .template
         .as_ref()
-        .ok_or_else(|| Error::invalid(format!("model {:?} has no chat template", model.name)))?;
-    template.render(&messages(msgs), true)
+        .ok_or_else(|| Error::invalid(format!("model {:?} has no chat template", model.name)))
+}
+
+fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
+    template(model)?.render(&messages(msgs), true)
+}
+
+/// Token ids of a conversation: the template's control tokens, the messages' content as plain
+/// text (crate::chat).
+fn encode_chat(model: &Model, msgs: Vec<wit::Message>) -> Result<Vec<u32>> {
+    let msgs = messages(msgs);
+    let prompt = chat::render(template(model)?, &msgs)?;
+    chat::encode(&model.tokenizer, &prompt, &msgs)
 }
 
 /// What a generation starts from: a raw prompt (`complete`) or chat messages (`chat`).
@@ -98,7 +110,7 @@ impl Input {
         match self {
             Input::Prompt(p) => model.encode_prompt(&p),
             // The template writes any BOS itself.
-            Input::Chat(m) => model.tokenizer.encode(&chat_prompt(model, m)?),
+            Input::Chat(m) => encode_chat(model, m),
         }
     }
 }

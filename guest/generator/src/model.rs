@@ -236,7 +236,8 @@ impl Model {
         })
     }
 
-    /// Token ids of a raw prompt: BOS first when the model asks for it.
+    /// Token ids of a raw prompt: BOS first when the model asks for it. Text that spells a
+    /// special token becomes that token: the caller owns the whole prompt.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         if self.add_bos {

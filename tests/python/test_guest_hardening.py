@@ -2,6 +2,7 @@
 
 - special-token text typed in a chat message is plain text, so a user cannot forge turns;
   raw completions keep special tokens (the caller owns the whole prompt);
+- a prompt far too long for the context is refused before it is tokenized (quickly, little memory);
 - a model whose config.json has an absurd context length or vocabulary size is left out of the
   listings, and a request naming it gets a model error naming the file, the field and the range;
 - the server's token budget, SLM_MAX_TOKENS in the HTTP component's environment.
@@ -13,6 +14,7 @@ import http.client
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -165,6 +167,74 @@ def test_raw_completions_keep_special_tokens(server, tokenizer):
     assert status == 200, body
     assert body["usage"]["prompt_tokens"] == len(_ids(tokenizer, prompt))
     assert len(_ids(tokenizer, prompt)) < len(_ids(tokenizer, prompt, plain=True))
+
+
+def _body(path: str, text: str) -> dict:
+    if path == "/v1/completions":
+        return {"model": MODEL, "max_tokens": 1, "prompt": text}
+    return {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_prompt_over_the_byte_bound_is_refused_before_tokenizing(server, tokenizer, path):
+    """1 MB of words (under the host's default body limit of 1 MiB): more bytes than 8192 tokens
+    of at most 81 bytes hold. The old generator tokenized it (0.5 s here) and reported its 200001
+    tokens; now it is refused untokenized, reporting the least it can have (1 MB / 81 bytes)."""
+    text = "word " * 200_000
+    status, reply = _post(server, path, _body(path, text))
+    assert status == 400, reply
+    err = reply["error"]
+    assert err["code"] == "context_length_exceeded" and err["type"] == "invalid_request_error", err
+    reported = int(re.match(r"the prompt has (\d+) tokens, more than the model's context length of 8192",
+                            err["message"]).group(1))
+    # (a chat prompt is the content and the template's text around it)
+    assert 8192 < reported <= -(-(len(text) + 1000) // 81) < len(_ids(tokenizer, text)), err
+
+
+@pytest.fixture(scope="module")
+def big_body_server(model_dir, tmp_path_factory):
+    """`slm serve` on the default model taking bodies up to 32 MiB (hosts before the body limit
+    took any size), for the sizes of issue 16's reproducer."""
+    args = ["--max-body-kib", "32768"] if "--max-body-kib" in _serve_help() else []
+    url, proc, log = _start_serve(ROOT / "models", tmp_path_factory.mktemp("serve-big") / "serve.log", *args)
+    yield url, proc
+    _stop_serve(proc, log)
+
+
+def _serve_help() -> str:
+    return subprocess.run([str(SLM), "serve", "--help"], capture_output=True, text=True).stdout
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("megabytes", [2, 20])
+def test_a_huge_prompt_is_refused_quickly_in_little_memory(big_body_server, path, megabytes):
+    """Issue 16's reproducer: 20 MB of words took 9 to 11 s and raised the server's peak memory by
+    1.1 GB (2 MB: 1.5 to 2.3 s) before context_length_exceeded; now the size decides at once."""
+    server, proc = big_body_server
+    text = "word " * (megabytes * 200_000)
+    before = _peak_rss_kib(proc.pid)
+    t0 = time.monotonic()
+    status, reply = _post(server, path, _body(path, text))
+    elapsed = time.monotonic() - t0
+    grown_mib = (_peak_rss_kib(proc.pid) - before) / 1024
+    assert status == 400, reply
+    assert reply["error"]["code"] == "context_length_exceeded", reply
+    assert elapsed < 0.1 * megabytes + 0.5, f"{elapsed:.2f} s"
+    assert grown_mib < 10 * megabytes + 100, f"peak memory grew by {grown_mib:.0f} MiB"
+
+
+def test_a_prompt_just_over_the_context_is_still_counted(server, tokenizer):
+    """Under the byte bound the prompt is tokenized and its real length reported."""
+    prompt = "word " * 9000
+    status, reply = _post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1})
+    assert status == 400, reply
+    n = len(_ids(tokenizer, prompt))
+    assert reply["error"]["message"].startswith(f"the prompt has {n} tokens,"), reply
 
 
 @pytest.fixture(scope="module")

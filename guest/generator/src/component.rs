@@ -84,10 +84,11 @@ fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
 }
 
 /// Token ids of a conversation: the template's control tokens, the messages' content as plain
-/// text (crate::chat).
+/// text (crate::chat). A prompt far too long for the context is refused before tokenizing.
 fn encode_chat(model: &Model, msgs: Vec<wit::Message>) -> Result<Vec<u32>> {
     let msgs = messages(msgs);
     let prompt = chat::render(template(model)?, &msgs)?;
+    model.check_text_fits(&prompt.text)?;
     chat::encode(&model.tokenizer, &prompt, &msgs)
 }
 

@@ -236,6 +236,24 @@ impl Model {
         })
     }
 
+    /// Refuse a text that certainly has more tokens than the context window, before tokenizing
+    /// it (a huge prompt would take seconds and a lot of memory to tokenize): more bytes than
+    /// `context_length` tokens of the longest kind can hold (crate::tokenizer::SizeBound). The
+    /// error reports the least number of tokens the text can have.
+    pub fn check_text_fits(&self, text: &str) -> Result<()> {
+        let Some(bound) = self.tokenizer.size_bound() else {
+            return Ok(());
+        };
+        let fits = |bytes: usize| bytes.div_ceil(bound.per_token) <= self.context_length as usize;
+        if fits(text.len()) || fits(bound.kept_bytes(text)) {
+            return Ok(());
+        }
+        Err(Error::ContextOverflow {
+            prompt_tokens: u32::try_from(bound.min_tokens(text)).unwrap_or(u32::MAX),
+            context_length: self.context_length,
+        })
+    }
+
     /// Token ids of a raw prompt: BOS first when the model asks for it. Text that spells a
     /// special token becomes that token: the caller owns the whole prompt.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
@@ -245,6 +263,7 @@ impl Model {
                 ids.push(bos);
             }
         }
+        self.check_text_fits(text)?;
         ids.extend(self.tokenizer.encode(text)?);
         Ok(ids)
     }

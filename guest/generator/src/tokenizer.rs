@@ -1,8 +1,12 @@
 //! The model's tokenizer (Hugging Face `tokenizer.json`, via the `tokenizers` crate): encoding
-//! with or without special-token parsing, and decoding.
+//! with or without special-token parsing, decoding, and how many bytes of text one token can
+//! stand for at most (so a prompt far too long is refused before it is tokenized).
 
 use std::cell::OnceCell;
 use std::ops::Range;
+
+use serde_json::Value as Json;
+use tokenizers::ModelWrapper;
 
 use crate::detok::Decode;
 use crate::error::{Error, Result};
@@ -13,6 +17,33 @@ pub struct Tokenizer {
     plain: OnceCell<tokenizers::Tokenizer>,
     /// Ids of the special added tokens (`"special": true`), sorted.
     special: Vec<u32>,
+    size_bound: Option<SizeBound>,
+}
+
+/// How few tokens a text can have: at least its bytes, less those the tokenizer drops, divided
+/// by `per_token`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizeBound {
+    /// The most bytes of input text one token stands for.
+    pub per_token: usize,
+    /// Bytes the tokenizer drops (a ByteLevel vocabulary without a token for them: SmolLM2
+    /// has none for 21 bytes, control characters and bytes that never occur in UTF-8).
+    dropped: [bool; 256],
+}
+
+impl SizeBound {
+    /// The bytes of `text` that become tokens.
+    pub fn kept_bytes(&self, text: &str) -> usize {
+        if !self.dropped.contains(&true) {
+            return text.len();
+        }
+        text.bytes().filter(|&b| !self.dropped[b as usize]).count()
+    }
+
+    /// The least number of tokens `text` can have.
+    pub fn min_tokens(&self, text: &str) -> usize {
+        self.kept_bytes(text).div_ceil(self.per_token)
+    }
 }
 
 fn model_error(e: impl std::fmt::Display) -> Error {
@@ -30,10 +61,12 @@ impl Tokenizer {
             .map(|(&id, _)| id)
             .collect();
         special.sort_unstable();
+        let size_bound = size_bound(&inner);
         Ok(Tokenizer {
             inner,
             plain: OnceCell::new(),
             special,
+            size_bound,
         })
     }
 
@@ -122,6 +155,14 @@ impl Tokenizer {
         Ok(self.encode(text)?.iter().any(|&id| self.is_special(id)))
     }
 
+    /// How few tokens a text can have, when this tokenizer has such a bound. None when it can
+    /// turn any amount of text into one token or none (text-deleting normalizers or
+    /// pre-tokenizers, fused unknown tokens, unknown characters dropped, added tokens that
+    /// swallow neighbouring spaces, WordPiece, Unigram).
+    pub fn size_bound(&self) -> Option<&SizeBound> {
+        self.size_bound.as_ref()
+    }
+
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(model_error)
@@ -140,5 +181,191 @@ impl Tokenizer {
 impl Decode for Tokenizer {
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.decode_with(ids, true)
+    }
+}
+
+/// How many times shorter than its input a normalizer's output can be; None when unbounded
+/// (it deletes text). Unicode normalization shrinks text at most 4 times (NFKC maps the
+/// 4-byte "𝐀" to "A"; NFC composes three 3-byte Hangul jamo into one 3-byte syllable).
+fn normalizer_shrink(n: &Json) -> Option<usize> {
+    match n {
+        Json::Null => Some(1),
+        _ => match n.get("type")?.as_str()? {
+            "Prepend" | "ByteLevel" => Some(1),
+            "NFC" | "NFD" | "NFKC" | "NFKD" | "Lowercase" => Some(4),
+            "Replace" => {
+                let pattern = n.get("pattern")?.get("String")?.as_str()?;
+                let content = n.get("content")?.as_str()?;
+                if content.is_empty() {
+                    None
+                } else {
+                    Some(pattern.len().div_ceil(content.len()).max(1))
+                }
+            }
+            "Sequence" => n
+                .get("normalizers")?
+                .as_array()?
+                .iter()
+                .try_fold(1usize, |f, n| f.checked_mul(normalizer_shrink(n)?)),
+            // Strip, StripAccents, BertNormalizer, Nmt, Precompiled: they delete text.
+            _ => None,
+        },
+    }
+}
+
+/// Whether a pre-tokenizer keeps every byte of its input (it only splits, or replaces spaces
+/// with "▁"), and whether it maps bytes to characters (ByteLevel).
+fn pre_tokenizer_keeps_text(p: &Json) -> Option<bool> {
+    match p {
+        Json::Null => Some(false),
+        _ => {
+            if p.get("behavior").and_then(Json::as_str) == Some("Removed") {
+                return None;
+            }
+            match p.get("type")?.as_str()? {
+                "ByteLevel" => Some(true),
+                "Metaspace" | "Digits" | "Split" | "Punctuation" | "UnicodeScripts"
+                | "FixedLength" => Some(false),
+                "Sequence" => p
+                    .get("pretokenizers")?
+                    .as_array()?
+                    .iter()
+                    .try_fold(false, |b, p| Some(b | pre_tokenizer_keeps_text(p)?)),
+                // Whitespace, WhitespaceSplit, BertPreTokenizer, CharDelimiterSplit drop text.
+                _ => None,
+            }
+        }
+    }
+}
+
+/// See [`Tokenizer::size_bound`]. Each token's text in the vocabulary is at least as long as
+/// the (normalized) input it covers: ByteLevel vocabularies spell one byte per character, "▁"
+/// (3 bytes) stands for a space, "<0x0A>" for one byte.
+fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
+    let normalizer = serde_json::to_value(t.get_normalizer()).ok()?;
+    let shrink = normalizer_shrink(&normalizer)?;
+    let byte_level = pre_tokenizer_keeps_text(&serde_json::to_value(t.get_pre_tokenizer()).ok()?)?;
+    let ModelWrapper::BPE(bpe) = t.get_model() else {
+        return None;
+    };
+    let vocab = t.get_vocab(false);
+    // Every character must become some token, not be fused with others. BPE drops a
+    // character it has no token for when there is neither byte fallback nor an unknown token:
+    // with ByteLevel (characters are bytes) and no normalizer, such bytes are not counted.
+    let mut dropped = [false; 256];
+    let unk_per_char = bpe.unk_token.is_some() && !bpe.fuse_unk;
+    let byte_fallback =
+        bpe.byte_fallback && (0..=255u8).all(|b| vocab.contains_key(&format!("<0x{b:02X}>")));
+    if !unk_per_char && !byte_fallback {
+        let plain_chars =
+            bpe.continuing_subword_prefix.is_none() && bpe.end_of_word_suffix.is_none();
+        if !(byte_level && plain_chars) {
+            return None;
+        }
+        for b in 0..=255u8 {
+            dropped[b as usize] = !vocab.contains_key(&byte_level_char(b));
+        }
+        if dropped.contains(&true) && !normalizer.is_null() {
+            return None;
+        }
+    }
+    let mut longest = vocab
+        .keys()
+        .map(|s| {
+            if byte_level {
+                s.chars().count()
+            } else {
+                s.len()
+            }
+        })
+        .max()
+        .unwrap_or(0);
+    if unk_per_char {
+        longest = longest.max(4); // one unknown character
+    }
+    for token in t.get_added_tokens_decoder().values() {
+        if token.lstrip || token.rstrip {
+            return None;
+        }
+        longest = longest.max(token.content.len());
+    }
+    Some(SizeBound {
+        per_token: longest.max(1).checked_mul(shrink)?,
+        dropped,
+    })
+}
+
+/// The character GPT-2's ByteLevel pre-tokenizer writes for byte `b`.
+fn byte_level_char(b: u8) -> String {
+    let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let c = if printable {
+        char::from(b)
+    } else {
+        // The others, in byte order, become U+0100, U+0101, ...
+        let rank = (0..b)
+            .filter(|&x| !matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF))
+            .count();
+        char::from_u32(0x100 + rank as u32).unwrap_or('\u{100}')
+    };
+    c.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn byte_level_alphabet() {
+        assert_eq!(byte_level_char(b' '), "Ġ");
+        assert_eq!(byte_level_char(b'\n'), "Ċ");
+        assert_eq!(byte_level_char(b'a'), "a");
+        assert_eq!(byte_level_char(0), "\u{100}");
+    }
+
+    #[test]
+    fn normalizers_that_delete_text_have_no_bound() {
+        assert_eq!(normalizer_shrink(&Json::Null), Some(1));
+        assert_eq!(
+            normalizer_shrink(&json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]})),
+            Some(1)
+        );
+        assert_eq!(normalizer_shrink(&json!({"type": "NFKC"})), Some(4));
+        assert_eq!(
+            normalizer_shrink(
+                &json!({"type": "Replace", "pattern": {"String": "abc"}, "content": "x"})
+            ),
+            Some(3)
+        );
+        for deleting in [
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": ""}),
+            json!({"type": "Replace", "pattern": {"Regex": " +"}, "content": " "}),
+            json!({"type": "Strip", "strip_left": true, "strip_right": true}),
+            json!({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "StripAccents"}]}),
+        ] {
+            assert_eq!(normalizer_shrink(&deleting), None, "{deleting}");
+        }
+    }
+
+    #[test]
+    fn pre_tokenizers_that_drop_text_have_no_bound() {
+        assert_eq!(
+            pre_tokenizer_keeps_text(&json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                {"type": "ByteLevel", "add_prefix_space": false}]})),
+            Some(true)
+        );
+        assert_eq!(
+            pre_tokenizer_keeps_text(&json!({"type": "Metaspace", "replacement": "▁"})),
+            Some(false)
+        );
+        for dropping in [
+            json!({"type": "Whitespace"}),
+            json!({"type": "Split", "pattern": {"String": " "}, "behavior": "Removed", "invert": false}),
+        ] {
+            assert_eq!(pre_tokenizer_keeps_text(&dropping), None, "{dropping}");
+        }
     }
 }

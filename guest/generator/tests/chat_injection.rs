@@ -1,6 +1,7 @@
 //! Chat prompts against the real SmolLM2 files (models/smollm2-135m-instruct, made by
 //! scripts/setup): message content is plain text (special-token text typed in a message never
-//! becomes a control token), and ordinary conversations tokenize exactly as before.
+//! becomes a control token), ordinary conversations tokenize exactly as before, and a prompt
+//! far too long for the context is refused before tokenizing.
 
 use std::path::PathBuf;
 
@@ -163,4 +164,75 @@ fn raw_prompts_keep_special_token_text() {
     let ids = m.encode_prompt("<|im_start|>user\nhi<|im_end|>").unwrap();
     assert_eq!(count(&ids, IM_START), 1);
     assert_eq!(count(&ids, IM_END), 1);
+}
+
+#[test]
+fn a_prompt_far_too_long_is_refused_before_tokenizing() {
+    let m = smollm();
+    // SmolLM2's longest token is a newline and 80 spaces: 81 bytes.
+    let per_token = m.tokenizer.size_bound().unwrap().per_token;
+    assert_eq!(per_token, 81);
+    let limit = m.context_length as usize * per_token;
+    assert_eq!(m.check_text_fits(&"x".repeat(limit)), Ok(()));
+    assert!(m.check_text_fits(&"x".repeat(limit + 1)).is_err());
+    // Bytes the tokenizer drops (it has no token for U+0004) do not count.
+    let dropped = format!("{}hi", "\u{4}".repeat(limit));
+    assert_eq!(m.check_text_fits(&dropped), Ok(()));
+    assert_eq!(m.tokenizer.encode(&dropped).unwrap().len(), 1);
+    let t0 = std::time::Instant::now();
+    match m.encode_prompt(&"word ".repeat(2_000_000 / 5)) {
+        Err(Error::ContextOverflow {
+            prompt_tokens,
+            context_length,
+        }) => {
+            assert_eq!(context_length, 8192);
+            assert!(prompt_tokens > context_length);
+        }
+        other => panic!("{:?}", other.map(|v| v.len())),
+    }
+    assert!(t0.elapsed().as_millis() < 100, "{:?}", t0.elapsed());
+    // The same for a conversation.
+    let long = [msg("user", &"a".repeat(limit + 1))];
+    let prompt = chat::render(m.template.as_ref().unwrap(), &long).unwrap();
+    assert!(matches!(
+        m.check_text_fits(&prompt.text),
+        Err(Error::ContextOverflow { .. })
+    ));
+}
+
+#[test]
+fn the_size_bound_is_true() {
+    // No text has more bytes than its tokens times the bound: texts made of the longest
+    // tokens, of single bytes, of multi-byte characters and of special tokens.
+    let m = smollm();
+    let bound = m.tokenizer.size_bound().unwrap();
+    let texts = [
+        format!("{}a\u{4}\u{6}\u{13}", "\u{1d}\u{14}".repeat(500)),
+        "\u{40000}\u{80000}".repeat(500),
+        format!("\n{}", " ".repeat(80)).repeat(50),
+        " ".repeat(10_000),
+        "\n".repeat(5_000),
+        "-".repeat(5_000),
+        "=".repeat(5_000),
+        "🦀".repeat(1_000),
+        "<|im_start|>".repeat(100),
+        std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/heldout.txt"),
+        )
+        .unwrap(),
+    ];
+    for text in &texts {
+        let n = m.tokenizer.encode(text).unwrap().len();
+        assert!(
+            n >= bound.min_tokens(text),
+            "{n} tokens, {} bytes",
+            text.len()
+        );
+        let n = m.tokenizer.encode_plain(text).unwrap().len();
+        assert!(
+            n >= bound.min_tokens(text),
+            "{n} plain tokens, {} bytes",
+            text.len()
+        );
+    }
 }

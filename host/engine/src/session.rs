@@ -47,7 +47,8 @@ pub struct Profile {
 }
 
 fn slot(layer: usize, value: bool) -> usize {
-    layer * 2 + value as usize
+    // Saturating: a `present.N.*` output may carry any N (one beyond the cache is ignored).
+    layer.saturating_mul(2).saturating_add(value as usize)
 }
 
 fn present_slot(name: &str) -> Option<usize> {
@@ -160,13 +161,17 @@ impl Session {
         inputs: Vec<(String, Tensor)>,
     ) -> Result<Vec<(String, Tensor)>, EngineError> {
         let mut ordered = Vec::with_capacity(self.model.input_names.len());
-        for name in &self.model.input_names {
+        let mut sizes = HashMap::new();
+        for (i, name) in self.model.input_names.iter().enumerate() {
             let (_, t) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| {
                 EngineError::InvalidInput(format!(
                     "missing input '{name}' (stateless call: give every input)"
                 ))
             })?;
-            ordered.push(t.to_tract()?.into_tvalue());
+            let t = t.to_tract()?;
+            let fact = self.model.plan.model().input_fact(i);
+            check_fact(name, &t, fact.map_err(runtime)?, &mut sizes)?;
+            ordered.push(t.into_tvalue());
         }
         let outputs = self.execute(ordered.into())?;
         self.model
@@ -319,6 +324,52 @@ impl Session {
             }
         }
     }
+}
+
+fn runtime(e: TractError) -> EngineError {
+    EngineError::Runtime(format!("{e:#}"))
+}
+
+/// A stateless call's tensor against the model's input `name`: its element type, its rank, the
+/// dims the model fixes, and one size per named dim (`batch`, `past_sequence_length`) across the
+/// inputs (`sizes`: those seen so far). tract would reject these mid-run, as an engine error;
+/// they are the caller's.
+fn check_fact<'a>(
+    name: &'a str,
+    t: &tract_onnx::prelude::Tensor,
+    fact: &TypedFact,
+    sizes: &mut HashMap<Symbol, (usize, &'a str)>,
+) -> Result<(), EngineError> {
+    let wrong = || {
+        EngineError::InvalidInput(format!(
+            "{name}: {:?} {:?}, the model takes {:?} {:?}",
+            t.datum_type(),
+            t.shape(),
+            fact.datum_type,
+            fact.shape
+        ))
+    };
+    if t.datum_type() != fact.datum_type || t.rank() != fact.rank() {
+        return Err(wrong());
+    }
+    for (&got, want) in t.shape().iter().zip(fact.shape.iter()) {
+        match want {
+            TDim::Val(v) if usize::try_from(*v) != Ok(got) => return Err(wrong()),
+            TDim::Sym(s) => match sizes.get(s) {
+                Some(&(size, other)) if size != got => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "{name}: dimension {s} is {got}, but {size} in {other}"
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    sizes.insert(s.clone(), (got, name));
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Logits of the last position as [1, 1, vocab], whether the model returned one position or all.

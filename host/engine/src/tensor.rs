@@ -63,7 +63,12 @@ pub struct Tensor {
 impl Tensor {
     /// Checks that the byte length matches the dims and type.
     pub fn new(dims: Vec<usize>, dtype: DType, data: Vec<u8>) -> Result<Tensor, EngineError> {
-        let want = dims.iter().product::<usize>() * dtype.size();
+        // Checked: the dims are the caller's, and a product that wraps could match a short buffer.
+        let Some(want) = dims.iter().try_fold(dtype.size(), |n, &d| n.checked_mul(d)) else {
+            return Err(EngineError::InvalidInput(format!(
+                "tensor {dims:?} of {dtype:?} is too large"
+            )));
+        };
         if data.len() != want {
             return Err(EngineError::InvalidInput(format!(
                 "tensor {dims:?} of {dtype:?} needs {want} bytes, got {}",

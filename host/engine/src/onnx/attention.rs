@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb;
 
-use super::graph::{attr, init_f32, outputs, producers, prune, readers, set_op};
+use super::graph::{attr, init_f32, input, outputs, producers, prune, readers, set_op};
 use crate::ops;
 
 /// What [`find`] reads of the graph.
@@ -47,25 +47,27 @@ impl<'g> Chains<'g> {
         if !matches!(attr(softmax, "axis").map(|a| a.i), Some(-1) | Some(3)) {
             return None;
         }
-        let add = self.node(&softmax.input[0], "Add")?;
+        let add = self.node(input(softmax, 0)?, "Add")?;
         let (mul, mask) = [(0, 1), (1, 0)].iter().find_map(|&(a, b)| {
-            self.node(&add.input[a], "Mul")
-                .map(|m| (m, add.input[b].clone()))
+            Some((
+                self.node(input(add, a)?, "Mul")?,
+                input(add, b)?.to_string(),
+            ))
         })?;
         let (scores, scale) = [(0, 1), (1, 0)].iter().find_map(|&(a, b)| {
             Some((
-                self.node(&mul.input[a], "MatMul")?,
-                self.scalar(&mul.input[b])?,
+                self.node(input(mul, a)?, "MatMul")?,
+                self.scalar(input(mul, b)?)?,
             ))
         })?;
-        let kt = self.node(&scores.input[1], "Transpose")?;
+        let kt = self.node(input(scores, 1)?, "Transpose")?;
         if attr(kt, "perm").map(|a| a.ints.as_slice()) != Some(&[0, 1, 3, 2]) {
             return None;
         }
         Some((
             vec![
-                scores.input[0].clone(),
-                kt.input[0].clone(),
+                input(scores, 0)?.to_string(),
+                input(kt, 0)?.to_string(),
                 pv.input[1].clone(),
                 mask,
             ],

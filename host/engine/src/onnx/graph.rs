@@ -17,17 +17,23 @@ pub(crate) fn external(t: &pb::TensorProto) -> bool {
     t.data_location == Some(1)
 }
 
+/// How many values the tensor's dims hold; None for a negative dim or a count that overflows.
+pub(crate) fn numel(t: &pb::TensorProto) -> Option<usize> {
+    t.dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+}
+
 /// Values of an int8 initializer held in the file, as bytes (two's complement).
 pub(crate) fn init_i8(t: &pb::TensorProto) -> Option<Vec<u8>> {
     if t.data_type != INT8 || external(t) {
         return None;
     }
-    let len: i64 = t.dims.iter().product();
+    let len = numel(t)?;
     if !t.raw_data.is_empty() {
-        return (t.raw_data.len() as i64 == len).then(|| t.raw_data.clone());
+        return (t.raw_data.len() == len).then(|| t.raw_data.clone());
     }
-    (t.int32_data.len() as i64 == len)
-        .then(|| t.int32_data.iter().map(|&v| v as i8 as u8).collect())
+    (t.int32_data.len() == len).then(|| t.int32_data.iter().map(|&v| v as i8 as u8).collect())
 }
 
 /// Values of a float initializer held in the file.
@@ -35,9 +41,9 @@ pub(crate) fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != FLOAT || external(t) {
         return None;
     }
-    let len: i64 = t.dims.iter().product();
+    let len = numel(t)?;
     if !t.raw_data.is_empty() {
-        if t.raw_data.len() as i64 != len * 4 {
+        if t.raw_data.len() != len.checked_mul(4)? {
             return None;
         }
         return Some(
@@ -47,7 +53,7 @@ pub(crate) fn init_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
                 .collect(),
         );
     }
-    (t.float_data.len() as i64 == len).then(|| t.float_data.clone())
+    (t.float_data.len() == len).then(|| t.float_data.clone())
 }
 
 /// Values of an int64 initializer held in the file.
@@ -64,6 +70,11 @@ pub(crate) fn init_i64(t: &pb::TensorProto) -> Option<Vec<i64>> {
         );
     }
     Some(t.int64_data.clone())
+}
+
+/// The name of `node`'s input `i`: a malformed graph's node may have fewer inputs than its op takes.
+pub(crate) fn input(node: &pb::NodeProto, i: usize) -> Option<&str> {
+    node.input.get(i).map(String::as_str)
 }
 
 pub(crate) fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> Option<&'a pb::AttributeProto> {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tract_onnx::pb;
 
 use super::graph::{
-    attr, external, init_f32, init_i64, init_i8, init_positions, producers, remove_dead_nodes,
-    set_weights_op, FLOAT, INT8,
+    attr, external, init_f32, init_i64, init_i8, init_positions, input, numel, producers,
+    remove_dead_nodes, set_weights_op, FLOAT, INT8,
 };
 use crate::kernels::int8::{Layout, QWeights};
 use crate::kernels::q8::Q8Weights;
@@ -151,7 +151,7 @@ impl<'g> Finder<'g> {
                 if !(perm.is_none() || perm == Some(vec![1, 0])) {
                     return None;
                 }
-                (t.input[0].as_str(), true)
+                (input(t, 0)?, true)
             }
             None => (b, false),
         };
@@ -191,8 +191,17 @@ impl<'g> Finder<'g> {
         if attr(cast, "to").map(|a| a.i) != Some(FLOAT as i64) {
             return None;
         }
-        let q = self.init(&cast.input[0])?;
-        if q.data_type != INT8 || q.dims.len() != 2 || external(q) {
+        let q = self.init(input(cast, 0)?)?;
+        if q.data_type != INT8 || q.dims.len() != 2 || q.dims.contains(&0) || external(q) {
+            return None;
+        }
+        // Its values are all there (as `init_i8` reads them).
+        let held = if q.raw_data.is_empty() {
+            q.int32_data.len()
+        } else {
+            q.raw_data.len()
+        };
+        if numel(q) != Some(held) {
             return None;
         }
         Some((q, scale_name))
@@ -204,7 +213,7 @@ impl<'g> Finder<'g> {
             return Some((init_f32(s)?, s.dims.clone()));
         }
         let u = self.node(name).filter(|n| n.op_type == "Unsqueeze")?;
-        let s = self.init(&u.input[0])?;
+        let s = self.init(input(u, 0)?)?;
         if s.dims.len() != 1 {
             return None;
         }

@@ -49,7 +49,10 @@ pub(crate) fn nbits<'a>(
         return None;
     }
     let int = |name: &str| attr(node, name).map(|a| a.i);
-    let (k, n) = (int("K")? as usize, int("N")? as usize);
+    let (k, n) = (
+        usize::try_from(int("K")?).ok()?,
+        usize::try_from(int("N")?).ok()?,
+    );
     if int("bits") != Some(4)
         || int("block_size") != Some(QBLOCK as i64)
         || k % QBLOCK != 0
@@ -62,7 +65,9 @@ pub(crate) fn nbits<'a>(
     }
     let kb = k / QBLOCK;
     let b = init(&node.input[1])?;
-    if b.data_type != UINT8 || external(b) || b.raw_data.len() != n * kb * QBLOCK / 2 {
+    // Checked: K and N are the file's word; once they match the bytes, n * kb cannot overflow.
+    let packed_len = n.checked_mul(kb)?.checked_mul(QBLOCK / 2)?;
+    if b.data_type != UINT8 || external(b) || b.raw_data.len() != packed_len {
         return None;
     }
     let scale = init_f32(init(&node.input[2])?)?;

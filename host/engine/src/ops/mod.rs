@@ -40,11 +40,18 @@ pub(crate) fn register(onnx: &mut tract_onnx::Onnx) {
 }
 
 /// Runs `f` (the parse of a rewritten protobuf) with `weights` available to the op builders.
+/// They are dropped when `f` returns or panics (tract's front end panics on some malformed
+/// graphs; a caller that catches it must not keep the model's weights alive on this thread).
 pub(crate) fn with_weights<R>(weights: HashMap<String, Packed>, f: impl FnOnce() -> R) -> R {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            PENDING.with(|p| p.borrow_mut().clear());
+        }
+    }
     PENDING.with(|p| *p.borrow_mut() = weights);
-    let r = f();
-    PENDING.with(|p| p.borrow_mut().clear());
-    r
+    let _clear = Clear;
+    f()
 }
 
 /// The weights that the `weights` attribute of `node` names.

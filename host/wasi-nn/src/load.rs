@@ -4,7 +4,7 @@ use std::path::Path;
 
 use slm_engine::{Model, Placement};
 
-use crate::{ErrorKind, NnError};
+use crate::{catch_panic, ErrorKind, NnError};
 
 /// wasi:nn `execution-target`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +37,9 @@ impl Target {
 }
 
 /// `graph.load`: exactly one builder, the ONNX file's bytes. A file that does not parse is the
-/// caller's error.
+/// caller's error; so is one on which the CPU engine panics (tract's ONNX front end indexes some
+/// malformed graphs unchecked), caught here: the bytes come from a guest. On the GPU a panic may
+/// also be the driver's: a runtime error.
 pub fn load_bytes<B: AsRef<[u8]>>(builders: &[B], placement: &Placement) -> Result<Model, NnError> {
     let [bytes] = builders else {
         return Err(NnError::invalid_argument(format!(
@@ -45,13 +47,31 @@ pub fn load_bytes<B: AsRef<[u8]>>(builders: &[B], placement: &Placement) -> Resu
             builders.len()
         )));
     };
-    Model::from_bytes_on(bytes.as_ref(), placement)
-        .map_err(|e| NnError::invalid_argument(e.to_string()))
+    match catch_panic(|| Model::from_bytes_on(bytes.as_ref(), placement)) {
+        Ok(r) => r.map_err(|e| NnError::invalid_argument(e.to_string())),
+        Err(panic) => {
+            let kind = match placement {
+                Placement::Cpu => ErrorKind::InvalidArgument,
+                Placement::Gpu(_) => ErrorKind::RuntimeError,
+            };
+            let message = format!("cannot load model <bytes>: the engine failed: {panic}");
+            Err(NnError::new(kind, message))
+        }
+    }
 }
 
-/// A model file of the models directory; it failing to load is the host's error.
+/// A model file of the models directory; it failing to load (a panic included) is the host's
+/// error.
 pub fn load_file(path: &Path) -> Result<Model, NnError> {
-    Model::load(path).map_err(|e| NnError::runtime(e.to_string()))
+    catch_panic(|| Model::load(path))
+        .map_err(|p| {
+            format!(
+                "cannot load model {}: the engine failed: {p}",
+                path.display()
+            )
+        })
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(NnError::runtime)
 }
 
 /// `load-by-name`: a model name is one plain path component.

@@ -73,12 +73,16 @@ impl LazyModel {
     }
 
     fn load(&self) -> Result<Model, EngineError> {
-        // The GPU engine panics on some driver failures; `catch_panic` keeps the hook quiet.
-        let r = catch_panic(|| Model::load_on(&self.path, &self.placement)).unwrap_or_else(|p| {
-            Err(EngineError::Runtime(format!(
-                "the engine failed while loading: {p}"
-            )))
-        });
+        // tract panics on some malformed graphs, the GPU engine on some driver failures:
+        // `catch_panic` turns both into errors (and keeps the panic hook quiet).
+        let load_on = |placement: &Placement| {
+            catch_panic(|| Model::load_on(&self.path, placement)).unwrap_or_else(|p| {
+                Err(EngineError::Runtime(format!(
+                    "the engine failed while loading: {p}"
+                )))
+            })
+        };
+        let r = load_on(&self.placement);
         let placed = match (&r, &self.placement, self.device) {
             (Err(e), Placement::Gpu(g), Device::Auto) => {
                 let why = format!("{e}").replace('\n', " ");
@@ -87,7 +91,7 @@ impl LazyModel {
                     self.path.display()
                 );
                 let _ = self.placed.set(Placement::Cpu);
-                return Model::load(&self.path);
+                return load_on(&Placement::Cpu);
             }
             _ => self.placement.clone(),
         };

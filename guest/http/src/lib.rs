@@ -11,11 +11,14 @@ pub mod bindings {
 // Only the wasm32 `handler` below calls into these; native builds (the unit tests) leave most
 // of them unused.
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod fields;
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod openai;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod reply;
 
 /// The request parser, for the integration tests (tests/fuzz_request.rs).
+pub use fields::FIELDS;
 pub use openai::{chat_request, completion_request, ApiError, Request};
 
 #[cfg(target_arch = "wasm32")]

@@ -1,7 +1,9 @@
-//! OpenAI request bodies: parsing and validation into generator calls.
+//! OpenAI request bodies: parsing and validation into generator calls. Which fields are
+//! accepted at all is crate::fields's job; this module reads what they ask for.
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
+
+use crate::fields::{only, Body, Endpoint, MESSAGE_UNSUPPORTED};
 
 use crate::bindings::edge::slm::types::{Message, Options, Sampling};
 
@@ -12,89 +14,23 @@ pub struct ApiError {
     pub message: String,
     pub kind: &'static str,
     pub code: Option<&'static str>,
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
 }
 
 impl ApiError {
-    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
         Self {
             status: 400,
             message: message.into(),
             kind: "invalid_request_error",
             code: None,
-            param,
+            param: param.map(str::to_string),
         }
     }
 }
 
-/// `stop`: a string or a list of strings.
-#[derive(Deserialize, Debug)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize, Debug, Default)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// Fields shared by chat and text completions. Unknown fields are ignored, as OpenAI clients
-/// send many that do not apply here.
-#[derive(Deserialize, Debug)]
-struct Common {
-    model: Option<String>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<u32>,
-    min_p: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
-    repetition_penalty: Option<f32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    n: Option<u32>,
-}
-
-#[derive(Deserialize, Debug)]
-struct ChatBody {
-    messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize, Debug)]
-struct ChatMessage {
-    role: String,
-    content: Option<Content>,
-}
-
-/// Message content: a string or a list of parts, of which only text parts are supported.
-#[derive(Deserialize, Debug)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Value>),
-}
-
-#[derive(Deserialize, Debug)]
-struct CompletionBody {
-    prompt: Prompt,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(untagged)]
-enum Prompt {
-    One(String),
-    Many(Vec<String>),
-}
+/// The most bytes of an affinity key (`prompt_cache_key` or `user`).
+pub const MAX_AFFINITY_KEY: usize = 512;
 
 /// What the client asked for, ready for the generator.
 #[derive(Debug)]
@@ -106,6 +42,27 @@ pub struct Request<T> {
     /// The field that set `options.max_tokens` ("max_tokens" or "max_completion_tokens"); None
     /// when the client set neither.
     pub max_tokens_field: Option<&'static str>,
+    /// `prompt_cache_key`, else `user` (neither empty): what a proxy routes on, echoed in the
+    /// response header [`AFFINITY_HEADER`].
+    pub affinity_key: Option<String>,
+}
+
+/// The response header that carries a request's affinity key (percent-encoded: see
+/// [`header_value`]).
+pub const AFFINITY_HEADER: &str = "x-slm-affinity-key";
+
+/// `key` as a header value: bytes outside printable ASCII, space and `%` become `%XX`, so any
+/// string is a valid header and the encoding is reversible.
+pub fn header_value(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The environment variable holding the server's limit on tokens generated per request.
@@ -156,29 +113,35 @@ impl<T> Request<T> {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::invalid("request body is not valid UTF-8", None))?;
-    serde_json::from_str(text).map_err(|e| {
-        let msg = e.to_string();
-        ApiError::invalid(format!("invalid request body: {msg}"), None)
-    })
+/// `stop`: a string or a list of strings.
+#[derive(serde::Deserialize, Debug)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
 }
 
-/// What the shared fields ask for: options, stream, include_usage and the field that set
-/// max_tokens.
-type CommonOptions = (Options, bool, bool, Option<&'static str>);
+/// What the shared fields ask for.
+struct Common {
+    options: Options,
+    stream: bool,
+    include_usage: bool,
+    max_tokens_field: Option<&'static str>,
+    affinity_key: Option<String>,
+}
 
-fn common_options(c: Common) -> Result<CommonOptions, ApiError> {
-    if let Some(n) = c.n {
+fn common_options(b: &mut Body, endpoint: Endpoint) -> Result<Common, ApiError> {
+    if let Some(n) = b.take::<u32>("n")? {
         if n != 1 {
             return Err(ApiError::invalid(
-                format!("n = {n} is not supported: only one choice (n = 1) per request"),
+                format!(
+                    "n = {n} is not supported by this server: only one choice (n = 1) per request"
+                ),
                 Some("n"),
             ));
         }
     }
-    let stop = match c.stop {
+    let stop = match b.take::<Stop>("stop")? {
         None => vec![],
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
@@ -189,28 +152,112 @@ fn common_options(c: Common) -> Result<CommonOptions, ApiError> {
             Some("stop"),
         ));
     }
-    let max_tokens_field = if c.max_completion_tokens.is_some() {
+    let max_tokens = b.take::<u32>("max_tokens")?;
+    let max_completion_tokens = b.take::<u32>("max_completion_tokens")?;
+    let max_tokens_field = if max_completion_tokens.is_some() {
         Some("max_completion_tokens")
-    } else if c.max_tokens.is_some() {
+    } else if max_tokens.is_some() {
         Some("max_tokens")
     } else {
         None
     };
+    for name in ["frequency_penalty", "presence_penalty"] {
+        let v = b.take::<f32>(name)?;
+        only(name, v.unwrap_or(0.0) == 0.0, "0")?;
+    }
+    match endpoint {
+        Endpoint::Chat => {
+            let logprobs = b.take::<bool>("logprobs")?;
+            only("logprobs", logprobs != Some(true), "false")?;
+            let top = b.take::<u32>("top_logprobs")?;
+            only("top_logprobs", top.is_none(), "null")?;
+        }
+        Endpoint::Completions => {
+            let logprobs = b.take::<u32>("logprobs")?;
+            only("logprobs", logprobs.is_none(), "null")?;
+            let echo = b.take::<bool>("echo")?;
+            only("echo", echo != Some(true), "false")?;
+            let best_of = b.take::<u32>("best_of")?;
+            only("best_of", best_of.unwrap_or(1) == 1, "1")?;
+        }
+    }
+    let bias = b.take::<Map<String, Value>>("logit_bias")?;
+    only("logit_bias", bias.is_none_or(|m| m.is_empty()), "{}")?;
+    let store = b.take::<bool>("store")?;
+    only("store", store != Some(true), "false")?;
+    b.take::<std::collections::BTreeMap<String, String>>("metadata")?;
+    b.take::<String>("safety_identifier")?;
+    let (stream, include_usage) = stream_options(b)?;
+    let affinity_key = affinity_key(b)?;
     let options = Options {
-        model: c.model,
-        max_tokens: c.max_completion_tokens.or(c.max_tokens),
+        model: b.take("model")?,
+        max_tokens: max_completion_tokens.or(max_tokens),
         stop,
         sampling: Sampling {
-            temperature: c.temperature,
-            top_k: c.top_k,
-            top_p: c.top_p,
-            min_p: c.min_p,
-            repetition_penalty: c.repetition_penalty,
-            seed: c.seed,
+            temperature: b.take("temperature")?,
+            top_k: b.take("top_k")?,
+            top_p: b.take("top_p")?,
+            min_p: b.take("min_p")?,
+            repetition_penalty: b.take("repetition_penalty")?,
+            seed: b.take("seed")?,
         },
     };
-    let include_usage = c.stream_options.map(|o| o.include_usage).unwrap_or(false);
-    Ok((options, c.stream, include_usage, max_tokens_field))
+    Ok(Common {
+        options,
+        stream,
+        include_usage,
+        max_tokens_field,
+        affinity_key,
+    })
+}
+
+/// `stream` and `stream_options.include_usage`.
+fn stream_options(b: &mut Body) -> Result<(bool, bool), ApiError> {
+    let stream = b.take::<bool>("stream")?.unwrap_or(false);
+    let mut include_usage = false;
+    for (name, value) in b
+        .take::<Map<String, Value>>("stream_options")?
+        .unwrap_or_default()
+    {
+        let param = format!("stream_options.{name}");
+        let flag = match &value {
+            Value::Null => None,
+            Value::Bool(v) => Some(*v),
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("invalid {param}: expected a boolean"),
+                    Some(&param),
+                ))
+            }
+        };
+        match name.as_str() {
+            "include_usage" => include_usage = flag.unwrap_or(false),
+            "include_obfuscation" => only(&param, flag != Some(true), "false")?,
+            _ => return Err(ApiError::unsupported(&param, None)),
+        }
+    }
+    Ok((stream, include_usage))
+}
+
+/// `prompt_cache_key`, else `user`: strings of at most [`MAX_AFFINITY_KEY`] bytes; empty is
+/// absent.
+fn affinity_key(b: &mut Body) -> Result<Option<String>, ApiError> {
+    let mut key = None;
+    for name in ["prompt_cache_key", "user"] {
+        let Some(v) = b.take::<String>(name)? else {
+            continue;
+        };
+        if v.len() > MAX_AFFINITY_KEY {
+            return Err(ApiError::invalid(
+                format!("{name} is longer than {MAX_AFFINITY_KEY} bytes"),
+                Some(name),
+            ));
+        }
+        if key.is_none() && !v.is_empty() {
+            key = Some(v);
+        }
+    }
+    Ok(key)
 }
 
 /// The request field that sets a generator option (`name` as in the WIT `options` /
@@ -227,48 +274,92 @@ pub fn request_field(name: &str) -> Option<&'static str> {
 }
 
 pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
-    let body: ChatBody = parse(body)?;
-    if body.messages.is_empty() {
+    let mut b = Body::parse(body, Endpoint::Chat)?;
+    let raw = b
+        .take::<Vec<Value>>("messages")?
+        .ok_or_else(|| ApiError::invalid("messages is required", Some("messages")))?;
+    if raw.is_empty() {
         return Err(ApiError::invalid(
             "messages must contain at least one message",
             Some("messages"),
         ));
     }
-    let mut messages = Vec::with_capacity(body.messages.len());
-    for m in body.messages {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "user" | "assistant" | "developer"
-        ) {
-            return Err(ApiError::invalid(
-                format!("unsupported message role '{}'", m.role),
-                Some("messages"),
-            ));
-        }
-        // OpenAI's newer "developer" role is the system role under another name.
-        let role = if m.role == "developer" {
-            "system".to_string()
-        } else {
-            m.role
-        };
-        let content = match m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => text_parts(&parts)?,
-        };
-        messages.push(Message { role, content });
+    let mut messages = Vec::with_capacity(raw.len());
+    for (i, m) in raw.into_iter().enumerate() {
+        messages.push(message(i, m)?);
     }
-    let (options, stream, include_usage, max_tokens_field) = common_options(body.common)?;
+    let c = common_options(&mut b, Endpoint::Chat)?;
+    b.finish()?;
     Ok(Request {
         input: messages,
-        options,
-        stream,
-        include_usage,
-        max_tokens_field,
+        options: c.options,
+        stream: c.stream,
+        include_usage: c.include_usage,
+        max_tokens_field: c.max_tokens_field,
+        affinity_key: c.affinity_key,
     })
 }
 
-fn text_parts(parts: &[Value]) -> Result<String, ApiError> {
+/// Message `i` of `messages`: `role` and `content`; any other field (`name`, `tool_calls`...)
+/// that is not null is refused, naming it (`messages[i].name`).
+fn message(i: usize, m: Value) -> Result<Message, ApiError> {
+    let at = |field: &str| format!("messages[{i}].{field}");
+    let Value::Object(mut m) = m else {
+        return Err(ApiError::invalid(
+            format!("messages[{i}] must be an object"),
+            Some("messages"),
+        ));
+    };
+    let role = match m.remove("role") {
+        Some(Value::String(r)) => r,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("{} must be a string", at("role")),
+                Some(&at("role")),
+            ))
+        }
+        None => {
+            return Err(ApiError::invalid(
+                format!("{} is required", at("role")),
+                Some(&at("role")),
+            ))
+        }
+    };
+    if !matches!(role.as_str(), "system" | "user" | "assistant" | "developer") {
+        return Err(ApiError::invalid(
+            format!("unsupported message role '{role}'"),
+            Some("messages"),
+        ));
+    }
+    // OpenAI's newer "developer" role is the system role under another name.
+    let role = if role == "developer" {
+        "system".to_string()
+    } else {
+        role
+    };
+    let content = match m.remove("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(t)) => t,
+        Some(Value::Array(parts)) => text_parts(i, &parts)?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("{} must be a string or a list of parts", at("content")),
+                Some(&at("content")),
+            ))
+        }
+    };
+    if let Some((field, _)) = m.iter().find(|(_, v)| !v.is_null()) {
+        let what = MESSAGE_UNSUPPORTED
+            .iter()
+            .find(|(f, _)| f == field)
+            .map(|(_, what)| *what);
+        return Err(ApiError::unsupported(&at(field), what));
+    }
+    Ok(Message { role, content })
+}
+
+/// Text parts, concatenated; any other part (images, audio, files) is refused.
+fn text_parts(i: usize, parts: &[Value]) -> Result<String, ApiError> {
     let mut text = String::new();
     for p in parts {
         match (
@@ -278,8 +369,8 @@ fn text_parts(parts: &[Value]) -> Result<String, ApiError> {
             (Some("text"), Some(t)) => text.push_str(t),
             _ => {
                 return Err(ApiError::invalid(
-                    "only text content parts are supported",
-                    Some("messages"),
+                    "only text content parts are supported by this server",
+                    Some(&format!("messages[{i}].content")),
                 ))
             }
         }
@@ -288,41 +379,117 @@ fn text_parts(parts: &[Value]) -> Result<String, ApiError> {
 }
 
 pub fn completion_request(body: &[u8]) -> Result<Request<String>, ApiError> {
-    let body: CompletionBody = parse(body)?;
-    let prompt = match body.prompt {
-        Prompt::One(p) => p,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(_) => {
+    let mut b = Body::parse(body, Endpoint::Completions)?;
+    let prompt = match b.take::<Value>("prompt")? {
+        Some(Value::String(p)) => p,
+        Some(Value::Array(v)) if v.len() == 1 && v[0].is_string() => {
+            v[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(Value::Array(v)) if v.iter().all(Value::is_string) => {
             return Err(ApiError::invalid(
                 "prompt must be one string (batches are not supported)",
                 Some("prompt"),
             ))
         }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "prompt must be a string (token ids are not supported)",
+                Some("prompt"),
+            ))
+        }
+        None => return Err(ApiError::invalid("prompt is required", Some("prompt"))),
     };
-    let (options, stream, include_usage, max_tokens_field) = common_options(body.common)?;
+    let c = common_options(&mut b, Endpoint::Completions)?;
+    b.finish()?;
     Ok(Request {
         input: prompt,
-        options,
-        stream,
-        include_usage,
-        max_tokens_field,
+        options: c.options,
+        stream: c.stream,
+        include_usage: c.include_usage,
+        max_tokens_field: c.max_tokens_field,
+        affinity_key: c.affinity_key,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::tests::{chat, param};
+    use serde_json::json;
 
     #[test]
     fn chat_fields_map_to_options() {
         let r = chat_request(br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,
             "temperature":0.5,"top_p":0.9,"top_k":4,"min_p":0.1,"seed":7,"stop":"x","repetition_penalty":1.1,
-            "stream":true,"stream_options":{"include_usage":true},"user":"ignored"}"#).unwrap();
+            "stream":true,"stream_options":{"include_usage":true},"user":"u1"}"#).unwrap();
         assert_eq!(r.input[0].content, "hi");
         assert_eq!(r.options.max_tokens, Some(5));
         assert_eq!(r.options.stop, vec!["x".to_string()]);
         assert_eq!(r.options.sampling.seed, Some(7));
+        assert_eq!(r.options.sampling.top_k, Some(4));
         assert!(r.stream && r.include_usage);
+        assert_eq!(r.affinity_key.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn message_fields_and_parts() {
+        let ask = |m: Value| {
+            chat_request(
+                json!({ "messages": [json!({"role": "user", "content": "a"}), m] })
+                    .to_string()
+                    .as_bytes(),
+            )
+        };
+        for field in [
+            "name",
+            "tool_calls",
+            "tool_call_id",
+            "refusal",
+            "cache_control",
+        ] {
+            let e = ask(json!({"role": "assistant", "content": "b", field: "x"})).unwrap_err();
+            assert!(e.message.contains("not supported"), "{e:?}");
+            assert_eq!(param(e), Some(format!("messages[1].{field}")));
+        }
+        ask(json!({"role": "assistant", "content": "b", "name": null, "tool_calls": null}))
+            .unwrap();
+        let image = json!({"role": "user", "content": [{"type": "text", "text": "a"},
+            {"type": "image_url", "image_url": {"url": "data:"}}]});
+        assert_eq!(
+            param(ask(image).unwrap_err()).as_deref(),
+            Some("messages[1].content")
+        );
+        let r = ask(json!({"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}))
+            .unwrap();
+        assert_eq!(r.input[1].content, "xy");
+        assert_eq!(
+            param(ask(json!({"content": "b"})).unwrap_err()).as_deref(),
+            Some("messages[1].role")
+        );
+    }
+
+    #[test]
+    fn the_affinity_key() {
+        let key = |extra| chat(extra).unwrap().affinity_key;
+        assert_eq!(key(json!({})), None);
+        assert_eq!(key(json!({"user": "u"})).as_deref(), Some("u"));
+        assert_eq!(
+            key(json!({"user": "u", "prompt_cache_key": "tenant-7"})).as_deref(),
+            Some("tenant-7")
+        );
+        assert_eq!(
+            key(json!({"user": "u", "prompt_cache_key": ""})).as_deref(),
+            Some("u")
+        );
+        let long = "k".repeat(MAX_AFFINITY_KEY + 1);
+        let e = chat(json!({ "prompt_cache_key": long })).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("prompt_cache_key"));
+        assert_eq!(
+            param(chat(json!({"user": 5})).unwrap_err()).as_deref(),
+            Some("user")
+        );
+        assert_eq!(header_value("tenant-7/a_b"), "tenant-7/a_b");
+        assert_eq!(header_value("a b%é\n"), "a%20b%25%C3%A9%0A");
     }
 
     #[test]
@@ -330,12 +497,14 @@ mod tests {
         for body in [
             &b"{"[..],
             br#"{"model":"m"}"#,
+            br#"[]"#,
             br#"{"messages":[]}"#,
             br#"{"messages":"hi"}"#,
             br#"{"messages":[{"role":"user","content":"hi"}],"n":2}"#,
             br#"{"messages":[{"role":"tool","content":"hi"}]}"#,
             br#"{"messages":[{"role":"user","content":"hi"}],"temperature":"hot"}"#,
             br#"{"messages":[{"role":"user","content":"hi"}],"stop":[""]}"#,
+            br#"{"messages":[{"role":"user","content":7}]}"#,
             b"\xff\xfe",
         ] {
             let e = chat_request(body).unwrap_err();
@@ -357,7 +526,7 @@ mod tests {
         let chat = |body: &[u8]| chat_request(body).unwrap();
         let mut r = chat(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":8192}"#);
         let e = r.limit_tokens(Some(2048)).unwrap_err();
-        assert_eq!((e.status, e.param), (400, Some("max_tokens")));
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("max_tokens")));
         assert_eq!(
             e.message,
             "max_tokens = 8192 is above this server's limit of 2048 tokens per request"
@@ -366,7 +535,7 @@ mod tests {
             br#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":9,"max_tokens":1}"#,
         );
         assert_eq!(
-            r.limit_tokens(Some(5)).unwrap_err().param,
+            r.limit_tokens(Some(5)).unwrap_err().param.as_deref(),
             Some("max_completion_tokens")
         );
         let mut r = chat(br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#);
@@ -388,7 +557,15 @@ mod tests {
             completion_request(br#"{"prompt":["b"]}"#).unwrap().input,
             "b"
         );
-        assert!(completion_request(br#"{"prompt":["a","b"]}"#).is_err());
-        assert!(completion_request(br#"{"prompt":3}"#).is_err());
+        for bad in [
+            &br#"{"prompt":["a","b"]}"#[..],
+            br#"{"prompt":3}"#,
+            br#"{"prompt":[1,2]}"#,
+            br#"{"prompt":null}"#,
+            br#"{}"#,
+        ] {
+            let e = completion_request(bad).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some("prompt"));
+        }
     }
 }

@@ -16,11 +16,11 @@ pub fn api_error(e: GenError) -> ApiError {
             format!("the model '{m}' does not exist"),
             "invalid_request_error",
             Some("model_not_found"),
-            Some("model"),
+            Some("model".to_string()),
         ),
         GenError::InvalidRequest(m) => (400, m, "invalid_request_error", None, None),
         GenError::InvalidOption(o) => {
-            let param = openai::request_field(&o.name);
+            let param = openai::request_field(&o.name).map(str::to_string);
             (400, o.message, "invalid_request_error", None, param)
         }
         GenError::ContextOverflow(c) => (
@@ -31,7 +31,7 @@ pub fn api_error(e: GenError) -> ApiError {
             ),
             "invalid_request_error",
             Some("context_length_exceeded"),
-            Some("messages"),
+            Some("messages".to_string()),
         ),
         GenError::ModelError(m) => (500, format!("model error: {m}"), "server_error", None, None),
         GenError::BackendFailure(m) => (
@@ -197,7 +197,7 @@ pub async fn completions(out: ResponseOutparam, body: &[u8]) {
 }
 
 /// Answers a parsed chat or completion request: checks the model, starts the generation and
-/// sends its result.
+/// sends its result. Once the request is parsed, every answer carries its affinity key.
 async fn serve<T: Input>(out: ResponseOutparam, request: Result<openai::Request<T>, ApiError>) {
     let limit = std::env::var(openai::MAX_TOKENS_VAR);
     let limit = openai::token_limit(match &limit {
@@ -205,32 +205,53 @@ async fn serve<T: Input>(out: ResponseOutparam, request: Result<openai::Request<
         Err(std::env::VarError::NotPresent) => None,
         Err(std::env::VarError::NotUnicode(_)) => Some("(not UTF-8)"),
     });
-    let req = match (request, limit) {
-        (Ok(mut r), Ok(limit)) => match r.limit_tokens(limit) {
-            Ok(()) => r,
-            Err(e) => return send_error(out, e).await,
-        },
+    let (mut req, limit) = match (request, limit) {
+        (Ok(r), Ok(limit)) => (r, limit),
         // A misconfigured server says so before judging the request.
         (_, Err(e)) | (Err(e), _) => return send_error(out, e).await,
     };
+    let affinity = req.affinity_key.as_deref().map(openai::header_value);
+    let extra: Vec<(&str, &str)> = affinity
+        .iter()
+        .map(|v| (openai::AFFINITY_HEADER, v.as_str()))
+        .collect();
+    if let Err(e) = req.limit_tokens(limit) {
+        return send_error_with(out, e, &extra).await;
+    }
     let model = match check_model(&req.options, req.max_tokens_field) {
         Ok(m) => m,
-        Err(e) => return send_error(out, e).await,
+        Err(e) => return send_error_with(out, e, &extra).await,
     };
     match req.input.start(&req.options) {
-        Ok(c) => respond(out, T::KIND, model, c, req.stream, req.include_usage).await,
-        Err(e) => send_error(out, api_error(e)).await,
+        Ok(c) => {
+            let how = How {
+                kind: T::KIND,
+                stream: req.stream,
+                include_usage: req.include_usage,
+                headers: &extra,
+            };
+            respond(out, how, model, c).await
+        }
+        Err(e) => send_error_with(out, api_error(e), &extra).await,
     }
 }
 
-async fn respond(
-    out: ResponseOutparam,
+/// How to answer a completion.
+struct How<'a> {
     kind: Kind,
-    model: String,
-    completion: Completion,
     stream: bool,
     include_usage: bool,
-) {
+    /// Headers added to the response.
+    headers: &'a [(&'a str, &'a str)],
+}
+
+async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion: Completion) {
+    let How {
+        kind,
+        stream,
+        include_usage,
+        headers: extra,
+    } = how;
     let id = new_id(if matches!(kind, Kind::Chat) {
         "chatcmpl"
     } else {
@@ -243,7 +264,7 @@ async fn respond(
             match completion.next() {
                 Ok(Some(piece)) => text.push_str(&piece),
                 Ok(None) => break,
-                Err(e) => return send_error(out, api_error(e)).await,
+                Err(e) => return send_error_with(out, api_error(e), extra).await,
             }
         }
         let s = completion.summary();
@@ -252,14 +273,16 @@ async fn respond(
             "choices": [kind.choice(Some(&text), false, Some(finish_reason(s.finish_reason)), false)],
             "usage": usage(&s),
         });
-        return send_json(out, 200, &body).await;
+        return send_json(out, 200, &body, extra).await;
     }
 
     // Server-Sent Events: one `data:` event per generated piece, flushed as it is produced.
-    let response = OutgoingResponse::new(headers(&[
+    let mut pairs = vec![
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
-    ]));
+    ];
+    pairs.extend_from_slice(extra);
+    let response = OutgoingResponse::new(headers(&pairs));
     let _ = response.set_status_code(200);
     let mut sink = response.take_body();
     out.set(response);
@@ -312,7 +335,7 @@ pub async fn models(out: ResponseOutparam) {
                 .iter()
                 .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "edge-slm", "context_length": m.context_length}))
                 .collect();
-            send_json(out, 200, &json!({"object": "list", "data": data})).await
+            send_json(out, 200, &json!({"object": "list", "data": data}), &[]).await
         }
         Err(e) => send_error(out, api_error(e)).await,
     }
@@ -321,19 +344,26 @@ pub async fn models(out: ResponseOutparam) {
 pub async fn health(out: ResponseOutparam) {
     match generator::list_models() {
         Ok(m) if !m.is_empty() => {
-            send_json(out, 200, &json!({"status": "ok", "models": m.len()})).await
+            send_json(out, 200, &json!({"status": "ok", "models": m.len()}), &[]).await
         }
-        Ok(_) => send_json(out, 503, &json!({"status": "no models installed"})).await,
+        Ok(_) => send_json(out, 503, &json!({"status": "no models installed"}), &[]).await,
         Err(e) => send_error(out, api_error(e)).await,
     }
 }
 
 pub async fn send_error(out: ResponseOutparam, e: ApiError) {
-    send_json(out, e.status, &error_body(&e)).await
+    send_error_with(out, e, &[]).await
 }
 
-async fn send_json(out: ResponseOutparam, status: u16, body: &Value) {
-    let response = OutgoingResponse::new(headers(&[("content-type", "application/json")]));
+async fn send_error_with(out: ResponseOutparam, e: ApiError, extra: &[(&str, &str)]) {
+    send_json(out, e.status, &error_body(&e), extra).await
+}
+
+/// A JSON response, with the headers `extra`.
+async fn send_json(out: ResponseOutparam, status: u16, body: &Value, extra: &[(&str, &str)]) {
+    let mut pairs = vec![("content-type", "application/json")];
+    pairs.extend_from_slice(extra);
+    let response = OutgoingResponse::new(headers(&pairs));
     let _ = response.set_status_code(status);
     let _ = out
         .set_with_body(response, body.to_string().into_bytes())

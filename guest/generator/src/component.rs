@@ -13,10 +13,11 @@ use crate::bindings::exports::edge::slm::generator::{
 };
 use crate::chat;
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, Generation, Request, Summary};
+use crate::generate::{FinishReason, GeneratedToken, Generation, Request, Summary, TokenLogprob};
+use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::model::{self, Model};
 use crate::nn_session::NnSession;
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{Requested, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::template::{ChatTemplate, Message};
 
@@ -123,15 +124,24 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
     let model = get_model(options.model.as_deref())?;
     let prompt = input.encode(&model)?;
     let s = options.sampling;
-    let params = SamplingParams::new(
-        s.temperature,
-        s.top_k,
-        s.top_p,
-        s.min_p,
-        s.repetition_penalty,
-        s.seed,
-        crate::rng::random_seed,
-    )?;
+    let requested = Requested {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        logit_bias: s.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
+        seed: s.seed,
+    };
+    let params = SamplingParams::new(requested, model.vocab_size, crate::rng::random_seed)?;
+    if let Some(n) = options.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        return Err(Error::invalid_option(
+            "logprobs",
+            format!("logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"),
+        ));
+    }
     let stop = StopMatcher::new(options.stop)?;
     crate::generate::check_prompt(&model, &prompt)?;
     let session = NnSession::new(&model.name)?;
@@ -140,6 +150,7 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
         max_tokens: options.max_tokens,
         sampler: Sampler::new(params),
         stop,
+        logprobs: options.logprobs,
         start: started,
     };
     let generation = Generation::new(model, session, req)?;
@@ -221,6 +232,23 @@ impl GuestCompletion for CompletionImpl {
 
     fn summary(&self) -> wit::Summary {
         summary(self.inner.borrow().summary())
+    }
+
+    fn take_logprobs(&self) -> Vec<wit::GeneratedToken> {
+        let entry = |t: TokenLogprob| wit::TokenLogprob {
+            token: t.token,
+            bytes: t.bytes,
+            logprob: t.logprob,
+        };
+        let tokens = self.inner.borrow_mut().take_logprobs();
+        tokens
+            .into_iter()
+            .map(|t: GeneratedToken| wit::GeneratedToken {
+                chosen: entry(t.chosen),
+                text_offset: t.text_offset,
+                top: t.top.into_iter().map(entry).collect(),
+            })
+            .collect()
     }
 }
 

@@ -1,13 +1,16 @@
 //! One completion: prefill, then token by token: sample, detokenize, match stop strings,
-//! until EOS, a stop string, max-tokens or a full context window.
+//! until EOS, a stop string, max-tokens or a full context window; with the log probabilities
+//! of the generated tokens when asked, handed out with the text they belong to.
 //!
 //! The inference backend sits behind [`Session`], so this runs natively in tests.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
 use crate::detok::Detokenizer;
 use crate::error::{Error, Result};
+use crate::logprobs::Distribution;
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::stop::StopMatcher;
@@ -45,12 +48,32 @@ pub struct Summary {
     pub total_ms: f64,
 }
 
+/// A token and its log probability (the WIT `token-logprob`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// A generated token's log probabilities (the WIT `generated-token`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    pub chosen: TokenLogprob,
+    /// Where the token's text begins in the generated text (bytes).
+    pub text_offset: u32,
+    /// The most likely tokens at its position, most likely first.
+    pub top: Vec<TokenLogprob>,
+}
+
 /// Everything a request fixes before generation starts.
 pub struct Request {
     pub prompt: Vec<u32>,
     pub max_tokens: Option<u32>,
     pub sampler: Sampler,
     pub stop: StopMatcher,
+    /// Log probabilities: None, none; n, each token's and the n most likely (validated).
+    pub logprobs: Option<u32>,
     /// When the request arrived (for the timings).
     pub start: Instant,
 }
@@ -88,6 +111,15 @@ pub struct Generation<S: Session> {
     /// Prompt tokens the backend reused from its prefix cache.
     cached: u32,
     end: Option<Instant>,
+    /// The logits as the model gave them (for the log probabilities; the sampler changes its own).
+    raw: Vec<f32>,
+    /// Bytes of text the detokenizer has produced, and of those `next` has returned.
+    decoded: usize,
+    released: usize,
+    /// Log probabilities of tokens whose text has not been returned yet, then of those it has
+    /// and that `take_logprobs` has not taken.
+    pending: VecDeque<GeneratedToken>,
+    ready: Vec<GeneratedToken>,
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -112,7 +144,29 @@ impl<S: Session> Generation<S> {
             prefill_ms: 0.0,
             cached: 0,
             end: None,
+            raw: Vec::new(),
+            decoded: 0,
+            released: 0,
+            pending: VecDeque::new(),
+            ready: Vec::new(),
         })
+    }
+
+    /// The log probabilities of the generated tokens whose text `next` has returned, not taken
+    /// before (see the WIT `take-logprobs`).
+    pub fn take_logprobs(&mut self) -> Vec<GeneratedToken> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// `text` is being returned: its tokens' log probabilities become ready.
+    fn release(&mut self, text: &str) {
+        self.released += text.len();
+        while let Some(t) = self.pending.front() {
+            if (t.text_offset as usize) >= self.released {
+                break;
+            }
+            self.ready.extend(self.pending.pop_front());
+        }
     }
 
     /// The next piece of text; None once generation has ended and all text was returned.
@@ -124,6 +178,14 @@ impl<S: Session> Generation<S> {
             }
             if self.finish.is_some() {
                 let tail = self.flush();
+                self.release(&tail);
+                // The rest: tokens without text of their own at the end, unless a stop string
+                // cut the output, which drops the tokens from the stop string on.
+                if self.finish == Some(FinishReason::StopString) {
+                    self.pending.clear();
+                } else {
+                    self.ready.extend(self.pending.drain(..));
+                }
                 self.done = true;
                 self.end = Some(Instant::now());
                 if !tail.is_empty() {
@@ -133,7 +195,10 @@ impl<S: Session> Generation<S> {
             }
             match self.step() {
                 Ok(piece) if piece.is_empty() => continue,
-                Ok(piece) => return Ok(Some(piece)),
+                Ok(piece) => {
+                    self.release(&piece);
+                    return Ok(Some(piece));
+                }
                 Err(e) => {
                     self.done = true;
                     self.end = Some(Instant::now());
@@ -185,6 +250,10 @@ impl<S: Session> Generation<S> {
                 logits
             }
         };
+        if self.req.logprobs.is_some() {
+            self.raw.clear();
+            self.raw.extend_from_slice(&logits);
+        }
         let id = self
             .req
             .sampler
@@ -195,12 +264,26 @@ impl<S: Session> Generation<S> {
         }
         self.generated += 1;
         self.last = Some(id);
-        self.req.sampler.observe(&[id]);
+        self.req.sampler.generated(id);
         if self.model.eos_ids.contains(&id) {
             self.finish = Some(FinishReason::Stop);
             return Ok(String::new());
         }
+        if let Some(n) = self.req.logprobs {
+            let d = Distribution::new(&self.raw);
+            let entry = |(token, logprob)| TokenLogprob {
+                token,
+                bytes: self.model.tokenizer.token_bytes(token),
+                logprob,
+            };
+            self.pending.push_back(GeneratedToken {
+                chosen: entry((id, d.logprob(id))),
+                text_offset: u32::try_from(self.decoded).unwrap_or(u32::MAX),
+                top: d.top(n as usize).into_iter().map(entry).collect(),
+            });
+        }
         let text = self.detok.push(&self.model.tokenizer, id)?;
+        self.decoded += text.len();
         let pushed = self.req.stop.push(&text);
         if pushed.stopped {
             self.finish = Some(FinishReason::StopString);
@@ -230,5 +313,171 @@ impl<S: Session> Generation<S> {
                 .unwrap_or(0.0),
             total_ms: ms(end.saturating_duration_since(start)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::SamplingParams;
+
+    /// A model of the byte-level test tokenizer: "a" 0, "b" 1, "Ġ" 2, "Ã" 3, "©" 4 (the bytes of
+    /// "é"), "Ġa" 5, "<eos>" 6.
+    fn model() -> Rc<Model> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "generate-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"vocab_size": 7, "eos_token_id": 6, "max_position_embeddings": 64}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            crate::tokenizer::tests::byte_level_json(),
+        )
+        .unwrap();
+        let m = Model::load("m", &dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        Rc::new(m)
+    }
+
+    /// Logits that make `script[i]` the most likely token at step i, each other token j at
+    /// -j (so the runner-up is token 0, or 1).
+    struct Scripted {
+        script: Vec<u32>,
+        step: usize,
+    }
+
+    impl Session for Scripted {
+        fn step(&mut self, _ids: &[u32], _start: u32) -> Result<Vec<f32>> {
+            let want = self.script[self.step.min(self.script.len() - 1)];
+            self.step += 1;
+            Ok((0..7)
+                .map(|j| if j == want { 5.0 } else { -(j as f32) })
+                .collect())
+        }
+    }
+
+    fn generation(
+        script: &[u32],
+        stop: &[&str],
+        logprobs: Option<u32>,
+        params: SamplingParams,
+    ) -> Generation<Scripted> {
+        let req = Request {
+            prompt: vec![0],
+            max_tokens: Some(script.len() as u32),
+            sampler: Sampler::new(params),
+            stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
+            logprobs,
+            start: Instant::now(),
+        };
+        let session = Scripted {
+            script: script.to_vec(),
+            step: 0,
+        };
+        Generation::new(model(), session, req).unwrap()
+    }
+
+    /// Every piece, with the tokens `take_logprobs` hands out after it (and after the end).
+    fn run(g: &mut Generation<Scripted>) -> Vec<(String, Vec<u32>)> {
+        let mut out = vec![];
+        loop {
+            let piece = g.next().unwrap();
+            let tokens = g.take_logprobs().iter().map(|t| t.chosen.token).collect();
+            match piece {
+                Some(p) => out.push((p, tokens)),
+                None => {
+                    out.push((String::new(), tokens));
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn pieces(v: &[(&str, &[u32])]) -> Vec<(String, Vec<u32>)> {
+        v.iter().map(|(p, t)| (p.to_string(), t.to_vec())).collect()
+    }
+
+    #[test]
+    fn tokens_come_with_the_text_they_start() {
+        // "a", "é" in two tokens, " a", then EOS (not reported).
+        let mut g = generation(&[0, 3, 4, 5, 6], &[], Some(2), SamplingParams::default());
+        assert_eq!(
+            run(&mut g),
+            pieces(&[("a", &[0]), ("é", &[3, 4]), (" a", &[5]), ("", &[])])
+        );
+        let mut g = generation(&[0, 3, 4, 5, 6], &[], Some(2), SamplingParams::default());
+        let mut all = vec![];
+        while g.next().unwrap().is_some() {}
+        all.extend(g.take_logprobs());
+        let offsets: Vec<u32> = all.iter().map(|t| t.text_offset).collect();
+        assert_eq!(offsets, [0, 1, 1, 3]);
+        let bytes: Vec<Vec<u8>> = all.iter().map(|t| t.chosen.bytes.clone()).collect();
+        assert_eq!(bytes, [vec![b'a'], vec![0xC3], vec![0xA9], b" a".to_vec()]);
+        for t in &all {
+            // Greedy: the chosen token is the most likely; logprobs <= 0, sorted.
+            assert_eq!(t.top[0].token, t.chosen.token);
+            assert_eq!(t.top[0].logprob, t.chosen.logprob);
+            assert!(t.top.len() == 2 && t.top[0].logprob >= t.top[1].logprob);
+            assert!(t.chosen.logprob <= 0.0);
+        }
+        // The runner-up: token 0 (logit 0), or token 1 when 0 was chosen.
+        assert_eq!(all[0].top[1].token, 1);
+        assert_eq!(all[1].top[1].token, 0);
+    }
+
+    #[test]
+    fn a_stop_string_drops_the_tokens_from_it_on() {
+        // "a" "b" "a" "b" "b" with stop "ba": "a", then the stop string begins at token "b":
+        // the tokens from it on are dropped.
+        let mut g = generation(
+            &[0, 1, 0, 1, 1],
+            &["ba"],
+            Some(0),
+            SamplingParams::default(),
+        );
+        assert_eq!(run(&mut g), pieces(&[("a", &[0]), ("", &[])]));
+        // A stop string starting inside a token's text (" a" of "b ab"): that token is reported.
+        let mut g = generation(&[1, 5, 1, 1], &["ab"], Some(0), SamplingParams::default());
+        assert_eq!(run(&mut g), pieces(&[("b", &[1]), (" ", &[5]), ("", &[])]));
+    }
+
+    #[test]
+    fn without_logprobs_nothing_is_reported_and_the_text_is_the_same() {
+        let mut with = generation(&[0, 3, 4, 5], &[], Some(3), SamplingParams::default());
+        let mut without = generation(&[0, 3, 4, 5], &[], None, SamplingParams::default());
+        let a = run(&mut with);
+        let b = run(&mut without);
+        assert!(b.iter().all(|(_, t)| t.is_empty()));
+        let text = |v: &[(String, Vec<u32>)]| v.iter().map(|p| p.0.clone()).collect::<String>();
+        assert_eq!(text(&a), text(&b));
+        assert_eq!(text(&a), "aé a");
+        // max_tokens: the tokens without an end are all reported.
+        assert_eq!(a.iter().map(|p| p.1.len()).sum::<usize>(), 4);
+    }
+
+    #[test]
+    fn logprobs_are_the_model_s_before_the_bias() {
+        // Ban the model's choice "a": "b" comes out, with its unbiased log probability.
+        let params = SamplingParams {
+            logit_bias: vec![(0, -100.0)],
+            ..SamplingParams::default()
+        };
+        let mut g = generation(&[0], &[], Some(1), params);
+        assert_eq!(g.next().unwrap().as_deref(), Some("b"));
+        assert_eq!(g.next().unwrap(), None);
+        let t = g.take_logprobs();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].chosen.token, 1);
+        assert_eq!(t[0].top[0].token, 0, "the model's favourite is still top");
+        let expected = Distribution::new(&[5.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0]).logprob(1);
+        assert_eq!(t[0].chosen.logprob, expected);
     }
 }

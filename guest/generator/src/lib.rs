@@ -8,6 +8,7 @@ pub mod chat;
 pub mod detok;
 pub mod error;
 pub mod generate;
+pub mod logprobs;
 pub mod model;
 pub mod rng;
 pub mod sampler;

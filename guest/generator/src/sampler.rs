@@ -1,5 +1,6 @@
-//! Choosing the next token from the logits: repetition penalty, temperature, top-k, top-p,
-//! min-p (in that order), then greedy or seeded sampling.
+//! Choosing the next token from the logits: repetition penalty, frequency and presence
+//! penalties, logit bias, then temperature, top-k, top-p, min-p (in that order), then greedy or
+//! seeded sampling.
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -17,8 +18,33 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1.0: disabled.
     pub repetition_penalty: f32,
+    /// 0.0: disabled.
+    pub frequency_penalty: f32,
+    /// 0.0: disabled.
+    pub presence_penalty: f32,
+    /// (token, bias) added to the logits; tokens distinct and in the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
+
+/// The sampling options of a request, before validation (the WIT `sampling` record).
+#[derive(Debug, Clone, Default)]
+pub struct Requested {
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+}
+
+/// The range of `frequency_penalty` and `presence_penalty` (OpenAI's).
+pub const PENALTY_RANGE: std::ops::RangeInclusive<f32> = -2.0..=2.0;
+/// The range of a logit bias (OpenAI's).
+pub const BIAS_RANGE: std::ops::RangeInclusive<f32> = -100.0..=100.0;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -28,6 +54,9 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -43,46 +72,68 @@ fn check(valid: bool, name: &'static str, message: impl FnOnce() -> String) -> R
 }
 
 impl SamplingParams {
-    /// Validate the optional request values; `seed` absent draws one from `random_seed`.
-    pub fn new(
-        temperature: Option<f32>,
-        top_k: Option<u32>,
-        top_p: Option<f32>,
-        min_p: Option<f32>,
-        repetition_penalty: Option<f32>,
-        seed: Option<u64>,
-        random_seed: impl FnOnce() -> u64,
-    ) -> Result<Self> {
-        let temperature = temperature.unwrap_or(0.0);
+    /// Validate the request's values for a model of `vocab_size` tokens; `seed` absent draws
+    /// one from `random_seed`.
+    pub fn new(r: Requested, vocab_size: u32, random_seed: impl FnOnce() -> u64) -> Result<Self> {
+        let temperature = r.temperature.unwrap_or(0.0);
         check(
             temperature.is_finite() && temperature >= 0.0,
             "temperature",
             || format!("temperature must be a finite number >= 0, got {temperature}"),
         )?;
-        let top_p = top_p.unwrap_or(1.0);
+        let top_p = r.top_p.unwrap_or(1.0);
         check(top_p > 0.0 && top_p <= 1.0, "top-p", || {
             format!("top-p must be in (0, 1], got {top_p}")
         })?;
-        let min_p = min_p.unwrap_or(0.0);
+        let min_p = r.min_p.unwrap_or(0.0);
         check((0.0..1.0).contains(&min_p), "min-p", || {
             format!("min-p must be in [0, 1), got {min_p}")
         })?;
-        let repetition_penalty = repetition_penalty.unwrap_or(1.0);
+        let repetition_penalty = r.repetition_penalty.unwrap_or(1.0);
         check(
             repetition_penalty.is_finite() && repetition_penalty > 0.0,
             "repetition-penalty",
             || format!("repetition-penalty must be a finite number > 0, got {repetition_penalty}"),
         )?;
-        let seed = match seed {
+        let frequency_penalty = r.frequency_penalty.unwrap_or(0.0);
+        check(
+            PENALTY_RANGE.contains(&frequency_penalty),
+            "frequency-penalty",
+            || format!("frequency-penalty must be in [-2, 2], got {frequency_penalty}"),
+        )?;
+        let presence_penalty = r.presence_penalty.unwrap_or(0.0);
+        check(
+            PENALTY_RANGE.contains(&presence_penalty),
+            "presence-penalty",
+            || format!("presence-penalty must be in [-2, 2], got {presence_penalty}"),
+        )?;
+        let mut seen = std::collections::HashSet::new();
+        for &(token, bias) in &r.logit_bias {
+            check(token < vocab_size, "logit-bias", || {
+                format!(
+                    "logit-bias: token id {token} is outside the vocabulary (size {vocab_size})"
+                )
+            })?;
+            check(BIAS_RANGE.contains(&bias), "logit-bias", || {
+                format!("logit-bias: the bias of token {token} must be in [-100, 100], got {bias}")
+            })?;
+            check(seen.insert(token), "logit-bias", || {
+                format!("logit-bias: token id {token} is listed twice")
+            })?;
+        }
+        let seed = match r.seed {
             Some(s) => s,
             None => random_seed(),
         };
         Ok(SamplingParams {
             temperature,
-            top_k: top_k.unwrap_or(0),
+            top_k: r.top_k.unwrap_or(0),
             top_p,
             min_p,
             repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+            logit_bias: r.logit_bias,
             seed,
         })
     }
@@ -92,13 +143,17 @@ impl SamplingParams {
     }
 }
 
-/// Chooses tokens; holds the PRNG state and the set of tokens seen (for the penalty).
+/// Chooses tokens; holds the PRNG state, the set of tokens seen (for the repetition penalty)
+/// and how often each was generated (for the frequency and presence penalties).
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     /// seen[id]: the token is in the prompt or the output.
     seen: Vec<bool>,
     seen_ids: Vec<u32>,
+    /// counts[id]: how many times the token was generated.
+    counts: Vec<u32>,
+    generated_ids: Vec<u32>,
     /// Scratch buffer of (id, value) candidates.
     scratch: Vec<(u32, f32)>,
 }
@@ -111,6 +166,8 @@ impl Sampler {
             rng,
             seen: Vec::new(),
             seen_ids: Vec::new(),
+            counts: Vec::new(),
+            generated_ids: Vec::new(),
             scratch: Vec::new(),
         }
     }
@@ -136,7 +193,24 @@ impl Sampler {
         }
     }
 
-    /// Choose the next token. `logits` is modified in place (penalty, temperature).
+    /// Record a generated token: for the repetition penalty (as [`Sampler::observe`]) and the
+    /// frequency and presence penalties, which count generated tokens only.
+    pub fn generated(&mut self, id: u32) {
+        self.observe(&[id]);
+        if self.params.frequency_penalty == 0.0 && self.params.presence_penalty == 0.0 {
+            return;
+        }
+        let i = id as usize;
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        if self.counts[i] == 0 {
+            self.generated_ids.push(id);
+        }
+        self.counts[i] += 1;
+    }
+
+    /// Choose the next token. `logits` is modified in place (penalties, bias).
     /// Returns None only for an empty vocabulary.
     pub fn sample(&mut self, logits: &mut [f32]) -> Option<u32> {
         if logits.is_empty() {
@@ -156,6 +230,17 @@ impl Sampler {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
                 }
+            }
+        }
+        let (frequency, presence) = (self.params.frequency_penalty, self.params.presence_penalty);
+        for &id in &self.generated_ids {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l -= self.counts[id as usize] as f32 * frequency + presence;
+            }
+        }
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
             }
         }
         if self.params.is_greedy() {
@@ -260,7 +345,15 @@ mod tests {
         m: Option<f32>,
         r: Option<f32>,
     ) -> Result<SamplingParams> {
-        SamplingParams::new(t, None, p, m, r, Some(0), || 0)
+        let r = Requested {
+            temperature: t,
+            top_p: p,
+            min_p: m,
+            repetition_penalty: r,
+            seed: Some(0),
+            ..Default::default()
+        };
+        SamplingParams::new(r, 10, || 0)
     }
 
     #[test]
@@ -299,7 +392,11 @@ mod tests {
 
     #[test]
     fn seed_absent_uses_random_source() {
-        let p = SamplingParams::new(Some(1.0), None, None, None, None, None, || 99).unwrap();
+        let r = Requested {
+            temperature: Some(1.0),
+            ..Default::default()
+        };
+        let p = SamplingParams::new(r, 10, || 99).unwrap();
         assert_eq!(p.seed, 99);
     }
 
@@ -410,5 +507,81 @@ mod tests {
         let n = counts(params(1.0), &logits, 10_000);
         let f2 = n[2] as f64 / 10_000.0;
         assert!((f2 - 0.6).abs() < 0.03, "{n:?}");
+    }
+
+    #[test]
+    fn penalty_and_bias_validation() {
+        let check = |r: Requested| match SamplingParams::new(r, 10, || 0) {
+            Err(Error::InvalidOption { name, message }) => Some((name, message)),
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => None,
+        };
+        let bias = |logit_bias: Vec<(u32, f32)>| Requested {
+            logit_bias,
+            ..Default::default()
+        };
+        assert_eq!(check(bias(vec![(0, -100.0), (9, 100.0)])), None);
+        for (bad, says) in [
+            (
+                vec![(10, 1.0)],
+                "token id 10 is outside the vocabulary (size 10)",
+            ),
+            (vec![(3, 100.5)], "must be in [-100, 100], got 100.5"),
+            (vec![(3, f32::NAN)], "must be in [-100, 100]"),
+            (vec![(3, 1.0), (3, 2.0)], "token id 3 is listed twice"),
+        ] {
+            let (name, message) = check(bias(bad)).unwrap();
+            assert_eq!(name, "logit-bias");
+            assert!(message.contains(says), "{message}");
+        }
+        for (f, p, name) in [
+            (Some(2.5), None, "frequency-penalty"),
+            (None, Some(-2.01), "presence-penalty"),
+            (Some(f32::NAN), None, "frequency-penalty"),
+        ] {
+            let r = Requested {
+                frequency_penalty: f,
+                presence_penalty: p,
+                ..Default::default()
+            };
+            assert_eq!(check(r).unwrap().0, name);
+        }
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_generated_tokens() {
+        let p = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 1.0,
+            ..params(0.0)
+        };
+        let mut s = Sampler::new(p);
+        s.observe(&[0, 1, 2]); // the prompt does not count
+        s.generated(1);
+        s.generated(1);
+        s.generated(2);
+        let mut logits = [1.0, 3.0, 2.0, 0.0];
+        // 1: 3 - 2 * 0.5 - 1 = 1; 2: 2 - 0.5 - 1 = 0.5
+        assert_eq!(s.sample(&mut logits), Some(0));
+        assert_eq!(logits, [1.0, 1.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces() {
+        let bias = |logit_bias| SamplingParams {
+            logit_bias,
+            ..params(0.0)
+        };
+        let logits = [0.5, 4.0, 1.0];
+        let mut s = Sampler::new(bias(vec![(1, -100.0)]));
+        assert_eq!(s.sample(&mut logits.clone()), Some(2));
+        let mut s = Sampler::new(bias(vec![(0, 100.0)]));
+        assert_eq!(s.sample(&mut logits.clone()), Some(0));
+        // At any temperature, +100 leaves the others no chance.
+        let p = SamplingParams {
+            temperature: 1.0,
+            ..bias(vec![(0, 100.0)])
+        };
+        assert_eq!(counts(p, &logits, 100), [100, 0, 0]);
     }
 }

@@ -1,6 +1,7 @@
 //! The model's tokenizer (Hugging Face `tokenizer.json`, via the `tokenizers` crate): encoding
-//! with or without special-token parsing, decoding, and how many bytes of text one token can
-//! stand for at most (so a prompt far too long is refused before it is tokenized).
+//! with or without special-token parsing, decoding, the bytes one token stands for, and how many
+//! bytes of text one token can stand for at most (so a prompt far too long is refused before it
+//! is tokenized).
 
 use std::cell::OnceCell;
 use std::ops::Range;
@@ -17,7 +18,25 @@ pub struct Tokenizer {
     plain: OnceCell<tokenizers::Tokenizer>,
     /// Ids of the special added tokens (`"special": true`), sorted.
     special: Vec<u32>,
+    /// The content of every added token, by id.
+    added: std::collections::HashMap<u32, String>,
+    /// How the decoder turns one vocabulary entry into bytes.
+    token_text: Vec<Step>,
     size_bound: Option<SizeBound>,
+}
+
+/// One step of a decoder, applied to a single token's vocabulary entry (see
+/// [`Tokenizer::token_bytes`]).
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// GPT-2's byte-to-character alphabet, reversed.
+    ByteLevel,
+    /// `<0xHH>` is the byte HH.
+    ByteFallback,
+    /// Replace a string (sentencepiece's "▁" with a space).
+    Replace(String, String),
+    /// Anything else (WordPiece, CTC...): decode the token alone.
+    Decode,
 }
 
 /// How few tokens a text can have: at least its bytes, less those the tokenizer drops, divided
@@ -61,11 +80,19 @@ impl Tokenizer {
             .map(|(&id, _)| id)
             .collect();
         special.sort_unstable();
+        let added = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        let token_text = decoder_steps(&serde_json::to_value(inner.get_decoder()).ok());
         let size_bound = size_bound(&inner);
         Ok(Tokenizer {
             inner,
             plain: OnceCell::new(),
             special,
+            added,
+            token_text,
             size_bound,
         })
     }
@@ -175,6 +202,88 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The bytes token `id` stands for alone: an added token's content; a vocabulary entry
+    /// through the decoder (GPT-2 byte characters become their bytes, `<0xHH>` its byte, "▁" a
+    /// space), so a token holding part of a UTF-8 character gives those bytes, not U+FFFD. A
+    /// leading space is kept ("Ġthe" is " the"). Empty for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(content) = self.added.get(&id) {
+            return content.clone().into_bytes();
+        }
+        let Some(entry) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let mut text = entry.into_bytes();
+        for step in &self.token_text {
+            text = match step {
+                Step::ByteLevel => match std::str::from_utf8(&text) {
+                    Ok(s) => s
+                        .chars()
+                        .flat_map(|c| match byte_level_byte(c) {
+                            Some(b) => vec![b],
+                            None => c.to_string().into_bytes(),
+                        })
+                        .collect(),
+                    Err(_) => text,
+                },
+                Step::ByteFallback => match std::str::from_utf8(&text).ok().and_then(byte_token) {
+                    Some(b) => vec![b],
+                    None => text,
+                },
+                Step::Replace(from, to) => match std::str::from_utf8(&text) {
+                    Ok(s) => s.replace(from.as_str(), to).into_bytes(),
+                    Err(_) => text,
+                },
+                Step::Decode => self
+                    .decode_with(&[id], false)
+                    .map(String::into_bytes)
+                    .unwrap_or(text),
+            };
+        }
+        text
+    }
+}
+
+/// `<0xHH>`: the byte HH.
+fn byte_token(s: &str) -> Option<u8> {
+    let hex = s.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+/// What [`Tokenizer::token_bytes`] does with a vocabulary entry, from the decoder's JSON.
+fn decoder_steps(decoder: &Option<Json>) -> Vec<Step> {
+    let Some(d) = decoder.as_ref().filter(|d| !d.is_null()) else {
+        return vec![];
+    };
+    let step = |d: &Json| -> Option<Step> {
+        Some(match d.get("type")?.as_str()? {
+            "ByteLevel" => Step::ByteLevel,
+            "ByteFallback" => Step::ByteFallback,
+            "Metaspace" => Step::Replace(
+                d.get("replacement")
+                    .and_then(Json::as_str)
+                    .unwrap_or("\u{2581}")
+                    .to_string(),
+                " ".into(),
+            ),
+            "Replace" => Step::Replace(
+                d.get("pattern")?.get("String")?.as_str()?.to_string(),
+                d.get("content")?.as_str()?.to_string(),
+            ),
+            // Whole-text steps: nothing to do to one token.
+            "Fuse" | "Strip" => return None,
+            _ => Step::Decode,
+        })
+    };
+    match d.get("type").and_then(Json::as_str) {
+        Some("Sequence") => d
+            .get("decoders")
+            .and_then(Json::as_array)
+            .map(|ds| ds.iter().filter_map(step).collect())
+            .unwrap_or_else(|| vec![Step::Decode]),
+        _ => step(d).into_iter().collect(),
     }
 }
 
@@ -295,9 +404,25 @@ fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
     })
 }
 
+/// Whether GPT-2's ByteLevel alphabet writes byte `b` as the character of the same code.
+fn byte_level_printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The byte GPT-2's ByteLevel alphabet writes as `c`; None for characters outside it.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let code = c as u32;
+    if code < 256 && byte_level_printable(code as u8) {
+        return Some(code as u8);
+    }
+    // U+0100 + rank: the rank-th byte that is not printable.
+    let rank = code.checked_sub(0x100)? as usize;
+    (0..=255u8).filter(|&b| !byte_level_printable(b)).nth(rank)
+}
+
 /// The character GPT-2's ByteLevel pre-tokenizer writes for byte `b`.
 fn byte_level_char(b: u8) -> String {
-    let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let printable = byte_level_printable(b);
     let c = if printable {
         char::from(b)
     } else {
@@ -311,7 +436,7 @@ fn byte_level_char(b: u8) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -321,6 +446,69 @@ mod tests {
         assert_eq!(byte_level_char(b'\n'), "Ċ");
         assert_eq!(byte_level_char(b'a'), "a");
         assert_eq!(byte_level_char(0), "\u{100}");
+        for b in 0..=255u8 {
+            let c = byte_level_char(b).chars().next().unwrap();
+            assert_eq!(byte_level_byte(c), Some(b));
+        }
+        assert_eq!(byte_level_byte('€'), None);
+        assert_eq!(byte_token("<0x0A>"), Some(b'\n'));
+        assert_eq!(byte_token("<0xE2>"), Some(0xE2));
+        assert_eq!(byte_token("<0x0A"), None);
+        assert_eq!(byte_token("<0xABC>"), None);
+    }
+
+    /// A ByteLevel BPE tokenizer: "a", "b", "Ġ", the two bytes of "é" (C3 A9), "Ġa"; "<eos>" (6)
+    /// is special.
+    pub fn byte_level_json() -> String {
+        json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 6, "content": "<eos>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false,
+                "vocab": {"a": 0, "b": 1, "Ġ": 2, "Ã": 3, "©": 4, "Ġa": 5},
+                "merges": [["Ġ", "a"]]}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn token_bytes_byte_level() {
+        let t = Tokenizer::from_bytes(byte_level_json().as_bytes()).unwrap();
+        assert_eq!(t.token_bytes(0), b"a");
+        assert_eq!(t.token_bytes(5), b" a");
+        assert_eq!(t.token_bytes(3), [0xC3]);
+        assert_eq!(t.token_bytes(4), [0xA9]);
+        assert_eq!(t.token_bytes(6), b"<eos>");
+        assert_eq!(t.token_bytes(99), b"");
+    }
+
+    #[test]
+    fn token_bytes_sentencepiece() {
+        let json = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": true, "ignore_merges": false,
+                "vocab": {"▁the": 0, "<0xE2>": 1, "x": 2}, "merges": []}
+        })
+        .to_string();
+        let t = Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        assert_eq!(t.token_bytes(0), b" the");
+        assert_eq!(t.token_bytes(1), [0xE2]);
+        assert_eq!(t.token_bytes(2), b"x");
     }
 
     #[test]

@@ -80,8 +80,12 @@ pub const FIELDS: &[(&str, Takes, &str)] = &[
         Takes::Both,
         "extension: Hugging Face's repetition penalty",
     ),
-    ("frequency_penalty", Takes::Both, "0 only"),
-    ("presence_penalty", Takes::Both, "0 only"),
+    (
+        "frequency_penalty",
+        Takes::Both,
+        "OpenAI's, in [-2, 2], on counts of generated tokens",
+    ),
+    ("presence_penalty", Takes::Both, "OpenAI's, in [-2, 2]"),
     (
         "seed",
         Takes::Both,
@@ -95,9 +99,17 @@ pub const FIELDS: &[(&str, Takes, &str)] = &[
         "include_usage; include_obfuscation false only",
     ),
     ("n", Takes::Both, "1 only"),
-    ("logprobs", Takes::Both, "false (chat) or absent only"),
-    ("top_logprobs", Takes::Chat, "absent only"),
-    ("logit_bias", Takes::Both, "empty only"),
+    (
+        "logprobs",
+        Takes::Both,
+        "chat: true/false; completions: 0 to 5 alternatives",
+    ),
+    (
+        "top_logprobs",
+        Takes::Chat,
+        "0 to 20 alternatives; needs logprobs true",
+    ),
+    ("logit_bias", Takes::Both, "token id -> bias in [-100, 100]"),
     (
         "user",
         Takes::Both,
@@ -267,7 +279,9 @@ pub(crate) mod tests {
             "prompt" => json!("a"),
             "stop" => json!(["x"]),
             "stream" | "store" | "echo" => json!(false),
-            "logprobs" => Value::Null,
+            "logprobs" => Value::Null, // chat: a bool, completions: a number
+            "top_logprobs" => json!(1),
+
             "stream_options" => json!({"include_usage": true, "include_obfuscation": false}),
             "logit_bias" | "metadata" => json!({}),
             "user" | "prompt_cache_key" | "safety_identifier" => json!("k"),
@@ -280,9 +294,9 @@ pub(crate) mod tests {
     #[test]
     fn every_listed_field_is_accepted_where_listed_and_refused_elsewhere() {
         for &(field, takes, _) in FIELDS {
-            let v = json!({ field: sample(field) });
+            let mut v = json!({ field: sample(field) });
             if field == "top_logprobs" {
-                continue; // absent only, for now
+                v["logprobs"] = json!(true);
             }
             assert_eq!(
                 chat(v.clone()).map(|_| ()).map_err(param),
@@ -346,11 +360,9 @@ pub(crate) mod tests {
         for (field, bad) in [
             ("n", json!(2)),
             ("store", json!(true)),
-            ("frequency_penalty", json!(0.5)),
-            ("presence_penalty", json!(-1)),
-            ("logprobs", json!(true)),
-            ("top_logprobs", json!(2)),
-            ("logit_bias", json!({"5": 1})),
+            ("top_logprobs", json!(21)),
+            ("logit_bias", json!({"five": 1})),
+            ("logit_bias", json!({"5": "x"})),
         ] {
             assert_eq!(
                 param(chat(json!({ field: bad })).unwrap_err()).as_deref(),
@@ -360,7 +372,8 @@ pub(crate) mod tests {
         for (field, bad) in [
             ("echo", json!(true)),
             ("best_of", json!(2)),
-            ("logprobs", json!(1)),
+            ("logprobs", json!(6)),
+            ("logprobs", json!(true)),
         ] {
             assert_eq!(
                 param(completion(json!({ field: bad })).unwrap_err()).as_deref(),

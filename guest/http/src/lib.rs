@@ -13,6 +13,8 @@ pub mod bindings {
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod fields;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod logprobs;
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod openai;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod reply;

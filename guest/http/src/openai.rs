@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::fields::{only, Body, Endpoint, MESSAGE_UNSUPPORTED};
 
-use crate::bindings::edge::slm::types::{Message, Options, Sampling};
+use crate::bindings::edge::slm::types::{Message, Options, Sampling, TokenBias};
 
 /// A request that could not be accepted, with the HTTP status and OpenAI error fields it maps to.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,28 +161,14 @@ fn common_options(b: &mut Body, endpoint: Endpoint) -> Result<Common, ApiError> 
     } else {
         None
     };
-    for name in ["frequency_penalty", "presence_penalty"] {
-        let v = b.take::<f32>(name)?;
-        only(name, v.unwrap_or(0.0) == 0.0, "0")?;
+    let logprobs = logprobs(b, endpoint)?;
+    if endpoint == Endpoint::Completions {
+        let echo = b.take::<bool>("echo")?;
+        only("echo", echo != Some(true), "false")?;
+        let best_of = b.take::<u32>("best_of")?;
+        only("best_of", best_of.unwrap_or(1) == 1, "1")?;
     }
-    match endpoint {
-        Endpoint::Chat => {
-            let logprobs = b.take::<bool>("logprobs")?;
-            only("logprobs", logprobs != Some(true), "false")?;
-            let top = b.take::<u32>("top_logprobs")?;
-            only("top_logprobs", top.is_none(), "null")?;
-        }
-        Endpoint::Completions => {
-            let logprobs = b.take::<u32>("logprobs")?;
-            only("logprobs", logprobs.is_none(), "null")?;
-            let echo = b.take::<bool>("echo")?;
-            only("echo", echo != Some(true), "false")?;
-            let best_of = b.take::<u32>("best_of")?;
-            only("best_of", best_of.unwrap_or(1) == 1, "1")?;
-        }
-    }
-    let bias = b.take::<Map<String, Value>>("logit_bias")?;
-    only("logit_bias", bias.is_none_or(|m| m.is_empty()), "{}")?;
+    let logit_bias = logit_bias(b)?;
     let store = b.take::<bool>("store")?;
     only("store", store != Some(true), "false")?;
     b.take::<std::collections::BTreeMap<String, String>>("metadata")?;
@@ -200,7 +186,11 @@ fn common_options(b: &mut Body, endpoint: Endpoint) -> Result<Common, ApiError> 
             min_p: b.take("min_p")?,
             repetition_penalty: b.take("repetition_penalty")?,
             seed: b.take("seed")?,
+            frequency_penalty: b.take("frequency_penalty")?,
+            presence_penalty: b.take("presence_penalty")?,
+            logit_bias,
         },
+        logprobs,
     };
     Ok(Common {
         options,
@@ -209,6 +199,60 @@ fn common_options(b: &mut Body, endpoint: Endpoint) -> Result<Common, ApiError> 
         max_tokens_field,
         affinity_key,
     })
+}
+
+/// The most alternatives per token: chat's `top_logprobs`, completions' `logprobs` (OpenAI's
+/// limits).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
+
+/// What `options.logprobs` asks for: chat's `logprobs` (bool) and `top_logprobs`, or
+/// completions' `logprobs` (how many alternatives).
+fn logprobs(b: &mut Body, endpoint: Endpoint) -> Result<Option<u32>, ApiError> {
+    let (n, field, max) = match endpoint {
+        Endpoint::Chat => {
+            let on = b.take::<bool>("logprobs")?.unwrap_or(false);
+            let top = b.take::<u32>("top_logprobs")?;
+            if top.is_some() && !on {
+                return Err(ApiError::invalid(
+                    "top_logprobs needs logprobs: true",
+                    Some("top_logprobs"),
+                ));
+            }
+            if !on {
+                return Ok(None);
+            }
+            (top.unwrap_or(0), "top_logprobs", MAX_TOP_LOGPROBS)
+        }
+        Endpoint::Completions => match b.take::<u32>("logprobs")? {
+            None => return Ok(None),
+            Some(n) => (n, "logprobs", MAX_COMPLETION_LOGPROBS),
+        },
+    };
+    if n > max {
+        return Err(ApiError::invalid(
+            format!("{field} must be at most {max}, got {n}"),
+            Some(field),
+        ));
+    }
+    Ok(Some(n))
+}
+
+/// `logit_bias`: token ids (as strings) to biases. The generator checks the ids against the
+/// vocabulary and the biases' range.
+fn logit_bias(b: &mut Body) -> Result<Vec<TokenBias>, ApiError> {
+    let map = b
+        .take::<std::collections::BTreeMap<String, f32>>("logit_bias")?
+        .unwrap_or_default();
+    map.into_iter()
+        .map(|(id, bias)| match id.parse::<u32>() {
+            Ok(token) => Ok(TokenBias { token, bias }),
+            Err(_) => Err(ApiError::invalid(
+                format!("logit_bias: {id:?} is not a token id"),
+                Some("logit_bias"),
+            )),
+        })
+        .collect()
 }
 
 /// `stream` and `stream_options.include_usage`.
@@ -268,6 +312,10 @@ pub fn request_field(name: &str) -> Option<&'static str> {
         "top-p" => "top_p",
         "min-p" => "min_p",
         "repetition-penalty" => "repetition_penalty",
+        "frequency-penalty" => "frequency_penalty",
+        "presence-penalty" => "presence_penalty",
+        "logit-bias" => "logit_bias",
+        "logprobs" => "logprobs",
         "stop" => "stop",
         _ => return None,
     })
@@ -414,7 +462,7 @@ pub fn completion_request(body: &[u8]) -> Result<Request<String>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fields::tests::{chat, param};
+    use crate::fields::tests::{chat, completion, param};
     use serde_json::json;
 
     #[test]
@@ -429,6 +477,61 @@ mod tests {
         assert_eq!(r.options.sampling.top_k, Some(4));
         assert!(r.stream && r.include_usage);
         assert_eq!(r.affinity_key.as_deref(), Some("u1"));
+    }
+
+    #[test]
+    fn logprobs_bias_and_penalties_map_to_options() {
+        let r = chat(
+            json!({"logprobs": true, "top_logprobs": 3, "logit_bias": {"7": -100, "12": 5.5},
+            "frequency_penalty": 0.5, "presence_penalty": -1}),
+        )
+        .unwrap();
+        assert_eq!(r.options.logprobs, Some(3));
+        let bias: Vec<(u32, f32)> = r
+            .options
+            .sampling
+            .logit_bias
+            .iter()
+            .map(|b| (b.token, b.bias))
+            .collect();
+        assert_eq!(bias, [(12, 5.5), (7, -100.0)]);
+        assert_eq!(r.options.sampling.frequency_penalty, Some(0.5));
+        assert_eq!(r.options.sampling.presence_penalty, Some(-1.0));
+        assert_eq!(
+            chat(json!({"logprobs": true})).unwrap().options.logprobs,
+            Some(0)
+        );
+        assert_eq!(
+            chat(json!({"logprobs": false})).unwrap().options.logprobs,
+            None
+        );
+        assert_eq!(
+            chat(json!({"top_logprobs": 20, "logprobs": true}))
+                .unwrap()
+                .options
+                .logprobs,
+            Some(20)
+        );
+        let e = chat(json!({"top_logprobs": 2, "logprobs": false})).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("top_logprobs"));
+        assert_eq!(
+            completion(json!({"logprobs": 5})).unwrap().options.logprobs,
+            Some(5)
+        );
+        assert_eq!(
+            completion(json!({"logprobs": 0})).unwrap().options.logprobs,
+            Some(0)
+        );
+        assert_eq!(completion(json!({})).unwrap().options.logprobs, None);
+        // The generator's option names map back to the request's fields.
+        for (option, field) in [
+            ("logit-bias", "logit_bias"),
+            ("frequency-penalty", "frequency_penalty"),
+            ("presence-penalty", "presence_penalty"),
+            ("logprobs", "logprobs"),
+        ] {
+            assert_eq!(request_field(option), Some(field));
+        }
     }
 
     #[test]

@@ -4,8 +4,9 @@ use serde_json::{json, Value};
 
 use crate::bindings::edge::slm::generator::{self, Completion};
 use crate::bindings::edge::slm::types::{
-    Error as GenError, FinishReason, Message, Options, Summary,
+    Error as GenError, FinishReason, GeneratedToken, Message, Options, Summary,
 };
+use crate::logprobs::{self, Offsets};
 use crate::openai::{self, ApiError};
 
 /// The OpenAI error a generator error maps to.
@@ -139,12 +140,15 @@ impl Kind {
         }
     }
 
+    /// A choice (a streamed chunk's when `streaming`) with this `text`, `logprobs` (null when
+    /// not asked for) and finish reason.
     fn choice(
         &self,
         text: Option<&str>,
         first: bool,
         finish: Option<&str>,
         streaming: bool,
+        logprobs: Value,
     ) -> Value {
         match self {
             Kind::Chat if streaming => {
@@ -155,14 +159,23 @@ impl Kind {
                 if let Some(t) = text {
                     delta.insert("content".into(), json!(t));
                 }
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null})
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
             }
             Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")}, "finish_reason": finish, "logprobs": null})
+                json!({"index": 0, "message": {"role": "assistant", "content": text.unwrap_or("")}, "finish_reason": finish, "logprobs": logprobs})
             }
             Kind::Text => {
-                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null})
+                json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs})
             }
+        }
+    }
+
+    /// The `logprobs` of a choice: `tokens`, which follow `text` (the response's text so far,
+    /// for completions' character offsets).
+    fn logprobs(&self, tokens: &[GeneratedToken], text: &str, offsets: &mut Offsets) -> Value {
+        match self {
+            Kind::Chat => logprobs::chat(tokens),
+            Kind::Text => logprobs::completion(tokens, text, offsets),
         }
     }
 }
@@ -228,6 +241,7 @@ async fn serve<T: Input>(out: ResponseOutparam, request: Result<openai::Request<
                 kind: T::KIND,
                 stream: req.stream,
                 include_usage: req.include_usage,
+                logprobs: req.options.logprobs.is_some(),
                 headers: &extra,
             };
             respond(out, how, model, c).await
@@ -241,6 +255,8 @@ struct How<'a> {
     kind: Kind,
     stream: bool,
     include_usage: bool,
+    /// Whether to report log probabilities.
+    logprobs: bool,
     /// Headers added to the response.
     headers: &'a [(&'a str, &'a str)],
 }
@@ -250,6 +266,7 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
         kind,
         stream,
         include_usage,
+        logprobs: with_logprobs,
         headers: extra,
     } = how;
     let id = new_id(if matches!(kind, Kind::Chat) {
@@ -258,25 +275,44 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
         "cmpl"
     });
     let created = now_secs();
+    // The tokens behind the text `next` has returned (none unless asked for).
+    let take = || {
+        if with_logprobs {
+            completion.take_logprobs()
+        } else {
+            vec![]
+        }
+    };
+    let mut offsets = Offsets::default();
     if !stream {
         let mut text = String::new();
+        let mut tokens = vec![];
         loop {
             match completion.next() {
                 Ok(Some(piece)) => text.push_str(&piece),
                 Ok(None) => break,
                 Err(e) => return send_error_with(out, api_error(e), extra).await,
             }
+            tokens.extend(take());
         }
+        tokens.extend(take());
         let s = completion.summary();
+        let lp = if with_logprobs {
+            kind.logprobs(&tokens, &text, &mut offsets)
+        } else {
+            Value::Null
+        };
+        let finish = Some(finish_reason(s.finish_reason));
         let body = json!({
             "id": id, "object": kind.object(false), "created": created, "model": model,
-            "choices": [kind.choice(Some(&text), false, Some(finish_reason(s.finish_reason)), false)],
+            "choices": [kind.choice(Some(&text), false, finish, false, lp)],
             "usage": usage(&s),
         });
         return send_json(out, 200, &body, extra).await;
     }
 
-    // Server-Sent Events: one `data:` event per generated piece, flushed as it is produced.
+    // Server-Sent Events: one `data:` event per generated piece, flushed as it is produced,
+    // with the log probabilities of its tokens.
     let mut pairs = vec![
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
@@ -296,10 +332,20 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
         format!("data: {v}\n\n").into_bytes()
     };
     let mut first = true;
+    let mut text = String::new();
     loop {
         let event = match completion.next() {
             Ok(Some(piece)) => {
-                let c = chunk(json!([kind.choice(Some(&piece), first, None, true)]), None);
+                text.push_str(&piece);
+                let lp = if with_logprobs {
+                    kind.logprobs(&take(), &text, &mut offsets)
+                } else {
+                    Value::Null
+                };
+                let c = chunk(
+                    json!([kind.choice(Some(&piece), first, None, true, lp)]),
+                    None,
+                );
                 first = false;
                 c
             }
@@ -317,10 +363,15 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
         }
     }
     let s = completion.summary();
-    let mut tail = chunk(
-        json!([kind.choice(None, first, Some(finish_reason(s.finish_reason)), true)]),
-        None,
-    );
+    // Tokens left at the end (text-less ones) ride on the last chunk.
+    let rest = take();
+    let lp = if rest.is_empty() {
+        Value::Null
+    } else {
+        kind.logprobs(&rest, &text, &mut offsets)
+    };
+    let finish = Some(finish_reason(s.finish_reason));
+    let mut tail = chunk(json!([kind.choice(None, first, finish, true, lp)]), None);
     if include_usage {
         tail.extend(chunk(json!([]), Some(usage(&s))));
     }

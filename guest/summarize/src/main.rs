@@ -103,7 +103,11 @@ fn run() -> Result<(), String> {
             min_p: None,
             repetition_penalty: None,
             seed: None,
+            frequency_penalty: None,
+            presence_penalty: None,
+            logit_bias: vec![],
         },
+        logprobs: None,
     };
     let completion = generator::chat(&messages, &options).map_err(|e| describe(&e))?;
     let mut out = std::io::stdout().lock();

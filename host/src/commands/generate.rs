@@ -24,7 +24,11 @@ impl GenArgs {
                 min_p: self.min_p,
                 repetition_penalty: self.repeat_penalty,
                 seed: self.seed,
+                frequency_penalty: None,
+                presence_penalty: None,
+                logit_bias: vec![],
             },
+            logprobs: None,
         }
     }
 

@@ -140,7 +140,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn slots_then_queue_then_refusal() {
-        let metrics = Arc::new(Metrics::new(1));
+        let metrics = Arc::new(Metrics::new(Default::default()));
         let admission = Arc::new(Admission::new(["m".to_string()], 1, 1, metrics.clone()));
         assert!(admission.admit("other").await.unwrap().is_none());
         let first = admission.admit("m").await.unwrap().unwrap();

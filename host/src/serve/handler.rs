@@ -66,7 +66,16 @@ impl Server {
                 one_line(&e)
             )
         })?;
-        let metrics = Arc::new(Metrics::new(limits.max_running));
+        // KV capacity: --max-running full contexts per model, from config.json, read once.
+        let kv_capacity = registry
+            .names()
+            .into_iter()
+            .filter_map(|name| {
+                let tokens = registry.context_length(&name)? as f64 * limits.max_running as f64;
+                Some((name, tokens))
+            })
+            .collect();
+        let metrics = Arc::new(Metrics::new(kv_capacity));
         let admission = Admission::new(
             registry.names(),
             limits.max_running,
@@ -217,7 +226,7 @@ impl Server {
         state.limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.instance_memory_bytes)
             .build();
-        state.nn.observe(metrics::observer(&self.metrics), started);
+        state.nn.observe(self.metrics.clone(), started);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_async_yield_and_update(1);

@@ -1,7 +1,8 @@
 //! `GET /metrics`: the server's counters in the Prometheus / OpenMetrics text format
 //! (prometheus-client). README "Metrics" lists them.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,7 +10,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
 
 use crate::registry::ModelRegistry;
 use crate::wasi_nn::{Step, StepObserver};
@@ -41,8 +41,9 @@ pub struct Metrics {
     kv_tokens: Family<ModelLabels, Gauge>,
     kv_usage: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     prefix_bytes: Family<ModelLabels, Gauge>,
-    /// KV capacity per model in tokens: `--max-running` full contexts.
-    max_running: usize,
+    /// KV capacity per model in tokens: `--max-running` full contexts (models whose context
+    /// length is known).
+    kv_capacity: BTreeMap<String, f64>,
 }
 
 /// The routes we count by name; anything else is `other`, so clients cannot grow the label set.
@@ -71,8 +72,9 @@ fn inter_token_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// `max_running`: generations per model at once (the KV utilisation's denominator).
-    pub fn new(max_running: usize) -> Metrics {
+    /// `kv_capacity`: tokens per model that its running generations may hold at most (the KV
+    /// utilisation's denominator), worked out once at start-up.
+    pub fn new(kv_capacity: BTreeMap<String, f64>) -> Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
             requests: Family::default(),
@@ -87,7 +89,7 @@ impl Metrics {
             kv_tokens: Family::default(),
             kv_usage: Family::default(),
             prefix_bytes: Family::default(),
-            max_running,
+            kv_capacity,
         };
         let r = &mut m.registry;
         r.register(
@@ -183,8 +185,7 @@ impl Metrics {
             let _ = self.running.get_or_create(&labels);
             let _ = self.waiting.get_or_create(&labels);
             let held = self.kv_tokens.get_or_create(&labels).get();
-            if let Some(ctx) = models.context_length(&name) {
-                let capacity = (ctx as f64) * self.max_running as f64;
+            if let Some(capacity) = self.kv_capacity.get(&name) {
                 self.kv_usage
                     .get_or_create(&labels)
                     .set((held as f64 / capacity).clamp(0.0, 1.0));
@@ -230,11 +231,6 @@ impl StepObserver for Metrics {
             .get_or_create(&Self::model(model))
             .inc_by(delta);
     }
-}
-
-/// What `slm serve` hands every instance: the metrics, as its wasi:nn observer.
-pub fn observer(metrics: &Arc<Metrics>) -> Arc<dyn StepObserver> {
-    metrics.clone()
 }
 
 #[cfg(test)]

@@ -45,10 +45,20 @@ def replicas(state: pathlib.Path) -> list[tuple[str, int, int]]:
     return [(name, int(pid), int(port)) for name, pid, port in rows]
 
 
-def served(state: pathlib.Path) -> dict[str, int]:
-    """Completions each replica has answered, from its own access log (one line per request)."""
-    return {name: len(re.findall(r"^POST /v1/(?:chat/)?completions 200", (state / f"{name}.log").read_text(), re.M))
-            for name, _, _ in replicas(state)}
+def served(state: pathlib.Path, since: dict[str, int] | None = None, total: int = 0) -> dict[str, int]:
+    """Completions each replica has answered, from its own access log (one line per request).
+
+    A replica writes the line when the request's work ends, just after the last byte reaches the
+    client; with `since` and `total`, waits (up to 10 s) until `total` lines have been added.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        counts = {name: len(re.findall(r"^POST /v1/(?:chat/)?completions 200",
+                                       (state / f"{name}.log").read_text(), re.M))
+                  for name, _, _ in replicas(state)}
+        if since is None or sum(counts.values()) - sum(since.values()) >= total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
 
 
 def request(url: str, method: str, path: str, body: dict | None = None, timeout: float = 120):
@@ -111,7 +121,7 @@ def test_same_key_same_replica_and_its_cache(lb):
     before = served(state)
     answers = [chat(url, SYSTEM.format("blue"), f"Question number {i}?", key="tenant-blue") for i in range(6)]
     assert all(s == 200 for s, _, _ in answers), answers
-    after = served(state)
+    after = served(state, before, 6)
     delta = {k: after[k] - before[k] for k in after}
     assert sorted(delta.values()) == [0, 6], delta  # all six on one replica, by its own access log
     assert len({h["x-slm-replica"] for _, h, _ in answers}) == 1
@@ -129,7 +139,7 @@ def test_different_keys_spread(lb):
             s, h, b = chat(url, SYSTEM.format(k), f"Hello {i}", key=f"tenant-{k}")
             assert s == 200, b
             assert replica_of.setdefault(k, h["x-slm-replica"]) == h["x-slm-replica"], k  # sticky
-    after = served(state)
+    after = served(state, before, 32)
     delta = {name: after[name] - before[name] for name in after}
     assert all(d >= 2 for d in delta.values()), delta  # both replicas hold some keys
     assert sum(delta.values()) == 32
@@ -141,7 +151,7 @@ def test_system_prompt_routes_without_a_key(lb):
         before = served(state)
         for i in range(4):
             assert chat(url, SYSTEM.format(tenant), f"Another question {i}?")[0] == 200
-        after = served(state)
+        after = served(state, before, 4)
         assert sorted(after[k] - before[k] for k in after) == [0, 4], tenant
     # /v1/completions without a key: the prompt's first 512 bytes.
     preamble = "A preamble all these completions share. " * 14
@@ -151,7 +161,7 @@ def test_system_prompt_routes_without_a_key(lb):
         s, _, b = request(url, "POST", "/v1/completions",
                           {"model": "tiny", "prompt": f"{preamble}Item {i}", "max_tokens": 2})
         assert s == 200, b
-    after = served(state)
+    after = served(state, before, 4)
     assert sorted(after[k] - before[k] for k in after) == [0, 4]
 
 
@@ -163,7 +173,7 @@ def test_user_field_and_affinity_header_route(lb):
         body = {"model": "tiny", "messages": [{"role": "user", "content": f"Different question {i}"}],
                 "max_tokens": 2, "user": "alice"}
         assert request(url, "POST", "/v1/chat/completions", body)[0] == 200
-    after = served(state)
+    after = served(state, before, 4)
     assert sorted(after[k] - before[k] for k in after) == [0, 4]
     # The request header x-slm-affinity-key wins over the body.
     host, port = url.removeprefix("http://").split(":")

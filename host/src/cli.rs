@@ -209,6 +209,24 @@ pub struct GenArgs {
     /// System message (chat only).
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
+    /// Output JSON valid against the JSON Schema in FILE (constrained decoding; the answer ends
+    /// when the JSON is complete).
+    #[arg(long, value_name = "FILE", value_parser = read_text_file, group = "format")]
+    pub json_schema: Option<String>,
+    /// Output a JSON object (any keys).
+    #[arg(long, group = "format")]
+    pub json: bool,
+    /// Output text of the Lark grammar in FILE (llguidance's Lark dialect, `start` rule).
+    #[arg(long, value_name = "FILE", value_parser = read_text_file, group = "format")]
+    pub grammar: Option<String>,
+    /// Output text matched whole by this regular expression.
+    #[arg(long, value_name = "REGEX", group = "format")]
+    pub regex: Option<String>,
+}
+
+/// A flag's FILE argument, read at parse time (so a missing file is a usage error naming it).
+fn read_text_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 #[derive(Args)]

@@ -32,7 +32,7 @@ wasmtime::component::bindgen!({
 });
 
 pub use edge::slm::types::{
-    Error as GuestError, FinishReason, Message, Options, Sampling, Summary,
+    Error as GuestError, FinishReason, Format, Message, Options, Sampling, Summary,
 };
 
 /// Per-instance state.

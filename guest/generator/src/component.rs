@@ -12,6 +12,7 @@ use crate::bindings::exports::edge::slm::generator::{
     Completion as WitCompletion, Guest, GuestCompletion,
 };
 use crate::chat;
+use crate::constraint::Format;
 use crate::error::{Error, Result};
 use crate::generate::{FinishReason, GeneratedToken, Generation, Request, Summary, TokenLogprob};
 use crate::logprobs::MAX_TOP_LOGPROBS;
@@ -144,6 +145,10 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
     }
     let stop = StopMatcher::new(options.stop)?;
     crate::generate::check_prompt(&model, &prompt)?;
+    let constraint = options
+        .format
+        .map(|f| model.constrain(&format_of(f)))
+        .transpose()?;
     let session = NnSession::new(&model.name)?;
     let req = Request {
         prompt,
@@ -151,12 +156,22 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
         sampler: Sampler::new(params),
         stop,
         logprobs: options.logprobs,
+        constraint,
         start: started,
     };
     let generation = Generation::new(model, session, req)?;
     Ok(WitCompletion::new(CompletionImpl {
         inner: RefCell::new(generation),
     }))
+}
+
+fn format_of(f: wit::Format) -> Format {
+    match f {
+        wit::Format::JsonObject => Format::JsonObject,
+        wit::Format::JsonSchema(s) => Format::JsonSchema(s),
+        wit::Format::Regex(r) => Format::Regex(r),
+        wit::Format::Lark(g) => Format::Lark(g),
+    }
 }
 
 impl From<Error> for wit::Error {

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
+use crate::constraint::Constraint;
 use crate::detok::Detokenizer;
 use crate::error::{Error, Result};
 use crate::logprobs::Distribution;
@@ -74,6 +75,8 @@ pub struct Request {
     pub stop: StopMatcher,
     /// Log probabilities: None, none; n, each token's and the n most likely (validated).
     pub logprobs: Option<u32>,
+    /// The format the output must match (compiled), if any.
+    pub constraint: Option<Constraint>,
     /// When the request arrived (for the timings).
     pub start: Instant,
 }
@@ -254,6 +257,9 @@ impl<S: Session> Generation<S> {
             self.raw.clear();
             self.raw.extend_from_slice(&logits);
         }
+        if let Some(c) = &mut self.req.constraint {
+            c.mask(&mut logits, &self.model.eos_ids)?;
+        }
         let id = self
             .req
             .sampler
@@ -268,6 +274,13 @@ impl<S: Session> Generation<S> {
         if self.model.eos_ids.contains(&id) {
             self.finish = Some(FinishReason::Stop);
             return Ok(String::new());
+        }
+        if let Some(c) = &mut self.req.constraint {
+            c.advance(id)?;
+            if c.is_complete() {
+                // Nothing may follow: end as the model would with its end-of-sequence token.
+                self.finish = Some(FinishReason::Stop);
+            }
         }
         if let Some(n) = self.req.logprobs {
             let d = Distribution::new(&self.raw);
@@ -376,6 +389,7 @@ mod tests {
             sampler: Sampler::new(params),
             stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
             logprobs,
+            constraint: None,
             start: Instant::now(),
         };
         let session = Scripted {
@@ -479,5 +493,56 @@ mod tests {
         assert_eq!(t[0].top[0].token, 0, "the model's favourite is still top");
         let expected = Distribution::new(&[5.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0]).logprob(1);
         assert_eq!(t[0].chosen.logprob, expected);
+    }
+
+    #[test]
+    fn a_format_overrides_the_model_s_choices_and_ends_the_output() {
+        use crate::constraint::Format;
+        // The model wants "b" at every step; the format allows "a+b", so: "a", then "b" (now
+        // allowed and preferred), then nothing may follow: the output ends there.
+        let mut g = generation(&[1; 6], &[], Some(2), SamplingParams::default());
+        g.req.constraint = Some(g.model.constrain(&Format::Regex("a+b".into())).unwrap());
+        let text: String = run(&mut g).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(text, "ab");
+        assert_eq!(g.summary().finish_reason, FinishReason::Stop);
+        // Log probabilities stay the model's own: "a" was not its choice.
+        let mut g = generation(&[1; 6], &[], Some(2), SamplingParams::default());
+        g.req.constraint = Some(g.model.constrain(&Format::Regex("a+b".into())).unwrap());
+        while g.next().unwrap().is_some() {}
+        let t = g.take_logprobs();
+        assert_eq!(t[0].chosen.token, 0);
+        assert_eq!(t[0].top[0].token, 1);
+    }
+
+    #[test]
+    fn a_bad_format_is_an_invalid_option() {
+        use crate::constraint::Format;
+        for f in [
+            Format::Regex("(".into()),
+            Format::JsonSchema("{not json".into()),
+            Format::JsonSchema("[1]".into()),
+            Format::Lark("start: undefined_rule".into()),
+        ] {
+            match model().constrain(&f) {
+                Err(Error::InvalidOption { name, message }) => {
+                    assert_eq!(name, "format", "{message}")
+                }
+                Err(e) => panic!("{f:?}: {e}"),
+                Ok(_) => panic!("{f:?} compiled"),
+            }
+        }
+    }
+
+    #[test]
+    fn json_formats_compile() {
+        use crate::constraint::Format;
+        let m = model();
+        m.constrain(&Format::JsonObject).unwrap();
+        let schema = r##"{"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+            "required": ["a"], "additionalProperties": false,
+            "$defs": {"A": {"anyOf": [{"type": "string", "pattern": "^a+$"}, {"type": "null"}]}}}"##;
+        m.constrain(&Format::JsonSchema(schema.into())).unwrap();
+        m.constrain(&Format::Lark("start: \"a\" /b+/".into()))
+            .unwrap();
     }
 }

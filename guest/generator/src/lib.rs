@@ -5,6 +5,7 @@
 //! by the host). Everything but `nn_session` and `component` is pure logic that tests natively.
 
 pub mod chat;
+pub mod constraint;
 pub mod detok;
 pub mod error;
 pub mod generate;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
+use crate::constraint::{Constraint, Format, Grammars};
 use crate::error::{Error, Result};
 use crate::template::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
@@ -23,6 +24,8 @@ pub struct Model {
     /// Prepended to raw prompts when tokenizer_config.json says `add_bos_token: true`.
     pub bos_id: Option<u32>,
     pub add_bos: bool,
+    /// Constrained decoding's token trie, built the first time a request asks for a format.
+    grammars: std::cell::OnceCell<std::result::Result<Grammars, Error>>,
 }
 
 /// Whether `name` is a plain directory name (no path tricks).
@@ -233,7 +236,19 @@ impl Model {
             eos_ids,
             bos_id,
             add_bos,
+            grammars: std::cell::OnceCell::new(),
         })
+    }
+
+    /// Compile `format` for one generation (see [`crate::constraint`]).
+    pub fn constrain(&self, format: &Format) -> Result<Constraint> {
+        let grammars = self.grammars.get_or_init(|| {
+            let eos = self.eos_ids.first().copied().ok_or_else(|| {
+                Error::model("the model has no end-of-sequence token: a format cannot end")
+            })?;
+            Grammars::new(&self.tokenizer, self.vocab_size, eos)
+        });
+        grammars.as_ref().map_err(Clone::clone)?.compile(format)
     }
 
     /// Refuse a text that certainly has more tokens than the context window, before tokenizing

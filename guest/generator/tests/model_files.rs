@@ -163,6 +163,7 @@ fn request(prompt: Vec<u32>, stop: &[&str], max_tokens: Option<u32>) -> Request 
         sampler: Sampler::new(SamplingParams::default()),
         stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
         logprobs: None,
+        constraint: None,
         start: Instant::now(),
     }
 }

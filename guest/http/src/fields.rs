@@ -111,6 +111,11 @@ pub const FIELDS: &[(&str, Takes, &str)] = &[
     ),
     ("logit_bias", Takes::Both, "token id -> bias in [-100, 100]"),
     (
+        "response_format",
+        Takes::Both,
+        "text, json_object, json_schema (enforced while generating)",
+    ),
+    (
         "user",
         Takes::Both,
         "a string: the affinity key when prompt_cache_key is absent",
@@ -139,7 +144,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("parallel_tool_calls", "tool calling"),
     ("functions", "function calling"),
     ("function_call", "function calling"),
-    ("response_format", "structured output"),
     ("audio", "audio output"),
     ("modalities", "output modalities other than text"),
     ("prediction", "predicted outputs"),
@@ -281,6 +285,7 @@ pub(crate) mod tests {
             "stream" | "store" | "echo" => json!(false),
             "logprobs" => Value::Null, // chat: a bool, completions: a number
             "top_logprobs" => json!(1),
+            "response_format" => json!({"type": "json_object"}),
 
             "stream_options" => json!({"include_usage": true, "include_obfuscation": false}),
             "logit_bias" | "metadata" => json!({}),

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::fields::{only, Body, Endpoint, MESSAGE_UNSUPPORTED};
 
-use crate::bindings::edge::slm::types::{Message, Options, Sampling, TokenBias};
+use crate::bindings::edge::slm::types::{Format, Message, Options, Sampling, TokenBias};
 
 /// A request that could not be accepted, with the HTTP status and OpenAI error fields it maps to.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +191,7 @@ fn common_options(b: &mut Body, endpoint: Endpoint) -> Result<Common, ApiError> 
             logit_bias,
         },
         logprobs,
+        format: response_format(b)?,
     };
     Ok(Common {
         options,
@@ -255,6 +256,79 @@ fn logit_bias(b: &mut Body) -> Result<Vec<TokenBias>, ApiError> {
         .collect()
 }
 
+/// `response_format`: `text`, `json_object`, or `json_schema` with its `schema` (enforced
+/// whether `strict` is true or not: the output always validates). Every key is read.
+fn response_format(b: &mut Body) -> Result<Option<Format>, ApiError> {
+    const FIELD: &str = "response_format";
+    let Some(mut rf) = b.take::<Map<String, Value>>(FIELD)? else {
+        return Ok(None);
+    };
+    let bad = |param: &str, msg: String| ApiError::invalid(msg, Some(param));
+    let kind =
+        match rf.remove("type") {
+            Some(Value::String(t)) => t,
+            _ => return Err(bad(
+                "response_format.type",
+                "response_format.type is required: \"text\", \"json_object\" or \"json_schema\""
+                    .into(),
+            )),
+        };
+    let format = match kind.as_str() {
+        "text" => None,
+        "json_object" => Some(Format::JsonObject),
+        "json_schema" => {
+            let mut spec = match rf.remove("json_schema") {
+                Some(Value::Object(spec)) => spec,
+                _ => {
+                    return Err(bad(
+                        "response_format.json_schema",
+                        "response_format.json_schema is required (an object with name and schema)".into(),
+                    ))
+                }
+            };
+            match spec.remove("name") {
+                Some(Value::String(n))
+                    if !n.is_empty()
+                        && n.len() <= 64
+                        && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                _ => {
+                    return Err(bad(
+                        "response_format.json_schema.name",
+                        "response_format.json_schema.name is required: a-z, A-Z, 0-9, _ and -, at most 64".into(),
+                    ))
+                }
+            }
+            match spec.remove("description") {
+                None | Some(Value::Null) | Some(Value::String(_)) => {}
+                Some(_) => return Err(bad("response_format.json_schema.description", "invalid response_format.json_schema.description: expected a string".into())),
+            }
+            match spec.remove("strict") {
+                None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+                Some(_) => return Err(bad("response_format.json_schema.strict", "invalid response_format.json_schema.strict: expected a boolean".into())),
+            }
+            let schema = match spec.remove("schema") {
+                None | Some(Value::Null) => Value::Object(Map::new()), // any JSON value
+                Some(s @ (Value::Object(_) | Value::Bool(_))) => s,
+                Some(_) => return Err(bad("response_format.json_schema.schema", "invalid response_format.json_schema.schema: expected an object".into())),
+            };
+            if let Some(k) = spec.keys().next() {
+                return Err(ApiError::unsupported(&format!("response_format.json_schema.{k}"), None));
+            }
+            Some(Format::JsonSchema(schema.to_string()))
+        }
+        other => {
+            return Err(bad(
+                "response_format.type",
+                format!("response_format.type {other:?} is not supported: \"text\", \"json_object\" or \"json_schema\""),
+            ))
+        }
+    };
+    if let Some(k) = rf.keys().next() {
+        return Err(ApiError::unsupported(&format!("response_format.{k}"), None));
+    }
+    Ok(format)
+}
+
 /// `stream` and `stream_options.include_usage`.
 fn stream_options(b: &mut Body) -> Result<(bool, bool), ApiError> {
     let stream = b.take::<bool>("stream")?.unwrap_or(false);
@@ -317,6 +391,7 @@ pub fn request_field(name: &str) -> Option<&'static str> {
         "logit-bias" => "logit_bias",
         "logprobs" => "logprobs",
         "stop" => "stop",
+        "format" => "response_format",
         _ => return None,
     })
 }

@@ -108,6 +108,7 @@ fn run() -> Result<(), String> {
             logit_bias: vec![],
         },
         logprobs: None,
+        format: None,
     };
     let completion = generator::chat(&messages, &options).map_err(|e| describe(&e))?;
     let mut out = std::io::stdout().lock();

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use crate::cli::GenArgs;
 use crate::commands::app::App;
 use crate::completion::{self, Instance, Prompt, Sink};
-use crate::runtime::{FinishReason, Message, Options, Sampling, Summary};
+use crate::runtime::{FinishReason, Format, Message, Options, Sampling, Summary};
 
 impl GenArgs {
     /// The request options these flags ask for, with `model`.
@@ -29,6 +29,22 @@ impl GenArgs {
                 logit_bias: vec![],
             },
             logprobs: None,
+            format: self.format(),
+        }
+    }
+
+    /// The output format the flags ask for (clap lets at most one through).
+    fn format(&self) -> Option<Format> {
+        if let Some(schema) = &self.json_schema {
+            Some(Format::JsonSchema(schema.clone()))
+        } else if let Some(grammar) = &self.grammar {
+            Some(Format::Lark(grammar.clone()))
+        } else if let Some(rx) = &self.regex {
+            Some(Format::Regex(rx.clone()))
+        } else if self.json {
+            Some(Format::JsonObject)
+        } else {
+            None
         }
     }
 

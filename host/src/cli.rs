@@ -222,6 +222,48 @@ pub struct GenArgs {
     /// Output text matched whole by this regular expression.
     #[arg(long, value_name = "REGEX", group = "format")]
     pub regex: Option<String>,
+    /// Tools the model may call: a JSON array in OpenAI's form (`{"type": "function",
+    /// "function": {"name", "description", "parameters"}}`, or the function objects alone).
+    /// Calls are printed on stdout as JSON lines: {"id", "name", "arguments"} (chat only).
+    #[arg(long, value_name = "FILE", value_parser = read_tools, conflicts_with = "format")]
+    pub tools: Option<ToolList>,
+    /// Whether the model calls a tool: auto (it chooses), none, required, or a tool's name
+    /// [default: auto].
+    #[arg(long, value_name = "CHOICE", requires = "tools")]
+    pub tool_choice: Option<String>,
+}
+
+/// The tools of `--tools`: (name, description, parameters as JSON text).
+#[derive(Clone, Debug, Default)]
+pub struct ToolList(pub Vec<(String, Option<String>, Option<String>)>);
+
+/// `--tools FILE`: read and checked for shape at parse time (the generator checks the rest).
+fn read_tools(path: &str) -> Result<ToolList, String> {
+    let text = read_text_file(path)?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| format!("{path}: expected a JSON array of tools"))?;
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let f = match item.get("function") {
+            Some(f) if item.get("type").and_then(|t| t.as_str()) == Some("function") => f,
+            Some(_) => return Err(format!("{path}: tool {i}: \"type\" must be \"function\"")),
+            None => item,
+        };
+        let name = f
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| format!("{path}: tool {i} has no \"name\""))?;
+        let description = f
+            .get("description")
+            .and_then(|d| d.as_str())
+            .map(str::to_string);
+        let parameters = f.get("parameters").map(|p| p.to_string());
+        out.push((name.to_string(), description, parameters));
+    }
+    Ok(ToolList(out))
 }
 
 /// A flag's FILE argument, read at parse time (so a missing file is a usage error naming it).

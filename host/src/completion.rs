@@ -7,7 +7,9 @@ use anyhow::Result;
 use wasmtime::component::ResourceAny;
 use wasmtime::Store;
 
-use crate::runtime::{GeneratorComponent, GuestError, HostState, Message, Options, Summary};
+use crate::runtime::{
+    GeneratorComponent, GuestError, HostState, Message, Options, Summary, ToolCallDelta,
+};
 
 /// A store and the generator component instantiated in it.
 pub type Instance = (Store<HostState>, GeneratorComponent);
@@ -25,6 +27,10 @@ pub enum Prompt<'a> {
 pub trait Sink {
     /// One piece of generated text.
     fn piece(&mut self, piece: &str) -> Result<()>;
+    /// Parts of tool calls (see the WIT `take-tool-calls`).
+    fn tool_calls(&mut self, _deltas: Vec<ToolCallDelta>) -> Result<()> {
+        Ok(())
+    }
     /// After the last piece, before the summary is read.
     fn end(&mut self) -> Result<()> {
         Ok(())
@@ -89,7 +95,15 @@ fn drain(
             .call_next(&mut *store, completion)
             .map_err(Failure::Trap)?
         {
-            Ok(Some(piece)) => sink.piece(&piece).map_err(Failure::Sink)?,
+            Ok(Some(piece)) => {
+                sink.piece(&piece).map_err(Failure::Sink)?;
+                let calls = api
+                    .call_take_tool_calls(&mut *store, completion)
+                    .map_err(Failure::Trap)?;
+                if !calls.is_empty() {
+                    sink.tool_calls(calls).map_err(Failure::Sink)?;
+                }
+            }
             Ok(None) => break,
             Err(e) => {
                 sink.interrupted();

@@ -32,7 +32,8 @@ wasmtime::component::bindgen!({
 });
 
 pub use edge::slm::types::{
-    Error as GuestError, FinishReason, Format, Message, Options, Sampling, Summary,
+    Error as GuestError, FinishReason, Format, Message, Options, Sampling, Summary, Tool,
+    ToolCallDelta, ToolChoice,
 };
 
 /// Per-instance state.

@@ -21,6 +21,7 @@ use crate::nn_session::NnSession;
 use crate::sampler::{Requested, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::template::{ChatTemplate, Message};
+use crate::tools::{self, Call, CallReader, Choice, Tools};
 
 const MODELS_ROOT: &str = "/models";
 
@@ -65,13 +66,29 @@ fn get_model(name: Option<&str>) -> Result<Rc<Model>> {
     Ok(m)
 }
 
-fn messages(msgs: Vec<wit::Message>) -> Vec<Message> {
-    msgs.into_iter()
-        .map(|m| Message {
-            role: m.role,
-            content: m.content,
+/// The conversation as the template renders it: tool calls and results in their generic form,
+/// and, with active tools, their instructions in the system message (crate::tools).
+fn messages(msgs: Vec<wit::Message>, tools: Option<&Tools>) -> Result<Vec<Message>> {
+    let msgs = msgs
+        .into_iter()
+        .map(|m| {
+            let calls = m
+                .tool_calls
+                .into_iter()
+                .map(|c| Call {
+                    id: c.id,
+                    name: c.name,
+                    arguments: c.arguments,
+                })
+                .collect();
+            let message = Message {
+                role: m.role,
+                content: m.content,
+            };
+            (message, calls, m.tool_call_id)
         })
-        .collect()
+        .collect();
+    tools::render_messages(msgs, tools)
 }
 
 fn template(model: &Model) -> Result<&ChatTemplate> {
@@ -82,13 +99,13 @@ fn template(model: &Model) -> Result<&ChatTemplate> {
 }
 
 fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
-    template(model)?.render(&messages(msgs), true)
+    template(model)?.render(&messages(msgs, None)?, true)
 }
 
 /// Token ids of a conversation: the template's control tokens, the messages' content as plain
 /// text (crate::chat). A prompt far too long for the context is refused before tokenizing.
-fn encode_chat(model: &Model, msgs: Vec<wit::Message>) -> Result<Vec<u32>> {
-    let msgs = messages(msgs);
+fn encode_chat(model: &Model, msgs: Vec<wit::Message>, tools: Option<&Tools>) -> Result<Vec<u32>> {
+    let msgs = messages(msgs, tools)?;
     let prompt = chat::render(template(model)?, &msgs)?;
     model.check_text_fits(&prompt.text)?;
     chat::encode(&model.tokenizer, &prompt, &msgs)
@@ -109,11 +126,11 @@ impl Input {
         }
     }
 
-    fn encode(self, model: &Model) -> Result<Vec<u32>> {
+    fn encode(self, model: &Model, tools: Option<&Tools>) -> Result<Vec<u32>> {
         match self {
             Input::Prompt(p) => model.encode_prompt(&p),
             // The template writes any BOS itself.
-            Input::Chat(m) => encode_chat(model, m),
+            Input::Chat(m) => encode_chat(model, m, tools),
         }
     }
 }
@@ -123,7 +140,23 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
     let started = Instant::now();
     input.check_not_empty()?;
     let model = get_model(options.model.as_deref())?;
-    let prompt = input.encode(&model)?;
+    let tools = tools_of(&options)?;
+    let active = tools.as_ref().filter(|t| t.active());
+    if active.is_some() {
+        if matches!(input, Input::Prompt(_)) {
+            return Err(Error::invalid_option(
+                "tools",
+                "tools need a conversation (`chat`), not a raw prompt (`complete`)",
+            ));
+        }
+        if options.format.is_some() {
+            return Err(Error::invalid_option(
+                "tools",
+                "tools cannot be combined with a format",
+            ));
+        }
+    }
+    let prompt = input.encode(&model, tools.as_ref())?;
     let s = options.sampling;
     let requested = Requested {
         temperature: s.temperature,
@@ -145,10 +178,12 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
     }
     let stop = StopMatcher::new(options.stop)?;
     crate::generate::check_prompt(&model, &prompt)?;
-    let constraint = options
-        .format
-        .map(|f| model.constrain(&format_of(f)))
-        .transpose()?;
+    let format = match active {
+        Some(t) => Some(Format::Lark(t.grammar())),
+        None => options.format.map(format_of),
+    };
+    let constraint = format.map(|f| model.constrain(&f)).transpose()?;
+    let calls = active.map(|_| CallReader::new(Box::new(call_id)));
     let session = NnSession::new(&model.name)?;
     let req = Request {
         prompt,
@@ -157,12 +192,38 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
         stop,
         logprobs: options.logprobs,
         constraint,
+        calls,
         start: started,
     };
     let generation = Generation::new(model, session, req)?;
     Ok(WitCompletion::new(CompletionImpl {
         inner: RefCell::new(generation),
     }))
+}
+
+fn tools_of(options: &wit::Options) -> Result<Option<Tools>> {
+    let tools = options
+        .tools
+        .iter()
+        .map(|t| (t.name.clone(), t.description.clone(), t.parameters.clone()))
+        .collect();
+    let choice = options.tool_choice.as_ref().map(|c| match c {
+        wit::ToolChoice::None => Choice::None,
+        wit::ToolChoice::Auto => Choice::Auto,
+        wit::ToolChoice::Required => Choice::Required,
+        wit::ToolChoice::Function(n) => Choice::Function(n.clone()),
+    });
+    Tools::new(tools, choice, options.parallel_tool_calls)
+}
+
+/// A tool call's id: "call_" and 24 random letters and digits (OpenAI's shape).
+fn call_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = crate::rng::Rng::new(crate::rng::random_seed());
+    let id: String = (0..24)
+        .map(|_| ALPHABET[(rng.next_u64() % ALPHABET.len() as u64) as usize] as char)
+        .collect();
+    format!("call_{id}")
 }
 
 fn format_of(f: wit::Format) -> Format {
@@ -205,6 +266,7 @@ fn summary(s: Summary) -> wit::Summary {
             FinishReason::StopString => wit::FinishReason::StopString,
             FinishReason::Length => wit::FinishReason::Length,
             FinishReason::ContextFull => wit::FinishReason::ContextFull,
+            FinishReason::ToolCalls => wit::FinishReason::ToolCalls,
         },
         usage: wit::Usage {
             prompt_tokens: s.prompt_tokens,
@@ -247,6 +309,19 @@ impl GuestCompletion for CompletionImpl {
 
     fn summary(&self) -> wit::Summary {
         summary(self.inner.borrow().summary())
+    }
+
+    fn take_tool_calls(&self) -> Vec<wit::ToolCallDelta> {
+        let deltas = self.inner.borrow_mut().take_tool_calls();
+        deltas
+            .into_iter()
+            .map(|d| wit::ToolCallDelta {
+                index: d.index,
+                id: d.id,
+                name: d.name,
+                arguments: d.arguments,
+            })
+            .collect()
     }
 
     fn take_logprobs(&self) -> Vec<wit::GeneratedToken> {

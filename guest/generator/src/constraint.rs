@@ -29,7 +29,7 @@ pub enum Format {
 /// the model likes (models are trained on pretty-printed JSON, and forcing another layout
 /// worsens what they write), but at most 64 whitespace characters between two tokens of JSON,
 /// so a model cannot loop on newlines.
-fn json_layout() -> Value {
+pub(crate) fn json_layout() -> Value {
     json!({ "whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,64}" })
 }
 

@@ -15,6 +15,7 @@ use crate::logprobs::Distribution;
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::stop::StopMatcher;
+use crate::tools::{CallDelta, CallReader};
 
 /// A stateful inference session (one wasi:nn execution context): the KV cache lives behind it.
 pub trait Session {
@@ -35,6 +36,8 @@ pub enum FinishReason {
     StopString,
     Length,
     ContextFull,
+    /// The answer is complete tool calls.
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +80,8 @@ pub struct Request {
     pub logprobs: Option<u32>,
     /// The format the output must match (compiled), if any.
     pub constraint: Option<Constraint>,
+    /// With tools: reads the calls out of the answer (whose grammar is `constraint`).
+    pub calls: Option<CallReader>,
     /// When the request arrived (for the timings).
     pub start: Instant,
 }
@@ -180,8 +185,11 @@ impl<S: Session> Generation<S> {
                 return Ok(None);
             }
             if self.finish.is_some() {
-                let tail = self.flush();
+                let mut tail = self.flush();
                 self.release(&tail);
+                if self.divert(&tail) {
+                    tail.clear();
+                }
                 // The rest: tokens without text of their own at the end, unless a stop string
                 // cut the output, which drops the tokens from the stop string on.
                 if self.finish == Some(FinishReason::StopString) {
@@ -200,6 +208,13 @@ impl<S: Session> Generation<S> {
                 Ok(piece) if piece.is_empty() => continue,
                 Ok(piece) => {
                     self.release(&piece);
+                    if self.divert(&piece) {
+                        // A tool call's text: an empty piece when it has parts to take.
+                        match &self.req.calls {
+                            Some(r) if r.has_parts() => return Ok(Some(String::new())),
+                            _ => continue,
+                        }
+                    }
                     return Ok(Some(piece));
                 }
                 Err(e) => {
@@ -209,6 +224,26 @@ impl<S: Session> Generation<S> {
                 }
             }
         }
+    }
+
+    /// Whether `text` belongs to tool calls (then `take_tool_calls` hands it out, not `next`).
+    fn divert(&mut self, text: &str) -> bool {
+        match &mut self.req.calls {
+            Some(r) => {
+                r.push(text);
+                r.is_calls()
+            }
+            None => false,
+        }
+    }
+
+    /// The tool calls' parts written since the last call (see the WIT `take-tool-calls`).
+    pub fn take_tool_calls(&mut self) -> Vec<CallDelta> {
+        self.req
+            .calls
+            .as_mut()
+            .map(CallReader::take)
+            .unwrap_or_default()
     }
 
     /// Text held back by the detokenizer and the stop matcher, at the end.
@@ -309,7 +344,13 @@ impl<S: Session> Generation<S> {
         let end = self.end.unwrap_or_else(Instant::now);
         let start = self.req.start;
         let finish_reason = if self.done {
-            self.finish.unwrap_or(FinishReason::Length)
+            match self.finish.unwrap_or(FinishReason::Length) {
+                // An answer of calls that ended as the grammar allows: complete calls.
+                FinishReason::Stop if self.req.calls.as_ref().is_some_and(|r| r.is_calls()) => {
+                    FinishReason::ToolCalls
+                }
+                f => f,
+            }
         } else {
             FinishReason::Length
         };
@@ -330,13 +371,13 @@ impl<S: Session> Generation<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sampler::SamplingParams;
 
     /// A model of the byte-level test tokenizer: "a" 0, "b" 1, "Ġ" 2, "Ã" 3, "©" 4 (the bytes of
     /// "é"), "Ġa" 5, "<eos>" 6.
-    fn model() -> Rc<Model> {
+    pub(crate) fn model() -> Rc<Model> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -390,6 +431,7 @@ mod tests {
             stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
             logprobs,
             constraint: None,
+            calls: None,
             start: Instant::now(),
         };
         let session = Scripted {

@@ -16,6 +16,7 @@ pub mod sampler;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;
 
 #[cfg(target_arch = "wasm32")]
 mod bindings {

@@ -164,6 +164,7 @@ fn request(prompt: Vec<u32>, stop: &[&str], max_tokens: Option<u32>) -> Request 
         stop: StopMatcher::new(stop.iter().map(|s| s.to_string()).collect()).unwrap(),
         logprobs: None,
         constraint: None,
+        calls: None,
         start: Instant::now(),
     }
 }

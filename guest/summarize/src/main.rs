@@ -85,10 +85,14 @@ fn run() -> Result<(), String> {
         Message {
             role: "system".into(),
             content: args.system,
+            tool_calls: vec![],
+            tool_call_id: None,
         },
         Message {
             role: "user".into(),
             content: text.to_string(),
+            tool_calls: vec![],
+            tool_call_id: None,
         },
     ];
     let options = Options {
@@ -109,6 +113,9 @@ fn run() -> Result<(), String> {
         },
         logprobs: None,
         format: None,
+        tools: vec![],
+        tool_choice: None,
+        parallel_tool_calls: None,
     };
     let completion = generator::chat(&messages, &options).map_err(|e| describe(&e))?;
     let mut out = std::io::stdout().lock();

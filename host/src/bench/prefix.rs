@@ -44,10 +44,14 @@ fn chat(q: &str) -> Vec<Message> {
         Message {
             role: "system".into(),
             content: SYSTEM_PROMPT.into(),
+            tool_calls: vec![],
+            tool_call_id: None,
         },
         Message {
             role: "user".into(),
             content: q.into(),
+            tool_calls: vec![],
+            tool_call_id: None,
         },
     ]
 }

@@ -41,11 +41,15 @@ pub fn chat(app: &App, gen: &GenArgs) -> Result<()> {
         messages.push(Message {
             role: "user".into(),
             content: line.to_string(),
+            tool_calls: vec![],
+            tool_call_id: None,
         });
         match generate(app, &mut inst, Prompt::Chat(&messages), &opts) {
             Ok(text) => messages.push(Message {
                 role: "assistant".into(),
                 content: text,
+                tool_calls: vec![],
+                tool_call_id: None,
             }),
             Err(e) if interactive => {
                 messages.pop();

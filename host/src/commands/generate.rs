@@ -8,7 +8,9 @@ use anyhow::{Context as _, Result};
 use crate::cli::GenArgs;
 use crate::commands::app::App;
 use crate::completion::{self, Instance, Prompt, Sink};
-use crate::runtime::{FinishReason, Format, Message, Options, Sampling, Summary};
+use crate::runtime::{
+    FinishReason, Format, Message, Options, Sampling, Summary, Tool, ToolCallDelta, ToolChoice,
+};
 
 impl GenArgs {
     /// The request options these flags ask for, with `model`.
@@ -30,6 +32,23 @@ impl GenArgs {
             },
             logprobs: None,
             format: self.format(),
+            tools: self
+                .tools
+                .iter()
+                .flat_map(|t| t.0.iter())
+                .map(|(name, description, parameters)| Tool {
+                    name: name.clone(),
+                    description: description.clone(),
+                    parameters: parameters.clone(),
+                })
+                .collect(),
+            tool_choice: self.tool_choice.as_deref().map(|c| match c {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                name => ToolChoice::Function(name.to_string()),
+            }),
+            parallel_tool_calls: None,
         }
     }
 
@@ -55,6 +74,8 @@ impl GenArgs {
             .map(|s| Message {
                 role: "system".into(),
                 content: s.clone(),
+                tool_calls: vec![],
+                tool_call_id: None,
             })
             .collect()
     }
@@ -64,6 +85,8 @@ impl GenArgs {
 struct Stdout<'a> {
     out: StdoutLock<'a>,
     text: String,
+    /// Tool calls: (id, name, arguments so far).
+    calls: Vec<(String, String, String)>,
 }
 
 impl Sink for Stdout<'_> {
@@ -76,10 +99,35 @@ impl Sink for Stdout<'_> {
         Ok(())
     }
 
+    fn tool_calls(&mut self, deltas: Vec<ToolCallDelta>) -> Result<()> {
+        for d in deltas {
+            let i = d.index as usize;
+            if i == self.calls.len() {
+                self.calls.push((
+                    d.id.unwrap_or_default(),
+                    d.name.unwrap_or_default(),
+                    String::new(),
+                ));
+            }
+            if let Some(call) = self.calls.get_mut(i) {
+                call.2.push_str(&d.arguments);
+            }
+        }
+        Ok(())
+    }
+
     fn end(&mut self) -> Result<()> {
-        writeln!(self.out)
-            .and_then(|_| self.out.flush())
-            .context("cannot write to stdout")
+        // Tool calls, complete, one JSON line each (the arguments as JSON when they parse).
+        for (id, name, arguments) in &self.calls {
+            let arguments = serde_json::from_str::<serde_json::Value>(arguments)
+                .unwrap_or_else(|_| serde_json::Value::String(arguments.clone()));
+            let line = serde_json::json!({"id": id, "name": name, "arguments": arguments});
+            writeln!(self.out, "{line}").context("cannot write to stdout")?;
+        }
+        if self.calls.is_empty() {
+            writeln!(self.out).context("cannot write to stdout")?;
+        }
+        self.out.flush().context("cannot write to stdout")
     }
 
     fn interrupted(&mut self) {
@@ -93,6 +141,7 @@ pub fn generate(app: &App, inst: &mut Instance, prompt: Prompt, opts: &Options) 
     let mut sink = Stdout {
         out: std::io::stdout().lock(),
         text: String::new(),
+        calls: Vec::new(),
     };
     let summary =
         completion::complete(inst, prompt, opts, &mut sink).map_err(|f| app.failure(f))?;
@@ -114,6 +163,7 @@ fn summary_line(s: &Summary) -> String {
         FinishReason::StopString => "stop-string",
         FinishReason::Length => "length",
         FinishReason::ContextFull => "context-full",
+        FinishReason::ToolCalls => "tool-calls",
     };
     format!(
         "[prompt {} tokens ({} cached), completion {} tokens, time to first token {:.0} ms, decode {}, total {:.0} ms, finish {}]",

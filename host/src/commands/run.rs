@@ -32,6 +32,8 @@ fn reply(app: &App, gen: &GenArgs, raw: bool, prompt: &str) -> Result<()> {
         messages.push(Message {
             role: "user".into(),
             content: prompt.to_string(),
+            tool_calls: vec![],
+            tool_call_id: None,
         });
         generate(app, &mut inst, Prompt::Chat(&messages), &opts)?;
     }

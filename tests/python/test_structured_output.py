@@ -296,3 +296,32 @@ def test_cli_json_schema_grammar_and_regex(model_dir, tmp_path):
     r = slm_run("--grammar", str(grammar), "hi")
     assert r.returncode == 1 and "invalid Lark grammar" in r.stderr, r.stderr
     assert re.search(r"missing_rule", r.stderr), r.stderr
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_cli_tools(model_dir, tmp_path):
+    import jsonschema
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER, {"name": "get_time", "parameters": {"type": "object", "properties": {}}}]))
+    r = slm_run("--tools", str(tools), "--tool-choice", "get_weather", "What is the weather in Paris?")
+    assert r.returncode == 0, r.stderr
+    calls = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert calls and all(c["name"] == "get_weather" for c in calls), r.stdout
+    for c in calls:
+        assert re.fullmatch(r"call_[A-Za-z0-9]{24}", c["id"]), c
+        jsonschema.validate(c["arguments"], WEATHER["function"]["parameters"])
+    assert "finish tool-calls" in r.stderr, r.stderr
+    # none: a text answer; a tool that is not listed, or tools with a format: clear errors.
+    r = slm_run("--tools", str(tools), "--tool-choice", "none", "-n", "8", "Say hello.")
+    assert r.returncode == 0 and not r.stdout.lstrip().startswith("{"), r.stdout
+    r = slm_run("--tools", str(tools), "--tool-choice", "send_email", "hi")
+    assert r.returncode == 1 and "send_email" in r.stderr and "not among the tools" in r.stderr, r.stderr
+    r = slm_run("--tools", str(tools), "--json", "hi")
+    assert r.returncode == 1 and "cannot be used with" in r.stderr, r.stderr

@@ -36,6 +36,8 @@ pub fn print(
                 "ttft_ms": speed.ttft_ms,
                 "prefill_tps": speed.prefill_tps,
                 "decode_tps": speed.decode_tps,
+                "constrained_decode_tps": speed.constrained_decode_tps,
+                "constrained_decode_over_free": speed.constrained_decode_tps / speed.decode_tps,
                 "peak_rss_mb": memory.peak_rss_mb,
                 "run_peak_rss_mb": memory.run_peak_rss_mb,
                 "model_file_mb": memory.model_file_mb,
@@ -73,6 +75,11 @@ pub fn print(
     println!("  time to first token  {:.0} ms", speed.ttft_ms);
     println!("  prefill              {:.1} tokens/s", speed.prefill_tps);
     println!("  decode               {:.1} tokens/s", speed.decode_tps);
+    println!(
+        "  constrained decoding {:.1} tokens/s (x{:.2}: a format's token mask at every step)",
+        speed.constrained_decode_tps,
+        speed.constrained_decode_tps / speed.decode_tps
+    );
     println!(
         "  peak RSS             {} (this process: two instances, prefix caches)",
         opt(memory.peak_rss_mb, "MiB")

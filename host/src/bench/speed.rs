@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{greedy, guest, request, BenchArgs, Sample};
 use crate::completion::Prompt;
-use crate::runtime::{werr, Runtime};
+use crate::runtime::{werr, Format, Options, Runtime};
 use crate::stats::median;
 
 /// The default benchmark text (the same text `scripts/bench-peers` feeds the peers).
@@ -25,6 +25,10 @@ pub struct Speed {
     pub ttft_ms: f64,
     pub prefill_tps: f64,
     pub decode_tps: f64,
+    /// Decode speed under constrained decoding (the median of runs interleaved with the free
+    /// ones): a format that allows every text token, so the tokens are the same and only the
+    /// token mask's cost differs.
+    pub constrained_decode_tps: f64,
 }
 
 pub fn measure(rt: &Runtime, a: &BenchArgs) -> Result<Speed> {
@@ -36,6 +40,10 @@ pub fn measure(rt: &Runtime, a: &BenchArgs) -> Result<Speed> {
     };
     let (prompt, prompt_tokens) = prompt_of(rt, &a.model, &text, a.prompt_tokens)?;
     let opts = greedy(&a.model, a.gen_tokens);
+    let constrained = Options {
+        format: Some(Format::Regex(r"(.|\n)*".into())),
+        ..opts.clone()
+    };
 
     // Warm-up: loads the model; the timed runs each use a fresh instance, as `slm serve` does.
     let t = Instant::now();
@@ -44,6 +52,7 @@ pub fn measure(rt: &Runtime, a: &BenchArgs) -> Result<Speed> {
     let model_load_ms = rt.registry.load_ms(&a.model);
 
     let mut samples = Vec::new();
+    let mut constrained_samples = Vec::new();
     for i in 0..a.runs {
         rt.registry.clear_prefix_caches(); // measure computing the prompt, not reusing it
         let s = request(rt, Prompt::Raw(&prompt), &opts)?;
@@ -58,6 +67,12 @@ pub fn measure(rt: &Runtime, a: &BenchArgs) -> Result<Speed> {
             );
         }
         samples.push(s);
+        rt.registry.clear_prefix_caches();
+        let c = request(rt, Prompt::Raw(&prompt), &constrained)?;
+        if !a.json {
+            eprintln!("       constrained decoding: {:.1} tok/s", c.decode_tps);
+        }
+        constrained_samples.push(c.decode_tps);
     }
     let pick = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
     Ok(Speed {
@@ -72,6 +87,7 @@ pub fn measure(rt: &Runtime, a: &BenchArgs) -> Result<Speed> {
         ttft_ms: pick(|s| s.ttft_ms),
         prefill_tps: pick(|s| s.prefill_tps),
         decode_tps: pick(|s| s.decode_tps),
+        constrained_decode_tps: median(constrained_samples),
     })
 }
 

@@ -35,10 +35,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 # (field, value): each asks for something this server does not do.
 CHAT_REFUSED = [
-    ("tools", [TOOL]),
-    ("tool_choice", "auto"),
-    ("parallel_tool_calls", False),
-    ("functions", [TOOL["function"]]),
+    ("functions", [TOOL["function"]]),  # the legacy form of tools (tests/python/test_tools.py)
     ("function_call", "auto"),
     ("n", 2),
     ("audio", {"voice": "alloy", "format": "wav"}),
@@ -87,12 +84,15 @@ def test_completions_refuse_what_they_do_not_do(client, field, value):
 
 
 def test_the_sdk_s_own_arguments_are_refused_too(client):
-    """As a user writes it, without extra_body: `tools=` used to be ignored."""
+    """As a user writes it, without extra_body: `tools=` used to be ignored (it is implemented now)."""
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=CHAT, tools=[TOOL])
-    assert e.value.param == "tools" and "tool calling" in e.value.message
+        client.chat.completions.create(model=MODEL, messages=CHAT, functions=[TOOL["function"]])
+    assert e.value.param == "functions" and "function calling" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, tool_choice="required")
+    assert e.value.param == "tool_choice" and "only allowed when tools are specified" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=CHAT, response_format={"type": "grammar"})
     assert e.value.param == "response_format.type"

@@ -54,7 +54,8 @@ pub const FIELDS: &[(&str, Takes, &str)] = &[
     (
         "messages",
         Takes::Chat,
-        "roles system, developer (= system), user, assistant; text content",
+        "roles system, developer (= system), user, assistant (tool_calls), tool (tool_call_id); \
+         text content",
     ),
     (
         "prompt",
@@ -116,6 +117,21 @@ pub const FIELDS: &[(&str, Takes, &str)] = &[
         "text, json_object, json_schema (enforced while generating)",
     ),
     (
+        "tools",
+        Takes::Chat,
+        "functions the model may call; arguments always valid against parameters",
+    ),
+    (
+        "tool_choice",
+        Takes::Chat,
+        "none, auto, required or one function; needs tools unless none",
+    ),
+    (
+        "parallel_tool_calls",
+        Takes::Chat,
+        "false: at most one call per answer; needs tools",
+    ),
+    (
         "user",
         Takes::Both,
         "a string: the affinity key when prompt_cache_key is absent",
@@ -139,11 +155,11 @@ pub const FIELDS: &[(&str, Takes, &str)] = &[
 /// OpenAI request fields this server does not implement, and what they ask for (the error
 /// message says it). Any other field not in [`FIELDS`] is refused as unknown.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("tools", "tool calling"),
-    ("tool_choice", "tool calling"),
-    ("parallel_tool_calls", "tool calling"),
-    ("functions", "function calling"),
-    ("function_call", "function calling"),
+    ("functions", "function calling (legacy: use tools)"),
+    (
+        "function_call",
+        "function calling (legacy: use tool_choice)",
+    ),
     ("audio", "audio output"),
     ("modalities", "output modalities other than text"),
     ("prediction", "predicted outputs"),
@@ -157,12 +173,11 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("prompt_cache_retention", "prompt cache retention policies"),
 ];
 
-/// Message fields (besides `role` and `content`) this server does not implement.
+/// Message fields (besides `role`, `content`, `tool_calls` and `tool_call_id`) this server
+/// does not implement.
 pub(crate) const MESSAGE_UNSUPPORTED: &[(&str, &str)] = &[
     ("name", "participant names"),
-    ("tool_calls", "tool calling"),
-    ("tool_call_id", "tool calling"),
-    ("function_call", "function calling"),
+    ("function_call", "function calling (legacy: use tool_calls)"),
     ("audio", "audio"),
     ("refusal", "refusals"),
 ];
@@ -286,6 +301,9 @@ pub(crate) mod tests {
             "logprobs" => Value::Null, // chat: a bool, completions: a number
             "top_logprobs" => json!(1),
             "response_format" => json!({"type": "json_object"}),
+            "tools" => json!([{"type": "function", "function": {"name": "f"}}]),
+            "tool_choice" => json!("none"),
+            "parallel_tool_calls" => json!(false),
 
             "stream_options" => json!({"include_usage": true, "include_obfuscation": false}),
             "logit_bias" | "metadata" => json!({}),
@@ -302,6 +320,9 @@ pub(crate) mod tests {
             let mut v = json!({ field: sample(field) });
             if field == "top_logprobs" {
                 v["logprobs"] = json!(true);
+            }
+            if field == "parallel_tool_calls" {
+                v["tools"] = sample("tools");
             }
             assert_eq!(
                 chat(v.clone()).map(|_| ()).map_err(param),

@@ -5,7 +5,9 @@ use serde_json::{Map, Value};
 
 use crate::fields::{only, Body, Endpoint, MESSAGE_UNSUPPORTED};
 
-use crate::bindings::edge::slm::types::{Format, Message, Options, Sampling, TokenBias};
+use crate::bindings::edge::slm::types::{
+    Format, Message, Options, Sampling, TokenBias, Tool, ToolCall, ToolChoice,
+};
 
 /// A request that could not be accepted, with the HTTP status and OpenAI error fields it maps to.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,6 +194,10 @@ fn common_options(b: &mut Body, endpoint: Endpoint) -> Result<Common, ApiError> 
         },
         logprobs,
         format: response_format(b)?,
+        // Chat only: `chat_request` sets them (`tools`).
+        tools: vec![],
+        tool_choice: None,
+        parallel_tool_calls: None,
     };
     Ok(Common {
         options,
@@ -392,6 +398,9 @@ pub fn request_field(name: &str) -> Option<&'static str> {
         "logprobs" => "logprobs",
         "stop" => "stop",
         "format" => "response_format",
+        "tools" => "tools",
+        "tool-choice" => "tool_choice",
+        "parallel-tool-calls" => "parallel_tool_calls",
         _ => return None,
     })
 }
@@ -411,7 +420,12 @@ pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
     for (i, m) in raw.into_iter().enumerate() {
         messages.push(message(i, m)?);
     }
-    let c = common_options(&mut b, Endpoint::Chat)?;
+    tool_results(&messages)?;
+    let mut c = common_options(&mut b, Endpoint::Chat)?;
+    let tools = tool_options(&mut b)?;
+    c.options.tools = tools.tools;
+    c.options.tool_choice = tools.choice;
+    c.options.parallel_tool_calls = tools.parallel;
     b.finish()?;
     Ok(Request {
         input: messages,
@@ -423,8 +437,272 @@ pub fn chat_request(body: &[u8]) -> Result<Request<Vec<Message>>, ApiError> {
     })
 }
 
-/// Message `i` of `messages`: `role` and `content`; any other field (`name`, `tool_calls`...)
-/// that is not null is refused, naming it (`messages[i].name`).
+/// The most tools a request may list (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+
+/// A function's name as OpenAI allows it: a-z, A-Z, 0-9, _ and -, at most 64 characters.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// What `tools`, `tool_choice` and `parallel_tool_calls` ask for.
+struct ToolOptions {
+    tools: Vec<Tool>,
+    choice: Option<ToolChoice>,
+    parallel: Option<bool>,
+}
+
+/// `tools` (functions: `name`, `description`, `parameters`, `strict`), `tool_choice` and
+/// `parallel_tool_calls`. Every key is read. Without tools, `tool_choice` may only be "none"
+/// and `parallel_tool_calls` is refused (as OpenAI does).
+fn tool_options(b: &mut Body) -> Result<ToolOptions, ApiError> {
+    let list = b.take::<Vec<Value>>("tools")?;
+    let choice = b.take::<Value>("tool_choice")?;
+    let parallel = b.take::<bool>("parallel_tool_calls")?;
+    let tools = match list {
+        None => vec![],
+        Some(list) if list.is_empty() => {
+            return Err(ApiError::invalid(
+                "tools must list at least one tool (or be left out)",
+                Some("tools"),
+            ))
+        }
+        Some(list) if list.len() > MAX_TOOLS => {
+            return Err(ApiError::invalid(
+                format!("tools lists {} tools, more than {MAX_TOOLS}", list.len()),
+                Some("tools"),
+            ))
+        }
+        Some(list) => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| tool(i, t))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    for (i, t) in tools.iter().enumerate() {
+        if tools[..i].iter().any(|u| u.name == t.name) {
+            let param = format!("tools[{i}].function.name");
+            return Err(ApiError::invalid(
+                format!("{param}: {:?} names two tools", t.name),
+                Some(&param),
+            ));
+        }
+    }
+    let choice = choice.map(tool_choice).transpose()?;
+    if tools.is_empty() {
+        if !matches!(choice, None | Some(ToolChoice::None)) {
+            return Err(ApiError::invalid(
+                "tool_choice is only allowed when tools are specified",
+                Some("tool_choice"),
+            ));
+        }
+        if parallel.is_some() {
+            return Err(ApiError::invalid(
+                "parallel_tool_calls is only allowed when tools are specified",
+                Some("parallel_tool_calls"),
+            ));
+        }
+        // "none" without tools asks for what happens anyway.
+        return Ok(ToolOptions {
+            tools,
+            choice: None,
+            parallel: None,
+        });
+    }
+    if let Some(ToolChoice::Function(name)) = &choice {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(ApiError::invalid(
+                format!("tool_choice names the function {name:?}, which is not in tools"),
+                Some("tool_choice"),
+            ));
+        }
+    }
+    Ok(ToolOptions {
+        tools,
+        choice,
+        parallel,
+    })
+}
+
+/// Tool `i` of `tools`: `{"type": "function", "function": {"name", "description"?,
+/// "parameters"?, "strict"?}}`. `strict` is accepted either way: arguments always validate
+/// against `parameters`.
+fn tool(i: usize, v: Value) -> Result<Tool, ApiError> {
+    let at = |k: &str| format!("tools[{i}].{k}");
+    let bad = |param: String, msg: String| ApiError::invalid(msg, Some(&param));
+    let Value::Object(mut t) = v else {
+        return Err(bad(
+            format!("tools[{i}]"),
+            format!(
+                "tools[{i}] must be an object: {{\"type\": \"function\", \"function\": {{...}}}}"
+            ),
+        ));
+    };
+    match t.remove("type") {
+        Some(Value::String(k)) if k == "function" => {}
+        Some(Value::String(k)) => {
+            return Err(bad(
+                at("type"),
+                format!(
+                    "{} {k:?} is not supported: only \"function\" tools",
+                    at("type")
+                ),
+            ))
+        }
+        _ => {
+            return Err(bad(
+                at("type"),
+                format!("{} is required: \"function\"", at("type")),
+            ))
+        }
+    }
+    let mut f = match t.remove("function") {
+        Some(Value::Object(f)) => f,
+        _ => {
+            return Err(bad(
+                at("function"),
+                format!(
+                    "{} is required: an object with name, description and parameters",
+                    at("function")
+                ),
+            ))
+        }
+    };
+    if let Some(k) = t.keys().next() {
+        return Err(ApiError::unsupported(&at(k), None));
+    }
+    let at = |k: &str| format!("tools[{i}].function.{k}");
+    let name = match f.remove("name") {
+        Some(Value::String(n)) if valid_name(&n) => n,
+        Some(Value::String(n)) => {
+            return Err(bad(
+                at("name"),
+                format!(
+                    "{}: {n:?} is not a valid name: a-z, A-Z, 0-9, _ and -, at most 64 characters",
+                    at("name")
+                ),
+            ))
+        }
+        _ => {
+            return Err(bad(
+                at("name"),
+                format!("{} is required (a string)", at("name")),
+            ))
+        }
+    };
+    let description = match f.remove("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d),
+        Some(_) => {
+            return Err(bad(
+                at("description"),
+                format!("invalid {}: expected a string", at("description")),
+            ))
+        }
+    };
+    let parameters = match f.remove("parameters") {
+        None | Some(Value::Null) => None,
+        Some(p @ Value::Object(_)) => Some(p.to_string()),
+        Some(_) => {
+            return Err(bad(
+                at("parameters"),
+                format!(
+                    "invalid {}: expected an object (a JSON Schema)",
+                    at("parameters")
+                ),
+            ))
+        }
+    };
+    match f.remove("strict") {
+        None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+        Some(_) => {
+            return Err(bad(
+                at("strict"),
+                format!("invalid {}: expected a boolean", at("strict")),
+            ))
+        }
+    }
+    if let Some(k) = f.keys().next() {
+        return Err(ApiError::unsupported(&at(k), None));
+    }
+    Ok(Tool {
+        name,
+        description,
+        parameters,
+    })
+}
+
+/// `tool_choice`: "none", "auto", "required" or `{"type": "function", "function": {"name"}}`.
+fn tool_choice(v: Value) -> Result<ToolChoice, ApiError> {
+    const HOW: &str =
+        "\"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}";
+    let bad = |param: &str, msg: String| ApiError::invalid(msg, Some(param));
+    let mut o = match v {
+        Value::String(s) => {
+            return match s.as_str() {
+                "none" => Ok(ToolChoice::None),
+                "auto" => Ok(ToolChoice::Auto),
+                "required" => Ok(ToolChoice::Required),
+                _ => Err(bad(
+                    "tool_choice",
+                    format!("tool_choice {s:?} is not supported: {HOW}"),
+                )),
+            }
+        }
+        Value::Object(o) => o,
+        _ => return Err(bad("tool_choice", format!("tool_choice must be {HOW}"))),
+    };
+    match o.remove("type") {
+        Some(Value::String(t)) if t == "function" => {}
+        Some(Value::String(t)) => {
+            return Err(bad(
+                "tool_choice.type",
+                format!("tool_choice.type {t:?} is not supported: only \"function\""),
+            ))
+        }
+        _ => {
+            return Err(bad(
+                "tool_choice.type",
+                "tool_choice.type is required: \"function\"".into(),
+            ))
+        }
+    }
+    let mut f = match o.remove("function") {
+        Some(Value::Object(f)) => f,
+        _ => {
+            return Err(bad(
+                "tool_choice.function",
+                "tool_choice.function is required: {\"name\": ...}".into(),
+            ))
+        }
+    };
+    if let Some(k) = o.keys().next() {
+        return Err(ApiError::unsupported(&format!("tool_choice.{k}"), None));
+    }
+    let name = match f.remove("name") {
+        Some(Value::String(n)) => n,
+        _ => {
+            return Err(bad(
+                "tool_choice.function.name",
+                "tool_choice.function.name is required (a string)".into(),
+            ))
+        }
+    };
+    if let Some(k) = f.keys().next() {
+        return Err(ApiError::unsupported(
+            &format!("tool_choice.function.{k}"),
+            None,
+        ));
+    }
+    Ok(ToolChoice::Function(name))
+}
+
+/// Message `i` of `messages`: `role` and `content`; an assistant message's `tool_calls`, a tool
+/// message's `tool_call_id`. Any other field (`name`, `refusal`...) that is not null is
+/// refused, naming it (`messages[i].name`).
 fn message(i: usize, m: Value) -> Result<Message, ApiError> {
     let at = |field: &str| format!("messages[{i}].{field}");
     let Value::Object(mut m) = m else {
@@ -448,7 +726,10 @@ fn message(i: usize, m: Value) -> Result<Message, ApiError> {
             ))
         }
     };
-    if !matches!(role.as_str(), "system" | "user" | "assistant" | "developer") {
+    if !matches!(
+        role.as_str(),
+        "system" | "user" | "assistant" | "developer" | "tool"
+    ) {
         return Err(ApiError::invalid(
             format!("unsupported message role '{role}'"),
             Some("messages"),
@@ -461,6 +742,12 @@ fn message(i: usize, m: Value) -> Result<Message, ApiError> {
         role
     };
     let content = match m.remove("content") {
+        None | Some(Value::Null) if role == "tool" => {
+            return Err(ApiError::invalid(
+                format!("{} is required: the tool's result", at("content")),
+                Some(&at("content")),
+            ))
+        }
         None | Some(Value::Null) => String::new(),
         Some(Value::String(t)) => t,
         Some(Value::Array(parts)) => text_parts(i, &parts)?,
@@ -471,6 +758,51 @@ fn message(i: usize, m: Value) -> Result<Message, ApiError> {
             ))
         }
     };
+    let tool_calls = match m.remove("tool_calls") {
+        None | Some(Value::Null) => vec![],
+        Some(_) if role != "assistant" => {
+            return Err(ApiError::invalid(
+                format!("{} is only allowed on assistant messages", at("tool_calls")),
+                Some(&at("tool_calls")),
+            ))
+        }
+        Some(Value::Array(calls)) => calls
+            .into_iter()
+            .enumerate()
+            .map(|(j, c)| tool_call(i, j, c))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("{} must be a list of tool calls", at("tool_calls")),
+                Some(&at("tool_calls")),
+            ))
+        }
+    };
+    let tool_call_id = match m.remove("tool_call_id") {
+        None | Some(Value::Null) => None,
+        Some(_) if role != "tool" => {
+            return Err(ApiError::invalid(
+                format!("{} is only allowed on tool messages", at("tool_call_id")),
+                Some(&at("tool_call_id")),
+            ))
+        }
+        Some(Value::String(id)) => Some(id),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("{} must be a string", at("tool_call_id")),
+                Some(&at("tool_call_id")),
+            ))
+        }
+    };
+    if role == "tool" && tool_call_id.is_none() {
+        return Err(ApiError::invalid(
+            format!(
+                "{} is required: the id of the tool call this message answers",
+                at("tool_call_id")
+            ),
+            Some(&at("tool_call_id")),
+        ));
+    }
     if let Some((field, _)) = m.iter().find(|(_, v)| !v.is_null()) {
         let what = MESSAGE_UNSUPPORTED
             .iter()
@@ -478,7 +810,168 @@ fn message(i: usize, m: Value) -> Result<Message, ApiError> {
             .map(|(_, what)| *what);
         return Err(ApiError::unsupported(&at(field), what));
     }
-    Ok(Message { role, content })
+    Ok(Message {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+    })
+}
+
+/// Call `j` of message `i`'s `tool_calls`: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}` (the arguments as JSON text, passed on as written).
+fn tool_call(i: usize, j: usize, c: Value) -> Result<ToolCall, ApiError> {
+    let here = format!("messages[{i}].tool_calls[{j}]");
+    let at = |k: &str| format!("{here}.{k}");
+    let bad = |param: String, msg: String| ApiError::invalid(msg, Some(&param));
+    let Value::Object(mut c) = c else {
+        return Err(bad(
+            here.clone(),
+            format!("{here} must be an object: {{\"id\", \"type\": \"function\", \"function\"}}"),
+        ));
+    };
+    let id = match c.remove("id") {
+        Some(Value::String(id)) if !id.is_empty() => id,
+        _ => {
+            return Err(bad(
+                at("id"),
+                format!("{} is required: the call's id (a string)", at("id")),
+            ))
+        }
+    };
+    match c.remove("type") {
+        Some(Value::String(t)) if t == "function" => {}
+        Some(Value::String(t)) => {
+            return Err(bad(
+                at("type"),
+                format!("{} {t:?} is not supported: only \"function\"", at("type")),
+            ))
+        }
+        _ => {
+            return Err(bad(
+                at("type"),
+                format!("{} is required: \"function\"", at("type")),
+            ))
+        }
+    }
+    let mut f = match c.remove("function") {
+        Some(Value::Object(f)) => f,
+        _ => {
+            return Err(bad(
+                at("function"),
+                format!(
+                    "{} is required: an object with name and arguments",
+                    at("function")
+                ),
+            ))
+        }
+    };
+    if let Some(k) = c.keys().next() {
+        return Err(ApiError::unsupported(&at(k), None));
+    }
+    let at = |k: &str| format!("{here}.function.{k}");
+    let name = match f.remove("name") {
+        Some(Value::String(n)) => n,
+        _ => {
+            return Err(bad(
+                at("name"),
+                format!("{} is required (a string)", at("name")),
+            ))
+        }
+    };
+    let arguments = match f.remove("arguments") {
+        Some(Value::String(a)) => a,
+        _ => {
+            return Err(bad(
+                at("arguments"),
+                format!(
+                    "{} is required: the arguments as JSON text (a string)",
+                    at("arguments")
+                ),
+            ))
+        }
+    };
+    if let Some(k) = f.keys().next() {
+        return Err(ApiError::unsupported(&at(k), None));
+    }
+    Ok(ToolCall {
+        id,
+        name,
+        arguments,
+    })
+}
+
+/// OpenAI's rules for tool results: the calls of an assistant message have distinct ids; the
+/// messages that follow it answer each call once (`role` "tool", `tool_call_id`) before any
+/// message of another role; a tool message answers a call of the assistant message before it.
+fn tool_results(messages: &[Message]) -> Result<(), ApiError> {
+    // The assistant message whose calls are being answered, and the ids not answered yet.
+    let mut open: Option<(usize, Vec<&str>)> = None;
+    let unanswered = |a: usize, ids: &[&str]| {
+        let param = format!("messages[{a}].tool_calls");
+        ApiError::invalid(
+            format!(
+                "an assistant message with tool_calls must be followed by tool messages \
+                 answering each call; not answered: {}",
+                ids.join(", ")
+            ),
+            Some(&param),
+        )
+    };
+    for (i, m) in messages.iter().enumerate() {
+        if m.role == "tool" {
+            let id = m.tool_call_id.as_deref().unwrap_or_default();
+            let Some((a, ids)) = &mut open else {
+                let param = format!("messages[{i}].role");
+                return Err(ApiError::invalid(
+                    format!(
+                        "messages[{i}]: a tool message must answer a call of the assistant \
+                         message with tool_calls before it"
+                    ),
+                    Some(&param),
+                ));
+            };
+            match ids.iter().position(|x| *x == id) {
+                Some(p) => {
+                    ids.remove(p);
+                }
+                None => {
+                    let param = format!("messages[{i}].tool_call_id");
+                    return Err(ApiError::invalid(
+                        format!(
+                            "{param}: {id:?} is not the id of a call in messages[{a}].tool_calls \
+                             that is not answered yet"
+                        ),
+                        Some(&param),
+                    ));
+                }
+            }
+            continue;
+        }
+        if let Some((a, ids)) = open.take() {
+            if !ids.is_empty() {
+                return Err(unanswered(a, &ids));
+            }
+        }
+        if !m.tool_calls.is_empty() {
+            let mut ids: Vec<&str> = vec![];
+            for (j, c) in m.tool_calls.iter().enumerate() {
+                if ids.contains(&c.id.as_str()) {
+                    let param = format!("messages[{i}].tool_calls[{j}].id");
+                    return Err(ApiError::invalid(
+                        format!("{param}: {:?} is the id of two calls", c.id),
+                        Some(&param),
+                    ));
+                }
+                ids.push(&c.id);
+            }
+            open = Some((i, ids));
+        }
+    }
+    match open {
+        Some((a, ids)) if !ids.is_empty() => Err(unanswered(a, &ids)),
+        _ => Ok(()),
+    }
 }
 
 /// Text parts, concatenated; any other part (images, audio, files) is refused.
@@ -618,16 +1111,34 @@ mod tests {
                     .as_bytes(),
             )
         };
-        for field in [
-            "name",
-            "tool_calls",
-            "tool_call_id",
-            "refusal",
-            "cache_control",
-        ] {
+        for field in ["name", "refusal", "cache_control"] {
             let e = ask(json!({"role": "assistant", "content": "b", field: "x"})).unwrap_err();
             assert!(e.message.contains("not supported"), "{e:?}");
             assert_eq!(param(e), Some(format!("messages[1].{field}")));
+        }
+        // Tool fields on the wrong role, or of the wrong type.
+        for (m, field) in [
+            (
+                json!({"role": "assistant", "content": "b", "tool_calls": "x"}),
+                "tool_calls",
+            ),
+            (
+                json!({"role": "user", "content": "b", "tool_calls": []}),
+                "tool_calls",
+            ),
+            (
+                json!({"role": "assistant", "content": "b", "tool_call_id": "x"}),
+                "tool_call_id",
+            ),
+            (
+                json!({"role": "tool", "content": "b", "tool_call_id": 5}),
+                "tool_call_id",
+            ),
+        ] {
+            assert_eq!(
+                param(ask(m).unwrap_err()),
+                Some(format!("messages[1].{field}"))
+            );
         }
         ask(json!({"role": "assistant", "content": "b", "name": null, "tool_calls": null}))
             .unwrap();
@@ -644,6 +1155,375 @@ mod tests {
             param(ask(json!({"content": "b"})).unwrap_err()).as_deref(),
             Some("messages[1].role")
         );
+    }
+
+    fn weather() -> Value {
+        json!({"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "strict": true}})
+    }
+
+    #[test]
+    fn tools_map_to_options() {
+        let r = chat(
+            json!({"tools": [weather(), {"type": "function", "function": {"name": "now"}}],
+            "tool_choice": "required", "parallel_tool_calls": false}),
+        )
+        .unwrap();
+        let tools = &r.options.tools;
+        assert_eq!(tools.len(), 2);
+        assert_eq!(tools[0].name, "get_weather");
+        assert_eq!(
+            tools[0].description.as_deref(),
+            Some("The weather in a city")
+        );
+        let schema: Value = serde_json::from_str(tools[0].parameters.as_deref().unwrap()).unwrap();
+        assert_eq!(schema, weather()["function"]["parameters"]);
+        assert_eq!(
+            (
+                tools[1].name.as_str(),
+                &tools[1].description,
+                &tools[1].parameters
+            ),
+            ("now", &None, &None)
+        );
+        assert!(matches!(r.options.tool_choice, Some(ToolChoice::Required)));
+        assert_eq!(r.options.parallel_tool_calls, Some(false));
+        let choice = |c: Value| {
+            chat(json!({"tools": [weather()], "tool_choice": c})).map(|r| r.options.tool_choice)
+        };
+        assert!(matches!(choice(json!("none")), Ok(Some(ToolChoice::None))));
+        assert!(matches!(choice(json!("auto")), Ok(Some(ToolChoice::Auto))));
+        assert!(matches!(choice(Value::Null), Ok(None)));
+        assert!(matches!(
+            choice(json!({"type": "function", "function": {"name": "get_weather"}})),
+            Ok(Some(ToolChoice::Function(n))) if n == "get_weather"
+        ));
+        // Without tools: "none" asks for nothing; the others need tools.
+        let r = chat(json!({"tool_choice": "none", "tools": null})).unwrap();
+        assert!(r.options.tools.is_empty() && r.options.tool_choice.is_none());
+        for extra in [
+            json!({"tool_choice": "auto"}),
+            json!({"tool_choice": "required"}),
+            json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        ] {
+            assert_eq!(
+                param(chat(extra).unwrap_err()).as_deref(),
+                Some("tool_choice")
+            );
+        }
+        let e = chat(json!({"parallel_tool_calls": true})).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("parallel_tool_calls"));
+        // No request sets tools by default; text completions refuse them.
+        let r = chat(json!({})).unwrap();
+        assert!(r.options.tools.is_empty() && r.options.tool_choice.is_none());
+        assert_eq!(r.options.parallel_tool_calls, None);
+        for field in ["tools", "tool_choice", "parallel_tool_calls"] {
+            let e = completion(json!({ field: "auto" })).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some(field));
+        }
+        // The generator's option names map back to the request's fields.
+        for (option, field) in [
+            ("tools", "tools"),
+            ("tool-choice", "tool_choice"),
+            ("parallel-tool-calls", "parallel_tool_calls"),
+            ("format", "response_format"),
+        ] {
+            assert_eq!(request_field(option), Some(field));
+        }
+    }
+
+    #[test]
+    fn bad_tools_name_the_field() {
+        let f = |extra: Value| json!({"type": "function", "function": extra});
+        for (tools, at) in [
+            (json!("get_weather"), "tools"),
+            (json!([]), "tools"),
+            (json!([7]), "tools[0]"),
+            (
+                json!([{"type": "custom", "custom": {"name": "x"}}]),
+                "tools[0].type",
+            ),
+            (json!([{"function": {"name": "x"}}]), "tools[0].type"),
+            (json!([{"type": "function"}]), "tools[0].function"),
+            (
+                json!([weather(), {"type": "function", "function": {"name": "x"}, "x": 1}]),
+                "tools[1].x",
+            ),
+            (
+                json!([f(json!({"description": "no name"}))]),
+                "tools[0].function.name",
+            ),
+            (
+                json!([f(json!({"name": "has space"}))]),
+                "tools[0].function.name",
+            ),
+            (
+                json!([f(json!({"name": "x".repeat(65)}))]),
+                "tools[0].function.name",
+            ),
+            (json!([f(json!({"name": 5}))]), "tools[0].function.name"),
+            (json!([weather(), weather()]), "tools[1].function.name"),
+            (
+                json!([f(json!({"name": "x", "description": 1}))]),
+                "tools[0].function.description",
+            ),
+            (
+                json!([f(json!({"name": "x", "parameters": "{}"}))]),
+                "tools[0].function.parameters",
+            ),
+            (
+                json!([f(json!({"name": "x", "parameters": true}))]),
+                "tools[0].function.parameters",
+            ),
+            (
+                json!([f(json!({"name": "x", "strict": "yes"}))]),
+                "tools[0].function.strict",
+            ),
+            (
+                json!([f(json!({"name": "x", "examples": []}))]),
+                "tools[0].function.examples",
+            ),
+        ] {
+            let e = chat(json!({ "tools": tools })).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some(at), "{tools}");
+        }
+        let many: Vec<Value> = (0..=MAX_TOOLS)
+            .map(|i| f(json!({"name": format!("f{i}")})))
+            .collect();
+        assert_eq!(
+            param(chat(json!({ "tools": many })).unwrap_err()).as_deref(),
+            Some("tools")
+        );
+        for (c, at) in [
+            (json!("always"), "tool_choice"),
+            (json!(true), "tool_choice"),
+            (
+                json!({"type": "function", "function": {"name": "absent"}}),
+                "tool_choice",
+            ),
+            (
+                json!({"type": "allowed_tools", "allowed_tools": {}}),
+                "tool_choice.type",
+            ),
+            (
+                json!({"function": {"name": "get_weather"}}),
+                "tool_choice.type",
+            ),
+            (json!({"type": "function"}), "tool_choice.function"),
+            (
+                json!({"type": "function", "function": {}}),
+                "tool_choice.function.name",
+            ),
+            (
+                json!({"type": "function", "function": {"name": "get_weather", "x": 1}}),
+                "tool_choice.function.x",
+            ),
+            (
+                json!({"type": "function", "function": {"name": "get_weather"}, "x": 1}),
+                "tool_choice.x",
+            ),
+        ] {
+            let e = chat(json!({"tools": [weather()], "tool_choice": c})).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some(at), "{c}");
+        }
+        let e = chat(json!({"tools": [weather()], "parallel_tool_calls": "no"})).unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("parallel_tool_calls"));
+    }
+
+    /// A conversation: the user asks, the assistant calls `calls`, the tool messages answer.
+    fn round_trip(calls: Value, answers: &[(&str, Value)]) -> Result<Vec<Message>, ApiError> {
+        let mut messages = vec![
+            json!({"role": "user", "content": "Weather in Paris?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": calls}),
+        ];
+        for (id, content) in answers {
+            messages.push(json!({"role": "tool", "tool_call_id": id, "content": content}));
+        }
+        chat_request(
+            json!({ "messages": messages, "tools": [weather()] })
+                .to_string()
+                .as_bytes(),
+        )
+        .map(|r| r.input)
+    }
+
+    fn call(id: &str, city: &str) -> Value {
+        json!({"id": id, "type": "function", "function": {"name": "get_weather",
+            "arguments": json!({"city": city}).to_string()}})
+    }
+
+    #[test]
+    fn tool_calls_and_results_in_messages() {
+        let m = round_trip(
+            json!([call("call_1", "Paris"), call("call_2", "Lyon")]),
+            &[
+                ("call_2", json!("rain")),
+                (
+                    "call_1",
+                    json!([{"type": "text", "text": "sun"}, {"type": "text", "text": "ny"}]),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(m.len(), 4);
+        assert!(m[0].tool_calls.is_empty() && m[0].tool_call_id.is_none());
+        assert_eq!(
+            (m[1].role.as_str(), m[1].content.as_str()),
+            ("assistant", "")
+        );
+        let calls: Vec<(&str, &str, &str)> = m[1]
+            .tool_calls
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("call_1", "get_weather", r#"{"city":"Paris"}"#),
+                ("call_2", "get_weather", r#"{"city":"Lyon"}"#)
+            ]
+        );
+        assert!(m[1].tool_call_id.is_none());
+        assert_eq!(
+            (
+                m[2].role.as_str(),
+                m[2].content.as_str(),
+                m[2].tool_call_id.as_deref()
+            ),
+            ("tool", "rain", Some("call_2"))
+        );
+        assert_eq!(
+            (m[3].content.as_str(), m[3].tool_call_id.as_deref()),
+            ("sunny", Some("call_1"))
+        );
+        // Content with the calls, or absent; an empty list is no calls.
+        let r = chat_request(
+            json!({"messages": [{"role": "user", "content": "a"},
+                {"role": "assistant", "content": "Let me look.", "tool_calls": [call("c", "Paris")]},
+                {"role": "tool", "tool_call_id": "c", "content": "sun"},
+                {"role": "assistant", "tool_calls": []}, {"role": "user", "content": "b"}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.input[1].content, "Let me look.");
+        assert!(r.input[3].tool_calls.is_empty());
+        // Tool messages in a conversation without `tools` are still a conversation.
+        let r = chat_request(
+            json!({"messages": [{"role": "assistant", "tool_calls": [call("c", "Paris")]},
+                {"role": "tool", "tool_call_id": "c", "content": "sun"}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.input.len(), 2);
+    }
+
+    #[test]
+    fn bad_tool_calls_and_results_name_the_field() {
+        let one = |c: Value| round_trip(json!([c]), &[("c", json!("sun"))]).unwrap_err();
+        let mut c = call("c", "Paris");
+        c["function"]["arguments"] = json!({"city": "Paris"});
+        for (c, at) in [
+            (json!("c"), "messages[1].tool_calls[0]"),
+            (
+                json!({"type": "function", "function": {"name": "f", "arguments": "{}"}}),
+                "messages[1].tool_calls[0].id",
+            ),
+            (
+                json!({"id": "c", "function": {"name": "f", "arguments": "{}"}}),
+                "messages[1].tool_calls[0].type",
+            ),
+            (
+                json!({"id": "c", "type": "custom", "custom": {}}),
+                "messages[1].tool_calls[0].type",
+            ),
+            (
+                json!({"id": "c", "type": "function"}),
+                "messages[1].tool_calls[0].function",
+            ),
+            (
+                json!({"id": "c", "type": "function", "function": {"arguments": "{}"}}),
+                "messages[1].tool_calls[0].function.name",
+            ),
+            (
+                json!({"id": "c", "type": "function", "function": {"name": "f"}}),
+                "messages[1].tool_calls[0].function.arguments",
+            ),
+            (c, "messages[1].tool_calls[0].function.arguments"),
+            (
+                json!({"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}, "index": 0}),
+                "messages[1].tool_calls[0].index",
+            ),
+            (
+                json!({"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}", "x": 1}}),
+                "messages[1].tool_calls[0].function.x",
+            ),
+        ] {
+            assert_eq!(param(one(c.clone())).as_deref(), Some(at), "{c}");
+        }
+        let two = json!([call("c", "Paris"), call("d", "Lyon")]);
+        // Each call answered, once, right after the assistant message.
+        for (answers, at) in [
+            (&[("c", json!("sun"))][..], "messages[1].tool_calls"),
+            (&[][..], "messages[1].tool_calls"),
+            (
+                &[("c", json!("sun")), ("e", json!("x"))][..],
+                "messages[3].tool_call_id",
+            ),
+            (
+                &[("c", json!("sun")), ("c", json!("x"))][..],
+                "messages[3].tool_call_id",
+            ),
+            (
+                &[("c", json!(null)), ("d", json!("x"))][..],
+                "messages[2].content",
+            ),
+            (
+                &[("c", json!(5)), ("d", json!("x"))][..],
+                "messages[2].content",
+            ),
+        ] {
+            let e = round_trip(two.clone(), answers).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some(at), "{answers:?}");
+        }
+        let e = round_trip(
+            json!([call("c", "Paris"), call("c", "Lyon")]),
+            &[("c", json!("x"))],
+        )
+        .unwrap_err();
+        assert_eq!(param(e).as_deref(), Some("messages[1].tool_calls[1].id"));
+        let ask =
+            |messages: Value| chat_request(json!({ "messages": messages }).to_string().as_bytes());
+        for (messages, at) in [
+            (
+                json!([{"role": "tool", "tool_call_id": "c", "content": "x"}]),
+                "messages[0].role",
+            ),
+            (
+                json!([{"role": "tool", "content": "x"}]),
+                "messages[0].tool_call_id",
+            ),
+            (
+                json!([{"role": "assistant", "tool_calls": [call("c", "P")]}, {"role": "user", "content": "x"},
+                {"role": "tool", "tool_call_id": "c", "content": "x"}]),
+                "messages[0].tool_calls",
+            ),
+            (
+                json!([{"role": "assistant", "tool_calls": [call("c", "P")]},
+                {"role": "tool", "tool_call_id": "c", "content": "x"},
+                {"role": "assistant", "content": "ok"},
+                {"role": "tool", "tool_call_id": "c", "content": "x"}]),
+                "messages[3].role",
+            ),
+        ] {
+            assert_eq!(
+                param(ask(messages.clone()).unwrap_err()).as_deref(),
+                Some(at),
+                "{messages}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use crate::bindings::edge::slm::generator::{self, Completion};
 use crate::bindings::edge::slm::types::{
-    Error as GenError, FinishReason, GeneratedToken, Message, Options, Summary,
+    Error as GenError, FinishReason, GeneratedToken, Message, Options, Summary, ToolCallDelta,
 };
 use crate::logprobs::{self, Offsets};
 use crate::openai::{self, ApiError};
@@ -60,7 +60,100 @@ fn finish_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Stop | FinishReason::StopString => "stop",
         FinishReason::Length | FinishReason::ContextFull => "length",
+        FinishReason::ToolCalls => "tool_calls",
     }
+}
+
+/// The tool calls of an answer, put together from their deltas (non-streamed responses).
+#[derive(Default, Debug, PartialEq)]
+struct ToolCalls {
+    /// (index, id, name, arguments), in the order the calls began.
+    calls: Vec<(u32, String, String, String)>,
+}
+
+impl ToolCalls {
+    fn add(&mut self, deltas: Vec<ToolCallDelta>) {
+        for d in deltas {
+            let at = match self.calls.iter().position(|c| c.0 == d.index) {
+                Some(at) => at,
+                None => {
+                    self.calls
+                        .push((d.index, String::new(), String::new(), String::new()));
+                    self.calls.len() - 1
+                }
+            };
+            let call = &mut self.calls[at];
+            if let Some(id) = d.id {
+                call.1 = id;
+            }
+            if let Some(name) = d.name {
+                call.2 = name;
+            }
+            call.3.push_str(&d.arguments);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// `message.tool_calls`, by index.
+    fn json(&self) -> Value {
+        let mut calls: Vec<_> = self.calls.iter().collect();
+        calls.sort_by_key(|c| c.0);
+        calls
+            .into_iter()
+            .map(|(_, id, name, arguments)| {
+                json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+            })
+            .collect()
+    }
+}
+
+/// The streamed `delta.tool_calls` entries of these deltas, one per chunk, as OpenAI frames
+/// them: a call's first chunk carries its `index`, `id`, `type` and `function.name` with
+/// `function.arguments` "", the following ones `index` and `function.arguments` alone.
+fn tool_call_chunks(deltas: Vec<ToolCallDelta>) -> Vec<Value> {
+    let mut out = vec![];
+    for d in deltas {
+        if d.id.is_some() || d.name.is_some() {
+            let mut call = serde_json::Map::new();
+            call.insert("index".into(), json!(d.index));
+            if let Some(id) = d.id {
+                call.insert("id".into(), json!(id));
+                call.insert("type".into(), json!("function"));
+            }
+            let mut function = serde_json::Map::new();
+            if let Some(name) = d.name {
+                function.insert("name".into(), json!(name));
+            }
+            function.insert("arguments".into(), json!(""));
+            call.insert("function".into(), Value::Object(function));
+            out.push(Value::Object(call));
+        }
+        if !d.arguments.is_empty() {
+            out.push(json!({"index": d.index, "function": {"arguments": d.arguments}}));
+        }
+    }
+    out
+}
+
+/// A streamed chat choice carrying one `delta.tool_calls` entry; the response's first chunk
+/// also has the role and `content: null`.
+fn tool_call_choice(call: Value, first: bool, logprobs: Value) -> Value {
+    let mut delta = serde_json::Map::new();
+    if first {
+        delta.insert("role".into(), json!("assistant"));
+        delta.insert("content".into(), Value::Null);
+    }
+    delta.insert("tool_calls".into(), json!([call]));
+    json!({"index": 0, "delta": delta, "finish_reason": null, "logprobs": logprobs})
+}
+
+/// The `logprobs` of a choice whose answer is tool calls, when log probabilities were asked
+/// for: no message content, so no content tokens (the tokens of the calls are not reported).
+fn tool_call_logprobs() -> Value {
+    json!({"content": null, "refusal": null})
 }
 
 fn usage(s: &Summary) -> Value {
@@ -242,6 +335,7 @@ async fn serve<T: Input>(out: ResponseOutparam, request: Result<openai::Request<
                 stream: req.stream,
                 include_usage: req.include_usage,
                 logprobs: req.options.logprobs.is_some(),
+                tools: !req.options.tools.is_empty(),
                 headers: &extra,
             };
             respond(out, how, model, c).await
@@ -257,6 +351,8 @@ struct How<'a> {
     include_usage: bool,
     /// Whether to report log probabilities.
     logprobs: bool,
+    /// Whether the model may call tools (whether to ask the completion for tool calls).
+    tools: bool,
     /// Headers added to the response.
     headers: &'a [(&'a str, &'a str)],
 }
@@ -267,6 +363,7 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
         stream,
         include_usage,
         logprobs: with_logprobs,
+        tools,
         headers: extra,
     } = how;
     let id = new_id(if matches!(kind, Kind::Chat) {
@@ -283,10 +380,19 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
             vec![]
         }
     };
+    // The tool calls written since the last call (none unless the request has tools).
+    let take_calls = || {
+        if tools {
+            completion.take_tool_calls()
+        } else {
+            vec![]
+        }
+    };
     let mut offsets = Offsets::default();
     if !stream {
         let mut text = String::new();
         let mut tokens = vec![];
+        let mut calls = ToolCalls::default();
         loop {
             match completion.next() {
                 Ok(Some(piece)) => text.push_str(&piece),
@@ -294,18 +400,37 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
                 Err(e) => return send_error_with(out, api_error(e), extra).await,
             }
             tokens.extend(take());
+            calls.add(take_calls());
         }
         tokens.extend(take());
+        calls.add(take_calls());
         let s = completion.summary();
-        let lp = if with_logprobs {
-            kind.logprobs(&tokens, &text, &mut offsets)
-        } else {
-            Value::Null
-        };
         let finish = Some(finish_reason(s.finish_reason));
+        let choice = if calls.is_empty() {
+            let lp = if with_logprobs {
+                kind.logprobs(&tokens, &text, &mut offsets)
+            } else {
+                Value::Null
+            };
+            kind.choice(Some(&text), false, finish, false, lp)
+        } else {
+            // The answer is tool calls: no content (OpenAI's `content: null`).
+            let content = if text.is_empty() {
+                Value::Null
+            } else {
+                json!(text)
+            };
+            let lp = if with_logprobs {
+                tool_call_logprobs()
+            } else {
+                Value::Null
+            };
+            json!({"index": 0, "message": {"role": "assistant", "content": content, "tool_calls": calls.json()},
+                   "finish_reason": finish, "logprobs": lp})
+        };
         let body = json!({
             "id": id, "object": kind.object(false), "created": created, "model": model,
-            "choices": [kind.choice(Some(&text), false, finish, false, lp)],
+            "choices": [choice],
             "usage": usage(&s),
         });
         return send_json(out, 200, &body, extra).await;
@@ -333,45 +458,84 @@ async fn respond(out: ResponseOutparam, how: How<'_>, model: String, completion:
     };
     let mut first = true;
     let mut text = String::new();
+    // Tokens not sent yet: those of empty pieces wait for the next piece with text.
+    let mut pending: Vec<GeneratedToken> = vec![];
+    // Whether the answer is tool calls (then no token is reported: there is no content).
+    let mut tool_answer = false;
+    let tool_lp = || {
+        if with_logprobs {
+            tool_call_logprobs()
+        } else {
+            Value::Null
+        }
+    };
+    let mut failed = false;
     loop {
-        let event = match completion.next() {
-            Ok(Some(piece)) => {
-                text.push_str(&piece);
-                let lp = if with_logprobs {
-                    kind.logprobs(&take(), &text, &mut offsets)
-                } else {
-                    Value::Null
-                };
-                let c = chunk(
-                    json!([kind.choice(Some(&piece), first, None, true, lp)]),
-                    None,
-                );
-                first = false;
-                c
-            }
+        let piece = match completion.next() {
+            Ok(Some(piece)) => piece,
             Ok(None) => break,
             Err(e) => {
                 let _ = sink
                     .send(format!("data: {}\n\n", error_body(&api_error(e))).into_bytes())
                     .await;
+                failed = true;
                 break;
             }
         };
-        if sink.send(event).await.is_err() {
+        let mut events = vec![];
+        pending.extend(take());
+        if !piece.is_empty() {
+            text.push_str(&piece);
+            let lp = if with_logprobs {
+                kind.logprobs(&std::mem::take(&mut pending), &text, &mut offsets)
+            } else {
+                Value::Null
+            };
+            events.extend(chunk(
+                json!([kind.choice(Some(&piece), first, None, true, lp)]),
+                None,
+            ));
+            first = false;
+        }
+        for call in tool_call_chunks(take_calls()) {
+            tool_answer = true;
+            events.extend(chunk(
+                json!([tool_call_choice(call, first, tool_lp())]),
+                None,
+            ));
+            first = false;
+        }
+        if !events.is_empty() && sink.send(events).await.is_err() {
             // The client went away: dropping the completion stops generation.
             return;
         }
     }
+    let mut tail = vec![];
+    if !failed {
+        for call in tool_call_chunks(take_calls()) {
+            tool_answer = true;
+            tail.extend(chunk(
+                json!([tool_call_choice(call, first, tool_lp())]),
+                None,
+            ));
+            first = false;
+        }
+    }
     let s = completion.summary();
     // Tokens left at the end (text-less ones) ride on the last chunk.
-    let rest = take();
-    let lp = if rest.is_empty() {
+    pending.extend(take());
+    let lp = if tool_answer {
+        tool_lp()
+    } else if pending.is_empty() {
         Value::Null
     } else {
-        kind.logprobs(&rest, &text, &mut offsets)
+        kind.logprobs(&pending, &text, &mut offsets)
     };
     let finish = Some(finish_reason(s.finish_reason));
-    let mut tail = chunk(json!([kind.choice(None, first, finish, true, lp)]), None);
+    tail.extend(chunk(
+        json!([kind.choice(None, first, finish, true, lp)]),
+        None,
+    ));
     if include_usage {
         tail.extend(chunk(json!([]), Some(usage(&s))));
     }
@@ -431,3 +595,68 @@ fn headers(pairs: &[(&str, &str)]) -> Fields {
 
 use futures::SinkExt;
 use spin_sdk::http::{Fields, OutgoingResponse, ResponseOutparam};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(index: u32, id: Option<&str>, name: Option<&str>, arguments: &str) -> ToolCallDelta {
+        ToolCallDelta {
+            index,
+            id: id.map(str::to_string),
+            name: name.map(str::to_string),
+            arguments: arguments.to_string(),
+        }
+    }
+
+    #[test]
+    fn tool_call_deltas_put_together() {
+        let mut calls = ToolCalls::default();
+        assert!(calls.is_empty());
+        calls.add(vec![delta(0, Some("call_a"), Some("get_weather"), "")]);
+        calls.add(vec![delta(0, None, None, "{\"city\": ")]);
+        calls.add(vec![]);
+        calls.add(vec![
+            delta(0, None, None, "\"Paris\"}"),
+            delta(1, Some("call_b"), Some("now"), "{}"),
+        ]);
+        assert_eq!(
+            calls.json(),
+            json!([
+                {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+                {"id": "call_b", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+            ])
+        );
+        assert_eq!(finish_reason(FinishReason::ToolCalls), "tool_calls");
+    }
+
+    #[test]
+    fn tool_call_chunks_as_openai_frames_them() {
+        // A header with arguments: the header (arguments "") and then the arguments.
+        assert_eq!(
+            tool_call_chunks(vec![
+                delta(0, Some("call_a"), Some("get_weather"), "{\"ci"),
+                delta(0, None, None, ""),
+                delta(0, None, None, "ty\": 1}"),
+                delta(1, Some("call_b"), Some("now"), ""),
+            ]),
+            [
+                json!({"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}),
+                json!({"index": 0, "function": {"arguments": "{\"ci"}}),
+                json!({"index": 0, "function": {"arguments": "ty\": 1}"}}),
+                json!({"index": 1, "id": "call_b", "type": "function", "function": {"name": "now", "arguments": ""}}),
+            ]
+        );
+        let call = json!({"index": 0, "function": {"arguments": "{}"}});
+        assert_eq!(
+            tool_call_choice(call.clone(), true, Value::Null),
+            json!({"index": 0, "delta": {"role": "assistant", "content": null, "tool_calls": [call]},
+                   "finish_reason": null, "logprobs": null})
+        );
+        assert_eq!(
+            tool_call_choice(call.clone(), false, tool_call_logprobs()),
+            json!({"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null,
+                   "logprobs": {"content": null, "refusal": null}})
+        );
+    }
+}

@@ -119,7 +119,7 @@ fn any(rng: &mut Rng, depth: usize) -> Value {
 }
 
 /// The fields the parser reads.
-const FIELDS: [&str; 17] = [
+const FIELDS: [&str; 25] = [
     "messages",
     "prompt",
     "role",
@@ -137,6 +137,14 @@ const FIELDS: [&str; 17] = [
     "stop",
     "stream",
     "n",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "function",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "arguments",
 ];
 
 /// The right type for the field, or (`bad` times in 100) any value.
@@ -153,6 +161,27 @@ fn field_value(rng: &mut Rng, field: &str, bad: u64) -> Value {
         },
         "stream" => json!(rng.chance(50)),
         "stream_options" => json!({ "include_usage": rng.chance(50) }),
+        "tools" => Value::Array(
+            (0..rng.below(4))
+                .map(|_| {
+                    let name = match rng.below(3) {
+                        0 => json!("get_weather"),
+                        1 => json!("f"),
+                        _ => json!(hostile(rng)),
+                    };
+                    json!({"type": "function", "function": {"name": name,
+                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})
+                })
+                .collect(),
+        ),
+        "tool_choice" => match rng.below(5) {
+            0 => json!("none"),
+            1 => json!("auto"),
+            2 => json!("required"),
+            3 => json!({"type": "function", "function": {"name": "f"}}),
+            _ => json!(hostile(rng)),
+        },
+        "parallel_tool_calls" => json!(rng.chance(50)),
         _ => number(rng),
     }
 }
@@ -203,7 +232,22 @@ fn near_request(rng: &mut Rng, chat: bool, bad: u64) -> Value {
         let messages = match kind {
             0 => any(rng, 2),
             1 => json!([]),
-            _ => Value::Array((0..1 + rng.below(4)).map(|_| message(rng, bad)).collect()),
+            _ => {
+                let mut ms: Vec<Value> = (0..1 + rng.below(4)).map(|_| message(rng, bad)).collect();
+                // A tool call and its result.
+                if rng.chance(30) {
+                    ms.push(json!({"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "f", "arguments": hostile(rng)}}]}));
+                    let id = if rng.chance(100 - bad) {
+                        json!("call_1")
+                    } else {
+                        any(rng, 1)
+                    };
+                    ms.push(json!({"role": "tool", "tool_call_id": id, "content": hostile(rng)}));
+                }
+                Value::Array(ms)
+            }
         };
         body.insert("messages".into(), messages);
     } else {
@@ -233,6 +277,9 @@ fn near_request(rng: &mut Rng, chat: bool, bad: u64) -> Value {
             "n",
             "logprobs",
             "tools",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
         ]);
         let v = field_value(rng, field, bad);
         body.insert(field.into(), v);
@@ -259,8 +306,18 @@ fn parse_both(body: &[u8], sent: Option<&Value>, what: &str) -> (bool, bool) {
             let messages = sent.and_then(|v| v["messages"].as_array());
             for (i, m) in r.input.iter().enumerate() {
                 assert!(
-                    ["system", "user", "assistant"].contains(&m.role.as_str()),
+                    ["system", "user", "assistant", "tool"].contains(&m.role.as_str()),
                     "{what}: role {:?} accepted",
+                    m.role
+                );
+                assert_eq!(
+                    m.role == "tool",
+                    m.tool_call_id.is_some(),
+                    "{what}: tool_call_id"
+                );
+                assert!(
+                    m.role == "assistant" || m.tool_calls.is_empty(),
+                    "{what}: tool_calls on {}",
                     m.role
                 );
                 // String content arrives unchanged, whatever it holds.
@@ -271,6 +328,22 @@ fn parse_both(body: &[u8], sent: Option<&Value>, what: &str) -> (bool, bool) {
             assert!(
                 r.options.stop.iter().all(|s| !s.is_empty()),
                 "{what}: empty stop"
+            );
+            for t in &r.options.tools {
+                assert!(
+                    !t.name.is_empty()
+                        && t.name.len() <= 64
+                        && t.name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                    "{what}: tool name {:?}",
+                    t.name
+                );
+            }
+            assert!(
+                !r.options.tools.is_empty()
+                    || (r.options.tool_choice.is_none() && r.options.parallel_tool_calls.is_none()),
+                "{what}: tool options without tools"
             );
             true
         }
@@ -284,6 +357,7 @@ fn parse_both(body: &[u8], sent: Option<&Value>, what: &str) -> (bool, bool) {
             if let Some(p) = sent.and_then(|v| v["prompt"].as_str()) {
                 assert_eq!(r.input, p, "{what}: prompt changed");
             }
+            assert!(r.options.tools.is_empty(), "{what}: tools on a completion");
             assert!(
                 r.options.stop.iter().all(|s| !s.is_empty()),
                 "{what}: empty stop"

@@ -178,11 +178,26 @@ fn start(input: Input, options: wit::Options) -> Result<WitCompletion> {
     }
     let stop = StopMatcher::new(options.stop)?;
     crate::generate::check_prompt(&model, &prompt)?;
-    let format = match active {
-        Some(t) => Some(Format::Lark(t.grammar())),
-        None => options.format.map(format_of),
+    let format = match (&tools, options.format) {
+        (Some(t), _) if t.active() => Some(Format::Lark(t.grammar())),
+        (_, Some(f)) => Some(format_of(f)),
+        // tool-choice none: text that does not start like a call (the history has some).
+        (Some(t), None) => Some(Format::Lark(t.grammar())),
+        (None, None) => None,
     };
-    let constraint = format.map(|f| model.constrain(&f)).transpose()?;
+    let constraint = match format.map(|f| model.constrain(&f)).transpose() {
+        // The grammar is the tools': what it refuses is a tool's `parameters`.
+        Err(Error::InvalidOption {
+            name: "format",
+            message,
+        }) if tools.is_some() => {
+            return Err(Error::invalid_option(
+                "tools",
+                format!("a tool's parameters: {message}"),
+            ))
+        }
+        other => other?,
+    };
     let calls = active.map(|_| CallReader::new(Box::new(call_id)));
     let session = NnSession::new(&model.name)?;
     let req = Request {

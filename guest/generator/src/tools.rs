@@ -173,8 +173,9 @@ impl Tools {
         s
     }
 
-    /// The Lark grammar of the answer: text (with `auto`: anything that does not start with
-    /// "<"), or calls of the allowed tools, one or (with `parallel`) several.
+    /// The Lark grammar of the answer: text (with `auto` and `none`: anything that does not
+    /// start with "<", like a call), or calls of the allowed tools, one or (with `parallel`)
+    /// several.
     pub fn grammar(&self) -> String {
         let allowed: Vec<&Tool> = match &self.choice {
             Choice::Function(name) => self.tools.iter().filter(|t| &t.name == name).collect(),
@@ -186,8 +187,10 @@ impl Tools {
         } else {
             "call".to_string()
         };
+        const TEXT: &str = "TEXT: /[^<](.|\\n)*/\n";
         match self.choice {
-            Choice::Auto => g.push_str(&format!("start: TEXT | {calls}\nTEXT: /[^<](.|\\n)*/\n")),
+            Choice::None => return format!("start: TEXT\n{TEXT}"),
+            Choice::Auto => g.push_str(&format!("start: TEXT | {calls}\n{TEXT}")),
             _ => g.push_str(&format!("start: {calls}\n")),
         }
         let names: Vec<String> = (0..allowed.len()).map(|i| format!("call_{i}")).collect();

@@ -109,23 +109,34 @@ fn locate(skeleton: &str, messages: &[Message], rendered: &str) -> Option<Vec<Ra
 
 /// Render `messages` with the generation prompt, and find where their contents are.
 pub fn render(template: &ChatTemplate, messages: &[Message]) -> Result<ChatPrompt> {
-    let text = template.render(messages, true)?;
+    render_with_tools(template, messages, None)
+}
+
+/// [`render`] with the template's `tools` variable. The tools and the messages' tool calls are
+/// the template's text here (only `content` is placed): the caller keeps special-token text
+/// out of them.
+pub fn render_with_tools(
+    template: &ChatTemplate,
+    messages: &[Message],
+    tools: Option<&serde_json::Value>,
+) -> Result<ChatPrompt> {
+    let text = template.render_with_tools(messages, tools, true)?;
     let marked: Vec<Message> = messages
         .iter()
         .enumerate()
         .map(|(i, m)| Message {
-            role: m.role.clone(),
             content: if m.content.is_empty() {
                 String::new()
             } else {
                 marker(i)
             },
+            ..m.clone()
         })
         .collect();
     // A template that looks inside content may render the markers differently, or refuse
     // them: then the places are unknown.
     let content = template
-        .render(&marked, true)
+        .render_with_tools(&marked, tools, true)
         .ok()
         .and_then(|skeleton| locate(&skeleton, messages, &text));
     Ok(ChatPrompt { text, content })
@@ -163,6 +174,7 @@ mod tests {
         Message {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 

@@ -66,11 +66,9 @@ fn get_model(name: Option<&str>) -> Result<Rc<Model>> {
     Ok(m)
 }
 
-/// The conversation as the template renders it: tool calls and results in their generic form,
-/// and, with active tools, their instructions in the system message (crate::tools).
-fn messages(msgs: Vec<wit::Message>, tools: Option<&Tools>) -> Result<Vec<Message>> {
-    let msgs = msgs
-        .into_iter()
+/// The WIT messages, with their tool calls and call ids.
+fn conversation(msgs: Vec<wit::Message>) -> Vec<(Message, Vec<Call>, Option<String>)> {
+    msgs.into_iter()
         .map(|m| {
             let calls = m
                 .tool_calls
@@ -84,11 +82,37 @@ fn messages(msgs: Vec<wit::Message>, tools: Option<&Tools>) -> Result<Vec<Messag
             let message = Message {
                 role: m.role,
                 content: m.content,
+                ..Default::default()
             };
             (message, calls, m.tool_call_id)
         })
-        .collect();
-    tools::render_messages(msgs, tools)
+        .collect()
+}
+
+/// The conversation as `template` renders it, and its `tools` variable: the template's own
+/// form when it has one (crate::template `takes_tools`), else the generic form with the
+/// active tools' instructions in the system message (crate::tools).
+fn messages(
+    template: &ChatTemplate,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    msgs: Vec<wit::Message>,
+    tools: Option<&Tools>,
+) -> Result<(Vec<Message>, Option<serde_json::Value>)> {
+    if !template.takes_tools() {
+        return Ok((tools::render_messages(conversation(msgs), tools)?, None));
+    }
+    let (msgs, tools) = tools::template_messages(conversation(msgs), tools)?;
+    // Tools and calls are the template's text, where special-token text would be read as
+    // control tokens: refused (content is kept plain by crate::chat).
+    let calls = msgs.iter().flat_map(|m| &m.tool_calls);
+    for text in tools.iter().chain(calls).map(|v| v.to_string()) {
+        if tokenizer.spells_special(&text)? {
+            return Err(Error::invalid(
+                "a tool or a tool call spells a special token of the model",
+            ));
+        }
+    }
+    Ok((msgs, tools))
 }
 
 fn template(model: &Model) -> Result<&ChatTemplate> {
@@ -99,14 +123,17 @@ fn template(model: &Model) -> Result<&ChatTemplate> {
 }
 
 fn chat_prompt(model: &Model, msgs: Vec<wit::Message>) -> Result<String> {
-    template(model)?.render(&messages(msgs, None)?, true)
+    let t = template(model)?;
+    let (msgs, _) = messages(t, &model.tokenizer, msgs, None)?;
+    t.render(&msgs, true)
 }
 
 /// Token ids of a conversation: the template's control tokens, the messages' content as plain
 /// text (crate::chat). A prompt far too long for the context is refused before tokenizing.
 fn encode_chat(model: &Model, msgs: Vec<wit::Message>, tools: Option<&Tools>) -> Result<Vec<u32>> {
-    let msgs = messages(msgs, tools)?;
-    let prompt = chat::render(template(model)?, &msgs)?;
+    let t = template(model)?;
+    let (msgs, tools) = messages(t, &model.tokenizer, msgs, tools)?;
+    let prompt = chat::render_with_tools(t, &msgs, tools.as_ref())?;
     model.check_text_fits(&prompt.text)?;
     chat::encode(&model.tokenizer, &prompt, &msgs)
 }

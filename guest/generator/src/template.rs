@@ -8,10 +8,17 @@ use serde::Serialize;
 
 pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant's tool calls, in Hugging Face's form (`{"type": "function", "function":
+    /// {"name", "arguments"}}`), for templates that render them (crate::tools).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A "tool" message: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 /// Special-token strings the templates refer to.
@@ -26,6 +33,7 @@ pub struct SpecialTokens {
 pub struct ChatTemplate {
     env: Environment<'static>,
     tokens: SpecialTokens,
+    takes_tools: bool,
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
@@ -180,16 +188,42 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::model(format!("chat template: {e}")))?;
-        Ok(ChatTemplate { env, tokens })
+        // A template that renders `tools` and writes calls as <tool_call> JSON (Hermes-style,
+        // Qwen2.5): the form crate::tools constrains calls to, so its own rendering is used.
+        let takes_tools = source.contains("tools") && source.contains("<tool_call>");
+        Ok(ChatTemplate {
+            env,
+            tokens,
+            takes_tools,
+        })
+    }
+
+    /// Whether the template renders tools, tool calls and tool results itself, in the
+    /// `<tool_call>` form (then "tool" messages and `tools` go to it as Hugging Face passes them).
+    pub fn takes_tools(&self) -> bool {
+        self.takes_tools
     }
 
     /// The prompt for `messages`, with the generation prompt for the assistant's turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with Hugging Face's `tools` variable (a list of
+    /// `{"type": "function", "function": {...}}`), for a template that [`takes_tools`].
+    ///
+    /// [`takes_tools`]: ChatTemplate::takes_tools
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::invalid("messages must not be empty"));
         }
         for m in messages {
-            if !ROLES.contains(&m.role.as_str()) {
+            if !ROLES.contains(&m.role.as_str()) && !(self.takes_tools && m.role == "tool") {
                 return Err(Error::invalid(format!(
                     "unknown role {:?}: expected system, user or assistant",
                     m.role
@@ -203,6 +237,7 @@ impl ChatTemplate {
         let t = &self.tokens;
         let ctx = minijinja::context! {
             messages => messages,
+            tools => tools.map(Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => t.bos_token.clone().unwrap_or_default(),
             eos_token => t.eos_token.clone().unwrap_or_default(),
@@ -227,6 +262,7 @@ mod tests {
         Message {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         }
     }
 

@@ -245,6 +245,7 @@ pub fn render_messages(
                     _ => out.push(Message {
                         role: "user".into(),
                         content: block,
+                        ..Default::default()
                     }),
                 }
                 in_tool_run = true;
@@ -261,6 +262,7 @@ pub fn render_messages(
                 out.push(Message {
                     role: m.role,
                     content,
+                    ..Default::default()
                 });
             }
             _ if !calls.is_empty() => {
@@ -285,11 +287,63 @@ pub fn render_messages(
                 Message {
                     role: "system".into(),
                     content: text,
+                    ..Default::default()
                 },
             ),
         }
     }
     Ok(out)
+}
+
+/// Messages and tools for a chat template that renders them itself ([`ChatTemplate::takes_tools`]):
+/// Hugging Face's shapes (an assistant's `tool_calls` with their arguments as JSON values, "tool"
+/// messages with `tool_call_id`), and the `tools` variable when the tools are active.
+///
+/// [`ChatTemplate::takes_tools`]: crate::template::ChatTemplate::takes_tools
+pub fn template_messages(
+    messages: Vec<(Message, Vec<Call>, Option<String>)>,
+    tools: Option<&Tools>,
+) -> Result<(Vec<Message>, Option<Value>)> {
+    let mut out = Vec::with_capacity(messages.len());
+    for (mut m, calls, call_id) in messages {
+        if m.role == "tool" && call_id.is_none() {
+            return Err(Error::invalid("a tool message needs the id of its call"));
+        }
+        if m.role != "assistant" && !calls.is_empty() {
+            return Err(Error::invalid(format!(
+                "a {} message cannot carry tool calls",
+                m.role
+            )));
+        }
+        m.tool_calls = calls
+            .into_iter()
+            .map(|c| {
+                let arguments = serde_json::from_str::<Value>(&c.arguments)
+                    .unwrap_or(Value::String(c.arguments));
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": arguments}})
+            })
+            .collect();
+        m.tool_call_id = call_id;
+        out.push(m);
+    }
+    let tools = tools.filter(|t| t.active()).map(|t| {
+        Value::Array(
+            t.tools
+                .iter()
+                .map(|t| {
+                    let mut f = Map::new();
+                    f.insert("name".into(), Value::String(t.name.clone()));
+                    if let Some(d) = &t.description {
+                        f.insert("description".into(), Value::String(d.clone()));
+                    }
+                    f.insert("parameters".into(), t.parameters.clone());
+                    json!({"type": "function", "function": f})
+                })
+                .collect(),
+        )
+    });
+    Ok((out, tools))
 }
 
 /// Follows the answer's text and hands out its calls in parts. The first byte tells text
@@ -583,6 +637,7 @@ mod tests {
         let m = |role: &str, content: &str| Message {
             role: role.into(),
             content: content.into(),
+            ..Default::default()
         };
         let call = Call {
             id: "call_1".into(),
@@ -628,5 +683,76 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{e}\n{g}"));
             }
         }
+    }
+
+    /// A template in the Hermes / Qwen2.5 style: tools in the system turn, calls as
+    /// <tool_call> JSON, results in user turns.
+    const HERMES: &str = r#"{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Call them as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}{% if m.role == 'system' %}{% elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% elif m.tool_calls %}<|im_start|>assistant
+{% for c in m.tool_calls %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+
+    #[test]
+    fn a_template_with_its_own_tool_form_renders_tools_and_history() {
+        use crate::template::{ChatTemplate, SpecialTokens};
+        let t = ChatTemplate::new(HERMES, SpecialTokens::default()).unwrap();
+        assert!(t.takes_tools());
+        let m = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        };
+        let call = Call {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Paris"}"#.into(),
+        };
+        let (msgs, tools_json) = template_messages(
+            vec![
+                (m("system", "Be brief."), vec![], None),
+                (m("user", "Weather?"), vec![], None),
+                (m("assistant", ""), vec![call], None),
+                (m("tool", "sunny"), vec![], Some("call_1".into())),
+            ],
+            Some(&tools(Choice::Auto, true)),
+        )
+        .unwrap();
+        let prompt = crate::chat::render_with_tools(&t, &msgs, tools_json.as_ref()).unwrap();
+        let text = &prompt.text;
+        assert!(
+            text.starts_with("<|im_start|>system\nBe brief.\n\n# Tools\n<tools>\n{"),
+            "{text}"
+        );
+        assert!(text.contains(r#""name": "get_weather""#), "{text}");
+        assert!(text.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"), "{text}");
+        assert!(
+            text.contains("<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>"),
+            "{text}"
+        );
+        // Content is still located (and so kept plain text) around the tools.
+        assert!(prompt.content.is_some());
+        // Without tools the same conversation renders no tool list.
+        let (msgs, none) = template_messages(vec![(m("user", "hi"), vec![], None)], None).unwrap();
+        assert!(none.is_none());
+        assert!(!t.render(&msgs, true).unwrap().contains("<tools>"));
     }
 }

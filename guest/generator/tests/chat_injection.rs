@@ -25,6 +25,7 @@ fn msg(role: &str, content: &str) -> Message {
     Message {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

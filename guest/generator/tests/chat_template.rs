@@ -53,6 +53,7 @@ fn renders_like_jinja2() {
                 .map(|m| Message {
                     role: m["role"].as_str().unwrap().into(),
                     content: m["content"].as_str().unwrap().into(),
+                    ..Default::default()
                 })
                 .collect();
             let got = t.render(&msgs, true);

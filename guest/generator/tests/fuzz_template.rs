@@ -182,6 +182,7 @@ fn messages(rng: &mut Rng) -> Vec<Message> {
             Message {
                 role,
                 content: hostile(rng),
+                ..Default::default()
             }
         })
         .collect()
@@ -385,6 +386,7 @@ fn runaway_templates_are_model_errors() {
     let msgs = [Message {
         role: "user".into(),
         content: "hi".into(),
+        ..Default::default()
     }];
     for src in [
         "{% macro m(n) %}{{ m(n) }}{% endmacro %}{{ m(1) }}",

@@ -153,6 +153,10 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's body (408 after it).
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub body_timeout: u64,
+    /// On SIGTERM or Ctrl-C: stop accepting, let requests in progress finish for at most this
+    /// many seconds, then exit (idle connections close at once).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub drain_timeout: u64,
     /// Open connections at most; one more is answered 503 and closed.
     #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_connections: usize,

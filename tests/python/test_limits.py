@@ -312,3 +312,38 @@ def test_errors_name_no_host_paths(tmp_path):
         status, _, body = _chat(url, "broken", max_tokens=2)
         assert status >= 400
         assert str(tmp_path) not in json.dumps(body), body
+
+
+def test_sigterm_drains_requests_in_progress(tmp_path):
+    """SIGTERM (what Kubernetes sends; also as PID 1): no new connections, the stream in progress
+    ends whole, then the process exits 0. With --drain-timeout 1 a longer one is cut."""
+    import signal
+    import subprocess
+
+    model = "smollm2-135m-instruct"
+    url, proc, log = _start_serve(MODELS, tmp_path / "serve.log")
+    conn, first = _stream_started(url, model, "Write a long story about the sea.", 64)
+    proc.send_signal(signal.SIGTERM)
+    rest = first.read()
+    assert rest.rstrip().endswith(b"data: [DONE]"), rest[-200:]
+    conn.close()
+    assert proc.wait(timeout=30) == 0
+    log.seek(0)
+    out = log.read()
+    assert "terminate: shutting down" in out, out
+    with pytest.raises(OSError):
+        _connect(url).recv(1)
+
+    url, proc, log = _start_serve(MODELS, tmp_path / "serve2.log", "--drain-timeout", "1")
+    conn, first = _stream_started(url, model, "Write a long story about the sea.", 2000)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert time.time() - t < 5
+    try:
+        cut = first.read()
+    except http.client.IncompleteRead as e:  # the connection closed inside a chunk
+        cut = e.partial
+    assert not cut.rstrip().endswith(b"data: [DONE]")
+    log.seek(0)
+    assert "after --drain-timeout" in log.read()

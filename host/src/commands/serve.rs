@@ -60,6 +60,7 @@ fn limits(args: &ServeArgs) -> Result<Limits> {
         max_body_bytes: args.max_body_kib.saturating_mul(1024),
         header_timeout: Duration::from_secs(args.header_timeout),
         body_timeout: Duration::from_secs(args.body_timeout),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
         max_connections: args.max_connections,
         max_running: args.max_running,
         max_queue: args.max_queue,

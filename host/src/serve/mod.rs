@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -49,6 +50,8 @@ pub struct Limits {
     /// For a request's headers, and for an idle keep-alive connection.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// How long requests in progress may take to finish when the server is asked to stop.
+    pub drain_timeout: Duration,
     pub max_connections: usize,
     /// Generations per model: running, and waiting for a slot.
     pub max_running: usize,
@@ -147,11 +150,23 @@ async fn accept_loop(server: Arc<Server>, listen: SocketAddr, component: &Path) 
     );
     let connections = Arc::new(Semaphore::new(server.limits.max_connections));
     let mut accept_failing = false;
+    let graceful = GracefulShutdown::new();
+    let stop = stop_signal();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("shutting down");
+            signal = &mut stop => {
+                drop(listener);
+                let drain = server.limits.drain_timeout;
+                eprintln!(
+                    "{signal}: shutting down ({} connections open; requests in progress get {}s)",
+                    graceful.count(),
+                    drain.as_secs()
+                );
+                if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+                    eprintln!("requests still in progress after --drain-timeout: stopped");
+                }
                 return Ok(());
             }
         };
@@ -187,6 +202,7 @@ async fn accept_loop(server: Arc<Server>, listen: SocketAddr, component: &Path) 
             continue;
         };
         let server = server.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
             let header_timeout = server.limits.header_timeout;
@@ -196,15 +212,32 @@ async fn accept_loop(server: Arc<Server>, listen: SocketAddr, component: &Path) 
             });
             // The header timeout also closes idle keep-alive connections: hyper starts it
             // whenever it waits for the next request's head.
-            if let Err(e) = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+                .serve_connection(TokioIo::new(stream), service);
+            // On shutdown: an idle connection closes, a busy one after its response.
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!("connection ended: {e}");
             }
         });
+    }
+}
+
+/// Resolves when the process is asked to stop: Ctrl-C (SIGINT) or SIGTERM (what container
+/// runtimes and Kubernetes send); which one.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupt",
+            _ = term.recv() => "terminate",
+        },
+        Err(e) => {
+            eprintln!("warning: cannot watch for SIGTERM ({e}): only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupt"
+        }
     }
 }

@@ -18,6 +18,8 @@ mod logprobs;
 mod openai;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod reply;
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod tools;
 
 /// The request parser, for the integration tests (tests/fuzz_request.rs).
 pub use fields::FIELDS;

@@ -60,6 +60,8 @@ fn flag(name: &str) -> Option<&'static str> {
         "min-p" => "--min-p",
         "repetition-penalty" => "--repeat-penalty",
         "stop" => "--stop",
+        "tools" => "--tools",
+        "tool-choice" => "--tool-choice",
         _ => return None,
     })
 }

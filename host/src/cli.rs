@@ -143,6 +143,10 @@ pub struct ServeArgs {
     /// Accepted API keys, one per line (blank lines and lines starting with # are skipped).
     #[arg(long, value_name = "FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// With API keys: serve `GET /metrics` without one (for scrapers that cannot send a key,
+    /// such as the Gateway API Inference Extension's endpoint picker); other routes still need it.
+    #[arg(long)]
+    pub public_metrics: bool,
     /// Largest request body, in KiB (413 above it, refused before it is read).
     #[arg(long, default_value_t = 1024, value_name = "KIB")]
     pub max_body_kib: usize,

@@ -86,6 +86,10 @@ def test_api_keys(tmp_path, tiny_models):
         assert _raw(url, "GET", "/metrics", headers={"Authorization": "Bearer sk-flag"})[0] == 200
     text = log.read_text()
     assert "sk-wrong" not in text and "sk-flag" not in text and "sk-from-file" not in text
+    # --public-metrics: scrapers without a key get /metrics, and nothing else.
+    with serving(tiny_models, tmp_path, "--api-key", "sk-flag", "--public-metrics") as (url, _, _):
+        assert _raw(url, "GET", "/metrics")[0] == 200
+        assert _raw(url, "GET", "/v1/models")[0] == 401
 
 
 def test_body_size_and_time(tmp_path, tiny_models):

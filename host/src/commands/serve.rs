@@ -85,5 +85,5 @@ fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
             bail!("--api-key-file {} holds no key", file.display());
         }
     }
-    ApiKeys::new(keys)
+    Ok(ApiKeys::new(keys)?.with_public_metrics(args.public_metrics))
 }

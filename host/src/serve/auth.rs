@@ -11,6 +11,8 @@ type KeyDigest = [u8; 32];
 /// The keys a server accepts; none means no authentication.
 pub struct ApiKeys {
     digests: Vec<KeyDigest>,
+    /// `--public-metrics`: `/metrics` needs no key.
+    public_metrics: bool,
 }
 
 impl ApiKeys {
@@ -26,12 +28,25 @@ impl ApiKeys {
         }
         Ok(ApiKeys {
             digests: keys.iter().map(|k| digest(k.as_bytes())).collect(),
+            public_metrics: false,
         })
     }
 
     /// Whether any key is required.
     pub fn required(&self) -> bool {
         !self.digests.is_empty()
+    }
+
+    /// Serve `/metrics` without a key (scrapers that cannot send one).
+    pub fn with_public_metrics(mut self, public: bool) -> Self {
+        self.public_metrics = public;
+        self
+    }
+
+    /// Whether a request to `route` (a metrics route label) must carry a key: every route but
+    /// `/health` (load balancers' checks) and, with `--public-metrics`, `/metrics`.
+    pub fn needed_for(&self, route: &str) -> bool {
+        self.required() && route != "/health" && !(self.public_metrics && route == "/metrics")
     }
 
     /// Whether an `Authorization` header value carries an accepted key.

@@ -130,7 +130,7 @@ impl Server {
             ));
         }
         let route = metrics::route_label(&path);
-        if self.api_keys.required() && route != "/health" {
+        if self.api_keys.needed_for(route) {
             let auth = req.headers().get(hyper::header::AUTHORIZATION);
             if !self.api_keys.allows(auth.map(|v| v.as_bytes())) {
                 let message = match auth {

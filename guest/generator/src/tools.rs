@@ -33,6 +33,20 @@ pub struct Tool {
     pub parameters: Value,
 }
 
+impl Tool {
+    /// The tool as OpenAI and Hugging Face templates write it: `{"type": "function",
+    /// "function": {"name", "description"?, "parameters"}}`.
+    fn definition(&self) -> Value {
+        let mut f = Map::new();
+        f.insert("name".into(), Value::String(self.name.clone()));
+        if let Some(d) = &self.description {
+            f.insert("description".into(), Value::String(d.clone()));
+        }
+        f.insert("parameters".into(), self.parameters.clone());
+        json!({"type": "function", "function": f})
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Choice {
     None,
@@ -156,14 +170,8 @@ impl Tools {
              You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
         );
         for t in &self.tools {
-            let mut f = Map::new();
-            f.insert("name".into(), Value::String(t.name.clone()));
-            if let Some(d) = &t.description {
-                f.insert("description".into(), Value::String(d.clone()));
-            }
-            f.insert("parameters".into(), t.parameters.clone());
             s.push('\n');
-            s.push_str(&json!({"type": "function", "function": f}).to_string());
+            s.push_str(&t.definition().to_string());
         }
         s.push_str(
             "\n</tools>\n\nFor each function call, return a json object with function name and \
@@ -220,6 +228,20 @@ pub fn call_text(name: &str, arguments: &str) -> String {
     format!("{OPEN}{name}{MID}{arguments}{CLOSE}")
 }
 
+/// A "tool" message names the call it answers; only assistant messages carry calls.
+fn check_tool_fields(m: &Message, calls: &[Call], call_id: &Option<String>) -> Result<()> {
+    if m.role == "tool" && call_id.is_none() {
+        return Err(Error::invalid("a tool message needs the id of its call"));
+    }
+    if m.role != "assistant" && !calls.is_empty() {
+        return Err(Error::invalid(format!(
+            "a {} message cannot carry tool calls",
+            m.role
+        )));
+    }
+    Ok(())
+}
+
 /// Messages with tool calls and tool results, in the generic form any chat template renders:
 /// an assistant's calls as their text after its content, each run of "tool" messages as one
 /// user message of `<tool_response>` blocks. With `tools` active, their instructions end the
@@ -231,11 +253,9 @@ pub fn render_messages(
     let mut out: Vec<Message> = Vec::with_capacity(messages.len() + 1);
     let mut in_tool_run = false;
     for (m, calls, call_id) in messages {
+        check_tool_fields(&m, &calls, &call_id)?;
         match m.role.as_str() {
             "tool" => {
-                if call_id.is_none() {
-                    return Err(Error::invalid("a tool message needs the id of its call"));
-                }
                 let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
                 match out.last_mut() {
                     Some(last) if in_tool_run => {
@@ -264,12 +284,6 @@ pub fn render_messages(
                     content,
                     ..Default::default()
                 });
-            }
-            _ if !calls.is_empty() => {
-                return Err(Error::invalid(format!(
-                    "a {} message cannot carry tool calls",
-                    m.role
-                )))
             }
             _ => out.push(m),
         }
@@ -306,15 +320,7 @@ pub fn template_messages(
 ) -> Result<(Vec<Message>, Option<Value>)> {
     let mut out = Vec::with_capacity(messages.len());
     for (mut m, calls, call_id) in messages {
-        if m.role == "tool" && call_id.is_none() {
-            return Err(Error::invalid("a tool message needs the id of its call"));
-        }
-        if m.role != "assistant" && !calls.is_empty() {
-            return Err(Error::invalid(format!(
-                "a {} message cannot carry tool calls",
-                m.role
-            )));
-        }
+        check_tool_fields(&m, &calls, &call_id)?;
         m.tool_calls = calls
             .into_iter()
             .map(|c| {
@@ -327,22 +333,9 @@ pub fn template_messages(
         m.tool_call_id = call_id;
         out.push(m);
     }
-    let tools = tools.filter(|t| t.active()).map(|t| {
-        Value::Array(
-            t.tools
-                .iter()
-                .map(|t| {
-                    let mut f = Map::new();
-                    f.insert("name".into(), Value::String(t.name.clone()));
-                    if let Some(d) = &t.description {
-                        f.insert("description".into(), Value::String(d.clone()));
-                    }
-                    f.insert("parameters".into(), t.parameters.clone());
-                    json!({"type": "function", "function": f})
-                })
-                .collect(),
-        )
-    });
+    let tools = tools
+        .filter(|t| t.active())
+        .map(|t| Value::Array(t.tools.iter().map(Tool::definition).collect()));
     Ok((out, tools))
 }
 
@@ -532,6 +525,14 @@ mod tests {
         .unwrap()
     }
 
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+
     fn ids() -> Box<dyn FnMut() -> String> {
         let mut n = 0;
         Box::new(move || {
@@ -634,11 +635,7 @@ mod tests {
 
     #[test]
     fn history_renders_in_the_generic_form() {
-        let m = |role: &str, content: &str| Message {
-            role: role.into(),
-            content: content.into(),
-            ..Default::default()
-        };
+        let m = msg;
         let call = Call {
             id: "call_1".into(),
             name: "now".into(),
@@ -716,11 +713,7 @@ Call them as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
         use crate::template::{ChatTemplate, SpecialTokens};
         let t = ChatTemplate::new(HERMES, SpecialTokens::default()).unwrap();
         assert!(t.takes_tools());
-        let m = |role: &str, content: &str| Message {
-            role: role.into(),
-            content: content.into(),
-            ..Default::default()
-        };
+        let m = msg;
         let call = Call {
             id: "call_1".into(),
             name: "get_weather".into(),

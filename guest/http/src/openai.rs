@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::fields::{only, Body, Endpoint, MESSAGE_UNSUPPORTED};
-use crate::tools::{tool_call, tool_options, tool_results};
+use crate::tools::{tool_call, tool_options, tool_results, valid_name};
 
 use crate::bindings::edge::slm::types::{Format, Message, Options, Sampling, TokenBias};
 
@@ -292,10 +292,7 @@ fn response_format(b: &mut Body) -> Result<Option<Format>, ApiError> {
                 }
             };
             match spec.remove("name") {
-                Some(Value::String(n))
-                    if !n.is_empty()
-                        && n.len() <= 64
-                        && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {}
+                Some(Value::String(n)) if valid_name(&n) => {}
                 _ => {
                     return Err(bad(
                         "response_format.json_schema.name",

@@ -12,7 +12,7 @@ use crate::openai::ApiError;
 pub const MAX_TOOLS: usize = 128;
 
 /// A function's name as OpenAI allows it: a-z, A-Z, 0-9, _ and -, at most 64 characters.
-fn valid_name(n: &str) -> bool {
+pub(crate) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.chars()

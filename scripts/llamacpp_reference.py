@@ -5,6 +5,8 @@
 
 `agreement` feeds held-out text to llama.cpp and to every ONNX variant (ONNX Runtime, whole prompt)
 and reports the share of positions where both pick the same next token, and each one's perplexity.
+The variants other than model.onnx are found as scripts/model_variants.py says (scripts/setup keeps
+them in .cache/model-variants/<name>/).
 
 The token-id fixture is committed, so the default test run needs no llama.cpp build.
 """
@@ -63,6 +65,7 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
     from tokenizers import Tokenizer
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
+    from model_variants import variant_path
     from slmconv.ort_eval import OrtModel, perplexity
 
     ids = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")).encode(
@@ -75,7 +78,7 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
     report = {"tokens": len(ids), "llama.cpp": {"perplexity": perplexity(ref, ids)}}
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     for layout, file in cfg["edge_slm"]["variants"].items():
-        logits = OrtModel(model_dir, file, all_logits=True).prompt_logits(ids)
+        logits = OrtModel(model_dir, str(variant_path(model_dir, file)), all_logits=True).prompt_logits(ids)
         report[layout] = {
             "file": file,
             "agreement_with_llama_cpp": float((logits.argmax(-1) == ref.argmax(-1)).mean()),

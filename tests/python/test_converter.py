@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from conftest import run_converter
+from model_variants import variant_path, variants_dir
 from slmconv.gguf_in import read_gguf
 from slmconv.ort_eval import OrtModel
 from slmconv.spec import LlamaModel
@@ -14,11 +15,17 @@ from slmconv.tiny import tiny_model
 from slmconv.writer import write_model_dir
 
 FILES = ["model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"]
+VARIANTS = ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]
 
 
 def test_default_model_directory(model_dir):
-    for f in FILES + ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]:
+    for f in FILES:
         assert (model_dir / f).is_file(), f
+    # The other layouts are kept out of models/ (scripts/setup moves them), so that what mounts
+    # models/ (Spin copies it at every start) gets only what slm reads.
+    assert not sorted(model_dir.glob("model_*.onnx"))
+    for f in VARIANTS:
+        assert (variants_dir(model_dir) / f).is_file(), f
     cfg = json.loads((model_dir / "config.json").read_text())
     # Values read from the GGUF metadata.
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 576, 9, 3)
@@ -27,9 +34,9 @@ def test_default_model_directory(model_dir):
     assert 2 in gen["eos_token_id"]
 
 
-@pytest.mark.parametrize("file", ["model.onnx", "model_f32.onnx", "model_int8.onnx", "model_q4.onnx"])
+@pytest.mark.parametrize("file", ["model.onnx"] + VARIANTS)
 def test_onnx_interface(model_dir, file):
-    m = onnx.load(str(model_dir / file), load_external_data=False)
+    m = onnx.load(str(variant_path(model_dir, file)), load_external_data=False)
     onnx.checker.check_model(m)
     ins = {i.name: i for i in m.graph.input}
     outs = {o.name: o for o in m.graph.output}

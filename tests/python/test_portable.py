@@ -33,6 +33,8 @@ import urllib.request
 
 import pytest
 
+from model_variants import variant_path
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist"
 DEFAULT_MODELS = ROOT / "models"
@@ -59,15 +61,16 @@ REQUEST_TIMEOUT = 900
 
 def exact_models() -> pathlib.Path:
     """A models directory whose model.onnx is the default model's int8 layout (hard links, or
-    copies: a symlink would lead out of a WASI preopen)."""
+    copies: a symlink would lead out of a WASI preopen). The int8 file is outside models/, in
+    .cache/model-variants/ (scripts/model_variants.py)."""
     src, out = DEFAULT_MODELS / MODEL, ROOT / "target" / "portable-int8-models"
-    if not (src / "model_int8.onnx").is_file():
+    if not variant_path(src, "model_int8.onnx").is_file():
         return out  # `need` below reports the missing model
     (out / MODEL).mkdir(parents=True, exist_ok=True)
     files = {n: n for n in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")}
     files["model.onnx"] = "model_int8.onnx"
     for name, source in files.items():
-        target, source = out / MODEL / name, src / source
+        target, source = out / MODEL / name, variant_path(src, source)
         if target.exists() and os.path.samefile(target, source):
             continue
         target.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from model_variants import variant_path
 from slmconv.ort_eval import OrtModel, log_softmax, perplexity
 
 N_TOKENS = 300
@@ -37,8 +38,10 @@ def runs(model_dir, ids):
     variants = json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"]
     out = {}
     for layout, file in variants.items():
-        whole = OrtModel(str(model_dir), file, all_logits=True).prompt_logits(ids)
-        stepwise = OrtModel(str(model_dir), file).stepwise_logits(ids)
+        path = variant_path(model_dir, file)  # model.onnx here, the others in .cache/model-variants/
+        assert path.is_file(), f"{path} missing: run scripts/setup"
+        whole = OrtModel(str(model_dir), str(path), all_logits=True).prompt_logits(ids)
+        stepwise = OrtModel(str(model_dir), str(path)).stepwise_logits(ids)
         out[layout] = (whole, stepwise)
     return out
 
@@ -54,7 +57,7 @@ def test_prefill_matches_token_by_token(runs, model_dir, ids, layout):
     np.testing.assert_allclose(whole, stepwise, atol=2e-2)
     # The shipped file (last-position logits) after a whole prompt predicts the same next token.
     file = json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"][layout]
-    last = OrtModel(str(model_dir), file).prompt_logits(ids[:64])
+    last = OrtModel(str(model_dir), str(variant_path(model_dir, file))).prompt_logits(ids[:64])
     assert last.shape[0] == 1 and last[0].argmax() == stepwise[63].argmax()
 
 

@@ -1,0 +1,255 @@
+"""spin.toml, checked without Spin (it is on no package registry): what `spin build` runs, what
+`spin up` loads, and what it copies.
+
+- `spin build` runs the component's build command (through the shell, in this directory): it is
+  scripts/build, which writes the component the manifest names; `watch` (for `spin watch`) covers the
+  sources compiled into it, path dependencies included.
+- `spin up` copies every file of `files` into a temporary directory at every start, less those that
+  an `exclude_files` glob matches. The walk and the matching below follow Spin's loader
+  (crates/loader/src/local.rs: a directory source is globbed as `<dir>/**/*`, each file's path
+  relative to the manifest directory is matched with the `glob` crate's `Pattern::matches_path`,
+  default options, so `*` also matches `/`). What it copies must be what the models need, each model
+  directory's model.onnx and JSON files, not the other weight layouts (model_*.onnx): scripts/setup
+  keeps those in .cache/model-variants/ (scripts/model_variants.py), and exclude_files leaves them
+  out of a directory converted otherwise.
+- `spin build` writes .spin/ (the last build profile): git ignores it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+import model_variants
+from conftest import ROOT
+
+MANIFEST = ROOT / "spin.toml"
+# What slm reads from a model directory (guest/generator/src/model.rs, guest/nn: model.onnx).
+MODEL_FILES = {"model.onnx", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+
+
+def _manifest(path: pathlib.Path = MANIFEST) -> dict:
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _component() -> dict:
+    m = _manifest()
+    assert m["spin_manifest_version"] == 2
+    (trigger,) = m["trigger"]["http"]
+    return m["component"][trigger["component"]]
+
+
+def spin_glob(pattern: str) -> re.Pattern:
+    """The `glob` crate's Pattern (MatchOptions::new(): `*` and `?` match `/` too, a leading `.` needs
+    no literal) as a regex; `**` must be a whole path component, as there."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            j = i
+            while j < len(pattern) and pattern[j] == "*":
+                j += 1
+            if j - i > 2:
+                raise ValueError(f"{pattern!r}: wildcards are either regular `*` or recursive `**`")
+            if j - i == 2:
+                if not (i == 0 or pattern[i - 1] == "/") or not (j == len(pattern) or pattern[j] == "/"):
+                    raise ValueError(f"{pattern!r}: recursive wildcards must form a single path component")
+                if j < len(pattern):
+                    out.append("(?:.*/)?")  # `**/`: the current directory or any below it
+                    j += 1
+                else:
+                    out.append(".*")
+            else:
+                out.append(".*")
+            i = j
+        elif c == "?":
+            out.append(".")
+            i += 1
+        elif c == "[":
+            negate = pattern[i + 1:i + 2] == "!"
+            start = i + 2 if negate else i + 1
+            end = pattern.find("]", start + 1)  # a `]` right after `[` or `[!` is a member
+            if end < 0:
+                raise ValueError(f"{pattern!r}: invalid range pattern")
+            members = pattern[start:end].replace("\\", "\\\\").replace("^", "\\^").replace("[", "\\[")
+            out.append(f"[{'^' if negate else ''}{members}]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def mounted_files(app_root: pathlib.Path, component: dict) -> dict[str, pathlib.Path]:
+    """Guest path -> host file, for every file `spin up` would copy (placement mounts of directories
+    and files, and plain paths; glob patterns are not used here and refused)."""
+    excludes = [spin_glob(p) for p in component.get("exclude_files", [])]
+    out = {}
+    for mount in component.get("files", []):
+        if isinstance(mount, str):
+            assert not any(ch in mount for ch in "*?["), f"{mount}: extend this test to glob patterns"
+            source, dest = mount, mount
+        else:
+            source, dest = mount["source"], mount["destination"]
+        src = app_root / source
+        if src.is_dir():
+            walked = [pathlib.Path(d) / f for d, _, fs in os.walk(src, followlinks=True) for f in fs]
+            for path in (p for p in walked if p.is_file()):
+                rel = path.relative_to(app_root).as_posix()
+                if not any(x.fullmatch(rel) for x in excludes):
+                    out[f"{dest.rstrip('/')}/{path.relative_to(src).as_posix()}"] = path
+        else:
+            out[dest] = src  # a single file mount is not matched against exclude_files
+    return out
+
+
+def test_spin_glob_follows_the_glob_crate():
+    # The crate's own examples, and its default options: `*` crosses `/`.
+    assert spin_glob("c?t").fullmatch("cat")
+    assert spin_glob("k[!e]tteh").fullmatch("kitteh") and not spin_glob("k[!e]tteh").fullmatch("ketteh")
+    assert spin_glob("d*g").fullmatch("doog")
+    assert spin_glob("a*c").fullmatch("ab/c")
+    g = spin_glob("models/**/model_*.onnx")
+    assert g.fullmatch("models/m/model_f32.onnx") and g.fullmatch("models/a/b/model_q4.onnx")
+    assert g.fullmatch("models/model_int8.onnx")  # `**/` also matches no directory
+    assert not g.fullmatch("models/m/model.onnx") and not g.fullmatch("other/m/model_f32.onnx")
+    for bad in ("a**/b", "a/**b", "a/***/b", "a/[b"):
+        with pytest.raises(ValueError):
+            spin_glob(bad)
+
+
+def test_build_command_is_scripts_build():
+    build = _component()["build"]
+    assert "workdir" not in build  # Spin runs it in the manifest's directory
+    argv = shlex.split(build["command"])
+    assert argv == ["scripts/build"]
+    script = ROOT / argv[0]
+    assert script.is_file() and os.access(script, os.X_OK), f"{script} is not executable"
+    # It needs scripts/setup first and says so when that has not run.
+    assert "run scripts/setup" in script.read_text(encoding="utf-8")
+
+
+def test_source_is_what_scripts_build_writes():
+    source = _component()["source"]
+    assert source == "dist/slm-http-portable.wasm"
+    build = (ROOT / "scripts" / "build").read_text(encoding="utf-8")
+    # Composed (atomically) by scripts/build, and checked there to import no wasi:nn.
+    assert re.search(rf"^compose {re.escape(source)} ", build, re.M), build
+    assert re.search(rf"^for f in .*\b{re.escape(source)}\b.*; do$", build, re.M)
+
+
+def _path_dependencies(manifest: pathlib.Path, seen: set[pathlib.Path]) -> None:
+    """Crate directories reachable from `manifest` through `path` dependencies."""
+    crate = manifest.parent.resolve()
+    if crate in seen:
+        return
+    seen.add(crate)
+    deps = _manifest(manifest).get("dependencies", {})
+    for dep in deps.values():
+        if isinstance(dep, dict) and "path" in dep:
+            _path_dependencies(crate / dep["path"] / "Cargo.toml", seen)
+
+
+def test_watch_covers_what_goes_into_the_component():
+    watch = _component()["build"]["watch"]
+    for pattern in watch:
+        assert sorted(ROOT.glob(pattern)), f"watch pattern {pattern!r} matches nothing"
+    crates: set[pathlib.Path] = set()
+    for manifest in sorted((ROOT / "guest").glob("*/Cargo.toml")):
+        _path_dependencies(manifest, crates)
+    inputs = [ROOT / "Cargo.toml", ROOT / "Cargo.lock", ROOT / ".cargo" / "config.toml", ROOT / "scripts" / "build"]
+    inputs += sorted((ROOT / "wit").rglob("*.wit"))
+    for crate in sorted(crates):
+        inputs += [crate / "Cargo.toml"] + sorted((crate / "src").rglob("*.rs"))
+    assert any(p.parent.name == "engine" for p in inputs)  # guest/nn compiles slm-engine
+    for path in inputs:
+        rel = path.relative_to(ROOT).as_posix()
+        assert any(spin_glob(p).fullmatch(rel) for p in watch), f"{rel} is in the component but not watched"
+
+
+def test_every_files_source_exists():
+    files = _component()["files"]
+    assert files == [{"source": "models", "destination": "/models"}]
+    for mount in files:
+        source = mount if isinstance(mount, str) else mount["source"]
+        assert (ROOT / source).exists(), f"{source} missing: run scripts/setup (it converts the default model)"
+
+
+def test_spin_up_copies_only_what_the_models_need():
+    mounted = mounted_files(ROOT, _component())
+    models = ROOT / "models"
+    model_dirs = sorted(d for d in models.iterdir() if (d / "model.onnx").is_file())
+    assert models / "smollm2-135m-instruct" in model_dirs, "run scripts/setup (it converts the default model)"
+    needed = {f"/models/{d.name}/{f}": d / f for d in model_dirs for f in MODEL_FILES if (d / f).is_file()}
+    assert not [g for g in mounted if re.fullmatch(r".*/model_[^/]*\.onnx", g)]
+    # Each model directory: exactly the files slm reads.
+    assert {g: p for g, p in mounted.items() if p.parent in model_dirs} == needed
+    # Beside them, nothing big (a models.toml, say).
+    size = lambda files: sum(p.stat().st_size for p in files.values())  # noqa: E731
+    assert size(mounted) - size(needed) < 1_000_000
+    default = {g: p for g, p in needed.items() if g.startswith("/models/smollm2-135m-instruct/")}
+    assert size(default) < 120_000_000  # the Q4_1 model.onnx (108 MB) and its JSON files, not 839 MB
+
+
+def test_exclude_files_leaves_out_an_older_layout(tmp_path):
+    """A model directory converted before the other layouts moved out (or by slmconv itself) holds
+    model_*.onnx next to model.onnx: exclude_files keeps them out of the copy."""
+    (tmp_path / "spin.toml").write_bytes(MANIFEST.read_bytes())
+    old = tmp_path / "models" / "old"
+    nested = tmp_path / "models" / "group" / "nested"
+    for d in (old, nested):
+        d.mkdir(parents=True)
+        for f in sorted(MODEL_FILES) + ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]:
+            (d / f).write_text(f)
+    (tmp_path / "models" / "models.toml").write_text("")
+    mounted = mounted_files(tmp_path, _manifest(tmp_path / "spin.toml")["component"]["slm"])
+    expected = {f"/models/{name}/{f}" for name in ("old", "group/nested") for f in MODEL_FILES}
+    assert set(mounted) == expected | {"/models/models.toml"}
+
+
+def test_setup_moves_the_other_layouts_out_of_models(tmp_path, monkeypatch):
+    """scripts/setup runs `model_variants.py move` after converting: the other layouts leave the
+    model directory (moved, not rewritten), and `variant_path` finds every layout."""
+    setup = (ROOT / "scripts" / "setup").read_text(encoding="utf-8")
+    convert = setup.index('-m slmconv gguf "$GGUF" "$MODEL_DIR"')
+    assert setup.index('scripts/model_variants.py move "$MODEL_DIR"') > convert
+    assert 'scripts/model_variants.py check "$MODEL_DIR"' in setup[:convert]
+
+    monkeypatch.setattr(model_variants, "VARIANTS_ROOT", tmp_path / "cache")
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    files = {"f32": "model_f32.onnx", "int8": "model_int8.onnx", "q4": "model_q4.onnx", "q4_1": "model.onnx"}
+    (model / "config.json").write_text(json.dumps({"edge_slm": {"variants": files}}))
+    for f in files.values():
+        (model / f).write_text(f)
+    inode = (model / "model_f32.onnx").stat().st_ino
+    assert model_variants.missing(model) == []
+    assert model_variants.move(model, log=lambda m: None) == ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.onnx"]
+    assert (tmp_path / "cache" / "m" / "model_f32.onnx").stat().st_ino == inode
+    assert model_variants.variant_path(model, "model.onnx") == model / "model.onnx"
+    assert model_variants.variant_path(model, "model_q4.onnx") == tmp_path / "cache" / "m" / "model_q4.onnx"
+    assert model_variants.missing(model) == [] and model_variants.move(model, log=lambda m: None) == []
+    (tmp_path / "cache" / "m" / "model_int8.onnx").unlink()
+    assert model_variants.missing(model) == ["model_int8.onnx"]  # setup then converts again
+
+
+def test_check_command_exit_status(tmp_path):
+    script = ROOT / "scripts" / "model_variants.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True)  # noqa: E731
+    assert run("check", str(tmp_path / "none")).returncode == 1
+    assert run("move", str(tmp_path / "none")).returncode == 0
+    assert run("nonsense", str(tmp_path)).returncode == 2
+
+
+def test_spin_and_variant_directories_are_not_committed():
+    for path in (".spin", ".spin/last-build.txt", ".cache/model-variants/smollm2-135m-instruct/model_f32.onnx"):
+        r = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert r.returncode == 0, f"git does not ignore {path}"

@@ -4,14 +4,14 @@
 - `spin build` runs the component's build command (through the shell, in this directory): it is
   scripts/build, which writes the component the manifest names; `watch` (for `spin watch`) covers the
   sources compiled into it, path dependencies included.
-- `spin up` copies every file of `files` into a temporary directory at every start, less those that
-  an `exclude_files` glob matches. The walk and the matching below follow Spin's loader
-  (crates/loader/src/local.rs: a directory source is globbed as `<dir>/**/*`, each file's path
-  relative to the manifest directory is matched with the `glob` crate's `Pattern::matches_path`,
-  default options, so `*` also matches `/`). What it copies must be what the models need, each model
-  directory's model.onnx and JSON files, not the other weight layouts (model_*.onnx): scripts/setup
-  keeps those in .cache/model-variants/ (scripts/model_variants.py), and exclude_files leaves them
-  out of a directory converted otherwise.
+- `spin up` copies every file of `files` into a temporary directory at every start (Spin's loader,
+  crates/loader/src/local.rs, globs a directory source as `<dir>/**/*`). What it copies must be what
+  the models need, each model directory's model.onnx and JSON files, not the other weight layouts
+  (model_*.onnx): scripts/setup keeps those in .cache/model-variants/ (scripts/model_variants.py).
+- `spin up --direct-mounts` copies nothing; Spin allows it only for directory mounts with no
+  patterns and no `exclude_files`, which is what the manifest keeps to.
+- `watch` globs are matched like the `glob` crate's `Pattern::matches_path` (default options, so
+  `*` also matches `/`).
 - `spin build` writes .spin/ (the last build profile): git ignores it.
 """
 from __future__ import annotations
@@ -89,8 +89,8 @@ def spin_glob(pattern: str) -> re.Pattern:
 
 def mounted_files(app_root: pathlib.Path, component: dict) -> dict[str, pathlib.Path]:
     """Guest path -> host file, for every file `spin up` would copy (placement mounts of directories
-    and files, and plain paths; glob patterns are not used here and refused)."""
-    excludes = [spin_glob(p) for p in component.get("exclude_files", [])]
+    and files, and plain paths; glob patterns and exclude_files are not used here and refused)."""
+    assert "exclude_files" not in component, "extend this test to exclude_files"
     out = {}
     for mount in component.get("files", []):
         if isinstance(mount, str):
@@ -102,11 +102,9 @@ def mounted_files(app_root: pathlib.Path, component: dict) -> dict[str, pathlib.
         if src.is_dir():
             walked = [pathlib.Path(d) / f for d, _, fs in os.walk(src, followlinks=True) for f in fs]
             for path in (p for p in walked if p.is_file()):
-                rel = path.relative_to(app_root).as_posix()
-                if not any(x.fullmatch(rel) for x in excludes):
-                    out[f"{dest.rstrip('/')}/{path.relative_to(src).as_posix()}"] = path
+                out[f"{dest.rstrip('/')}/{path.relative_to(src).as_posix()}"] = path
         else:
-            out[dest] = src  # a single file mount is not matched against exclude_files
+            out[dest] = src
     return out
 
 
@@ -198,20 +196,14 @@ def test_spin_up_copies_only_what_the_models_need():
     assert size(default) < 120_000_000  # the Q4_1 model.onnx (108 MB) and its JSON files, not 839 MB
 
 
-def test_exclude_files_leaves_out_an_older_layout(tmp_path):
-    """A model directory converted before the other layouts moved out (or by slmconv itself) holds
-    model_*.onnx next to model.onnx: exclude_files keeps them out of the copy."""
-    (tmp_path / "spin.toml").write_bytes(MANIFEST.read_bytes())
-    old = tmp_path / "models" / "old"
-    nested = tmp_path / "models" / "group" / "nested"
-    for d in (old, nested):
-        d.mkdir(parents=True)
-        for f in sorted(MODEL_FILES) + ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]:
-            (d / f).write_text(f)
-    (tmp_path / "models" / "models.toml").write_text("")
-    mounted = mounted_files(tmp_path, _manifest(tmp_path / "spin.toml")["component"]["slm"])
-    expected = {f"/models/{name}/{f}" for name in ("old", "group/nested") for f in MODEL_FILES}
-    assert set(mounted) == expected | {"/models/models.toml"}
+def test_direct_mounts_are_allowed():
+    """`spin up --direct-mounts` (no copy at all) refuses a component with `exclude_files` or with
+    glob-pattern file mounts: the manifest has neither, and mounts only directories."""
+    component = _component()
+    assert "exclude_files" not in component
+    for mount in component["files"]:
+        assert isinstance(mount, dict), f"{mount}: a plain path is not a directory mount"
+        assert (ROOT / mount["source"]).is_dir()
 
 
 def test_setup_moves_the_other_layouts_out_of_models(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from model_variants import variant_path  # noqa: E402
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 
 
@@ -98,6 +99,41 @@ def bench_ours(n, gen, threads, runs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+class Hogs:
+    """`n` CPU hogs at normal priority (`python3 -c "while True: pass"`) while in the block: the
+    noisy neighbours of an edge node."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.5)  # let the scheduler see them
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def noisy_rounds(ids, args, threads, llama_run) -> dict:
+    """Decode and prefill of ours and llama.cpp, quiet and under `args.hogs` hogs, in interleaved
+    rounds (quiet ours, quiet llama.cpp, then both under the hogs, order alternating per round)."""
+    keys = ("prefill_tps", "decode_tps")
+    rounds = {(who, noisy): [] for who in ("ours", "llama.cpp") for noisy in (False, True)}
+    run = {"ours": lambda: bench_ours(args.prompt_tokens, args.gen_tokens, threads, 1), "llama.cpp": llama_run}
+    for r in range(args.runs):
+        order = ["ours", "llama.cpp"] if r % 2 == 0 else ["llama.cpp", "ours"]
+        for who in order:
+            rounds[(who, False)].append(run[who]())
+        with Hogs(args.hogs):
+            for who in order:
+                rounds[(who, True)].append(run[who]())
+    return {f"{who}{' noisy' if noisy else ''}": {k: statistics.median(x[k] for x in v) for k in keys}
+            for (who, noisy), v in rounds.items()}
+
+
 def bandwidth_gbs() -> float:
     """Sustained read bandwidth of one core summing a 512 MiB buffer (best of 3)."""
     a = np.ones(512 * 1024 * 1024 // 8, dtype=np.float64)
@@ -115,13 +151,15 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--hogs", type=int, default=0,
+                    help="also measure ours and llama.cpp with this many CPU hogs running (noisy neighbours)")
     args = ap.parse_args()
     ids = prompt_ids(args.prompt_tokens)
     bw = bandwidth_gbs()
     weight_bytes = (MODEL_DIR / "model.onnx").stat().st_size
     report = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "bandwidth_gbs": bw,
               "model_onnx_bytes": weight_bytes, "gguf_bytes": gguf_path().stat().st_size, "threads": {}}
-    rows = []
+    rows, noisy_rows = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
         # Interleaved rounds (ours, llama.cpp, ONNX Runtime, again...): this machine's speed
         # drifts by tens of percent over a minute (shared host), and a drift must hit every
@@ -130,8 +168,9 @@ def main() -> None:
         ort_run = ort_runner(ids, args.gen_tokens, threads)
         # ONNX Runtime also on the int8 file (which it folds to f32): its MatMulNBits with float
         # zero points (the default Q4_1 file) takes a slow path, so that column alone flatters us.
-        int8 = (MODEL_DIR / "model_int8.onnx").is_file()
-        ort_int8_run = ort_runner(ids, args.gen_tokens, threads, "model_int8.onnx") if int8 else None
+        int8_file = variant_path(MODEL_DIR, "model_int8.onnx")
+        int8 = int8_file.is_file()
+        ort_int8_run = ort_runner(ids, args.gen_tokens, threads, str(int8_file)) if int8 else None
         rounds = {"ours": [], "llama.cpp": [], "onnxruntime": [], "onnxruntime_int8": []}
         for _ in range(args.runs):
             rounds["ours"].append(bench_ours(args.prompt_tokens, args.gen_tokens, threads, 1))
@@ -152,6 +191,12 @@ def main() -> None:
                          ours[metric] / ort8[metric] if ort8 else nan, ours[metric] / bound if metric == "decode_tps" else nan))
         rows.append((threads, "ttft_ms", ours["ttft_ms"], llama["ttft_ms"] / ours["ttft_ms"], ort["ttft_ms"] / ours["ttft_ms"],
                      ort8["ttft_ms"] / ours["ttft_ms"] if ort8 else nan, nan))
+        if args.hogs:
+            n = noisy_rounds(ids, args, threads, llama_run)
+            report["threads"][threads]["noisy"] = {"hogs": args.hogs, **n}
+            for metric in ("decode_tps", "prefill_tps"):
+                q, h, lq, lh = (n[w][metric] for w in ("ours", "ours noisy", "llama.cpp", "llama.cpp noisy"))
+                noisy_rows.append((threads, metric, q, h, h / q, lq, lh, lh / lq, h / lh))
     print(f"memory bandwidth {bw:.1f} GB/s; model.onnx {weight_bytes / 1e6:.0f} MB")
     print(f"{'threads':>7} {'metric':>12} {'ours':>10} {'/llama.cpp':>11} {'/onnxrt':>9} {'/onnxrt-int8':>13} {'/bound':>8}")
     ratio = lambda r, w: f"{r:>{w - 1}.2f}x" if r == r else " " * w  # noqa: E731 (blank for NaN)
@@ -159,6 +204,12 @@ def main() -> None:
         print(f"{t:>7} {m:>12} {v:>10.1f} {ratio(rl, 11)} {ratio(ro, 9)} {ratio(r8, 13)} {ratio(rb, 8)}")
     print("(ratios > 1 mean ours is better; ttft ratios are peer time / our time; onnxrt: ONNX Runtime on model.onnx,"
           " onnxrt-int8: on model_int8.onnx)")
+    if noisy_rows:
+        print(f"\nwith {args.hogs} CPU hogs (noisy; same rounds, interleaved with quiet ones):")
+        print(f"{'threads':>7} {'metric':>12} {'ours':>8} {'noisy':>8} {'kept':>6} {'llama':>8} {'noisy':>8} {'kept':>6}"
+              f" {'noisy ours/llama':>17}")
+        for t, m, q, h, k, lq, lh, lk, r in noisy_rows:
+            print(f"{t:>7} {m:>12} {q:>8.1f} {h:>8.1f} {k:>5.2f}x {lq:>8.1f} {lh:>8.1f} {lk:>5.2f}x {r:>16.2f}x")
     out = ROOT / "target" / "bench" / "peers.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -43,7 +43,7 @@ pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usi
     #[cfg(feature = "threads")]
     {
         use tract_linalg::multithread::{current_tract_executor, Executor};
-        if blocks >= 2 && macs >= SPIN_MIN_MACS && super::pool::run(blocks, f) {
+        if blocks >= 2 && macs >= SPIN_MIN_MACS && super::pool::run(blocks, macs, f) {
             return;
         }
         if blocks >= 2 && macs >= PARALLEL_MIN_MACS {

@@ -24,7 +24,17 @@ pub struct Session {
     state: Option<TypedSimpleState>,
     /// Per-node timings, when profiling is on (see [`Session::set_profiling`]).
     profile: Option<Profile>,
+    /// The most tokens one run of the plan takes (see [`PREFILL_CHUNK`]).
+    chunk: usize,
 }
+
+/// Tokens per run of the plan in a long prefill. A run's temporaries grow with the tokens it takes
+/// times the tokens it attends to (the causal mask and the attention scores, `[S, T]` per head):
+/// a 7,892-token prompt in one run took +1.4 GB. In chunks they stay under ~20 MB per head at an
+/// 8k context, so a prompt's memory is its KV cache; the matrix products still see hundreds of rows
+/// at a time. Every row is computed the same way in any chunk (masked keys add exact zeros), so the
+/// logits do not depend on the chunk size.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// Time spent in one node of the plan over the profiled steps.
 #[doc(hidden)]
@@ -68,6 +78,7 @@ impl Session {
             logits_output,
             state: None,
             profile: None,
+            chunk: PREFILL_CHUNK,
         };
         s.reset();
         s
@@ -77,6 +88,13 @@ impl Session {
     #[doc(hidden)]
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = if on { Some(Profile::default()) } else { None };
+    }
+
+    /// Sets the most tokens one run of the plan takes (default [`PREFILL_CHUNK`]; tests and
+    /// benchmarks compare sizes).
+    #[doc(hidden)]
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.chunk = tokens.max(1);
     }
 
     /// The timings collected since profiling was turned on; starts a fresh collection.
@@ -228,12 +246,25 @@ impl Session {
                 "token id {bad} is outside the vocabulary (0..{vocab})"
             )));
         }
+        // int_row refused an empty row: there is at least one chunk.
+        let mut logits = None;
+        for (c, chunk) in ids.chunks(self.chunk).enumerate() {
+            logits = Some(self.run_chunk(chunk, start + c * self.chunk)?);
+        }
+        let logits = logits.expect("at least one chunk");
+        Ok(vec![(names::LOGITS.to_string(), last_position(&logits)?)])
+    }
+
+    /// One run of the plan on `ids` at positions `start..`, right after the cached tokens; keeps
+    /// the new KV cache and returns the logits output.
+    fn run_chunk(&mut self, ids: &[i64], start: usize) -> Result<TValue, EngineError> {
+        debug_assert_eq!(start, self.cached);
         let n = ids.len();
         let total = start + n;
         let mut ordered: TVec<TValue> = tvec![];
         for kind in &self.model.input_kinds {
             let value: TValue = match kind {
-                InputKind::InputIds => tract_ndarray::Array2::from_shape_vec((1, n), ids.clone())
+                InputKind::InputIds => tract_ndarray::Array2::from_shape_vec((1, n), ids.to_vec())
                     .unwrap()
                     .into_tvalue(),
                 InputKind::PositionIds => {
@@ -264,10 +295,9 @@ impl Session {
             }
         }
         self.cached = total;
-        let logits = logits.ok_or_else(|| {
+        logits.ok_or_else(|| {
             EngineError::Runtime(format!("the model has no '{}' output", names::LOGITS))
-        })?;
-        Ok(vec![(names::LOGITS.to_string(), last_position(&logits)?)])
+        })
     }
 
     fn execute(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {

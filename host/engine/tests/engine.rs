@@ -183,6 +183,38 @@ fn prefill_equals_token_by_token_and_rewind_equals_fresh_run() {
 }
 
 #[test]
+fn a_long_prefill_runs_in_chunks_with_the_same_logits() {
+    // 230 tokens (the tiny model's context is 256) through every layout: in one run of the plan,
+    // in chunks of 64 (the last one partial) and of 7; then two decode steps on each cache.
+    let vocab = load("model.onnx").info().vocab as i64;
+    let ids: Vec<i64> = (0..230).map(|i| (i * 7919 + 13) % vocab).collect();
+    for file in ["model.onnx", "model_int8.onnx", "model_f32.onnx"] {
+        let m = load(file);
+        let run = |chunk: usize| {
+            let mut s = Session::new(m.clone());
+            s.set_prefill_chunk(chunk);
+            let mut out = vec![step(&mut s, &ids, 0)];
+            assert_eq!(s.cached_len(), ids.len());
+            for (i, t) in [5, 9].into_iter().enumerate() {
+                out.push(step(&mut s, &[t], ids.len() + i));
+            }
+            out
+        };
+        let whole = run(usize::MAX);
+        for chunk in [64, 7] {
+            let chunked = run(chunk);
+            for (a, b) in whole.iter().zip(&chunked) {
+                let (a, b): (Vec<u32>, Vec<u32>) = (
+                    a.iter().map(|x| x.to_bits()).collect(),
+                    b.iter().map(|x| x.to_bits()).collect(),
+                );
+                assert!(a == b, "{file}: chunks of {chunk} changed the logits");
+            }
+        }
+    }
+}
+
+#[test]
 fn stateless_calls_match_stateful() {
     let m = load("model_f32.onnx");
     let inputs = stateless_inputs(m.info(), &PREFILL[..3]);

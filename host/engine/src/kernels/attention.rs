@@ -26,6 +26,12 @@ fn attend_row_body(query: &Query, scores: &mut [f32], out: &mut [f32]) {
         scale,
     } = *query;
     let (d, dv) = (q.len(), out.len());
+    // Keys after the last unmasked one (a causal mask's future) would add exact zeros to every
+    // sum below: leave them out (the same result, bit for bit; half the work of a whole prompt).
+    let keys = (0..scores.len())
+        .rposition(|j| mask(j) > MASKED)
+        .map_or(scores.len(), |j| j + 1);
+    let scores = &mut scores[..keys];
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
         let m = mask(j);

@@ -34,7 +34,7 @@ const IDLE_POLL_US: u32 = 1000;
 /// products of a step (the other ops, ~5 to 50 us), much shorter than a scheduler slice. Measured
 /// on 2 cores with 2 CPU hogs: decode 53 tokens/s polling 0.1 ms, 41 polling 2 ms.
 const BUSY_IDLE_POLL_US: u32 = 100;
-/// Added back to a worker's polling time for each job it starts while polling.
+/// Added back to a worker's polling time for each job it starts (up to [`IDLE_POLL_US`]).
 const IDLE_POLL_RECOVERY_US: u32 = 10;
 
 /// How long the caller polls for a worker's last chunk before it parks.
@@ -194,7 +194,7 @@ fn work(slot: &Slot) {
 }
 
 /// Waits for a job numbered other than `seen`: polls for the slot's `idle_poll_us`, then parks.
-/// A job found while polling lengthens the next polls a little (back towards [`IDLE_POLL_US`]).
+/// Each job found lengthens the next polls a little (back towards [`IDLE_POLL_US`]).
 fn next_post(slot: &Slot, seen: usize) -> usize {
     let start = Instant::now();
     let poll = Duration::from_micros(slot.idle_poll_us.load(Ordering::Relaxed) as u64);

@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::{attend_rows, Row, Rows, MAX_ROWS};
+use crate::kernels::attention::{attend_row, Query};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -146,35 +146,25 @@ impl EvalOp for Attention {
         let dst = OutPtr(out.as_mut_ptr());
         let rows = heads * m;
         let run = |r0: usize, r1: usize| {
-            let mut scores = vec![0f32; MAX_ROWS * t];
-            let mut row = r0;
-            while row < r1 {
-                // The next rows of this head (they share K and V), at most MAX_ROWS.
-                let h = row / m;
-                let end = r1.min((h + 1) * m).min(row + MAX_ROWS);
+            let mut scores = vec![0f32; t];
+            for row in r0..r1 {
+                let (h, i) = (row / m, row % m);
                 let kh = &kd[offset(h, lead, &ks)..][..t * d];
                 let vh = &vd[offset(h, lead, &vs)..][..t * dv];
-                let mask_head = offset(h, lead, &mask_strides[..rank - 2]);
-                let block: TVec<Row> = (row..end)
-                    .map(|r| Row {
-                        q: &qd[r * d..(r + 1) * d],
-                        mask: &maskd[mask_head + (r % m) * mask_row..],
-                        mask_stride: mask_col,
-                    })
-                    .collect();
-                // SAFETY: end <= heads * m, so the values from row * dv to end * dv are inside
-                // `out` (heads * m * dv long, alive until the calls return); each row is written
-                // by exactly one call, so the slice aliases nothing.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), (end - row) * dv) };
-                let rows = Rows {
+                let mask_base = offset(h, lead, &mask_strides[..rank - 2]) + i * mask_row;
+                // SAFETY: row < heads * m, so the Dv values from row * dv are inside `out`
+                // (heads * m * dv long, alive until the calls return); each row is written by
+                // exactly one call, so the slice aliases nothing.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), dv) };
+                let query = Query {
+                    q: &qd[row * d..(row + 1) * d],
                     k: kh,
                     v: vh,
+                    mask: &maskd[mask_base..],
+                    mask_stride: mask_col,
                     scale: self.scale,
-                    rows: &block,
                 };
-                attend_rows(&rows, &mut scores[..(end - row) * t], o);
-                row = end;
+                attend_row(&query, &mut scores, o);
             }
         };
         parallel_ranges(rows, rows * t * (d + dv), &run);

@@ -156,12 +156,12 @@ impl EvalOp for Attention {
                 // (heads * m * dv long, alive until the calls return); each row is written by
                 // exactly one call, so the slice aliases nothing.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), dv) };
+                let mask_of = |j: usize| maskd[mask_base + j * mask_col];
                 let query = Query {
                     q: &qd[row * d..(row + 1) * d],
                     k: kh,
                     v: vh,
-                    mask: &maskd[mask_base..],
-                    mask_stride: mask_col,
+                    mask: &mask_of,
                     scale: self.scale,
                 };
                 attend_row(&query, &mut scores, o);

@@ -5,6 +5,14 @@ concurrent clients (greedy chat completions, one distinct question per client).
 
 Starts `target/release/slm serve` on a free port unless --url is given. Prints one line per client
 count and, last, one JSON object.
+
+    .venv/bin/python scripts/bench_serve.py --ttft [--prompt-tokens 30] [--threads 1,2] [--rounds 5]
+
+Time to the first streamed token over HTTP against the engine's own time for the same work (the
+prefill of the prompt plus one decode step, from `slm bench` in the same rounds): distinct prompts
+of exactly --prompt-tokens tokens (`/v1/completions`, prefix cache off), on `slm serve` as it runs by
+default (warm instances) and with a fresh instance per request (`--instance-reuse 1`). Rounds are
+interleaved; medians. Writes target/bench/serve-ttft.json.
 """
 from __future__ import annotations
 
@@ -65,11 +73,11 @@ def run(host: str, port: int, clients: int, max_tokens: int) -> dict:
             "tokens": sum(r["tokens"] for r in results), "wall_s": wall}
 
 
-def start_server() -> tuple[subprocess.Popen, int]:
+def start_server(flags: list[str] = ()) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(ROOT / "target/release/slm"), "serve", "--listen", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([str(ROOT / "target/release/slm"), "serve", "--listen", f"127.0.0.1:{port}", *flags],
                             cwd=ROOT, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -82,12 +90,103 @@ def start_server() -> tuple[subprocess.Popen, int]:
     raise SystemExit("bench_serve: slm serve did not start")
 
 
+def stream_completion_ttft(port: int, prompt: str) -> tuple[float, int]:
+    """Milliseconds from sending a streamed completion to its first text, and its prompt tokens."""
+    body = json.dumps({"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}})
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+    first, usage = None, None
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        if first is None and any(ch.get("text") for ch in chunk.get("choices", [])):
+            first = time.perf_counter()
+    c.close()
+    if first is None:
+        raise RuntimeError("the stream carried no text")
+    return (first - t0) * 1e3, usage["prompt_tokens"]
+
+
+def prompts_of(n_tokens: int, count: int, model: str) -> list[str]:
+    """`count` distinct prompts of exactly `n_tokens` tokens, cut from the held-out text."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(ROOT / "models" / model / "tokenizer.json"))
+    ids = tok.encode((ROOT / "tests" / "fixtures" / "heldout.txt").read_text()).ids
+    out = []
+    for i in range(count):
+        start = (i * 37) % (len(ids) - n_tokens)
+        text = tok.decode(ids[start:start + n_tokens])
+        if len(tok.encode(text).ids) == n_tokens:  # a cut inside a word can re-tokenize longer
+            out.append(text)
+    return out
+
+
+def engine_ms(threads: int, prompt_tokens: int) -> float:
+    """The engine's prefill of `prompt_tokens` tokens plus one decode step, from `slm bench`."""
+    out = subprocess.run([str(ROOT / "target/release/slm"), "bench", "--prompt-tokens", str(prompt_tokens),
+                          "--gen-tokens", "8", "--threads", str(threads), "--runs", "3", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return prompt_tokens / r["prefill_tps"] * 1e3 + 1e3 / r["decode_tps"]
+
+
+def ttft(args) -> None:
+    model = "smollm2-135m-instruct"
+    report = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        servers = {name: start_server(["--threads", str(threads), "--prefix-cache-mb", "0", *flags])
+                   for name, flags in (("warm", []), ("fresh", ["--instance-reuse", "1"]))}
+        try:
+            prompts = iter(prompts_of(args.prompt_tokens, 1000, model))
+            samples: dict[str, list[float]] = {"warm": [], "fresh": [], "engine": []}
+            for _, port in servers.values():
+                stream_completion_ttft(port, next(prompts))  # warm-up: loads the model
+            for _ in range(args.rounds):
+                for name, (_, port) in servers.items():
+                    for _ in range(3):
+                        ms, n = stream_completion_ttft(port, next(prompts))
+                        assert n == args.prompt_tokens, n
+                        samples[name].append(ms)
+                samples["engine"].append(engine_ms(threads, args.prompt_tokens))
+        finally:
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=30)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        row = {"threads": threads, "prompt_tokens": args.prompt_tokens, "engine_ms": med["engine"],
+               "ttft_warm_ms": med["warm"], "ttft_fresh_ms": med["fresh"],
+               "warm_over_engine": med["warm"] / med["engine"], "fresh_over_engine": med["fresh"] / med["engine"]}
+        report.append(row)
+        print(f"{threads} thread(s), {args.prompt_tokens}-token prompt: engine prefill + 1 step {med['engine']:.0f} ms;"
+              f" HTTP first token {med['warm']:.0f} ms warm ({row['warm_over_engine']:.2f}x),"
+              f" {med['fresh']:.0f} ms with a fresh instance per request ({row['fresh_over_engine']:.2f}x)")
+    out = ROOT / "target" / "bench" / "serve-ttft.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url")
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ttft", action="store_true", help="HTTP time to first token against the engine's own")
+    ap.add_argument("--prompt-tokens", type=int, default=30)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.ttft:
+        return ttft(args)
     proc = None
     if args.url:
         host, port = args.url.removeprefix("http://").rstrip("/").split(":")

@@ -122,7 +122,8 @@ pub enum Cmd {
     /// Serve the OpenAI-compatible HTTP API (dist/slm-http.wasm) with wasi:nn on this host.
     ///
     /// Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-    /// GET /metrics (Prometheus). One instance per request; one log line per request on stderr.
+    /// GET /metrics (Prometheus). An instance that answered cleanly answers later requests too
+    /// (--instance-reuse); one log line per request on stderr.
     /// Every limit below answers in OpenAI's error shape; README "Security and limits".
     Serve(ServeArgs),
 }
@@ -182,6 +183,14 @@ pub struct ServeArgs {
     /// (it holds the model)].
     #[arg(long, value_name = "MIB")]
     pub max_instance_memory_mib: Option<usize>,
+    /// Requests one component instance may answer. An instance that answered cleanly is kept
+    /// warm for the next request, with the tokenizers and chat templates it has parsed (with
+    /// --portable, the model it has loaded); 1 starts a fresh instance for every request.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub instance_reuse: u32,
+    /// Seconds an idle instance is kept for the next request before its memory is freed.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub instance_idle_timeout: u64,
 }
 
 #[derive(Args, Clone, Default)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context as _, Result};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -45,7 +45,7 @@ pub struct HostState {
     http: WasiHttpCtx,
     http_hooks: NoOutgoingRequests,
     /// Memory the instance may grow to (`slm serve`; unlimited otherwise).
-    pub limits: wasmtime::StoreLimits,
+    pub limits: MemoryLimit,
 }
 
 /// The guests we serve have no business making outgoing HTTP requests.
@@ -121,7 +121,7 @@ impl HostState {
             nn: NnCtx::new(registry),
             http: WasiHttpCtx::new(),
             http_hooks: NoOutgoingRequests,
-            limits: wasmtime::StoreLimits::default(),
+            limits: MemoryLimit::default(),
         })
     }
 }
@@ -281,5 +281,70 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         let inst = self.pre.instantiate(&mut store).map_err(werr)?;
         Ok((store, inst))
+    }
+}
+
+/// The store's memory limit, and the largest any of the instance's memories has grown to.
+pub struct MemoryLimit {
+    limits: StoreLimits,
+    /// Bytes one memory may grow to.
+    pub max: usize,
+    pub largest: usize,
+}
+
+impl MemoryLimit {
+    pub fn new(max: usize) -> MemoryLimit {
+        MemoryLimit {
+            limits: StoreLimitsBuilder::new().memory_size(max).build(),
+            max,
+            largest: 0,
+        }
+    }
+}
+
+impl Default for MemoryLimit {
+    /// No limit (the CLI's own runs).
+    fn default() -> MemoryLimit {
+        MemoryLimit {
+            limits: StoreLimits::default(),
+            max: usize::MAX,
+            largest: 0,
+        }
+    }
+}
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.largest = self.largest.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }

@@ -109,10 +109,13 @@ impl NnCtx {
         }
     }
 
-    /// Reports every step to `observer`; the first step's time counts from `started`.
+    /// Starts a request: its steps go to `observer`, its first step's time counts from
+    /// `started`, and `stats` count from zero (an instance may serve several requests).
     pub fn observe(&mut self, observer: Arc<dyn StepObserver>, started: Instant) {
         self.observer = Some(observer);
         self.last_step = started;
+        self.first_step_done = false;
+        self.stats = NnStats::default();
     }
 
     /// Context `rep` now holds `held` tokens in its KV cache.

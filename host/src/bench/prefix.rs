@@ -1,6 +1,6 @@
 //! Bench scenario: the prefix cache's effect on time to first token, for requests that share a
-//! system prompt: in one instance (a chat session) and in a fresh instance per request (what
-//! `slm serve` does).
+//! system prompt: in one warm instance (a chat session; `slm serve`'s reused instances) and in a
+//! fresh instance per request (Spin, `wasmtime serve`, `slm serve --instance-reuse 1`).
 
 use anyhow::Result;
 

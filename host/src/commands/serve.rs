@@ -47,6 +47,8 @@ fn limits(args: &ServeArgs) -> Result<Limits> {
     positive("--max-running", args.max_running as u64)?;
     positive("--request-timeout", args.request_timeout)?;
     positive("--max-tokens-limit", args.max_tokens_limit.into())?;
+    positive("--instance-reuse", args.instance_reuse.into())?;
+    positive("--instance-idle-timeout", args.instance_idle_timeout)?;
     let memory_mib = args.max_instance_memory_mib.unwrap_or(if args.portable {
         PORTABLE_INSTANCE_MEMORY_MIB
     } else {
@@ -67,6 +69,8 @@ fn limits(args: &ServeArgs) -> Result<Limits> {
         request_timeout: Duration::from_secs(args.request_timeout),
         max_tokens: args.max_tokens_limit,
         instance_memory_bytes: memory_mib << 20,
+        instance_reuse: args.instance_reuse,
+        instance_idle_timeout: Duration::from_secs(args.instance_idle_timeout),
     })
 }
 

@@ -1,6 +1,7 @@
 //! One request, from arrival to its last byte: the host's own checks (Host header, API key,
-//! body size and time), `/metrics`, admission to a model's slots, then a fresh instance of the
-//! component under the request's deadline and memory limit.
+//! body size and time), `/metrics`, admission to a model's slots, then an instance of the
+//! component (a warm one when one is idle: instances.rs) under the request's deadline and memory
+//! limit.
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -12,12 +13,13 @@ use anyhow::{anyhow, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, StatusCode};
 use wasmtime::component::Linker;
-use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime::Engine;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::WasiHttpView;
 
 use super::admission::{Admission, Slot};
+use super::instances::{InstancePool, Reuse};
 use super::metrics::{self, Metrics};
 use super::respond::{ApiError, Response};
 use super::{body, ApiKeys, Limits};
@@ -27,7 +29,7 @@ use crate::runtime::{add_nn_to_linker, load_component, one_line, werr, HostState
 /// What every request needs: the pre-linked component, the shared models, the limits.
 pub struct Server {
     pub engine: Engine,
-    pre: ProxyPre<HostState>,
+    instances: Arc<InstancePool>,
     pub registry: Arc<ModelRegistry>,
     pub limits: Limits,
     api_keys: ApiKeys,
@@ -75,7 +77,17 @@ impl Server {
                 Some((name, tokens))
             })
             .collect();
-        let metrics = Arc::new(Metrics::new(kv_capacity));
+        // Enough idle instances for every generation that may run at once.
+        let reuse = Reuse {
+            max_requests: limits.instance_reuse,
+            max_idle: (limits.max_running * registry.names().len().max(1))
+                .min(super::MAX_INSTANCES as usize / 2),
+            idle_timeout: limits.instance_idle_timeout,
+        };
+        let instances = Arc::new(InstancePool::new(pre, reuse));
+        let mut metrics = Metrics::new(kv_capacity);
+        metrics.instances(&instances);
+        let metrics = Arc::new(metrics);
         let admission = Admission::new(
             registry.names(),
             limits.max_running,
@@ -84,7 +96,7 @@ impl Server {
         );
         Ok(Server {
             engine,
-            pre,
+            instances,
             registry,
             limits,
             api_keys,
@@ -192,6 +204,11 @@ impl Server {
         }
     }
 
+    /// Drops idle instances past `--instance-idle-timeout`.
+    pub fn drop_expired_instances(&self) {
+        self.instances.sweep();
+    }
+
     fn timed_out(&self) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,7 +221,7 @@ impl Server {
         .code("timeout")
     }
 
-    /// Runs the component on the request in a fresh instance, in its own task.
+    /// Runs the component on the request in an idle or a new instance, in its own task.
     async fn run(
         &self,
         req: hyper::Request<bytes::Bytes>,
@@ -219,17 +236,19 @@ impl Server {
             ApiError::internal()
         };
         let env = [("SLM_MAX_TOKENS", self.limits.max_tokens.to_string())];
-        let mut state = HostState::with_env(self.registry.clone(), &env).map_err(|e| {
-            eprintln!("{method} {path}: {e:#}");
-            ApiError::internal()
-        })?;
-        state.limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.instance_memory_bytes)
-            .build();
-        state.nn.observe(self.metrics.clone(), started);
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_async_yield_and_update(1);
+        let mut instance = self
+            .instances
+            .take(
+                &self.engine,
+                &self.registry,
+                &env,
+                self.limits.instance_memory_bytes,
+            )
+            .map_err(|e| {
+                eprintln!("{method} {path}: {e:#}");
+                ApiError::internal()
+            })?;
+        instance.begin(self.metrics.clone(), started);
 
         let status = Arc::new(AtomicU16::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -238,7 +257,7 @@ impl Server {
                 Full::new(b)
                     .map_err(|never: Infallible| -> wasmtime_wasi_http::Error { match never {} })
             });
-            let mut http = store.data_mut().http();
+            let mut http = instance.store.data_mut().http();
             let request = http
                 .new_incoming_request(Scheme::Http, body)
                 .map_err(|e| internal("cannot pass the request on", e))?;
@@ -253,23 +272,17 @@ impl Server {
             (request, out)
         };
 
-        let pre = self.pre.clone();
+        let instances = self.instances.clone();
         let metrics = self.metrics.clone();
         let (log_method, log_path) = (method.clone(), path.clone());
         let task = tokio::spawn(async move {
             let _slot = slot; // held until the last byte is written
-            let work = async {
-                let proxy = pre.instantiate_async(&mut store).await?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, request, out)
-                    .await
-            };
+            let work = instance.handle(&instances, request, out);
             let ended = match tokio::time::timeout_at(deadline, work).await {
                 Ok(result) => Ended::Done(result),
                 Err(_) => Ended::TimedOut,
             };
-            let stats = store.data().nn.stats;
+            let stats = instance.store.data().nn.stats;
             let code = match status.load(Ordering::Relaxed) {
                 0 => 500,
                 c => c,
@@ -287,8 +300,12 @@ impl Server {
                 started.elapsed().as_secs_f64() * 1e3,
             );
             // An unanswered request is counted by whoever answers it.
-            if status.load(Ordering::Relaxed) != 0 {
+            let answered = status.load(Ordering::Relaxed) != 0;
+            if answered {
                 metrics.request(&log_path, code);
+            }
+            if answered && matches!(ended, Ended::Done(Ok(()))) {
+                instances.give_back(instance);
             }
             ended
         });

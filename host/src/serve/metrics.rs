@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::instances::InstancePool;
 use crate::registry::ModelRegistry;
 use crate::wasi_nn::{Step, StepObserver};
 
@@ -153,6 +154,20 @@ impl Metrics {
             m.prefix_bytes.clone(),
         );
         m
+    }
+
+    /// Counts the instances `pool` starts and keeps idle.
+    pub fn instances(&mut self, pool: &InstancePool) {
+        self.registry.register(
+            "slm_instances_started",
+            "Component instances started (an idle one answers the next request when it can: --instance-reuse)",
+            pool.started.clone(),
+        );
+        self.registry.register(
+            "slm_instances_idle",
+            "Instances kept warm for the next request",
+            pool.idle_gauge.clone(),
+        );
     }
 
     fn model(model: &str) -> ModelLabels {

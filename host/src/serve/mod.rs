@@ -1,7 +1,8 @@
 //! `slm serve`: the HTTP component (`wasi:http/incoming-handler`) on wasmtime-wasi-http.
 //!
-//! The component is compiled and pre-linked once; every request gets a fresh instance (pooling
-//! allocator) in its own tokio task. Models, compiled code and the engine are shared by all
+//! The component is compiled and pre-linked once; every request gets an instance (pooling
+//! allocator) in its own tokio task: an idle one that answered earlier requests cleanly, else a
+//! fresh one (instances.rs). Models, compiled code and the engine are shared by all
 //! instances. Concurrent requests run concurrently; wasm yields to the scheduler on epoch ticks
 //! and inference steps leave the async workers (`wasi_nn::blocking`), so `/health` and other
 //! connections keep being served under load. A request whose client goes away is stopped: the
@@ -13,6 +14,7 @@ mod admission;
 mod auth;
 mod body;
 mod handler;
+mod instances;
 mod metrics;
 mod respond;
 
@@ -62,6 +64,10 @@ pub struct Limits {
     pub max_tokens: u32,
     /// Linear memory of one instance.
     pub instance_memory_bytes: usize,
+    /// Requests one instance may answer (1: a fresh instance per request).
+    pub instance_reuse: u32,
+    /// How long an idle instance is kept for the next request.
+    pub instance_idle_timeout: Duration,
 }
 
 pub struct ServeOptions<'a> {
@@ -137,6 +143,15 @@ async fn accept_loop(server: Arc<Server>, listen: SocketAddr, component: &Path) 
     std::thread::spawn(move || loop {
         std::thread::sleep(EPOCH_TICK);
         engine.increment_epoch();
+    });
+    // Idle instances past their timeout give their memory back even when no request comes.
+    let sweeper = server.clone();
+    tokio::spawn(async move {
+        let every = (sweeper.limits.instance_idle_timeout / 2).max(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(every).await;
+            sweeper.drop_expired_instances();
+        }
     });
     // Requests that name no model get the default (the generator lists it first).
     let default = server.registry.default_model();

@@ -6,7 +6,7 @@ concurrent clients (greedy chat completions, one distinct question per client).
 Starts `target/release/slm serve` on a free port unless --url is given. Prints one line per client
 count and, last, one JSON object.
 
-    .venv/bin/python scripts/bench_serve.py --ttft [--prompt-tokens 30] [--threads 1,2] [--rounds 5]
+    .venv/bin/python scripts/bench_serve.py --ttft [--prompt-tokens 30] [--threads 1,2] [--rounds 5] [--portable]
 
 Time to the first streamed token over HTTP against the engine's own time for the same work (the
 prefill of the prompt plus one decode step, from `slm bench` in the same rounds): distinct prompts
@@ -130,24 +130,27 @@ def prompts_of(n_tokens: int, count: int, model: str) -> list[str]:
     return out
 
 
-def engine_ms(threads: int, prompt_tokens: int) -> float:
-    """The engine's prefill of `prompt_tokens` tokens plus one decode step, from `slm bench`."""
+def engine_ms(threads: int, prompt_tokens: int, portable: bool) -> tuple[float, float]:
+    """The engine's prefill of `prompt_tokens` tokens, and that plus one decode step, from `slm bench`."""
     out = subprocess.run([str(ROOT / "target/release/slm"), "bench", "--prompt-tokens", str(prompt_tokens),
-                          "--gen-tokens", "8", "--threads", str(threads), "--runs", "3", "--json"],
+                          "--gen-tokens", "8", "--threads", str(threads), "--runs", "3", "--json",
+                          *(["--portable"] if portable else [])],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
-    return prompt_tokens / r["prefill_tps"] * 1e3 + 1e3 / r["decode_tps"]
+    prefill = prompt_tokens / r["prefill_tps"] * 1e3
+    return prefill, prefill + 1e3 / r["decode_tps"]
 
 
 def ttft(args) -> None:
     model = "smollm2-135m-instruct"
     report = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        servers = {name: start_server(["--threads", str(threads), "--prefix-cache-mb", "0", *flags])
+        common = ["--threads", str(threads), "--prefix-cache-mb", "0", *(["--portable"] if args.portable else [])]
+        servers = {name: start_server([*common, *flags])
                    for name, flags in (("warm", []), ("fresh", ["--instance-reuse", "1"]))}
         try:
             prompts = iter(prompts_of(args.prompt_tokens, 1000, model))
-            samples: dict[str, list[float]] = {"warm": [], "fresh": [], "engine": []}
+            samples: dict[str, list[float]] = {"warm": [], "fresh": [], "engine": [], "prefill": []}
             for _, port in servers.values():
                 stream_completion_ttft(port, next(prompts))  # warm-up: loads the model
             for _ in range(args.rounds):
@@ -156,20 +159,24 @@ def ttft(args) -> None:
                         ms, n = stream_completion_ttft(port, next(prompts))
                         assert n == args.prompt_tokens, n
                         samples[name].append(ms)
-                samples["engine"].append(engine_ms(threads, args.prompt_tokens))
+                prefill, engine = engine_ms(threads, args.prompt_tokens, args.portable)
+                samples["prefill"].append(prefill)
+                samples["engine"].append(engine)
         finally:
             for proc, _ in servers.values():
                 proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=30)
         med = {k: statistics.median(v) for k, v in samples.items()}
         row = {"threads": threads, "prompt_tokens": args.prompt_tokens, "engine_ms": med["engine"],
+               "engine_prefill_ms": med["prefill"], "warm_over_prefill": med["warm"] / med["prefill"],
                "ttft_warm_ms": med["warm"], "ttft_fresh_ms": med["fresh"],
                "warm_over_engine": med["warm"] / med["engine"], "fresh_over_engine": med["fresh"] / med["engine"]}
         report.append(row)
-        print(f"{threads} thread(s), {args.prompt_tokens}-token prompt: engine prefill + 1 step {med['engine']:.0f} ms;"
+        print(f"{threads} thread(s), {args.prompt_tokens}-token prompt: engine prefill {med['prefill']:.0f} ms,"
+              f" + 1 step {med['engine']:.0f} ms;"
               f" HTTP first token {med['warm']:.0f} ms warm ({row['warm_over_engine']:.2f}x),"
               f" {med['fresh']:.0f} ms with a fresh instance per request ({row['fresh_over_engine']:.2f}x)")
-    out = ROOT / "target" / "bench" / "serve-ttft.json"
+    out = ROOT / "target" / "bench" / ("serve-ttft-portable.json" if args.portable else "serve-ttft.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
@@ -184,6 +191,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=30)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--portable", action="store_true", help="--ttft on slm-http-portable.wasm (wasi:nn in wasm)")
     args = ap.parse_args()
     if args.ttft:
         return ttft(args)

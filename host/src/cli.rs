@@ -191,6 +191,10 @@ pub struct ServeArgs {
     /// Seconds an idle instance is kept for the next request before its memory is freed.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub instance_idle_timeout: u64,
+    /// Start taking requests without first running one short completion on the default model
+    /// (the warm-up loads the model and leaves a warm instance for the first request).
+    #[arg(long)]
+    pub no_warmup: bool,
 }
 
 #[derive(Args, Clone, Default)]

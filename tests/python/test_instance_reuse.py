@@ -101,3 +101,20 @@ def test_concurrent_requests_get_their_own_instances(tmp_path, tiny_models):  # 
         started = _metric(url, "slm_instances_started_total")
         assert started in (1, 2)  # 1 when the first finished before the second arrived
         assert _metric(url, "slm_instances_idle") == started
+
+
+def test_warm_up_before_the_first_request(tmp_path, tiny_models):  # noqa: F811
+    """The server runs one completion on the default model before it takes requests, so the first
+    request finds the model loaded and a warm instance; the warm-up is logged, not counted."""
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    with serving(tiny_models, tmp_path / "on") as (url, _, log):
+        text = log.read_text()
+        assert text.index("POST /v1/completions (warm-up) 200 tokens") < text.index("serving ")
+        metrics = _raw(url, "GET", "/metrics")[2].decode()
+        assert "slm_generation_tokens_total" not in metrics and "/v1/completions" not in metrics
+        assert _metric(url, "slm_instances_started_total") == 1
+        assert _chat(url, "tiny", max_tokens=2)[0] == 200
+        assert _metric(url, "slm_instances_started_total") == 1
+    with serving(tiny_models, tmp_path / "off", "--no-warmup") as (url, _, log):
+        assert "warm-up" not in log.read_text()

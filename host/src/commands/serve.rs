@@ -71,6 +71,7 @@ fn limits(args: &ServeArgs) -> Result<Limits> {
         instance_memory_bytes: memory_mib << 20,
         instance_reuse: args.instance_reuse,
         instance_idle_timeout: Duration::from_secs(args.instance_idle_timeout),
+        warm_up: !args.no_warmup,
     })
 }
 

@@ -25,6 +25,7 @@ use super::respond::{ApiError, Response};
 use super::{body, ApiKeys, Limits};
 use crate::registry::ModelRegistry;
 use crate::runtime::{add_nn_to_linker, load_component, one_line, werr, HostState};
+use crate::wasi_nn::{Step, StepObserver};
 
 /// What every request needs: the pre-linked component, the shared models, the limits.
 pub struct Server {
@@ -180,7 +181,7 @@ impl Server {
             Some(model) => self.admit(&model, deadline).await?,
             None => None,
         };
-        self.run(req, started, deadline, slot).await
+        self.run(req, started, deadline, slot, None).await
     }
 
     async fn admit(
@@ -202,6 +203,44 @@ impl Server {
             .retry_after(1)),
             Err(_) => Err(self.timed_out()),
         }
+    }
+
+    /// One short completion on the default model before the server takes requests (llama.cpp's
+    /// server warms up likewise): the model is loaded, and the instance that ran it waits for the
+    /// first request with its tokenizer and chat template parsed. Not counted in `/metrics`.
+    pub async fn warm_up(&self) -> Result<()> {
+        let Some(model) = self.registry.default_model() else {
+            return Ok(());
+        };
+        let body = serde_json::json!({"model": model, "prompt": "Hello there", "max_tokens": 1});
+        let req = hyper::Request::post("/v1/completions")
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(bytes::Bytes::from(body.to_string()))?;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.limits.request_timeout);
+        let failed = |why: String| anyhow!("the warm-up completion on model {model} failed: {why}");
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let resp = self
+            .run(req, started, deadline, None, Some(done))
+            .await
+            .map_err(|e| failed(e.message))?;
+        let status = resp.status();
+        // Read to the end, so the component finishes writing it.
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| failed(format!("{e:?}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(failed(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        let _ = finished.await;
+        Ok(())
     }
 
     /// Drops idle instances past `--instance-idle-timeout`.
@@ -228,7 +267,10 @@ impl Server {
         started: Instant,
         deadline: tokio::time::Instant,
         slot: Option<Slot>,
+        warm_up: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Response, ApiError> {
+        // The warm-up is not counted, and is told when its instance is back in the idle list.
+        let counted = warm_up.is_none();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let internal = |what: &str, e: wasmtime::Error| {
@@ -248,7 +290,11 @@ impl Server {
                 eprintln!("{method} {path}: {e:#}");
                 ApiError::internal()
             })?;
-        instance.begin(self.metrics.clone(), started);
+        let observer: Arc<dyn StepObserver> = match counted {
+            true => self.metrics.clone(),
+            false => Arc::new(Unobserved),
+        };
+        instance.begin(observer, started);
 
         let status = Arc::new(AtomicU16::new(0));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -274,7 +320,10 @@ impl Server {
 
         let instances = self.instances.clone();
         let metrics = self.metrics.clone();
-        let (log_method, log_path) = (method.clone(), path.clone());
+        let (log_method, log_path) = match counted {
+            true => (method.clone(), path.clone()),
+            false => (method.clone(), format!("{path} (warm-up)")),
+        };
         let task = tokio::spawn(async move {
             let _slot = slot; // held until the last byte is written
             let work = instance.handle(&instances, request, out);
@@ -301,11 +350,14 @@ impl Server {
             );
             // An unanswered request is counted by whoever answers it.
             let answered = status.load(Ordering::Relaxed) != 0;
-            if answered {
+            if answered && counted {
                 metrics.request(&log_path, code);
             }
             if answered && matches!(ended, Ended::Done(Ok(()))) {
                 instances.give_back(instance);
+            }
+            if let Some(done) = warm_up {
+                let _ = done.send(());
             }
             ended
         });
@@ -339,6 +391,14 @@ impl Server {
             }
         }
     }
+}
+
+/// Steps that no metric counts (the warm-up's).
+struct Unobserved;
+
+impl StepObserver for Unobserved {
+    fn step(&self, _: &Step) {}
+    fn kv_tokens(&self, _: &str, _: i64) {}
 }
 
 /// Aborts a task when dropped, unless taken back.

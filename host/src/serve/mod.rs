@@ -68,6 +68,8 @@ pub struct Limits {
     pub instance_reuse: u32,
     /// How long an idle instance is kept for the next request.
     pub instance_idle_timeout: Duration,
+    /// Run one completion on the default model before accepting requests.
+    pub warm_up: bool,
 }
 
 pub struct ServeOptions<'a> {
@@ -153,6 +155,14 @@ async fn accept_loop(server: Arc<Server>, listen: SocketAddr, component: &Path) 
             sweeper.drop_expired_instances();
         }
     });
+    if server.limits.warm_up {
+        let t = std::time::Instant::now();
+        match server.warm_up().await {
+            Ok(()) => tracing::info!("warmed up in {:.0} ms", t.elapsed().as_secs_f64() * 1e3),
+            // The default model is broken: its requests will say so; the others still serve.
+            Err(e) => eprintln!("warning: {e:#}"),
+        }
+    }
     // Requests that name no model get the default (the generator lists it first).
     let default = server.registry.default_model();
     eprintln!(

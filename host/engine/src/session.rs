@@ -261,6 +261,12 @@ impl Session {
         debug_assert_eq!(start, self.cached);
         let n = ids.len();
         let total = start + n;
+        // Refused before any cache slot is moved out below.
+        if self.model.input_kinds.contains(&InputKind::Other) {
+            return Err(EngineError::InvalidInput(
+                "the model has inputs this engine cannot fill".into(),
+            ));
+        }
         let mut ordered: TVec<TValue> = tvec![];
         for kind in &self.model.input_kinds {
             let value: TValue = match kind {
@@ -274,16 +280,23 @@ impl Session {
                 InputKind::AttentionMask => {
                     tract_ndarray::Array2::<i64>::ones((1, total)).into_tvalue()
                 }
-                InputKind::Past { layer, value } => self.past[slot(*layer, *value)].clone(),
-                InputKind::Other => {
-                    return Err(EngineError::InvalidInput(
-                        "the model has inputs this engine cannot fill".into(),
-                    ))
+                // Moved, not shared: the plan frees each layer's old cache right after that
+                // layer's Concat, so a step holds about one cache, not the old and the new whole.
+                InputKind::Past { layer, value } => {
+                    std::mem::replace(&mut self.past[slot(*layer, *value)], empty_tvalue())
                 }
+                InputKind::Other => unreachable!("refused above"),
             };
             ordered.push(value);
         }
-        let outputs = self.execute(ordered)?;
+        let outputs = match self.execute(ordered) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // The cache went into the failed run.
+                self.reset();
+                return Err(e);
+            }
+        };
         let mut logits = None;
         for (i, out) in outputs.into_iter().enumerate() {
             if let Some(s) = self.present_slot[i] {
@@ -354,6 +367,13 @@ impl Session {
             }
         }
     }
+}
+
+/// A placeholder for a cache slot whose tensor is in a run.
+fn empty_tvalue() -> TValue {
+    tract_onnx::prelude::Tensor::zero::<f32>(&[0])
+        .expect("an empty tensor always allocates")
+        .into_tvalue()
 }
 
 fn runtime(e: TractError) -> EngineError {

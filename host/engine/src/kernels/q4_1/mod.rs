@@ -287,6 +287,33 @@ mod tests {
         }
     }
 
+    /// Every kernel gives the portable kernel's bits, at every row count (the vector kernels
+    /// compute rows in tiles, with remainders).
+    #[test]
+    fn q4_1_kernels_agree_bit_for_bit() {
+        let (k, n) = (256, 80);
+        let mut g = Lcg(5);
+        let w = weights(&mut g, k, n);
+        for m in 1..=9 {
+            let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+            let xr = QuantRows::new(&x, m, k);
+            let run = |kernel: crate::kernels::dispatch::Kernel<Q4Weights>| {
+                let mut y = vec![f32::NAN; m * n];
+                // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
+                unsafe { kernel(&w, &xr, m, y.as_mut_ptr(), 0, n.div_ceil(Q4_PANEL)) };
+                y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            let kernels = kernels::<Q4Weights>();
+            let portable = run(kernels[0].1);
+            for (name, kernel) in &kernels[1..] {
+                assert!(
+                    run(*kernel) == portable,
+                    "{name} differs from portable at m={m}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn q4_1_matmul_is_the_same_on_threads() {
         let (m, k, n) = (6, 1024, 1000);

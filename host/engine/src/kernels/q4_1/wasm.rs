@@ -21,65 +21,98 @@ unsafe fn f16x4(p: *const f16) -> v128 {
     v128_or(magnitude, u32x4_shl(v128_and(h, u32x4_splat(0x8000)), 16))
 }
 
+/// Rows computed together: the weight block is loaded and unpacked once for all of them.
+const TILE: usize = 4;
+
 /// # Safety
 /// As `dispatch::PanelKernels`.
 pub unsafe fn panels(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
-    let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
-    let nib = u8x16_splat(15);
-    let mut out = [0f32; Q4_PANEL];
-    // SAFETY: for p < p1 <= N/32 (rounded up), b < K/32 and row < m, the block's 512 bytes,
-    // its 32 scales and offsets, and the row's 32 quantized values are inside `w` and `x`;
-    // the row's columns p * 32 .. p * 32 + cols are inside y, in a panel this call owns.
+    // SAFETY: the caller's contract, passed on; every tile's rows are below m.
     unsafe {
         for p in p0..p1 {
-            let cols = Q4_PANEL.min(n - p * Q4_PANEL);
-            for row in 0..m {
-                let mut facc = [f32x4_splat(0.0); Q4_PANEL / 4];
-                for b in 0..kb {
-                    let blk = w.q.as_ptr().add((p * kb + b) * BLOCK_BYTES);
-                    let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
-                    // Per 4 columns: two lanes per column (pairs of K values), added at the
-                    // end.
-                    let mut acc = [[i32x4_splat(0); 2]; Q4_PANEL / 4];
-                    for g in 0..4 {
-                        let xg = xq.add(8 * g);
-                        let (xa, xb) = (i8x4_twice(xg), i8x4_twice(xg.add(4)));
-                        for (c4, acc) in acc.iter_mut().enumerate() {
-                            let v = v128_load(blk.add(g * 128 + c4 * 16) as *const v128);
-                            let (lo, hi) = (v128_and(v, nib), u8x16_shr(v, 4));
-                            acc[0] =
-                                i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(lo), xa));
-                            acc[0] =
-                                i32x4_add(acc[0], i32x4_dot_i16x8(u16x8_extend_low_u8x16(hi), xb));
-                            acc[1] =
-                                i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(lo), xa));
-                            acc[1] =
-                                i32x4_add(acc[1], i32x4_dot_i16x8(u16x8_extend_high_u8x16(hi), xb));
-                        }
-                    }
-                    let i = row * kb + b;
-                    let (xs, sx) = (f32x4_splat(x.scale[i]), f32x4_splat(x.sum[i]));
-                    let sm = (p * kb + b) * Q4_PANEL;
-                    for (c4, acc) in acc.iter().enumerate() {
-                        // [c0 c0 c1 c1] and [c2 c2 c3 c3] -> [c0 c1 c2 c3]
-                        let sums = i32x4_add(
-                            i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
-                            i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
-                        );
-                        let d = f16x4(w.d.as_ptr().add(sm + c4 * 4));
-                        let mo = f16x4(w.m.as_ptr().add(sm + c4 * 4));
-                        let f = f32x4_add(
-                            facc[c4],
-                            f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xs)),
-                        );
-                        facc[c4] = f32x4_add(f, f32x4_mul(mo, sx));
-                    }
-                }
-                for (c4, f) in facc.iter().enumerate() {
-                    v128_store(out.as_mut_ptr().add(c4 * 4) as *mut v128, *f);
-                }
-                std::ptr::copy_nonoverlapping(out.as_ptr(), y.add(row * n + p * Q4_PANEL), cols);
+            let mut row = 0;
+            while row + TILE <= m {
+                tile::<TILE>(w, x, p, row, y);
+                row += TILE;
             }
+            while row < m {
+                tile::<1>(w, x, p, row, y);
+                row += 1;
+            }
+        }
+    }
+}
+
+/// Panel `p` for rows `row0 .. row0 + R`. Loop order: per block, the rows' 8-bit values are
+/// widened once; then per 4 columns, two accumulators per row stay in registers while the 4
+/// groups of weight bytes are unpacked once and multiplied with every row. (One row at a time
+/// with the 32 columns' accumulators live spilled them to memory on every update.) Each row's
+/// arithmetic is that of the portable kernel, operation for operation.
+///
+/// # Safety
+/// As `dispatch::PanelKernels`, for panel p < p1 and rows `row0 .. row0 + R` < m.
+#[inline(always)]
+unsafe fn tile<const R: usize>(w: &Q4Weights, x: &QuantRows, p: usize, row0: usize, y: *mut f32) {
+    let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
+    let cols = Q4_PANEL.min(n - p * Q4_PANEL);
+    let nib = u8x16_splat(15);
+    let mut facc = [[f32x4_splat(0.0); Q4_PANEL / 4]; R];
+    // SAFETY: for b < K/32 the block's 512 bytes and its 32 scales and offsets are inside `w`;
+    // for the tile's rows, their 32 quantized values, scale and sum are inside `x`, and columns
+    // p * 32 .. p * 32 + cols of their outputs are inside y, in a panel this call owns.
+    unsafe {
+        for b in 0..kb {
+            let blk = w.q.as_ptr().add((p * kb + b) * BLOCK_BYTES);
+            // Per row and group of 8 K values: its first and last 4 values, widened, twice.
+            let mut xw = [[[i32x4_splat(0); 2]; 4]; R];
+            for (r, xw) in xw.iter_mut().enumerate() {
+                let xq = x.q.as_ptr().add((row0 + r) * k + b * QBLOCK);
+                for (g, xw) in xw.iter_mut().enumerate() {
+                    *xw = [i8x4_twice(xq.add(8 * g)), i8x4_twice(xq.add(8 * g + 4))];
+                }
+            }
+            let sm = (p * kb + b) * Q4_PANEL;
+            for c4 in 0..Q4_PANEL / 4 {
+                // Per row: two lanes per column (pairs of K values), added at the end.
+                let mut acc = [[i32x4_splat(0); 2]; R];
+                for g in 0..4 {
+                    let v = v128_load(blk.add(g * 128 + c4 * 16) as *const v128);
+                    let (lo, hi) = (v128_and(v, nib), u8x16_shr(v, 4));
+                    let (lo0, lo1) = (u16x8_extend_low_u8x16(lo), u16x8_extend_high_u8x16(lo));
+                    let (hi0, hi1) = (u16x8_extend_low_u8x16(hi), u16x8_extend_high_u8x16(hi));
+                    for (acc, xw) in acc.iter_mut().zip(&xw) {
+                        let [xa, xb] = xw[g];
+                        acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(lo0, xa));
+                        acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(hi0, xb));
+                        acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(lo1, xa));
+                        acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi1, xb));
+                    }
+                }
+                let d = f16x4(w.d.as_ptr().add(sm + c4 * 4));
+                let mo = f16x4(w.m.as_ptr().add(sm + c4 * 4));
+                for (r, acc) in acc.iter().enumerate() {
+                    let i = (row0 + r) * kb + b;
+                    let (xs, sx) = (f32x4_splat(x.scale[i]), f32x4_splat(x.sum[i]));
+                    // [c0 c0 c1 c1] and [c2 c2 c3 c3] -> [c0 c1 c2 c3]
+                    let sums = i32x4_add(
+                        i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
+                        i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
+                    );
+                    let f = f32x4_add(
+                        facc[r][c4],
+                        f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xs)),
+                    );
+                    facc[r][c4] = f32x4_add(f, f32x4_mul(mo, sx));
+                }
+            }
+        }
+        let mut out = [0f32; Q4_PANEL];
+        for (r, facc) in facc.iter().enumerate() {
+            for (c4, f) in facc.iter().enumerate() {
+                v128_store(out.as_mut_ptr().add(c4 * 4) as *mut v128, *f);
+            }
+            let dst = y.add((row0 + r) * n + p * Q4_PANEL);
+            std::ptr::copy_nonoverlapping(out.as_ptr(), dst, cols);
         }
     }
 }

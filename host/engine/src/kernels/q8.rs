@@ -393,6 +393,7 @@ mod tests {
                     (dot * scale[c] as f64) as f32
                 })
                 .collect();
+            let mut portable: Option<Vec<u32>> = None;
             for (name, kernel) in kernels::<Q8Weights>() {
                 let mut y = vec![f32::NAN; m * n];
                 // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
@@ -402,6 +403,14 @@ mod tests {
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                         "{name} m={m} k={k} n={n} at {i}: {a} vs {b}"
                     );
+                }
+                // Every kernel gives the portable kernel's bits (listed first).
+                let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                match &portable {
+                    None => portable = Some(bits),
+                    Some(p) => {
+                        assert!(*p == bits, "{name} differs from portable m={m} k={k} n={n}")
+                    }
                 }
             }
             let mut y = vec![f32::NAN; m * n];

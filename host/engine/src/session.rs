@@ -8,12 +8,15 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::eval as eval_node;
 
 use crate::model::{InputKind, Model};
+use crate::ops::kv_attention::KvCache;
 use crate::{names, EngineError, Tensor};
 
 /// A stateful run of one model: the KV cache lives here, never in the caller.
 pub struct Session {
     model: Arc<Model>,
-    /// KV cache, indexed `layer * 2 + (value as usize)`, each [1, kv_heads, cached, head_dim].
+    /// KV cache of a model whose graph concatenates it, indexed `layer * 2 + (value as usize)`,
+    /// each [1, kv_heads, cached, head_dim]. Empty when the model keeps it in place, in the
+    /// attention ops' state (`state`; [`Model::kv_in_place`]).
     past: Vec<TValue>,
     /// Tokens in the cache (the position of the next token).
     cached: usize,
@@ -114,6 +117,12 @@ impl Session {
 
     /// Empties the KV cache.
     pub fn reset(&mut self) {
+        self.cached = 0;
+        if self.model.kv_in_place() {
+            self.past = vec![];
+            self.for_each_cache(|_, c| *c = KvCache::default());
+            return;
+        }
         let info = self.model.info();
         let shape = [1, info.kv_heads, 0, info.head_dim];
         self.past = (0..info.layers * 2)
@@ -133,6 +142,11 @@ impl Session {
         }
         if len == 0 {
             self.reset();
+            return Ok(());
+        }
+        if self.model.kv_in_place() {
+            self.for_each_cache(|_, c| c.truncate(len));
+            self.cached = len;
             return Ok(());
         }
         for t in &mut self.past {
@@ -187,6 +201,18 @@ impl Session {
                 ))
             })?;
             let t = t.to_tract()?;
+            // A model keeping its cache in place takes past tensors of any width (a session's
+            // are 0 wide): a caller's must be whole.
+            let head_dim = self.model.info().head_dim;
+            if matches!(self.model.input_kinds[i], InputKind::Past { .. })
+                && self.model.kv_in_place()
+                && t.shape().last() != Some(&head_dim)
+            {
+                return Err(EngineError::InvalidInput(format!(
+                    "{name}: {:?}, the model takes [batch, kv_heads, past, {head_dim}]",
+                    t.shape()
+                )));
+            }
             let fact = self.model.plan.model().input_fact(i);
             check_fact(name, &t, fact.map_err(runtime)?, &mut sizes)?;
             ordered.push(t.into_tvalue());
@@ -267,6 +293,8 @@ impl Session {
                 "the model has inputs this engine cannot fill".into(),
             ));
         }
+        let in_place = self.model.kv_in_place();
+        let kv_heads = self.model.info().kv_heads;
         let mut ordered: TVec<TValue> = tvec![];
         for kind in &self.model.input_kinds {
             let value: TValue = match kind {
@@ -279,6 +307,13 @@ impl Session {
                 }
                 InputKind::AttentionMask => {
                     tract_ndarray::Array2::<i64>::ones((1, total)).into_tvalue()
+                }
+                // In place: the ops hold the cache; the input carries only its length (for the
+                // causal mask), in a tensor of width 0.
+                InputKind::Past { .. } if in_place => {
+                    tract_onnx::prelude::Tensor::zero::<f32>(&[1, kv_heads, start, 0])
+                        .map_err(runtime)?
+                        .into_tvalue()
                 }
                 // Moved, not shared: the plan frees each layer's old cache right after that
                 // layer's Concat, so a step holds about one cache, not the old and the new whole.
@@ -300,6 +335,7 @@ impl Session {
         let mut logits = None;
         for (i, out) in outputs.into_iter().enumerate() {
             if let Some(s) = self.present_slot[i] {
+                // (In place, `present.*` are empty and `past` is too.)
                 if s < self.past.len() {
                     self.past[s] = out;
                 }
@@ -315,14 +351,7 @@ impl Session {
 
     fn execute(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
         let started = Instant::now();
-        if self.state.is_none() {
-            self.state = Some(
-                self.model
-                    .plan
-                    .spawn()
-                    .map_err(|e| EngineError::Runtime(format!("{e:#}")))?,
-            );
-        }
+        self.state()?;
         let state = self.state.as_mut().expect("spawned above");
         let profile = self.profile.as_mut();
         // A panic inside tract (an op meeting input it did not expect) must not take the host down.
@@ -364,6 +393,32 @@ impl Session {
                 Err(EngineError::Runtime(
                     "the inference engine panicked on these inputs".into(),
                 ))
+            }
+        }
+    }
+}
+
+impl Session {
+    /// The plan's run state, spawned on first use.
+    fn state(&mut self) -> Result<&mut TypedSimpleState, EngineError> {
+        if self.state.is_none() {
+            self.state = Some(self.model.plan.spawn().map_err(runtime)?);
+        }
+        Ok(self.state.as_mut().expect("spawned above"))
+    }
+
+    /// Calls `f(layer, cache)` on each layer's in-place cache (none before the state exists, when
+    /// every cache is empty anyway).
+    fn for_each_cache(&mut self, mut f: impl FnMut(usize, &mut KvCache)) {
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        for (layer, &node) in self.model.kv_nodes.iter().enumerate() {
+            let cache = state.op_states[node]
+                .as_mut()
+                .and_then(|s| s.downcast_mut::<KvCache>());
+            if let Some(cache) = cache {
+                f(layer, cache);
             }
         }
     }
@@ -463,11 +518,15 @@ fn summarize(names: &[String]) -> String {
     }
 }
 
-/// A session's KV cache at one moment, shared without copying (tensors are reference-counted):
-/// what a prefix cache keeps to seed later sessions that start with the same tokens.
+/// A session's KV cache at one moment, shared without copying (tensors and in-place buffers are
+/// reference-counted; a session copies a shared buffer before it writes to it): what a prefix
+/// cache keeps to seed later sessions that start with the same tokens.
 #[derive(Clone)]
 pub struct KvSnapshot {
+    /// The tensors of a model whose graph concatenates the cache.
     past: Vec<TValue>,
+    /// The layers' buffers of a model that keeps it in place.
+    layers: Vec<KvCache>,
     len: usize,
 }
 
@@ -483,18 +542,23 @@ impl KvSnapshot {
 
     /// Bytes of the KV tensors.
     pub fn bytes(&self) -> usize {
-        self.past
+        let tensors: usize = self
+            .past
             .iter()
             .map(|t| t.len() * t.datum_type().size_of())
-            .sum()
+            .sum();
+        tensors + self.layers.iter().map(KvCache::bytes).sum::<usize>()
     }
 }
 
 impl Session {
     /// The KV cache as it is now (no copy).
-    pub fn snapshot(&self) -> KvSnapshot {
+    pub fn snapshot(&mut self) -> KvSnapshot {
+        let mut layers = vec![];
+        self.for_each_cache(|_, c| layers.push(c.clone()));
         KvSnapshot {
             past: self.past.clone(),
+            layers,
             len: self.cached,
         }
     }
@@ -502,14 +566,27 @@ impl Session {
     /// Replaces the KV cache with the first `len` positions of `snapshot` (taken from a session
     /// of the same model). The next step continues at position `len`.
     pub fn restore(&mut self, snapshot: &KvSnapshot, len: usize) -> Result<(), EngineError> {
-        if len > snapshot.len || snapshot.past.len() != self.past.len() {
+        let layers = self.model.kv_nodes.len();
+        let fits = if self.model.kv_in_place() {
+            snapshot.layers.len() == layers || snapshot.len == 0
+        } else {
+            snapshot.past.len() == self.past.len()
+        };
+        if len > snapshot.len || !fits {
             return Err(EngineError::InvalidInput(format!(
                 "a KV snapshot of {} tokens and {} tensors cannot seed {len} tokens of this model",
                 snapshot.len,
-                snapshot.past.len()
+                snapshot.past.len() + snapshot.layers.len() * 2
             )));
         }
-        self.past = snapshot.past.clone();
+        if self.model.kv_in_place() {
+            self.state()?;
+            self.for_each_cache(|layer, c| {
+                *c = snapshot.layers.get(layer).cloned().unwrap_or_default();
+            });
+        } else {
+            self.past = snapshot.past.clone();
+        }
         self.cached = snapshot.len;
         self.truncate(len)
     }

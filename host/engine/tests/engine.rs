@@ -233,6 +233,86 @@ fn stateless_calls_match_stateful() {
     assert!(max_diff(&logits, &step(&mut stateful, &PREFILL[..3], 0)) < 1e-5);
 }
 
+/// The bits of a logits row, for exact comparisons.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn the_kv_cache_stays_in_place_and_equals_the_concatenated_one_bit_for_bit() {
+    // The session's cache lives in the attention ops (written in place); a stateless call
+    // concatenates the cache it is given. Over a 64-step greedy generation both give the same
+    // logits, bit for bit, and a snapshot taken midway still seeds the same continuation after
+    // its session wrote past it (copy-on-write).
+    for file in ["model.onnx", "model_int8.onnx", "model_f32.onnx"] {
+        let m = load(file);
+        assert!(m.kv_in_place(), "{file}: the KV cache is concatenated");
+        let info = m.info().clone();
+        let mut session = Session::new(m.clone());
+        let mut stateless = Session::new(m.clone());
+        let mut inputs = stateless_inputs(&info, &PREFILL);
+        let mut ids: Vec<i64> = PREFILL.to_vec();
+        let mut logits = step(&mut session, &PREFILL, 0);
+        let mut history = vec![logits.clone()];
+        let mut snapshot = None;
+        for i in 0..64 {
+            let out = stateless.run(inputs.clone()).unwrap();
+            let expected = output(&out, LOGITS).unwrap().to_f32().unwrap();
+            let last = &expected[expected.len() - info.vocab..];
+            assert_eq!(bits(&logits), bits(last), "{file}: step {i}");
+            let next = argmax(&logits) as i64;
+            if i == 20 {
+                snapshot = Some(session.snapshot());
+            }
+            let pos = ids.len();
+            ids.push(next);
+            inputs = vec![
+                (INPUT_IDS.into(), Tensor::from_i64(vec![1, 1], &[next])),
+                (POSITION_IDS.into(), Tensor::from_i64(vec![1, 1], &[pos as i64])),
+            ];
+            for (name, t) in out.into_iter().filter(|(n, _)| n.starts_with(PRESENT_PREFIX)) {
+                inputs.push((name.replacen(PRESENT_PREFIX, "past_key_values.", 1), t));
+            }
+            logits = step(&mut session, &[next], pos);
+            history.push(logits.clone());
+        }
+        // The snapshot covers PREFILL and 20 generated tokens; seed it 2 tokens short.
+        let snapshot = snapshot.unwrap();
+        let at = PREFILL.len() + 20 - 2;
+        assert_eq!(snapshot.len(), PREFILL.len() + 20);
+        let mut seeded = Session::new(m.clone());
+        seeded.restore(&snapshot, at).unwrap();
+        for pos in at..at + 5 {
+            let got = step(&mut seeded, &[ids[pos]], pos);
+            assert_eq!(bits(&got), bits(&history[pos + 1 - PREFILL.len()]), "{file}: {pos}");
+        }
+        // The snapshot's own positions are unchanged by what `seeded` wrote after `at`.
+        let mut again = Session::new(m);
+        again.restore(&snapshot, snapshot.len()).unwrap();
+        let pos = snapshot.len();
+        let got = step(&mut again, &[ids[pos]], pos);
+        assert_eq!(bits(&got), bits(&history[pos + 1 - PREFILL.len()]), "{file}: restored");
+    }
+}
+
+#[test]
+fn stateless_past_tensors_must_be_whole() {
+    // A session passes 0-wide past tensors to the plan; a caller's stateless call may not.
+    let m = load("model.onnx");
+    let info = m.info().clone();
+    let mut inputs = stateless_inputs(&info, &PREFILL[..2]);
+    for (name, t) in inputs.iter_mut() {
+        if name.starts_with("past_key_values.") {
+            *t = Tensor::from_f32(vec![1, info.kv_heads, 0, 0], &[]);
+        }
+    }
+    let mut s = Session::new(m);
+    match s.run(inputs) {
+        Err(EngineError::InvalidInput(msg)) => assert!(msg.contains("past_key_values"), "{msg}"),
+        other => panic!("expected an input error, got {other:?}"),
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     let m = load("model.onnx");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 
 use crate::ops::attention::Attention;
+use crate::ops::kv_attention::KvAttention;
 use crate::ops::qgather::QGather;
 use crate::ops::qmatmul::QMatMul;
 use crate::{names, EngineError};
@@ -46,6 +47,9 @@ pub struct Model {
     pub(crate) input_kinds: Vec<InputKind>,
     pub(crate) output_names: Vec<String>,
     pub(crate) info: ModelInfo,
+    /// The plan nodes that keep each layer's KV cache in their state (by layer), when every
+    /// layer's does ([`crate::onnx::kv_cache`]); empty when the cache flows through the graph.
+    pub(crate) kv_nodes: Vec<usize>,
 }
 
 impl std::fmt::Debug for Model {
@@ -122,15 +126,17 @@ impl Model {
         input_kinds: Vec<InputKind>,
         prepare: impl FnOnce(TypedModel) -> TractResult<Arc<TypedRunnableModel>>,
     ) -> Result<Model, EngineError> {
-        let info = Self::read_info(&typed, &input_kinds, &output_names)
+        let mut info = Self::read_info(&typed, &input_kinds, &output_names)
             .map_err(|e| EngineError::load(name, e))?;
         let plan = prepare(typed).map_err(|e| EngineError::load(name, e))?;
+        let kv_nodes = Self::kv_nodes(&plan, &mut info);
         Ok(Model {
             plan,
             input_names,
             input_kinds,
             output_names,
             info,
+            kv_nodes,
         })
     }
 
@@ -174,6 +180,29 @@ impl Model {
         Ok(info)
     }
 
+    /// The nodes keeping each layer's cache in place, by layer, when there is one per layer. The
+    /// rewrite made the KV tensors' width symbolic: `info` takes the head width from the keys.
+    fn kv_nodes(plan: &TypedRunnableModel, info: &mut ModelInfo) -> Vec<usize> {
+        let model = plan.model();
+        let mut nodes = vec![None; info.layers];
+        for node in model.nodes() {
+            if let Some(op) = node.op_as::<KvAttention>() {
+                match nodes.get_mut(op.layer) {
+                    Some(slot @ None) => *slot = Some(node.id),
+                    _ => return vec![],
+                }
+                let keys = model.outlet_fact(node.inputs[2]).ok();
+                if let Some(d) = keys.and_then(|f| f.shape.get(3).and_then(|d| d.as_i64())) {
+                    info.head_dim = d as usize;
+                }
+            }
+        }
+        nodes
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
+    }
+
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -211,10 +240,17 @@ impl Model {
         self.count(|n| n.op_is::<QGather>())
     }
 
-    /// How many attention chains of the plan run fused ([`Attention`]).
+    /// How many attention chains of the plan run fused ([`Attention`], [`KvAttention`]).
     #[doc(hidden)]
     pub fn fused_attentions(&self) -> usize {
-        self.count(|n| n.op_is::<Attention>())
+        self.count(|n| n.op_is::<Attention>() || n.op_is::<KvAttention>())
+    }
+
+    /// Whether the KV cache stays in place in the attention ops' state (else the graph
+    /// concatenates it every step).
+    #[doc(hidden)]
+    pub fn kv_in_place(&self) -> bool {
+        !self.kv_nodes.is_empty()
     }
 
     /// Names of the model's inputs, in order.

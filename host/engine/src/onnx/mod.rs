@@ -1,7 +1,8 @@
 //! The ONNX protobuf before tract parses it: decoded from the file without holding it twice
 //! ([`proto`]), then rewritten so that tract builds our ops ([`crate::ops`]) where the export
 //! spells out what they do: Q4_1 `MatMulNBits` ([`q4_1`]) and int8 `MatMul`s ([`int8`]) keep
-//! their weights quantized, attention chains are fused ([`attention`]). The file is unchanged
+//! their weights quantized, attention chains are fused ([`attention`]), and their KV cache kept in place
+//! ([`kv_cache`]). The file is unchanged
 //! (it stays what ONNX Runtime runs); patterns that do not fit exactly are left to tract.
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use crate::ops::Packed;
 pub(crate) mod attention;
 pub(crate) mod graph;
 pub(crate) mod int8;
+pub(crate) mod kv_cache;
 pub(crate) mod proto;
 pub(crate) mod q4_1;
 
@@ -29,6 +31,7 @@ pub(crate) fn rewrite(
         // A Q4_1 model already rounds activations to 8 bits per block: its int8 LM head does too.
         let head_q8 = weights.values().any(|w| matches!(w, Packed::Q4_1(_)));
         int8::rewrite(graph, &mut weights, head_q8);
+        kv_cache::rewrite(graph);
     }
     weights
 }

@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::{attend_row, Query};
+use crate::kernels::attention::{attend_block, Block, BLOCK_ROWS};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -70,7 +70,7 @@ impl Op for Attention {
 
 /// Element strides of `shape` seen as `target` (right-aligned, numpy broadcasting): 0 on an
 /// axis of size 1 that `target` repeats.
-fn broadcast_strides(shape: &[usize], target: &[usize]) -> TractResult<Vec<usize>> {
+pub(crate) fn broadcast_strides(shape: &[usize], target: &[usize]) -> TractResult<Vec<usize>> {
     ensure!(
         shape.len() <= target.len(),
         "cannot broadcast {shape:?} to {target:?}"
@@ -87,13 +87,71 @@ fn broadcast_strides(shape: &[usize], target: &[usize]) -> TractResult<Vec<usize
 }
 
 /// Offset of the leading-axes index `lead` (row-major over `dims`) under `strides`.
-fn offset(mut lead: usize, dims: &[usize], strides: &[usize]) -> usize {
+pub(crate) fn offset(mut lead: usize, dims: &[usize], strides: &[usize]) -> usize {
     let mut off = 0;
     for (d, s) in dims.iter().zip(strides).rev() {
         off += (lead % d) * s;
         lead /= d;
     }
     off
+}
+
+/// An attention over `heads * m` query rows (`q` is `[heads, m, d]`): each against the `t` keys
+/// and values of its head, which start at `keys[key_head(h)..]` and `values[value_head(h)..]`
+/// (`[t, d]` and `[t, dv]`), with the mask of row i of head h at `mask[mask_head(h) + i *
+/// mask_row + j * mask_col]`.
+pub(crate) struct Heads<'a> {
+    pub(crate) q: &'a [f32],
+    pub(crate) heads: usize,
+    pub(crate) m: usize,
+    pub(crate) d: usize,
+    pub(crate) keys: &'a [f32],
+    pub(crate) key_head: &'a (dyn Fn(usize) -> usize + Sync),
+    pub(crate) values: &'a [f32],
+    pub(crate) value_head: &'a (dyn Fn(usize) -> usize + Sync),
+    pub(crate) t: usize,
+    pub(crate) dv: usize,
+    pub(crate) mask: &'a [f32],
+    pub(crate) mask_head: &'a (dyn Fn(usize) -> usize + Sync),
+    pub(crate) mask_row: usize,
+    pub(crate) mask_col: usize,
+    pub(crate) scale: f32,
+}
+
+/// The `[heads, m, dv]` result of `a`: rows split across threads, each thread's rows in blocks
+/// of one head ([`attend_block`]).
+pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
+    let (m, d, t, dv) = (a.m, a.d, a.t, a.dv);
+    let rows = a.heads * m;
+    let mut out = vec![0f32; rows * dv];
+    let dst = OutPtr(out.as_mut_ptr());
+    let run = |r0: usize, r1: usize| {
+        let mut scores = vec![0f32; BLOCK_ROWS * t];
+        let mut row = r0;
+        while row < r1 {
+            let (h, i) = (row / m, row % m);
+            let end = r1.min((h + 1) * m).min(row + BLOCK_ROWS);
+            let n = end - row;
+            let mask_base = (a.mask_head)(h) + i * a.mask_row;
+            let mask_of = |r: usize, j: usize| a.mask[mask_base + r * a.mask_row + j * a.mask_col];
+            let block = Block {
+                q: &a.q[row * d..end * d],
+                d,
+                k: &a.keys[(a.key_head)(h)..][..t * d],
+                v: &a.values[(a.value_head)(h)..][..t * dv],
+                mask: &mask_of,
+                scale: a.scale,
+            };
+            // SAFETY: end <= heads * m, so the rows row..end of `out` (heads * m * dv long,
+            // alive until the calls return) are inside it; each row is written by exactly one
+            // call, so the slice aliases nothing.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), n * dv) };
+            attend_block(&block, &mut scores[..n * t], o);
+            row = end;
+        }
+    };
+    parallel_ranges(rows, rows * t * (d + dv), &run);
+    out
 }
 
 impl EvalOp for Attention {
@@ -133,41 +191,25 @@ impl EvalOp for Attention {
             v.try_as_plain_ram()?,
             mask.try_as_plain_ram()?,
         ];
-        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) = (
-            views[0].as_slice()?,
-            views[1].as_slice()?,
-            views[2].as_slice()?,
-            views[3].as_slice()?,
-        );
-
         let mut out_shape: TVec<usize> = q.shape().into();
         out_shape[rank - 1] = dv;
-        let mut out = vec![0f32; heads * m * dv];
-        let dst = OutPtr(out.as_mut_ptr());
-        let rows = heads * m;
-        let run = |r0: usize, r1: usize| {
-            let mut scores = vec![0f32; t];
-            for row in r0..r1 {
-                let (h, i) = (row / m, row % m);
-                let kh = &kd[offset(h, lead, &ks)..][..t * d];
-                let vh = &vd[offset(h, lead, &vs)..][..t * dv];
-                let mask_base = offset(h, lead, &mask_strides[..rank - 2]) + i * mask_row;
-                // SAFETY: row < heads * m, so the Dv values from row * dv are inside `out`
-                // (heads * m * dv long, alive until the calls return); each row is written by
-                // exactly one call, so the slice aliases nothing.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), dv) };
-                let mask_of = |j: usize| maskd[mask_base + j * mask_col];
-                let query = Query {
-                    q: &qd[row * d..(row + 1) * d],
-                    k: kh,
-                    v: vh,
-                    mask: &mask_of,
-                    scale: self.scale,
-                };
-                attend_row(&query, &mut scores, o);
-            }
-        };
-        parallel_ranges(rows, rows * t * (d + dv), &run);
+        let out = attend_heads(&Heads {
+            q: views[0].as_slice()?,
+            heads,
+            m,
+            d,
+            keys: views[1].as_slice()?,
+            key_head: &|h| offset(h, lead, &ks),
+            values: views[2].as_slice()?,
+            value_head: &|h| offset(h, lead, &vs),
+            t,
+            dv,
+            mask: views[3].as_slice()?,
+            mask_head: &|h| offset(h, lead, &mask_strides[..rank - 2]),
+            mask_row,
+            mask_col,
+            scale: self.scale,
+        });
         Ok(tvec!(Tensor::from_shape(&out_shape, &out)?.into_tvalue()))
     }
 }

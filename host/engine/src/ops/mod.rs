@@ -1,7 +1,8 @@
 //! Our tract ops, and how tract's ONNX front end builds them from the nodes that the rewrites
 //! ([`crate::onnx`]) leave: `SlmQMatMul` ([`qmatmul::QMatMul`]) and `SlmQGather`
 //! ([`qgather::QGather`]) on quantized weights ([`Packed`]), `SlmAttention`
-//! ([`attention::Attention`]). The weights do not go through the protobuf: the rewrite leaves
+//! ([`attention::Attention`]), `SlmKvAttention` ([`kv_attention::KvAttention`], with the KV cache
+//! in its state). The weights do not go through the protobuf: the rewrite leaves
 //! them in a registry ([`with_weights`]) under a key that the node's `weights` attribute names.
 
 use std::cell::RefCell;
@@ -12,6 +13,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 pub(crate) mod attention;
+pub(crate) mod kv_attention;
 mod packed;
 pub(crate) mod qgather;
 pub(crate) mod qmatmul;
@@ -22,10 +24,13 @@ pub(crate) use packed::Packed;
 pub(crate) const QMATMUL: &str = "SlmQMatMul";
 pub(crate) const QGATHER: &str = "SlmQGather";
 pub(crate) const ATTENTION: &str = "SlmAttention";
+pub(crate) const KV_ATTENTION: &str = "SlmKvAttention";
 /// String attribute of `SlmQMatMul` and `SlmQGather`: the key of their weights.
 pub(crate) const WEIGHTS: &str = "weights";
 /// Float attribute of `SlmAttention`: the factor of the scores.
 pub(crate) const SCALE: &str = "scale";
+/// Int attribute of `SlmKvAttention`: the decoder layer whose cache it keeps.
+pub(crate) const LAYER: &str = "layer";
 
 thread_local! {
     /// Weights of the rewritten nodes, by key, while tract parses the rewritten protobuf.
@@ -37,6 +42,7 @@ pub(crate) fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(QMATMUL, qmatmul::build);
     onnx.op_register.insert(QGATHER, qgather::build);
     onnx.op_register.insert(ATTENTION, attention::build);
+    onnx.op_register.insert(KV_ATTENTION, kv_attention::build);
 }
 
 /// Runs `f` (the parse of a rewritten protobuf) with `weights` available to the op builders.

@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--no-onnxruntime", action="store_true",
+                    help="leave ONNX Runtime out (long prompts: it decodes at a few tokens/s there)")
     ap.add_argument("--hogs", type=int, default=0,
                     help="also measure ours and llama.cpp with this many CPU hogs running (noisy neighbours)")
     args = ap.parse_args()
@@ -165,27 +167,29 @@ def main() -> None:
         # drifts by tens of percent over a minute (shared host), and a drift must hit every
         # runtime alike. Medians over the rounds.
         llama_run = llamacpp_runner(ids, args.gen_tokens, threads)
-        ort_run = ort_runner(ids, args.gen_tokens, threads)
+        ort_run = None if args.no_onnxruntime else ort_runner(ids, args.gen_tokens, threads)
         # ONNX Runtime also on the int8 file (which it folds to f32): its MatMulNBits with float
         # zero points (the default Q4_1 file) takes a slow path, so that column alone flatters us.
         int8_file = variant_path(MODEL_DIR, "model_int8.onnx")
-        int8 = int8_file.is_file()
+        int8 = int8_file.is_file() and ort_run is not None
         ort_int8_run = ort_runner(ids, args.gen_tokens, threads, str(int8_file)) if int8 else None
         rounds = {"ours": [], "llama.cpp": [], "onnxruntime": [], "onnxruntime_int8": []}
         for _ in range(args.runs):
             rounds["ours"].append(bench_ours(args.prompt_tokens, args.gen_tokens, threads, 1))
             rounds["llama.cpp"].append(llama_run())
-            rounds["onnxruntime"].append(ort_run())
+            if ort_run:
+                rounds["onnxruntime"].append(ort_run())
             if ort_int8_run:
                 rounds["onnxruntime_int8"].append(ort_int8_run())
         last = rounds["ours"][-1]
         ours = {**last, **median_of([{k: r[k] for k in ("ttft_ms", "prefill_tps", "decode_tps")} for r in rounds["ours"]])}
-        llama, ort = median_of(rounds["llama.cpp"]), median_of(rounds["onnxruntime"])
+        llama = median_of(rounds["llama.cpp"])
+        nan = float("nan")
+        ort = median_of(rounds["onnxruntime"]) if ort_run else {k: nan for k in llama}
         ort8 = median_of(rounds["onnxruntime_int8"]) if int8 else None
         bound = bw * 1e9 / weight_bytes  # every weight byte read once per decoded token
         report["threads"][threads] = {"ours": ours, "llama.cpp": llama, "onnxruntime": ort,
                                       "onnxruntime_int8": ort8, "decode_bound_tps": bound}
-        nan = float("nan")
         for metric in ("decode_tps", "prefill_tps"):
             rows.append((threads, metric, ours[metric], ours[metric] / llama[metric], ours[metric] / ort[metric],
                          ours[metric] / ort8[metric] if ort8 else nan, ours[metric] / bound if metric == "decode_tps" else nan))

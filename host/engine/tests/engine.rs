@@ -268,9 +268,15 @@ fn the_kv_cache_stays_in_place_and_equals_the_concatenated_one_bit_for_bit() {
             ids.push(next);
             inputs = vec![
                 (INPUT_IDS.into(), Tensor::from_i64(vec![1, 1], &[next])),
-                (POSITION_IDS.into(), Tensor::from_i64(vec![1, 1], &[pos as i64])),
+                (
+                    POSITION_IDS.into(),
+                    Tensor::from_i64(vec![1, 1], &[pos as i64]),
+                ),
             ];
-            for (name, t) in out.into_iter().filter(|(n, _)| n.starts_with(PRESENT_PREFIX)) {
+            for (name, t) in out
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(PRESENT_PREFIX))
+            {
                 inputs.push((name.replacen(PRESENT_PREFIX, "past_key_values.", 1), t));
             }
             logits = step(&mut session, &[next], pos);
@@ -284,14 +290,22 @@ fn the_kv_cache_stays_in_place_and_equals_the_concatenated_one_bit_for_bit() {
         seeded.restore(&snapshot, at).unwrap();
         for pos in at..at + 5 {
             let got = step(&mut seeded, &[ids[pos]], pos);
-            assert_eq!(bits(&got), bits(&history[pos + 1 - PREFILL.len()]), "{file}: {pos}");
+            assert_eq!(
+                bits(&got),
+                bits(&history[pos + 1 - PREFILL.len()]),
+                "{file}: {pos}"
+            );
         }
         // The snapshot's own positions are unchanged by what `seeded` wrote after `at`.
         let mut again = Session::new(m);
         again.restore(&snapshot, snapshot.len()).unwrap();
         let pos = snapshot.len();
         let got = step(&mut again, &[ids[pos]], pos);
-        assert_eq!(bits(&got), bits(&history[pos + 1 - PREFILL.len()]), "{file}: restored");
+        assert_eq!(
+            bits(&got),
+            bits(&history[pos + 1 - PREFILL.len()]),
+            "{file}: restored"
+        );
     }
 }
 

@@ -357,3 +357,142 @@ impl TypedOp for KvAttention {
 
     as_op!();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tv(data: &[f32], shape: &[usize]) -> TValue {
+        Tensor::from_shape(shape, data).unwrap().into_tvalue()
+    }
+
+    fn values(t: &TValue) -> Vec<u32> {
+        let view = t.try_as_plain_ram().unwrap();
+        view.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    /// Causal mask for `s` new tokens after `p` cached ones, `[s, p + s]`.
+    fn causal(p: usize, s: usize) -> Vec<f32> {
+        (0..s * (p + s))
+            .map(|x| {
+                if x % (p + s) <= p + x / (p + s) {
+                    0.0
+                } else {
+                    -1e9
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steps_in_place_equal_stateless_steps_and_survive_a_shared_buffer() {
+        let (heads, d) = (2, 8);
+        let op = KvAttention {
+            scale: 0.35,
+            layer: 0,
+        };
+        let val = |i: usize| (i * 7919 % 113) as f32 / 56.0 - 1.0;
+        let mut cache = KvCache::default();
+        let (mut past_k, mut past_v) = (vec![], vec![]);
+        let mut p = 0;
+        let mut seed = 0;
+        let mut snapshot = None;
+        // Prefill 5, then 1, 1, 70 (past the first capacity, 69), 1 token(s).
+        for s in [5, 1, 1, 70, 1] {
+            let mut fresh = |n: usize| {
+                seed += n;
+                (0..n).map(|i| val(i + seed)).collect::<Vec<f32>>()
+            };
+            let (q, k, v) = (
+                fresh(heads * s * d),
+                fresh(heads * s * d),
+                fresh(heads * s * d),
+            );
+            let mask = tv(&causal(p, s), &[s, p + s]);
+            let new = |x: &[f32]| tv(x, &[1, heads, s, d]);
+            let empty = tv(&[], &[1, heads, p, 0]);
+            let stateful = OpState::eval(
+                &mut cache,
+                &EvalContext::out_of_plan(),
+                &op,
+                tvec!(
+                    new(&q),
+                    empty.clone(),
+                    new(&k),
+                    empty,
+                    new(&v),
+                    mask.clone()
+                ),
+            )
+            .unwrap();
+            let stateless = EvalOp::eval(
+                &op,
+                &EvalContext::out_of_plan(),
+                tvec!(
+                    new(&q),
+                    tv(&past_k, &[1, heads, p, d]),
+                    new(&k),
+                    tv(&past_v, &[1, heads, p, d]),
+                    new(&v),
+                    mask
+                ),
+            )
+            .unwrap();
+            assert_eq!(values(&stateful[0]), values(&stateless[0]), "after {p}");
+            assert_eq!(stateful[1].shape(), &[1, heads, p + s, 0]);
+            past_k = stateless[1]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec();
+            past_v = stateless[2]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<f32>()
+                .unwrap()
+                .to_vec();
+            p += s;
+            assert_eq!(cache.len, p);
+            if p == 6 {
+                // A snapshot shares the buffers: the next steps copy before they write.
+                snapshot = Some((cache.clone(), past_k.clone()));
+            }
+        }
+        let (snap, snap_k) = snapshot.unwrap();
+        let keys: Vec<f32> = (0..heads)
+            .flat_map(|h| snap.keys[h * snap.cap * d..][..snap.len * d].to_vec())
+            .collect();
+        assert_eq!(keys, snap_k, "the snapshot's keys changed");
+    }
+
+    #[test]
+    fn a_session_cache_that_lost_its_place_is_an_error() {
+        let op = KvAttention {
+            scale: 1.0,
+            layer: 3,
+        };
+        let mut cache = KvCache::default();
+        let x = tv(&[0.5; 4], &[1, 1, 1, 4]);
+        let past = tv(&[], &[1, 1, 2, 0]);
+        let err = OpState::eval(
+            &mut cache,
+            &EvalContext::out_of_plan(),
+            &op,
+            tvec!(
+                x.clone(),
+                past.clone(),
+                x.clone(),
+                past,
+                x,
+                tv(&[0.0; 3], &[1, 3])
+            ),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("layer 3"), "{err}");
+    }
+}

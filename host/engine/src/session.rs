@@ -274,6 +274,11 @@ impl Session {
         }
         // int_row refused an empty row: there is at least one chunk.
         let mut logits = None;
+        if self.model.kv_in_place() {
+            let total = start + ids.len();
+            self.state()?;
+            self.for_each_cache(|_, c| c.expect(total));
+        }
         for (c, chunk) in ids.chunks(self.chunk).enumerate() {
             logits = Some(self.run_chunk(chunk, start + c * self.chunk)?);
         }

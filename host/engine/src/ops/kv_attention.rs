@@ -60,9 +60,17 @@ pub struct KvCache {
     values: Arc<Vec<F16>>,
     cap: usize,
     pub(crate) len: usize,
+    /// Tokens the cache is about to hold (a prompt's length, before its chunks run): the first
+    /// growth makes room for them all, so a long prompt allocates its cache once.
+    expect: usize,
 }
 
 impl KvCache {
+    /// Makes the next growth room for `tokens` tokens at least.
+    pub(crate) fn expect(&mut self, tokens: usize) {
+        self.expect = tokens;
+    }
+
     /// Keeps the first `len` tokens. (The rows after them are overwritten by the next write, or
     /// left behind when a shared buffer is copied.)
     pub(crate) fn truncate(&mut self, len: usize) {
@@ -89,7 +97,7 @@ impl KvCache {
             let cap = if fits && need <= self.cap {
                 self.cap
             } else {
-                need + need / 8 + 64
+                need.max(self.expect) + need / 8 + 64
             };
             let old = self.cap;
             let len = if fits { self.len } else { 0 };

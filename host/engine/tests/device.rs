@@ -66,8 +66,7 @@ fn gpu_placement_without_a_gpu_is_an_error_not_a_panic() {
 
 /// The GPU plan's graph on the CPU agrees with the default engine, and keeps the session
 /// contract: prefill == token by token, rewind == fresh run, snapshot restore. On the int8 file,
-/// whose kernels keep activations f32, to the rounding of the default engine's KV cache to half
-/// precision (the plain plan keeps it f32; measured 0.005 on logits up to 50); on the default (Q4_1) file, whose
+/// whose kernels keep activations f32, to f32 rounding; on the default (Q4_1) file, whose
 /// MatMulNBits the plain plan runs on dequantized f32 weights, within the 8-bit rounding of the
 /// activations that our Q4_1 kernels do (engine.rs: TOL_Q4_1).
 #[test]
@@ -106,14 +105,14 @@ fn plain_plan_matches_the_default_engine() {
     let a = step(&mut p, &ids, 0);
     let b = step(&mut d, &ids, 0);
     assert!(
-        max_diff(&a, &b) < 2e-2,
+        max_diff(&a, &b) < 1e-3,
         "plain vs default: {}",
         max_diff(&a, &b)
     );
     for (i, t) in [2i64, 198, 1].into_iter().enumerate() {
         let pos = ids.len() + i;
         let (x, y) = (step(&mut p, &[t], pos), step(&mut d, &[t], pos));
-        assert!(max_diff(&x, &y) < 2e-2, "step {i}: {}", max_diff(&x, &y));
+        assert!(max_diff(&x, &y) < 1e-3, "step {i}: {}", max_diff(&x, &y));
     }
     // Rewind into the prompt and recompute its end: the prefill's logits again.
     let again = step(&mut p, &ids[4..], 4);

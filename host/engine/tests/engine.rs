@@ -95,15 +95,14 @@ fn quantized_weights_stay_quantized() {
 
 #[test]
 fn logits_match_onnx_runtime() {
-    // Tolerance: f32 and int8 kernels differ from ONNX Runtime's in summation order, and our KV
-    // cache is kept in half precision (ONNX Runtime's in f32): 1e-2 absolute on logits of
-    // magnitude ~10 (measured 0.004 to 0.007; 0.001 with an f32 cache). The Q4_1 kernels also round activations to 8 bits per
+    // Tolerance: f32 and int8 kernels differ from ONNX Runtime's in summation order only; 2e-3
+    // absolute on logits of magnitude ~10. The Q4_1 kernels also round activations to 8 bits per
     // block of 32 (ONNX Runtime keeps them f32), which moves these logits by up to TOL_Q4_1; its
     // effect on perplexity is bounded on the real model (tests/python/test_quality.py).
     let mut failures = vec![];
     for (file, tolerance) in [
-        ("model_f32.onnx", 1e-2),
-        ("model_int8.onnx", 1e-2),
+        ("model_f32.onnx", 2e-3),
+        ("model_int8.onnx", 2e-3),
         ("model.onnx", TOL_Q4_1),
     ] {
         let out = root().join(format!("target/test-models/ort-{file}.json"));

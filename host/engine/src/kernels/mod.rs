@@ -1,13 +1,11 @@
 //! The compute kernels of our ops: matrix products on int8 ([`int8`]), Q4_1 ([`q4_1`]) and Q8
 //! ([`q8`]) weights, a row of fused attention ([`attention`]); the rounding of activations to 8
-//! bits that the Q4_1 and Q8 products share ([`quantize`], [`dispatch`]); half floats for the KV
-//! cache ([`f16`]); which instructions the
+//! bits that the Q4_1 and Q8 products share ([`quantize`], [`dispatch`]); which instructions the
 //! CPU has ([`cpu`]); how a product is split across threads ([`parallel`], `pool`).
 
 pub(crate) mod attention;
 pub(crate) mod cpu;
 pub(crate) mod dispatch;
-pub(crate) mod f16;
 pub(crate) mod int8;
 pub(crate) mod parallel;
 #[cfg(feature = "threads")]

@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::{attend_block, Block, KvElem, BLOCK_ROWS};
+use crate::kernels::attention::{attend_block, Block, BLOCK_ROWS};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -100,14 +100,14 @@ pub(crate) fn offset(mut lead: usize, dims: &[usize], strides: &[usize]) -> usiz
 /// and values of its head, which start at `keys[key_head(h)..]` and `values[value_head(h)..]`
 /// (`[t, d]` and `[t, dv]`), with the mask of row i of head h at `mask[mask_head(h) + i *
 /// mask_row + j * mask_col]`.
-pub(crate) struct Heads<'a, T> {
+pub(crate) struct Heads<'a> {
     pub(crate) q: &'a [f32],
     pub(crate) heads: usize,
     pub(crate) m: usize,
     pub(crate) d: usize,
-    pub(crate) keys: &'a [T],
+    pub(crate) keys: &'a [f32],
     pub(crate) key_head: &'a (dyn Fn(usize) -> usize + Sync),
-    pub(crate) values: &'a [T],
+    pub(crate) values: &'a [f32],
     pub(crate) value_head: &'a (dyn Fn(usize) -> usize + Sync),
     pub(crate) t: usize,
     pub(crate) dv: usize,
@@ -120,7 +120,7 @@ pub(crate) struct Heads<'a, T> {
 
 /// The `[heads, m, dv]` result of `a`: rows split across threads, each thread's rows in blocks
 /// of one head ([`attend_block`]).
-pub(crate) fn attend_heads<T: KvElem>(a: &Heads<T>) -> Vec<f32> {
+pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
     let (m, d, t, dv) = (a.m, a.d, a.t, a.dv);
     let rows = a.heads * m;
     let mut out = vec![0f32; rows * dv];
@@ -132,14 +132,14 @@ pub(crate) fn attend_heads<T: KvElem>(a: &Heads<T>) -> Vec<f32> {
             let (h, i) = (row / m, row % m);
             let end = r1.min((h + 1) * m).min(row + BLOCK_ROWS);
             let n = end - row;
+            let mask_base = (a.mask_head)(h) + i * a.mask_row;
+            let mask_of = |r: usize, j: usize| a.mask[mask_base + r * a.mask_row + j * a.mask_col];
             let block = Block {
                 q: &a.q[row * d..end * d],
                 d,
                 k: &a.keys[(a.key_head)(h)..][..t * d],
                 v: &a.values[(a.value_head)(h)..][..t * dv],
-                mask: &a.mask[(a.mask_head)(h) + i * a.mask_row..],
-                mask_row: a.mask_row,
-                mask_col: a.mask_col,
+                mask: &mask_of,
                 scale: a.scale,
             };
             // SAFETY: end <= heads * m, so the rows row..end of `out` (heads * m * dv long,
@@ -198,7 +198,7 @@ impl EvalOp for Attention {
             heads,
             m,
             d,
-            keys: views[1].as_slice::<f32>()?,
+            keys: views[1].as_slice()?,
             key_head: &|h| offset(h, lead, &ks),
             values: views[2].as_slice()?,
             value_head: &|h| offset(h, lead, &vs),

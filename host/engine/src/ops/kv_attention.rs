@@ -1,9 +1,9 @@
 //! `SlmKvAttention`: fused attention that keeps its layer's KV cache in place
 //! ([`crate::onnx::kv_cache`] builds it from an export's `Concat`s and attention).
 //!
-//! In a session, the cache lives in the op's state ([`KvCache`]), in half precision, with
-//! capacity to spare: a step writes its keys and values where the cache ends, and attention
-//! reads them there. Nothing is copied per step, where `Concat` copied the whole cache, every layer, every
+//! In a session, the cache lives in the op's state ([`KvCache`]), token-major with capacity to
+//! spare: a step appends its keys and values where the cache ends, and attention reads them
+//! there. Nothing is copied per step, where `Concat` copied the whole cache, every layer, every
 //! token. A [`crate::KvSnapshot`] shares the buffers; the next write to a shared buffer copies
 //! it first (copy-on-write), so a snapshot never changes.
 //!
@@ -11,8 +11,7 @@
 //! `v [1, H, S, Dv]`, `mask` (broadcast to `[1, H, M, P + S]`); outputs the attention `[1, H, M,
 //! Dv]` and `present_k`, `present_v` (`[1, H, P + S, W]`). W is 0 in a session: the past inputs
 //! carry only the cached length P, and the cache is the state's. A stateless call passes the
-//! whole cache (W = D) and gets it back whole, concatenated, the state untouched; it is rounded
-//! to half precision as a session's is, so both give the same logits, bit for bit.
+//! whole cache (W = D) and gets it back whole, concatenated, the state untouched.
 
 use std::sync::Arc;
 
@@ -24,7 +23,6 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::attention::{attend_heads, broadcast_strides, Heads};
 use super::{KV_ATTENTION, LAYER, SCALE};
-use crate::kernels::f16::F16;
 use crate::onnx::graph::attr;
 
 pub(super) fn build(
@@ -51,13 +49,11 @@ impl Eq for KvAttention {}
 
 /// One layer's KV cache in a session: `len` tokens in buffers of `cap` tokens per head
 /// (`[H, cap, D]`), so a step writes its tokens in place and attention reads each head's keys
-/// contiguously. In half precision ([`F16`]): a decode step at a long context reads the whole
-/// cache, and reads half the bytes. Shared buffers (a snapshot holds them) are copied before
-/// they are written.
+/// contiguously. Shared buffers (a snapshot holds them) are copied before they are written.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    keys: Arc<Vec<F16>>,
-    values: Arc<Vec<F16>>,
+    keys: Arc<Vec<f32>>,
+    values: Arc<Vec<f32>>,
     cap: usize,
     pub(crate) len: usize,
     /// Tokens the cache is about to hold (a prompt's length, before its chunks run): the first
@@ -79,7 +75,7 @@ impl KvCache {
 
     /// Bytes held by the buffers (spare capacity included).
     pub(crate) fn bytes(&self) -> usize {
-        (self.keys.len() + self.values.len()) * std::mem::size_of::<F16>()
+        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
     }
 
     /// Writes `keys` and `values` (`[heads, s, d]` and `[heads, s, dv]`) after the cached tokens:
@@ -110,10 +106,8 @@ impl KvCache {
         for (buf, new, width) in [(&mut self.keys, keys, d), (&mut self.values, values, dv)] {
             let buf = Arc::get_mut(buf).expect("made unique above");
             for h in 0..heads {
-                let dst = &mut buf[(h * cap + len) * width..][..s * width];
-                for (d, &x) in dst.iter_mut().zip(&new[h * s * width..][..s * width]) {
-                    *d = F16::from_f32(x);
-                }
+                buf[(h * cap + len) * width..][..s * width]
+                    .copy_from_slice(&new[h * s * width..][..s * width]);
             }
         }
         self.len = need;
@@ -123,14 +117,14 @@ impl KvCache {
 /// The first `len` tokens of each head of `old` (`[heads, old_cap, width]`) in a new buffer of
 /// `cap` tokens per head.
 fn relayout(
-    old: &[F16],
+    old: &[f32],
     old_cap: usize,
     len: usize,
     cap: usize,
     heads: usize,
     width: usize,
-) -> Vec<F16> {
-    let mut buf = vec![F16::default(); heads * cap * width];
+) -> Vec<f32> {
+    let mut buf = vec![0f32; heads * cap * width];
     for h in 0..heads {
         buf[h * cap * width..][..len * width]
             .copy_from_slice(&old[h * old_cap * width..][..len * width]);
@@ -138,24 +132,14 @@ fn relayout(
     buf
 }
 
-/// `[1, H, P, W]` past and `[1, H, S, W]` new, concatenated on the token axis, in half precision
-/// as a session keeps them.
-fn concat(past: &[f32], new: &[f32], heads: usize, p: usize, s: usize, width: usize) -> Vec<F16> {
+/// `[1, H, P, W]` past and `[1, H, S, W]` new, concatenated on the token axis.
+fn concat(past: &[f32], new: &[f32], heads: usize, p: usize, s: usize, width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(heads * (p + s) * width);
     for h in 0..heads {
-        let rows = past[h * p * width..][..p * width]
-            .iter()
-            .chain(&new[h * s * width..][..s * width]);
-        out.extend(rows.map(|&x| F16::from_f32(x)));
+        out.extend_from_slice(&past[h * p * width..][..p * width]);
+        out.extend_from_slice(&new[h * s * width..][..s * width]);
     }
     out
-}
-
-/// A `[1, heads, tokens, width]` tensor of `values`, widened to f32.
-fn widened(values: &[F16], heads: usize, width: usize) -> TractResult<TValue> {
-    let wide: Vec<f32> = values.iter().map(|h| h.to_f32()).collect();
-    let tokens = values.len().checked_div(heads * width).unwrap_or(0);
-    Ok(Tensor::from_shape(&[1, heads, tokens, width], &wide)?.into_tvalue())
 }
 
 impl KvAttention {
@@ -210,7 +194,7 @@ impl KvAttention {
             views[2].as_slice()?,
             views[3].as_slice()?,
         );
-        let attend = |keys: &[F16], values: &[F16], key_head: usize, value_head: usize| {
+        let attend = |keys: &[f32], values: &[f32], key_head: usize, value_head: usize| {
             attend_heads(&Heads {
                 q: qd,
                 heads,
@@ -257,8 +241,8 @@ impl KvAttention {
         let result = attend(&present_k, &present_v, t * d, t * dv);
         Ok(tvec!(
             out(result)?.into_tvalue(),
-            widened(&present_k, heads, d)?,
-            widened(&present_v, heads, dv)?
+            Tensor::from_shape(&[1, heads, t, d], &present_k)?.into_tvalue(),
+            Tensor::from_shape(&[1, heads, t, dv], &present_v)?.into_tvalue()
         ))
     }
 }
@@ -490,7 +474,6 @@ mod tests {
         let (snap, snap_k) = snapshot.unwrap();
         let keys: Vec<f32> = (0..heads)
             .flat_map(|h| snap.keys[h * snap.cap * d..][..snap.len * d].to_vec())
-            .map(|h| h.to_f32())
             .collect();
         assert_eq!(keys, snap_k, "the snapshot's keys changed");
     }

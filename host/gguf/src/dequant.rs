@@ -1,0 +1,243 @@
+//! Every supported type to f32, equal bit for bit to the reference dequantizer (ggml's
+//! `dequantize_row_*`, and the `gguf` package's numpy port of it, which the tests compare with).
+//!
+//! Bit equality needs the reference's exact arithmetic: f16 scales widened to f32 first, then one
+//! f32 operation at a time in its order (`(d * scale) * q`, `d * q - m`, never fused). Rust does
+//! not contract `a * b + c` into an FMA, so writing it out is enough.
+
+use half::{bf16, f16};
+
+use crate::types::GgmlType;
+
+/// `bytes` (whole blocks of `kind`) as f32 values.
+pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0.0; values_in(kind, bytes)];
+    dequantize_into(kind, bytes, &mut out);
+    out
+}
+
+/// As [`dequantize`], into `out`, which must hold exactly the values of `bytes`.
+///
+/// # Panics
+/// When `bytes` is not whole blocks or `out` has another length: a caller's bug, since
+/// [`crate::Gguf`] checks every tensor's size against its shape when it opens the file.
+pub fn dequantize_into(kind: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(out.len(), values_in(kind, bytes), "{kind}: output length");
+    let blocks = bytes.chunks_exact(kind.block_bytes());
+    let outs = out.chunks_exact_mut(kind.block_len());
+    let one: fn(&[u8], &mut [f32]) = match kind {
+        GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        GgmlType::F16 => |b, y| y[0] = half16(b),
+        GgmlType::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q5_0 => q5_0,
+        GgmlType::Q5_1 => q5_1,
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q2K => q2_k,
+        GgmlType::Q3K => q3_k,
+        GgmlType::Q4K => q4_k,
+        GgmlType::Q5K => q5_k,
+        GgmlType::Q6K => q6_k,
+    };
+    for (block, y) in blocks.zip(outs) {
+        one(block, y);
+    }
+}
+
+fn values_in(kind: GgmlType, bytes: &[u8]) -> usize {
+    assert!(
+        bytes.len() % kind.block_bytes() == 0,
+        "{kind}: {} bytes are not whole blocks of {}",
+        bytes.len(),
+        kind.block_bytes()
+    );
+    bytes.len() / kind.block_bytes() * kind.block_len()
+}
+
+/// A little-endian f16 at the start of `b`, widened (exactly) to f32.
+fn half16(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// The 4-bit values of 16 bytes: low nibbles are values 0..16, high nibbles 16..32.
+fn nibble(qs: &[u8], i: usize) -> u8 {
+    match i < 16 {
+        true => qs[i] & 0x0F,
+        false => qs[i - 16] >> 4,
+    }
+}
+
+// Blocks of 32: [d: f16] [m: f16]? [qh: u32]? [qs].
+
+fn q4_0(b: &[u8], y: &mut [f32]) {
+    let d = half16(b);
+    for (i, y) in y.iter_mut().enumerate() {
+        *y = d * (nibble(&b[2..], i) as i8 - 8) as f32;
+    }
+}
+
+fn q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (half16(b), half16(&b[2..]));
+    for (i, y) in y.iter_mut().enumerate() {
+        *y = d * nibble(&b[4..], i) as f32 + m;
+    }
+}
+
+/// Value `i`'s fifth bit, from the block's 32-bit high-bit word.
+fn fifth_bit(qh: &[u8], i: usize) -> u8 {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    ((qh >> i) & 1) as u8
+}
+
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = half16(b);
+    for (i, y) in y.iter_mut().enumerate() {
+        let q = nibble(&b[6..], i) | fifth_bit(&b[2..], i) << 4;
+        *y = d * (q as i8 - 16) as f32;
+    }
+}
+
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (half16(b), half16(&b[2..]));
+    for (i, y) in y.iter_mut().enumerate() {
+        let q = nibble(&b[8..], i) | fifth_bit(&b[4..], i) << 4;
+        *y = d * q as f32 + m;
+    }
+}
+
+fn q8_0(b: &[u8], y: &mut [f32]) {
+    let d = half16(b);
+    for (y, &q) in y.iter_mut().zip(&b[2..34]) {
+        *y = q as i8 as f32 * d;
+    }
+}
+
+// K-quants: super-blocks of 256 values in sub-blocks of 16 or 32, each with its own scale.
+
+/// The 2 low bits of value `i` (0..256) in Q2_K/Q3_K: each 32-byte half holds 128 values, four
+/// 2-bit planes of 32.
+fn two_bits(qs: &[u8], i: usize) -> u8 {
+    let (half, plane, l) = (i / 128, (i % 128) / 32, i % 32);
+    (qs[half * 32 + l] >> (2 * plane)) & 3
+}
+
+/// Q2_K: [scales: 16 x (min << 4 | scale)] [qs: 64] [d: f16] [dmin: f16], sub-blocks of 16.
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[..16], &b[16..80]);
+    let (d, dmin) = (half16(&b[80..]), half16(&b[82..]));
+    for (i, y) in y.iter_mut().enumerate() {
+        let s = scales[i / 16];
+        let dl = d * (s & 0x0F) as f32;
+        let ml = dmin * (s >> 4) as f32;
+        *y = dl * two_bits(qs, i) as f32 - ml;
+    }
+}
+
+/// Q3_K: [hmask: 32] [qs: 64] [scales: 12, sixteen 6-bit values] [d: f16], sub-blocks of 16.
+/// A value is its 2 low bits, less 4 where its hmask bit is clear.
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, packed) = (&b[..32], &b[32..96], &b[96..108]);
+    let d = half16(&b[108..]);
+    let scale = |s: usize| -> f32 {
+        let low = match s < 8 {
+            true => packed[s] & 0x0F,
+            false => packed[s - 8] >> 4,
+        };
+        let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
+        ((low | high << 4) as i8 - 32) as f32
+    };
+    for (i, y) in y.iter_mut().enumerate() {
+        let dl = d * scale(i / 16);
+        let high = (hmask[i % 32] >> (i / 32)) & 1;
+        let q = two_bits(qs, i) as i8 - ((high ^ 1) << 2) as i8;
+        *y = dl * q as f32;
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of Q4_K/Q5_K's 12 packed bytes.
+fn scale_min_k4(packed: &[u8], j: usize) -> (u8, u8) {
+    match j < 4 {
+        true => (packed[j] & 0x3F, packed[j + 4] & 0x3F),
+        false => (
+            (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 2) & 0x30),
+            (packed[j + 4] >> 4) | ((packed[j] >> 2) & 0x30),
+        ),
+    }
+}
+
+/// The 4 low bits of value `i` in Q4_K/Q5_K: each 32 bytes hold two sub-blocks of 32, low
+/// nibbles first.
+fn k_nibble(qs: &[u8], i: usize) -> u8 {
+    let (sub, l) = (i / 32, i % 32);
+    (qs[(sub / 2) * 32 + l] >> (4 * (sub % 2))) & 0x0F
+}
+
+/// Q4_K: [d: f16] [dmin: f16] [scales: 12] [qs: 128], sub-blocks of 32.
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin, packed, qs) = (half16(b), half16(&b[2..]), &b[4..16], &b[16..144]);
+    for (i, y) in y.iter_mut().enumerate() {
+        let (sc, m) = scale_min_k4(packed, i / 32);
+        let (dl, ml) = (d * sc as f32, dmin * m as f32);
+        *y = dl * k_nibble(qs, i) as f32 - ml;
+    }
+}
+
+/// Q5_K: [d: f16] [dmin: f16] [scales: 12] [qh: 32] [qs: 128], sub-blocks of 32; sub-block `j`'s
+/// fifth bits are bit `j` of the 32 qh bytes.
+fn q5_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin, packed) = (half16(b), half16(&b[2..]), &b[4..16]);
+    let (qh, qs) = (&b[16..48], &b[48..176]);
+    for (i, y) in y.iter_mut().enumerate() {
+        let sub = i / 32;
+        let (sc, m) = scale_min_k4(packed, sub);
+        let (dl, ml) = (d * sc as f32, dmin * m as f32);
+        let q = k_nibble(qs, i) | ((qh[i % 32] >> sub) & 1) << 4;
+        *y = dl * q as f32 - ml;
+    }
+}
+
+/// Q6_K: [ql: 128] [qh: 64] [scales: 16 x i8] [d: f16], sub-blocks of 16. Each half of 128
+/// values takes 64 ql bytes (low nibbles, then high) and 32 qh bytes (four 2-bit planes).
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let (ql, qh, scales) = (&b[..128], &b[128..192], &b[192..208]);
+    let d = half16(&b[208..]);
+    for (i, y) in y.iter_mut().enumerate() {
+        let (half, group, l) = (i / 128, (i % 128) / 32, i % 32);
+        let byte = ql[half * 64 + (group % 2) * 32 + l];
+        let low = (byte >> (4 * (group / 2))) & 0x0F;
+        let high = (qh[half * 32 + l] >> (2 * group)) & 3;
+        let q = (low | high << 4) as i8 - 32;
+        let dl = d * scales[i / 16] as i8 as f32;
+        *y = dl * q as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hand-made blocks whose values are known without a reference (the reference comparison is
+    /// tests/dequantize.rs, against the `gguf` package).
+    #[test]
+    fn q4_0_and_q8_0_blocks_by_hand() {
+        let mut block = vec![0u8; 18];
+        block[..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        block[2] = 0xF0; // value 0: nibble 0 -> -8; value 16: nibble 15 -> 7
+        let y = dequantize(GgmlType::Q4_0, &block);
+        assert_eq!((y[0], y[16], y[1]), (-4.0, 3.5, -4.0));
+
+        let mut block = vec![0u8; 34];
+        block[..2].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
+        block[2] = (-128i8) as u8;
+        block[33] = 127;
+        let y = dequantize(GgmlType::Q8_0, &block);
+        assert_eq!((y[0], y[31], y[1]), (-32.0, 31.75, 0.0));
+    }
+
+    #[test]
+    #[should_panic(expected = "not whole blocks")]
+    fn a_partial_block_is_a_bug_not_a_guess() {
+        dequantize(GgmlType::Q4K, &[0; 100]);
+    }
+}

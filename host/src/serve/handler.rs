@@ -22,6 +22,7 @@ use super::admission::{Admission, Slot};
 use super::instances::{InstancePool, Reuse};
 use super::metrics::{self, Metrics};
 use super::respond::{ApiError, Response};
+use super::settled::EndsWhenSettled;
 use super::{body, ApiKeys, Limits};
 use crate::registry::ModelRegistry;
 use crate::runtime::{add_nn_to_linker, load_component, one_line, werr, HostState};
@@ -324,6 +325,8 @@ impl Server {
             true => (method.clone(), path.clone()),
             false => (method.clone(), format!("{path} (warm-up)")),
         };
+        // Fired once the instance is kept or dropped; the response's end waits for it.
+        let (settled, settled_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let _slot = slot; // held until the last byte is written
             let work = instance.handle(&instances, request, out);
@@ -356,6 +359,7 @@ impl Server {
             if answered && matches!(ended, Ended::Done(Ok(()))) {
                 instances.give_back(instance);
             }
+            let _ = settled.send(());
             if let Some(done) = warm_up {
                 let _ = done.send(());
             }
@@ -367,7 +371,7 @@ impl Server {
         match rx.await {
             Ok(Ok(resp)) => {
                 drop(guard.take()); // the task now feeds the body, and stops when it is dropped
-                Ok(resp)
+                Ok(resp.map(|body| EndsWhenSettled::new(body, settled_rx).boxed_unsync()))
             }
             Ok(Err(code)) => {
                 eprintln!("{method} {path}: the component answered with an error: {code:?}");

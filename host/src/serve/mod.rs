@@ -17,6 +17,7 @@ mod handler;
 mod instances;
 mod metrics;
 mod respond;
+mod settled;
 
 use std::net::SocketAddr;
 use std::path::Path;

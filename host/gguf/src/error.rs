@@ -16,7 +16,7 @@ pub enum GgufError {
         crate::GgmlType::supported_names()
     )]
     UnsupportedType { tensor: String, kind: String },
-    #[error("tensor '{tensor}': {problem}")]
+    #[error("tensor '{tensor}' {problem}")]
     BadTensor { tensor: String, problem: String },
     #[error("metadata '{key}': {problem}")]
     BadMetadata { key: String, problem: String },

@@ -6,10 +6,12 @@
 //! reference dequantizer** (`gguf` Python package, llama.cpp's ggml): the engine's weights must be
 //! the file's weights, not an approximation of them.
 //!
-//! [`Vocabulary`] rebuilds the file's tokenizer as Hugging Face tokenizer files.
+//! [`ModelConfig`] reads an architecture's hyper-parameters from the metadata and checks every
+//! tensor it needs against them. [`Vocabulary`] rebuilds the file's tokenizer as Hugging Face tokenizer files.
 //!
 //! Errors are values ([`GgufError`]) that say what is wrong and, for types, what is supported.
 
+mod config;
 mod dequant;
 mod error;
 mod metadata;
@@ -17,6 +19,7 @@ mod reader;
 mod tokenizer;
 mod types;
 
+pub use config::{Architecture, ModelConfig, SlidingWindow};
 pub use dequant::{dequantize, dequantize_into};
 pub use error::GgufError;
 pub use metadata::Value;

@@ -139,7 +139,7 @@ impl Gguf {
             if n_dims == 0 || n_dims > MAX_DIMS {
                 return Err(bad(
                     &name,
-                    format!("{n_dims} dimensions (ggml tensors have 1 to {MAX_DIMS})"),
+                    format!("has {n_dims} dimensions (ggml tensors have 1 to {MAX_DIMS})"),
                 ));
             }
             let dims = (0..n_dims)
@@ -167,12 +167,12 @@ impl Gguf {
             let len = dims
                 .iter()
                 .try_fold(1u64, |n, &d| n.checked_mul(d))
-                .ok_or_else(|| bad(&name, format!("dimensions {dims:?} overflow")))?;
+                .ok_or_else(|| bad(&name, format!("has dimensions {dims:?} that overflow")))?;
             if dims[0] % kind.block_len() as u64 != 0 {
                 return Err(bad(
                     &name,
                     format!(
-                        "rows of {} values are not whole {kind} blocks of {}",
+                        "has rows of {} values, which are not whole {kind} blocks of {}",
                         dims[0],
                         kind.block_len()
                     ),
@@ -182,7 +182,7 @@ impl Gguf {
             if offset % alignment as u64 != 0 {
                 return Err(bad(
                     &name,
-                    format!("data offset {offset} is not aligned to {alignment}"),
+                    format!("has its data at offset {offset}, which is not aligned to {alignment}"),
                 ));
             }
             let start = (data_start as u64).checked_add(offset);

@@ -205,12 +205,14 @@ fn pre_tokenizer(pre: &str) -> Result<Json, GgufError> {
             {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
             byte_level(false),
         ]}),
-        other => return Err(GgufError::BadMetadata {
-            key: "tokenizer.ggml.pre".into(),
-            problem: format!(
+        other => {
+            return Err(GgufError::BadMetadata {
+                key: "tokenizer.ggml.pre".into(),
+                problem: format!(
                 "pre-tokenizer '{other}' is not supported (supported: smollm, gpt-2, llama-bpe)"
             ),
-        }),
+            })
+        }
     })
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use slm_gguf::{GgmlType, Gguf, GgufError, Value, Vocabulary};
+use slm_gguf::{Architecture, GgmlType, Gguf, GgufError, ModelConfig, Value, Vocabulary};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -119,6 +119,21 @@ fn the_default_model_file_reads_whole() {
     assert_eq!(file.get_u64("llama.block_count").unwrap(), 30);
     assert_eq!(file.get_u64("llama.embedding_length").unwrap(), 576);
     assert_eq!(file.tensors.len(), 272);
+    let config = ModelConfig::read(&file).unwrap();
+    let shape = (
+        config.layers,
+        config.hidden,
+        config.ffn,
+        config.heads,
+        config.kv_heads,
+        config.head_dim,
+    );
+    assert_eq!(shape, (30, 576, 1536, 9, 3, 64));
+    assert_eq!(
+        (config.vocab, config.context, config.rope_base),
+        (49152, 8192, 100000.0)
+    );
+    assert!(config.tied_embeddings);
     let q = file.tensor("blk.0.attn_q.weight").unwrap();
     assert_eq!((q.kind, q.shape()), (GgmlType::Q4_1, vec![576, 576]));
     // Every tensor's values are finite: the blocks were read where the directory says.
@@ -149,6 +164,101 @@ fn the_default_models_tokenizer_files_equal_the_converters() {
     assert_eq!(
         serde_json::json!(vocabulary.eos_ids()),
         read("generation_config.json")["eos_token_id"]
+    );
+}
+
+/// tests/tiny_models.py's files, in a directory of their own.
+fn tiny_models() -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf");
+    let status = Command::new(root().join(".venv/bin/python"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tiny_models.py"))
+        .arg(&out)
+        .status()
+        .expect("run .venv/bin/python (scripts/setup makes it)");
+    assert!(status.success(), "tests/tiny_models.py failed");
+    out
+}
+
+#[test]
+fn every_architecture_reads_its_config_from_the_metadata() {
+    let dir = tiny_models();
+    let config = |name: &str| ModelConfig::read(&Gguf::open(&dir.join(name)).unwrap());
+
+    let llama = config("llama.gguf").unwrap();
+    assert_eq!(llama.architecture, Architecture::Llama);
+    assert_eq!(
+        (
+            llama.layers,
+            llama.hidden,
+            llama.ffn,
+            llama.heads,
+            llama.kv_heads,
+            llama.head_dim
+        ),
+        (2, 64, 96, 4, 2, 16)
+    );
+    assert_eq!(
+        (
+            llama.vocab,
+            llama.context,
+            llama.rms_eps,
+            llama.rope_base,
+            llama.rope_dims
+        ),
+        (128, 256, 1e-6, 500000.0, 16)
+    );
+    assert!(llama.tied_embeddings && llama.sliding.is_none() && llama.is_global(1));
+
+    let qwen2 = config("qwen2.gguf").unwrap();
+    assert_eq!(qwen2.architecture, Architecture::Qwen2);
+    assert!(!qwen2.tied_embeddings);
+    let phi3 = config("phi3.gguf").unwrap();
+    assert_eq!(
+        (phi3.architecture, phi3.tied_embeddings),
+        (Architecture::Phi3, false)
+    );
+
+    let gemma3 = config("gemma3.gguf").unwrap();
+    assert_eq!((gemma3.head_dim, gemma3.layers), (32, 6));
+    let sliding = gemma3.sliding.as_ref().unwrap();
+    assert_eq!((sliding.window, sliding.rope_base), (16, 10000.0));
+    let global: Vec<usize> = (0..6).filter(|&i| gemma3.is_global(i)).collect();
+    assert_eq!(
+        global,
+        [5],
+        "llama.cpp's default: every sixth layer is global"
+    );
+    let pattern = config("gemma3-pattern.gguf").unwrap();
+    let sliding = pattern.sliding.as_ref().unwrap();
+    assert_eq!(
+        (sliding.rope_base, sliding.global.clone()),
+        (20000.0, vec![false, true, false, true])
+    );
+}
+
+#[test]
+fn models_we_cannot_build_are_refused_with_the_reason() {
+    let dir = tiny_models();
+    let error = |name: &str| {
+        ModelConfig::read(&Gguf::open(&dir.join(name)).unwrap())
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        error("mamba.gguf"),
+        "metadata 'general.architecture': 'mamba' is not supported (supported: llama, qwen2, phi3, gemma3)"
+    );
+    assert_eq!(
+        error("contradicts.gguf"),
+        "tensor 'blk.0.attn_k.weight' has dims [64, 32] where the metadata says [64, 64] (llama metadata: 2 layers, \
+         hidden 64, ffn 96, 4 heads and 4 key/value heads of 16, vocabulary 128)"
+    );
+    // A needed tensor missing.
+    let mut file = Gguf::open(&dir.join("qwen2.gguf")).unwrap();
+    file.tensors.retain(|t| t.name != "blk.1.attn_v.bias");
+    assert_eq!(
+        ModelConfig::read(&file).unwrap_err().to_string(),
+        "tensor 'blk.1.attn_v.bias' is missing, and a qwen2 model needs it"
     );
 }
 
@@ -232,7 +342,7 @@ fn bad_files_are_refused_with_what_is_wrong() {
     let e = error(handmade(&[("w", &[48, 2], 2)], 1000));
     assert_eq!(
         e,
-        "tensor 'w': rows of 48 values are not whole Q4_0 blocks of 32"
+        "tensor 'w' has rows of 48 values, which are not whole Q4_0 blocks of 32"
     );
     let e = error(handmade(&[("w", &[32, 1 << 40], 2)], 36));
     assert!(e.contains("lies past the end of the file"), "{e}");

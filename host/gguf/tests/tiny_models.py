@@ -1,0 +1,107 @@
+"""Tiny random GGUF models of every architecture slm-gguf reads (tests/gguf.rs checks their
+configs): the tensor names, shapes and metadata keys llama.cpp's converters write.
+
+usage: tiny_models.py OUTDIR"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import gguf
+
+HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
+
+
+def write(path, arch, layers, head_dim, tensors, extra=lambda w: None):
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(layers)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_context_length(256)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(500000.0)
+    if head_dim != HIDDEN // HEADS:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    extra(w)
+    for name, shape in tensors(layers, head_dim):
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def common(layers, d, fused=False, gated=True):
+    q, kv = HEADS * d, KV_HEADS * d
+    yield "token_embd.weight", (VOCAB, HIDDEN)
+    yield "output_norm.weight", (HIDDEN,)
+    for i in range(layers):
+        b = f"blk.{i}."
+        yield b + "attn_norm.weight", (HIDDEN,)
+        if fused:
+            yield b + "attn_qkv.weight", (q + 2 * kv, HIDDEN)
+        else:
+            yield b + "attn_q.weight", (q, HIDDEN)
+            yield b + "attn_k.weight", (kv, HIDDEN)
+            yield b + "attn_v.weight", (kv, HIDDEN)
+        yield b + "attn_output.weight", (HIDDEN, q)
+        yield b + "ffn_norm.weight", (HIDDEN,)
+        if gated:
+            yield b + "ffn_gate.weight", (FFN, HIDDEN)
+            yield b + "ffn_up.weight", (FFN, HIDDEN)
+        else:
+            yield b + "ffn_up.weight", (2 * FFN, HIDDEN)
+        yield b + "ffn_down.weight", (HIDDEN, FFN)
+
+
+def llama(layers, d):
+    yield from common(layers, d)
+
+
+def qwen2(layers, d):
+    yield from common(layers, d)
+    yield "output.weight", (VOCAB, HIDDEN)
+    for i in range(layers):
+        yield f"blk.{i}.attn_q.bias", (HEADS * d,)
+        yield f"blk.{i}.attn_k.bias", (KV_HEADS * d,)
+        yield f"blk.{i}.attn_v.bias", (KV_HEADS * d,)
+
+
+def phi3(layers, d):
+    yield from common(layers, d, fused=True, gated=False)
+    yield "output.weight", (VOCAB, HIDDEN)
+
+
+def gemma3(layers, d):
+    yield from common(layers, d)
+    for i in range(layers):
+        yield f"blk.{i}.attn_q_norm.weight", (d,)
+        yield f"blk.{i}.attn_k_norm.weight", (d,)
+        yield f"blk.{i}.post_attention_norm.weight", (HIDDEN,)
+        yield f"blk.{i}.post_ffw_norm.weight", (HIDDEN,)
+
+
+def main(out):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write(out / "llama.gguf", "llama", 2, 16, llama)
+    write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
+    write(out / "phi3.gguf", "phi3", 2, 16, phi3)
+    # Gemma 3's heads are wider than hidden / heads; its global layers come from the default
+    # pattern (every sixth) here, and from the metadata in gemma3-pattern.gguf.
+    write(out / "gemma3.gguf", "gemma3", 6, 32, gemma3, lambda w: (
+        w.add_sliding_window(16), w.add_float32("gemma3.rope.freq_base_swa", 10000.0)))
+    write(out / "gemma3-pattern.gguf", "gemma3", 4, 32, gemma3, lambda w: (
+        w.add_sliding_window(16), w.add_float32("gemma3.rope.freq_base_swa", 20000.0),
+        w.add_array("gemma3.attention.sliding_window_pattern", [True, False, True, False])))
+    # The metadata contradicts the tensors: 4 key/value heads, tensors made for 2.
+    write(out / "contradicts.gguf", "llama", 2, 16, llama, lambda w: w.add_uint32("llama.attention.head_count_kv", 4))
+    write(out / "mamba.gguf", "mamba", 1, 16, lambda layers, d: iter([("x", (4,))]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

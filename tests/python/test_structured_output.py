@@ -206,8 +206,10 @@ def test_sdk_parse_always_parses(client, schema, question):
 
 
 def test_json_object_streamed_equals_non_streamed(client):
+    # Room to close the object: on AVX2-only CPUs the greedy answer runs to ~530 tokens (~250 where
+    # AVX-512 is used; the float kernels round differently there, issue 17).
     body = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Describe a cat."}],
-                response_format={"type": "json_object"}, max_tokens=MAX_TOKENS, temperature=0,
+                response_format={"type": "json_object"}, max_tokens=1024, temperature=0,
                 frequency_penalty=PENALTY)
     r = client.chat.completions.create(**body)
     text = r.choices[0].message.content

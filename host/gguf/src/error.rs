@@ -5,7 +5,7 @@ use thiserror::Error;
 pub enum GgufError {
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
-    #[error("not a GGUF file (it starts with {found:?}, a GGUF file starts with \"GGUF\")")]
+    #[error("not a GGUF file (it starts with \"{}\"; a GGUF file starts with \"GGUF\")", .found.escape_ascii())]
     NotGguf { found: [u8; 4] },
     #[error("GGUF version {0} is not supported (versions 2 and 3 are)")]
     Version(u32),

@@ -396,7 +396,7 @@ fn bad_files_are_refused_with_what_is_wrong() {
 
     assert_eq!(
         error(b"PK\x03\x04 a zip file".to_vec()),
-        "not a GGUF file (it starts with [80, 75, 3, 4], a GGUF file starts with \"GGUF\")"
+        "not a GGUF file (it starts with \"PK\\x03\\x04\"; a GGUF file starts with \"GGUF\")"
     );
     assert!(matches!(
         Gguf::from_bytes(b"GG".to_vec()),

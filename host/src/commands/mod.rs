@@ -4,6 +4,7 @@
 mod app;
 mod bench;
 mod chat;
+mod convert;
 mod errors;
 mod generate;
 mod models;
@@ -53,12 +54,15 @@ pub fn main() -> Result<()> {
     let device: Device = cli.global.device.parse().map_err(|e: String| anyhow!(e))?;
     // Only the commands that run a model look for a GPU.
     let placement = match &cli.cmd {
-        Cmd::Tokenize { .. } | Cmd::Models => Placement::Cpu,
+        Cmd::Tokenize { .. } | Cmd::Models | Cmd::Convert { .. } => Placement::Cpu,
         _ => resolve_device(device, cli.global.quiet)?,
     };
     let registry = || discover(&cli.global, device, placement.clone());
 
     match &cli.cmd {
+        Cmd::Convert { gguf, output } => {
+            return convert::convert(&cli.global, gguf, output.as_deref())
+        }
         Cmd::Serve(args) => return serve::serve(&cli.global, registry()?, args),
         Cmd::Logits(args) => return crate::devcheck::logits(&registry()?, args),
         _ => {}
@@ -100,7 +104,7 @@ pub fn main() -> Result<()> {
                 portable: *portable,
             },
         ),
-        Cmd::Serve(_) | Cmd::Logits(_) => unreachable!("handled above"),
+        Cmd::Serve(_) | Cmd::Logits(_) | Cmd::Convert { .. } => unreachable!("handled above"),
     }
 }
 

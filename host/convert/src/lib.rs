@@ -1,0 +1,55 @@
+//! GGUF to the ONNX model the engine runs, in Rust: the port of scripts/slmconv (issue 14).
+//!
+//! [`onnx_model`] builds the decoder graph of a llama-architecture GGUF in the default layout
+//! (Q4_1 block matmuls, int8 embedding): the same graph, node for node and byte for byte, as
+//! `slmconv gguf --layouts q4_1` writes (tests/convert.rs). Other architectures and layouts are
+//! refused by name until they are built here. [`write_model_dir`] writes the whole model
+//! directory: `model.onnx`, `config.json`, `generation_config.json` and the tokenizer files.
+
+mod builder;
+mod llama;
+mod model_dir;
+mod quant;
+
+pub use model_dir::{config_json, generation_config, write_model_dir};
+use slm_gguf::{Architecture, Gguf, GgufError, ModelConfig};
+use thiserror::Error;
+pub use tract_onnx::pb;
+
+#[derive(Debug, Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("the {0} architecture does not convert yet (supported: llama)")]
+    Architecture(&'static str),
+    #[error("tensor '{0}' is missing")]
+    Missing(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot write the model directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The decoder graph of `file`, with its weights.
+pub fn onnx_model(file: &Gguf) -> Result<pb::ModelProto, ConvertError> {
+    let config = ModelConfig::read(file)?;
+    check_supported(&config)?;
+    llama::build(file, &config)
+}
+
+/// What this converter builds today: llama graphs whose matrices are whole Q4_1 blocks.
+pub fn check_supported(config: &ModelConfig) -> Result<(), ConvertError> {
+    if config.architecture != Architecture::Llama {
+        return Err(ConvertError::Architecture(config.architecture.name()));
+    }
+    if config.hidden % 32 != 0 || config.ffn % 32 != 0 || (config.heads * config.head_dim) % 32 != 0
+    {
+        return Err(ConvertError::Unsupported(format!(
+            "matrix widths {}, {} and {} must be whole blocks of 32 for the Q4_1 layout",
+            config.hidden,
+            config.ffn,
+            config.heads * config.head_dim
+        )));
+    }
+    Ok(())
+}

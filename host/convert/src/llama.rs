@@ -1,0 +1,457 @@
+//! The decoder graph of a llama-architecture model in the default layout (`q4_1`): the port of
+//! scripts/slmconv/graph.py, node for node and name for name.
+//!
+//! Inputs `input_ids`, `position_ids` [batch, seq] and `past_key_values.{i}.key|value`
+//! [batch, kv_heads, past, head_dim]; outputs `logits` [batch, 1, vocab] (last position only)
+//! and `present.{i}.key|value`. Block matmuls are Q4_1 MatMulNBits; the embedding is int8 with a
+//! scale per token row, and (tied) the LM head too.
+
+use slm_gguf::{Gguf, ModelConfig};
+use tract_onnx::pb;
+
+use crate::builder::{value_info, Attr, Builder, Dim, Elem};
+use crate::quant::{int8_rows, q4_1_blocks, transpose, Matrix};
+use crate::ConvertError;
+
+const OPSET: i64 = 17;
+/// Finite: a fully masked row never turns into NaN.
+const NEG_INF: f32 = -1e9;
+const FLOAT: i64 = Elem::F32 as i64;
+
+/// The weights, dequantized exactly, in Hugging Face layout.
+struct Weights<'a> {
+    file: &'a Gguf,
+    config: &'a ModelConfig,
+}
+
+impl Weights<'_> {
+    fn matrix(&self, name: &str) -> Result<Matrix, ConvertError> {
+        let tensor = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| ConvertError::Missing(name.into()))?;
+        let (cols, rows) = (
+            tensor.dims[0] as usize,
+            tensor.dims.get(1).copied().unwrap_or(1) as usize,
+        );
+        let matrix = Matrix {
+            rows,
+            cols,
+            values: self.file.dequantize(tensor),
+        };
+        Ok(match name.rsplit('.').nth(1) {
+            Some("attn_q") => matrix.unpermute_rope(self.config.heads),
+            Some("attn_k") => matrix.unpermute_rope(self.config.kv_heads),
+            _ => matrix,
+        })
+    }
+
+    fn vector(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
+        Ok(self.matrix(name)?.values)
+    }
+}
+
+/// `x [.., in] @ w.T` with `w` as Q4_1 blocks.
+fn linear_q4_1(b: &mut Builder, x: &str, w: &Matrix, hint: &str) -> String {
+    let (packed, scales, zeros) = q4_1_blocks(w);
+    let blocks = w.cols / 32;
+    let q = b.constant(
+        &format!("{hint}_q4"),
+        Elem::U8,
+        &[w.rows, blocks, 16],
+        packed,
+    );
+    let s = b.f32s(&format!("{hint}_s"), &[scales.len()], &scales);
+    let z = b.f32s(&format!("{hint}_zp"), &[zeros.len()], &zeros);
+    let out = b.name(hint);
+    let attrs = vec![
+        ("K", Attr::Int(w.cols as i64)),
+        ("N", Attr::Int(w.rows as i64)),
+        ("bits", Attr::Int(4)),
+        ("block_size", Attr::Int(32)),
+    ];
+    b.node(
+        "MatMulNBits",
+        "com.microsoft",
+        &[x, &q, &s, &z],
+        &[&out],
+        attrs,
+    );
+    out
+}
+
+/// int8 -> float32 as Cast * scale (not DequantizeLinear: see graph.py).
+fn dequant(b: &mut Builder, q: &str, scale: &str, hint: &str) -> String {
+    let cast = b.op("Cast", &[q], None, vec![("to", Attr::Int(FLOAT))]);
+    b.op("Mul", &[&cast, scale], Some(&format!("{hint}_dq")), vec![])
+}
+
+/// `x @ w.T` with `w` int8, one scale per output channel.
+fn linear_int8(b: &mut Builder, x: &str, w: &Matrix, hint: &str) -> String {
+    let (q, scales) = int8_rows(w);
+    let q = b.constant(
+        &format!("{hint}_q"),
+        Elem::I8,
+        &[w.cols, w.rows],
+        transpose(&q, w.rows, w.cols)
+            .iter()
+            .map(|&v| v as u8)
+            .collect(),
+    );
+    let s = b.f32s(&format!("{hint}_s"), &[1, scales.len()], &scales);
+    let wq = dequant(b, &q, &s, hint);
+    b.op("MatMul", &[x, &wq], Some(hint), vec![])
+}
+
+fn rms_norm(b: &mut Builder, x: &str, w: &[f32], eps: f32, hint: &str) -> String {
+    let sq = b.op("Mul", &[x, x], None, vec![]);
+    let mean = b.op(
+        "ReduceMean",
+        &[&sq],
+        None,
+        vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+    );
+    let eps = b.f32("c", eps);
+    let add = b.op("Add", &[&mean, &eps], None, vec![]);
+    let sqrt = b.op("Sqrt", &[&add], None, vec![]);
+    let inv = b.op("Reciprocal", &[&sqrt], None, vec![]);
+    let scaled = b.op("Mul", &[x, &inv], None, vec![]);
+    let weight = b.f32s(hint, &[w.len()], w);
+    b.op("Mul", &[&scaled, &weight], Some(hint), vec![])
+}
+
+fn rotate_half(b: &mut Builder, x: &str, half: usize) -> String {
+    let (zero, h, minus_one) = (b.list(&[0]), b.list(&[half as i64]), b.list(&[-1]));
+    let x1 = b.op("Slice", &[x, &zero, &h, &minus_one], None, vec![]);
+    let (h, big, minus_one) = (b.list(&[half as i64]), b.list(&[i64::MAX]), b.list(&[-1]));
+    let x2 = b.op("Slice", &[x, &h, &big, &minus_one], None, vec![]);
+    let neg = b.op("Neg", &[&x2], None, vec![]);
+    b.op("Concat", &[&neg, &x1], None, vec![("axis", Attr::Int(-1))])
+}
+
+pub fn build(file: &Gguf, config: &ModelConfig) -> Result<pb::ModelProto, ConvertError> {
+    let weights = Weights { file, config };
+    let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
+    let rep = nh / nkv;
+    let eps = config.rms_eps;
+    let mut b = Builder::default();
+
+    let mut inputs = vec![
+        value_info(
+            "input_ids",
+            Elem::I64,
+            &[Dim::Named("batch"), Dim::Named("seq")],
+        ),
+        value_info(
+            "position_ids",
+            Elem::I64,
+            &[Dim::Named("batch"), Dim::Named("seq")],
+        ),
+    ];
+    let mut outputs = vec![value_info(
+        "logits",
+        Elem::F32,
+        &[Dim::Named("batch"), Dim::Fixed(1), Dim::Fixed(config.vocab)],
+    )];
+    for i in 0..config.layers {
+        for kv in ["key", "value"] {
+            let past = [
+                Dim::Named("batch"),
+                Dim::Fixed(nkv),
+                Dim::Named("past"),
+                Dim::Fixed(hd),
+            ];
+            inputs.push(value_info(
+                &format!("past_key_values.{i}.{kv}"),
+                Elem::F32,
+                &past,
+            ));
+            let total = [
+                Dim::Named("batch"),
+                Dim::Fixed(nkv),
+                Dim::Named("total"),
+                Dim::Fixed(hd),
+            ];
+            outputs.push(value_info(&format!("present.{i}.{kv}"), Elem::F32, &total));
+        }
+    }
+
+    // Embedding: int8 rows with a scale each; the same table, dequantized, is the tied LM head.
+    let embed = weights.matrix("token_embd.weight")?;
+    let (q, scales) = int8_rows(&embed);
+    let table_q = b.constant(
+        "embed_q",
+        Elem::I8,
+        &[embed.rows, embed.cols],
+        q.iter().map(|&v| v as u8).collect(),
+    );
+    let table_s = b.f32s("embed_s", &[scales.len()], &scales);
+    let gathered = b.op(
+        "Gather",
+        &[&table_q, "input_ids"],
+        None,
+        vec![("axis", Attr::Int(0))],
+    );
+    let rows = b.op("Cast", &[&gathered], None, vec![("to", Attr::Int(FLOAT))]);
+    let row_scales = b.op(
+        "Gather",
+        &[&table_s, "input_ids"],
+        None,
+        vec![("axis", Attr::Int(0))],
+    );
+    let last_axis = b.list(&[-1]);
+    let row_scale = b.op("Unsqueeze", &[&row_scales, &last_axis], None, vec![]);
+    let mut x = b.op("Mul", &[&rows, &row_scale], Some("embeds"), vec![]);
+    let last_axis = b.list(&[-1]);
+    let column = b.op("Unsqueeze", &[&table_s, &last_axis], None, vec![]);
+    let table = dequant(&mut b, &table_q, &column, "embed");
+
+    // Causal mask over [past + seq], tiled for the grouped query heads.
+    let shape = b.op("Shape", &["input_ids"], None, vec![]);
+    let one = b.i64(1);
+    let seq = b.op(
+        "Gather",
+        &[&shape, &one],
+        None,
+        vec![("axis", Attr::Int(0))],
+    );
+    let shape = b.op("Shape", &["past_key_values.0.key"], None, vec![]);
+    let two = b.i64(2);
+    let past = b.op(
+        "Gather",
+        &[&shape, &two],
+        None,
+        vec![("axis", Attr::Int(0))],
+    );
+    let total = b.op("Add", &[&past, &seq], None, vec![]);
+    let step = b.i64(1);
+    let range = b.op("Range", &[&past, &total, &step], None, vec![]);
+    let axis = b.list(&[1]);
+    let q_pos = b.op("Unsqueeze", &[&range, &axis], None, vec![]);
+    let (zero, step) = (b.i64(0), b.i64(1));
+    let range = b.op("Range", &[&zero, &total, &step], None, vec![]);
+    let axis = b.list(&[0]);
+    let k_pos = b.op("Unsqueeze", &[&range, &axis], None, vec![]);
+    let visible = b.op("LessOrEqual", &[&k_pos, &q_pos], None, vec![]);
+    let (open, closed) = (b.f32("c", 0.0), b.f32("c", NEG_INF));
+    let mask = b.op(
+        "Where",
+        &[&visible, &open, &closed],
+        Some("causal_mask"),
+        vec![],
+    );
+    let repeats = b.list(&[rep as i64, 1]);
+    let grouped_mask = b.op("Tile", &[&mask, &repeats], Some("grouped_mask"), vec![]);
+
+    // Rotary embedding (rotate-half), shared by every layer: cos/sin [batch, 1, seq, head_dim].
+    let theta = config.rope_base as f64;
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32)
+        .collect();
+    let positions = b.op(
+        "Cast",
+        &["position_ids"],
+        None,
+        vec![("to", Attr::Int(FLOAT))],
+    );
+    let last_axis = b.list(&[-1]);
+    let pos = b.op("Unsqueeze", &[&positions, &last_axis], None, vec![]);
+    let inv_freq = b.f32s("inv_freq", &[inv_freq.len()], &inv_freq);
+    let freqs = b.op("Mul", &[&pos, &inv_freq], None, vec![]);
+    let emb = b.op(
+        "Concat",
+        &[&freqs, &freqs],
+        None,
+        vec![("axis", Attr::Int(-1))],
+    );
+    let cos = b.op("Cos", &[&emb], None, vec![]);
+    let axis = b.list(&[1]);
+    let cos = b.op("Unsqueeze", &[&cos, &axis], Some("rope_cos"), vec![]);
+    let sin = b.op("Sin", &[&emb], None, vec![]);
+    let axis = b.list(&[1]);
+    let sin = b.op("Unsqueeze", &[&sin, &axis], Some("rope_sin"), vec![]);
+
+    let scale = b.f32("attn_scale", (1.0 / (hd as f64).sqrt()) as f32);
+    for i in 0..config.layers {
+        let blk = |n: &str| format!("blk.{i}.{n}.weight");
+        let h = rms_norm(
+            &mut b,
+            &x,
+            &weights.vector(&blk("attn_norm"))?,
+            eps,
+            &format!("l{i}_attn_norm"),
+        );
+
+        let heads = |b: &mut Builder, t: &str, n: usize| {
+            let shape = b.list(&[0, 0, n as i64, hd as i64]);
+            let r = b.op("Reshape", &[t, &shape], None, vec![]);
+            b.op(
+                "Transpose",
+                &[&r],
+                None,
+                vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            )
+        };
+        let rope = |b: &mut Builder, t: &str| {
+            let a = b.op("Mul", &[t, &cos], None, vec![]);
+            let rotated = rotate_half(b, t, hd / 2);
+            let c = b.op("Mul", &[&rotated, &sin], None, vec![]);
+            b.op("Add", &[&a, &c], None, vec![])
+        };
+
+        let q = linear_q4_1(
+            &mut b,
+            &h,
+            &weights.matrix(&blk("attn_q"))?,
+            &format!("l{i}_q"),
+        );
+        let q = heads(&mut b, &q, nh);
+        let q = rope(&mut b, &q);
+        let k = linear_q4_1(
+            &mut b,
+            &h,
+            &weights.matrix(&blk("attn_k"))?,
+            &format!("l{i}_k"),
+        );
+        let k = heads(&mut b, &k, nkv);
+        let k = rope(&mut b, &k);
+        let v = linear_q4_1(
+            &mut b,
+            &h,
+            &weights.matrix(&blk("attn_v"))?,
+            &format!("l{i}_v"),
+        );
+        let v = heads(&mut b, &v, nkv);
+        let (k_all, v_all) = (format!("present.{i}.key"), format!("present.{i}.value"));
+        b.node(
+            "Concat",
+            "",
+            &[&format!("past_key_values.{i}.key"), &k],
+            &[&k_all],
+            vec![("axis", Attr::Int(2))],
+        );
+        b.node(
+            "Concat",
+            "",
+            &[&format!("past_key_values.{i}.value"), &v],
+            &[&v_all],
+            vec![("axis", Attr::Int(2))],
+        );
+
+        // Grouped-query attention without repeating K/V: a KV head's query heads stacked along
+        // the sequence axis, [b, kv, rep*seq, hd] @ [b, kv, hd, total].
+        let shape = b.list(&[0, nkv as i64, -1, hd as i64]);
+        let qg = b.op("Reshape", &[&q, &shape], None, vec![]);
+        let kt = b.op(
+            "Transpose",
+            &[&k_all],
+            None,
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
+        let scores = b.op("MatMul", &[&qg, &kt], None, vec![]);
+        let scaled = b.op("Mul", &[&scores, &scale], None, vec![]);
+        let masked = b.op("Add", &[&scaled, &grouped_mask], None, vec![]);
+        let probs = b.op("Softmax", &[&masked], None, vec![("axis", Attr::Int(-1))]);
+        let ctx = b.op("MatMul", &[&probs, &v_all], None, vec![]);
+        let shape = b.list(&[0, nh as i64, -1, hd as i64]);
+        let ctx = b.op("Reshape", &[&ctx, &shape], None, vec![]);
+        let ctx = b.op(
+            "Transpose",
+            &[&ctx],
+            None,
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
+        let shape = b.list(&[0, 0, (nh * hd) as i64]);
+        let ctx = b.op("Reshape", &[&ctx, &shape], None, vec![]);
+        let o = linear_q4_1(
+            &mut b,
+            &ctx,
+            &weights.matrix(&blk("attn_output"))?,
+            &format!("l{i}_o"),
+        );
+        x = b.op("Add", &[&x, &o], Some(&format!("l{i}_attn_out")), vec![]);
+
+        let h = rms_norm(
+            &mut b,
+            &x,
+            &weights.vector(&blk("ffn_norm"))?,
+            eps,
+            &format!("l{i}_ffn_norm"),
+        );
+        let gate = linear_q4_1(
+            &mut b,
+            &h,
+            &weights.matrix(&blk("ffn_gate"))?,
+            &format!("l{i}_gate"),
+        );
+        let up = linear_q4_1(
+            &mut b,
+            &h,
+            &weights.matrix(&blk("ffn_up"))?,
+            &format!("l{i}_up"),
+        );
+        let sigmoid = b.op("Sigmoid", &[&gate], None, vec![]);
+        let silu = b.op("Mul", &[&gate, &sigmoid], None, vec![]);
+        let act = b.op("Mul", &[&silu, &up], None, vec![]);
+        let down = linear_q4_1(
+            &mut b,
+            &act,
+            &weights.matrix(&blk("ffn_down"))?,
+            &format!("l{i}_down"),
+        );
+        x = b.op("Add", &[&x, &down], Some(&format!("l{i}_out")), vec![]);
+    }
+
+    // Only the last position reaches the norm and the vocabulary-wide head.
+    let (start, end, axis) = (b.list(&[-1]), b.list(&[i64::MAX]), b.list(&[1]));
+    let last = b.op(
+        "Slice",
+        &[&x, &start, &end, &axis],
+        Some("last_hidden"),
+        vec![],
+    );
+    let last = rms_norm(
+        &mut b,
+        &last,
+        &weights.vector("output_norm.weight")?,
+        eps,
+        "final_norm",
+    );
+    if config.tied_embeddings {
+        let head = b.op(
+            "Transpose",
+            &[&table],
+            Some("lm_head_t"),
+            vec![("perm", Attr::Ints(vec![1, 0]))],
+        );
+        b.node("MatMul", "", &[&last, &head], &["logits"], vec![]);
+    } else {
+        let head = linear_int8(&mut b, &last, &weights.matrix("output.weight")?, "lm_head");
+        b.node("Identity", "", &[&head], &["logits"], vec![]);
+    }
+
+    let graph = pb::GraphProto {
+        node: b.nodes,
+        name: "llama_decoder".into(),
+        initializer: b.initializers,
+        input: inputs,
+        output: outputs,
+        ..Default::default()
+    };
+    Ok(pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![
+            pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            },
+            pb::OperatorSetIdProto {
+                domain: "com.microsoft".into(),
+                version: 1,
+            },
+        ],
+        producer_name: "edge-slm slmconv".into(),
+        graph: Some(graph),
+        ..Default::default()
+    })
+}

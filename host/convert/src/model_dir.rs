@@ -1,0 +1,101 @@
+//! The model directory the runtime reads (`model.onnx` and its JSON files), written whole or
+//! not at all: into a temporary sibling, renamed into place when complete.
+
+use std::fs;
+use std::path::Path;
+
+use prost::Message;
+use serde_json::{json, Value as Json};
+use slm_gguf::{Gguf, ModelConfig, Vocabulary};
+
+use crate::{onnx_model, ConvertError};
+
+/// `config.json` (Hugging Face's names, plus where the model came from and its layout).
+pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -> Json {
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.hidden,
+        "intermediate_size": config.ffn,
+        "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_eps as f64,
+        "rope_theta": config.rope_base as f64,
+        "max_position_embeddings": config.context,
+        "vocab_size": config.vocab,
+        "tie_word_embeddings": config.tied_embeddings,
+        "bos_token_id": vocabulary.bos,
+        "eos_token_id": vocabulary.eos,
+        "pad_token_id": vocabulary.pad,
+        "torch_dtype": "float32",
+        "edge_slm": {
+            "source": file.get("general.name").and_then(|v| v.as_str()).unwrap_or("unnamed GGUF"),
+            "default_layout": "q4_1",
+            "variants": {"q4_1": "model.onnx"},
+            "onnx_logits": "last_position",
+        },
+    })
+}
+
+/// `generation_config.json`: greedy by default, stopping at every end-of-text id.
+pub fn generation_config(config: &ModelConfig, vocabulary: &Vocabulary) -> Json {
+    json!({
+        "bos_token_id": vocabulary.bos,
+        "eos_token_id": vocabulary.eos_ids(),
+        "pad_token_id": vocabulary.pad,
+        "do_sample": false,
+        "max_length": config.context,
+    })
+}
+
+/// Converts `file` into `out` (replacing what is there once the new directory is complete).
+pub fn write_model_dir(file: &Gguf, out: &Path) -> Result<(), ConvertError> {
+    let config = ModelConfig::read(file)?;
+    crate::check_supported(&config)?;
+    let vocabulary = Vocabulary::read(file)?;
+    let model = onnx_model(file)?;
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent)?;
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let written = (|| -> Result<(), ConvertError> {
+        fs::create_dir_all(&partial)?;
+        let dump = |name: &str, value: &Json| -> Result<(), ConvertError> {
+            let text = match name {
+                "tokenizer.json" => serde_json::to_string(value),
+                _ => serde_json::to_string_pretty(value),
+            };
+            Ok(fs::write(
+                partial.join(name),
+                text.expect("JSON values serialize"),
+            )?)
+        };
+        dump("tokenizer.json", &vocabulary.tokenizer_json()?)?;
+        dump(
+            "tokenizer_config.json",
+            &vocabulary.tokenizer_config(config.context as u64),
+        )?;
+        dump("config.json", &config_json(file, &config, &vocabulary))?;
+        dump(
+            "generation_config.json",
+            &generation_config(&config, &vocabulary),
+        )?;
+        fs::write(partial.join("model.onnx"), model.encode_to_vec())?;
+        if out.is_dir() {
+            fs::remove_dir_all(out)?;
+        }
+        fs::rename(&partial, out)?;
+        Ok(())
+    })();
+    if written.is_err() {
+        let _ = fs::remove_dir_all(&partial);
+    }
+    written
+}

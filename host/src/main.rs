@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod commands;
 mod completion;
+mod converted;
 mod devcheck;
 mod registry;
 mod runtime;

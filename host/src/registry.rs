@@ -1,5 +1,5 @@
-//! The models of a models directory: every subdirectory with a `model.onnx`, named after it,
-//! loaded lazily, once per process, and shared by every component instance (with its prefix
+//! The models of a models directory: every subdirectory with a `model.onnx`, named after it
+//! (and model directories from elsewhere: GGUF files converted into the cache), loaded lazily, once per process, and shared by every component instance (with its prefix
 //! cache), and the rule for which model runs when a request names none.
 
 use std::collections::BTreeMap;
@@ -131,10 +131,13 @@ impl LazyModel {
 pub struct ModelRegistry {
     dir: PathBuf,
     models: BTreeMap<String, Arc<LazyModel>>,
-    /// Models whose directory is a symbolic link, with the directory it resolves to: guests get
-    /// each mounted at `/models/<name>`, since their sandbox does not follow links.
+    /// Models whose directory is a symbolic link or lies elsewhere (a converted GGUF), with that
+    /// directory: guests get each mounted at `/models/<name>`, since their sandbox does not
+    /// follow links.
     linked: Vec<(String, PathBuf)>,
+    prefix_cache_bytes: usize,
     device: Device,
+    placement: Placement,
 }
 
 impl ModelRegistry {
@@ -175,8 +178,28 @@ impl ModelRegistry {
             dir: dir.to_path_buf(),
             models,
             linked,
+            prefix_cache_bytes,
             device,
+            placement,
         })
+    }
+
+    /// Adds model `name` from a directory outside the models directory (mounted for guests at
+    /// `/models/<name>`). False, and nothing added, when a model of that name exists.
+    pub fn add_model_dir(&mut self, name: &str, dir: &Path) -> bool {
+        if self.models.contains_key(name) {
+            return false;
+        }
+        let lazy = LazyModel::new(
+            name.to_string(),
+            dir.join("model.onnx"),
+            self.prefix_cache_bytes,
+            self.device,
+            self.placement.clone(),
+        );
+        self.models.insert(name.to_string(), Arc::new(lazy));
+        self.linked.push((name.to_string(), dir.to_path_buf()));
+        true
     }
 
     /// The host's `--device`.
@@ -193,7 +216,7 @@ impl ModelRegistry {
         &self.dir
     }
 
-    /// Models whose directory is a symbolic link, and where it leads.
+    /// Models whose directory is a symbolic link or lies elsewhere, and that directory.
     pub fn linked_dirs(&self) -> &[(String, PathBuf)] {
         &self.linked
     }

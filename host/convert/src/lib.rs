@@ -11,7 +11,7 @@ mod llama;
 mod model_dir;
 mod quant;
 
-pub use model_dir::{config_json, generation_config, write_model_dir};
+pub use model_dir::{config_json, generation_config, write_model_dir, write_model_dir_with};
 use slm_gguf::{Architecture, Gguf, GgufError, ModelConfig};
 use thiserror::Error;
 pub use tract_onnx::pb;
@@ -30,11 +30,30 @@ pub enum ConvertError {
     Io(#[from] std::io::Error),
 }
 
+/// What this converter writes, as a number: bumped whenever the model directory it writes for
+/// the same GGUF changes, so caches of converted models (keyed by the GGUF's content and this)
+/// never serve an old conversion.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Told how far a conversion is: `(done, total)` steps (a step is a decoder layer, the embedding
+/// or the final write).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
 /// The decoder graph of `file`, with its weights.
 pub fn onnx_model(file: &Gguf) -> Result<pb::ModelProto, ConvertError> {
+    onnx_model_with(file, &mut |_, _| {})
+}
+
+/// [`onnx_model`], telling `progress` as each layer is built.
+pub fn onnx_model_with(file: &Gguf, progress: Progress) -> Result<pb::ModelProto, ConvertError> {
     let config = ModelConfig::read(file)?;
     check_supported(&config)?;
-    llama::build(file, &config)
+    llama::build(file, &config, progress)
+}
+
+/// Steps a conversion of `config` reports: the embedding, each layer, and the write.
+pub fn progress_steps(config: &ModelConfig) -> usize {
+    config.layers + 2
 }
 
 /// What this converter builds today: llama graphs whose matrices are whole Q4_1 blocks.

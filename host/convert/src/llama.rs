@@ -129,7 +129,12 @@ fn rotate_half(b: &mut Builder, x: &str, half: usize) -> String {
     b.op("Concat", &[&neg, &x1], None, vec![("axis", Attr::Int(-1))])
 }
 
-pub fn build(file: &Gguf, config: &ModelConfig) -> Result<pb::ModelProto, ConvertError> {
+pub fn build(
+    file: &Gguf,
+    config: &ModelConfig,
+    progress: crate::Progress,
+) -> Result<pb::ModelProto, ConvertError> {
+    let steps = crate::progress_steps(config);
     let weights = Weights { file, config };
     let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
     let rep = nh / nkv;
@@ -272,7 +277,11 @@ pub fn build(file: &Gguf, config: &ModelConfig) -> Result<pb::ModelProto, Conver
     let sin = b.op("Unsqueeze", &[&sin, &axis], Some("rope_sin"), vec![]);
 
     let scale = b.f32("attn_scale", (1.0 / (hd as f64).sqrt()) as f32);
+    progress(1, steps);
     for i in 0..config.layers {
+        if i > 0 {
+            progress(1 + i, steps);
+        }
         let blk = |n: &str| format!("blk.{i}.{n}.weight");
         let h = rms_norm(
             &mut b,

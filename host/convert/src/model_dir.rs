@@ -8,7 +8,7 @@ use prost::Message;
 use serde_json::{json, Value as Json};
 use slm_gguf::{Gguf, ModelConfig, Vocabulary};
 
-use crate::{onnx_model, ConvertError};
+use crate::{onnx_model_with, ConvertError, Progress};
 
 /// `config.json` (Hugging Face's names, plus where the model came from and its layout).
 pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -> Json {
@@ -53,10 +53,22 @@ pub fn generation_config(config: &ModelConfig, vocabulary: &Vocabulary) -> Json 
 
 /// Converts `file` into `out` (replacing what is there once the new directory is complete).
 pub fn write_model_dir(file: &Gguf, out: &Path) -> Result<(), ConvertError> {
+    write_model_dir_with(file, out, &mut |_, _| {})
+}
+
+/// [`write_model_dir`], telling `progress` how far it is.
+pub fn write_model_dir_with(
+    file: &Gguf,
+    out: &Path,
+    progress: Progress,
+) -> Result<(), ConvertError> {
     let config = ModelConfig::read(file)?;
     crate::check_supported(&config)?;
     let vocabulary = Vocabulary::read(file)?;
-    let model = onnx_model(file)?;
+    let steps = crate::progress_steps(&config);
+    progress(0, steps);
+    let model = onnx_model_with(file, progress)?;
+    progress(steps - 1, steps);
 
     let parent = out
         .parent()
@@ -92,6 +104,7 @@ pub fn write_model_dir(file: &Gguf, out: &Path) -> Result<(), ConvertError> {
             fs::remove_dir_all(out)?;
         }
         fs::rename(&partial, out)?;
+        progress(steps, steps);
         Ok(())
     })();
     if written.is_err() {

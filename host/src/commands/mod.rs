@@ -12,11 +12,14 @@ mod run;
 mod serve;
 mod tokenize;
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{anyhow, bail, Result};
 use clap::Parser as _;
 use slm_engine::{Device, Placement};
 
 use crate::cli::{Cli, Cmd, Global};
+use crate::converted;
 use crate::registry::ModelRegistry;
 use app::App;
 
@@ -40,7 +43,7 @@ pub struct Setup {
 }
 
 pub fn main() -> Result<()> {
-    let cli = parse()?;
+    let mut cli = parse()?;
     init_logging(cli.global.verbose);
     let threads = cli.global.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -57,7 +60,21 @@ pub fn main() -> Result<()> {
         Cmd::Tokenize { .. } | Cmd::Models | Cmd::Convert { .. } => Placement::Cpu,
         _ => resolve_device(device, cli.global.quiet)?,
     };
-    let registry = || discover(&cli.global, device, placement.clone());
+    // `--model FILE.gguf`: the file, converted (or found converted), runs under its stem.
+    let gguf_model = match model_arg(&mut cli.cmd) {
+        Some(model) if converted::is_gguf(Path::new(model.as_str())) => {
+            let gguf = PathBuf::from(model.as_str());
+            if !gguf.is_file() {
+                bail!("--model {}: no such file", gguf.display());
+            }
+            let name = converted::model_name(&gguf)?;
+            let dir = converted::model_dir(&gguf, cli.global.quiet)?;
+            *model = name.clone();
+            Some((name, dir))
+        }
+        _ => None,
+    };
+    let registry = || discover(&cli.global, device, placement.clone(), gguf_model.as_ref());
 
     match &cli.cmd {
         Cmd::Convert { gguf, output } => {
@@ -157,13 +174,57 @@ fn resolve_device(device: Device, quiet: bool) -> Result<Placement> {
     Ok(placement)
 }
 
-/// The models of `--models`.
-fn discover(g: &Global, device: Device, placement: Placement) -> Result<ModelRegistry> {
+/// The `--model` argument of the commands that take one.
+fn model_arg(cmd: &mut Cmd) -> Option<&mut String> {
+    match cmd {
+        Cmd::Run { gen, .. } | Cmd::Chat { gen } => gen.model.as_mut(),
+        Cmd::Tokenize { model, .. } | Cmd::Bench { model, .. } => model.as_mut(),
+        _ => None,
+    }
+}
+
+/// The models of `--models`: its model directories, then its GGUF files (converted, or found
+/// converted in the cache; one that cannot be converted is named on stderr and left out), then
+/// `extra`: a `--model FILE.gguf` converted into `(name, directory)`.
+fn discover(
+    g: &Global,
+    device: Device,
+    placement: Placement,
+    extra: Option<&(String, PathBuf)>,
+) -> Result<ModelRegistry> {
     let dir = &g.models;
-    ModelRegistry::discover_on(dir, g.prefix_cache_mb << 20, device, placement).map_err(|e| {
-        anyhow!(
-            "cannot read models directory {}: {e} (run scripts/setup, or pass --models DIR)",
-            dir.display()
-        )
-    })
+    let mut registry = ModelRegistry::discover_on(dir, g.prefix_cache_mb << 20, device, placement)
+        .map_err(|e| {
+            anyhow!(
+                "cannot read models directory {}: {e} (run scripts/setup, or pass --models DIR)",
+                dir.display()
+            )
+        })?;
+    for (name, gguf) in converted::ggufs_in(dir) {
+        if registry.model(&name).is_some() {
+            eprintln!(
+                "warning: {}: the models directory has a model named {name} already; the file is not served",
+                gguf.display()
+            );
+            continue;
+        }
+        match converted::model_dir(&gguf, g.quiet) {
+            Ok(converted) => {
+                registry.add_model_dir(&name, &converted);
+            }
+            Err(e) => eprintln!("warning: {e:#}; not served"),
+        }
+    }
+    if let Some((name, converted)) = extra {
+        let same = |m: &std::sync::Arc<crate::registry::LazyModel>| {
+            m.path().parent() == Some(converted.as_path())
+        };
+        if !registry.model(name).is_some_and(same) && !registry.add_model_dir(name, converted) {
+            bail!(
+                "--model: the models directory {} has another model named {name}; rename the file",
+                dir.display()
+            );
+        }
+    }
+    Ok(registry)
 }

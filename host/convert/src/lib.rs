@@ -12,7 +12,7 @@ mod model_dir;
 mod quant;
 
 pub use model_dir::{config_json, generation_config, write_model_dir, write_model_dir_with};
-use slm_gguf::{Architecture, Gguf, GgufError, ModelConfig};
+use slm_gguf::{Architecture, GgmlType, Gguf, GgufError, ModelConfig};
 use thiserror::Error;
 pub use tract_onnx::pb;
 
@@ -48,7 +48,47 @@ pub fn onnx_model(file: &Gguf) -> Result<pb::ModelProto, ConvertError> {
 pub fn onnx_model_with(file: &Gguf, progress: Progress) -> Result<pb::ModelProto, ConvertError> {
     let config = ModelConfig::read(file)?;
     check_supported(&config)?;
+    check_tensor_types(file, &config)?;
     llama::build(file, &config, progress)
+}
+
+/// The block matrices' types this converter holds exactly: their blocks become the engine's
+/// Q4_1 blocks unchanged. Others would be re-quantized, which changes the model: refused.
+pub const EXACT_MATRIX_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q4_1];
+
+/// Every layer's block matrix is of a type in [`EXACT_MATRIX_TYPES`].
+pub fn check_tensor_types(file: &Gguf, config: &ModelConfig) -> Result<(), ConvertError> {
+    const MATRICES: [&str; 7] = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    for layer in 0..config.layers {
+        for matrix in MATRICES {
+            let name = format!("blk.{layer}.{matrix}.weight");
+            let tensor = file
+                .tensor(&name)
+                .ok_or_else(|| ConvertError::Missing(name.clone()))?;
+            if !EXACT_MATRIX_TYPES.contains(&tensor.kind) {
+                return Err(inexact_type(&name, tensor.kind));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn inexact_type(name: &str, kind: GgmlType) -> ConvertError {
+    let exact: Vec<&str> = EXACT_MATRIX_TYPES.iter().map(|t| t.name()).collect();
+    ConvertError::Unsupported(format!(
+        "tensor '{name}' is {}, which does not convert exactly yet (block matrices convert from {}; \
+         re-quantizing would change the model's weights)",
+        kind.name(),
+        exact.join(", ")
+    ))
 }
 
 /// Steps a conversion of `config` reports: the embedding, each layer, and the write.

@@ -6,11 +6,11 @@
 //! and `present.{i}.key|value`. Block matmuls are Q4_1 MatMulNBits; the embedding is int8 with a
 //! scale per token row, and (tied) the LM head too.
 
-use slm_gguf::{Gguf, ModelConfig};
+use slm_gguf::{Gguf, ModelConfig, TensorInfo};
 use tract_onnx::pb;
 
 use crate::builder::{value_info, Attr, Builder, Dim, Elem};
-use crate::quant::{int8_rows, q4_1_blocks, transpose, Matrix};
+use crate::quant::{int8_rows, q4_1_blocks, q4_block_params, transpose, Matrix};
 use crate::ConvertError;
 
 const OPSET: i64 = 17;
@@ -25,25 +25,52 @@ struct Weights<'a> {
 }
 
 impl Weights<'_> {
-    fn matrix(&self, name: &str) -> Result<Matrix, ConvertError> {
-        let tensor = self
-            .file
+    fn tensor(&self, name: &str) -> Result<&TensorInfo, ConvertError> {
+        self.file
             .tensor(name)
-            .ok_or_else(|| ConvertError::Missing(name.into()))?;
+            .ok_or_else(|| ConvertError::Missing(name.into()))
+    }
+
+    fn matrix(&self, name: &str) -> Result<Matrix, ConvertError> {
+        let tensor = self.tensor(name)?;
         let (cols, rows) = (
             tensor.dims[0] as usize,
             tensor.dims.get(1).copied().unwrap_or(1) as usize,
         );
-        let matrix = Matrix {
-            rows,
-            cols,
-            values: self.file.dequantize(tensor),
-        };
-        Ok(match name.rsplit('.').nth(1) {
+        Ok(self.in_row_order(
+            name,
+            Matrix {
+                rows,
+                cols,
+                values: self.file.dequantize(tensor),
+            },
+        ))
+    }
+
+    /// Rows as Hugging Face orders them: llama.cpp permutes Q's and K's.
+    fn in_row_order(&self, name: &str, matrix: Matrix) -> Matrix {
+        match name.rsplit('.').nth(1) {
             Some("attn_q") => matrix.unpermute_rope(self.config.heads),
             Some("attn_k") => matrix.unpermute_rope(self.config.kv_heads),
             _ => matrix,
-        })
+        }
+    }
+
+    /// A block matrix with each block's `d` and `m` as the file stores them (Q4_0 or Q4_1 only:
+    /// [`crate::check_tensor_types`]), so its values are held exactly.
+    fn q4_matrix(&self, name: &str) -> Result<Q4Matrix, ConvertError> {
+        let tensor = self.tensor(name)?;
+        let (d, m) = q4_block_params(tensor.kind, self.file.data(tensor))
+            .ok_or_else(|| crate::inexact_type(name, tensor.kind))?;
+        let w = self.matrix(name)?;
+        let per_row = |values| Matrix {
+            rows: w.rows,
+            cols: w.cols / 32,
+            values,
+        };
+        let d = self.in_row_order(name, per_row(d)).values;
+        let m = self.in_row_order(name, per_row(m)).values;
+        Ok(Q4Matrix { w, d, m })
     }
 
     fn vector(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
@@ -51,9 +78,17 @@ impl Weights<'_> {
     }
 }
 
+/// A matrix of Q4 blocks: its values and each block's scale and offset.
+struct Q4Matrix {
+    w: Matrix,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
 /// `x [.., in] @ w.T` with `w` as Q4_1 blocks.
-fn linear_q4_1(b: &mut Builder, x: &str, w: &Matrix, hint: &str) -> String {
-    let (packed, scales, zeros) = q4_1_blocks(w);
+fn linear_q4_1(b: &mut Builder, x: &str, q4: &Q4Matrix, hint: &str) -> String {
+    let w = &q4.w;
+    let (packed, scales, zeros) = q4_1_blocks(w, &q4.d, &q4.m);
     let blocks = w.cols / 32;
     let q = b.constant(
         &format!("{hint}_q4"),
@@ -311,7 +346,7 @@ pub fn build(
         let q = linear_q4_1(
             &mut b,
             &h,
-            &weights.matrix(&blk("attn_q"))?,
+            &weights.q4_matrix(&blk("attn_q"))?,
             &format!("l{i}_q"),
         );
         let q = heads(&mut b, &q, nh);
@@ -319,7 +354,7 @@ pub fn build(
         let k = linear_q4_1(
             &mut b,
             &h,
-            &weights.matrix(&blk("attn_k"))?,
+            &weights.q4_matrix(&blk("attn_k"))?,
             &format!("l{i}_k"),
         );
         let k = heads(&mut b, &k, nkv);
@@ -327,7 +362,7 @@ pub fn build(
         let v = linear_q4_1(
             &mut b,
             &h,
-            &weights.matrix(&blk("attn_v"))?,
+            &weights.q4_matrix(&blk("attn_v"))?,
             &format!("l{i}_v"),
         );
         let v = heads(&mut b, &v, nkv);
@@ -375,7 +410,7 @@ pub fn build(
         let o = linear_q4_1(
             &mut b,
             &ctx,
-            &weights.matrix(&blk("attn_output"))?,
+            &weights.q4_matrix(&blk("attn_output"))?,
             &format!("l{i}_o"),
         );
         x = b.op("Add", &[&x, &o], Some(&format!("l{i}_attn_out")), vec![]);
@@ -390,13 +425,13 @@ pub fn build(
         let gate = linear_q4_1(
             &mut b,
             &h,
-            &weights.matrix(&blk("ffn_gate"))?,
+            &weights.q4_matrix(&blk("ffn_gate"))?,
             &format!("l{i}_gate"),
         );
         let up = linear_q4_1(
             &mut b,
             &h,
-            &weights.matrix(&blk("ffn_up"))?,
+            &weights.q4_matrix(&blk("ffn_up"))?,
             &format!("l{i}_up"),
         );
         let sigmoid = b.op("Sigmoid", &[&gate], None, vec![]);
@@ -405,7 +440,7 @@ pub fn build(
         let down = linear_q4_1(
             &mut b,
             &act,
-            &weights.matrix(&blk("ffn_down"))?,
+            &weights.q4_matrix(&blk("ffn_down"))?,
             &format!("l{i}_down"),
         );
         x = b.op("Add", &[&x, &down], Some(&format!("l{i}_out")), vec![]);

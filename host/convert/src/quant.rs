@@ -2,6 +2,7 @@
 //! (numpy's f32 arithmetic, rounding half to even), so both converters write the same bytes.
 
 use half::f16;
+use slm_gguf::GgmlType;
 
 /// A weight in Hugging Face layout: `rows` output channels of `cols` inputs, row-major.
 pub struct Matrix {
@@ -57,22 +58,21 @@ pub fn int8_rows(w: &Matrix) -> (Vec<i8>, Vec<f32>) {
 }
 
 /// Q4_1 blocks of 32 along each row, as ONNX Runtime's MatMulNBits takes them: value =
-/// `d * q + m`, `d` and `m` rounded to f16 as llama.cpp stores them, so weights that are already
-/// Q4_1 values come back exactly. Returns the nibbles (`[rows, cols / 32, 16]`, low nibble first),
-/// the scales `d` and the zero points `-m / d`.
-pub fn q4_1_blocks(w: &Matrix) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+/// `d * q + m`, with each block's `d` and `m` given (row-major, one per block): a Q4_0 or Q4_1
+/// file's own, so every weight comes back exactly as the file holds it (scripts/slmconv finds the
+/// same `d` and `m` from a Q4_1 block's range). Returns the nibbles (`[rows, cols / 32, 16]`, low
+/// nibble first), the scales `d` and the zero points `-m / d`.
+pub fn q4_1_blocks(w: &Matrix, d: &[f32], m: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
     let blocks = w.values.len() / 32;
     let (mut packed, mut scales, mut zeros) = (
         Vec::with_capacity(blocks * 16),
         Vec::with_capacity(blocks),
         Vec::with_capacity(blocks),
     );
-    for block in w.values.chunks_exact(32) {
-        let lo = block.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let m = f16::from_f32(lo).to_f32();
-        let d = f16::from_f32((hi - m) / 15.0).to_f32();
-        let d = if d > 0.0 { d } else { 1.0 }; // a constant block: q = 0, value = m
+    for ((block, &d), &m) in w.values.chunks_exact(32).zip(d).zip(m) {
+        // Q4_0's d may be negative (llama.cpp scales by the signed extreme); 0 is a constant
+        // block: q = 0, value = m.
+        let d = if d != 0.0 { d } else { 1.0 };
         let q: Vec<u8> = block
             .iter()
             .map(|v| ((v - m) / d).round_ties_even().clamp(0.0, 15.0) as u8)
@@ -82,6 +82,25 @@ pub fn q4_1_blocks(w: &Matrix) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
         zeros.push(-m / d);
     }
     (packed, scales, zeros)
+}
+
+/// The `d` and `m` of each block of a Q4_0 (`m = -8 d`) or Q4_1 tensor's data, in file order;
+/// None for other types.
+pub fn q4_block_params(kind: GgmlType, data: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
+    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    match kind {
+        GgmlType::Q4_0 => Some(
+            data.chunks_exact(kind.block_bytes())
+                .map(|b| (f16_at(b, 0), -8.0 * f16_at(b, 0)))
+                .unzip(),
+        ),
+        GgmlType::Q4_1 => Some(
+            data.chunks_exact(kind.block_bytes())
+                .map(|b| (f16_at(b, 0), f16_at(b, 2)))
+                .unzip(),
+        ),
+        _ => None,
+    }
 }
 
 /// `w` transposed: `[cols, rows]`.

@@ -133,3 +133,95 @@ fn other_architectures_are_refused_by_name() {
         );
     }
 }
+
+/// Q4_0 and Q4_1 block matrices are held as the file holds them: every weight the graph's
+/// MatMulNBits nodes describe (`q * d + m`, with `d` and `m` as the engine keeps them, in f16)
+/// equals the file's dequantized value exactly, the RoPE-permuted Q and K rows included.
+/// Other block types would be re-quantized: refused, naming the tensor and its type.
+#[test]
+fn q4_block_matrices_are_held_exactly_and_others_refused() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf-quantized");
+    let status = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("host/gguf/tests/tiny_models.py"))
+        .arg(&dir)
+        .status()
+        .expect("run .venv/bin/python");
+    assert!(status.success());
+    for kind in ["q4_0", "q4_1"] {
+        let file = Gguf::open(&dir.join(format!("llama-{kind}.gguf"))).unwrap();
+        let model = onnx_model(&file).unwrap();
+        let graph = model.graph.unwrap();
+        let init = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap_or_else(|| panic!("initializer {name}"))
+        };
+        let floats = |name: &str| -> Vec<f32> {
+            init(name)
+                .raw_data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        };
+        let nodes: Vec<_> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMulNBits")
+            .collect();
+        let matrices = [
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ];
+        assert_eq!(nodes.len(), 2 * matrices.len());
+        for (n, node) in nodes.iter().enumerate() {
+            let name = format!("blk.{}.{}.weight", n / 7, matrices[n % 7]);
+            let tensor = file.tensor(&name).unwrap();
+            let (cols, rows) = (tensor.dims[0] as usize, tensor.dims[1] as usize);
+            let values = file.dequantize(tensor);
+            // llama.cpp's Q/K rows interleave each head's RoPE halves: HF row a*half + j is
+            // file row 2j + a.
+            let heads = match matrices[n % 7] {
+                "attn_q" => 4,
+                "attn_k" => 2,
+                _ => 0,
+            };
+            let file_row = |r: usize| {
+                if heads == 0 {
+                    return r;
+                }
+                let per_head = rows / heads;
+                let (h, i) = (r / per_head, r % per_head);
+                let (a, j) = (i / (per_head / 2), i % (per_head / 2));
+                h * per_head + 2 * j + a
+            };
+            let packed = &init(&node.input[1]).raw_data;
+            let (d, zp) = (floats(&node.input[2]), floats(&node.input[3]));
+            for r in 0..rows {
+                for c in 0..cols {
+                    let block = r * cols / 32 + c / 32;
+                    let byte = packed[block * 16 + (c % 32) / 2];
+                    let q = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                    let scale = half::f16::from_f32(d[block]).to_f32();
+                    let offset = half::f16::from_f32(-zp[block] * d[block]).to_f32();
+                    let held = q as f32 * scale + offset;
+                    let want = values[file_row(r) * cols + c];
+                    // The same f32 value (Q4_0's `d * (q - 8)` gives -0 where ours gives +0).
+                    assert!(held == want, "{kind} {name} [{r}, {c}]: {held} != {want}");
+                }
+            }
+        }
+    }
+    let file = Gguf::open(&dir.join("llama-q8_0.gguf")).unwrap();
+    assert_eq!(
+        onnx_model(&file).unwrap_err().to_string(),
+        "tensor 'blk.0.attn_q.weight' is Q8_0, which does not convert exactly yet (block \
+         matrices convert from Q4_0, Q4_1; re-quantizing would change the model's weights)"
+    );
+}

@@ -11,7 +11,11 @@ import gguf
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
 
 
-def write(path, arch, layers, head_dim, tensors, extra=lambda w: None):
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None):
+    """matrix_type: a GGMLQuantizationType for the layers' block matrices (else f32)."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_block_count(layers)
@@ -28,7 +32,11 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None):
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
     extra(w)
     for name, shape in tensors(layers, head_dim):
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+        values = rng.standard_normal(shape).astype(np.float32)
+        if matrix_type is not None and name.split(".")[-2] in MATRICES:
+            w.add_tensor(name, gguf.quants.quantize(values, matrix_type), raw_dtype=matrix_type)
+        else:
+            w.add_tensor(name, values)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -89,6 +97,9 @@ def main(out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write(out / "llama.gguf", "llama", 2, 16, llama)
+    Q = gguf.GGMLQuantizationType
+    for kind in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
+        write(out / f"llama-{kind.name.lower()}.gguf", "llama", 2, 16, llama, matrix_type=kind)
     write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
     write(out / "phi3.gguf", "phi3", 2, 16, phi3)
     # Gemma 3's heads are wider than hidden / heads; its global layers come from the default

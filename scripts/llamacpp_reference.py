@@ -2,13 +2,17 @@
 
   python scripts/llamacpp_reference.py tokens MODEL.gguf > tests/fixtures/tokenizer_llamacpp.json
   python scripts/llamacpp_reference.py agreement MODEL.gguf MODEL_DIR [TEXT_FILE]
+  python scripts/llamacpp_reference.py logits MODEL.gguf... > tests/fixtures/tiny_llamacpp_logits.json
 
 `agreement` feeds held-out text to llama.cpp and to every ONNX variant (ONNX Runtime, whole prompt)
 and reports the share of positions where both pick the same next token, and each one's perplexity.
 The variants other than model.onnx are found as scripts/model_variants.py says (scripts/setup keeps
 them in .cache/model-variants/<name>/).
 
-The token-id fixture is committed, so the default test run needs no llama.cpp build.
+`logits` runs each (tiny) GGUF on a fixed prompt and greedy steps and records every step's logits
+(host/tests/faithful.rs compares ours with them).
+
+The fixtures are committed, so the default test run needs no llama.cpp build.
 """
 from __future__ import annotations
 
@@ -42,6 +46,13 @@ TOKENIZER_CASES = [
     "",
     " ",
     "a",
+    # Gemma's turn markers, BOS/EOS text, whitespace runs, byte fallback and combining marks.
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+    "<bos>text<eos>",
+    "   multiple   spaces\t\ttabs\n\n\nnewlines\n\n\n\n\n",
+    "snake_case_name = CamelCaseName + kebab-case-name // comment",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𓀀 🀄 ꙮ",
+    "Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǧ̗͚̚o̙̔ͮ̇͐̇ text",
 ]
 
 
@@ -54,6 +65,34 @@ def tokens(gguf_path: str) -> None:
     ]
     json.dump({"source": "llama.cpp via llama-cpp-python, tokenize(add_bos=False, special=True)", "cases": cases},
               sys.stdout, ensure_ascii=False, indent=1)
+    print()
+
+
+# The prompt and the number of greedy steps of the `logits` fixture.
+LOGITS_PROMPT = [5, 17, 99, 3, 42, 7, 64, 120, 2, 33]
+LOGITS_STEPS = 8
+
+
+def logits(*gguf_paths: str) -> None:
+    import os
+
+    from llama_cpp import Llama
+
+    report = {"source": "llama.cpp via llama-cpp-python, f32 KV cache, 1 thread", "prompt": LOGITS_PROMPT,
+              "steps": LOGITS_STEPS, "models": {}}
+    for path in gguf_paths:
+        llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+        llm.eval(LOGITS_PROMPT)
+        rows = [list(map(float, llm.scores[len(LOGITS_PROMPT) - 1]))]
+        tokens = []
+        for _ in range(LOGITS_STEPS):
+            token = max(range(len(rows[-1])), key=rows[-1].__getitem__)
+            tokens.append(token)
+            llm.eval([token])
+            rows.append(list(map(float, llm.scores[llm.n_tokens - 1])))
+        name = os.path.basename(path).removesuffix(".gguf")
+        report["models"][name] = {"tokens": tokens, "logits": rows}
+    json.dump(report, sys.stdout)
     print()
 
 
@@ -90,4 +129,4 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"tokens": tokens, "agreement": agreement}[cmd](*args)
+    {"tokens": tokens, "agreement": agreement, "logits": logits}[cmd](*args)

@@ -1,9 +1,10 @@
 //! GGUF to the ONNX model the engine runs, in Rust: the port of scripts/slmconv (issue 14).
 //!
-//! [`onnx_model`] builds the decoder graph of a llama-architecture GGUF in the default layout
-//! (Q4_1 block matmuls, int8 embedding): the same graph, node for node and byte for byte, as
-//! `slmconv gguf --layouts q4_1` writes (tests/convert.rs). Other architectures and layouts are
-//! refused by name until they are built here. [`write_model_dir`] writes the whole model
+//! [`onnx_model`] builds the decoder graph of a llama- or qwen2-architecture GGUF in the default
+//! layout (Q4_1 block matmuls, int8 embedding): for llama, the same graph, node for node and byte
+//! for byte, as `slmconv gguf --layouts q4_1` writes (tests/convert.rs); qwen2 adds its q/k/v
+//! biases (tests/faithful.rs checks both against llama.cpp). Other architectures and matrix
+//! types are refused by name until they are built here. [`write_model_dir`] writes the whole model
 //! directory: `model.onnx`, `config.json`, `generation_config.json` and the tokenizer files.
 
 mod builder;
@@ -20,7 +21,7 @@ pub use tract_onnx::pb;
 pub enum ConvertError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("the {0} architecture does not convert yet (supported: llama)")]
+    #[error("the {0} architecture does not convert yet (supported: llama, qwen2)")]
     Architecture(&'static str),
     #[error("tensor '{0}' is missing")]
     Missing(String),
@@ -98,7 +99,10 @@ pub fn progress_steps(config: &ModelConfig) -> usize {
 
 /// What this converter builds today: llama graphs whose matrices are whole Q4_1 blocks.
 pub fn check_supported(config: &ModelConfig) -> Result<(), ConvertError> {
-    if config.architecture != Architecture::Llama {
+    if !matches!(
+        config.architecture,
+        Architecture::Llama | Architecture::Qwen2
+    ) {
         return Err(ConvertError::Architecture(config.architecture.name()));
     }
     if config.hidden % 32 != 0 || config.ffn % 32 != 0 || (config.heads * config.head_dim) % 32 != 0

@@ -6,7 +6,7 @@
 //! and `present.{i}.key|value`. Block matmuls are Q4_1 MatMulNBits; the embedding is int8 with a
 //! scale per token row, and (tied) the LM head too.
 
-use slm_gguf::{Gguf, ModelConfig, TensorInfo};
+use slm_gguf::{Architecture, Gguf, ModelConfig, TensorInfo};
 use tract_onnx::pb;
 
 use crate::builder::{value_info, Attr, Builder, Dim, Elem};
@@ -47,8 +47,12 @@ impl Weights<'_> {
         ))
     }
 
-    /// Rows as Hugging Face orders them: llama.cpp permutes Q's and K's.
+    /// Rows as Hugging Face orders them: llama.cpp permutes Q's and K's of llama models (whose
+    /// RoPE it applies to interleaved pairs; other architectures' rotate halves, as ours does).
     fn in_row_order(&self, name: &str, matrix: Matrix) -> Matrix {
+        if self.config.architecture != Architecture::Llama {
+            return matrix;
+        }
         match name.rsplit('.').nth(1) {
             Some("attn_q") => matrix.unpermute_rope(self.config.heads),
             Some("attn_k") => matrix.unpermute_rope(self.config.kv_heads),
@@ -312,6 +316,16 @@ pub fn build(
     let sin = b.op("Unsqueeze", &[&sin, &axis], Some("rope_sin"), vec![]);
 
     let scale = b.f32("attn_scale", (1.0 / (hd as f64).sqrt()) as f32);
+    // Qwen2's q, k and v projections have biases.
+    let bias = |b: &mut Builder, x: &str, name: &str| -> Result<String, ConvertError> {
+        if config.architecture != Architecture::Qwen2 {
+            return Ok(x.to_string());
+        }
+        let values = weights.vector(name)?;
+        let hint = name.trim_end_matches(".bias").replace('.', "_");
+        let bias = b.f32s(&format!("{hint}_bias"), &[values.len()], &values);
+        Ok(b.op("Add", &[x, &bias], None, vec![]))
+    };
     progress(1, steps);
     for i in 0..config.layers {
         if i > 0 {
@@ -349,6 +363,7 @@ pub fn build(
             &weights.q4_matrix(&blk("attn_q"))?,
             &format!("l{i}_q"),
         );
+        let q = bias(&mut b, &q, &format!("blk.{i}.attn_q.bias"))?;
         let q = heads(&mut b, &q, nh);
         let q = rope(&mut b, &q);
         let k = linear_q4_1(
@@ -357,6 +372,7 @@ pub fn build(
             &weights.q4_matrix(&blk("attn_k"))?,
             &format!("l{i}_k"),
         );
+        let k = bias(&mut b, &k, &format!("blk.{i}.attn_k.bias"))?;
         let k = heads(&mut b, &k, nkv);
         let k = rope(&mut b, &k);
         let v = linear_q4_1(
@@ -365,6 +381,7 @@ pub fn build(
             &weights.q4_matrix(&blk("attn_v"))?,
             &format!("l{i}_v"),
         );
+        let v = bias(&mut b, &v, &format!("blk.{i}.attn_v.bias"))?;
         let v = heads(&mut b, &v, nkv);
         let (k_all, v_all) = (format!("present.{i}.key"), format!("present.{i}.value"));
         b.node(

@@ -6,15 +6,19 @@ use std::path::Path;
 
 use prost::Message;
 use serde_json::{json, Value as Json};
-use slm_gguf::{Gguf, ModelConfig, Vocabulary};
+use slm_gguf::{Architecture, Gguf, ModelConfig, Vocabulary};
 
 use crate::{onnx_model_with, ConvertError, Progress};
 
 /// `config.json` (Hugging Face's names, plus where the model came from and its layout).
 pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -> Json {
+    let (class, model_type) = match config.architecture {
+        Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        _ => ("LlamaForCausalLM", "llama"),
+    };
     json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [class],
+        "model_type": model_type,
         "hidden_size": config.hidden,
         "intermediate_size": config.ffn,
         "num_hidden_layers": config.layers,

@@ -3,28 +3,47 @@
 //!
 //! Byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) map one to one: the tokens, the
 //! merges in rank order, control and user-defined tokens as added tokens, and the pre-tokenizer
-//! llama.cpp names in `tokenizer.ggml.pre`. SentencePiece vocabularies (`"llama"`) are refused
-//! with that name until they are rebuilt here.
+//! llama.cpp names in `tokenizer.ggml.pre`. SentencePiece vocabularies (`"llama"`: Llama 2,
+//! Gemma) become a BPE whose merges rank as llama.cpp merges them, by the merged token's score,
+//! with byte fallback for characters the vocabulary lacks; spaces are `▁`, with one in front of
+//! the text when `add_space_prefix` says so.
+
+use std::collections::HashMap;
 
 use serde_json::{json, Map, Value as Json};
 
 use crate::{Gguf, GgufError, Value};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const NORMAL: u64 = 1;
 const CONTROL: u64 = 3;
 const USER_DEFINED: u64 = 4;
 
+/// Qwen2's pre-tokenizer split (llama.cpp's `qwen2`): Llama 3's with single digits.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Llama 3's pre-tokenizer split (llama.cpp's `llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The tokenization a vocabulary uses.
+pub enum TokenizerModel {
+    /// Byte-level BPE (`gpt2`): merges in rank order, and llama.cpp's pre-tokenizer name.
+    ByteLevelBpe { merges: Vec<String>, pre: String },
+    /// SentencePiece (`llama`): each token's score (merges prefer the highest-scoring result),
+    /// and whether a space goes in front of the text.
+    SentencePiece {
+        scores: Vec<f32>,
+        add_space_prefix: bool,
+    },
+}
 
 /// The vocabulary and its special tokens, read from the metadata.
 pub struct Vocabulary {
     pub tokens: Vec<String>,
     /// GGUF token types: 1 normal, 3 control, 4 user-defined.
     pub types: Vec<u64>,
-    pub merges: Vec<String>,
-    /// llama.cpp's pre-tokenizer name.
-    pub pre: String,
+    /// How text becomes tokens.
+    pub model: TokenizerModel,
     pub bos: Option<u64>,
     pub eos: Option<u64>,
     pub pad: Option<u64>,
@@ -35,14 +54,42 @@ pub struct Vocabulary {
 
 impl Vocabulary {
     pub fn read(file: &Gguf) -> Result<Vocabulary, GgufError> {
-        let model = file.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(GgufError::BadMetadata {
-                key: "tokenizer.ggml.model".into(),
-                problem: format!("'{model}' vocabularies are not supported yet (supported: gpt2, byte-level BPE)"),
-            });
-        }
         let tokens = strings(file, "tokenizer.ggml.tokens")?;
+        let model = match file.get_str("tokenizer.ggml.model")? {
+            "gpt2" => TokenizerModel::ByteLevelBpe {
+                merges: strings(file, "tokenizer.ggml.merges")?,
+                pre: match file.get("tokenizer.ggml.pre") {
+                    None => "default".into(),
+                    Some(_) => file.get_str("tokenizer.ggml.pre")?.into(),
+                },
+            },
+            "llama" => {
+                let scores = floats(file, "tokenizer.ggml.scores")?;
+                if scores.len() != tokens.len() {
+                    return Err(GgufError::BadMetadata {
+                        key: "tokenizer.ggml.scores".into(),
+                        problem: format!("{} scores for {} tokens", scores.len(), tokens.len()),
+                    });
+                }
+                TokenizerModel::SentencePiece {
+                    scores,
+                    // llama.cpp's default for SentencePiece vocabularies.
+                    add_space_prefix: file
+                        .get("tokenizer.ggml.add_space_prefix")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(true),
+                }
+            }
+            other => {
+                return Err(GgufError::BadMetadata {
+                    key: "tokenizer.ggml.model".into(),
+                    problem: format!(
+                        "'{other}' vocabularies are not supported (supported: gpt2, byte-level \
+                         BPE; llama, SentencePiece)"
+                    ),
+                })
+            }
+        };
         let types = match file.get("tokenizer.ggml.token_type") {
             None => vec![1; tokens.len()],
             Some(_) => integers(file, "tokenizer.ggml.token_type")?,
@@ -72,11 +119,7 @@ impl Vocabulary {
             }
         };
         Ok(Vocabulary {
-            merges: strings(file, "tokenizer.ggml.merges")?,
-            pre: match file.get("tokenizer.ggml.pre") {
-                None => "default".into(),
-                Some(_) => file.get_str("tokenizer.ggml.pre")?.into(),
-            },
+            model,
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos: id("tokenizer.ggml.eos_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
@@ -120,28 +163,96 @@ impl Vocabulary {
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
+        let (pre_tokenizer, post_processor, decoder, model) = match &self.model {
+            TokenizerModel::ByteLevelBpe { merges, pre } => (
+                pre_tokenizer(pre)?,
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+                json!({
+                    "type": "BPE",
+                    "dropout": null,
+                    "unk_token": null,
+                    "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null,
+                    "fuse_unk": false,
+                    "byte_fallback": false,
+                    "ignore_merges": false,
+                    "vocab": vocab,
+                    "merges": merges,
+                }),
+            ),
+            TokenizerModel::SentencePiece {
+                scores,
+                add_space_prefix,
+            } => {
+                let prepend = if *add_space_prefix { "first" } else { "never" };
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if *add_space_prefix {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                (
+                    json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": false}),
+                    Json::Null,
+                    json!({"type": "Sequence", "decoders": decoders}),
+                    json!({
+                        "type": "BPE",
+                        "dropout": null,
+                        "unk_token": self.token(self.unk),
+                        "continuing_subword_prefix": null,
+                        "end_of_word_suffix": null,
+                        "fuse_unk": true,
+                        "byte_fallback": true,
+                        "ignore_merges": false,
+                        "vocab": vocab,
+                        "merges": self.spm_merges(scores),
+                    }),
+                )
+            }
+        };
         Ok(json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
             "added_tokens": added,
             "normalizer": null,
-            "pre_tokenizer": pre_tokenizer(&self.pre)?,
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE",
-                "dropout": null,
-                "unk_token": null,
-                "continuing_subword_prefix": null,
-                "end_of_word_suffix": null,
-                "fuse_unk": false,
-                "byte_fallback": false,
-                "ignore_merges": false,
-                "vocab": vocab,
-                "merges": self.merges,
-            },
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": decoder,
+            "model": model,
         }))
+    }
+
+    /// A SentencePiece vocabulary's merges, in the order llama.cpp applies them: every split of a
+    /// normal token into two normal tokens, ranked by the merged token's score (highest first),
+    /// then by its id, then by where it splits.
+    fn spm_merges(&self, scores: &[f32]) -> Vec<[String; 2]> {
+        let normal = |i: usize| self.types[i] == NORMAL;
+        let ids: HashMap<&str, usize> = (0..self.tokens.len())
+            .filter(|&i| normal(i))
+            .map(|i| (self.tokens[i].as_str(), i))
+            .collect();
+        let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+        for (&text, &id) in &ids {
+            for (at, _) in text.char_indices().skip(1) {
+                let (left, right) = text.split_at(at);
+                if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right)) {
+                    merges.push((scores[id], id, l, r));
+                }
+            }
+        }
+        merges.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.cmp(&b.1))
+                .then(self.tokens[a.2].len().cmp(&self.tokens[b.2].len()))
+        });
+        merges
+            .into_iter()
+            .map(|(_, _, l, r)| [self.tokens[l].clone(), self.tokens[r].clone()])
+            .collect()
     }
 
     /// `tokenizer_config.json`, with the model's context length and chat template.
@@ -159,8 +270,12 @@ impl Vocabulary {
             .filter(|&i| self.types[i] == CONTROL)
             .map(|i| &*self.tokens[i])
             .collect();
+        let class = match self.model {
+            TokenizerModel::ByteLevelBpe { .. } => "GPT2Tokenizer",
+            TokenizerModel::SentencePiece { .. } => "LlamaTokenizer",
+        };
         json!({
-            "tokenizer_class": "GPT2Tokenizer",
+            "tokenizer_class": class,
             "model_max_length": context,
             "add_bos_token": self.add_bos,
             "add_prefix_space": false,
@@ -182,7 +297,7 @@ impl Vocabulary {
         for i in self.specials() {
             let end = matches!(
                 &*self.tokens[i],
-                "<|endoftext|>" | "<|eot_id|>" | "<|end_of_text|>"
+                "<|endoftext|>" | "<|eot_id|>" | "<|end_of_text|>" | "<end_of_turn>"
             );
             if end && !ids.contains(&(i as u64)) {
                 ids.push(i as u64);
@@ -205,11 +320,15 @@ fn pre_tokenizer(pre: &str) -> Result<Json, GgufError> {
             {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
             byte_level(false),
         ]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": false},
+            byte_level(false),
+        ]}),
         other => {
             return Err(GgufError::BadMetadata {
                 key: "tokenizer.ggml.pre".into(),
                 problem: format!(
-                "pre-tokenizer '{other}' is not supported (supported: smollm, gpt-2, llama-bpe)"
+                "pre-tokenizer '{other}' is not supported (supported: smollm, gpt-2, llama-bpe, qwen2)"
             ),
             })
         }
@@ -235,6 +354,17 @@ fn strings(file: &Gguf, key: &str) -> Result<Vec<String>, GgufError> {
         .ok_or_else(|| GgufError::BadMetadata {
             key: key.into(),
             problem: "holds values that are not strings".into(),
+        })
+}
+
+fn floats(file: &Gguf, key: &str) -> Result<Vec<f32>, GgufError> {
+    array(file, key)?
+        .iter()
+        .map(Value::as_f32)
+        .collect::<Option<_>>()
+        .ok_or_else(|| GgufError::BadMetadata {
+            key: key.into(),
+            problem: "holds values that are not numbers".into(),
         })
 }
 

@@ -182,6 +182,32 @@ fn the_default_models_tokenizer_files_equal_the_converters() {
     );
 }
 
+/// Gemma 3's SentencePiece vocabulary, rebuilt as a `tokenizers` BPE, tokenizes as llama.cpp
+/// does (tests/fixtures/tokenizer_gemma3_llamacpp.json, made by scripts/llamacpp_reference.py);
+/// BOS is added, and `<end_of_turn>` ends a generation as `<eos>` does.
+#[test]
+fn the_gemma3_vocabulary_tokenizes_as_llama_cpp() {
+    let path = stdout_of(&mut Command::new(root().join("scripts/fetch-gemma")));
+    let file = Gguf::open(Path::new(path.trim())).unwrap();
+    let vocabulary = Vocabulary::read(&file).unwrap();
+    assert_eq!((vocabulary.bos, vocabulary.add_bos), (Some(2), true));
+    assert_eq!(vocabulary.eos_ids(), [1, 106]);
+    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gemma3-tokenizer.json");
+    std::fs::write(
+        &json,
+        serde_json::to_vec(&vocabulary.tokenizer_json().unwrap()).unwrap(),
+    )
+    .unwrap();
+    let report = python()
+        .arg(script("tokenizer_parity.py"))
+        .arg(&json)
+        .arg(root().join("tests/fixtures/tokenizer_gemma3_llamacpp.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert!(report.status.success(), "{text}");
+}
+
 /// `sum(bits(value_i) * (i + 1))`, wrapping: tests/checksums.py's checksum.
 fn checksum(values: &[f32]) -> u64 {
     let mut total = 0u64;
@@ -225,15 +251,6 @@ fn the_gemma3_file_reads_whole() {
     assert_eq!((sliding.window, sliding.rope_base), (512, 10000.0));
     let global: Vec<usize> = (0..18).filter(|&i| config.is_global(i)).collect();
     assert_eq!(global, [5, 11, 17]);
-    // Its vocabulary is SentencePiece's: refused by name until it is rebuilt (issue 14).
-    let refused = Vocabulary::read(&file)
-        .err()
-        .expect("a SentencePiece vocabulary")
-        .to_string();
-    assert!(
-        refused.contains("'llama' vocabularies are not supported yet"),
-        "{refused}"
-    );
 
     let reference = stdout_of(python().arg(script("checksums.py")).arg(path));
     assert_eq!(reference.lines().count(), file.tensors.len());

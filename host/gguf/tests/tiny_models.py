@@ -29,11 +29,28 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
     if head_dim != HIDDEN // HEADS:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    if matrix_type is None:
+        w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    else:
+        # A whole byte-level BPE vocabulary (one merge), so llama.cpp and slm both run the file.
+        w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, VOCAB)])
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_types([1] * VOCAB)
+        w.add_token_merges(["a b"])
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
     extra(w)
     for name, shape in tensors(layers, head_dim):
         values = rng.standard_normal(shape).astype(np.float32)
-        if matrix_type is not None and name.split(".")[-2] in MATRICES:
+        if matrix_type is not None:
+            # Scaled as trained models are, so activations stay in range and the file computes
+            # smoothly enough to compare with llama.cpp: unit-gain norms, fan-in scaled matrices.
+            if len(shape) == 1:
+                values = (1 + 0.1 * values) if "norm" in name else 0.1 * values
+            elif name != "token_embd.weight":
+                values /= np.sqrt(shape[1])
+        if matrix_type is not None and name.endswith(".weight") and name.split(".")[-2] in MATRICES:
             w.add_tensor(name, gguf.quants.quantize(values, matrix_type), raw_dtype=matrix_type)
         else:
             w.add_tensor(name, values)
@@ -100,6 +117,7 @@ def main(out):
     Q = gguf.GGMLQuantizationType
     for kind in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
         write(out / f"llama-{kind.name.lower()}.gguf", "llama", 2, 16, llama, matrix_type=kind)
+    write(out / "qwen2-q4_0.gguf", "qwen2", 2, 16, qwen2, matrix_type=Q.Q4_0)
     write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
     write(out / "phi3.gguf", "phi3", 2, 16, phi3)
     # Gemma 3's heads are wider than hidden / heads; its global layers come from the default

@@ -54,9 +54,9 @@ fn tiny_models_follow_llama_cpp() {
     }
 
     // Rounding differs (our 8-bit activations and int8 embedding rows, llama.cpp's Q8_0
-    // activations), so a close call between two tokens may go either way: at most one step in
-    // nine per model. A wrong graph (a missing bias, unpermuted RoPE rows) drops the similarity
-    // far below the bound.
+    // activations), so a close call between two tokens may go either way: the top tokens must
+    // agree where llama.cpp's leads its runner-up by 2% of its logits' range. A wrong graph (a
+    // missing bias, unpermuted RoPE rows) drops the similarity far below the bound (0.92-0.98).
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for (name, want) in reference {
@@ -89,7 +89,6 @@ fn tiny_models_follow_llama_cpp() {
         let rows = want["logits"].as_array().unwrap();
         let vocab = ours.len() / rows.len();
         assert_eq!(vocab * rows.len(), ours.len());
-        let mut same_top = 0;
         for (step, row) in rows.iter().enumerate() {
             let theirs: Vec<f64> = row
                 .as_array()
@@ -100,19 +99,20 @@ fn tiny_models_follow_llama_cpp() {
             let ours = &ours[step * vocab..(step + 1) * vocab];
             let similarity = cosine(ours, &theirs);
             let same = argmax(ours) == argmax(&theirs);
-            same_top += same as usize;
+            let mut sorted = theirs.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let clear = sorted[0] - sorted[1] >= 0.02 * (sorted[0] - sorted[sorted.len() - 1]);
             report.push(format!(
-                "{name} step {step}: cosine {similarity:.5}, same top token: {same}"
+                "{name} step {step}: cosine {similarity:.5}, same top token: {same} (a clear \
+                 choice: {clear})"
             ));
-            if similarity < 0.998 {
-                failures.push(format!("{name} step {step}: cosine {similarity}"));
+            if similarity < 0.998 || (clear && !same) {
+                failures.push(format!(
+                    "{name} step {step}: cosine {similarity}, top token {} (ours) and {} (llama.cpp)",
+                    argmax(ours),
+                    argmax(&theirs)
+                ));
             }
-        }
-        if same_top + 1 < rows.len() {
-            failures.push(format!(
-                "{name}: the same top token on {same_top} of {} steps",
-                rows.len()
-            ));
         }
     }
     eprintln!("{}", report.join("\n"));

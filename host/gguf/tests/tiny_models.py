@@ -48,7 +48,7 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
             # smoothly enough to compare with llama.cpp: unit-gain norms, fan-in scaled matrices.
             if len(shape) == 1:
                 values = (1 + 0.1 * values) if "norm" in name else 0.1 * values
-            elif name != "token_embd.weight":
+            elif name not in ("token_embd.weight", "output.weight"):
                 values /= np.sqrt(shape[1])
         if matrix_type is not None and name.endswith(".weight") and name.split(".")[-2] in MATRICES:
             w.add_tensor(name, gguf.quants.quantize(values, matrix_type), raw_dtype=matrix_type)

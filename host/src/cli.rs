@@ -90,8 +90,8 @@ pub enum Cmd {
     Models,
     /// Convert a GGUF file into a model directory (model.onnx and its JSON files), in Rust.
     ///
-    /// Llama-architecture (Llama, SmolLM, Mistral) and qwen2 files with Q4_0 or Q4_1 block
-    /// matrices convert today: the blocks are kept exactly, the embedding becomes int8 rows, the
+    /// Llama-architecture (Llama, SmolLM, Mistral), qwen2 and phi3 files with Q4_0 or Q4_1
+    /// block matrices convert today: the blocks are kept exactly, the embedding becomes int8 rows, the
     /// vocabulary (byte-level BPE or SentencePiece) a tokenizer.json. Other architectures and
     /// matrix types are refused with the reason.
     Convert {

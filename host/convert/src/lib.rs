@@ -1,9 +1,10 @@
 //! GGUF to the ONNX model the engine runs, in Rust: the port of scripts/slmconv (issue 14).
 //!
-//! [`onnx_model`] builds the decoder graph of a llama- or qwen2-architecture GGUF in the default
+//! [`onnx_model`] builds the decoder graph of a llama, qwen2 or phi3 GGUF in the default
 //! layout (Q4_1 block matmuls, int8 embedding): for llama, the same graph, node for node and byte
 //! for byte, as `slmconv gguf --layouts q4_1` writes (tests/convert.rs); qwen2 adds its q/k/v
-//! biases (tests/faithful.rs checks both against llama.cpp). Other architectures and matrix
+//! biases, phi3 splits its fused projections (tests/faithful.rs checks all three against
+//! llama.cpp). Other architectures and matrix
 //! types are refused by name until they are built here. [`write_model_dir`] writes the whole model
 //! directory: `model.onnx`, `config.json`, `generation_config.json` and the tokenizer files.
 
@@ -21,7 +22,7 @@ pub use tract_onnx::pb;
 pub enum ConvertError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("the {0} architecture does not convert yet (supported: llama, qwen2)")]
+    #[error("the {0} architecture does not convert yet (supported: llama, qwen2, phi3)")]
     Architecture(&'static str),
     #[error("tensor '{0}' is missing")]
     Missing(String),
@@ -59,10 +60,12 @@ pub const EXACT_MATRIX_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q4_1];
 
 /// Every layer's block matrix is of a type in [`EXACT_MATRIX_TYPES`].
 pub fn check_tensor_types(file: &Gguf, config: &ModelConfig) -> Result<(), ConvertError> {
-    const MATRICES: [&str; 7] = [
+    // Phi-3's fused qkv stands for q, k and v; its fused gate/up (`ffn_up`) for both.
+    const MATRICES: [&str; 8] = [
         "attn_q",
         "attn_k",
         "attn_v",
+        "attn_qkv",
         "attn_output",
         "ffn_gate",
         "ffn_up",
@@ -71,9 +74,10 @@ pub fn check_tensor_types(file: &Gguf, config: &ModelConfig) -> Result<(), Conve
     for layer in 0..config.layers {
         for matrix in MATRICES {
             let name = format!("blk.{layer}.{matrix}.weight");
-            let tensor = file
-                .tensor(&name)
-                .ok_or_else(|| ConvertError::Missing(name.clone()))?;
+            // ModelConfig::read checked that the architecture's matrices are all there.
+            let Some(tensor) = file.tensor(&name) else {
+                continue;
+            };
             if !EXACT_MATRIX_TYPES.contains(&tensor.kind) {
                 return Err(inexact_type(&name, tensor.kind));
             }
@@ -97,13 +101,20 @@ pub fn progress_steps(config: &ModelConfig) -> usize {
     config.layers + 2
 }
 
-/// What this converter builds today: llama graphs whose matrices are whole Q4_1 blocks.
+/// What this converter builds today: llama, qwen2 and phi3 graphs (full-width RoPE) whose
+/// matrices are whole Q4_1 blocks.
 pub fn check_supported(config: &ModelConfig) -> Result<(), ConvertError> {
     if !matches!(
         config.architecture,
-        Architecture::Llama | Architecture::Qwen2
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Phi3
     ) {
         return Err(ConvertError::Architecture(config.architecture.name()));
+    }
+    if config.rope_dims != config.head_dim {
+        return Err(ConvertError::Unsupported(format!(
+            "RoPE on {} of each head's {} dimensions (partial rotary) does not convert yet",
+            config.rope_dims, config.head_dim
+        )));
     }
     if config.hidden % 32 != 0 || config.ffn % 32 != 0 || (config.heads * config.head_dim) % 32 != 0
     {

@@ -89,6 +89,23 @@ struct Q4Matrix {
     m: Vec<f32>,
 }
 
+impl Q4Matrix {
+    /// Rows `start..start + rows`: one of the projections a fused matrix stacks (phi3's qkv and
+    /// gate/up). Blocks lie within rows, so they stay whole and exact.
+    fn rows(&self, start: usize, rows: usize) -> Q4Matrix {
+        let (cols, blocks) = (self.w.cols, self.w.cols / 32);
+        Q4Matrix {
+            w: Matrix {
+                rows,
+                cols,
+                values: self.w.values[start * cols..(start + rows) * cols].to_vec(),
+            },
+            d: self.d[start * blocks..(start + rows) * blocks].to_vec(),
+            m: self.m[start * blocks..(start + rows) * blocks].to_vec(),
+        }
+    }
+}
+
 /// `x [.., in] @ w.T` with `w` as Q4_1 blocks.
 fn linear_q4_1(b: &mut Builder, x: &str, q4: &Q4Matrix, hint: &str) -> String {
     let w = &q4.w;
@@ -357,30 +374,28 @@ pub fn build(
             b.op("Add", &[&a, &c], None, vec![])
         };
 
-        let q = linear_q4_1(
-            &mut b,
-            &h,
-            &weights.q4_matrix(&blk("attn_q"))?,
-            &format!("l{i}_q"),
-        );
+        // Phi-3 stacks q, k and v in one matrix.
+        let (q_w, k_w, v_w) = match file.tensor(&blk("attn_qkv")) {
+            Some(_) => {
+                let qkv = weights.q4_matrix(&blk("attn_qkv"))?;
+                let (q, kv) = (nh * hd, nkv * hd);
+                (qkv.rows(0, q), qkv.rows(q, kv), qkv.rows(q + kv, kv))
+            }
+            None => (
+                weights.q4_matrix(&blk("attn_q"))?,
+                weights.q4_matrix(&blk("attn_k"))?,
+                weights.q4_matrix(&blk("attn_v"))?,
+            ),
+        };
+        let q = linear_q4_1(&mut b, &h, &q_w, &format!("l{i}_q"));
         let q = bias(&mut b, &q, &format!("blk.{i}.attn_q.bias"))?;
         let q = heads(&mut b, &q, nh);
         let q = rope(&mut b, &q);
-        let k = linear_q4_1(
-            &mut b,
-            &h,
-            &weights.q4_matrix(&blk("attn_k"))?,
-            &format!("l{i}_k"),
-        );
+        let k = linear_q4_1(&mut b, &h, &k_w, &format!("l{i}_k"));
         let k = bias(&mut b, &k, &format!("blk.{i}.attn_k.bias"))?;
         let k = heads(&mut b, &k, nkv);
         let k = rope(&mut b, &k);
-        let v = linear_q4_1(
-            &mut b,
-            &h,
-            &weights.q4_matrix(&blk("attn_v"))?,
-            &format!("l{i}_v"),
-        );
+        let v = linear_q4_1(&mut b, &h, &v_w, &format!("l{i}_v"));
         let v = bias(&mut b, &v, &format!("blk.{i}.attn_v.bias"))?;
         let v = heads(&mut b, &v, nkv);
         let (k_all, v_all) = (format!("present.{i}.key"), format!("present.{i}.value"));
@@ -439,18 +454,22 @@ pub fn build(
             eps,
             &format!("l{i}_ffn_norm"),
         );
-        let gate = linear_q4_1(
-            &mut b,
-            &h,
-            &weights.q4_matrix(&blk("ffn_gate"))?,
-            &format!("l{i}_gate"),
-        );
-        let up = linear_q4_1(
-            &mut b,
-            &h,
-            &weights.q4_matrix(&blk("ffn_up"))?,
-            &format!("l{i}_up"),
-        );
+        // Phi-3 stacks gate and up in `ffn_up`, gate first.
+        let (gate_w, up_w) = match file.tensor(&blk("ffn_gate")) {
+            Some(_) => (
+                weights.q4_matrix(&blk("ffn_gate"))?,
+                weights.q4_matrix(&blk("ffn_up"))?,
+            ),
+            None => {
+                let fused = weights.q4_matrix(&blk("ffn_up"))?;
+                (
+                    fused.rows(0, config.ffn),
+                    fused.rows(config.ffn, config.ffn),
+                )
+            }
+        };
+        let gate = linear_q4_1(&mut b, &h, &gate_w, &format!("l{i}_gate"));
+        let up = linear_q4_1(&mut b, &h, &up_w, &format!("l{i}_up"));
         let sigmoid = b.op("Sigmoid", &[&gate], None, vec![]);
         let silu = b.op("Mul", &[&gate, &sigmoid], None, vec![]);
         let act = b.op("Mul", &[&silu, &up], None, vec![]);

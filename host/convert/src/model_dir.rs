@@ -14,6 +14,7 @@ use crate::{onnx_model_with, ConvertError, Progress};
 pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -> Json {
     let (class, model_type) = match config.architecture {
         Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
         _ => ("LlamaForCausalLM", "llama"),
     };
     json!({
@@ -66,8 +67,18 @@ pub fn write_model_dir_with(
     out: &Path,
     progress: Progress,
 ) -> Result<(), ConvertError> {
-    let config = ModelConfig::read(file)?;
+    let mut config = ModelConfig::read(file)?;
     crate::check_supported(&config)?;
+    // Phi-3 files may declare a sliding window (Phi-3-mini: 2047), which llama.cpp applies. Up to
+    // that many tokens it is plain attention, so the context stops there.
+    if config.architecture == Architecture::Phi3 {
+        if let Some(window) = file
+            .get("phi3.attention.sliding_window")
+            .and_then(|v| v.as_u64())
+        {
+            config.context = config.context.min(window as usize);
+        }
+    }
     let vocabulary = Vocabulary::read(file)?;
     let steps = crate::progress_steps(&config);
     progress(0, steps);

@@ -11,7 +11,7 @@ import gguf
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
 
 
-MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None):
@@ -118,6 +118,7 @@ def main(out):
     for kind in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
         write(out / f"llama-{kind.name.lower()}.gguf", "llama", 2, 16, llama, matrix_type=kind)
     write(out / "qwen2-q4_0.gguf", "qwen2", 2, 16, qwen2, matrix_type=Q.Q4_0)
+    write(out / "phi3-q4_1.gguf", "phi3", 2, 16, phi3, matrix_type=Q.Q4_1)
     write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
     write(out / "phi3.gguf", "phi3", 2, 16, phi3)
     # Gemma 3's heads are wider than hidden / heads; its global layers come from the default

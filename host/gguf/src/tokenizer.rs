@@ -163,8 +163,9 @@ impl Vocabulary {
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        let (pre_tokenizer, post_processor, decoder, model) = match &self.model {
+        let (normalizer, pre_tokenizer, post_processor, decoder, model) = match &self.model {
             TokenizerModel::ByteLevelBpe { merges, pre } => (
+                Json::Null,
                 pre_tokenizer(pre)?,
                 json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
                 json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
@@ -185,7 +186,16 @@ impl Vocabulary {
                 scores,
                 add_space_prefix,
             } => {
-                let prepend = if *add_space_prefix { "first" } else { "never" };
+                // Spaces become `▁`; llama.cpp puts one in front of every stretch of text between
+                // special tokens (the start counts as one), even one that starts with a space:
+                // a normalizer, which runs on each stretch that added tokens leave, does that.
+                let replace =
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+                let normalizer = if *add_space_prefix {
+                    json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+                } else {
+                    replace
+                };
                 let mut decoders = vec![
                     json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                     json!({"type": "ByteFallback"}),
@@ -195,7 +205,8 @@ impl Vocabulary {
                     decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
                 }
                 (
-                    json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": false}),
+                    normalizer,
+                    Json::Null,
                     Json::Null,
                     json!({"type": "Sequence", "decoders": decoders}),
                     json!({
@@ -218,7 +229,7 @@ impl Vocabulary {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": post_processor,
             "decoder": decoder,

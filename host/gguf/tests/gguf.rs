@@ -192,7 +192,25 @@ fn the_gemma3_vocabulary_tokenizes_as_llama_cpp() {
     let vocabulary = Vocabulary::read(&file).unwrap();
     assert_eq!((vocabulary.bos, vocabulary.add_bos), (Some(2), true));
     assert_eq!(vocabulary.eos_ids(), [1, 106]);
-    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gemma3-tokenizer.json");
+    tokenizes_as_fixture(&vocabulary, "gemma3", "tokenizer_gemma3_llamacpp.json");
+}
+
+/// A SentencePiece vocabulary with a space prefix (Llama 2's, Mistral's, TinyLlama's: the
+/// prefix goes in front of the text and after every special token) and byte fallback tokenizes as
+/// llama.cpp does (tests/fixtures/tokenizer_tiny_spm_llamacpp.json, made on tiny_models.py's
+/// llama-spm.gguf).
+#[test]
+fn a_sentencepiece_vocabulary_with_a_space_prefix_tokenizes_as_llama_cpp() {
+    let file = Gguf::open(&tiny_models().join("llama-spm.gguf")).unwrap();
+    let vocabulary = Vocabulary::read(&file).unwrap();
+    assert_eq!((vocabulary.bos, vocabulary.add_bos), (Some(1), true));
+    tokenizes_as_fixture(&vocabulary, "tiny-spm", "tokenizer_tiny_spm_llamacpp.json");
+}
+
+/// `vocabulary`'s tokenizer.json encodes every text of the llama.cpp fixture to its ids
+/// (tests/tokenizer_parity.py, with the `tokenizers` package).
+fn tokenizes_as_fixture(vocabulary: &Vocabulary, name: &str, fixture: &str) {
+    let json = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-tokenizer.json"));
     std::fs::write(
         &json,
         serde_json::to_vec(&vocabulary.tokenizer_json().unwrap()).unwrap(),
@@ -201,7 +219,7 @@ fn the_gemma3_vocabulary_tokenizes_as_llama_cpp() {
     let report = python()
         .arg(script("tokenizer_parity.py"))
         .arg(&json)
-        .arg(root().join("tests/fixtures/tokenizer_gemma3_llamacpp.json"))
+        .arg(root().join("tests/fixtures").join(fixture))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&report.stdout);

@@ -14,8 +14,10 @@ HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None):
-    """matrix_type: a GGMLQuantizationType for the layers' block matrices (else f32)."""
+def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None, spm=False):
+    """matrix_type: a GGMLQuantizationType for the layers' block matrices (else f32); spm: a
+    SentencePiece vocabulary (spm_vocabulary) instead of a byte-level BPE one."""
+    global VOCAB
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_block_count(layers)
@@ -29,7 +31,10 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
     if head_dim != HIDDEN // HEADS:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if matrix_type is None:
+    vocab = VOCAB
+    if spm:
+        VOCAB = spm_vocabulary(w)
+    elif matrix_type is None:
         w.add_token_list([f"t{i}" for i in range(VOCAB)])
     else:
         # A whole byte-level BPE vocabulary (one merge), so llama.cpp and slm both run the file.
@@ -58,6 +63,31 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    VOCAB = vocab
+
+
+def spm_vocabulary(w):
+    """A small SentencePiece vocabulary as Llama 2's GGUFs have it: <unk>, <s>, </s>, the 256
+    byte tokens, characters and merged pieces scored by merge order, and a space prefix."""
+    pieces = list("▁etaoinshrdlucmfwypvbgkjqxz" "ETAOINSHRDLUCMFWYPVBGKJQXZ" "0123456789.,!?'-():;")
+    pieces += ["▁t", "he", "▁the", "in", "▁a", "er", "on", "▁w", "re", "▁s", "at", "en", "▁o", "nd",
+               "▁th", "ing", "▁c", "es", "is", "▁b", "▁f", "or", "an", "▁and", "ed", "▁in", "▁to",
+               "▁of", "it", "ou", "ll", "▁is", "ar", "▁p", "▁m", "▁The", "▁sp", "ace", "▁space",
+               "▁▁", "▁▁▁▁", "12", "123", "▁h", "el", "lo", "llo", "ello", "▁hello", "▁H", "▁Hello"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    return len(tokens)
 
 
 def common(layers, d, fused=False, gated=True):
@@ -119,6 +149,7 @@ def main(out):
         write(out / f"llama-{kind.name.lower()}.gguf", "llama", 2, 16, llama, matrix_type=kind)
     write(out / "qwen2-q4_0.gguf", "qwen2", 2, 16, qwen2, matrix_type=Q.Q4_0)
     write(out / "phi3-q4_1.gguf", "phi3", 2, 16, phi3, matrix_type=Q.Q4_1)
+    write(out / "llama-spm.gguf", "llama", 2, 16, llama, matrix_type=Q.Q4_0, spm=True)
     write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
     write(out / "phi3.gguf", "phi3", 2, 16, phi3)
     # Gemma 3's heads are wider than hidden / heads; its global layers come from the default

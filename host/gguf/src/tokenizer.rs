@@ -48,6 +48,10 @@ pub struct Vocabulary {
     pub eos: Option<u64>,
     pub pad: Option<u64>,
     pub unk: Option<u64>,
+    /// End of turn and end of message (`tokenizer.ggml.eot_token_id`, `eom_token_id`): chat
+    /// models stop on them as on EOS.
+    pub eot: Option<u64>,
+    pub eom: Option<u64>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
 }
@@ -124,6 +128,8 @@ impl Vocabulary {
             eos: id("tokenizer.ggml.eos_token_id")?,
             pad: id("tokenizer.ggml.padding_token_id")?,
             unk: id("tokenizer.ggml.unknown_token_id")?,
+            eot: id("tokenizer.ggml.eot_token_id")?,
+            eom: id("tokenizer.ggml.eom_token_id")?,
             add_bos: file
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(Value::as_bool)
@@ -301,10 +307,15 @@ impl Vocabulary {
         })
     }
 
-    /// The ids that end a generation: the declared EOS, and an end-of-text control token when the
-    /// vocabulary has one (chat models end turns with it).
+    /// The ids that end a generation: the declared EOS, end of turn and end of message, and an
+    /// end-of-text control token when the vocabulary has one (chat models end turns with it).
     pub fn eos_ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.eos.into_iter().collect();
+        let mut ids: Vec<u64> = Vec::new();
+        for id in [self.eos, self.eot, self.eom].into_iter().flatten() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
         for i in self.specials() {
             let end = matches!(
                 &*self.tokens[i],

@@ -204,6 +204,9 @@ fn a_sentencepiece_vocabulary_with_a_space_prefix_tokenizes_as_llama_cpp() {
     let file = Gguf::open(&tiny_models().join("llama-spm.gguf")).unwrap();
     let vocabulary = Vocabulary::read(&file).unwrap();
     assert_eq!((vocabulary.bos, vocabulary.add_bos), (Some(1), true));
+    // EOS, then the declared end of turn (the vocabulary's last token).
+    let last = vocabulary.tokens.len() as u64 - 1;
+    assert_eq!(vocabulary.eos_ids(), [2, last]);
     tokenizes_as_fixture(&vocabulary, "tiny-spm", "tokenizer_tiny_spm_llamacpp.json");
 }
 

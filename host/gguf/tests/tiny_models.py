@@ -74,9 +74,9 @@ def spm_vocabulary(w):
                "▁th", "ing", "▁c", "es", "is", "▁b", "▁f", "or", "an", "▁and", "ed", "▁in", "▁to",
                "▁of", "it", "ou", "ll", "▁is", "ar", "▁p", "▁m", "▁The", "▁sp", "ace", "▁space",
                "▁▁", "▁▁▁▁", "12", "123", "▁h", "el", "lo", "llo", "ello", "▁hello", "▁H", "▁Hello"]
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
-    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
-    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|eot|>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [3]
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))] + [0.0]
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -85,6 +85,7 @@ def spm_vocabulary(w):
     w.add_unk_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_eot_token_id(len(tokens) - 1)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(True)
     return len(tokens)

@@ -314,6 +314,81 @@ mod tests {
         ));
     }
 
+    /// Gemma 3's template (its GGUFs' `tokenizer.chat_template`): the system message folded into
+    /// the first user turn, `model` for the assistant, `| trim`, list contents, and an exception
+    /// when the roles do not alternate.
+    #[test]
+    fn gemma3_template() {
+        let src = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"#;
+        let gemma = SpecialTokens {
+            bos_token: Some("<bos>".into()),
+            eos_token: Some("<eos>".into()),
+            ..Default::default()
+        };
+        let t = ChatTemplate::new(src, gemma).unwrap();
+        let out = t
+            .render(
+                &[
+                    msg("system", "Be helpful."),
+                    msg("user", " Hello "),
+                    msg("assistant", "Hi!"),
+                    msg("user", "Bye"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe helpful.\n\nHello<end_of_turn>\n\
+             <start_of_turn>model\nHi!<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        match t.render(&[msg("user", "a"), msg("user", "b")], true) {
+            Err(Error::InvalidRequest(m)) => assert!(m.contains("must alternate"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn bad_template_is_model_error() {
         assert!(matches!(

@@ -98,7 +98,7 @@ fn content_key(gguf: &Path) -> Result<String> {
 }
 
 /// A bar of the conversion's steps; hidden when `quiet` or when stderr is not a terminal.
-fn progress_bar(gguf: &Path, quiet: bool) -> ProgressBar {
+pub fn progress_bar(gguf: &Path, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }

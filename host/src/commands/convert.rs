@@ -23,7 +23,13 @@ pub fn convert(global: &Global, gguf: &Path, output: Option<&Path>) -> Result<()
     if !global.quiet {
         eprintln!("converting {} -> {}", gguf.display(), out.display());
     }
-    slm_convert::write_model_dir(&file, &out).map_err(|e| anyhow!("{}: {e}", gguf.display()))?;
+    let bar = crate::converted::progress_bar(gguf, global.quiet);
+    slm_convert::write_model_dir_with(&file, &out, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .map_err(|e| anyhow!("{}: {e}", gguf.display()))?;
+    bar.finish_and_clear();
     if !global.quiet {
         let bytes = std::fs::metadata(out.join("model.onnx"))
             .map(|m| m.len())

@@ -307,7 +307,7 @@ mod tests {
     /// mounted at its stem (here: a directory of that name), and only once.
     #[test]
     fn list_finds_directories_and_mounted_gguf_files() {
-        let root = std::env::temp_dir().join(format!("slm-list-{}", std::process::id()));
+        let root = std::env::temp_dir().join(format!("slm-list-gguf-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let model = |name: &str| {
             let dir = root.join(name);

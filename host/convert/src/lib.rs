@@ -48,10 +48,18 @@ pub fn onnx_model(file: &Gguf) -> Result<pb::ModelProto, ConvertError> {
 
 /// [`onnx_model`], telling `progress` as each layer is built.
 pub fn onnx_model_with(file: &Gguf, progress: Progress) -> Result<pb::ModelProto, ConvertError> {
-    let config = ModelConfig::read(file)?;
-    check_supported(&config)?;
-    check_tensor_types(file, &config)?;
-    llama::build(file, &config, progress)
+    build(file, &ModelConfig::read(file)?, progress)
+}
+
+/// The graph of `file` with its `config` read, once the converter has checked it can build it.
+fn build(
+    file: &Gguf,
+    config: &ModelConfig,
+    progress: Progress,
+) -> Result<pb::ModelProto, ConvertError> {
+    check_supported(config)?;
+    check_tensor_types(file, config)?;
+    llama::build(file, config, progress)
 }
 
 /// The block matrices' types this converter holds exactly: their blocks become the engine's

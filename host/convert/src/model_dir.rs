@@ -8,7 +8,7 @@ use prost::Message;
 use serde_json::{json, Value as Json};
 use slm_gguf::{Architecture, Gguf, ModelConfig, Vocabulary};
 
-use crate::{onnx_model_with, ConvertError, Progress};
+use crate::{ConvertError, Progress};
 
 /// `config.json` (Hugging Face's names, plus where the model came from and its layout).
 pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -> Json {
@@ -82,7 +82,7 @@ pub fn write_model_dir_with(
     let vocabulary = Vocabulary::read(file)?;
     let steps = crate::progress_steps(&config);
     progress(0, steps);
-    let model = onnx_model_with(file, progress)?;
+    let model = crate::build(file, &config, progress)?;
     progress(steps - 1, steps);
 
     let parent = out

@@ -115,15 +115,21 @@ fn the_model_directory_holds_what_the_runtime_reads() {
     );
 }
 
-#[test]
-fn other_architectures_are_refused_by_name() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf");
+/// host/gguf/tests/tiny_models.py's files, written into `name` under the test directory.
+fn tiny_models(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let status = Command::new(root().join(".venv/bin/python"))
         .arg(root().join("host/gguf/tests/tiny_models.py"))
         .arg(&dir)
         .status()
         .expect("run .venv/bin/python");
     assert!(status.success());
+    dir
+}
+
+#[test]
+fn other_architectures_are_refused_by_name() {
+    let dir = tiny_models("tiny-gguf");
     let file = Gguf::open(&dir.join("gemma3.gguf")).unwrap();
     let error = onnx_model(&file).unwrap_err().to_string();
     assert_eq!(
@@ -138,13 +144,7 @@ fn other_architectures_are_refused_by_name() {
 /// Other block types would be re-quantized: refused, naming the tensor and its type.
 #[test]
 fn q4_block_matrices_are_held_exactly_and_others_refused() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf-quantized");
-    let status = Command::new(root().join(".venv/bin/python"))
-        .arg(root().join("host/gguf/tests/tiny_models.py"))
-        .arg(&dir)
-        .status()
-        .expect("run .venv/bin/python");
-    assert!(status.success());
+    let dir = tiny_models("tiny-gguf-quantized");
     for kind in ["q4_0", "q4_1"] {
         let file = Gguf::open(&dir.join(format!("llama-{kind}.gguf"))).unwrap();
         let model = onnx_model(&file).unwrap();

@@ -368,35 +368,31 @@ fn array<'a>(file: &'a Gguf, key: &str) -> Result<&'a [Value], GgufError> {
     })
 }
 
-fn strings(file: &Gguf, key: &str) -> Result<Vec<String>, GgufError> {
+/// The array `key`, each value converted by `convert`; `kind` names what it must hold.
+fn values<T>(
+    file: &Gguf,
+    key: &str,
+    convert: impl Fn(&Value) -> Option<T>,
+    kind: &str,
+) -> Result<Vec<T>, GgufError> {
     array(file, key)?
         .iter()
-        .map(|v| v.as_str().map(String::from))
+        .map(convert)
         .collect::<Option<_>>()
         .ok_or_else(|| GgufError::BadMetadata {
             key: key.into(),
-            problem: "holds values that are not strings".into(),
+            problem: format!("holds values that are not {kind}"),
         })
+}
+
+fn strings(file: &Gguf, key: &str) -> Result<Vec<String>, GgufError> {
+    values(file, key, |v| v.as_str().map(String::from), "strings")
 }
 
 fn floats(file: &Gguf, key: &str) -> Result<Vec<f32>, GgufError> {
-    array(file, key)?
-        .iter()
-        .map(Value::as_f32)
-        .collect::<Option<_>>()
-        .ok_or_else(|| GgufError::BadMetadata {
-            key: key.into(),
-            problem: "holds values that are not numbers".into(),
-        })
+    values(file, key, Value::as_f32, "numbers")
 }
 
 fn integers(file: &Gguf, key: &str) -> Result<Vec<u64>, GgufError> {
-    array(file, key)?
-        .iter()
-        .map(Value::as_u64)
-        .collect::<Option<_>>()
-        .ok_or_else(|| GgufError::BadMetadata {
-            key: key.into(),
-            problem: "holds values that are not integers".into(),
-        })
+    values(file, key, Value::as_u64, "integers")
 }

@@ -63,8 +63,16 @@ fn build(
 }
 
 /// The block matrices' types this converter holds exactly: their blocks become the engine's
-/// Q4_1 blocks unchanged. Others would be re-quantized, which changes the model: refused.
-pub const EXACT_MATRIX_TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q4_1];
+/// 4-bit blocks (Q4_0, Q4_1, Q4_K) or int8 blocks (Q8_0, Q5_0, Q6_K) with the file's own scales.
+/// Others would be re-quantized, which changes the model: refused.
+pub const EXACT_MATRIX_TYPES: &[GgmlType] = &[
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q4K,
+    GgmlType::Q5_0,
+    GgmlType::Q6K,
+    GgmlType::Q8_0,
+];
 
 /// Every layer's block matrix is of a type in [`EXACT_MATRIX_TYPES`].
 pub fn check_tensor_types(file: &Gguf, config: &ModelConfig) -> Result<(), ConvertError> {

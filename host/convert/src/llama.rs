@@ -6,11 +6,11 @@
 //! and `present.{i}.key|value`. Block matmuls are Q4_1 MatMulNBits; the embedding is int8 with a
 //! scale per token row, and (tied) the LM head too.
 
-use slm_gguf::{Architecture, Gguf, ModelConfig, TensorInfo};
+use slm_gguf::{Architecture, GgmlType, Gguf, ModelConfig, TensorInfo};
 use tract_onnx::pb;
 
 use crate::builder::{value_info, Attr, Builder, Dim, Elem};
-use crate::quant::{int8_rows, q4_1_blocks, q4_block_params, transpose, Matrix};
+use crate::quant::{int8_blocks, int8_rows, q4_blocks, transpose, Matrix};
 use crate::ConvertError;
 
 const OPSET: i64 = 17;
@@ -60,21 +60,37 @@ impl Weights<'_> {
         }
     }
 
-    /// A block matrix with each block's `d` and `m` as the file stores them (Q4_0 or Q4_1 only:
-    /// [`crate::check_tensor_types`]), so its values are held exactly.
-    fn q4_matrix(&self, name: &str) -> Result<Q4Matrix, ConvertError> {
+    /// A block matrix with each block's parameters as the file stores them (the types of
+    /// [`crate::EXACT_MATRIX_TYPES`]), so that its values are held exactly.
+    fn block_matrix(&self, name: &str) -> Result<BlockMatrix, ConvertError> {
         let tensor = self.tensor(name)?;
-        let (d, m) = q4_block_params(tensor.kind, self.file.data(tensor))
-            .ok_or_else(|| crate::inexact_type(name, tensor.kind))?;
+        let data = self.file.data(tensor);
         let w = self.matrix(name)?;
-        let per_row = |values| Matrix {
-            rows: w.rows,
-            cols: w.cols / 32,
-            values,
+        // Per-block parameters are rows of cols / block values, reordered as the matrix is.
+        let per_row = |values, block: usize| {
+            let m = Matrix {
+                rows: w.rows,
+                cols: w.cols / block,
+                values,
+            };
+            self.in_row_order(name, m).values
         };
-        let d = self.in_row_order(name, per_row(d)).values;
-        let m = self.in_row_order(name, per_row(m)).values;
-        Ok(Q4Matrix { w, d, m })
+        let params = if let Some((d, m)) = slm_gguf::q4_affine(tensor.kind, data) {
+            BlockParams::Q4 {
+                d: per_row(d, 32),
+                m: per_row(m, 32),
+                f16: tensor.kind != GgmlType::Q4K,
+            }
+        } else if let Some(s) = slm_gguf::int8_scales(tensor.kind, data) {
+            BlockParams::Int8 { s: per_row(s, 16) }
+        } else {
+            return Err(crate::inexact_type(name, tensor.kind));
+        };
+        Ok(BlockMatrix {
+            name: name.into(),
+            w,
+            params,
+        })
     }
 
     fn vector(&self, name: &str) -> Result<Vec<f32>, ConvertError> {
@@ -82,58 +98,113 @@ impl Weights<'_> {
     }
 }
 
-/// A matrix of Q4 blocks: its values and each block's scale and offset.
-struct Q4Matrix {
+/// A matrix of blocks along its rows: its values and each block's parameters.
+struct BlockMatrix {
+    /// The GGUF tensor's name, for errors.
+    name: String,
     w: Matrix,
-    d: Vec<f32>,
-    m: Vec<f32>,
+    params: BlockParams,
 }
 
-impl Q4Matrix {
+/// Per block, row-major: `value = d * q + m` (4 bits, blocks of 32; `f16` when `d` and `m` are
+/// float16 values, as in Q4_0 and Q4_1) or `s * q` (int8, blocks of 16).
+enum BlockParams {
+    Q4 { d: Vec<f32>, m: Vec<f32>, f16: bool },
+    Int8 { s: Vec<f32> },
+}
+
+impl BlockMatrix {
     /// Rows `start..start + rows`: one of the projections a fused matrix stacks (phi3's qkv and
     /// gate/up). Blocks lie within rows, so they stay whole and exact.
-    fn rows(&self, start: usize, rows: usize) -> Q4Matrix {
-        let (cols, blocks) = (self.w.cols, self.w.cols / 32);
-        Q4Matrix {
+    fn rows(&self, start: usize, rows: usize) -> BlockMatrix {
+        let cols = self.w.cols;
+        let cut = |v: &[f32], block: usize| {
+            v[start * cols / block..(start + rows) * cols / block].to_vec()
+        };
+        BlockMatrix {
+            name: self.name.clone(),
             w: Matrix {
                 rows,
                 cols,
                 values: self.w.values[start * cols..(start + rows) * cols].to_vec(),
             },
-            d: self.d[start * blocks..(start + rows) * blocks].to_vec(),
-            m: self.m[start * blocks..(start + rows) * blocks].to_vec(),
+            params: match &self.params {
+                BlockParams::Q4 { d, m, f16 } => BlockParams::Q4 {
+                    d: cut(d, 32),
+                    m: cut(m, 32),
+                    f16: *f16,
+                },
+                BlockParams::Int8 { s } => BlockParams::Int8 { s: cut(s, 16) },
+            },
         }
     }
 }
 
-/// `x [.., in] @ w.T` with `w` as Q4_1 blocks.
-fn linear_q4_1(b: &mut Builder, x: &str, q4: &Q4Matrix, hint: &str) -> String {
-    let w = &q4.w;
-    let (packed, scales, zeros) = q4_1_blocks(w, &q4.d, &q4.m);
-    let blocks = w.cols / 32;
-    let q = b.constant(
-        &format!("{hint}_q4"),
-        Elem::U8,
-        &[w.rows, blocks, 16],
-        packed,
-    );
-    let s = b.f32s(&format!("{hint}_s"), &[scales.len()], &scales);
-    let z = b.f32s(&format!("{hint}_zp"), &[zeros.len()], &zeros);
+/// The domain of our own block product, [`MATMUL_Q4_OFFSET`].
+pub const SLM_DOMAIN: &str = "ai.edge-slm";
+/// `MatMulNBits`' 4-bit blocks of 32 with an f32 offset per block instead of a zero point:
+/// inputs `x`, the nibbles `[N, K/32, 16]` (low nibble first), `scale` and `offset` `[N * K/32]`;
+/// value = `scale * q + offset`. A zero point cannot carry a Q4_K offset exactly
+/// (`-zero * scale` rounds), this can.
+pub const MATMUL_Q4_OFFSET: &str = "MatMulQ4Offset";
+
+/// `x [.., in] @ w.T` with `w`'s blocks: `MatMulNBits` (4 bits in blocks of 32 with float zero
+/// points, from which the engine recovers float16 offsets exactly, or 8 bits in blocks of 16
+/// with the default zero point, 128), or [`MATMUL_Q4_OFFSET`] for f32 offsets.
+fn linear_blocks(
+    b: &mut Builder,
+    x: &str,
+    bm: &BlockMatrix,
+    hint: &str,
+) -> Result<String, ConvertError> {
+    let w = &bm.w;
+    let (op, bits, block, inputs) = match &bm.params {
+        BlockParams::Q4 { d, m, f16 } => {
+            let (packed, scales) = q4_blocks(w, d, m);
+            let q = b.constant(
+                &format!("{hint}_q4"),
+                Elem::U8,
+                &[w.rows, w.cols / 32, 16],
+                packed,
+            );
+            let s = b.f32s(&format!("{hint}_s"), &[scales.len()], &scales);
+            if *f16 {
+                let zeros: Vec<f32> = scales.iter().zip(m).map(|(d, m)| -m / d).collect();
+                let z = b.f32s(&format!("{hint}_zp"), &[zeros.len()], &zeros);
+                (("com.microsoft", "MatMulNBits"), 4, 32, vec![q, s, z])
+            } else {
+                let o = b.f32s(&format!("{hint}_m"), &[m.len()], m);
+                ((SLM_DOMAIN, MATMUL_Q4_OFFSET), 4, 32, vec![q, s, o])
+            }
+        }
+        BlockParams::Int8 { s } => {
+            let (values, scales) = int8_blocks(w, s).ok_or_else(|| {
+                ConvertError::Unsupported(format!(
+                    "tensor '{}' has a value that is not its block's scale times an integer in -127..=127",
+                    bm.name
+                ))
+            })?;
+            let q = b.constant(
+                &format!("{hint}_q8"),
+                Elem::U8,
+                &[w.rows, w.cols / 16, 16],
+                values,
+            );
+            let s = b.f32s(&format!("{hint}_s"), &[scales.len()], &scales);
+            (("com.microsoft", "MatMulNBits"), 8, 16, vec![q, s])
+        }
+    };
     let out = b.name(hint);
     let attrs = vec![
         ("K", Attr::Int(w.cols as i64)),
         ("N", Attr::Int(w.rows as i64)),
-        ("bits", Attr::Int(4)),
-        ("block_size", Attr::Int(32)),
+        ("bits", Attr::Int(bits)),
+        ("block_size", Attr::Int(block)),
     ];
-    b.node(
-        "MatMulNBits",
-        "com.microsoft",
-        &[x, &q, &s, &z],
-        &[&out],
-        attrs,
-    );
-    out
+    let mut ins: Vec<&str> = vec![x];
+    ins.extend(inputs.iter().map(String::as_str));
+    b.node(op.1, op.0, &ins, &[&out], attrs);
+    Ok(out)
 }
 
 /// int8 -> float32 as Cast * scale (not DequantizeLinear: see graph.py).
@@ -377,25 +448,25 @@ pub fn build(
         // Phi-3 stacks q, k and v in one matrix.
         let (q_w, k_w, v_w) = match file.tensor(&blk("attn_qkv")) {
             Some(_) => {
-                let qkv = weights.q4_matrix(&blk("attn_qkv"))?;
+                let qkv = weights.block_matrix(&blk("attn_qkv"))?;
                 let (q, kv) = (nh * hd, nkv * hd);
                 (qkv.rows(0, q), qkv.rows(q, kv), qkv.rows(q + kv, kv))
             }
             None => (
-                weights.q4_matrix(&blk("attn_q"))?,
-                weights.q4_matrix(&blk("attn_k"))?,
-                weights.q4_matrix(&blk("attn_v"))?,
+                weights.block_matrix(&blk("attn_q"))?,
+                weights.block_matrix(&blk("attn_k"))?,
+                weights.block_matrix(&blk("attn_v"))?,
             ),
         };
-        let q = linear_q4_1(&mut b, &h, &q_w, &format!("l{i}_q"));
+        let q = linear_blocks(&mut b, &h, &q_w, &format!("l{i}_q"))?;
         let q = bias(&mut b, &q, &format!("blk.{i}.attn_q.bias"))?;
         let q = heads(&mut b, &q, nh);
         let q = rope(&mut b, &q);
-        let k = linear_q4_1(&mut b, &h, &k_w, &format!("l{i}_k"));
+        let k = linear_blocks(&mut b, &h, &k_w, &format!("l{i}_k"))?;
         let k = bias(&mut b, &k, &format!("blk.{i}.attn_k.bias"))?;
         let k = heads(&mut b, &k, nkv);
         let k = rope(&mut b, &k);
-        let v = linear_q4_1(&mut b, &h, &v_w, &format!("l{i}_v"));
+        let v = linear_blocks(&mut b, &h, &v_w, &format!("l{i}_v"))?;
         let v = bias(&mut b, &v, &format!("blk.{i}.attn_v.bias"))?;
         let v = heads(&mut b, &v, nkv);
         let (k_all, v_all) = (format!("present.{i}.key"), format!("present.{i}.value"));
@@ -439,12 +510,12 @@ pub fn build(
         );
         let shape = b.list(&[0, 0, (nh * hd) as i64]);
         let ctx = b.op("Reshape", &[&ctx, &shape], None, vec![]);
-        let o = linear_q4_1(
+        let o = linear_blocks(
             &mut b,
             &ctx,
-            &weights.q4_matrix(&blk("attn_output"))?,
+            &weights.block_matrix(&blk("attn_output"))?,
             &format!("l{i}_o"),
-        );
+        )?;
         x = b.op("Add", &[&x, &o], Some(&format!("l{i}_attn_out")), vec![]);
 
         let h = rms_norm(
@@ -457,28 +528,28 @@ pub fn build(
         // Phi-3 stacks gate and up in `ffn_up`, gate first.
         let (gate_w, up_w) = match file.tensor(&blk("ffn_gate")) {
             Some(_) => (
-                weights.q4_matrix(&blk("ffn_gate"))?,
-                weights.q4_matrix(&blk("ffn_up"))?,
+                weights.block_matrix(&blk("ffn_gate"))?,
+                weights.block_matrix(&blk("ffn_up"))?,
             ),
             None => {
-                let fused = weights.q4_matrix(&blk("ffn_up"))?;
+                let fused = weights.block_matrix(&blk("ffn_up"))?;
                 (
                     fused.rows(0, config.ffn),
                     fused.rows(config.ffn, config.ffn),
                 )
             }
         };
-        let gate = linear_q4_1(&mut b, &h, &gate_w, &format!("l{i}_gate"));
-        let up = linear_q4_1(&mut b, &h, &up_w, &format!("l{i}_up"));
+        let gate = linear_blocks(&mut b, &h, &gate_w, &format!("l{i}_gate"))?;
+        let up = linear_blocks(&mut b, &h, &up_w, &format!("l{i}_up"))?;
         let sigmoid = b.op("Sigmoid", &[&gate], None, vec![]);
         let silu = b.op("Mul", &[&gate, &sigmoid], None, vec![]);
         let act = b.op("Mul", &[&silu, &up], None, vec![]);
-        let down = linear_q4_1(
+        let down = linear_blocks(
             &mut b,
             &act,
-            &weights.q4_matrix(&blk("ffn_down"))?,
+            &weights.block_matrix(&blk("ffn_down"))?,
             &format!("l{i}_down"),
-        );
+        )?;
         x = b.op("Add", &[&x, &down], Some(&format!("l{i}_out")), vec![]);
     }
 
@@ -518,18 +589,26 @@ pub fn build(
         output: outputs,
         ..Default::default()
     };
+    let mut opset_import = vec![
+        pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        },
+        pb::OperatorSetIdProto {
+            domain: "com.microsoft".into(),
+            version: 1,
+        },
+    ];
+    // Only where used: a Q4_0 or Q4_1 model's graph stays the one slmconv writes, byte for byte.
+    if graph.node.iter().any(|n| n.domain == SLM_DOMAIN) {
+        opset_import.push(pb::OperatorSetIdProto {
+            domain: SLM_DOMAIN.into(),
+            version: 1,
+        });
+    }
     Ok(pb::ModelProto {
         ir_version: 8,
-        opset_import: vec![
-            pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: OPSET,
-            },
-            pb::OperatorSetIdProto {
-                domain: "com.microsoft".into(),
-                version: 1,
-            },
-        ],
+        opset_import,
         producer_name: "edge-slm slmconv".into(),
         graph: Some(graph),
         ..Default::default()

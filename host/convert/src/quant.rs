@@ -1,9 +1,6 @@
 //! The weight layouts of the default (`q4_1`) model, computed as scripts/slmconv computes them
 //! (numpy's f32 arithmetic, rounding half to even), so both converters write the same bytes.
 
-use half::f16;
-use slm_gguf::GgmlType;
-
 /// A weight in Hugging Face layout: `rows` output channels of `cols` inputs, row-major.
 pub struct Matrix {
     pub rows: usize,
@@ -57,18 +54,14 @@ pub fn int8_rows(w: &Matrix) -> (Vec<i8>, Vec<f32>) {
     (q, scales)
 }
 
-/// Q4_1 blocks of 32 along each row, as ONNX Runtime's MatMulNBits takes them: value =
-/// `d * q + m`, with each block's `d` and `m` given (row-major, one per block): a Q4_0 or Q4_1
-/// file's own, so every weight comes back exactly as the file holds it (scripts/slmconv finds the
-/// same `d` and `m` from a Q4_1 block's range). Returns the nibbles (`[rows, cols / 32, 16]`, low
-/// nibble first), the scales `d` and the zero points `-m / d`.
-pub fn q4_1_blocks(w: &Matrix, d: &[f32], m: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+/// 4-bit blocks of 32 along each row: value = `d * q + m` with each block's `d` and `m` given
+/// (row-major): a Q4_0, Q4_1 or Q4_K file's own, so every weight comes back exactly as the file
+/// holds it (scripts/slmconv finds the same `d` and `m` from a Q4_1 block's range).
+/// Returns the nibbles (`[rows, cols / 32, 16]`, low nibble first) and the scales (a `d` of 0,
+/// a constant block, becomes 1 with q = 0).
+pub fn q4_blocks(w: &Matrix, d: &[f32], m: &[f32]) -> (Vec<u8>, Vec<f32>) {
     let blocks = w.values.len() / 32;
-    let (mut packed, mut scales, mut zeros) = (
-        Vec::with_capacity(blocks * 16),
-        Vec::with_capacity(blocks),
-        Vec::with_capacity(blocks),
-    );
+    let (mut packed, mut scales) = (Vec::with_capacity(blocks * 16), Vec::with_capacity(blocks));
     for ((block, &d), &m) in w.values.chunks_exact(32).zip(d).zip(m) {
         // Q4_0's d may be negative (llama.cpp scales by the signed extreme); 0 is a constant
         // block: q = 0, value = m.
@@ -79,28 +72,26 @@ pub fn q4_1_blocks(w: &Matrix, d: &[f32], m: &[f32]) -> (Vec<u8>, Vec<f32>, Vec<
             .collect();
         packed.extend(q.chunks_exact(2).map(|p| p[0] | p[1] << 4));
         scales.push(d);
-        zeros.push(-m / d);
     }
-    (packed, scales, zeros)
+    (packed, scales)
 }
 
-/// The `d` and `m` of each block of a Q4_0 (`m = -8 d`) or Q4_1 tensor's data, in file order;
-/// None for other types.
-pub fn q4_block_params(kind: GgmlType, data: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
-    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    match kind {
-        GgmlType::Q4_0 => Some(
-            data.chunks_exact(kind.block_bytes())
-                .map(|b| (f16_at(b, 0), -8.0 * f16_at(b, 0)))
-                .unzip(),
-        ),
-        GgmlType::Q4_1 => Some(
-            data.chunks_exact(kind.block_bytes())
-                .map(|b| (f16_at(b, 0), f16_at(b, 2)))
-                .unzip(),
-        ),
-        _ => None,
+/// int8 blocks of 16 along each row, as `MatMulNBits` with 8 bits and no zero point (128) takes
+/// them: value = `s * q`, each 16 values' `s` given (row-major): a Q8_0, Q5_0 or Q6_K file's own,
+/// so `q = w / s` is an exact integer. Returns `q + 128` (`[rows, cols / 16, 16]`) and the
+/// scales; None when a value is not `s` times an integer in -127..=127.
+pub fn int8_blocks(w: &Matrix, s: &[f32]) -> Option<(Vec<u8>, Vec<f32>)> {
+    let mut q = Vec::with_capacity(w.values.len());
+    for (block, &s) in w.values.chunks_exact(16).zip(s) {
+        for &v in block {
+            let i = if s != 0.0 { v / s } else { 0.0 };
+            if i.fract() != 0.0 || !(-127.0..=127.0).contains(&i) || (s == 0.0 && v != 0.0) {
+                return None;
+            }
+            q.push((i as i32 + 128) as u8);
+        }
     }
+    Some((q, s.to_vec()))
 }
 
 /// `w` transposed: `[cols, rows]`.

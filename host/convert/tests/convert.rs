@@ -138,14 +138,16 @@ fn other_architectures_are_refused_by_name() {
     );
 }
 
-/// Q4_0 and Q4_1 block matrices are held as the file holds them: every weight the graph's
-/// MatMulNBits nodes describe (`q * d + m`, with `d` and `m` as the engine keeps them, in f16)
-/// equals the file's dequantized value exactly, the RoPE-permuted Q and K rows included.
-/// Other block types would be re-quantized: refused, naming the tensor and its type.
+/// Block matrices are held as the file holds them: every weight the graph's block products
+/// describe, read as the engine reads them, equals the file's dequantized value exactly, the
+/// RoPE-permuted Q and K rows included: Q4_0 and Q4_1 as `MatMulNBits` (4 bits, `q * d + m`
+/// with `d` and `m` recovered as float16), Q4_K as `MatMulQ4Offset` (`q * d + m` in f32), Q8_0,
+/// Q5_0 and Q6_K as 8-bit `MatMulNBits` (`s * (q - 128)`). Other block types would be
+/// re-quantized: refused, naming the tensor and its type.
 #[test]
-fn q4_block_matrices_are_held_exactly_and_others_refused() {
+fn block_matrices_are_held_exactly_and_others_refused() {
     let dir = tiny_models("tiny-gguf-quantized");
-    for kind in ["q4_0", "q4_1"] {
+    for kind in ["q4_0", "q4_1", "q8_0", "q4_k_m"] {
         let file = Gguf::open(&dir.join(format!("llama-{kind}.gguf"))).unwrap();
         let model = onnx_model(&file).unwrap();
         let graph = model.graph.unwrap();
@@ -166,7 +168,7 @@ fn q4_block_matrices_are_held_exactly_and_others_refused() {
         let nodes: Vec<_> = graph
             .node
             .iter()
-            .filter(|n| n.op_type == "MatMulNBits")
+            .filter(|n| n.op_type == "MatMulNBits" || n.op_type == "MatMulQ4Offset")
             .collect();
         let matrices = [
             "attn_q",
@@ -200,15 +202,32 @@ fn q4_block_matrices_are_held_exactly_and_others_refused() {
                 h * per_head + 2 * j + a
             };
             let packed = &init(&node.input[1]).raw_data;
-            let (d, zp) = (floats(&node.input[2]), floats(&node.input[3]));
+            let scales = floats(&node.input[2]);
+            let bits = node.attribute.iter().find(|a| a.name == "bits").unwrap().i;
             for r in 0..rows {
                 for c in 0..cols {
-                    let block = r * cols / 32 + c / 32;
-                    let byte = packed[block * 16 + (c % 32) / 2];
-                    let q = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
-                    let scale = half::f16::from_f32(d[block]).to_f32();
-                    let offset = half::f16::from_f32(-zp[block] * d[block]).to_f32();
-                    let held = q as f32 * scale + offset;
+                    let held = match (node.op_type.as_str(), bits) {
+                        ("MatMulNBits", 4) => {
+                            let block = r * cols / 32 + c / 32;
+                            let byte = packed[block * 16 + (c % 32) / 2];
+                            let q = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                            let zp = floats(&node.input[3])[block];
+                            let d = half::f16::from_f32(scales[block]).to_f32();
+                            let m = half::f16::from_f32(-zp * scales[block]).to_f32();
+                            q as f32 * d + m
+                        }
+                        ("MatMulQ4Offset", 4) => {
+                            let block = r * cols / 32 + c / 32;
+                            let byte = packed[block * 16 + (c % 32) / 2];
+                            let q = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                            q as f32 * scales[block] + floats(&node.input[3])[block]
+                        }
+                        ("MatMulNBits", 8) => {
+                            let q = packed[r * cols + c] as i32 - 128;
+                            scales[r * cols / 16 + c / 16] * q as f32
+                        }
+                        other => panic!("{other:?}"),
+                    };
                     let want = values[file_row(r) * cols + c];
                     // The same f32 value (Q4_0's `d * (q - 8)` gives -0 where ours gives +0).
                     assert!(held == want, "{kind} {name} [{r}, {c}]: {held} != {want}");
@@ -216,10 +235,11 @@ fn q4_block_matrices_are_held_exactly_and_others_refused() {
             }
         }
     }
-    let file = Gguf::open(&dir.join("llama-q8_0.gguf")).unwrap();
+    let file = Gguf::open(&dir.join("llama-q5_1.gguf")).unwrap();
     assert_eq!(
         onnx_model(&file).unwrap_err().to_string(),
-        "tensor 'blk.0.attn_q.weight' is Q8_0, which does not convert exactly yet (block \
-         matrices convert from Q4_0, Q4_1; re-quantizing would change the model's weights)"
+        "tensor 'blk.0.attn_q.weight' is Q5_1, which does not convert exactly yet (block \
+         matrices convert from Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0; re-quantizing would change \
+         the model's weights)"
     );
 }

@@ -155,6 +155,49 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The `d` and `m` of each block of 32 of a Q4_0 (`m = -8 d`), Q4_1 or Q4_K tensor's `data`
+/// (value = `d * q + m`, `q` in 0..16), in file order: the values [`dequantize`] gives are
+/// `d * q + m` in f32 exactly (a Q4_K sub-block's `d * sc` and `-dmin * mc` are exact f32
+/// products). None for other types.
+pub fn q4_affine(kind: GgmlType, data: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
+    let blocks = data.chunks_exact(kind.block_bytes());
+    match kind {
+        GgmlType::Q4_0 => Some(blocks.map(|b| (half16(b), -8.0 * half16(b))).unzip()),
+        GgmlType::Q4_1 => Some(blocks.map(|b| (half16(b), half16(&b[2..]))).unzip()),
+        GgmlType::Q4K => Some(
+            blocks
+                .flat_map(|b| {
+                    let (d, dmin) = (half16(b), half16(&b[2..]));
+                    (0..8).map(move |j| {
+                        let (sc, m) = scale_min_k4(&b[4..16], j);
+                        (d * sc as f32, -(dmin * m as f32))
+                    })
+                })
+                .unzip(),
+        ),
+        _ => None,
+    }
+}
+
+/// The scale `s` of each 16 values of a Q8_0, Q5_0 or Q6_K tensor's `data` (value = `s * q`,
+/// `q` an integer in -128..128), in file order: Q8_0's and Q5_0's `d` twice per block of 32,
+/// Q6_K's `d * scale` (an exact f32 product). None for other types.
+pub fn int8_scales(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
+    let blocks = data.chunks_exact(kind.block_bytes());
+    match kind {
+        GgmlType::Q8_0 | GgmlType::Q5_0 => Some(blocks.flat_map(|b| [half16(b); 2]).collect()),
+        GgmlType::Q6K => Some(
+            blocks
+                .flat_map(|b| {
+                    let d = half16(&b[208..]);
+                    (0..16).map(move |i| d * b[192 + i] as i8 as f32)
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 /// The 6-bit scale and min of sub-block `j` (0..8) of Q4_K/Q5_K's 12 packed bytes.
 fn scale_min_k4(packed: &[u8], j: usize) -> (u8, u8) {
     match j < 4 {
@@ -233,6 +276,69 @@ mod tests {
         block[33] = 127;
         let y = dequantize(GgmlType::Q8_0, &block);
         assert_eq!((y[0], y[31], y[1]), (-32.0, 31.75, 0.0));
+    }
+
+    /// Random blocks (finite f16 fields) of `kind`.
+    fn random_blocks(kind: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        };
+        let mut data: Vec<u8> = (0..blocks * kind.block_bytes()).map(|_| next()).collect();
+        // The f16 fields: d (and dmin) first, Q6_K's d last; kept finite and small.
+        let f16_fields: &[usize] = match kind {
+            GgmlType::Q6K => &[208],
+            GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+            _ => &[0],
+        };
+        for b in data.chunks_exact_mut(kind.block_bytes()) {
+            for &at in f16_fields {
+                let h = f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]) & 0xB7FF);
+                b[at..at + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        data
+    }
+
+    /// Every value is `d * q + m` with q in 0..16, computed in f32: what the engine multiplies
+    /// (equal as numbers: Q4_0's `d * (q - 8)` gives -0 where `d * q + m` gives +0).
+    #[test]
+    fn q4_affine_gives_every_value_exactly() {
+        for kind in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4K] {
+            let data = random_blocks(kind, 64, kind as u64);
+            let values = dequantize(kind, &data);
+            let (d, m) = q4_affine(kind, &data).unwrap();
+            assert_eq!(d.len(), values.len() / 32);
+            for (i, v) in values.iter().enumerate() {
+                let (d, m) = (d[i / 32], m[i / 32]);
+                let found = (0..16u8).any(|q| d * q as f32 + m == *v);
+                assert!(
+                    found,
+                    "{kind} value {i}: {v} is no d * q + m (d={d}, m={m})"
+                );
+            }
+        }
+        assert!(q4_affine(GgmlType::Q6K, &random_blocks(GgmlType::Q6K, 1, 1)).is_none());
+    }
+
+    /// Every value is `s * q` with q an integer in -128..128, exactly.
+    #[test]
+    fn int8_scales_give_every_value_exactly() {
+        for kind in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q6K] {
+            let data = random_blocks(kind, 64, kind as u64);
+            let values = dequantize(kind, &data);
+            let s = int8_scales(kind, &data).unwrap();
+            assert_eq!(s.len(), values.len() / 16);
+            for (i, v) in values.iter().enumerate() {
+                let s = s[i / 16];
+                let found = (-128..128).any(|q| (s * q as f32).to_bits() == v.to_bits());
+                assert!(found, "{kind} value {i}: {v} is no s * q (s={s})");
+            }
+        }
+        assert!(int8_scales(GgmlType::Q4K, &random_blocks(GgmlType::Q4K, 1, 1)).is_none());
     }
 
     #[test]

@@ -15,8 +15,9 @@ MATRICES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate",
 
 
 def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None, spm=False):
-    """matrix_type: a GGMLQuantizationType for the layers' block matrices (else f32); spm: a
-    SentencePiece vocabulary (spm_vocabulary) instead of a byte-level BPE one."""
+    """matrix_type: a GGMLQuantizationType for the layers' block matrices, or a function of the
+    tensor's name giving one (else f32); spm: a SentencePiece vocabulary (spm_vocabulary) instead
+    of a byte-level BPE one."""
     global VOCAB
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -56,7 +57,8 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
             elif name not in ("token_embd.weight", "output.weight"):
                 values /= np.sqrt(shape[1])
         if matrix_type is not None and name.endswith(".weight") and name.split(".")[-2] in MATRICES:
-            w.add_tensor(name, gguf.quants.quantize(values, matrix_type), raw_dtype=matrix_type)
+            kind = matrix_type(name) if callable(matrix_type) else matrix_type
+            w.add_tensor(name, quantize(values, kind), raw_dtype=kind)
         else:
             w.add_tensor(name, values)
     w.write_header_to_file()
@@ -64,6 +66,76 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
     w.write_tensors_to_file()
     w.close()
     VOCAB = vocab
+
+
+def quantize(values, kind):
+    """gguf's quantizers, and ours for the K-quants it lacks."""
+    Q = gguf.GGMLQuantizationType
+    if kind == Q.Q4_K:
+        return quantize_q4_k(values)
+    if kind == Q.Q6_K:
+        return quantize_q6_k(values)
+    return gguf.quants.quantize(values, kind)
+
+
+def f16(x):
+    return np.asarray(x, np.float32).astype(np.float16)
+
+
+def quantize_q4_k(values):
+    """Q4_K super-blocks of 256 (a plain min/max quantizer, not llama.cpp's search): per block of
+    32, 6-bit scale and min against the super-block's f16 d and dmin, 4-bit values."""
+    rows, cols = values.shape
+    x = values.reshape(-1, 8, 32).astype(np.float32)
+    lo = np.minimum(x.min(axis=2), 0)
+    scale = (x.max(axis=2) - lo) / 15
+    d = f16(scale.max(axis=1) / 63).astype(np.float32)
+    dmin = f16(-lo.min(axis=1) / 63).astype(np.float32)
+    safe = lambda v: np.where(v == 0, 1, v)
+    sc = np.clip(np.round(scale / safe(d)[:, None]), 0, 63).astype(np.uint8)
+    mc = np.clip(np.round(-lo / safe(dmin)[:, None]), 0, 63).astype(np.uint8)
+    step = safe(d[:, None] * sc)[..., None]
+    q = np.clip(np.round((x + (dmin[:, None] * mc)[..., None]) / step), 0, 15).astype(np.uint8)
+    packed = np.zeros((len(x), 12), np.uint8)
+    packed[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
+    packed[:, 4:8] = mc[:, :4] | (mc[:, 4:] >> 4) << 6
+    packed[:, 8:12] = (sc[:, 4:] & 15) | (mc[:, 4:] & 15) << 4
+    # Each 32 bytes: two blocks of 32, the first in the low nibbles.
+    qs = (q[:, 0::2] | q[:, 1::2] << 4).reshape(len(x), 128)
+    out = np.concatenate([f16(d).view(np.uint8).reshape(-1, 2), f16(dmin).view(np.uint8).reshape(-1, 2),
+                          packed, qs], axis=1)
+    return out.reshape(rows, cols // 256 * 144)
+
+
+def quantize_q6_k(values):
+    """Q6_K super-blocks of 256: per 16 values an int8 scale against the super-block's f16 d,
+    6-bit values (4 low bits in ql, 2 high in qh)."""
+    rows, cols = values.shape
+    x = values.reshape(-1, 16, 16).astype(np.float32)
+    scale = np.abs(x).max(axis=2) / 31
+    d = f16(scale.max(axis=1) / 127).astype(np.float32)
+    safe = lambda v: np.where(v == 0, 1, v)
+    sc = np.clip(np.round(scale / safe(d)[:, None]), -127, 127).astype(np.int8)
+    step = safe(d[:, None] * sc)[..., None]
+    q = (np.clip(np.round(x / step), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
+    # Per half of 128: ql holds groups 0 and 1 (low nibbles) and 2 and 3 (high nibbles); qh
+    # their high 2 bits, group g at bits 2g.
+    low, high = q & 15, q >> 4
+    ql = np.concatenate([low[:, :, 0] | low[:, :, 2] << 4, low[:, :, 1] | low[:, :, 3] << 4], axis=2)
+    qh = high[:, :, 0] | high[:, :, 1] << 2 | high[:, :, 2] << 4 | high[:, :, 3] << 6
+    out = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8),
+                          f16(d).view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(rows, cols // 256 * 210)
+
+
+def q4_k_m(name):
+    """The types of a Q4_K_M file, and the other exact ones once each: Q6_K for ffn_down and
+    attn_v as llama.cpp's mix has them, Q8_0 and Q5_0 in the second layer."""
+    Q = gguf.GGMLQuantizationType
+    layer, matrix = int(name.split(".")[1]), name.split(".")[2]
+    if matrix in ("ffn_down", "attn_v"):
+        return Q.Q6_K if layer == 0 else {"ffn_down": Q.Q5_0, "attn_v": Q.Q8_0}[matrix]
+    return Q.Q4_K
 
 
 def spm_vocabulary(w):
@@ -146,11 +218,16 @@ def main(out):
     out.mkdir(parents=True, exist_ok=True)
     write(out / "llama.gguf", "llama", 2, 16, llama)
     Q = gguf.GGMLQuantizationType
-    for kind in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
+    for kind in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_1):
         write(out / f"llama-{kind.name.lower()}.gguf", "llama", 2, 16, llama, matrix_type=kind)
     write(out / "qwen2-q4_0.gguf", "qwen2", 2, 16, qwen2, matrix_type=Q.Q4_0)
     write(out / "phi3-q4_1.gguf", "phi3", 2, 16, phi3, matrix_type=Q.Q4_1)
     write(out / "llama-spm.gguf", "llama", 2, 16, llama, matrix_type=Q.Q4_0, spm=True)
+    # K-quants take rows of whole super-blocks (256): wider matrices.
+    global HIDDEN, FFN
+    HIDDEN, FFN = 256, 512
+    write(out / "llama-q4_k_m.gguf", "llama", 2, 64, llama, matrix_type=q4_k_m)
+    HIDDEN, FFN = 64, 96
     write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
     write(out / "phi3.gguf", "phi3", 2, 16, phi3)
     # Gemma 3's heads are wider than hidden / heads; its global layers come from the default

@@ -106,12 +106,13 @@ pub(crate) fn kernels<W: PanelKernels>() -> Vec<(&'static str, Kernel<W>)> {
     v
 }
 
-/// Implements [`PanelKernels`] for a weight type with fields `k` and `n`, from the kernels of the
+/// Implements [`PanelKernels`] for a weight type with fields `k` and `n` (generic ones as
+/// `impl<T: Bound> Type<T>`), from the kernels of the
 /// calling module, all `unsafe fn(&W, &QuantRows, usize, *mut f32, usize, usize)` under the
 /// trait's contract: `portable::panels`, `x86::panels_avx2`, `x86::panels_vnni`, `wasm::panels`.
 macro_rules! panel_kernels {
-    ($w:ty, $panel:expr) => {
-        impl $crate::kernels::dispatch::PanelKernels for $w {
+    (impl<$($g:ident: $bound:path),*> $w:ty, $panel:expr) => {
+        impl<$($g: $bound),*> $crate::kernels::dispatch::PanelKernels for $w {
             const PANEL: usize = $panel;
 
             fn k(&self) -> usize {
@@ -145,6 +146,9 @@ macro_rules! panel_kernels {
                 unsafe { wasm::panels(self, x, m, y, p0, p1) }
             }
         }
+    };
+    ($w:ty, $panel:expr) => {
+        $crate::kernels::dispatch::panel_kernels!(impl<> $w, $panel);
     };
 }
 pub(crate) use panel_kernels;

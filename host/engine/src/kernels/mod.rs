@@ -1,5 +1,5 @@
-//! The compute kernels of our ops: matrix products on int8 ([`int8`]), Q4_1 ([`q4_1`]) and Q8
-//! ([`q8`]) weights, a row of fused attention ([`attention`]); the rounding of activations to 8
+//! The compute kernels of our ops: matrix products on int8 ([`int8`]), Q4_1 and Q4_K
+//! ([`q4_1`]), int8 blocks (Q8_0, Q5_0, Q6_K: [`q8_blocks`]) and Q8 ([`q8`]) weights, a row of fused attention ([`attention`]); the rounding of activations to 8
 //! bits that the Q4_1 and Q8 products share ([`quantize`], [`dispatch`]); which instructions the
 //! CPU has ([`cpu`]); how a product is split across threads ([`parallel`], `pool`).
 
@@ -12,6 +12,7 @@ pub(crate) mod parallel;
 pub(crate) mod pool;
 pub(crate) mod q4_1;
 pub(crate) mod q8;
+pub(crate) mod q8_blocks;
 pub(crate) mod quantize;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -6,8 +6,8 @@ use std::path::Path;
 use tract_onnx::prelude::*;
 
 use super::{decoder_inputs, io_names, Model};
+use crate::onnx::nbits::NBitsStream;
 use crate::onnx::proto;
-use crate::onnx::q4_1::Q4Stream;
 use crate::{onnx, ops, EngineError};
 
 /// The ONNX front end, with our quantized matmuls and fused attention.
@@ -40,7 +40,7 @@ impl Model {
             return Err(EngineError::load(&name, "file not found"));
         }
         let onnx = front_end();
-        let mut q4 = Q4Stream::default();
+        let mut q4 = NBitsStream::default();
         let proto = proto::read_path(path, &mut q4).map_err(|e| EngineError::load(&name, e))?;
         let dir = path.parent().and_then(|d| d.to_str());
         let model = Self::parse(&onnx, proto, q4, dir).map_err(|e| EngineError::load(&name, e))?;
@@ -52,7 +52,7 @@ impl Model {
     /// Loads an ONNX model from memory (wasi:nn `load` with the file's bytes).
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, EngineError> {
         let onnx = front_end();
-        let mut q4 = Q4Stream::default();
+        let mut q4 = NBitsStream::default();
         let proto =
             proto::read_bytes(bytes, &mut q4).map_err(|e| EngineError::load("<bytes>", e))?;
         let model =
@@ -67,7 +67,7 @@ impl Model {
     fn parse(
         onnx: &tract_onnx::Onnx,
         mut proto: tract_onnx::pb::ModelProto,
-        q4: Q4Stream,
+        q4: NBitsStream,
         dir: Option<&str>,
     ) -> TractResult<InferenceModel> {
         let weights = onnx::rewrite(&mut proto, q4);

@@ -18,7 +18,7 @@ use tract_onnx::tract_core::internal::TractErrorContext as _;
 
 use super::{decoder_inputs, io_names, Model};
 use crate::onnx::graph::{prune, set_op, FLOAT};
-use crate::onnx::{proto, q4_1};
+use crate::onnx::{nbits, proto};
 use crate::{names, EngineError};
 
 /// A model file, or its bytes (wasi:nn `load`).
@@ -51,7 +51,7 @@ fn dequantize_nbits(proto: &mut pb::ModelProto) {
             .map(|t| (t.name.as_str(), t))
             .collect();
         for (i, node) in graph.node.iter().enumerate() {
-            if let Some(w) = q4_1::nbits(node, |name| inits.get(name).copied()) {
+            if let Some(w) = nbits::nbits(node, |name| inits.get(name).copied()) {
                 let mut kn = vec![0u8; w.k * w.n * 4];
                 for c in 0..w.n {
                     for kk in 0..w.k {

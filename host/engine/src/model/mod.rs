@@ -217,7 +217,7 @@ impl Model {
     pub fn int8_matmuls(&self) -> usize {
         self.count(|n| {
             n.op_as::<QMatMul>()
-                .is_some_and(|q| !q.is_q4_1() && !q.is_q8_head())
+                .is_some_and(|q| !q.is_q4_1() && !q.is_q8_head() && !q.is_q8_blocks())
         })
     }
 
@@ -228,7 +228,13 @@ impl Model {
         self.count(|n| n.op_as::<QMatMul>().is_some_and(|q| q.is_q8_head()))
     }
 
-    /// How many matrix products of the plan run on Q4_1 weights (our [`QMatMul`]).
+    /// How many matrix products of the plan run on int8 blocks (Q8_0, Q5_0, Q6_K weights).
+    #[doc(hidden)]
+    pub fn q8_block_matmuls(&self) -> usize {
+        self.count(|n| n.op_as::<QMatMul>().is_some_and(|q| q.is_q8_blocks()))
+    }
+
+    /// How many matrix products of the plan run on 4-bit blocks (Q4_0, Q4_1, Q4_K weights).
     #[doc(hidden)]
     pub fn q4_1_matmuls(&self) -> usize {
         self.count(|n| n.op_as::<QMatMul>().is_some_and(|q| q.is_q4_1()))

@@ -1,6 +1,6 @@
 //! The ONNX protobuf before tract parses it: decoded from the file without holding it twice
 //! ([`proto`]), then rewritten so that tract builds our ops ([`crate::ops`]) where the export
-//! spells out what they do: Q4_1 `MatMulNBits` ([`q4_1`]) and int8 `MatMul`s ([`int8`]) keep
+//! spells out what they do: 4- and 8-bit `MatMulNBits` ([`nbits`]) and int8 `MatMul`s ([`int8`]) keep
 //! their weights quantized, attention chains are fused ([`attention`]), and their KV cache kept in place
 //! ([`kv_cache`]). The file is unchanged
 //! (it stays what ONNX Runtime runs); patterns that do not fit exactly are left to tract.
@@ -15,21 +15,24 @@ pub(crate) mod attention;
 pub(crate) mod graph;
 pub(crate) mod int8;
 pub(crate) mod kv_cache;
+pub(crate) mod nbits;
 pub(crate) mod proto;
-pub(crate) mod q4_1;
 
 /// Every rewrite of the CPU engine, on a protobuf that `stream` decoded: returns the weights of
 /// the rewritten nodes, by key, for [`crate::ops::with_weights`].
 pub(crate) fn rewrite(
     proto: &mut pb::ModelProto,
-    stream: q4_1::Q4Stream,
+    stream: nbits::NBitsStream,
 ) -> HashMap<String, Packed> {
     let mut weights = stream.finish(proto);
     attention::rewrite(proto);
     if let Some(graph) = proto.graph.as_mut() {
-        q4_1::rewrite(graph, &mut weights);
-        // A Q4_1 model already rounds activations to 8 bits per block: its int8 LM head does too.
-        let head_q8 = weights.values().any(|w| matches!(w, Packed::Q4_1(_)));
+        nbits::rewrite(graph, &mut weights);
+        // A block-quantized model already rounds activations to 8 bits per block: its int8 LM
+        // head does too.
+        let head_q8 = weights
+            .values()
+            .any(|w| matches!(w, Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_)));
         int8::rewrite(graph, &mut weights, head_q8);
         kv_cache::rewrite(graph);
     }

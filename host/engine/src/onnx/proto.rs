@@ -7,7 +7,7 @@
 //!
 //! Each initializer is also handed, as it is decoded, to an [`Initializers`] sink, which may keep
 //! it or take it (the Q4_1 weights are packed as their tensors arrive, so the decoded protobuf
-//! never holds them all: [`super::q4_1::Q4Stream`]).
+//! never holds them all: [`super::nbits::NBitsStream`]).
 
 use std::fs::File;
 use std::io::Read;

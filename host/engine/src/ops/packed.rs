@@ -6,12 +6,18 @@ use crate::kernels::dispatch::PanelKernels;
 use crate::kernels::int8::{Layout, QWeights};
 use crate::kernels::q4_1::Q4Weights;
 use crate::kernels::q8::Q8Weights;
+use crate::kernels::q8_blocks::Q8Blocks;
 
 /// The weight of a rewritten product, in one of the packed formats.
 #[derive(Clone)]
 pub enum Packed {
     Int8(Arc<QWeights>),
+    /// Q4_0 and Q4_1 blocks: float16 scales and offsets.
     Q4_1(Arc<Q4Weights>),
+    /// Q4_K blocks: f32 scales and offsets (a super-block's scale times each block's own).
+    Q4F32(Arc<Q4Weights<f32>>),
+    /// int8 blocks of 16 with f32 scales (Q8_0, Q5_0, Q6_K).
+    Q8Blocks(Arc<Q8Blocks>),
     /// The tied LM head of a Q4_1 model: int8, with activations rounded as the Q4_1 products.
     Q8Head(Arc<Q8Weights>),
 }
@@ -21,6 +27,8 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.k,
             Packed::Q4_1(w) => w.k,
+            Packed::Q4F32(w) => w.k,
+            Packed::Q8Blocks(w) => w.k,
             Packed::Q8Head(w) => w.k,
         }
     }
@@ -29,6 +37,8 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.n,
             Packed::Q4_1(w) => w.n,
+            Packed::Q4F32(w) => w.n,
+            Packed::Q8Blocks(w) => w.n,
             Packed::Q8Head(w) => w.n,
         }
     }
@@ -38,6 +48,8 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.matmul(x, m, y),
             Packed::Q4_1(w) => w.matmul(x, m, y),
+            Packed::Q4F32(w) => w.matmul(x, m, y),
+            Packed::Q8Blocks(w) => w.matmul(x, m, y),
             Packed::Q8Head(w) => w.matmul(x, m, y),
         }
     }
@@ -47,7 +59,7 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.layout == Layout::NK,
             Packed::Q8Head(_) => true,
-            Packed::Q4_1(_) => false,
+            Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_) => false,
         }
     }
 
@@ -56,7 +68,9 @@ impl Packed {
         match self {
             Packed::Int8(w) => w.copy_column(c, out),
             Packed::Q8Head(w) => w.copy_column(c, out),
-            Packed::Q4_1(_) => unreachable!("checked by is_table"),
+            Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_) => {
+                unreachable!("checked by is_table")
+            }
         }
     }
 }
@@ -67,6 +81,8 @@ impl PartialEq for Packed {
         match (self, other) {
             (Packed::Int8(a), Packed::Int8(b)) => Arc::ptr_eq(a, b),
             (Packed::Q4_1(a), Packed::Q4_1(b)) => Arc::ptr_eq(a, b),
+            (Packed::Q4F32(a), Packed::Q4F32(b)) => Arc::ptr_eq(a, b),
+            (Packed::Q8Blocks(a), Packed::Q8Blocks(b)) => Arc::ptr_eq(a, b),
             (Packed::Q8Head(a), Packed::Q8Head(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -79,6 +95,8 @@ impl std::fmt::Debug for Packed {
         match self {
             Packed::Int8(w) => w.fmt(f),
             Packed::Q4_1(w) => w.fmt(f),
+            Packed::Q4F32(w) => w.fmt(f),
+            Packed::Q8Blocks(w) => w.fmt(f),
             Packed::Q8Head(w) => w.fmt(f),
         }
     }

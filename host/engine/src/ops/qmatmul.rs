@@ -15,16 +15,22 @@ pub(super) fn build(
     Ok((expand(Inferred(QMatMul { w })), vec![]))
 }
 
-/// `y = x @ dequant(W)`: x f32 `[.., K]`, y f32 `[.., N]`, W int8 with per-channel scales or
-/// Q4_1 blocks.
+/// `y = x @ dequant(W)`: x f32 `[.., K]`, y f32 `[.., N]`, W int8 with per-channel scales, 4-bit
+/// blocks or int8 blocks.
 #[derive(Clone, PartialEq, Eq)]
 pub struct QMatMul {
     pub w: Packed,
 }
 
 impl QMatMul {
+    /// 4-bit blocks, float16 or f32 scales.
     pub fn is_q4_1(&self) -> bool {
-        matches!(self.w, Packed::Q4_1(_))
+        matches!(self.w, Packed::Q4_1(_) | Packed::Q4F32(_))
+    }
+
+    /// int8 blocks with a scale per 16 values (Q8_0, Q5_0, Q6_K).
+    pub fn is_q8_blocks(&self) -> bool {
+        matches!(self.w, Packed::Q8Blocks(_))
     }
 
     pub fn is_q8_head(&self) -> bool {

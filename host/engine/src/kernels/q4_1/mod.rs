@@ -1,9 +1,11 @@
 //! Matrix products against Q4_1 weights: asymmetric 4-bit blocks of 32 along K, each with its
-//! own float16 scale `d` and offset `m`, so a weight is `d * q + m` with `q` in 0..16.
+//! own scale `d` and offset `m`, so a weight is `d * q + m` with `q` in 0..16.
 //!
-//! The default model's GGUF stores its layer weights exactly so; keeping them so in memory holds
-//! them exactly, in 5 bits per weight (int8 per channel needs 8 and rounds them). At decode, a
-//! token reads every weight once, so bytes are time.
+//! The default model's GGUF stores its layer weights exactly so, with float16 `d` and `m`;
+//! keeping them so in memory holds them exactly, in 5 bits per weight (int8 per channel needs 8
+//! and rounds them). At decode, a token reads every weight once, so bytes are time. A Q4_K
+//! super-block is 8 such blocks whose `d = d_super * sc` and `m = -dmin * mc` need up to 17
+//! significant bits: those are held as f32 ([`BlockScale`]), 6 bits per weight, still exact.
 //!
 //! Activations are quantized per row in blocks of 32 (int8, one f32 scale per block, as
 //! llama.cpp does for its Q4_1 product): a block's sum of products is then an exact integer dot
@@ -21,6 +23,73 @@ use half::f16;
 use super::dispatch::panel_kernels;
 use super::quantize::QuantRows;
 
+/// How the blocks' `d` and `m` are stored: float16 (Q4_0 and Q4_1 files, 2 bytes each) or f32
+/// (Q4_K, whose products of two scales float16 cannot hold). Every kernel widens them to f32.
+pub trait BlockScale: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+
+    fn to_f32(self) -> f32;
+
+    /// Eight values at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points at 8 readable values; the CPU has AVX and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Four values at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points at 4 readable values.
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    unsafe fn load4(p: *const Self) -> std::arch::wasm32::v128;
+}
+
+impl BlockScale for f16 {
+    const ZERO: f16 = f16::ZERO;
+
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's 16 bytes and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    #[inline(always)]
+    unsafe fn load4(p: *const f16) -> std::arch::wasm32::v128 {
+        // SAFETY: the caller's 8 bytes.
+        unsafe { wasm::f16x4(p) }
+    }
+}
+
+impl BlockScale for f32 {
+    const ZERO: f32 = 0.0;
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's 32 bytes and AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    #[inline(always)]
+    unsafe fn load4(p: *const f32) -> std::arch::wasm32::v128 {
+        // SAFETY: the caller's 16 bytes.
+        unsafe { std::arch::wasm32::v128_load(p as *const std::arch::wasm32::v128) }
+    }
+}
+
 /// Weights per block along K (one `d` and one `m` each).
 pub const QBLOCK: usize = 32;
 /// Columns per panel: a panel's block is 512 contiguous bytes, one per thread split unit.
@@ -28,8 +97,9 @@ pub const Q4_PANEL: usize = 32;
 /// Bytes of one (panel, block): 32 columns x 32 values x 4 bits.
 const BLOCK_BYTES: usize = Q4_PANEL * QBLOCK / 2;
 
-/// A Q4_1 weight `[K, N]` (K a multiple of 32), packed for the kernels.
-pub struct Q4Weights {
+/// A Q4_1 weight `[K, N]` (K a multiple of 32), packed for the kernels, its `d` and `m` held
+/// as `S`.
+pub struct Q4Weights<S: BlockScale = f16> {
     pub k: usize,
     pub n: usize,
     /// Nibbles by (panel, block): 4 groups of 8 K values; in a group, 4 bytes per column; byte t
@@ -37,26 +107,27 @@ pub struct Q4Weights {
     /// load is 8 columns x 4 bytes, ready for a 4-wide byte dot product per 32-bit lane.
     q: Vec<u8>,
     /// `d` and `m` by (panel, block, column), padded columns 0.
-    d: Vec<f16>,
-    m: Vec<f16>,
+    d: Vec<S>,
+    m: Vec<S>,
 }
 
-impl std::fmt::Debug for Q4Weights {
+impl<S: BlockScale> std::fmt::Debug for Q4Weights<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4Weights {{ k: {}, n: {} }}", self.k, self.n)
+        let scales = std::any::type_name::<S>().rsplit("::").next().unwrap_or("");
+        write!(f, "Q4Weights<{scales}> {{ k: {}, n: {} }}", self.k, self.n)
     }
 }
 
-impl Q4Weights {
+impl<S: BlockScale> Q4Weights<S> {
     /// `value(n, k)` is the value (0..16) of output channel n at k; `d` and `m` are `[N][K/32]`.
     #[cfg(test)]
     pub fn new(
         k: usize,
         n: usize,
         value: impl Fn(usize, usize) -> u8,
-        d: &[f16],
-        m: &[f16],
-    ) -> Result<Q4Weights, String> {
+        d: &[S],
+        m: &[S],
+    ) -> Result<Q4Weights<S>, String> {
         let mut raw = vec![0u8; n * k / 2];
         for c in 0..n {
             for kk in 0..k {
@@ -76,9 +147,9 @@ impl Q4Weights {
         k: usize,
         n: usize,
         raw: &[u8],
-        d: &[f16],
-        m: &[f16],
-    ) -> Result<Q4Weights, String> {
+        d: &[S],
+        m: &[S],
+    ) -> Result<Q4Weights<S>, String> {
         let kb = k / QBLOCK;
         if k == 0
             || n == 0
@@ -96,8 +167,8 @@ impl Q4Weights {
         }
         let panels = n.div_ceil(Q4_PANEL);
         let mut q = vec![0u8; panels * kb * BLOCK_BYTES];
-        let mut ds = vec![f16::ZERO; panels * kb * Q4_PANEL];
-        let mut ms = vec![f16::ZERO; panels * kb * Q4_PANEL];
+        let mut ds = vec![S::ZERO; panels * kb * Q4_PANEL];
+        let mut ms = vec![S::ZERO; panels * kb * Q4_PANEL];
         // Spreads the 4 nibbles of x (16 bits) to the low nibbles of 4 bytes.
         let spread = |x: u32| {
             let x = (x | (x << 8)) & 0x00FF_00FF;
@@ -147,15 +218,15 @@ impl Q4Weights {
     }
 }
 
-panel_kernels!(Q4Weights, Q4_PANEL);
+panel_kernels!(impl<S: BlockScale> Q4Weights<S>, Q4_PANEL);
 
 mod portable {
     use super::*;
 
     /// # Safety
     /// As `dispatch::PanelKernels`.
-    pub unsafe fn panels(
-        w: &Q4Weights,
+    pub unsafe fn panels<S: BlockScale>(
+        w: &Q4Weights<S>,
         x: &QuantRows,
         m: usize,
         y: *mut f32,
@@ -211,21 +282,37 @@ mod tests {
     use crate::kernels::testing::{same_on_threads, Lcg, SHAPES};
 
     fn weights(g: &mut Lcg, k: usize, n: usize) -> Q4Weights {
+        weights_as(g, k, n, f16::from_f32)
+    }
+
+    /// Random weights, their scales and offsets held as `S` (`as_s` rounds them).
+    fn weights_as<S: BlockScale>(
+        g: &mut Lcg,
+        k: usize,
+        n: usize,
+        as_s: impl Fn(f32) -> S,
+    ) -> Q4Weights<S> {
         let q: Vec<u8> = (0..k * n).map(|_| (g.next() % 16) as u8).collect();
-        let d: Vec<f16> = (0..n * k / QBLOCK)
-            .map(|_| f16::from_f32(0.002 + g.f32().abs() * 0.02))
+        let d: Vec<S> = (0..n * k / QBLOCK)
+            .map(|_| as_s(0.002 + g.f32().abs() * 0.02))
             .collect();
-        let m: Vec<f16> = (0..n * k / QBLOCK)
-            .map(|_| f16::from_f32(-0.15 * g.f32().abs()))
+        let m: Vec<S> = (0..n * k / QBLOCK)
+            .map(|_| as_s(-0.15 * g.f32().abs()))
             .collect();
         Q4Weights::new(k, n, |c, kk| q[c * k + kk], &d, &m).unwrap()
     }
 
     /// The product with the dequantized weights, with x rounded as the kernel rounds it: the
     /// kernel must match it up to f32 rounding; and with x exact: within the 8-bit rounding.
+    /// Float16 scales, then f32 ones (Q4_K's).
     fn check(m: usize, k: usize, n: usize) {
         let mut g = Lcg(m as u64 * 7919 + k as u64 * 31 + n as u64);
-        let w = weights(&mut g, k, n);
+        check_with(m, weights(&mut g, k, n), &mut g);
+        check_with(m, weights_as(&mut g, k, n, |v| v), &mut g);
+    }
+
+    fn check_with<S: BlockScale>(m: usize, w: Q4Weights<S>, g: &mut Lcg) {
+        let (k, n) = (w.k, w.n);
         let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
         let xr = QuantRows::new(&x, m, k);
         let rounded: Vec<f32> = (0..m * k)
@@ -236,7 +323,7 @@ mod tests {
         // The entry point (which picks a kernel, and threads), then every kernel this CPU runs.
         w.matmul(&x, m, &mut y);
         compare("matmul", &w, &wd, &x, &rounded, &y, m);
-        for (name, kernel) in kernels::<Q4Weights>() {
+        for (name, kernel) in kernels::<Q4Weights<S>>() {
             let mut y = vec![f32::NAN; m * n];
             // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
             unsafe { kernel(&w, &xr, m, y.as_mut_ptr(), 0, n.div_ceil(Q4_PANEL)) };
@@ -244,9 +331,9 @@ mod tests {
         }
     }
 
-    fn compare(
+    fn compare<S: BlockScale>(
         name: &str,
-        w: &Q4Weights,
+        w: &Q4Weights<S>,
         wd: &[f32],
         x: &[f32],
         rounded: &[f32],
@@ -291,19 +378,23 @@ mod tests {
     /// compute rows in tiles, with remainders).
     #[test]
     fn q4_1_kernels_agree_bit_for_bit() {
-        let (k, n) = (256, 80);
         let mut g = Lcg(5);
-        let w = weights(&mut g, k, n);
+        agree_bit_for_bit(weights(&mut g, 256, 80), &mut g);
+        agree_bit_for_bit(weights_as(&mut g, 256, 80, |v| v), &mut g);
+    }
+
+    fn agree_bit_for_bit<S: BlockScale>(w: Q4Weights<S>, g: &mut Lcg) {
+        let (k, n) = (w.k, w.n);
         for m in 1..=9 {
             let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
             let xr = QuantRows::new(&x, m, k);
-            let run = |kernel: crate::kernels::dispatch::Kernel<Q4Weights>| {
+            let run = |kernel: crate::kernels::dispatch::Kernel<Q4Weights<S>>| {
                 let mut y = vec![f32::NAN; m * n];
                 // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
                 unsafe { kernel(&w, &xr, m, y.as_mut_ptr(), 0, n.div_ceil(Q4_PANEL)) };
                 y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
             };
-            let kernels = kernels::<Q4Weights>();
+            let kernels = kernels::<Q4Weights<S>>();
             let portable = run(kernels[0].1);
             for (name, kernel) in &kernels[1..] {
                 assert!(

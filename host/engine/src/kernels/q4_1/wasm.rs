@@ -11,7 +11,7 @@ use crate::kernels::quantize::wasm::i8x4_twice;
 /// # Safety
 /// `p` points at 4 readable float16.
 #[inline(always)]
-unsafe fn f16x4(p: *const f16) -> v128 {
+pub(super) unsafe fn f16x4(p: *const f16) -> v128 {
     // SAFETY: the caller's 8 bytes (an unaligned load).
     let h = u32x4_extend_low_u16x8(unsafe { v128_load64_zero(p as *const u64) });
     let magnitude = f32x4_mul(
@@ -26,17 +26,24 @@ const TILE: usize = 4;
 
 /// # Safety
 /// As `dispatch::PanelKernels`.
-pub unsafe fn panels(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+pub unsafe fn panels<S: BlockScale>(
+    w: &Q4Weights<S>,
+    x: &QuantRows,
+    m: usize,
+    y: *mut f32,
+    p0: usize,
+    p1: usize,
+) {
     // SAFETY: the caller's contract, passed on; every tile's rows are below m.
     unsafe {
         for p in p0..p1 {
             let mut row = 0;
             while row + TILE <= m {
-                tile::<TILE>(w, x, p, row, y);
+                tile::<S, TILE>(w, x, p, row, y);
                 row += TILE;
             }
             while row < m {
-                tile::<1>(w, x, p, row, y);
+                tile::<S, 1>(w, x, p, row, y);
                 row += 1;
             }
         }
@@ -52,7 +59,13 @@ pub unsafe fn panels(w: &Q4Weights, x: &QuantRows, m: usize, y: *mut f32, p0: us
 /// # Safety
 /// As `dispatch::PanelKernels`, for panel p < p1 and rows `row0 .. row0 + R` < m.
 #[inline(always)]
-unsafe fn tile<const R: usize>(w: &Q4Weights, x: &QuantRows, p: usize, row0: usize, y: *mut f32) {
+unsafe fn tile<S: BlockScale, const R: usize>(
+    w: &Q4Weights<S>,
+    x: &QuantRows,
+    p: usize,
+    row0: usize,
+    y: *mut f32,
+) {
     let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
     let cols = Q4_PANEL.min(n - p * Q4_PANEL);
     let nib = u8x16_splat(15);
@@ -88,8 +101,8 @@ unsafe fn tile<const R: usize>(w: &Q4Weights, x: &QuantRows, p: usize, row0: usi
                         acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi1, xb));
                     }
                 }
-                let d = f16x4(w.d.as_ptr().add(sm + c4 * 4));
-                let mo = f16x4(w.m.as_ptr().add(sm + c4 * 4));
+                let d = S::load4(w.d.as_ptr().add(sm + c4 * 4));
+                let mo = S::load4(w.m.as_ptr().add(sm + c4 * 4));
                 for (r, acc) in acc.iter().enumerate() {
                     let i = (row0 + r) * kb + b;
                     let (xs, sx) = (f32x4_splat(x.scale[i]), f32x4_splat(x.sum[i]));

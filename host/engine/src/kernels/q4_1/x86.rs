@@ -39,8 +39,8 @@ impl Dot for Avx2 {
 /// # Safety
 /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA, F16C and AVX-512 VNNI and VL.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub unsafe fn panels_vnni(
-    w: &Q4Weights,
+pub unsafe fn panels_vnni<S: BlockScale>(
+    w: &Q4Weights<S>,
     x: &QuantRows,
     m: usize,
     y: *mut f32,
@@ -48,14 +48,14 @@ pub unsafe fn panels_vnni(
     p1: usize,
 ) {
     // SAFETY: the caller's contract; this function has the features `Vnni` needs.
-    unsafe { panels::<Vnni, 4>(w, x, m, y, p0, p1) }
+    unsafe { panels::<Vnni, S, 4>(w, x, m, y, p0, p1) }
 }
 
 /// # Safety
 /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn panels_avx2(
-    w: &Q4Weights,
+pub unsafe fn panels_avx2<S: BlockScale>(
+    w: &Q4Weights<S>,
     x: &QuantRows,
     m: usize,
     y: *mut f32,
@@ -64,14 +64,14 @@ pub unsafe fn panels_avx2(
 ) {
     // 16 vector registers: 4 rows x 16 columns of accumulators at a time.
     // SAFETY: the caller's contract; this function has the features `Avx2` needs.
-    unsafe { panels::<Avx2, 2>(w, x, m, y, p0, p1) }
+    unsafe { panels::<Avx2, S, 2>(w, x, m, y, p0, p1) }
 }
 
 /// # Safety
 /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA, F16C and what `D` needs.
 #[inline(always)]
-unsafe fn panels<D: Dot, const NV4: usize>(
-    w: &Q4Weights,
+unsafe fn panels<D: Dot, S: BlockScale, const NV4: usize>(
+    w: &Q4Weights<S>,
     x: &QuantRows,
     m: usize,
     y: *mut f32,
@@ -92,7 +92,7 @@ unsafe fn panels<D: Dot, const NV4: usize>(
             // products.
             while row + 4 <= m {
                 for c in (0..Q4_PANEL).step_by(8 * NV4) {
-                    tile::<D, 4, NV4>(w, p, c, x, row, o.add(c));
+                    tile::<D, S, 4, NV4>(w, p, c, x, row, o.add(c));
                 }
                 for r in 0..4 {
                     std::ptr::copy_nonoverlapping(
@@ -105,7 +105,7 @@ unsafe fn panels<D: Dot, const NV4: usize>(
             }
             // One row at a time (decode): the whole panel, 512 contiguous bytes per block.
             while row < m {
-                tile::<D, 1, 4>(w, p, 0, x, row, o);
+                tile::<D, S, 1, 4>(w, p, 0, x, row, o);
                 std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q4_PANEL), cols);
                 row += 1;
             }
@@ -120,8 +120,8 @@ unsafe fn panels<D: Dot, const NV4: usize>(
 /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `w`, `x` and
 /// `out`; the CPU has AVX2, FMA, F16C and what `D` needs.
 #[inline(always)]
-unsafe fn tile<D: Dot, const MR: usize, const NV: usize>(
-    w: &Q4Weights,
+unsafe fn tile<D: Dot, S: BlockScale, const MR: usize, const NV: usize>(
+    w: &Q4Weights<S>,
     p: usize,
     c: usize,
     x: &QuantRows,
@@ -157,12 +157,8 @@ unsafe fn tile<D: Dot, const MR: usize, const NV: usize>(
             }
             let sm = (p * kb + b) * Q4_PANEL + c;
             for v in 0..NV {
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(
-                    w.d.as_ptr().add(sm + v * 8) as *const __m128i
-                ));
-                let mo = _mm256_cvtph_ps(_mm_loadu_si128(
-                    w.m.as_ptr().add(sm + v * 8) as *const __m128i
-                ));
+                let d = S::load8(w.d.as_ptr().add(sm + v * 8));
+                let mo = S::load8(w.m.as_ptr().add(sm + v * 8));
                 for r in 0..MR {
                     let i = (row + r) * kb + b;
                     let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));

@@ -1,8 +1,9 @@
-//! Q4_1 weights: a `com.microsoft` `MatMulNBits` node (4 bits, blocks of 32 along K, a scale
-//! and a zero point per block) whose scales and offsets are float16 values, as a Q4_1 GGUF
-//! stores them, becomes an `SlmQMatMul(x)` node on [`Q4Weights`] (kept 4-bit, packed for the
-//! kernels). Packed while the protobuf is decoded ([`Q4Stream`]), or after ([`rewrite`]) for
-//! what the stream could not take.
+//! Block-quantized weights: a `com.microsoft` `MatMulNBits` node (a scale and a zero point per
+//! block along K) becomes an `SlmQMatMul(x)` node on packed weights that the kernels read as
+//! they are: 4 bits in blocks of 32 ([`Q4Weights`], float16 or f32 scales: Q4_0, Q4_1, Q4_K) or
+//! 8 bits in blocks of 16 or 32 with zero point 128 ([`Q8Blocks`]: Q8_0, Q5_0, Q6_K). Packed
+//! while the protobuf is decoded ([`NBitsStream`]), or after ([`rewrite`]) for what the stream
+//! could not take.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,37 +16,64 @@ use super::graph::{
 };
 use super::proto::Initializers;
 use crate::kernels::q4_1::{Q4Weights, QBLOCK};
+use crate::kernels::q8_blocks::{Q8Blocks, HALF};
 use crate::ops::{self, Packed};
 
-/// A 4-bit `MatMulNBits` (blocks of 32, no `g_idx` or bias) read from its initializers:
-/// value(c, k) = scale * (q - zero) per block.
+/// Our own 4-bit block product (slm-convert writes it for Q4_K): `MatMulNBits`' inputs and
+/// attributes with an f32 offset per block in place of the zero points, value = `scale * q +
+/// offset`, because `-zero * scale` cannot give every Q4_K offset exactly.
+pub const SLM_DOMAIN: &str = "ai.edge-slm";
+pub const MATMUL_Q4_OFFSET: &str = "MatMulQ4Offset";
+
+/// A `MatMulNBits` of 4 bits in blocks of 32 or 8 bits in blocks of 16 or 32 (no `g_idx` or
+/// bias), or a [`MATMUL_Q4_OFFSET`], read from its initializers: value(c, k) = scale * (q -
+/// zero) or scale * q + offset per block.
 pub(crate) struct NBits<'a> {
     pub(crate) k: usize,
     pub(crate) n: usize,
-    /// `[N][K/32][16]`, two values per byte, low nibble first.
+    bits: usize,
+    block: usize,
+    /// `[N][K/block][block * bits / 8]`; 4-bit values two per byte, low nibble first.
     raw: &'a [u8],
     scale: Vec<f32>,
-    zero: Vec<f32>,
+    shift: Shift,
+}
+
+/// How a block's values are shifted.
+enum Shift {
+    /// `scale * (q - zero)`.
+    Zero(Vec<f32>),
+    /// `scale * q + offset`.
+    Offset(Vec<f32>),
 }
 
 impl NBits<'_> {
     fn q(&self, c: usize, kk: usize) -> u8 {
-        self.raw[c * self.k / 2 + kk / 2] >> (4 * (kk % 2)) & 15
+        match self.bits {
+            4 => self.raw[c * self.k / 2 + kk / 2] >> (4 * (kk % 2)) & 15,
+            _ => self.raw[c * self.k + kk],
+        }
     }
 
     /// The weight of output channel `c` at `kk`, in f32.
     pub(crate) fn value(&self, c: usize, kk: usize) -> f32 {
-        let b = c * (self.k / QBLOCK) + kk / QBLOCK;
-        self.scale[b] * (self.q(c, kk) as f32 - self.zero[b])
+        let b = c * (self.k / self.block) + kk / self.block;
+        let q = self.q(c, kk) as f32;
+        match &self.shift {
+            Shift::Zero(zero) => self.scale[b] * (q - zero[b]),
+            Shift::Offset(offset) => self.scale[b] * q + offset[b],
+        }
     }
 }
 
-/// `node` as a 4-bit `MatMulNBits` whose initializers `init` finds, if it is one.
+/// `node` as a `MatMulNBits` that [`NBits`] reads, with the initializers `init` finds.
 pub(crate) fn nbits<'a>(
     node: &pb::NodeProto,
     init: impl Fn(&str) -> Option<&'a pb::TensorProto>,
 ) -> Option<NBits<'a>> {
-    if node.op_type != "MatMulNBits" || node.domain != "com.microsoft" {
+    let with_offset =
+        (node.domain.as_str(), node.op_type.as_str()) == (SLM_DOMAIN, MATMUL_Q4_OFFSET);
+    if !with_offset && (node.op_type != "MatMulNBits" || node.domain != "com.microsoft") {
         return None;
     }
     let int = |name: &str| attr(node, name).map(|a| a.i);
@@ -53,37 +81,54 @@ pub(crate) fn nbits<'a>(
         usize::try_from(int("K")?).ok()?,
         usize::try_from(int("N")?).ok()?,
     );
-    if int("bits") != Some(4)
-        || int("block_size") != Some(QBLOCK as i64)
-        || k % QBLOCK != 0
-        || node.input.len() < 3
-    {
+    let (bits, block) = (int("bits")?, usize::try_from(int("block_size")?).ok()?);
+    let supported = match bits {
+        4 => block == QBLOCK,
+        8 => (block == HALF || block == QBLOCK) && !with_offset,
+        _ => false,
+    };
+    let bits = bits as usize;
+    if !supported || k % QBLOCK != 0 || node.input.len() < 3 {
         return None;
     }
     if node.input.iter().skip(4).any(|i| !i.is_empty()) {
         return None; // g_idx or bias
     }
-    let kb = k / QBLOCK;
+    let kb = k / block;
     let b = init(&node.input[1])?;
     // Checked: K and N are the file's word; once they match the bytes, n * kb cannot overflow.
-    let packed_len = n.checked_mul(kb)?.checked_mul(QBLOCK / 2)?;
+    let packed_len = n.checked_mul(kb)?.checked_mul(block * bits / 8)?;
     if b.data_type != UINT8 || external(b) || b.raw_data.len() != packed_len {
         return None;
     }
     let scale = init_f32(init(&node.input[2])?)?;
+    if with_offset {
+        let offset = init_f32(init(node.input.get(3)?)?)?;
+        return (scale.len() == n * kb && offset.len() == n * kb).then_some(NBits {
+            k,
+            n,
+            bits,
+            block,
+            raw: &b.raw_data,
+            scale,
+            shift: Shift::Offset(offset),
+        });
+    }
     let zero: Vec<f32> = match node.input.get(3).filter(|z| !z.is_empty()) {
-        None => vec![8.0; n * kb],
+        None => vec![(1 << (bits - 1)) as f32; n * kb],
         Some(z) => {
             let z = init(z)?;
+            let per_byte = 8 / bits;
+            let row_bytes = kb.div_ceil(per_byte);
             if let Some(f) = init_f32(z) {
                 f
-            } else if z.data_type == UINT8 && !external(z) && z.raw_data.len() == n * kb.div_ceil(2)
-            {
-                // Two 4-bit zero points per byte, low nibble first, each row padded to whole bytes.
+            } else if z.data_type == UINT8 && !external(z) && z.raw_data.len() == n * row_bytes {
+                // Zero points packed as the values are, each row padded to whole bytes.
+                let mask = ((1u16 << bits) - 1) as u8;
                 (0..n * kb)
                     .map(|i| {
-                        (z.raw_data[(i / kb) * kb.div_ceil(2) + (i % kb) / 2] >> (4 * (i % kb % 2))
-                            & 15) as f32
+                        let byte = z.raw_data[(i / kb) * row_bytes + (i % kb) / per_byte];
+                        (byte >> (bits * (i % kb % per_byte)) & mask) as f32
                     })
                     .collect()
             } else {
@@ -94,39 +139,77 @@ pub(crate) fn nbits<'a>(
     (scale.len() == n * kb && zero.len() == n * kb).then_some(NBits {
         k,
         n,
+        bits,
+        block,
         raw: &b.raw_data,
         scale,
-        zero,
+        shift: Shift::Zero(zero),
     })
 }
 
-/// The packed weight of `node`, when it is a 4-bit `MatMulNBits` whose scales and offsets
-/// (`m = -zero * scale`) float16 holds exactly.
-fn q4_1_weight<'a>(
+/// The packed weight of `node`, when [`nbits`] reads it: 8-bit blocks by [`q8_weight`]; 4-bit
+/// blocks as `d * q + m`, `d` the scale and `m` the offset, held as float16 where that is exact
+/// (Q4_0, Q4_1), else as f32 (Q4_K). A `MatMulNBits`' offset is `-zero * scale`, which a
+/// float16 export's zero point (`-m / d`) gives to within f32 rounding: rounded back to the
+/// float16 `m` when all are that close (that is how a Q4_1 file's offsets come back exactly),
+/// else kept as computed.
+fn packed_weight<'a>(
     node: &pb::NodeProto,
     init: impl Fn(&str) -> Option<&'a pb::TensorProto>,
-) -> Option<Q4Weights> {
+) -> Option<Packed> {
     let w = nbits(node, init)?;
-    // Held as float16: only when that is exact (to f32 rounding), as for a Q4_1 export.
-    let exact_f16 = |v: f32| {
-        let h = f16::from_f32(v);
-        ((h.to_f32() - v).abs() <= 1e-5 * v.abs()).then_some(h)
+    if w.bits == 8 {
+        return q8_weight(&w);
+    }
+    let (m, close): (Vec<f32>, f32) = match &w.shift {
+        Shift::Offset(offset) => (offset.clone(), 0.0),
+        Shift::Zero(zero) => (
+            w.scale.iter().zip(zero).map(|(&s, &z)| -z * s).collect(),
+            1e-5,
+        ),
     };
-    let d: Vec<f16> = w
-        .scale
-        .iter()
-        .map(|&s| exact_f16(s))
-        .collect::<Option<_>>()?;
-    let m: Vec<f16> = w
-        .scale
-        .iter()
-        .zip(&w.zero)
-        .map(|(&s, &z)| exact_f16(-z * s))
-        .collect::<Option<_>>()?;
-    Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()
+    let as_f16 = |v: &[f32], close: f32| -> Option<Vec<f16>> {
+        v.iter()
+            .map(|&v| {
+                let h = f16::from_f32(v);
+                ((h.to_f32() - v).abs() <= close * v.abs()).then_some(h)
+            })
+            .collect()
+    };
+    match (as_f16(&w.scale, 0.0), as_f16(&m, close)) {
+        (Some(d), Some(m)) => Some(Packed::Q4_1(Arc::new(
+            Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()?,
+        ))),
+        _ => Some(Packed::Q4F32(Arc::new(
+            Q4Weights::from_nbits(w.k, w.n, w.raw, &w.scale, &m).ok()?,
+        ))),
+    }
 }
 
-/// Replaces the `MatMulNBits` nodes that [`q4_1_weight`] packs by `SlmQMatMul` on
+/// An 8-bit `MatMulNBits` whose zero points are all 128: int8 blocks, `scale * (q - 128)`.
+fn q8_weight(w: &NBits) -> Option<Packed> {
+    match &w.shift {
+        Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => {}
+        _ => return None,
+    }
+    let rows: Vec<u8> = w.raw.iter().map(|q| q ^ 0x80).collect();
+    // One scale per 16 values: a block of 32's, twice.
+    let scale: Vec<f32> = w
+        .scale
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s, w.block / HALF))
+        .collect();
+    let packed = Q8Blocks::from_rows(w.k, w.n, &rows, &scale).ok()?;
+    Some(Packed::Q8Blocks(Arc::new(packed)))
+}
+
+/// A `MatMulNBits` or a [`MATMUL_Q4_OFFSET`].
+fn is_block_matmul(node: &pb::NodeProto) -> bool {
+    (node.domain == "com.microsoft" && node.op_type == "MatMulNBits")
+        || (node.domain == SLM_DOMAIN && node.op_type == MATMUL_Q4_OFFSET)
+}
+
+/// Replaces the `MatMulNBits` nodes that [`packed_weight`] packs by `SlmQMatMul` on
 /// [`Q4Weights`], their weights by key in `weights`. Zero points: float (`m = -zp * d`), packed
 /// 4-bit, or absent (8).
 pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, Packed>) {
@@ -138,7 +221,7 @@ pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, 
     let mut rewritten = false;
     for i in 0..graph.node.len() {
         let init = |name: &str| inits.get(name).map(|&t| &graph.initializer[t]);
-        let Some(w) = q4_1_weight(&graph.node[i], init) else {
+        let Some(w) = packed_weight(&graph.node[i], init) else {
             continue;
         };
         let node = &mut graph.node[i];
@@ -147,9 +230,9 @@ pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, 
             .filter(|n| readers.get(*n) == Some(&1) && !outputs.contains(*n))
             .cloned()
             .collect();
-        let key = format!("{}#q4_1#{i}", node.input[1]);
+        let key = format!("{}#nbits#{i}", node.input[1]);
         set_weights_op(node, ops::QMATMUL, 0, &key);
-        weights.insert(key, Packed::Q4_1(Arc::new(w)));
+        weights.insert(key, w);
         for t in graph
             .initializer
             .iter_mut()
@@ -172,7 +255,7 @@ pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, 
 /// decoded protobuf never holds more than one product's weights (the load's peak memory is the
 /// packed model, not the file). Nodes it cannot pack keep their initializers, for [`rewrite`].
 #[derive(Default)]
-pub struct Q4Stream {
+pub struct NBitsStream {
     /// Candidate nodes and their initializer inputs (found once the nodes are decoded).
     candidates: Option<Vec<Candidate>>,
     /// Initializer name -> candidate.
@@ -187,14 +270,16 @@ struct Candidate {
     held: Vec<pb::TensorProto>,
 }
 
-impl Initializers for Q4Stream {
+impl Initializers for NBitsStream {
     fn take(&mut self, graph: &mut pb::GraphProto, t: pb::TensorProto) {
         let candidates = self.candidates.get_or_insert_with(|| {
             let readers = readers(graph);
             let mut found = vec![];
-            for n in graph.node.iter().filter(|n| {
-                n.op_type == "MatMulNBits" && n.domain == "com.microsoft" && !n.output.is_empty()
-            }) {
+            for n in graph
+                .node
+                .iter()
+                .filter(|n| is_block_matmul(n) && !n.output.is_empty())
+            {
                 let inits: Vec<&String> = n
                     .input
                     .iter()
@@ -226,10 +311,9 @@ impl Initializers for Q4Stream {
         }
         let inits: HashMap<&str, &pb::TensorProto> =
             cand.held.iter().map(|t| (t.name.as_str(), t)).collect();
-        match q4_1_weight(&cand.node, |name| inits.get(name).copied()) {
+        match packed_weight(&cand.node, |name| inits.get(name).copied()) {
             Some(w) => {
-                self.packed
-                    .insert(cand.node.output[0].clone(), Packed::Q4_1(Arc::new(w)));
+                self.packed.insert(cand.node.output[0].clone(), w);
                 cand.held.clear();
             }
             None => graph.initializer.append(&mut cand.held),
@@ -237,7 +321,7 @@ impl Initializers for Q4Stream {
     }
 }
 
-impl Q4Stream {
+impl NBitsStream {
     /// Rewrites the packed nodes of the decoded `proto` into `SlmQMatMul` and returns their
     /// weights (for [`ops::with_weights`]); initializers still held go back to the graph.
     pub fn finish(self, proto: &mut pb::ModelProto) -> HashMap<String, Packed> {
@@ -250,11 +334,11 @@ impl Q4Stream {
         }
         let mut packed = self.packed;
         for node in graph.node.iter_mut() {
-            if node.op_type != "MatMulNBits" || node.output.is_empty() {
+            if !is_block_matmul(node) || node.output.is_empty() {
                 continue;
             }
             if let Some(w) = packed.remove(&node.output[0]) {
-                let key = format!("{}#q4_1", node.output[0]);
+                let key = format!("{}#nbits", node.output[0]);
                 set_weights_op(node, ops::QMATMUL, 0, &key);
                 weights.insert(key, w);
             }
@@ -282,15 +366,16 @@ mod tests {
         }
     }
 
-    /// `y = MatMulNBits(x)` with K = 64, N = 3, scales `scale`, float zero points.
-    fn nbits_model(scale: f32) -> Vec<u8> {
+    /// `y = MatMulNBits(x)` with K = 64, N = 3, scales `scale`, float zero points 8, blocks of
+    /// `block`.
+    fn nbits_model(scale: f32, block: usize) -> Vec<u8> {
         let (k, n) = (64usize, 3usize);
         let node = pb::NodeProto {
             op_type: "MatMulNBits".into(),
             domain: "com.microsoft".into(),
             input: vec!["x".into(), "b".into(), "s".into(), "zp".into()],
             output: vec!["y".into()],
-            attribute: [("K", k), ("N", n), ("bits", 4), ("block_size", 32)]
+            attribute: [("K", k), ("N", n), ("bits", 4), ("block_size", block)]
                 .iter()
                 .map(|(name, v)| pb::AttributeProto {
                     name: (*name).into(),
@@ -327,8 +412,8 @@ mod tests {
 
     #[test]
     fn q4_1_weights_are_packed_while_decoding() {
-        let mut stream = Q4Stream::default();
-        let mut proto = read_bytes(&nbits_model(0.5), &mut stream).unwrap();
+        let mut stream = NBitsStream::default();
+        let mut proto = read_bytes(&nbits_model(0.5, 32), &mut stream).unwrap();
         // Only the tensor that no packed node reads was kept in the protobuf.
         let kept: Vec<&str> = proto
             .graph
@@ -347,12 +432,26 @@ mod tests {
 
     #[test]
     fn weights_it_cannot_pack_stay_in_the_protobuf() {
-        // A scale that float16 does not hold exactly: left to tract, every initializer kept.
-        let mut stream = Q4Stream::default();
-        let mut proto = read_bytes(&nbits_model(0.1), &mut stream).unwrap();
+        // Blocks of 16: left to tract, every initializer kept.
+        let mut stream = NBitsStream::default();
+        let mut proto = read_bytes(&nbits_model(0.5, 16), &mut stream).unwrap();
         assert!(stream.finish(&mut proto).is_empty());
         let graph = proto.graph.as_ref().unwrap();
         assert_eq!(graph.initializer.len(), 4);
         assert_eq!(graph.node[0].op_type, "MatMulNBits");
+    }
+
+    /// Scales and offsets that float16 holds are packed as float16; others (a Q4_K block's
+    /// `d * sc`) as f32, never rounded.
+    #[test]
+    fn scales_are_kept_exactly() {
+        let packed = |scale: f32| {
+            let mut stream = NBitsStream::default();
+            let mut proto = read_bytes(&nbits_model(scale, 32), &mut stream).unwrap();
+            let w = stream.finish(&mut proto).into_values().next().unwrap();
+            format!("{w:?}")
+        };
+        assert_eq!(packed(0.5), "Q4Weights<f16> { k: 64, n: 3 }");
+        assert_eq!(packed(0.1), "Q4Weights<f32> { k: 64, n: 3 }");
     }
 }

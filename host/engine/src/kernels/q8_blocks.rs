@@ -1,0 +1,523 @@
+//! Matrix products against int8 weights in blocks of 16 along K, each block with its own f32
+//! scale: a weight is `s * q`, `q` in -127..=127. That holds exactly what GGUF's 8-, 6- and 5-bit
+//! types store: Q8_0 (`d * q`, blocks of 32: two blocks with one scale), Q5_0 (`d * (q - 16)`)
+//! and Q6_K (`d * sc * (q - 32)`, a 16-value block's `d * sc` an exact f32 product).
+//!
+//! Activations are rounded to 8 bits per block of 32, as for the Q4_1 product
+//! ([`super::quantize`]): each 16-value half of a block is an exact integer dot product,
+//! `y[n] += sum(q * xq) * (s * xs)`, halves in order.
+//!
+//! Layout: the Q8 head's ([`super::q8`]): panels of 32 columns; per (panel, block of 32 K
+//! values), 8 groups of 4 K values, in a group 4 bytes per column (one 32-bit lane), each value
+//! stored as `q + 128` (the unsigned operand `vpdpbusd` wants). Groups 0..4 are the first
+//! half-block, 4..8 the second. Scales by (panel, half-block, column).
+
+use super::dispatch::panel_kernels;
+use super::q4_1::QBLOCK;
+use super::quantize::QuantRows;
+
+/// Values per scale along K.
+pub const HALF: usize = 16;
+/// Columns per panel.
+pub const Q8B_PANEL: usize = 32;
+/// Bytes of one (panel, block of 32).
+const BLOCK_BYTES: usize = Q8B_PANEL * QBLOCK;
+
+/// An int8 weight `[K, N]` (K a multiple of 32) with a scale per 16 values, packed.
+pub struct Q8Blocks {
+    pub k: usize,
+    pub n: usize,
+    q: Vec<u8>,
+    /// By (panel, half-block, column), padded columns 0.
+    scale: Vec<f32>,
+}
+
+impl std::fmt::Debug for Q8Blocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q8Blocks {{ k: {}, n: {} }}", self.k, self.n)
+    }
+}
+
+impl Q8Blocks {
+    /// From `rows` `[N][K]` of int8 values (as bytes, two's complement) in -127..=127 (the AVX2
+    /// kernel negates weights; no GGUF type stores -128) and `scale` `[N][K/16]`.
+    pub fn from_rows(k: usize, n: usize, rows: &[u8], scale: &[f32]) -> Result<Q8Blocks, String> {
+        if k == 0 || n == 0 || k % QBLOCK != 0 || rows.len() != k * n || scale.len() != n * k / HALF
+        {
+            return Err(format!(
+                "int8 block weight of {} values and {} scales for K={k} N={n}",
+                rows.len(),
+                scale.len()
+            ));
+        }
+        if rows.contains(&0x80) {
+            return Err("int8 block weight with a value of -128 (the range is -127..=127)".into());
+        }
+        let (panels, halves) = (n.div_ceil(Q8B_PANEL), k / HALF);
+        let mut q = vec![0x80u8; panels * Q8B_PANEL * k];
+        let mut s = vec![0f32; panels * halves * Q8B_PANEL];
+        for c in 0..n {
+            let (p, j) = (c / Q8B_PANEL, c % Q8B_PANEL);
+            let panel = &mut q[p * Q8B_PANEL * k..];
+            for kk in 0..k {
+                let (b, r) = (kk / QBLOCK, kk % QBLOCK);
+                panel[b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4] =
+                    rows[c * k + kk] ^ 0x80;
+            }
+            for h in 0..halves {
+                s[(p * halves + h) * Q8B_PANEL + j] = scale[c * halves + h];
+            }
+        }
+        Ok(Q8Blocks { k, n, q, scale: s })
+    }
+
+    /// The weight's value at (k, column c), as the kernels multiply it (tests).
+    #[cfg(test)]
+    fn value(&self, kk: usize, c: usize) -> f32 {
+        let (p, j) = (c / Q8B_PANEL, c % Q8B_PANEL);
+        let (b, r) = (kk / QBLOCK, kk % QBLOCK);
+        let byte = self.q
+            [p * Q8B_PANEL * self.k + b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4];
+        let s = self.scale[(p * (self.k / HALF) + kk / HALF) * Q8B_PANEL + j];
+        s * (byte ^ 0x80) as i8 as f32
+    }
+}
+
+panel_kernels!(Q8Blocks, Q8B_PANEL);
+
+mod portable {
+    use super::*;
+
+    /// The order of operations every kernel follows, rounding for rounding.
+    ///
+    /// # Safety
+    /// As `dispatch::PanelKernels`.
+    pub unsafe fn panels(w: &Q8Blocks, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+        let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
+        for p in p0..p1 {
+            let panel = &w.q[p * Q8B_PANEL * k..(p + 1) * Q8B_PANEL * k];
+            for row in 0..m {
+                let mut facc = [0f32; Q8B_PANEL];
+                for b in 0..kb {
+                    let blk = &panel[b * BLOCK_BYTES..][..BLOCK_BYTES];
+                    let xq = &x.q[row * k + b * QBLOCK..][..QBLOCK];
+                    let xs = x.scale[row * kb + b];
+                    for h in 0..2 {
+                        let s = &w.scale[(p * 2 * kb + 2 * b + h) * Q8B_PANEL..][..Q8B_PANEL];
+                        for (j, f) in facc.iter_mut().enumerate() {
+                            let mut acc = 0i32;
+                            for g in 4 * h..4 * h + 4 {
+                                for t in 0..4 {
+                                    let v = blk[g * Q8B_PANEL * 4 + j * 4 + t] as i32 - 128;
+                                    acc += v * xq[4 * g + t] as i32;
+                                }
+                            }
+                            *f += acc as f32 * (s[j] * xs);
+                        }
+                    }
+                }
+                for (j, v) in facc[..Q8B_PANEL.min(n - p * Q8B_PANEL)].iter().enumerate() {
+                    // SAFETY: row < m and column p * 32 + j < N, of a panel this call owns.
+                    unsafe { *y.add(row * n + p * Q8B_PANEL + j) = *v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod wasm {
+    use std::arch::wasm32::*;
+
+    use super::*;
+    use crate::kernels::quantize::wasm::i8x4_twice;
+
+    /// Rows computed together: each block's bytes are widened once for all of them.
+    const TILE: usize = 4;
+
+    /// # Safety
+    /// As `dispatch::PanelKernels`.
+    pub unsafe fn panels(w: &Q8Blocks, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+        // SAFETY: the caller's contract, passed on; every tile's rows are below m.
+        unsafe {
+            for p in p0..p1 {
+                let mut row = 0;
+                while row + TILE <= m {
+                    tile::<TILE>(w, x, p, row, y);
+                    row += TILE;
+                }
+                while row < m {
+                    tile::<1>(w, x, p, row, y);
+                    row += 1;
+                }
+            }
+        }
+    }
+
+    /// Panel `p` for rows `row0 .. row0 + R`, each row's arithmetic that of the portable kernel.
+    ///
+    /// # Safety
+    /// As `dispatch::PanelKernels`, for panel p < p1 and rows `row0 .. row0 + R` < m.
+    #[inline(always)]
+    unsafe fn tile<const R: usize>(
+        w: &Q8Blocks,
+        x: &QuantRows,
+        p: usize,
+        row0: usize,
+        y: *mut f32,
+    ) {
+        let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
+        let offset = i16x8_splat(128);
+        let mut facc = [[f32x4_splat(0.0); Q8B_PANEL / 4]; R];
+        // SAFETY: for b < K/32 the block's 1 KiB and its 64 scales are inside `w`; for the
+        // tile's rows, their 32 quantized values and scale are inside `x`, and columns
+        // p * 32 .. p * 32 + cols of their outputs are inside y, in a panel this call owns.
+        unsafe {
+            for b in 0..kb {
+                let blk = w.q.as_ptr().add(p * Q8B_PANEL * k + b * BLOCK_BYTES);
+                let mut xw = [[i32x4_splat(0); 8]; R];
+                for (r, xw) in xw.iter_mut().enumerate() {
+                    let xq = x.q.as_ptr().add((row0 + r) * k + b * QBLOCK);
+                    for (g, xw) in xw.iter_mut().enumerate() {
+                        *xw = i8x4_twice(xq.add(4 * g));
+                    }
+                }
+                for h in 0..2 {
+                    let s = w.scale.as_ptr().add((p * 2 * kb + 2 * b + h) * Q8B_PANEL);
+                    for c4 in 0..Q8B_PANEL / 4 {
+                        let mut acc = [[i32x4_splat(0); 2]; R];
+                        for g in 4 * h..4 * h + 4 {
+                            let v = v128_load(blk.add(g * Q8B_PANEL * 4 + c4 * 16) as *const v128);
+                            let lo = i16x8_sub(u16x8_extend_low_u8x16(v), offset);
+                            let hi = i16x8_sub(u16x8_extend_high_u8x16(v), offset);
+                            for (acc, xw) in acc.iter_mut().zip(&xw) {
+                                acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(lo, xw[g]));
+                                acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi, xw[g]));
+                            }
+                        }
+                        let sc = v128_load(s.add(c4 * 4) as *const v128);
+                        for (r, acc) in acc.iter().enumerate() {
+                            let xs = f32x4_splat(x.scale[(row0 + r) * kb + b]);
+                            let sums = i32x4_add(
+                                i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
+                                i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
+                            );
+                            facc[r][c4] = f32x4_add(
+                                facc[r][c4],
+                                f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(sc, xs)),
+                            );
+                        }
+                    }
+                }
+            }
+            let cols = Q8B_PANEL.min(n - p * Q8B_PANEL);
+            let mut out = [0f32; Q8B_PANEL];
+            for (r, facc) in facc.iter().enumerate() {
+                for (c4, f) in facc.iter().enumerate() {
+                    v128_store(out.as_mut_ptr().add(c4 * 4) as *mut v128, *f);
+                }
+                let dst = y.add((row0 + r) * n + p * Q8B_PANEL);
+                std::ptr::copy_nonoverlapping(out.as_ptr(), dst, cols);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// `acc + sum of 4 products (w - 128) * x` per 32-bit lane, for w stored as u8.
+    trait Dot8 {
+        /// # Safety
+        /// The CPU has the instructions of the implementation.
+        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i;
+        /// Whether the sums still carry `128 * sum(x)` (removed once per half-block).
+        const OFFSET: bool;
+    }
+
+    struct Vnni;
+    impl Dot8 for Vnni {
+        const OFFSET: bool = true;
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, _: __m256i) -> __m256i {
+            // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
+            unsafe { _mm256_dpbusd_epi32(acc, w, x) }
+        }
+    }
+
+    struct Avx2;
+    impl Dot8 for Avx2 {
+        const OFFSET: bool = false;
+        #[inline(always)]
+        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i {
+            // |x| (u8) times w with x's sign (i8, w in -127..=127): pairs stay within i16.
+            // SAFETY: the caller runs on a CPU with AVX2.
+            unsafe {
+                let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
+                _mm256_add_epi32(
+                    acc,
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
+                )
+            }
+        }
+    }
+
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn panels_vnni(
+        w: &Q8Blocks,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        // SAFETY: the caller's contract; this function has the features `Vnni` needs.
+        unsafe { panels::<Vnni, 4>(w, x, m, y, p0, p1) }
+    }
+
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn panels_avx2(
+        w: &Q8Blocks,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        // 16 vector registers: 4 rows x 16 columns of accumulators at a time.
+        // SAFETY: the caller's contract; this function has the features `Avx2` needs.
+        unsafe { panels::<Avx2, 2>(w, x, m, y, p0, p1) }
+    }
+
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and what `D` needs.
+    #[inline(always)]
+    unsafe fn panels<D: Dot8, const NV4: usize>(
+        w: &Q8Blocks,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        let n = w.n;
+        let mut out = [0f32; 4 * Q8B_PANEL];
+        let o = out.as_mut_ptr();
+        // SAFETY: tiles of panels p < p1 and rows < m, columns in 0..32 (NV4 * 8 divides
+        // 32), are inside `w`, `x` and `out`; the copies write `cols` columns of panel p of
+        // rows < m: inside y, in a panel this call owns.
+        unsafe {
+            for p in p0..p1 {
+                let cols = Q8B_PANEL.min(n - p * Q8B_PANEL);
+                let mut row = 0;
+                while row + 4 <= m {
+                    for c in (0..Q8B_PANEL).step_by(8 * NV4) {
+                        tile::<D, 4, NV4>(w, p, c, x, row, o.add(c));
+                    }
+                    for r in 0..4 {
+                        std::ptr::copy_nonoverlapping(
+                            o.add(r * Q8B_PANEL),
+                            y.add((row + r) * n + p * Q8B_PANEL),
+                            cols,
+                        );
+                    }
+                    row += 4;
+                }
+                while row < m {
+                    tile::<D, 1, 4>(w, p, 0, x, row, o);
+                    std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q8B_PANEL), cols);
+                    row += 1;
+                }
+            }
+        }
+    }
+
+    /// Rows `row..row + MR` by columns `c..c + 8 * NV` of panel `p`, over all of K, into `out`
+    /// (`[MR][Q8B_PANEL]`, at column c).
+    ///
+    /// # Safety
+    /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `w`, `x` and
+    /// `out`; the CPU has AVX2, FMA and what `D` needs.
+    #[inline(always)]
+    unsafe fn tile<D: Dot8, const MR: usize, const NV: usize>(
+        w: &Q8Blocks,
+        p: usize,
+        c: usize,
+        x: &QuantRows,
+        row: usize,
+        out: *mut f32,
+    ) {
+        let (k, kb) = (w.k, w.k / QBLOCK);
+        // SAFETY: every offset stays in panel p's blocks (b < K/32) at columns c..c + 8 * NV,
+        // in rows row..row + MR of x, and in out's MR rows: the caller's ranges.
+        unsafe {
+            let mut facc = [[_mm256_setzero_ps(); NV]; MR];
+            for b in 0..kb {
+                let blk =
+                    w.q.as_ptr()
+                        .add(p * Q8B_PANEL * k + b * BLOCK_BYTES + c * 4);
+                for h in 0..2 {
+                    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+                    let mut correction = [_mm256_setzero_si256(); MR];
+                    for g in 4 * h..4 * h + 4 {
+                        let mut xa = [_mm256_setzero_si256(); MR];
+                        let mut xa_abs = [_mm256_setzero_si256(); MR];
+                        for r in 0..MR {
+                            let xp = x.q.as_ptr().add((row + r) * k + b * QBLOCK + 4 * g);
+                            xa[r] = _mm256_set1_epi32((xp as *const i32).read_unaligned());
+                            if !D::OFFSET {
+                                xa_abs[r] = _mm256_abs_epi8(xa[r]);
+                            }
+                        }
+                        for v in 0..NV {
+                            let wv = _mm256_loadu_si256(
+                                blk.add(g * Q8B_PANEL * 4 + v * 32) as *const __m256i
+                            );
+                            for r in 0..MR {
+                                acc[r][v] = D::dot(acc[r][v], wv, xa[r], xa_abs[r]);
+                            }
+                        }
+                    }
+                    if D::OFFSET {
+                        for (r, corr) in correction.iter_mut().enumerate() {
+                            let xq = x.q.as_ptr().add((row + r) * k + b * QBLOCK + HALF * h);
+                            let qsum: i32 = std::slice::from_raw_parts(xq, HALF)
+                                .iter()
+                                .map(|&v| v as i32)
+                                .sum();
+                            *corr = _mm256_set1_epi32(128 * qsum);
+                        }
+                    }
+                    let s = w
+                        .scale
+                        .as_ptr()
+                        .add((p * 2 * kb + 2 * b + h) * Q8B_PANEL + c);
+                    for v in 0..NV {
+                        let sc = _mm256_loadu_ps(s.add(v * 8));
+                        for r in 0..MR {
+                            let xs = _mm256_set1_ps(*x.scale.get_unchecked((row + r) * kb + b));
+                            let sums = _mm256_sub_epi32(acc[r][v], correction[r]);
+                            // Multiply, then add (no FMA), as the portable kernel.
+                            facc[r][v] = _mm256_add_ps(
+                                facc[r][v],
+                                _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(sc, xs)),
+                            );
+                        }
+                    }
+                }
+            }
+            for r in 0..MR {
+                for v in 0..NV {
+                    _mm256_storeu_ps(out.add(r * Q8B_PANEL + v * 8), facc[r][v]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dispatch::{kernels, PanelKernels};
+    use crate::kernels::testing::{same_on_threads, Lcg, SHAPES};
+
+    /// Int8 rows (the whole range, -127..=127) with a scale per 16 values.
+    fn weights(g: &mut Lcg, k: usize, n: usize) -> (Vec<u8>, Vec<f32>, Q8Blocks) {
+        let rows: Vec<u8> = (0..k * n)
+            .map(|_| g.i8())
+            .map(|b| if b == 0x80 { 0x81 } else { b })
+            .collect();
+        let scale: Vec<f32> = (0..n * k / HALF)
+            .map(|_| (0.001 + g.f32().abs() * 0.01) * if g.next() % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let w = Q8Blocks::from_rows(k, n, &rows, &scale).unwrap();
+        (rows, scale, w)
+    }
+
+    #[test]
+    fn holds_every_weight_exactly() {
+        let (k, n) = (96, 70);
+        let (rows, scale, w) = weights(&mut Lcg(1), k, n);
+        for c in 0..n {
+            for kk in 0..k {
+                let want = scale[c * k / HALF + kk / HALF] * rows[c * k + kk] as i8 as f32;
+                assert_eq!(w.value(kk, c).to_bits(), want.to_bits(), "({kk}, {c})");
+            }
+        }
+    }
+
+    /// Every kernel against the f64 product with x rounded as the kernels round it, and every
+    /// kernel's bits equal to the portable kernel's (listed first), at every shape.
+    #[test]
+    fn q8_blocks_match_reference_and_each_other() {
+        for (m, k, n) in SHAPES {
+            let mut g = Lcg((m * 1000 + k * 10 + n) as u64);
+            let (_, _, w) = weights(&mut g, k, n);
+            let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+            let xr = QuantRows::new(&x, m, k);
+            let reference: Vec<f64> = (0..m * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k)
+                        .map(|kk| {
+                            w.value(kk, c) as f64
+                                * xr.q[r * k + kk] as f64
+                                * xr.scale[(r * k + kk) / QBLOCK] as f64
+                        })
+                        .sum()
+                })
+                .collect();
+            let mut portable: Option<Vec<u32>> = None;
+            for (name, kernel) in kernels::<Q8Blocks>() {
+                let mut y = vec![f32::NAN; m * n];
+                // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
+                unsafe { kernel(&w, &xr, m, y.as_mut_ptr(), 0, n.div_ceil(Q8B_PANEL)) };
+                for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
+                    assert!(
+                        (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{name} m={m} k={k} n={n} at {i}: {a} vs {b}"
+                    );
+                }
+                let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                match &portable {
+                    None => portable = Some(bits),
+                    Some(p) => {
+                        assert!(*p == bits, "{name} differs from portable m={m} k={k} n={n}")
+                    }
+                }
+            }
+            let mut y = vec![f32::NAN; m * n];
+            w.matmul(&x, m, &mut y);
+            assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                portable.unwrap(),
+                "matmul m={m} k={k} n={n}"
+            );
+        }
+    }
+
+    #[test]
+    fn q8_blocks_are_the_same_on_threads() {
+        let (m, k, n) = (6, 1024, 1000);
+        let mut g = Lcg(11);
+        let (_, _, w) = weights(&mut g, k, n);
+        let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+        let one = same_on_threads(m * n, |y| w.matmul(&x, m, y));
+        assert!(one.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        assert!(Q8Blocks::from_rows(48, 1, &[0; 48], &[1.0; 3]).is_err());
+        assert!(Q8Blocks::from_rows(32, 1, &[0; 32], &[1.0; 1]).is_err());
+        assert!(Q8Blocks::from_rows(32, 1, &[0; 31], &[1.0; 2]).is_err());
+        assert!(Q8Blocks::from_rows(32, 1, &[0x80; 32], &[1.0; 2]).is_err());
+    }
+}

@@ -1,8 +1,9 @@
 //! GGUF to the ONNX model the engine runs, in Rust: the port of scripts/slmconv (issue 14).
 //!
-//! [`onnx_model`] builds the decoder graph of a llama, qwen2 or phi3 GGUF in the default
-//! layout (Q4_1 block matmuls, int8 embedding): for llama, the same graph, node for node and byte
-//! for byte, as `slmconv gguf --layouts q4_1` writes (tests/convert.rs); qwen2 adds its q/k/v
+//! [`onnx_model`] builds the decoder graph of a llama, qwen2 or phi3 GGUF with its block
+//! matrices as the file has them ([`EXACT_MATRIX_TYPES`]) and an int8 embedding: for a Q4_1
+//! llama, the same graph, node for node and byte for byte, as `slmconv gguf --layouts q4_1`
+//! writes (tests/convert.rs); qwen2 adds its q/k/v
 //! biases, phi3 splits its fused projections (tests/faithful.rs checks all three against
 //! llama.cpp). Other architectures and matrix
 //! types are refused by name until they are built here. [`write_model_dir`] writes the whole model
@@ -118,7 +119,7 @@ pub fn progress_steps(config: &ModelConfig) -> usize {
 }
 
 /// What this converter builds today: llama, qwen2 and phi3 graphs (full-width RoPE) whose
-/// matrices are whole Q4_1 blocks.
+/// matrices are whole blocks of [`EXACT_MATRIX_TYPES`].
 pub fn check_supported(config: &ModelConfig) -> Result<(), ConvertError> {
     if !matches!(
         config.architecture,

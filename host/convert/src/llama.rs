@@ -3,7 +3,7 @@
 //!
 //! Inputs `input_ids`, `position_ids` [batch, seq] and `past_key_values.{i}.key|value`
 //! [batch, kv_heads, past, head_dim]; outputs `logits` [batch, 1, vocab] (last position only)
-//! and `present.{i}.key|value`. Block matmuls are Q4_1 MatMulNBits; the embedding is int8 with a
+//! and `present.{i}.key|value`. Block matmuls keep the file's blocks ([`linear_blocks`]); the embedding is int8 with a
 //! scale per token row, and (tied) the LM head too.
 
 use slm_gguf::{Architecture, GgmlType, Gguf, ModelConfig, TensorInfo};

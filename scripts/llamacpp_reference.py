@@ -3,11 +3,17 @@
   python scripts/llamacpp_reference.py tokens MODEL.gguf > tests/fixtures/tokenizer_llamacpp.json
   python scripts/llamacpp_reference.py agreement MODEL.gguf MODEL_DIR [TEXT_FILE]
   python scripts/llamacpp_reference.py logits MODEL.gguf... > tests/fixtures/tiny_llamacpp_logits.json
+  python scripts/llamacpp_reference.py engine MODEL.gguf [TEXT_FILE]
 
 `agreement` feeds held-out text to llama.cpp and to every ONNX variant (ONNX Runtime, whole prompt)
 and reports the share of positions where both pick the same next token, and each one's perplexity.
 The variants other than model.onnx are found as scripts/model_variants.py says (scripts/setup keeps
 them in .cache/model-variants/<name>/).
+
+`engine` holds our engine (`slm logits`, the GGUF converted as `slm` converts it) to llama.cpp on the
+same file, as issue 14 measures faithfulness: next-token agreement teacher-forced over the first 500
+tokens of the held-out text, and greedy continuations of 16 tokens from 10 prompts (20-token windows
+of that text): how many leading tokens each shares with llama.cpp's.
 
 `logits` runs each (tiny) GGUF on a fixed prompt and greedy steps and records every step's logits
 (host/tests/faithful.rs compares ours with them).
@@ -127,6 +133,67 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
     print()
 
 
+def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: str = "target/release/slm") -> None:
+    import os
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf_path, n_ctx=1024, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
+    text = open(text_file, encoding="utf-8").read()
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True)[:500]
+    llm.eval(ids)
+    vocab = llm.n_vocab()
+    ref = np.array(llm.scores[: len(ids)]).argmax(-1)
+
+    tmp = tempfile.mkdtemp()
+    name = os.path.basename(gguf_path).removesuffix(".gguf")
+    os.symlink(os.path.abspath(gguf_path), os.path.join(tmp, name + ".gguf"))
+
+    def ours(prompt: list[int], steps: int, follow: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+        out = os.path.join(tmp, "logits.f32")
+        cmd = [slm, "--quiet", "--models", tmp, "logits", "--model", name, "--runs", "1", "--ids", json.dumps(prompt),
+               "--steps", str(steps), "--out", out]
+        if follow is not None:
+            cmd += ["--follow", json.dumps(follow)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows = np.fromfile(out, dtype=np.float32).reshape(-1, vocab)
+        return rows, json.loads(line).get("tokens", [])
+
+    # `slm logits` takes a prompt of 2 or more ids: rows are positions 1.. of the text.
+    rows, _ = ours(ids[:2], len(ids) - 2, ids[2:])
+    agreement = float((rows.argmax(-1) == ref[1:]).mean())
+
+    shared = []
+    for start in range(0, 10 * 40, 40):
+        prompt = ids[start + 1 : start + 21]
+        llm.reset()
+        llm.eval([ids[0]] + prompt)
+        theirs = []
+        for _ in range(16):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            theirs.append(token)
+            llm.eval([token])
+        rows, _ = ours([ids[0]] + prompt, 15)
+        mine = [int(t) for t in rows.argmax(-1)]
+        n = 0
+        while n < 16 and mine[n] == theirs[n]:
+            n += 1
+        shared.append(n)
+    report = {
+        "model": os.path.basename(gguf_path),
+        "teacher_forced_tokens": len(ids) - 1,
+        "next_token_agreement": round(agreement, 4),
+        "greedy_16_shared_leading_tokens": shared,
+        "prompts_sharing_at_least_4": sum(n >= 4 for n in shared),
+        "median_shared": float(np.median(shared)),
+    }
+    json.dump(report, sys.stdout, indent=1)
+    print()
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"tokens": tokens, "agreement": agreement, "logits": logits}[cmd](*args)
+    {"tokens": tokens, "agreement": agreement, "logits": logits, "engine": engine}[cmd](*args)

@@ -336,7 +336,7 @@ fn default_gguf() -> String {
 }
 
 /// A `.gguf` in the models directory is converted on first use (once: later starts find it in
-/// the cache), listed under its file stem and answers as the set-up model does; one that cannot
+/// the cache), listed under its file stem and answers as llama.cpp does; one that cannot
 /// be converted is named in one warning and the others keep working; `--model FILE.gguf` runs a
 /// file from anywhere.
 #[test]
@@ -383,18 +383,14 @@ fn gguf_files_are_models() {
         stderr(&again)
     );
     let from_gguf = ok(again);
-    let setup = ok(run(slm_in(&root().join("models"))
-        .args(["-q", "--threads", "1"])
-        .args(prompt)));
-    assert_eq!(from_gguf, setup);
-    assert!(from_gguf.contains("Paris"), "{from_gguf}");
+    assert_eq!(from_gguf.trim_end(), LLAMA_CPP_PARIS);
 
     // A file given by path, with the tiny models directory.
     let by_path = ok(run(slm()
         .args(["-q", "--threads", "1"])
         .args(prompt)
         .args(["--model", &gguf])));
-    assert_eq!(by_path, setup);
+    assert_eq!(by_path, from_gguf);
     fails_with(
         run(slm().args(["run", "--model", "no-such-file.gguf", "hi"])),
         "no-such-file.gguf",
@@ -410,8 +406,15 @@ fn gguf_files_are_models() {
     );
 }
 
-/// `slm convert` writes a model directory from the default GGUF that `slm run` answers from,
-/// exactly as from the one scripts/setup converted; files it cannot convert fail with one line.
+/// llama.cpp's greedy answer to `run --raw --max-tokens 12 "The capital of France is"` on the
+/// default GGUF (llama-cpp-python 0.3.36, 1 thread, f32 KV cache). A converted GGUF gives it word
+/// for word: its Q8_0 embedding table is held exactly. (The set-up model, scripts/slmconv's
+/// layout with the table rounded to int8 rows, goes its own way after "Paris.": "The United
+/// States has a population of approximately".)
+const LLAMA_CPP_PARIS: &str = " Paris.\n\nThe answer is: 201";
+
+/// `slm convert` writes a model directory from the default GGUF that `slm run` answers from as
+/// llama.cpp answers; files it cannot convert fail with one line.
 #[test]
 fn convert_writes_a_model_directory_that_runs() {
     let gguf = default_gguf();
@@ -439,11 +442,7 @@ fn convert_writes_a_model_directory_that_runs() {
         .args(["--threads", "1"])
         .args(prompt)
         .args(["--model", &name])));
-    let setup = ok(run(slm_in(&root().join("models"))
-        .args(["--threads", "1"])
-        .args(prompt)));
-    assert_eq!(converted, setup);
-    assert!(converted.contains("Paris"), "{converted}");
+    assert_eq!(converted.trim_end(), LLAMA_CPP_PARIS);
 
     fails_with(
         run(slm().args(["convert", "/etc/hostname"])),

@@ -23,7 +23,7 @@ pub use tract_onnx::pb;
 pub enum ConvertError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("the {0} architecture does not convert yet (supported: llama, qwen2, phi3)")]
+    #[error("the {0} architecture does not convert yet (supported: llama, qwen2, phi3, gemma3)")]
     Architecture(&'static str),
     #[error("tensor '{0}' is missing")]
     Missing(String),
@@ -36,11 +36,23 @@ pub enum ConvertError {
 /// What this converter writes, as a number: bumped whenever the model directory it writes for
 /// the same GGUF changes, so caches of converted models (keyed by the GGUF's content and this)
 /// never serve an old conversion.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Told how far a conversion is: `(done, total)` steps (a step is a decoder layer, the embedding
 /// or the final write).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+
+/// How the embedding table is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TableLayout {
+    /// A tied table in int8 blocks (Q8_0, Q5_0, Q6_K) as the file holds it, exactly and once
+    /// (the LM head's 8-bit `MatMulNBits` and a `GatherBlocks` read it); other tables as int8 rows.
+    #[default]
+    Exact,
+    /// int8 rows with a scale each, whatever the file holds: scripts/slmconv's layout, which
+    /// rounds a Q8_0 table (kept to compare the two converters graph for graph).
+    Int8Rows,
+}
 
 /// The decoder graph of `file`, with its weights.
 pub fn onnx_model(file: &Gguf) -> Result<pb::ModelProto, ConvertError> {
@@ -49,18 +61,29 @@ pub fn onnx_model(file: &Gguf) -> Result<pb::ModelProto, ConvertError> {
 
 /// [`onnx_model`], telling `progress` as each layer is built.
 pub fn onnx_model_with(file: &Gguf, progress: Progress) -> Result<pb::ModelProto, ConvertError> {
-    build(file, &ModelConfig::read(file)?, progress)
+    build(
+        file,
+        &ModelConfig::read(file)?,
+        TableLayout::Exact,
+        progress,
+    )
+}
+
+/// [`onnx_model`] with the embedding table in `layout`.
+pub fn onnx_model_in(file: &Gguf, layout: TableLayout) -> Result<pb::ModelProto, ConvertError> {
+    build(file, &ModelConfig::read(file)?, layout, &mut |_, _| {})
 }
 
 /// The graph of `file` with its `config` read, once the converter has checked it can build it.
 fn build(
     file: &Gguf,
     config: &ModelConfig,
+    layout: TableLayout,
     progress: Progress,
 ) -> Result<pb::ModelProto, ConvertError> {
     check_supported(config)?;
     check_tensor_types(file, config)?;
-    llama::build(file, config, progress)
+    llama::build(file, config, layout, progress)
 }
 
 /// The block matrices' types this converter holds exactly: their blocks become the engine's
@@ -123,7 +146,7 @@ pub fn progress_steps(config: &ModelConfig) -> usize {
 pub fn check_supported(config: &ModelConfig) -> Result<(), ConvertError> {
     if !matches!(
         config.architecture,
-        Architecture::Llama | Architecture::Qwen2 | Architecture::Phi3
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Phi3 | Architecture::Gemma3
     ) {
         return Err(ConvertError::Architecture(config.architecture.name()));
     }

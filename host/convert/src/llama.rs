@@ -140,8 +140,20 @@ impl BlockMatrix {
     }
 }
 
-/// The domain of our own block product, [`MATMUL_Q4_OFFSET`].
+/// The domain of our own ops, [`MATMUL_Q4_OFFSET`] and [`GATHER_BLOCKS`].
 pub const SLM_DOMAIN: &str = "ai.edge-slm";
+/// Rows of int8 blocks: inputs `ids`, the values + 128 `[N, K/16, 16]` and the scales
+/// `[N * K/16]` of the tied LM head's 8-bit `MatMulNBits` (the same initializers), attributes as
+/// its; row = `scale * (q - 128)` per block, f32 `[.., K]`.
+pub const GATHER_BLOCKS: &str = "GatherBlocks";
+
+/// The embedding table, as the tied LM head reads it.
+enum Table {
+    /// int8 rows, dequantized to f32 by the graph (`[V, H]`).
+    Rows(String),
+    /// int8 blocks: the initializers of values and scales.
+    Blocks { q: String, s: String },
+}
 /// `MatMulNBits`' 4-bit blocks of 32 with an f32 offset per block instead of a zero point:
 /// inputs `x`, the nibbles `[N, K/32, 16]` (low nibble first), `scale` and `offset` `[N * K/32]`;
 /// value = `scale * q + offset`. A zero point cannot carry a Q4_K offset exactly
@@ -247,6 +259,24 @@ fn rms_norm(b: &mut Builder, x: &str, w: &[f32], eps: f32, hint: &str) -> String
     b.op("Mul", &[&scaled, &weight], Some(hint), vec![])
 }
 
+/// GELU, tanh approximation (Gemma's MLP): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+/// Spelled out: ONNX's `Gelu` op is opset 20, past ours.
+fn gelu_tanh(b: &mut Builder, x: &str) -> String {
+    let x2 = b.op("Mul", &[x, x], None, vec![]);
+    let x3 = b.op("Mul", &[&x2, x], None, vec![]);
+    let c = b.f32("c", 0.044715);
+    let cubic = b.op("Mul", &[&x3, &c], None, vec![]);
+    let inner = b.op("Add", &[x, &cubic], None, vec![]);
+    let k = b.f32("c", (2.0 / std::f64::consts::PI).sqrt() as f32);
+    let arg = b.op("Mul", &[&inner, &k], None, vec![]);
+    let t = b.op("Tanh", &[&arg], None, vec![]);
+    let one = b.f32("c", 1.0);
+    let t1 = b.op("Add", &[&t, &one], None, vec![]);
+    let half = b.f32("c", 0.5);
+    let hx = b.op("Mul", &[x, &half], None, vec![]);
+    b.op("Mul", &[&hx, &t1], None, vec![])
+}
+
 fn rotate_half(b: &mut Builder, x: &str, half: usize) -> String {
     let (zero, h, minus_one) = (b.list(&[0]), b.list(&[half as i64]), b.list(&[-1]));
     let x1 = b.op("Slice", &[x, &zero, &h, &minus_one], None, vec![]);
@@ -259,6 +289,7 @@ fn rotate_half(b: &mut Builder, x: &str, half: usize) -> String {
 pub fn build(
     file: &Gguf,
     config: &ModelConfig,
+    layout: crate::TableLayout,
     progress: crate::Progress,
 ) -> Result<pb::ModelProto, ConvertError> {
     let steps = crate::progress_steps(config);
@@ -266,6 +297,7 @@ pub fn build(
     let (nh, nkv, hd) = (config.heads, config.kv_heads, config.head_dim);
     let rep = nh / nkv;
     let eps = config.rms_eps;
+    let gemma = config.architecture == Architecture::Gemma3;
     let mut b = Builder::default();
 
     let mut inputs = vec![
@@ -308,35 +340,76 @@ pub fn build(
         }
     }
 
-    // Embedding: int8 rows with a scale each; the same table, dequantized, is the tied LM head.
+    // Embedding: a tied table in int8 blocks (Q8_0; Q5_0, Q6_K) is held exactly, once: the LM
+    // head's 8-bit MatMulNBits and a GatherBlocks lookup read the same initializers. Other
+    // tables become int8 rows with a scale each, the tied LM head their dequantized transpose.
     let embed = weights.matrix("token_embd.weight")?;
-    let (q, scales) = int8_rows(&embed);
-    let table_q = b.constant(
-        "embed_q",
-        Elem::I8,
-        &[embed.rows, embed.cols],
-        q.iter().map(|&v| v as u8).collect(),
-    );
-    let table_s = b.f32s("embed_s", &[scales.len()], &scales);
-    let gathered = b.op(
-        "Gather",
-        &[&table_q, "input_ids"],
-        None,
-        vec![("axis", Attr::Int(0))],
-    );
-    let rows = b.op("Cast", &[&gathered], None, vec![("to", Attr::Int(FLOAT))]);
-    let row_scales = b.op(
-        "Gather",
-        &[&table_s, "input_ids"],
-        None,
-        vec![("axis", Attr::Int(0))],
-    );
-    let last_axis = b.list(&[-1]);
-    let row_scale = b.op("Unsqueeze", &[&row_scales, &last_axis], None, vec![]);
-    let mut x = b.op("Mul", &[&rows, &row_scale], Some("embeds"), vec![]);
-    let last_axis = b.list(&[-1]);
-    let column = b.op("Unsqueeze", &[&table_s, &last_axis], None, vec![]);
-    let table = dequant(&mut b, &table_q, &column, "embed");
+    let embed_tensor = weights.tensor("token_embd.weight")?;
+    let exact_table = match config.tied_embeddings && layout == crate::TableLayout::Exact {
+        true => slm_gguf::int8_scales(embed_tensor.kind, file.data(embed_tensor))
+            .and_then(|s| int8_blocks(&embed, &s)),
+        false => None,
+    };
+    let (mut x, table) = match &exact_table {
+        Some((values, scales)) => {
+            let q = b.constant(
+                "embed_q8",
+                Elem::U8,
+                &[embed.rows, embed.cols / 16, 16],
+                values.clone(),
+            );
+            let s = b.f32s("embed_s", &[scales.len()], scales);
+            let x = b.name("embeds");
+            b.node(
+                GATHER_BLOCKS,
+                SLM_DOMAIN,
+                &["input_ids", &q, &s],
+                &[&x],
+                vec![
+                    ("K", Attr::Int(embed.cols as i64)),
+                    ("N", Attr::Int(embed.rows as i64)),
+                    ("bits", Attr::Int(8)),
+                    ("block_size", Attr::Int(16)),
+                ],
+            );
+            (x, Table::Blocks { q, s })
+        }
+        None => {
+            let (q, scales) = int8_rows(&embed);
+            let table_q = b.constant(
+                "embed_q",
+                Elem::I8,
+                &[embed.rows, embed.cols],
+                q.iter().map(|&v| v as u8).collect(),
+            );
+            let table_s = b.f32s("embed_s", &[scales.len()], &scales);
+            let gathered = b.op(
+                "Gather",
+                &[&table_q, "input_ids"],
+                None,
+                vec![("axis", Attr::Int(0))],
+            );
+            let rows = b.op("Cast", &[&gathered], None, vec![("to", Attr::Int(FLOAT))]);
+            let row_scales = b.op(
+                "Gather",
+                &[&table_s, "input_ids"],
+                None,
+                vec![("axis", Attr::Int(0))],
+            );
+            let last_axis = b.list(&[-1]);
+            let row_scale = b.op("Unsqueeze", &[&row_scales, &last_axis], None, vec![]);
+            let x = b.op("Mul", &[&rows, &row_scale], Some("embeds"), vec![]);
+            let last_axis = b.list(&[-1]);
+            let column = b.op("Unsqueeze", &[&table_s, &last_axis], None, vec![]);
+            let table = dequant(&mut b, &table_q, &column, "embed");
+            (x, Table::Rows(table))
+        }
+    };
+    if gemma {
+        // Gemma scales its embeddings by sqrt(hidden) (in f32, as llama.cpp).
+        let gain = b.f32("embed_gain", (config.hidden as f32).sqrt());
+        x = b.op("Mul", &[&x, &gain], Some("embeds_scaled"), vec![]);
+    }
 
     // Causal mask over [past + seq], tiled for the grouped query heads.
     let shape = b.op("Shape", &["input_ids"], None, vec![]);
@@ -374,12 +447,30 @@ pub fn build(
     );
     let repeats = b.list(&[rep as i64, 1]);
     let grouped_mask = b.op("Tile", &[&mask, &repeats], Some("grouped_mask"), vec![]);
+    // Sliding-window layers (Gemma 3) see the last `window` positions: key > query - window.
+    let window_mask = config.sliding.as_ref().map(|sliding| {
+        let window = b.i64(sliding.window as i64);
+        let oldest = b.op("Sub", &[&q_pos, &window], None, vec![]);
+        let recent = b.op("Greater", &[&k_pos, &oldest], None, vec![]);
+        let seen = b.op("And", &[&visible, &recent], None, vec![]);
+        let (open, closed) = (b.f32("c", 0.0), b.f32("c", NEG_INF));
+        let mask = b.op(
+            "Where",
+            &[&seen, &open, &closed],
+            Some("window_mask"),
+            vec![],
+        );
+        let repeats = b.list(&[rep as i64, 1]);
+        b.op(
+            "Tile",
+            &[&mask, &repeats],
+            Some("grouped_window_mask"),
+            vec![],
+        )
+    });
 
-    // Rotary embedding (rotate-half), shared by every layer: cos/sin [batch, 1, seq, head_dim].
-    let theta = config.rope_base as f64;
-    let inv_freq: Vec<f32> = (0..hd / 2)
-        .map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32)
-        .collect();
+    // Rotary embedding (rotate-half), shared by every layer: cos/sin [batch, 1, seq, head_dim];
+    // sliding-window layers have their own base.
     let positions = b.op(
         "Cast",
         &["position_ids"],
@@ -388,20 +479,42 @@ pub fn build(
     );
     let last_axis = b.list(&[-1]);
     let pos = b.op("Unsqueeze", &[&positions, &last_axis], None, vec![]);
-    let inv_freq = b.f32s("inv_freq", &[inv_freq.len()], &inv_freq);
-    let freqs = b.op("Mul", &[&pos, &inv_freq], None, vec![]);
-    let emb = b.op(
-        "Concat",
-        &[&freqs, &freqs],
-        None,
-        vec![("axis", Attr::Int(-1))],
-    );
-    let cos = b.op("Cos", &[&emb], None, vec![]);
-    let axis = b.list(&[1]);
-    let cos = b.op("Unsqueeze", &[&cos, &axis], Some("rope_cos"), vec![]);
-    let sin = b.op("Sin", &[&emb], None, vec![]);
-    let axis = b.list(&[1]);
-    let sin = b.op("Unsqueeze", &[&sin, &axis], Some("rope_sin"), vec![]);
+    let rope_tables = |b: &mut Builder, base: f32, suffix: &str| {
+        let theta = base as f64;
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / hd as f64)) as f32)
+            .collect();
+        let inv_freq = b.f32s(&format!("inv_freq{suffix}"), &[inv_freq.len()], &inv_freq);
+        let freqs = b.op("Mul", &[&pos, &inv_freq], None, vec![]);
+        let emb = b.op(
+            "Concat",
+            &[&freqs, &freqs],
+            None,
+            vec![("axis", Attr::Int(-1))],
+        );
+        let cos = b.op("Cos", &[&emb], None, vec![]);
+        let axis = b.list(&[1]);
+        let cos = b.op(
+            "Unsqueeze",
+            &[&cos, &axis],
+            Some(&format!("rope_cos{suffix}")),
+            vec![],
+        );
+        let sin = b.op("Sin", &[&emb], None, vec![]);
+        let axis = b.list(&[1]);
+        let sin = b.op(
+            "Unsqueeze",
+            &[&sin, &axis],
+            Some(&format!("rope_sin{suffix}")),
+            vec![],
+        );
+        (cos, sin)
+    };
+    let global_rope = rope_tables(&mut b, config.rope_base, "");
+    let window_rope = config
+        .sliding
+        .as_ref()
+        .map(|sliding| rope_tables(&mut b, sliding.rope_base, "_local"));
 
     let scale = b.f32("attn_scale", (1.0 / (hd as f64).sqrt()) as f32);
     // Qwen2's q, k and v projections have biases.
@@ -438,10 +551,31 @@ pub fn build(
                 vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
             )
         };
+        // Gemma 3 normalizes each head's q and k (RMSNorm over the head's width), and each
+        // block's output before the residual add.
+        let head_norm = |b: &mut Builder, t: &str, norm: &str| -> Result<String, ConvertError> {
+            if !gemma {
+                return Ok(t.to_string());
+            }
+            let w = weights.vector(&blk(norm))?;
+            Ok(rms_norm(b, t, &w, eps, &format!("l{i}_{norm}")))
+        };
+        let post_norm = |b: &mut Builder, t: String, norm: &str| -> Result<String, ConvertError> {
+            if !gemma {
+                return Ok(t);
+            }
+            let w = weights.vector(&blk(norm))?;
+            Ok(rms_norm(b, &t, &w, eps, &format!("l{i}_{norm}")))
+        };
+        // Gemma 3's sliding-window layers: their own mask and RoPE base.
+        let (mask, (cos, sin)) = match (&window_mask, &window_rope) {
+            (Some(mask), Some(rope)) if !config.is_global(i) => (mask, rope),
+            _ => (&grouped_mask, &global_rope),
+        };
         let rope = |b: &mut Builder, t: &str| {
-            let a = b.op("Mul", &[t, &cos], None, vec![]);
+            let a = b.op("Mul", &[t, cos], None, vec![]);
             let rotated = rotate_half(b, t, hd / 2);
-            let c = b.op("Mul", &[&rotated, &sin], None, vec![]);
+            let c = b.op("Mul", &[&rotated, sin], None, vec![]);
             b.op("Add", &[&a, &c], None, vec![])
         };
 
@@ -461,10 +595,12 @@ pub fn build(
         let q = linear_blocks(&mut b, &h, &q_w, &format!("l{i}_q"))?;
         let q = bias(&mut b, &q, &format!("blk.{i}.attn_q.bias"))?;
         let q = heads(&mut b, &q, nh);
+        let q = head_norm(&mut b, &q, "attn_q_norm")?;
         let q = rope(&mut b, &q);
         let k = linear_blocks(&mut b, &h, &k_w, &format!("l{i}_k"))?;
         let k = bias(&mut b, &k, &format!("blk.{i}.attn_k.bias"))?;
         let k = heads(&mut b, &k, nkv);
+        let k = head_norm(&mut b, &k, "attn_k_norm")?;
         let k = rope(&mut b, &k);
         let v = linear_blocks(&mut b, &h, &v_w, &format!("l{i}_v"))?;
         let v = bias(&mut b, &v, &format!("blk.{i}.attn_v.bias"))?;
@@ -497,7 +633,7 @@ pub fn build(
         );
         let scores = b.op("MatMul", &[&qg, &kt], None, vec![]);
         let scaled = b.op("Mul", &[&scores, &scale], None, vec![]);
-        let masked = b.op("Add", &[&scaled, &grouped_mask], None, vec![]);
+        let masked = b.op("Add", &[&scaled, mask], None, vec![]);
         let probs = b.op("Softmax", &[&masked], None, vec![("axis", Attr::Int(-1))]);
         let ctx = b.op("MatMul", &[&probs, &v_all], None, vec![]);
         let shape = b.list(&[0, nh as i64, -1, hd as i64]);
@@ -516,6 +652,7 @@ pub fn build(
             &weights.block_matrix(&blk("attn_output"))?,
             &format!("l{i}_o"),
         )?;
+        let o = post_norm(&mut b, o, "post_attention_norm")?;
         x = b.op("Add", &[&x, &o], Some(&format!("l{i}_attn_out")), vec![]);
 
         let h = rms_norm(
@@ -541,15 +678,20 @@ pub fn build(
         };
         let gate = linear_blocks(&mut b, &h, &gate_w, &format!("l{i}_gate"))?;
         let up = linear_blocks(&mut b, &h, &up_w, &format!("l{i}_up"))?;
-        let sigmoid = b.op("Sigmoid", &[&gate], None, vec![]);
-        let silu = b.op("Mul", &[&gate, &sigmoid], None, vec![]);
-        let act = b.op("Mul", &[&silu, &up], None, vec![]);
+        let act = if gemma {
+            gelu_tanh(&mut b, &gate)
+        } else {
+            let sigmoid = b.op("Sigmoid", &[&gate], None, vec![]);
+            b.op("Mul", &[&gate, &sigmoid], None, vec![])
+        };
+        let act = b.op("Mul", &[&act, &up], None, vec![]);
         let down = linear_blocks(
             &mut b,
             &act,
             &weights.block_matrix(&blk("ffn_down"))?,
             &format!("l{i}_down"),
         )?;
+        let down = post_norm(&mut b, down, "post_ffw_norm")?;
         x = b.op("Add", &[&x, &down], Some(&format!("l{i}_out")), vec![]);
     }
 
@@ -569,13 +711,29 @@ pub fn build(
         "final_norm",
     );
     if config.tied_embeddings {
-        let head = b.op(
-            "Transpose",
-            &[&table],
-            Some("lm_head_t"),
-            vec![("perm", Attr::Ints(vec![1, 0]))],
-        );
-        b.node("MatMul", "", &[&last, &head], &["logits"], vec![]);
+        match &table {
+            Table::Rows(table) => {
+                let head = b.op(
+                    "Transpose",
+                    &[table],
+                    Some("lm_head_t"),
+                    vec![("perm", Attr::Ints(vec![1, 0]))],
+                );
+                b.node("MatMul", "", &[&last, &head], &["logits"], vec![]);
+            }
+            Table::Blocks { q, s } => b.node(
+                "MatMulNBits",
+                "com.microsoft",
+                &[&last, q, s],
+                &["logits"],
+                vec![
+                    ("K", Attr::Int(config.hidden as i64)),
+                    ("N", Attr::Int(config.vocab as i64)),
+                    ("bits", Attr::Int(8)),
+                    ("block_size", Attr::Int(16)),
+                ],
+            ),
+        }
     } else {
         let head = linear_int8(&mut b, &last, &weights.matrix("output.weight")?, "lm_head");
         b.node("Identity", "", &[&head], &["logits"], vec![]);

@@ -15,9 +15,14 @@ pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -
     let (class, model_type) = match config.architecture {
         Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
+        Architecture::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
         _ => ("LlamaForCausalLM", "llama"),
     };
-    json!({
+    let hidden_act = match config.architecture {
+        Architecture::Gemma3 => "gelu_pytorch_tanh",
+        _ => "silu",
+    };
+    let mut json = json!({
         "architectures": [class],
         "model_type": model_type,
         "hidden_size": config.hidden,
@@ -26,7 +31,7 @@ pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -
         "num_attention_heads": config.heads,
         "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": hidden_act,
         "rms_norm_eps": config.rms_eps as f64,
         "rope_theta": config.rope_base as f64,
         "max_position_embeddings": config.context,
@@ -42,7 +47,19 @@ pub fn config_json(file: &Gguf, config: &ModelConfig, vocabulary: &Vocabulary) -
             "variants": {"q4_1": "model.onnx"},
             "onnx_logits": "last_position",
         },
-    })
+    });
+    if let Some(sliding) = &config.sliding {
+        json["sliding_window"] = json!(sliding.window);
+        json["rope_local_base_freq"] = json!(sliding.rope_base as f64);
+        json["layer_types"] = json!((0..config.layers)
+            .map(|i| if config.is_global(i) {
+                "full_attention"
+            } else {
+                "sliding_attention"
+            })
+            .collect::<Vec<_>>());
+    }
+    json
 }
 
 /// `generation_config.json`: greedy by default, stopping at every end-of-text id.
@@ -82,7 +99,7 @@ pub fn write_model_dir_with(
     let vocabulary = Vocabulary::read(file)?;
     let steps = crate::progress_steps(&config);
     progress(0, steps);
-    let model = crate::build(file, &config, progress)?;
+    let model = crate::build(file, &config, crate::TableLayout::Exact, progress)?;
     progress(steps - 1, steps);
 
     let parent = out

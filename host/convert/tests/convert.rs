@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use prost::Message;
-use slm_convert::{onnx_model, pb, write_model_dir};
+use slm_convert::{onnx_model, onnx_model_in, pb, write_model_dir, TableLayout};
 use slm_gguf::Gguf;
 
 fn root() -> PathBuf {
@@ -25,9 +25,11 @@ fn default_gguf() -> Gguf {
     Gguf::open(Path::new(String::from_utf8(out.stdout).unwrap().trim())).unwrap()
 }
 
+/// In slmconv's table layout (int8 rows), the graph is slmconv's, node for node and byte for
+/// byte. (By default the Q8_0 table is kept exactly instead: the next test.)
 #[test]
 fn the_default_model_converts_to_the_graph_slmconv_wrote() {
-    let ours = onnx_model(&default_gguf()).unwrap();
+    let ours = onnx_model_in(&default_gguf(), TableLayout::Int8Rows).unwrap();
     let bytes = std::fs::read(root().join("models/smollm2-135m-instruct/model.onnx"))
         .expect("scripts/setup converts the default model");
     let theirs = pb::ModelProto::decode(&bytes[..]).unwrap();
@@ -107,15 +109,39 @@ fn the_model_directory_holds_what_the_runtime_reads() {
         }
         assert_eq!(ours, theirs, "{name}");
     }
+    // The model: the default layout, the Q8_0 table held once and exactly (the head's 8-bit
+    // product and the embedding's lookup read the same initializers, each value s * (q - 128)
+    // the file's); the rest is slmconv's graph (the previous test).
     let written = std::fs::read(out.join("model.onnx")).unwrap();
-    let theirs = std::fs::read(converted.join("model.onnx")).unwrap();
+    let model = pb::ModelProto::decode(&written[..]).unwrap();
+    assert_eq!(model, onnx_model(&default_gguf()).unwrap());
+    let graph = model.graph.unwrap();
+    let gather = graph
+        .node
+        .iter()
+        .find(|n| n.op_type == "GatherBlocks")
+        .unwrap();
+    let head = graph.node.iter().find(|n| n.output == ["logits"]).unwrap();
     assert_eq!(
-        pb::ModelProto::decode(&written[..]).unwrap(),
-        pb::ModelProto::decode(&theirs[..]).unwrap()
+        (head.op_type.as_str(), &head.input[1..]),
+        ("MatMulNBits", &gather.input[1..])
     );
+    let init = |name: &str| graph.initializer.iter().find(|t| t.name == name).unwrap();
+    let (q, s) = (
+        &init(&gather.input[1]).raw_data,
+        &init(&gather.input[2]).raw_data,
+    );
+    let file = default_gguf();
+    let table = file.tensor("token_embd.weight").unwrap();
+    let values = file.dequantize(table);
+    assert_eq!(q.len(), values.len());
+    for (i, want) in values.iter().enumerate() {
+        let scale = f32::from_le_bytes(s[i / 16 * 4..][..4].try_into().unwrap());
+        let held = scale * (q[i] as i32 - 128) as f32;
+        assert!(held == *want, "table value {i}: {held} != {want}");
+    }
 }
 
-/// host/gguf/tests/tiny_models.py's files, written into `name` under the test directory.
 fn tiny_models(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let status = Command::new(root().join(".venv/bin/python"))
@@ -130,11 +156,12 @@ fn tiny_models(name: &str) -> PathBuf {
 #[test]
 fn other_architectures_are_refused_by_name() {
     let dir = tiny_models("tiny-gguf");
-    let file = Gguf::open(&dir.join("gemma3.gguf")).unwrap();
+    let file = Gguf::open(&dir.join("mamba.gguf")).unwrap();
     let error = onnx_model(&file).unwrap_err().to_string();
     assert_eq!(
         error,
-        "the gemma3 architecture does not convert yet (supported: llama, qwen2, phi3)"
+        "metadata 'general.architecture': 'mamba' is not supported (supported: llama, qwen2, \
+         phi3, gemma3)"
     );
 }
 

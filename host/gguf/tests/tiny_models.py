@@ -14,10 +14,11 @@ HIDDEN, FFN, HEADS, KV_HEADS, VOCAB = 64, 96, 4, 2, 128
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None, spm=False):
+def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_type=None, spm=False,
+          table_type=None):
     """matrix_type: a GGMLQuantizationType for the layers' block matrices, or a function of the
     tensor's name giving one (else f32); spm: a SentencePiece vocabulary (spm_vocabulary) instead
-    of a byte-level BPE one."""
+    of a byte-level BPE one; table_type: the embedding table's type (else f32)."""
     global VOCAB
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -59,6 +60,8 @@ def write(path, arch, layers, head_dim, tensors, extra=lambda w: None, matrix_ty
         if matrix_type is not None and name.endswith(".weight") and name.split(".")[-2] in MATRICES:
             kind = matrix_type(name) if callable(matrix_type) else matrix_type
             w.add_tensor(name, quantize(values, kind), raw_dtype=kind)
+        elif table_type is not None and name == "token_embd.weight":
+            w.add_tensor(name, quantize(values, table_type), raw_dtype=table_type)
         else:
             w.add_tensor(name, values)
     w.write_header_to_file()
@@ -237,6 +240,11 @@ def main(out):
     write(out / "gemma3-pattern.gguf", "gemma3", 4, 32, gemma3, lambda w: (
         w.add_sliding_window(16), w.add_float32("gemma3.rope.freq_base_swa", 20000.0),
         w.add_array("gemma3.attention.sliding_window_pattern", [True, False, True, False])))
+    # Gemma 3 as its GGUFs come: Q8_0 table (tied), a window short enough for the fixture's
+    # 18 positions to slide past it.
+    write(out / "gemma3-q8_0.gguf", "gemma3", 6, 32, gemma3, lambda w: (
+        w.add_sliding_window(8), w.add_float32("gemma3.rope.freq_base_swa", 10000.0)),
+        matrix_type=Q.Q8_0, table_type=Q.Q8_0)
     # The metadata contradicts the tensors: 4 key/value heads, tensors made for 2.
     write(out / "contradicts.gguf", "llama", 2, 16, llama, lambda w: w.add_uint32("llama.attention.head_count_kv", 4))
     write(out / "mamba.gguf", "mamba", 1, 16, lambda layers, d: iter([("x", (4,))]))

@@ -71,6 +71,19 @@ impl Q8Blocks {
         Ok(Q8Blocks { k, n, q, scale: s })
     }
 
+    /// Output channel `c`'s K values, `s * q` (a tied embedding's row, exactly as the file's).
+    pub fn copy_column(&self, c: usize, out: &mut [f32]) {
+        assert!(c < self.n && out.len() == self.k);
+        let (p, j, halves) = (c / Q8B_PANEL, c % Q8B_PANEL, self.k / HALF);
+        let panel = &self.q[p * Q8B_PANEL * self.k..];
+        for (kk, o) in out.iter_mut().enumerate() {
+            let (b, r) = (kk / QBLOCK, kk % QBLOCK);
+            let byte = panel[b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4];
+            let s = self.scale[(p * halves + kk / HALF) * Q8B_PANEL + j];
+            *o = s * (byte ^ 0x80) as i8 as f32;
+        }
+    }
+
     /// The weight's value at (k, column c), as the kernels multiply it (tests).
     #[cfg(test)]
     fn value(&self, kk: usize, c: usize) -> f32 {
@@ -445,10 +458,13 @@ mod tests {
     fn holds_every_weight_exactly() {
         let (k, n) = (96, 70);
         let (rows, scale, w) = weights(&mut Lcg(1), k, n);
+        let mut row = vec![0f32; k];
         for c in 0..n {
+            w.copy_column(c, &mut row);
             for kk in 0..k {
                 let want = scale[c * k / HALF + kk / HALF] * rows[c * k + kk] as i8 as f32;
                 assert_eq!(w.value(kk, c).to_bits(), want.to_bits(), "({kk}, {c})");
+                assert_eq!(row[kk].to_bits(), want.to_bits(), "row {c} at {kk}");
             }
         }
     }

@@ -24,6 +24,39 @@ use crate::ops::{self, Packed};
 /// offset`, because `-zero * scale` cannot give every Q4_K offset exactly.
 pub const SLM_DOMAIN: &str = "ai.edge-slm";
 pub const MATMUL_Q4_OFFSET: &str = "MatMulQ4Offset";
+/// Our own row lookup in int8 blocks (slm-convert writes it for a tied Q8_0 embedding):
+/// `GatherBlocks(ids, B, scales)`, reading the initializers of the 8-bit `MatMulNBits` that is
+/// the LM head; a row is `scale * (q - 128)` per block, in f32. It becomes an `SlmQGather` on
+/// the head's packed weight, so the table is held once.
+pub const GATHER_BLOCKS: &str = "GatherBlocks";
+
+fn is_gather_blocks(node: &pb::NodeProto) -> bool {
+    node.domain == SLM_DOMAIN && node.op_type == GATHER_BLOCKS && node.input.len() == 3
+}
+
+/// Rewrites each [`GATHER_BLOCKS`] whose table is the `B` of a packed product (`keys`: `B`'s name
+/// to the product's weight key) into an `SlmQGather` on that weight.
+fn rewrite_gathers(graph: &mut pb::GraphProto, keys: &HashMap<String, String>) {
+    for node in graph.node.iter_mut().filter(|n| is_gather_blocks(n)) {
+        if let Some(key) = keys.get(&node.input[1]) {
+            set_weights_op(node, ops::QGATHER, 0, key);
+        }
+    }
+}
+
+/// How many nodes read each name, [`GATHER_BLOCKS`] lookups left out: the product that shares
+/// their table is its only other reader.
+fn readers_but_gathers(graph: &pb::GraphProto) -> HashMap<String, usize> {
+    let mut readers = readers(graph);
+    for n in graph.node.iter().filter(|n| is_gather_blocks(n)) {
+        for i in &n.input[1..] {
+            if let Some(r) = readers.get_mut(i) {
+                *r -= 1;
+            }
+        }
+    }
+    readers
+}
 
 /// A `MatMulNBits` of 4 bits in blocks of 32 or 8 bits in blocks of 16 or 32 (no `g_idx` or
 /// bias), or a [`MATMUL_Q4_OFFSET`], read from its initializers: value(c, k) = scale * (q -
@@ -219,6 +252,7 @@ pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, 
     let outputs = outputs(graph);
     let inits = init_positions(graph);
     let mut rewritten = false;
+    let mut keys = HashMap::new();
     for i in 0..graph.node.len() {
         let init = |name: &str| inits.get(name).map(|&t| &graph.initializer[t]);
         let Some(w) = packed_weight(&graph.node[i], init) else {
@@ -231,6 +265,7 @@ pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, 
             .cloned()
             .collect();
         let key = format!("{}#nbits#{i}", node.input[1]);
+        keys.insert(node.input[1].clone(), key.clone());
         set_weights_op(node, ops::QMATMUL, 0, &key);
         weights.insert(key, w);
         for t in graph
@@ -246,6 +281,7 @@ pub(crate) fn rewrite(graph: &mut pb::GraphProto, weights: &mut HashMap<String, 
         rewritten = true;
     }
     if rewritten {
+        rewrite_gathers(graph, &keys);
         prune(graph);
     }
 }
@@ -273,7 +309,7 @@ struct Candidate {
 impl Initializers for NBitsStream {
     fn take(&mut self, graph: &mut pb::GraphProto, t: pb::TensorProto) {
         let candidates = self.candidates.get_or_insert_with(|| {
-            let readers = readers(graph);
+            let readers = readers_but_gathers(graph);
             let mut found = vec![];
             for n in graph
                 .node
@@ -333,16 +369,19 @@ impl NBitsStream {
             graph.initializer.append(&mut c.held);
         }
         let mut packed = self.packed;
+        let mut keys = HashMap::new();
         for node in graph.node.iter_mut() {
             if !is_block_matmul(node) || node.output.is_empty() {
                 continue;
             }
             if let Some(w) = packed.remove(&node.output[0]) {
                 let key = format!("{}#nbits", node.output[0]);
+                keys.insert(node.input[1].clone(), key.clone());
                 set_weights_op(node, ops::QMATMUL, 0, &key);
                 weights.insert(key, w);
             }
         }
+        rewrite_gathers(graph, &keys);
         weights
     }
 }

@@ -58,19 +58,33 @@ impl Packed {
     pub(crate) fn is_table(&self) -> bool {
         match self {
             Packed::Int8(w) => w.layout == Layout::NK,
-            Packed::Q8Head(_) => true,
-            Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_) => false,
+            Packed::Q8Head(_) | Packed::Q8Blocks(_) => true,
+            Packed::Q4_1(_) | Packed::Q4F32(_) => false,
         }
     }
 
-    /// Output channel `c` (K values) into `out`; only for a [`Packed::is_table`] weight.
+    /// Whether a row of its table reads as f32 values (int8 blocks, each with its scale) rather
+    /// than int8 values for one scale per row.
+    pub(crate) fn has_f32_rows(&self) -> bool {
+        matches!(self, Packed::Q8Blocks(_))
+    }
+
+    /// Output channel `c` (K values) into `out`; only for a [`Packed::is_table`] weight without
+    /// [`Packed::has_f32_rows`].
     pub(crate) fn copy_column(&self, c: usize, out: &mut [i8]) {
         match self {
             Packed::Int8(w) => w.copy_column(c, out),
             Packed::Q8Head(w) => w.copy_column(c, out),
-            Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_) => {
-                unreachable!("checked by is_table")
-            }
+            _ => unreachable!("checked by is_table and has_f32_rows"),
+        }
+    }
+
+    /// Output channel `c` (K values, dequantized) into `out`; only for a weight with
+    /// [`Packed::has_f32_rows`].
+    pub(crate) fn copy_column_f32(&self, c: usize, out: &mut [f32]) {
+        match self {
+            Packed::Q8Blocks(w) => w.copy_column(c, out),
+            _ => unreachable!("checked by has_f32_rows"),
         }
     }
 }

@@ -10,6 +10,7 @@ pub enum Elem {
     U8 = 2,
     I8 = 3,
     I64 = 7,
+    F16 = 10,
 }
 
 /// A node attribute (ONNX sorts none; scripts/slmconv's helper writes them sorted by name).

@@ -81,8 +81,11 @@ impl Weights<'_> {
                 m: per_row(m, 32),
                 f16: tensor.kind != GgmlType::Q4K,
             }
-        } else if let Some(s) = slm_gguf::int8_scales(tensor.kind, data) {
-            BlockParams::Int8 { s: per_row(s, 16) }
+        } else if let Some((block, s)) = slm_gguf::int8_scales(tensor.kind, data) {
+            BlockParams::Int8 {
+                s: per_row(s, block),
+                block,
+            }
         } else {
             return Err(crate::inexact_type(name, tensor.kind));
         };
@@ -107,10 +110,11 @@ struct BlockMatrix {
 }
 
 /// Per block, row-major: `value = d * q + m` (4 bits, blocks of 32; `f16` when `d` and `m` are
-/// float16 values, as in Q4_0 and Q4_1) or `s * q` (int8, blocks of 16).
+/// float16 values, as in Q4_0 and Q4_1) or `s * q` (int8, blocks of 32 for Q8_0 and Q5_0, 16 for
+/// Q6_K: the engine rounds activations as llama.cpp does for each).
 enum BlockParams {
     Q4 { d: Vec<f32>, m: Vec<f32>, f16: bool },
-    Int8 { s: Vec<f32> },
+    Int8 { s: Vec<f32>, block: usize },
 }
 
 impl BlockMatrix {
@@ -134,7 +138,10 @@ impl BlockMatrix {
                     m: cut(m, 32),
                     f16: *f16,
                 },
-                BlockParams::Int8 { s } => BlockParams::Int8 { s: cut(s, 16) },
+                BlockParams::Int8 { s, block } => BlockParams::Int8 {
+                    s: cut(s, *block),
+                    block: *block,
+                },
             },
         }
     }
@@ -142,17 +149,17 @@ impl BlockMatrix {
 
 /// The domain of our own ops, [`MATMUL_Q4_OFFSET`] and [`GATHER_BLOCKS`].
 pub const SLM_DOMAIN: &str = "ai.edge-slm";
-/// Rows of int8 blocks: inputs `ids`, the values + 128 `[N, K/16, 16]` and the scales
-/// `[N * K/16]` of the tied LM head's 8-bit `MatMulNBits` (the same initializers), attributes as
-/// its; row = `scale * (q - 128)` per block, f32 `[.., K]`.
+/// Rows of int8 blocks: inputs `ids`, the values + 128 `[N, K/block, block]` and the scales
+/// `[N * K/block]` of the tied LM head's 8-bit `MatMulNBits` (the same initializers), attributes
+/// as its; row = `scale * (q - 128)` per block, f32 `[.., K]`.
 pub const GATHER_BLOCKS: &str = "GatherBlocks";
 
 /// The embedding table, as the tied LM head reads it.
 enum Table {
     /// int8 rows, dequantized to f32 by the graph (`[V, H]`).
     Rows(String),
-    /// int8 blocks: the initializers of values and scales.
-    Blocks { q: String, s: String },
+    /// int8 blocks of `block` values: the initializers of values and scales.
+    Blocks { q: String, s: String, block: usize },
 }
 /// `MatMulNBits`' 4-bit blocks of 32 with an f32 offset per block instead of a zero point:
 /// inputs `x`, the nibbles `[N, K/32, 16]` (low nibble first), `scale` and `offset` `[N * K/32]`;
@@ -189,8 +196,8 @@ fn linear_blocks(
                 ((SLM_DOMAIN, MATMUL_Q4_OFFSET), 4, 32, vec![q, s, o])
             }
         }
-        BlockParams::Int8 { s } => {
-            let (values, scales) = int8_blocks(w, s).ok_or_else(|| {
+        BlockParams::Int8 { s, block } => {
+            let (values, scales) = int8_blocks(w, s, *block).ok_or_else(|| {
                 ConvertError::Unsupported(format!(
                     "tensor '{}' has a value that is not its block's scale times an integer in -127..=127",
                     bm.name
@@ -199,11 +206,16 @@ fn linear_blocks(
             let q = b.constant(
                 &format!("{hint}_q8"),
                 Elem::U8,
-                &[w.rows, w.cols / 16, 16],
+                &[w.rows, w.cols / block, *block],
                 values,
             );
             let s = b.f32s(&format!("{hint}_s"), &[scales.len()], &scales);
-            (("com.microsoft", "MatMulNBits"), 8, 16, vec![q, s])
+            (
+                ("com.microsoft", "MatMulNBits"),
+                8,
+                *block as i64,
+                vec![q, s],
+            )
         }
     };
     let out = b.name(hint);
@@ -259,22 +271,39 @@ fn rms_norm(b: &mut Builder, x: &str, w: &[f32], eps: f32, hint: &str) -> String
     b.op("Mul", &[&scaled, &weight], Some(hint), vec![])
 }
 
-/// GELU, tanh approximation (Gemma's MLP): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
-/// Spelled out: ONNX's `Gelu` op is opset 20, past ours.
+/// GELU, tanh approximation (Gemma's MLP), as llama.cpp's CPU backend computes it: the input
+/// rounded to float16, `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))` in f32 in its order,
+/// the result rounded to float16 (ggml looks GELU up in a float16 table), and `x` itself from 10
+/// up. Spelled out: ONNX's `Gelu` op is opset 20, past ours.
 fn gelu_tanh(b: &mut Builder, x: &str) -> String {
-    let x2 = b.op("Mul", &[x, x], None, vec![]);
-    let x3 = b.op("Mul", &[&x2, x], None, vec![]);
-    let c = b.f32("c", 0.044715);
-    let cubic = b.op("Mul", &[&x3, &c], None, vec![]);
-    let inner = b.op("Add", &[x, &cubic], None, vec![]);
-    let k = b.f32("c", (2.0 / std::f64::consts::PI).sqrt() as f32);
-    let arg = b.op("Mul", &[&inner, &k], None, vec![]);
+    let to_f16 = |b: &mut Builder, t: &str| {
+        let h = b.op(
+            "Cast",
+            &[t],
+            None,
+            vec![("to", Attr::Int(Elem::F16 as i64))],
+        );
+        b.op("Cast", &[&h], None, vec![("to", Attr::Int(FLOAT))])
+    };
+    let xh = to_f16(b, x);
+    let c = b.f32("c", (2.0 / std::f64::consts::PI).sqrt() as f32);
+    let cx = b.op("Mul", &[&c, &xh], None, vec![]);
+    let a = b.f32("c", 0.044715);
+    let ax = b.op("Mul", &[&a, &xh], None, vec![]);
+    let axx = b.op("Mul", &[&ax, &xh], None, vec![]);
+    let one = b.f32("c", 1.0);
+    let poly = b.op("Add", &[&one, &axx], None, vec![]);
+    let arg = b.op("Mul", &[&cx, &poly], None, vec![]);
     let t = b.op("Tanh", &[&arg], None, vec![]);
     let one = b.f32("c", 1.0);
-    let t1 = b.op("Add", &[&t, &one], None, vec![]);
+    let t1 = b.op("Add", &[&one, &t], None, vec![]);
     let half = b.f32("c", 0.5);
-    let hx = b.op("Mul", &[x, &half], None, vec![]);
-    b.op("Mul", &[&hx, &t1], None, vec![])
+    let hx = b.op("Mul", &[&half, &xh], None, vec![]);
+    let y = b.op("Mul", &[&hx, &t1], None, vec![]);
+    let y = to_f16(b, &y);
+    let ten = b.f32("c", 10.0);
+    let large = b.op("GreaterOrEqual", &[x, &ten], None, vec![]);
+    b.op("Where", &[&large, x, &y], None, vec![])
 }
 
 fn rotate_half(b: &mut Builder, x: &str, half: usize) -> String {
@@ -347,15 +376,15 @@ pub fn build(
     let embed_tensor = weights.tensor("token_embd.weight")?;
     let exact_table = match config.tied_embeddings && layout == crate::TableLayout::Exact {
         true => slm_gguf::int8_scales(embed_tensor.kind, file.data(embed_tensor))
-            .and_then(|s| int8_blocks(&embed, &s)),
+            .and_then(|(block, s)| int8_blocks(&embed, &s, block).map(|(q, s)| (block, q, s))),
         false => None,
     };
     let (mut x, table) = match &exact_table {
-        Some((values, scales)) => {
+        Some((block, values, scales)) => {
             let q = b.constant(
                 "embed_q8",
                 Elem::U8,
-                &[embed.rows, embed.cols / 16, 16],
+                &[embed.rows, embed.cols / block, *block],
                 values.clone(),
             );
             let s = b.f32s("embed_s", &[scales.len()], scales);
@@ -369,10 +398,17 @@ pub fn build(
                     ("K", Attr::Int(embed.cols as i64)),
                     ("N", Attr::Int(embed.rows as i64)),
                     ("bits", Attr::Int(8)),
-                    ("block_size", Attr::Int(16)),
+                    ("block_size", Attr::Int(*block as i64)),
                 ],
             );
-            (x, Table::Blocks { q, s })
+            (
+                x,
+                Table::Blocks {
+                    q,
+                    s,
+                    block: *block,
+                },
+            )
         }
         None => {
             let (q, scales) = int8_rows(&embed);
@@ -721,7 +757,7 @@ pub fn build(
                 );
                 b.node("MatMul", "", &[&last, &head], &["logits"], vec![]);
             }
-            Table::Blocks { q, s } => b.node(
+            Table::Blocks { q, s, block } => b.node(
                 "MatMulNBits",
                 "com.microsoft",
                 &[&last, q, s],
@@ -730,7 +766,7 @@ pub fn build(
                     ("K", Attr::Int(config.hidden as i64)),
                     ("N", Attr::Int(config.vocab as i64)),
                     ("bits", Attr::Int(8)),
-                    ("block_size", Attr::Int(16)),
+                    ("block_size", Attr::Int(*block as i64)),
                 ],
             ),
         }

@@ -76,13 +76,13 @@ pub fn q4_blocks(w: &Matrix, d: &[f32], m: &[f32]) -> (Vec<u8>, Vec<f32>) {
     (packed, scales)
 }
 
-/// int8 blocks of 16 along each row, as `MatMulNBits` with 8 bits and no zero point (128) takes
-/// them: value = `s * q`, each 16 values' `s` given (row-major): a Q8_0, Q5_0 or Q6_K file's own,
-/// so `q = w / s` is an exact integer. Returns `q + 128` (`[rows, cols / 16, 16]`) and the
-/// scales; None when a value is not `s` times an integer in -127..=127.
-pub fn int8_blocks(w: &Matrix, s: &[f32]) -> Option<(Vec<u8>, Vec<f32>)> {
+/// int8 blocks of `block` values along each row, as `MatMulNBits` with 8 bits and no zero point
+/// (128) takes them: value = `s * q`, each block's `s` given (row-major): a Q8_0, Q5_0 or Q6_K
+/// file's own, so `q = w / s` is an exact integer. Returns `q + 128` (`[rows, cols / block,
+/// block]`) and the scales; None when a value is not `s` times an integer in -127..=127.
+pub fn int8_blocks(w: &Matrix, s: &[f32], block: usize) -> Option<(Vec<u8>, Vec<f32>)> {
     let mut q = Vec::with_capacity(w.values.len());
-    for (block, &s) in w.values.chunks_exact(16).zip(s) {
+    for (block, &s) in w.values.chunks_exact(block).zip(s) {
         for &v in block {
             let i = if s != 0.0 { v / s } else { 0.0 };
             if i.fract() != 0.0 || !(-127.0..=127.0).contains(&i) || (s == 0.0 && v != 0.0) {

@@ -136,7 +136,7 @@ fn the_model_directory_holds_what_the_runtime_reads() {
     let values = file.dequantize(table);
     assert_eq!(q.len(), values.len());
     for (i, want) in values.iter().enumerate() {
-        let scale = f32::from_le_bytes(s[i / 16 * 4..][..4].try_into().unwrap());
+        let scale = f32::from_le_bytes(s[i / block * 4..][..4].try_into().unwrap());
         let held = scale * (q[i] as i32 - 128) as f32;
         assert!(held == *want, "table value {i}: {held} != {want}");
     }
@@ -230,7 +230,8 @@ fn block_matrices_are_held_exactly_and_others_refused() {
             };
             let packed = &init(&node.input[1]).raw_data;
             let scales = floats(&node.input[2]);
-            let bits = node.attribute.iter().find(|a| a.name == "bits").unwrap().i;
+            let attr = |name: &str| node.attribute.iter().find(|a| a.name == name).unwrap().i;
+            let (bits, block) = (attr("bits"), attr("block_size") as usize);
             for r in 0..rows {
                 for c in 0..cols {
                     let held = match (node.op_type.as_str(), bits) {
@@ -251,7 +252,7 @@ fn block_matrices_are_held_exactly_and_others_refused() {
                         }
                         ("MatMulNBits", 8) => {
                             let q = packed[r * cols + c] as i32 - 128;
-                            scales[r * cols / 16 + c / 16] * q as f32
+                            scales[r * cols / block + c / block] * q as f32
                         }
                         other => panic!("{other:?}"),
                     };

@@ -179,21 +179,23 @@ pub fn q4_affine(kind: GgmlType, data: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
     }
 }
 
-/// The scale `s` of each 16 values of a Q8_0, Q5_0 or Q6_K tensor's `data` (value = `s * q`,
-/// `q` an integer in -128..128), in file order: Q8_0's and Q5_0's `d` twice per block of 32,
-/// Q6_K's `d * scale` (an exact f32 product). None for other types.
-pub fn int8_scales(kind: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
+/// The blocks of a Q8_0, Q5_0 or Q6_K tensor's `data` as int8 blocks (value = `s * q`, `q` an
+/// integer in -128..128): their length and each one's scale `s`, in file order: Q8_0's and
+/// Q5_0's `d` per 32 values, Q6_K's `d * scale` per 16 (an exact f32 product). None for other
+/// types.
+pub fn int8_scales(kind: GgmlType, data: &[u8]) -> Option<(usize, Vec<f32>)> {
     let blocks = data.chunks_exact(kind.block_bytes());
     match kind {
-        GgmlType::Q8_0 | GgmlType::Q5_0 => Some(blocks.flat_map(|b| [half16(b); 2]).collect()),
-        GgmlType::Q6K => Some(
+        GgmlType::Q8_0 | GgmlType::Q5_0 => Some((32, blocks.map(half16).collect())),
+        GgmlType::Q6K => Some((
+            16,
             blocks
                 .flat_map(|b| {
                     let d = half16(&b[208..]);
                     (0..16).map(move |i| d * b[192 + i] as i8 as f32)
                 })
                 .collect(),
-        ),
+        )),
         _ => None,
     }
 }
@@ -330,10 +332,10 @@ mod tests {
         for kind in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q6K] {
             let data = random_blocks(kind, 64, kind as u64);
             let values = dequantize(kind, &data);
-            let s = int8_scales(kind, &data).unwrap();
-            assert_eq!(s.len(), values.len() / 16);
+            let (block, s) = int8_scales(kind, &data).unwrap();
+            assert_eq!(s.len(), values.len() / block);
             for (i, v) in values.iter().enumerate() {
-                let s = s[i / 16];
+                let s = s[i / block];
                 let found = (-128..128).any(|q| (s * q as f32).to_bits() == v.to_bits());
                 assert!(found, "{kind} value {i}: {v} is no s * q (s={s})");
             }

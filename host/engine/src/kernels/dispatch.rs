@@ -3,7 +3,7 @@
 //! Q4_1 ([`super::q4_1`]) and Q8 ([`super::q8`]) weights, which bring the kernels.
 
 use super::parallel::{parallel_ranges, OutPtr};
-use super::quantize::QuantRows;
+use super::quantize::{Activations, QuantRows};
 
 /// A weight `[K, N]` stored in panels of [`Self::PANEL`] columns, with a kernel per instruction
 /// set. Each kernel computes the columns of panels `p0..p1` for rows `0..m` of y (`[m, N]`).
@@ -19,6 +19,9 @@ pub(crate) trait PanelKernels: Sync {
     fn k(&self) -> usize;
 
     fn n(&self) -> usize;
+
+    /// How the activations are rounded for this weight.
+    fn activations(&self) -> Activations;
 
     /// Any CPU.
     unsafe fn portable(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize);
@@ -46,7 +49,7 @@ pub(crate) trait PanelKernels: Sync {
         if m == 0 {
             return;
         }
-        let xq = QuantRows::new(x, m, k);
+        let xq = QuantRows::with(x, m, k, self.activations());
         let out = OutPtr(y.as_mut_ptr());
         let run = |p0: usize, p1: usize| {
             // SAFETY: `xq` holds m rows of K, `out` m rows of N; every call writes only the
@@ -121,6 +124,10 @@ macro_rules! panel_kernels {
 
             fn n(&self) -> usize {
                 self.n
+            }
+
+            fn activations(&self) -> $crate::kernels::quantize::Activations {
+                self.activations
             }
 
             unsafe fn portable(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {

@@ -12,7 +12,7 @@
 
 use super::dispatch::panel_kernels;
 use super::q4_1::QBLOCK;
-use super::quantize::QuantRows;
+use super::quantize::{Activations, QuantRows};
 
 /// Columns per panel.
 pub const Q8_PANEL: usize = 32;
@@ -26,6 +26,8 @@ pub struct Q8Weights {
     q: Vec<u8>,
     /// One per output channel, padded with zeros to whole panels.
     scale: Vec<f32>,
+    /// How its products round activations (as the Q4_1 products of our own layout).
+    activations: Activations,
 }
 
 impl std::fmt::Debug for Q8Weights {
@@ -77,7 +79,13 @@ impl Q8Weights {
         }
         let mut scale = scale;
         scale.resize(panels * Q8_PANEL, 0.0);
-        Ok(Q8Weights { k, n, q, scale })
+        Ok(Q8Weights {
+            k,
+            n,
+            q,
+            scale,
+            activations: Activations::F32Scale,
+        })
     }
 
     /// Output channel `c` (K values) into `out`: a token's row of the tied embedding table.

@@ -14,7 +14,7 @@
 
 use super::dispatch::panel_kernels;
 use super::q4_1::QBLOCK;
-use super::quantize::QuantRows;
+use super::quantize::{Activations, QuantRows};
 
 /// Values per scale along K.
 pub const HALF: usize = 16;
@@ -30,6 +30,8 @@ pub struct Q8Blocks {
     q: Vec<u8>,
     /// By (panel, half-block, column), padded columns 0.
     scale: Vec<f32>,
+    /// How its products round activations.
+    activations: Activations,
 }
 
 impl std::fmt::Debug for Q8Blocks {
@@ -68,7 +70,21 @@ impl Q8Blocks {
                 s[(p * halves + h) * Q8B_PANEL + j] = scale[c * halves + h];
             }
         }
-        Ok(Q8Blocks { k, n, q, scale: s })
+        Ok(Q8Blocks {
+            k,
+            n,
+            q,
+            scale: s,
+            activations: Activations::default(),
+        })
+    }
+
+    /// The same weight, its products rounding activations as `activations` says.
+    pub fn with_activations(self, activations: Activations) -> Self {
+        Q8Blocks {
+            activations,
+            ..self
+        }
     }
 
     /// Output channel `c`'s K values, `s * q` (a tied embedding's row, exactly as the file's).

@@ -2,11 +2,36 @@
 //! its Q4_1 product: the input of the Q4_1 and Q8 kernels, whose block sums are then integer
 //! dot products.
 
+use half::f16;
+
 use super::q4_1::QBLOCK;
 
 const ROUND: f32 = 12582912.0;
 
-/// Rows of x quantized per block of 32: `x ~ xs * xq`, with the exact sum of each block.
+/// How activations are rounded to 8 bits for a weight's product: as llama.cpp rounds them for
+/// the GGUF type the weight comes from, so that a model computes as it does there (next-token
+/// agreement with llama.cpp), or with f32 scales and exact sums (our own layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// Per block of 32: `amax / 127` in f32, the block's exact f32 sum.
+    #[default]
+    F32Scale,
+    /// llama.cpp's Q8_0 (for Q4_0, Q5_0, Q8_0 weights): the scale rounded to float16; the sum
+    /// (for an offset) `scale * sum(q)`.
+    Q8_0,
+    /// llama.cpp's Q8_1 (for Q4_1 weights): the scale rounded to float16, the sum
+    /// `amax / 127 * sum(q)` rounded to float16.
+    Q8_1,
+    /// llama.cpp's Q8_K (for K-quant weights): one scale per 256 values, `1 / (127 / amax)`;
+    /// the sum of each block of 32 `scale * sum(q)`. Rows whose width is not whole blocks of
+    /// 256 round as [`Activations::F32Scale`].
+    Q8K,
+}
+
+/// Values per block of llama.cpp's Q8_K.
+const K_BLOCK: usize = 256;
+
+/// Rows of x quantized per block of 32: `x ~ xs * xq`, with the sum of each block.
 pub(crate) struct QuantRows {
     pub(crate) q: Vec<i8>,
     /// Per row and block: the scale and the sum of the f32 values.
@@ -15,6 +40,61 @@ pub(crate) struct QuantRows {
 }
 
 impl QuantRows {
+    /// Rounded as `how` says.
+    pub(crate) fn with(x: &[f32], m: usize, k: usize, how: Activations) -> QuantRows {
+        match how {
+            Activations::F32Scale => Self::new(x, m, k),
+            Activations::Q8K if k % K_BLOCK == 0 => Self::q8_k(x, m, k),
+            Activations::Q8K => Self::new(x, m, k),
+            Activations::Q8_0 | Activations::Q8_1 => {
+                let mut rows = Self::new(x, m, k);
+                for (i, (s, t)) in rows.scale.iter_mut().zip(rows.sum.iter_mut()).enumerate() {
+                    let q: i32 = rows.q[i * QBLOCK..][..QBLOCK]
+                        .iter()
+                        .map(|&v| v as i32)
+                        .sum();
+                    let rounded = f16::from_f32(*s).to_f32();
+                    *t = match how {
+                        Activations::Q8_1 => f16::from_f32(*s * q as f32).to_f32(),
+                        _ => rounded * q as f32,
+                    };
+                    *s = rounded;
+                }
+                rows
+            }
+        }
+    }
+
+    /// llama.cpp's Q8_K: per 256 values, `inv = 127 / amax`, `q = round(x * inv)` (to nearest
+    /// even, as llama.cpp's `nearest_int`), the scale `1 / inv`, given to each block of 32.
+    fn q8_k(x: &[f32], m: usize, k: usize) -> QuantRows {
+        let blocks = m * k / QBLOCK;
+        let mut q = vec![0i8; m * k];
+        let (mut scale, mut sum) = (vec![0f32; blocks], vec![0f32; blocks]);
+        for (g, (xg, qg)) in x
+            .chunks_exact(K_BLOCK)
+            .zip(q.chunks_exact_mut(K_BLOCK))
+            .enumerate()
+        {
+            let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
+            if amax == 0.0 {
+                continue;
+            }
+            let inv = 127.0 / amax;
+            for (o, v) in qg.iter_mut().zip(xg) {
+                *o = (((v * inv + ROUND) - ROUND) as i32).min(127) as i8;
+            }
+            let d = 1.0 / inv;
+            for b in 0..K_BLOCK / QBLOCK {
+                let i = g * (K_BLOCK / QBLOCK) + b;
+                let qs: i32 = qg[b * QBLOCK..][..QBLOCK].iter().map(|&v| v as i32).sum();
+                scale[i] = d;
+                sum[i] = d * qs as f32;
+            }
+        }
+        QuantRows { q, scale, sum }
+    }
+
     pub(crate) fn new(x: &[f32], m: usize, k: usize) -> QuantRows {
         let blocks = m * k / QBLOCK;
         let mut q = vec![0i8; m * k];
@@ -159,6 +239,42 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::testing::Lcg;
+
+    /// The llama.cpp roundings, against their definitions.
+    #[test]
+    fn llama_cpp_roundings() {
+        let mut g = Lcg(9);
+        let (m, k) = (2, 512);
+        let x: Vec<f32> = (0..m * k).map(|_| g.f32() * 2.0).collect();
+        let base = QuantRows::new(&x, m, k);
+        let q8_0 = QuantRows::with(&x, m, k, Activations::Q8_0);
+        let q8_1 = QuantRows::with(&x, m, k, Activations::Q8_1);
+        assert_eq!((&q8_0.q, &q8_1.q), (&base.q, &base.q));
+        for i in 0..m * k / QBLOCK {
+            let q: i32 = base.q[i * 32..][..32].iter().map(|&v| v as i32).sum();
+            let d = f16::from_f32(base.scale[i]).to_f32();
+            assert_eq!((q8_0.scale[i], q8_1.scale[i]), (d, d));
+            assert_eq!(q8_0.sum[i], d * q as f32);
+            assert_eq!(
+                q8_1.sum[i],
+                f16::from_f32(base.scale[i] * q as f32).to_f32()
+            );
+        }
+        let q8_k = QuantRows::with(&x, m, k, Activations::Q8K);
+        for (gi, xg) in x.chunks(256).enumerate() {
+            let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let iscale = 127.0 / amax;
+            for (j, v) in xg.iter().enumerate() {
+                assert_eq!(q8_k.q[gi * 256 + j] as f32, (v * iscale).round_ties_even());
+            }
+            assert!(q8_k.scale[gi * 8..gi * 8 + 8]
+                .iter()
+                .all(|&s| s == 1.0 / iscale));
+        }
+        // Not whole blocks of 256: as F32Scale.
+        let short = QuantRows::with(&x[..96], 1, 96, Activations::Q8K);
+        assert_eq!(short.scale, QuantRows::new(&x[..96], 1, 96).scale);
+    }
 
     #[test]
     fn activation_rounding_is_the_same_everywhere() {

@@ -17,6 +17,7 @@ use super::graph::{
 use super::proto::Initializers;
 use crate::kernels::q4_1::{Q4Weights, QBLOCK};
 use crate::kernels::q8_blocks::{Q8Blocks, HALF};
+use crate::kernels::quantize::Activations;
 use crate::ops::{self, Packed};
 
 /// Our own 4-bit block product (slm-convert writes it for Q4_K): `MatMulNBits`' inputs and
@@ -209,13 +210,27 @@ fn packed_weight<'a>(
             })
             .collect()
     };
+    // Activations rounded as llama.cpp rounds them for the GGUF type: Q4_0 (zero point 8) takes
+    // Q8_0, Q4_1 Q8_1, Q4_K (our offset op) Q8_K; other 4-bit layouts keep f32 scales.
+    let q4_0 = matches!(&w.shift, Shift::Zero(z) if z.iter().all(|&z| z == 8.0));
     match (as_f16(&w.scale, 0.0), as_f16(&m, close)) {
-        (Some(d), Some(m)) => Some(Packed::Q4_1(Arc::new(
-            Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()?,
-        ))),
-        _ => Some(Packed::Q4F32(Arc::new(
-            Q4Weights::from_nbits(w.k, w.n, w.raw, &w.scale, &m).ok()?,
-        ))),
+        (Some(d), Some(m)) => {
+            let how = if q4_0 {
+                Activations::Q8_0
+            } else {
+                Activations::Q8_1
+            };
+            let packed = Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()?;
+            Some(Packed::Q4_1(Arc::new(packed.with_activations(how))))
+        }
+        _ => {
+            let how = match w.shift {
+                Shift::Offset(_) => Activations::Q8K,
+                Shift::Zero(_) => Activations::F32Scale,
+            };
+            let packed = Q4Weights::from_nbits(w.k, w.n, w.raw, &w.scale, &m).ok()?;
+            Some(Packed::Q4F32(Arc::new(packed.with_activations(how))))
+        }
     }
 }
 
@@ -232,8 +247,14 @@ fn q8_weight(w: &NBits) -> Option<Packed> {
         .iter()
         .flat_map(|&s| std::iter::repeat_n(s, w.block / HALF))
         .collect();
+    // Blocks of 32 are Q8_0 and Q5_0 (llama.cpp rounds their activations as Q8_0), blocks of 16
+    // Q6_K (as Q8_K).
+    let how = match w.block {
+        HALF => Activations::Q8K,
+        _ => Activations::Q8_0,
+    };
     let packed = Q8Blocks::from_rows(w.k, w.n, &rows, &scale).ok()?;
-    Some(Packed::Q8Blocks(Arc::new(packed)))
+    Some(Packed::Q8Blocks(Arc::new(packed.with_activations(how))))
 }
 
 /// A `MatMulNBits` or a [`MATMUL_Q4_OFFSET`].

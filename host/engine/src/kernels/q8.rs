@@ -205,13 +205,13 @@ mod wasm {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
 
     /// `acc + sum of 4 products (w - 128) * x` per 32-bit lane, for w stored as u8.
-    trait Dot8 {
+    pub(crate) trait Dot8 {
         /// # Safety
         /// The CPU has the instructions of the implementation.
         unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i;
@@ -219,7 +219,7 @@ mod x86 {
         const OFFSET: bool;
     }
 
-    struct Vnni;
+    pub(crate) struct Vnni;
     impl Dot8 for Vnni {
         const OFFSET: bool = true;
         #[inline(always)]
@@ -229,7 +229,7 @@ mod x86 {
         }
     }
 
-    struct Avx2;
+    pub(crate) struct Avx2;
     impl Dot8 for Avx2 {
         const OFFSET: bool = false;
         #[inline(always)]

@@ -257,42 +257,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-
-    /// `acc + sum of 4 products (w - 128) * x` per 32-bit lane, for w stored as u8.
-    trait Dot8 {
-        /// # Safety
-        /// The CPU has the instructions of the implementation.
-        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i;
-        /// Whether the sums still carry `128 * sum(x)` (removed once per half-block).
-        const OFFSET: bool;
-    }
-
-    struct Vnni;
-    impl Dot8 for Vnni {
-        const OFFSET: bool = true;
-        #[inline(always)]
-        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, _: __m256i) -> __m256i {
-            // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
-            unsafe { _mm256_dpbusd_epi32(acc, w, x) }
-        }
-    }
-
-    struct Avx2;
-    impl Dot8 for Avx2 {
-        const OFFSET: bool = false;
-        #[inline(always)]
-        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i {
-            // |x| (u8) times w with x's sign (i8, w in -127..=127): pairs stay within i16.
-            // SAFETY: the caller runs on a CPU with AVX2.
-            unsafe {
-                let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
-                _mm256_add_epi32(
-                    acc,
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
-                )
-            }
-        }
-    }
+    // The Q8 head's byte dot products: the same stored `q + 128` bytes.
+    use crate::kernels::q8::x86::{Avx2, Dot8, Vnni};
 
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.

@@ -36,7 +36,7 @@ pub enum ConvertError {
 /// What this converter writes, as a number: bumped whenever the model directory it writes for
 /// the same GGUF changes, so caches of converted models (keyed by the GGUF's content and this)
 /// never serve an old conversion.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Told how far a conversion is: `(done, total)` steps (a step is a decoder layer, the embedding
 /// or the final write).
@@ -86,16 +86,24 @@ fn build(
     llama::build(file, config, layout, progress)
 }
 
-/// The block matrices' types this converter holds exactly: their blocks become the engine's
-/// 4-bit blocks (Q4_0, Q4_1, Q4_K) or int8 blocks (Q8_0, Q5_0, Q6_K) with the file's own scales.
-/// Others would be re-quantized, which changes the model: refused.
+/// The matrix types this converter holds exactly: their blocks become the engine's 4-bit blocks
+/// (Q4_0, Q4_1, Q4_K), int8 blocks (Q8_0, Q5_0, Q6_K, Q3_K) or int8 blocks with offsets (Q5_1,
+/// Q5_K, Q2_K) with the file's own scales; float matrices (F32, F16, BF16) become f32. Every type
+/// `slm-gguf` reads.
 pub const EXACT_MATRIX_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
-    GgmlType::Q4K,
     GgmlType::Q5_0,
-    GgmlType::Q6K,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
 ];
 
 /// Every layer's block matrix is of a type in [`EXACT_MATRIX_TYPES`].

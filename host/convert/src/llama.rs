@@ -10,7 +10,7 @@ use slm_gguf::{Architecture, GgmlType, Gguf, ModelConfig, TensorInfo};
 use tract_onnx::pb;
 
 use crate::builder::{value_info, Attr, Builder, Dim, Elem};
-use crate::quant::{int8_blocks, int8_rows, q4_blocks, transpose, Matrix};
+use crate::quant::{affine8_blocks, int8_blocks, int8_rows, q4_blocks, transpose, Matrix};
 use crate::ConvertError;
 
 const OPSET: i64 = 17;
@@ -86,6 +86,21 @@ impl Weights<'_> {
                 s: per_row(s, block),
                 block,
             }
+        } else if let Some((block, s, o)) = slm_gguf::int8_affine(tensor.kind, data) {
+            let (s, o) = (per_row(s, block), per_row(o, block));
+            // K-quants' blocks of 32 (Q5_K) as two of 16: the engine takes blocks of 16 for
+            // K-quants (Q8_K activations), blocks of 32 for Q5_1 (Q8_1).
+            let halves = |v: Vec<f32>| v.iter().flat_map(|&x| [x, x]).collect();
+            match tensor.kind {
+                GgmlType::Q5K => BlockParams::Affine8 {
+                    s: halves(s),
+                    o: halves(o),
+                    block: 16,
+                },
+                _ => BlockParams::Affine8 { s, o, block },
+            }
+        } else if matches!(tensor.kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            BlockParams::Dense
         } else {
             return Err(crate::inexact_type(name, tensor.kind));
         };
@@ -110,11 +125,26 @@ struct BlockMatrix {
 }
 
 /// Per block, row-major: `value = d * q + m` (4 bits, blocks of 32; `f16` when `d` and `m` are
-/// float16 values, as in Q4_0 and Q4_1) or `s * q` (int8, blocks of 32 for Q8_0 and Q5_0, 16 for
-/// Q6_K: the engine rounds activations as llama.cpp does for each).
+/// float16 values, as in Q4_0 and Q4_1), `s * q` (int8, blocks of 32 for Q8_0 and Q5_0, 16 for
+/// Q6_K and Q3_K: the engine rounds activations as llama.cpp does for each) or `s * q + o` (q in
+/// 0..32, blocks of 32 for Q5_1 and Q5_K, 16 for Q2_K); or no blocks: float weights (F32, F16,
+/// BF16), held as f32.
 enum BlockParams {
-    Q4 { d: Vec<f32>, m: Vec<f32>, f16: bool },
-    Int8 { s: Vec<f32>, block: usize },
+    Q4 {
+        d: Vec<f32>,
+        m: Vec<f32>,
+        f16: bool,
+    },
+    Int8 {
+        s: Vec<f32>,
+        block: usize,
+    },
+    Affine8 {
+        s: Vec<f32>,
+        o: Vec<f32>,
+        block: usize,
+    },
+    Dense,
 }
 
 impl BlockMatrix {
@@ -142,6 +172,12 @@ impl BlockMatrix {
                     s: cut(s, *block),
                     block: *block,
                 },
+                BlockParams::Affine8 { s, o, block } => BlockParams::Affine8 {
+                    s: cut(s, *block),
+                    o: cut(o, *block),
+                    block: *block,
+                },
+                BlockParams::Dense => BlockParams::Dense,
             },
         }
     }
@@ -166,10 +202,14 @@ enum Table {
 /// value = `scale * q + offset`. A zero point cannot carry a Q4_K offset exactly
 /// (`-zero * scale` rounds), this can.
 pub const MATMUL_Q4_OFFSET: &str = "MatMulQ4Offset";
+/// Its 8-bit twin: values `q` in 0..=127 (a byte each, `[N, K/block, block]`), blocks of 32
+/// (Q5_1: the engine rounds activations as llama.cpp's Q8_1) or 16 (Q5_K, Q2_K: as Q8_K).
+pub const MATMUL_Q8_OFFSET: &str = "MatMulQ8Offset";
 
 /// `x [.., in] @ w.T` with `w`'s blocks: `MatMulNBits` (4 bits in blocks of 32 with float zero
 /// points, from which the engine recovers float16 offsets exactly, or 8 bits in blocks of 16
-/// with the default zero point, 128), or [`MATMUL_Q4_OFFSET`] for f32 offsets.
+/// with the default zero point, 128), [`MATMUL_Q4_OFFSET`] for f32 offsets,
+/// [`MATMUL_Q8_OFFSET`] for 5- and 2-bit values with offsets, or a float `MatMul`.
 fn linear_blocks(
     b: &mut Builder,
     x: &str,
@@ -216,6 +256,36 @@ fn linear_blocks(
                 *block as i64,
                 vec![q, s],
             )
+        }
+        BlockParams::Affine8 { s, o, block } => {
+            let (values, s, o) = affine8_blocks(w, s, o, *block).ok_or_else(|| {
+                ConvertError::Unsupported(format!(
+                    "tensor '{}' has a value that is not its block's scale times an integer in 0..32 plus its offset",
+                    bm.name
+                ))
+            })?;
+            let q = b.constant(
+                &format!("{hint}_q8"),
+                Elem::U8,
+                &[w.rows, w.cols / block, *block],
+                values,
+            );
+            let s = b.f32s(&format!("{hint}_s"), &[s.len()], &s);
+            let o = b.f32s(&format!("{hint}_m"), &[o.len()], &o);
+            (
+                (SLM_DOMAIN, MATMUL_Q8_OFFSET),
+                8,
+                *block as i64,
+                vec![q, s, o],
+            )
+        }
+        BlockParams::Dense => {
+            let wt = b.f32s(
+                &format!("{hint}_w"),
+                &[w.cols, w.rows],
+                &transpose(&w.values, w.rows, w.cols),
+            );
+            return Ok(b.op("MatMul", &[x, &wt], Some(hint), vec![]));
         }
     };
     let out = b.name(hint);
@@ -771,7 +841,19 @@ pub fn build(
             ),
         }
     } else {
-        let head = linear_int8(&mut b, &last, &weights.matrix("output.weight")?, "lm_head");
+        // An untied head keeps the file's blocks, as the layers' matrices (slmconv's layout
+        // rounds it to int8 rows).
+        let head = match layout {
+            crate::TableLayout::Exact => linear_blocks(
+                &mut b,
+                &last,
+                &weights.block_matrix("output.weight")?,
+                "lm_head",
+            )?,
+            crate::TableLayout::Int8Rows => {
+                linear_int8(&mut b, &last, &weights.matrix("output.weight")?, "lm_head")
+            }
+        };
         b.node("Identity", "", &[&head], &["logits"], vec![]);
     }
 

@@ -94,6 +94,33 @@ pub fn int8_blocks(w: &Matrix, s: &[f32], block: usize) -> Option<(Vec<u8>, Vec<
     Some((q, s.to_vec()))
 }
 
+/// Blocks of `block` values along each row as value = `s * q + o`, `q` in 0..32, each block's
+/// `s` and `o` given (row-major): a Q5_1, Q5_K or Q2_K file's own, so each `q` comes back
+/// exactly. Returns the `q` (`[rows, cols / block, block]`, a byte each) and the scales and
+/// offsets (a constant block, `s` = 0, becomes `s` = 1 with q = 0); None when a value is not
+/// `s * q + o` in f32.
+pub fn affine8_blocks(
+    w: &Matrix,
+    s: &[f32],
+    o: &[f32],
+    block: usize,
+) -> Option<(Vec<u8>, Vec<f32>, Vec<f32>)> {
+    let mut q = Vec::with_capacity(w.values.len());
+    let mut scales = Vec::with_capacity(s.len());
+    for ((values, &s), &o) in w.values.chunks_exact(block).zip(s).zip(o) {
+        let s = if s != 0.0 { s } else { 1.0 };
+        for &v in values {
+            let i = ((v - o) / s).round_ties_even().clamp(0.0, 31.0);
+            if s * i + o != v {
+                return None;
+            }
+            q.push(i as u8);
+        }
+        scales.push(s);
+    }
+    Some((q, scales, o.to_vec()))
+}
+
 /// `w` transposed: `[cols, rows]`.
 pub fn transpose<T: Copy>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(values.len());

@@ -178,14 +178,15 @@ fn other_architectures_are_refused_by_name() {
 
 /// Block matrices are held as the file holds them: every weight the graph's block products
 /// describe, read as the engine reads them, equals the file's dequantized value exactly, the
-/// RoPE-permuted Q and K rows included: Q4_0 and Q4_1 as `MatMulNBits` (4 bits, `q * d + m`
-/// with `d` and `m` recovered as float16), Q4_K as `MatMulQ4Offset` (`q * d + m` in f32), Q8_0,
-/// Q5_0 and Q6_K as 8-bit `MatMulNBits` (`s * (q - 128)`). Other block types would be
-/// re-quantized: refused, naming the tensor and its type.
+/// RoPE-permuted Q and K rows included, for every matrix type: Q4_0 and Q4_1 as `MatMulNBits`
+/// (4 bits, `q * d + m` with `d` and `m` recovered as float16), Q4_K as `MatMulQ4Offset`
+/// (`q * d + m` in f32), Q8_0, Q5_0, Q6_K and Q3_K as 8-bit `MatMulNBits` (`s * (q - 128)`),
+/// Q5_1, Q5_K and Q2_K as `MatMulQ8Offset` (`s * q + o`), F32, F16 and BF16 as f32 `MatMul`.
 #[test]
-fn block_matrices_are_held_exactly_and_others_refused() {
+fn every_matrix_type_is_held_exactly() {
     let dir = tiny_models("tiny-gguf-quantized");
-    for kind in ["q4_0", "q4_1", "q8_0", "q4_k_m"] {
+    let mut seen = std::collections::BTreeSet::new();
+    for kind in ["q4_0", "q4_1", "q8_0", "q5_1", "q4_k_m", "k_mix"] {
         let file = Gguf::open(&dir.join(format!("llama-{kind}.gguf"))).unwrap();
         let model = onnx_model(&file).unwrap();
         let graph = model.graph.unwrap();
@@ -203,10 +204,15 @@ fn block_matrices_are_held_exactly_and_others_refused() {
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
                 .collect()
         };
+        let is_weight = |n: &str| graph.initializer.iter().any(|t| t.name == n);
         let nodes: Vec<_> = graph
             .node
             .iter()
-            .filter(|n| n.op_type == "MatMulNBits" || n.op_type == "MatMulQ4Offset")
+            .filter(|n| match n.op_type.as_str() {
+                "MatMulNBits" | "MatMulQ4Offset" | "MatMulQ8Offset" => true,
+                "MatMul" => is_weight(&n.input[1]),
+                _ => false,
+            })
             .collect();
         let matrices = [
             "attn_q",
@@ -221,6 +227,7 @@ fn block_matrices_are_held_exactly_and_others_refused() {
         for (n, node) in nodes.iter().enumerate() {
             let name = format!("blk.{}.{}.weight", n / 7, matrices[n % 7]);
             let tensor = file.tensor(&name).unwrap();
+            seen.insert(tensor.kind.name());
             let (cols, rows) = (tensor.dims[0] as usize, tensor.dims[1] as usize);
             let values = file.dequantize(tensor);
             // llama.cpp's Q/K rows interleave each head's RoPE halves: HF row a*half + j is
@@ -240,6 +247,20 @@ fn block_matrices_are_held_exactly_and_others_refused() {
                 h * per_head + 2 * j + a
             };
             let packed = &init(&node.input[1]).raw_data;
+            if node.op_type == "MatMul" {
+                let w = floats(&node.input[1]);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let want = values[file_row(r) * cols + c];
+                        assert_eq!(
+                            w[c * rows + r].to_bits(),
+                            want.to_bits(),
+                            "{name} [{r}, {c}]"
+                        );
+                    }
+                }
+                continue;
+            }
             let scales = floats(&node.input[2]);
             let attr = |name: &str| node.attribute.iter().find(|a| a.name == name).unwrap().i;
             let (bits, block) = (attr("bits"), attr("block_size") as usize);
@@ -265,6 +286,12 @@ fn block_matrices_are_held_exactly_and_others_refused() {
                             let q = packed[r * cols + c] as i32 - 128;
                             scales[r * cols / block + c / block] * q as f32
                         }
+                        ("MatMulQ8Offset", 8) => {
+                            let b = r * cols / block + c / block;
+                            let q = packed[r * cols + c];
+                            assert!(q < 32, "{name}: q = {q}");
+                            scales[b] * q as f32 + floats(&node.input[3])[b]
+                        }
                         other => panic!("{other:?}"),
                     };
                     let want = values[file_row(r) * cols + c];
@@ -274,11 +301,9 @@ fn block_matrices_are_held_exactly_and_others_refused() {
             }
         }
     }
-    let file = Gguf::open(&dir.join("llama-q5_1.gguf")).unwrap();
-    assert_eq!(
-        onnx_model(&file).unwrap_err().to_string(),
-        "tensor 'blk.0.attn_q.weight' is Q5_1, which does not convert exactly yet (block \
-         matrices convert from Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0; re-quantizing would change \
-         the model's weights)"
-    );
+    let all: Vec<&str> = slm_convert::EXACT_MATRIX_TYPES
+        .iter()
+        .map(|t| t.name())
+        .collect();
+    assert_eq!(seen, all.into_iter().collect());
 }

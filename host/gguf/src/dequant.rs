@@ -139,20 +139,23 @@ fn q2_k(b: &[u8], y: &mut [f32]) {
 fn q3_k(b: &[u8], y: &mut [f32]) {
     let (hmask, qs, packed) = (&b[..32], &b[32..96], &b[96..108]);
     let d = half16(&b[108..]);
-    let scale = |s: usize| -> f32 {
-        let low = match s < 8 {
-            true => packed[s] & 0x0F,
-            false => packed[s - 8] >> 4,
-        };
-        let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
-        ((low | high << 4) as i8 - 32) as f32
-    };
     for (i, y) in y.iter_mut().enumerate() {
-        let dl = d * scale(i / 16);
+        let dl = d * q3_k_scale(packed, i / 16);
         let high = (hmask[i % 32] >> (i / 32)) & 1;
         let q = two_bits(qs, i) as i8 - ((high ^ 1) << 2) as i8;
         *y = dl * q as f32;
     }
+}
+
+/// Q3_K's scale of sub-block `s` (0..16), -32..32, from its 12 packed bytes: 4 low bits in
+/// bytes 0..8, 2 high bits in bytes 8..12.
+fn q3_k_scale(packed: &[u8], s: usize) -> f32 {
+    let low = match s < 8 {
+        true => packed[s] & 0x0F,
+        false => packed[s - 8] >> 4,
+    };
+    let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
+    ((low | high << 4) as i8 - 32) as f32
 }
 
 /// The `d` and `m` of each block of 32 of a Q4_0 (`m = -8 d`), Q4_1 or Q4_K tensor's `data`
@@ -179,10 +182,10 @@ pub fn q4_affine(kind: GgmlType, data: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
     }
 }
 
-/// The blocks of a Q8_0, Q5_0 or Q6_K tensor's `data` as int8 blocks (value = `s * q`, `q` an
-/// integer in -128..128): their length and each one's scale `s`, in file order: Q8_0's and
-/// Q5_0's `d` per 32 values, Q6_K's `d * scale` per 16 (an exact f32 product). None for other
-/// types.
+/// The blocks of a Q8_0, Q5_0, Q6_K or Q3_K tensor's `data` as int8 blocks (value = `s * q`,
+/// `q` an integer in -128..128): their length and each one's scale `s`, in file order: Q8_0's
+/// and Q5_0's `d` per 32 values, Q6_K's `d * scale` and Q3_K's `d * (scale - 32)` per 16 (exact
+/// f32 products of a float16 and a 6- or 8-bit integer). None for other types.
 pub fn int8_scales(kind: GgmlType, data: &[u8]) -> Option<(usize, Vec<f32>)> {
     let blocks = data.chunks_exact(kind.block_bytes());
     match kind {
@@ -196,8 +199,53 @@ pub fn int8_scales(kind: GgmlType, data: &[u8]) -> Option<(usize, Vec<f32>)> {
                 })
                 .collect(),
         )),
+        GgmlType::Q3K => Some((
+            16,
+            blocks
+                .flat_map(|b| {
+                    let d = half16(&b[108..]);
+                    (0..16).map(move |s| d * q3_k_scale(&b[96..108], s))
+                })
+                .collect(),
+        )),
         _ => None,
     }
+}
+
+/// The blocks of a Q5_1, Q5_K or Q2_K tensor's `data` as int8 blocks with an offset (value =
+/// `s * q + o`, `q` an integer in 0..32): their length and each one's `s` and `o`, in file order:
+/// Q5_1's `d` and `m` per 32 values, Q5_K's `d * sc` and `-(dmin * m)` per 32, Q2_K's per 16
+/// (exact f32 products). [`dequantize`] gives `s * q + o` computed in f32. None for other types.
+pub fn int8_affine(kind: GgmlType, data: &[u8]) -> Option<(usize, Vec<f32>, Vec<f32>)> {
+    let blocks = data.chunks_exact(kind.block_bytes());
+    let (block, (s, o)) = match kind {
+        GgmlType::Q5_1 => (32, blocks.map(|b| (half16(b), half16(&b[2..]))).unzip()),
+        GgmlType::Q5K => (
+            32,
+            blocks
+                .flat_map(|b| {
+                    let (d, dmin) = (half16(b), half16(&b[2..]));
+                    (0..8).map(move |j| {
+                        let (sc, m) = scale_min_k4(&b[4..16], j);
+                        (d * sc as f32, -(dmin * m as f32))
+                    })
+                })
+                .unzip(),
+        ),
+        GgmlType::Q2K => (
+            16,
+            blocks
+                .flat_map(|b| {
+                    let (d, dmin) = (half16(&b[80..]), half16(&b[82..]));
+                    b[..16]
+                        .iter()
+                        .map(move |&sc| (d * (sc & 0x0F) as f32, -(dmin * (sc >> 4) as f32)))
+                })
+                .unzip(),
+        ),
+        _ => return None,
+    };
+    Some((block, s, o))
 }
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of Q4_K/Q5_K's 12 packed bytes.
@@ -293,7 +341,9 @@ mod tests {
         // The f16 fields: d (and dmin) first, Q6_K's d last; kept finite and small.
         let f16_fields: &[usize] = match kind {
             GgmlType::Q6K => &[208],
-            GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+            GgmlType::Q3K => &[108],
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q4_1 | GgmlType::Q4K | GgmlType::Q5_1 | GgmlType::Q5K => &[0, 2],
             _ => &[0],
         };
         for b in data.chunks_exact_mut(kind.block_bytes()) {
@@ -329,7 +379,7 @@ mod tests {
     /// Every value is `s * q` with q an integer in -128..128, exactly.
     #[test]
     fn int8_scales_give_every_value_exactly() {
-        for kind in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q6K] {
+        for kind in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q6K, GgmlType::Q3K] {
             let data = random_blocks(kind, 64, kind as u64);
             let values = dequantize(kind, &data);
             let (block, s) = int8_scales(kind, &data).unwrap();
@@ -341,6 +391,29 @@ mod tests {
             }
         }
         assert!(int8_scales(GgmlType::Q4K, &random_blocks(GgmlType::Q4K, 1, 1)).is_none());
+    }
+
+    /// Every value is `s * q + o` with q in 0..32, computed in f32, bit for bit.
+    #[test]
+    fn int8_affine_gives_every_value_exactly() {
+        for kind in [GgmlType::Q5_1, GgmlType::Q5K, GgmlType::Q2K] {
+            let data = random_blocks(kind, 64, kind as u64);
+            let values = dequantize(kind, &data);
+            let (block, s, o) = int8_affine(kind, &data).unwrap();
+            assert_eq!(
+                (s.len(), o.len()),
+                (values.len() / block, values.len() / block)
+            );
+            for (i, v) in values.iter().enumerate() {
+                let (s, o) = (s[i / block], o[i / block]);
+                let found = (0..32).any(|q| (s * q as f32 + o).to_bits() == v.to_bits());
+                assert!(
+                    found,
+                    "{kind} value {i}: {v} is no s * q + o (s={s}, o={o})"
+                );
+            }
+        }
+        assert!(int8_affine(GgmlType::Q6K, &random_blocks(GgmlType::Q6K, 1, 1)).is_none());
     }
 
     #[test]

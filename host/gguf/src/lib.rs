@@ -20,7 +20,7 @@ mod tokenizer;
 mod types;
 
 pub use config::{Architecture, ModelConfig, SlidingWindow};
-pub use dequant::{dequantize, dequantize_into, int8_scales, q4_affine};
+pub use dequant::{dequantize, dequantize_into, int8_affine, int8_scales, q4_affine};
 pub use error::GgufError;
 pub use metadata::Value;
 pub use reader::{Gguf, TensorInfo};

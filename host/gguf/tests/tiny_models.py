@@ -78,6 +78,12 @@ def quantize(values, kind):
         return quantize_q4_k(values)
     if kind == Q.Q6_K:
         return quantize_q6_k(values)
+    if kind == Q.Q5_K:
+        return quantize_q5_k(values)
+    if kind == Q.Q3_K:
+        return quantize_q3_k(values)
+    if kind == Q.Q2_K:
+        return quantize_q2_k(values)
     return gguf.quants.quantize(values, kind)
 
 
@@ -110,6 +116,88 @@ def quantize_q4_k(values):
     return out.reshape(rows, cols // 256 * 144)
 
 
+def scales_and_mins_k(x, levels):
+    """Per block of 32 of super-blocks x [n, 8, 32]: 6-bit scales and mins against f16 d and
+    dmin (min/max, not llama.cpp's search) and the values in 0..levels."""
+    lo = np.minimum(x.min(axis=2), 0)
+    scale = (x.max(axis=2) - lo) / levels
+    d = f16(scale.max(axis=1) / 63).astype(np.float32)
+    dmin = f16(-lo.min(axis=1) / 63).astype(np.float32)
+    safe = lambda v: np.where(v == 0, 1, v)
+    sc = np.clip(np.round(scale / safe(d)[:, None]), 0, 63).astype(np.uint8)
+    mc = np.clip(np.round(-lo / safe(dmin)[:, None]), 0, 63).astype(np.uint8)
+    step = safe(d[:, None] * sc)[..., None]
+    q = np.clip(np.round((x + (dmin[:, None] * mc)[..., None]) / step), 0, levels).astype(np.uint8)
+    packed = np.zeros((len(x), 12), np.uint8)
+    packed[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
+    packed[:, 4:8] = mc[:, :4] | (mc[:, 4:] >> 4) << 6
+    packed[:, 8:12] = (sc[:, 4:] & 15) | (mc[:, 4:] & 15) << 4
+    head = np.concatenate([f16(d).view(np.uint8).reshape(-1, 2), f16(dmin).view(np.uint8).reshape(-1, 2),
+                           packed], axis=1)
+    return head, q
+
+
+def quantize_q5_k(values):
+    """Q5_K super-blocks of 256: Q4_K's scales and mins, 5-bit values: the low nibbles as Q4_K
+    packs them, block j's fifth bits as bit j of the 32 qh bytes."""
+    rows, cols = values.shape
+    head, q = scales_and_mins_k(values.reshape(-1, 8, 32).astype(np.float32), 31)
+    low, high = q & 15, q >> 4
+    qs = (low[:, 0::2] | low[:, 1::2] << 4).reshape(len(q), 128)
+    qh = np.zeros((len(q), 32), np.uint8)
+    for j in range(8):
+        qh |= high[:, j] << j
+    return np.concatenate([head, qh, qs], axis=1).reshape(rows, cols // 256 * 176)
+
+
+def two_bit_planes(q):
+    """Values [n, 256] in 0..4 as Q2_K/Q3_K's qs: per half of 128, 32 bytes of four 2-bit planes."""
+    q = q.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | q[:, :, 1] << 2 | q[:, :, 2] << 4 | q[:, :, 3] << 6).reshape(-1, 64)
+
+
+def quantize_q2_k(values):
+    """Q2_K super-blocks of 256: per 16 values a 4-bit scale and min (min << 4 | scale) against f16
+    d and dmin, 2-bit values."""
+    rows, cols = values.shape
+    x = values.reshape(-1, 16, 16).astype(np.float32)
+    lo = np.minimum(x.min(axis=2), 0)
+    scale = (x.max(axis=2) - lo) / 3
+    d = f16(scale.max(axis=1) / 15).astype(np.float32)
+    dmin = f16(-lo.min(axis=1) / 15).astype(np.float32)
+    safe = lambda v: np.where(v == 0, 1, v)
+    sc = np.clip(np.round(scale / safe(d)[:, None]), 0, 15).astype(np.uint8)
+    mc = np.clip(np.round(-lo / safe(dmin)[:, None]), 0, 15).astype(np.uint8)
+    step = safe(d[:, None] * sc)[..., None]
+    q = np.clip(np.round((x + (dmin[:, None] * mc)[..., None]) / step), 0, 3).astype(np.uint8)
+    out = np.concatenate([sc | mc << 4, two_bit_planes(q.reshape(-1, 256)),
+                          f16(d).view(np.uint8).reshape(-1, 2), f16(dmin).view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(rows, cols // 256 * 84)
+
+
+def quantize_q3_k(values):
+    """Q3_K super-blocks of 256: per 16 values a 6-bit scale (stored + 32) against f16 d, values
+    in -4..4 as 2 low bits in qs and a high bit in hmask (set: no -4)."""
+    rows, cols = values.shape
+    x = values.reshape(-1, 16, 16).astype(np.float32)
+    scale = np.abs(x).max(axis=2) / 4
+    d = f16(scale.max(axis=1) / 31).astype(np.float32)
+    safe = lambda v: np.where(v == 0, 1, v)
+    sc = np.clip(np.round(scale / safe(d)[:, None]), 0, 31).astype(np.int32)
+    step = safe(d[:, None] * sc)[..., None]
+    q = (np.clip(np.round(x / step), -4, 3) + 4).astype(np.uint8).reshape(-1, 256)
+    hmask = np.zeros((len(q), 32), np.uint8)
+    for j in range(8):
+        hmask |= (q[:, j * 32:(j + 1) * 32] >> 2) << j
+    s = (sc + 32).astype(np.uint8)
+    packed = np.zeros((len(q), 12), np.uint8)
+    packed[:, 0:8] = (s[:, 0:8] & 15) | (s[:, 8:16] & 15) << 4
+    for i in range(4):
+        packed[:, 8 + i] = (s[:, i] >> 4) | (s[:, 4 + i] >> 4) << 2 | (s[:, 8 + i] >> 4) << 4 | (s[:, 12 + i] >> 4) << 6
+    out = np.concatenate([hmask, two_bit_planes(q & 3), packed, f16(d).view(np.uint8).reshape(-1, 2)], axis=1)
+    return out.reshape(rows, cols // 256 * 110)
+
+
 def quantize_q6_k(values):
     """Q6_K super-blocks of 256: per 16 values an int8 scale against the super-block's f16 d,
     6-bit values (4 low bits in ql, 2 high in qh)."""
@@ -139,6 +227,19 @@ def q4_k_m(name):
     if matrix in ("ffn_down", "attn_v"):
         return Q.Q6_K if layer == 0 else {"ffn_down": Q.Q5_0, "attn_v": Q.Q8_0}[matrix]
     return Q.Q4_K
+
+
+def k_mix(name):
+    """The other K-quants (Q2_K, Q3_K, Q5_K, as Q2_K, Q3_K and Q5_K_M files have them) and the
+    float types (F16, BF16, F32), each in several places."""
+    Q = gguf.GGMLQuantizationType
+    layer, matrix = int(name.split(".")[1]), name.split(".")[2]
+    mix = {
+        "attn_q": (Q.Q2_K, Q.BF16), "attn_k": (Q.Q3_K, Q.Q5_K), "attn_v": (Q.Q5_K, Q.Q2_K),
+        "attn_output": (Q.F16, Q.Q3_K), "ffn_gate": (Q.Q5_K, Q.Q2_K), "ffn_up": (Q.Q3_K, Q.F32),
+        "ffn_down": (Q.Q2_K, Q.Q5_K),
+    }
+    return mix[matrix][layer]
 
 
 def spm_vocabulary(w):
@@ -230,6 +331,7 @@ def main(out):
     global HIDDEN, FFN
     HIDDEN, FFN = 256, 512
     write(out / "llama-q4_k_m.gguf", "llama", 2, 64, llama, matrix_type=q4_k_m)
+    write(out / "llama-k_mix.gguf", "llama", 2, 64, llama, matrix_type=k_mix)
     HIDDEN, FFN = 64, 96
     write(out / "qwen2.gguf", "qwen2", 2, 16, qwen2)
     write(out / "phi3.gguf", "phi3", 2, 16, phi3)

@@ -2,6 +2,7 @@
 //! panels split across threads, each share run by the best kernel this CPU has. Shared by the
 //! Q4_1 ([`super::q4_1`]) and Q8 ([`super::q8`]) weights, which bring the kernels.
 
+use super::offsets::BlockOffsets;
 use super::parallel::{parallel_ranges, OutPtr};
 use super::quantize::{Activations, QuantRows};
 
@@ -22,6 +23,11 @@ pub(crate) trait PanelKernels: Sync {
 
     /// How the activations are rounded for this weight.
     fn activations(&self) -> Activations;
+
+    /// Per-block offsets the kernels leave out, added after them.
+    fn offsets(&self) -> Option<&BlockOffsets> {
+        None
+    }
 
     /// Any CPU.
     unsafe fn portable(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize);
@@ -50,11 +56,18 @@ pub(crate) trait PanelKernels: Sync {
             return;
         }
         let xq = QuantRows::with(x, m, k, self.activations());
+        let sums = self.offsets().map(|o| o.block_sums(&xq));
         let out = OutPtr(y.as_mut_ptr());
         let run = |p0: usize, p1: usize| {
             // SAFETY: `xq` holds m rows of K, `out` m rows of N; every call writes only the
-            // columns of panels p0..p1 <= N / PANEL, and the ranges of the calls are disjoint.
-            unsafe { panels(self, &xq, m, out, p0, p1) }
+            // columns of panels p0..p1 <= N / PANEL, and the ranges of the calls are disjoint;
+            // `sums` are the offsets' block sums of `xq`.
+            unsafe {
+                panels(self, &xq, m, out, p0, p1);
+                if let (Some(o), Some(sums)) = (self.offsets(), &sums) {
+                    o.add(sums, m, n, out, p0 * Self::PANEL, (p1 * Self::PANEL).min(n));
+                }
+            }
         };
         parallel_ranges(n.div_ceil(Self::PANEL), m * k * n, &run);
     }
@@ -109,8 +122,9 @@ pub(crate) fn kernels<W: PanelKernels>() -> Vec<(&'static str, Kernel<W>)> {
     v
 }
 
-/// Implements [`PanelKernels`] for a weight type with fields `k` and `n` (generic ones as
-/// `impl<T: Bound> Type<T>`), from the kernels of the
+/// Implements [`PanelKernels`] for a weight type with fields `k`, `n` and `activations` (and
+/// `offsets`, an `Option<BlockOffsets>`, when the last argument says `offsets`; generic types
+/// as `impl<T: Bound> Type<T>`), from the kernels of the
 /// calling module, all `unsafe fn(&W, &QuantRows, usize, *mut f32, usize, usize)` under the
 /// trait's contract: `portable::panels`, `x86::panels_avx2`, `x86::panels_vnni`, `wasm::panels`.
 macro_rules! panel_kernels {
@@ -153,6 +167,53 @@ macro_rules! panel_kernels {
                 unsafe { wasm::panels(self, x, m, y, p0, p1) }
             }
         }
+    };
+    (impl<$($g:ident: $bound:path),*> $w:ty, $panel:expr, offsets) => {
+        impl<$($g: $bound),*> $crate::kernels::dispatch::PanelKernels for $w {
+            const PANEL: usize = $panel;
+
+            fn k(&self) -> usize {
+                self.k
+            }
+
+            fn n(&self) -> usize {
+                self.n
+            }
+
+            fn activations(&self) -> $crate::kernels::quantize::Activations {
+                self.activations
+            }
+
+            fn offsets(&self) -> Option<&$crate::kernels::offsets::BlockOffsets> {
+                self.offsets.as_ref()
+            }
+
+            unsafe fn portable(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+                // SAFETY: the kernel's contract is the trait's.
+                unsafe { portable::panels(self, x, m, y, p0, p1) }
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn avx2(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+                // SAFETY: the kernel's contract is the trait's.
+                unsafe { x86::panels_avx2(self, x, m, y, p0, p1) }
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn vnni(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+                // SAFETY: the kernel's contract is the trait's.
+                unsafe { x86::panels_vnni(self, x, m, y, p0, p1) }
+            }
+
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            unsafe fn simd128(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+                // SAFETY: the kernel's contract is the trait's.
+                unsafe { wasm::panels(self, x, m, y, p0, p1) }
+            }
+        }
+    };
+    ($w:ty, $panel:expr, offsets) => {
+        $crate::kernels::dispatch::panel_kernels!(impl<> $w, $panel, offsets);
     };
     ($w:ty, $panel:expr) => {
         $crate::kernels::dispatch::panel_kernels!(impl<> $w, $panel);

@@ -1,7 +1,9 @@
 //! Matrix products against int8 weights in blocks of 16 along K, each block with its own f32
 //! scale: a weight is `s * q`, `q` in -127..=127. That holds exactly what GGUF's 8-, 6- and 5-bit
 //! types store: Q8_0 (`d * q`, blocks of 32: two blocks with one scale), Q5_0 (`d * (q - 16)`)
-//! and Q6_K (`d * sc * (q - 32)`, a 16-value block's `d * sc` an exact f32 product).
+//! Q6_K (`d * sc * (q - 32)`, a 16-value block's `d * sc` an exact f32 product) and Q3_K
+//! (`d * (sc - 32) * q`). With [`BlockOffsets`] (`s * q + o`), Q5_1 (`d * q + m`), Q5_K and
+//! Q2_K (`d * sc * q - dmin * m`).
 //!
 //! Activations are rounded to 8 bits per block of 32, as for the Q4_1 product
 //! ([`super::quantize`]): each 16-value half of a block is an exact integer dot product,
@@ -13,6 +15,7 @@
 //! half-block, 4..8 the second. Scales by (panel, half-block, column).
 
 use super::dispatch::panel_kernels;
+use super::offsets::BlockOffsets;
 use super::q4_1::QBLOCK;
 use super::quantize::{Activations, QuantRows};
 
@@ -32,11 +35,17 @@ pub struct Q8Blocks {
     scale: Vec<f32>,
     /// How its products round activations.
     activations: Activations,
+    /// Per-block offsets, added after the kernels' integer products.
+    offsets: Option<BlockOffsets>,
 }
 
 impl std::fmt::Debug for Q8Blocks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q8Blocks {{ k: {}, n: {} }}", self.k, self.n)
+        write!(f, "Q8Blocks {{ k: {}, n: {}", self.k, self.n)?;
+        if let Some(o) = &self.offsets {
+            write!(f, ", offsets per {}", o.per())?;
+        }
+        write!(f, " }}")
     }
 }
 
@@ -76,7 +85,15 @@ impl Q8Blocks {
             q,
             scale: s,
             activations: Activations::default(),
+            offsets: None,
         })
+    }
+
+    /// The same weight plus an offset per block of `per` values (16 or 32): `s * q + o`, `o`
+    /// `[N][K/per]`.
+    pub fn with_offsets(self, per: usize, o: &[f32]) -> Result<Self, String> {
+        let offsets = Some(BlockOffsets::new(self.k, self.n, per, o)?);
+        Ok(Q8Blocks { offsets, ..self })
     }
 
     /// The same weight, its products rounding activations as `activations` says.
@@ -96,7 +113,7 @@ impl Q8Blocks {
             let (b, r) = (kk / QBLOCK, kk % QBLOCK);
             let byte = panel[b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4];
             let s = self.scale[(p * halves + kk / HALF) * Q8B_PANEL + j];
-            *o = s * (byte ^ 0x80) as i8 as f32;
+            *o = self.plus_offset(s * (byte ^ 0x80) as i8 as f32, kk, c);
         }
     }
 
@@ -108,11 +125,19 @@ impl Q8Blocks {
         let byte = self.q
             [p * Q8B_PANEL * self.k + b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4];
         let s = self.scale[(p * (self.k / HALF) + kk / HALF) * Q8B_PANEL + j];
-        s * (byte ^ 0x80) as i8 as f32
+        self.plus_offset(s * (byte ^ 0x80) as i8 as f32, kk, c)
+    }
+
+    /// `v` plus the offset at (k, column c), if the weight has offsets.
+    fn plus_offset(&self, v: f32, kk: usize, c: usize) -> f32 {
+        match &self.offsets {
+            Some(o) => v + o.at(self.k, c, kk),
+            None => v,
+        }
     }
 }
 
-panel_kernels!(Q8Blocks, Q8B_PANEL);
+panel_kernels!(Q8Blocks, Q8B_PANEL, offsets);
 
 mod portable {
     use super::*;
@@ -498,6 +523,68 @@ mod tests {
                 portable.unwrap(),
                 "matmul m={m} k={k} n={n}"
             );
+        }
+    }
+
+    /// With offsets per 16 and per 32: `matmul` against the f64 product of the rounded x with
+    /// the integer weights plus each block's offset times its block sum, as llama.cpp computes
+    /// Q2_K/Q5_K (Q8_K activations) and Q5_1 (Q8_1); every weight `s * q + o` exactly.
+    #[test]
+    fn offsets_add_each_block_sum_times_its_offset() {
+        for (per, how) in [(16, Activations::Q8K), (32, Activations::Q8_1)] {
+            let (m, k, n) = (3, 512, 70);
+            let mut g = Lcg(per as u64);
+            let rows: Vec<u8> = (0..k * n).map(|_| (g.next() % 32) as u8).collect();
+            let scale: Vec<f32> = (0..n * k / HALF)
+                .map(|_| 0.001 + g.f32().abs() * 0.01)
+                .collect();
+            let offset: Vec<f32> = (0..n * k / per).map(|_| g.f32() * 0.1).collect();
+            let w = Q8Blocks::from_rows(k, n, &rows, &scale)
+                .unwrap()
+                .with_offsets(per, &offset)
+                .unwrap()
+                .with_activations(how);
+            for (kk, c) in [(0, 0), (17, 5), (511, 69)] {
+                let want = scale[c * k / HALF + kk / HALF] * rows[c * k + kk] as f32
+                    + offset[c * k / per + kk / per];
+                assert_eq!(w.value(kk, c).to_bits(), want.to_bits());
+            }
+            let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+            let xr = QuantRows::with(&x, m, k, how);
+            let mut y = vec![f32::NAN; m * n];
+            w.matmul(&x, m, &mut y);
+            for r in 0..m {
+                for c in 0..n {
+                    let ints: f64 = (0..k)
+                        .map(|kk| {
+                            (scale[c * k / HALF + kk / HALF] * rows[c * k + kk] as f32) as f64
+                                * xr.q[r * k + kk] as f64
+                                * xr.scale[(r * k + kk) / QBLOCK] as f64
+                        })
+                        .sum();
+                    let offsets: f64 = (0..k / per)
+                        .map(|b| {
+                            let sum = match per {
+                                32 => xr.sum[r * k / 32 + b] as f64,
+                                _ => {
+                                    let q = &xr.q[r * k + b * per..][..per];
+                                    let isum: i32 = q.iter().map(|&v| v as i32).sum();
+                                    xr.scale[(r * k + b * per) / QBLOCK] as f64 * isum as f64
+                                }
+                            };
+                            offset[c * k / per + b] as f64 * sum
+                        })
+                        .sum();
+                    let (got, want) = (y[r * n + c] as f64, ints + offsets);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "per {per} ({r}, {c}): {got} vs {want}"
+                    );
+                }
+            }
+            let one = same_on_threads(m * n, |y| w.matmul(&x, m, y));
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&y));
         }
     }
 

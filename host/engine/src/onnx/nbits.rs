@@ -1,7 +1,8 @@
 //! Block-quantized weights: a `com.microsoft` `MatMulNBits` node (a scale and a zero point per
 //! block along K) becomes an `SlmQMatMul(x)` node on packed weights that the kernels read as
 //! they are: 4 bits in blocks of 32 ([`Q4Weights`], float16 or f32 scales: Q4_0, Q4_1, Q4_K) or
-//! 8 bits in blocks of 16 or 32 with zero point 128 ([`Q8Blocks`]: Q8_0, Q5_0, Q6_K). Packed
+//! 8 bits in blocks of 16 or 32 with zero point 128 ([`Q8Blocks`]: Q8_0, Q5_0, Q6_K, Q3_K) or
+//! with an offset per block (Q5_1, Q5_K, Q2_K). Packed
 //! while the protobuf is decoded ([`NBitsStream`]), or after ([`rewrite`]) for what the stream
 //! could not take.
 
@@ -25,6 +26,19 @@ use crate::ops::{self, Packed};
 /// offset`, because `-zero * scale` cannot give every Q4_K offset exactly.
 pub const SLM_DOMAIN: &str = "ai.edge-slm";
 pub const MATMUL_Q4_OFFSET: &str = "MatMulQ4Offset";
+/// Its 8-bit twin (slm-convert writes it for Q5_1, Q5_K and Q2_K): blocks of 16 or 32 values
+/// `q` (one byte each, 0..=127), value = `scale * q + offset`. Activations round as llama.cpp
+/// rounds them for Q5_1 (Q8_1) in blocks of 32, for the K-quants (Q8_K) in blocks of 16.
+pub const MATMUL_Q8_OFFSET: &str = "MatMulQ8Offset";
+
+/// The bits of our offset op `node` is, if it is one.
+fn offset_op_bits(node: &pb::NodeProto) -> Option<i64> {
+    match (node.domain.as_str(), node.op_type.as_str()) {
+        (SLM_DOMAIN, MATMUL_Q4_OFFSET) => Some(4),
+        (SLM_DOMAIN, MATMUL_Q8_OFFSET) => Some(8),
+        _ => None,
+    }
+}
 /// Our own row lookup in int8 blocks (slm-convert writes it for a tied Q8_0 embedding):
 /// `GatherBlocks(ids, B, scales)`, reading the initializers of the 8-bit `MatMulNBits` that is
 /// the LM head; a row is `scale * (q - 128)` per block, in f32. It becomes an `SlmQGather` on
@@ -60,7 +74,7 @@ fn readers_but_gathers(graph: &pb::GraphProto) -> HashMap<String, usize> {
 }
 
 /// A `MatMulNBits` of 4 bits in blocks of 32 or 8 bits in blocks of 16 or 32 (no `g_idx` or
-/// bias), or a [`MATMUL_Q4_OFFSET`], read from its initializers: value(c, k) = scale * (q -
+/// bias), or a [`MATMUL_Q4_OFFSET`] or [`MATMUL_Q8_OFFSET`], read from its initializers: value(c, k) = scale * (q -
 /// zero) or scale * q + offset per block.
 pub(crate) struct NBits<'a> {
     pub(crate) k: usize,
@@ -105,8 +119,8 @@ pub(crate) fn nbits<'a>(
     node: &pb::NodeProto,
     init: impl Fn(&str) -> Option<&'a pb::TensorProto>,
 ) -> Option<NBits<'a>> {
-    let with_offset =
-        (node.domain.as_str(), node.op_type.as_str()) == (SLM_DOMAIN, MATMUL_Q4_OFFSET);
+    let offset_bits = offset_op_bits(node);
+    let with_offset = offset_bits.is_some();
     if !with_offset && (node.op_type != "MatMulNBits" || node.domain != "com.microsoft") {
         return None;
     }
@@ -116,11 +130,12 @@ pub(crate) fn nbits<'a>(
         usize::try_from(int("N")?).ok()?,
     );
     let (bits, block) = (int("bits")?, usize::try_from(int("block_size")?).ok()?);
-    let supported = match bits {
-        4 => block == QBLOCK,
-        8 => (block == HALF || block == QBLOCK) && !with_offset,
-        _ => false,
-    };
+    let supported = offset_bits.is_none_or(|b| b == bits)
+        && match bits {
+            4 => block == QBLOCK,
+            8 => block == HALF || block == QBLOCK,
+            _ => false,
+        };
     let bits = bits as usize;
     if !supported || k % QBLOCK != 0 || node.input.len() < 3 {
         return None;
@@ -234,13 +249,16 @@ fn packed_weight<'a>(
     }
 }
 
-/// An 8-bit `MatMulNBits` whose zero points are all 128: int8 blocks, `scale * (q - 128)`.
+/// An 8-bit `MatMulNBits` whose zero points are all 128 (int8 blocks, `scale * (q - 128)`) or
+/// a [`MATMUL_Q8_OFFSET`] whose values are all below 128 (`scale * q + offset`).
 fn q8_weight(w: &NBits) -> Option<Packed> {
-    match &w.shift {
-        Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => {}
+    let rows: Vec<u8> = match &w.shift {
+        Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => {
+            w.raw.iter().map(|q| q ^ 0x80).collect()
+        }
+        Shift::Offset(_) if w.raw.iter().all(|&q| q < 128) => w.raw.to_vec(),
         _ => return None,
-    }
-    let rows: Vec<u8> = w.raw.iter().map(|q| q ^ 0x80).collect();
+    };
     // One scale per 16 values: a block of 32's, twice.
     let scale: Vec<f32> = w
         .scale
@@ -249,18 +267,23 @@ fn q8_weight(w: &NBits) -> Option<Packed> {
         .collect();
     // Blocks of 32 are Q8_0 and Q5_0 (llama.cpp rounds their activations as Q8_0), blocks of 16
     // Q6_K (as Q8_K).
-    let how = match w.block {
-        HALF => Activations::Q8K,
+    // With offsets, blocks of 32 are Q5_1 (Q8_1), of 16 Q5_K and Q2_K (Q8_K).
+    let how = match (w.block, &w.shift) {
+        (HALF, _) => Activations::Q8K,
+        (_, Shift::Offset(_)) => Activations::Q8_1,
         _ => Activations::Q8_0,
     };
-    let packed = Q8Blocks::from_rows(w.k, w.n, &rows, &scale).ok()?;
+    let mut packed = Q8Blocks::from_rows(w.k, w.n, &rows, &scale).ok()?;
+    if let Shift::Offset(offset) = &w.shift {
+        packed = packed.with_offsets(w.block, offset).ok()?;
+    }
     Some(Packed::Q8Blocks(Arc::new(packed.with_activations(how))))
 }
 
-/// A `MatMulNBits` or a [`MATMUL_Q4_OFFSET`].
+/// A `MatMulNBits` or one of our offset products.
 fn is_block_matmul(node: &pb::NodeProto) -> bool {
     (node.domain == "com.microsoft" && node.op_type == "MatMulNBits")
-        || (node.domain == SLM_DOMAIN && node.op_type == MATMUL_Q4_OFFSET)
+        || offset_op_bits(node).is_some()
 }
 
 /// Replaces the `MatMulNBits` nodes that [`packed_weight`] packs by `SlmQMatMul` on

@@ -170,18 +170,22 @@ impl Session {
         &mut self,
         inputs: Vec<(String, Tensor)>,
     ) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let stateless = inputs
+            .iter()
+            .any(|(n, _)| n.starts_with(names::PAST_KEY_VALUES_PREFIX));
         for (name, _) in &inputs {
-            if !self.model.input_names.contains(name) {
+            // A stateful run's positions follow from the cache, which the session keeps: a
+            // model that derives them itself (Optimum's Gemma 3 export) still takes them, to
+            // rewind.
+            let implied = !stateless && name == names::POSITION_IDS;
+            if !self.model.input_names.contains(name) && !implied {
                 return Err(EngineError::InvalidInput(format!(
                     "the model has no input '{name}' (inputs: {})",
                     summarize(&self.model.input_names)
                 )));
             }
         }
-        if inputs
-            .iter()
-            .any(|(n, _)| n.starts_with(names::PAST_KEY_VALUES_PREFIX))
-        {
+        if stateless {
             self.run_stateless(inputs)
         } else {
             self.run_stateful(inputs)

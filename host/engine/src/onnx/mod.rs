@@ -2,7 +2,7 @@
 //! ([`proto`]), then rewritten so that tract builds our ops ([`crate::ops`]) where the export
 //! spells out what they do: 4- and 8-bit `MatMulNBits` ([`nbits`]) and int8 `MatMul`s ([`int8`]) keep
 //! their weights quantized, attention chains are fused ([`attention`]), and their KV cache kept in place
-//! ([`kv_cache`]). The file is unchanged
+//! ([`kv_cache`]); the batch axis is pinned to one sequence ([`batch`]). The file is unchanged
 //! (it stays what ONNX Runtime runs); patterns that do not fit exactly are left to tract.
 
 use std::collections::HashMap;
@@ -12,6 +12,7 @@ use tract_onnx::pb;
 use crate::ops::Packed;
 
 pub(crate) mod attention;
+pub(crate) mod batch;
 pub(crate) mod graph;
 pub(crate) mod int8;
 pub(crate) mod kv_cache;
@@ -25,6 +26,9 @@ pub(crate) fn rewrite(
     stream: nbits::NBitsStream,
 ) -> HashMap<String, Packed> {
     let mut weights = stream.finish(proto);
+    if let Some(graph) = proto.graph.as_mut() {
+        batch::pin_to_one(graph);
+    }
     attention::rewrite(proto);
     if let Some(graph) = proto.graph.as_mut() {
         nbits::rewrite(graph, &mut weights);

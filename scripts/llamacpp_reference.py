@@ -3,7 +3,7 @@
   python scripts/llamacpp_reference.py tokens MODEL.gguf > tests/fixtures/tokenizer_llamacpp.json
   python scripts/llamacpp_reference.py agreement MODEL.gguf MODEL_DIR [TEXT_FILE]
   python scripts/llamacpp_reference.py logits MODEL.gguf... > tests/fixtures/tiny_llamacpp_logits.json
-  python scripts/llamacpp_reference.py engine MODEL.gguf [TEXT_FILE]
+  python scripts/llamacpp_reference.py engine MODEL.gguf [TEXT_FILE] [--model-dir DIR]
 
 `agreement` feeds held-out text to llama.cpp and to every ONNX variant (ONNX Runtime, whole prompt)
 and reports the share of positions where both pick the same next token, and each one's perplexity.
@@ -13,7 +13,8 @@ them in .cache/model-variants/<name>/).
 `engine` holds our engine (`slm logits`, the GGUF converted as `slm` converts it) to llama.cpp on the
 same file, as issue 14 measures faithfulness: next-token agreement teacher-forced over the first 500
 tokens of the held-out text, and greedy continuations of 16 tokens from 10 prompts (20-token windows
-of that text): how many leading tokens each shares with llama.cpp's.
+of that text): how many leading tokens each shares with llama.cpp's. With `--model-dir`, our engine
+runs that model directory (an Optimum export of the same weights, say) instead of the converted GGUF.
 
 `logits` runs each (tiny) GGUF on a fixed prompt and greedy steps and records every step's logits
 (host/tests/faithful.rs compares ours with them).
@@ -133,7 +134,8 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
     print()
 
 
-def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: str = "target/release/slm") -> None:
+def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: str = "target/release/slm",
+           model_dir: str | None = None) -> None:
     import os
     import subprocess
     import tempfile
@@ -149,8 +151,13 @@ def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: s
     ref = np.array(llm.scores[: len(ids)]).argmax(-1)
 
     tmp = tempfile.mkdtemp()
-    name = os.path.basename(gguf_path).removesuffix(".gguf")
-    os.symlink(os.path.abspath(gguf_path), os.path.join(tmp, name + ".gguf"))
+    if model_dir is None:
+        name = os.path.basename(gguf_path).removesuffix(".gguf")
+        os.symlink(os.path.abspath(gguf_path), os.path.join(tmp, name + ".gguf"))
+    else:
+        # Someone else's model directory of the same weights (an Optimum export).
+        name = os.path.basename(os.path.abspath(model_dir))
+        os.symlink(os.path.abspath(model_dir), os.path.join(tmp, name))
 
     def ours(prompt: list[int], steps: int, follow: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
         out = os.path.join(tmp, "logits.f32")
@@ -183,7 +190,7 @@ def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: s
             n += 1
         shared.append(n)
     report = {
-        "model": os.path.basename(gguf_path),
+        "model": os.path.basename(gguf_path) + ("" if model_dir is None else f" as {model_dir}"),
         "teacher_forced_tokens": len(ids) - 1,
         "next_token_agreement": round(agreement, 4),
         "greedy_16_shared_leading_tokens": shared,
@@ -196,4 +203,9 @@ def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: s
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"tokens": tokens, "agreement": agreement, "logits": logits, "engine": engine}[cmd](*args)
+    kwargs = {}
+    if "--model-dir" in args:
+        at = args.index("--model-dir")
+        kwargs["model_dir"] = args[at + 1]
+        del args[at : at + 2]
+    {"tokens": tokens, "agreement": agreement, "logits": logits, "engine": engine}[cmd](*args, **kwargs)

@@ -166,8 +166,36 @@ pub fn info(dir: &Path) -> Result<Info> {
         has_chat_template: matches!(
             tok_config.get("chat_template"),
             Some(Json::String(_)) | Some(Json::Array(_))
-        ),
+        ) || dir.join(CHAT_TEMPLATE_FILE).is_file(),
     })
+}
+
+/// Where transformers (4.43 and later) saves a chat template, beside tokenizer_config.json
+/// rather than in it: Optimum exports made with it have only this.
+const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// The chat template's source: tokenizer_config.json's `chat_template` (a string, or the one
+/// named "default" of a list), else chat_template.jinja.
+fn chat_template_source(tok_config: &Json, dir: &Path) -> Result<Option<String>> {
+    match tok_config.get("chat_template") {
+        Some(Json::String(src)) => return Ok(Some(src.clone())),
+        Some(Json::Array(list)) => {
+            return Ok(list
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Json::as_str))
+                .map(str::to_string))
+        }
+        _ => {}
+    }
+    let path = dir.join(CHAT_TEMPLATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| Error::model(format!("{}: not UTF-8", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::model(format!("reading {}: {e}", path.display()))),
+    }
 }
 
 impl Model {
@@ -191,17 +219,9 @@ impl Model {
             unk_token: special("unk_token"),
             pad_token: special("pad_token"),
         };
-        let template = match tok_config.get("chat_template") {
-            Some(Json::String(src)) => Some(ChatTemplate::new(src, tokens.clone())?),
-            // A list of named templates: use "default".
-            Some(Json::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Json::as_str))
-                .map(|src| ChatTemplate::new(src, tokens.clone()))
-                .transpose()?,
-            _ => None,
-        };
+        let template = chat_template_source(&tok_config, dir)?
+            .map(|src| ChatTemplate::new(&src, tokens.clone()))
+            .transpose()?;
 
         let mut eos_ids = ids(gen_config.get("eos_token_id").unwrap_or(&Json::Null));
         eos_ids.extend(ids(config.get("eos_token_id").unwrap_or(&Json::Null)));
@@ -399,6 +419,39 @@ mod tests {
             Ok(Some(49152))
         );
         assert_eq!(vocab_size(&serde_json::json!({}), dir), Ok(None));
+    }
+
+    /// tokenizer_config.json's template first (a string, or the list's "default"), else
+    /// chat_template.jinja beside it (transformers' own file since 4.43), else none.
+    #[test]
+    fn chat_template_from_the_config_or_its_own_file() {
+        let dir = std::env::temp_dir().join(format!("slm-template-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = |tok: Json| chat_template_source(&tok, &dir).unwrap();
+        assert_eq!(src(Json::Null), None);
+        std::fs::write(dir.join(CHAT_TEMPLATE_FILE), "{{ messages }}").unwrap();
+        let in_file = src(Json::Null);
+        let listed = src(serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}
+        ]}));
+        let in_config = src(serde_json::json!({"chat_template": "c"}));
+        std::fs::write(dir.join(CHAT_TEMPLATE_FILE), [0xff, 0xfe]).unwrap();
+        let not_utf8 = chat_template_source(&Json::Null, &dir);
+        let has_one = info_has_template(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(in_file.as_deref(), Some("{{ messages }}"));
+        assert_eq!(listed.as_deref(), Some("d"));
+        assert_eq!(in_config.as_deref(), Some("c"));
+        assert!(
+            matches!(not_utf8, Err(Error::ModelError(m)) if m.ends_with("chat_template.jinja: not UTF-8"))
+        );
+        assert!(has_one);
+    }
+
+    fn info_has_template(dir: &Path) -> bool {
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        info(dir).unwrap().has_chat_template
     }
 
     #[test]

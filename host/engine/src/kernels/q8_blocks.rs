@@ -53,15 +53,37 @@ impl Q8Blocks {
     /// From `rows` `[N][K]` of int8 values (as bytes, two's complement) in -127..=127 (the AVX2
     /// kernel negates weights; no GGUF type stores -128) and `scale` `[N][K/16]`.
     pub fn from_rows(k: usize, n: usize, rows: &[u8], scale: &[f32]) -> Result<Q8Blocks, String> {
-        if k == 0 || n == 0 || k % QBLOCK != 0 || rows.len() != k * n || scale.len() != n * k / HALF
+        Self::pack(k, n, rows, scale, 0x80)
+    }
+
+    /// From `biased` `[N][K]` values stored as `q + 128` (8-bit `MatMulNBits`' bytes with its
+    /// default zero point), packed straight from them: a 262k-row table is not copied first.
+    pub fn from_biased(
+        k: usize,
+        n: usize,
+        biased: &[u8],
+        scale: &[f32],
+    ) -> Result<Q8Blocks, String> {
+        Self::pack(k, n, biased, scale, 0)
+    }
+
+    /// Packs `bytes ^ flip`, which is `q + 128` (the panels' form); `flip` is 0x80 for two's
+    /// complement input, 0 for biased input.
+    fn pack(k: usize, n: usize, bytes: &[u8], scale: &[f32], flip: u8) -> Result<Q8Blocks, String> {
+        if k == 0
+            || n == 0
+            || k % QBLOCK != 0
+            || bytes.len() != k * n
+            || scale.len() != n * k / HALF
         {
             return Err(format!(
                 "int8 block weight of {} values and {} scales for K={k} N={n}",
-                rows.len(),
+                bytes.len(),
                 scale.len()
             ));
         }
-        if rows.contains(&0x80) {
+        // q = -128 is `q + 128` = 0.
+        if bytes.contains(&flip) {
             return Err("int8 block weight with a value of -128 (the range is -127..=127)".into());
         }
         let (panels, halves) = (n.div_ceil(Q8B_PANEL), k / HALF);
@@ -73,7 +95,7 @@ impl Q8Blocks {
             for kk in 0..k {
                 let (b, r) = (kk / QBLOCK, kk % QBLOCK);
                 panel[b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4] =
-                    rows[c * k + kk] ^ 0x80;
+                    bytes[c * k + kk] ^ flip;
             }
             for h in 0..halves {
                 s[(p * halves + h) * Q8B_PANEL + j] = scale[c * halves + h];

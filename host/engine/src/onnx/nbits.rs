@@ -252,11 +252,9 @@ fn packed_weight<'a>(
 /// An 8-bit `MatMulNBits` whose zero points are all 128 (int8 blocks, `scale * (q - 128)`) or
 /// a [`MATMUL_Q8_OFFSET`] whose values are all below 128 (`scale * q + offset`).
 fn q8_weight(w: &NBits) -> Option<Packed> {
-    let rows: Vec<u8> = match &w.shift {
-        Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => {
-            w.raw.iter().map(|q| q ^ 0x80).collect()
-        }
-        Shift::Offset(_) if w.raw.iter().all(|&q| q < 128) => w.raw.to_vec(),
+    let biased = match &w.shift {
+        Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => true,
+        Shift::Offset(_) if w.raw.iter().all(|&q| q < 128) => false,
         _ => return None,
     };
     // One scale per 16 values: a block of 32's, twice.
@@ -273,7 +271,11 @@ fn q8_weight(w: &NBits) -> Option<Packed> {
         (_, Shift::Offset(_)) => Activations::Q8_1,
         _ => Activations::Q8_0,
     };
-    let mut packed = Q8Blocks::from_rows(w.k, w.n, &rows, &scale).ok()?;
+    let mut packed = match biased {
+        true => Q8Blocks::from_biased(w.k, w.n, w.raw, &scale),
+        false => Q8Blocks::from_rows(w.k, w.n, w.raw, &scale),
+    }
+    .ok()?;
     if let Shift::Offset(offset) = &w.shift {
         packed = packed.with_offsets(w.block, offset).ok()?;
     }

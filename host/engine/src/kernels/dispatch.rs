@@ -123,12 +123,12 @@ pub(crate) fn kernels<W: PanelKernels>() -> Vec<(&'static str, Kernel<W>)> {
 }
 
 /// Implements [`PanelKernels`] for a weight type with fields `k`, `n` and `activations` (and
-/// `offsets`, an `Option<BlockOffsets>`, when the last argument says `offsets`; generic types
+/// `offsets`, an `Option<BlockOffsets>`, when the last argument names it; generic types
 /// as `impl<T: Bound> Type<T>`), from the kernels of the
 /// calling module, all `unsafe fn(&W, &QuantRows, usize, *mut f32, usize, usize)` under the
 /// trait's contract: `portable::panels`, `x86::panels_avx2`, `x86::panels_vnni`, `wasm::panels`.
 macro_rules! panel_kernels {
-    (impl<$($g:ident: $bound:path),*> $w:ty, $panel:expr) => {
+    (impl<$($g:ident: $bound:path),*> $w:ty, $panel:expr $(, $offsets:ident)?) => {
         impl<$($g: $bound),*> $crate::kernels::dispatch::PanelKernels for $w {
             const PANEL: usize = $panel;
 
@@ -143,6 +143,12 @@ macro_rules! panel_kernels {
             fn activations(&self) -> $crate::kernels::quantize::Activations {
                 self.activations
             }
+
+            $(
+                fn $offsets(&self) -> Option<&$crate::kernels::offsets::BlockOffsets> {
+                    self.$offsets.as_ref()
+                }
+            )?
 
             unsafe fn portable(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
                 // SAFETY: the kernel's contract is the trait's.
@@ -168,55 +174,8 @@ macro_rules! panel_kernels {
             }
         }
     };
-    (impl<$($g:ident: $bound:path),*> $w:ty, $panel:expr, offsets) => {
-        impl<$($g: $bound),*> $crate::kernels::dispatch::PanelKernels for $w {
-            const PANEL: usize = $panel;
-
-            fn k(&self) -> usize {
-                self.k
-            }
-
-            fn n(&self) -> usize {
-                self.n
-            }
-
-            fn activations(&self) -> $crate::kernels::quantize::Activations {
-                self.activations
-            }
-
-            fn offsets(&self) -> Option<&$crate::kernels::offsets::BlockOffsets> {
-                self.offsets.as_ref()
-            }
-
-            unsafe fn portable(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
-                // SAFETY: the kernel's contract is the trait's.
-                unsafe { portable::panels(self, x, m, y, p0, p1) }
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            unsafe fn avx2(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
-                // SAFETY: the kernel's contract is the trait's.
-                unsafe { x86::panels_avx2(self, x, m, y, p0, p1) }
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            unsafe fn vnni(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
-                // SAFETY: the kernel's contract is the trait's.
-                unsafe { x86::panels_vnni(self, x, m, y, p0, p1) }
-            }
-
-            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-            unsafe fn simd128(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
-                // SAFETY: the kernel's contract is the trait's.
-                unsafe { wasm::panels(self, x, m, y, p0, p1) }
-            }
-        }
-    };
-    ($w:ty, $panel:expr, offsets) => {
-        $crate::kernels::dispatch::panel_kernels!(impl<> $w, $panel, offsets);
-    };
-    ($w:ty, $panel:expr) => {
-        $crate::kernels::dispatch::panel_kernels!(impl<> $w, $panel);
+    ($w:ty, $panel:expr $(, $offsets:ident)?) => {
+        $crate::kernels::dispatch::panel_kernels!(impl<> $w, $panel $(, $offsets)?);
     };
 }
 pub(crate) use panel_kernels;

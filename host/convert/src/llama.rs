@@ -243,13 +243,7 @@ fn linear_blocks(
                     bm.name
                 ))
             })?;
-            let q = b.constant(
-                &format!("{hint}_q8"),
-                Elem::U8,
-                &[w.rows, w.cols / block, *block],
-                values,
-            );
-            let s = b.f32s(&format!("{hint}_s"), &[scales.len()], &scales);
+            let (q, s) = int8_block_inputs(b, hint, w, *block, values, &scales);
             (
                 ("com.microsoft", "MatMulNBits"),
                 8,
@@ -264,13 +258,7 @@ fn linear_blocks(
                     bm.name
                 ))
             })?;
-            let q = b.constant(
-                &format!("{hint}_q8"),
-                Elem::U8,
-                &[w.rows, w.cols / block, *block],
-                values,
-            );
-            let s = b.f32s(&format!("{hint}_s"), &[s.len()], &s);
+            let (q, s) = int8_block_inputs(b, hint, w, *block, values, &s);
             let o = b.f32s(&format!("{hint}_m"), &[o.len()], &o);
             (
                 (SLM_DOMAIN, MATMUL_Q8_OFFSET),
@@ -299,6 +287,26 @@ fn linear_blocks(
     ins.extend(inputs.iter().map(String::as_str));
     b.node(op.1, op.0, &ins, &[&out], attrs);
     Ok(out)
+}
+
+/// The initializers of an 8-bit block product: the values, a byte each (`[N, K/block, block]`),
+/// and a scale per block.
+fn int8_block_inputs(
+    b: &mut Builder,
+    hint: &str,
+    w: &Matrix,
+    block: usize,
+    values: Vec<u8>,
+    scales: &[f32],
+) -> (String, String) {
+    let q = b.constant(
+        &format!("{hint}_q8"),
+        Elem::U8,
+        &[w.rows, w.cols / block, block],
+        values,
+    );
+    let s = b.f32s(&format!("{hint}_s"), &[scales.len()], scales);
+    (q, s)
 }
 
 /// int8 -> float32 as Cast * scale (not DequantizeLinear: see graph.py).

@@ -167,17 +167,7 @@ pub fn q4_affine(kind: GgmlType, data: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
     match kind {
         GgmlType::Q4_0 => Some(blocks.map(|b| (half16(b), -8.0 * half16(b))).unzip()),
         GgmlType::Q4_1 => Some(blocks.map(|b| (half16(b), half16(&b[2..]))).unzip()),
-        GgmlType::Q4K => Some(
-            blocks
-                .flat_map(|b| {
-                    let (d, dmin) = (half16(b), half16(&b[2..]));
-                    (0..8).map(move |j| {
-                        let (sc, m) = scale_min_k4(&b[4..16], j);
-                        (d * sc as f32, -(dmin * m as f32))
-                    })
-                })
-                .unzip(),
-        ),
+        GgmlType::Q4K => Some(blocks.flat_map(k4_scales_and_offsets).unzip()),
         _ => None,
     }
 }
@@ -220,18 +210,7 @@ pub fn int8_affine(kind: GgmlType, data: &[u8]) -> Option<(usize, Vec<f32>, Vec<
     let blocks = data.chunks_exact(kind.block_bytes());
     let (block, (s, o)) = match kind {
         GgmlType::Q5_1 => (32, blocks.map(|b| (half16(b), half16(&b[2..]))).unzip()),
-        GgmlType::Q5K => (
-            32,
-            blocks
-                .flat_map(|b| {
-                    let (d, dmin) = (half16(b), half16(&b[2..]));
-                    (0..8).map(move |j| {
-                        let (sc, m) = scale_min_k4(&b[4..16], j);
-                        (d * sc as f32, -(dmin * m as f32))
-                    })
-                })
-                .unzip(),
-        ),
+        GgmlType::Q5K => (32, blocks.flat_map(k4_scales_and_offsets).unzip()),
         GgmlType::Q2K => (
             16,
             blocks
@@ -246,6 +225,16 @@ pub fn int8_affine(kind: GgmlType, data: &[u8]) -> Option<(usize, Vec<f32>, Vec<
         _ => return None,
     };
     Some((block, s, o))
+}
+
+/// Each sub-block's `d * sc` and `-(dmin * m)` of a Q4_K or Q5_K super-block `b` (both start
+/// `[d: f16] [dmin: f16] [scales: 12]`): exact f32 products.
+fn k4_scales_and_offsets(b: &[u8]) -> impl Iterator<Item = (f32, f32)> + '_ {
+    let (d, dmin) = (half16(b), half16(&b[2..]));
+    (0..8).map(move |j| {
+        let (sc, m) = scale_min_k4(&b[4..16], j);
+        (d * sc as f32, -(dmin * m as f32))
+    })
 }
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of Q4_K/Q5_K's 12 packed bytes.

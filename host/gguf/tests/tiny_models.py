@@ -95,25 +95,10 @@ def quantize_q4_k(values):
     """Q4_K super-blocks of 256 (a plain min/max quantizer, not llama.cpp's search): per block of
     32, 6-bit scale and min against the super-block's f16 d and dmin, 4-bit values."""
     rows, cols = values.shape
-    x = values.reshape(-1, 8, 32).astype(np.float32)
-    lo = np.minimum(x.min(axis=2), 0)
-    scale = (x.max(axis=2) - lo) / 15
-    d = f16(scale.max(axis=1) / 63).astype(np.float32)
-    dmin = f16(-lo.min(axis=1) / 63).astype(np.float32)
-    safe = lambda v: np.where(v == 0, 1, v)
-    sc = np.clip(np.round(scale / safe(d)[:, None]), 0, 63).astype(np.uint8)
-    mc = np.clip(np.round(-lo / safe(dmin)[:, None]), 0, 63).astype(np.uint8)
-    step = safe(d[:, None] * sc)[..., None]
-    q = np.clip(np.round((x + (dmin[:, None] * mc)[..., None]) / step), 0, 15).astype(np.uint8)
-    packed = np.zeros((len(x), 12), np.uint8)
-    packed[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
-    packed[:, 4:8] = mc[:, :4] | (mc[:, 4:] >> 4) << 6
-    packed[:, 8:12] = (sc[:, 4:] & 15) | (mc[:, 4:] & 15) << 4
+    head, q = scales_and_mins_k(values.reshape(-1, 8, 32).astype(np.float32), 15)
     # Each 32 bytes: two blocks of 32, the first in the low nibbles.
-    qs = (q[:, 0::2] | q[:, 1::2] << 4).reshape(len(x), 128)
-    out = np.concatenate([f16(d).view(np.uint8).reshape(-1, 2), f16(dmin).view(np.uint8).reshape(-1, 2),
-                          packed, qs], axis=1)
-    return out.reshape(rows, cols // 256 * 144)
+    qs = (q[:, 0::2] | q[:, 1::2] << 4).reshape(len(q), 128)
+    return np.concatenate([head, qs], axis=1).reshape(rows, cols // 256 * 144)
 
 
 def scales_and_mins_k(x, levels):

@@ -3,6 +3,8 @@
 //! values, Q2_K per 16. One portable loop in one order on every target, so every build adds the
 //! same bits; it costs a 16th or a 32nd of the product.
 
+use std::borrow::Cow;
+
 use super::parallel::OutPtr;
 use super::q4_1::QBLOCK;
 use super::quantize::QuantRows;
@@ -38,9 +40,9 @@ impl BlockOffsets {
     /// Each block's activation sum, as this weight's offsets multiply it: per 32, the sum the
     /// rounding gives (`x.sum`: llama.cpp's Q8_1 sum for Q5_1); per 16, `scale * sum(q)` (Q8_K's
     /// block sums, for Q2_K).
-    pub(crate) fn block_sums(&self, x: &QuantRows) -> Vec<f32> {
+    pub(crate) fn block_sums<'x>(&self, x: &'x QuantRows) -> Cow<'x, [f32]> {
         if self.per == QBLOCK {
-            return x.sum.clone();
+            return Cow::Borrowed(&x.sum);
         }
         x.q.chunks_exact(self.per)
             .enumerate()

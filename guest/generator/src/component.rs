@@ -27,6 +27,17 @@ const MODELS_ROOT: &str = "/models";
 
 thread_local! {
     static MODELS: RefCell<HashMap<String, Rc<Model>>> = RefCell::new(HashMap::new());
+    /// Set by `preload` (a baked component): the models this instance serves, in list order,
+    /// with what `list-models` says of each. None: the models are those in `/models`.
+    static BAKED: RefCell<Option<Vec<(String, model::Info)>>> = const { RefCell::new(None) };
+}
+
+fn baked_names() -> Option<Vec<String>> {
+    BAKED.with(|b| {
+        b.borrow()
+            .as_ref()
+            .map(|list| list.iter().map(|(n, _)| n.clone()).collect())
+    })
 }
 
 struct Component;
@@ -37,6 +48,16 @@ fn model_dir(name: &str) -> PathBuf {
 
 /// The model's name: the one asked for (if it exists) or the first listed.
 fn resolve(name: Option<&str>) -> Result<String> {
+    if let Some(baked) = baked_names() {
+        return match name {
+            Some(n) if baked.iter().any(|b| b == n) => Ok(n.to_string()),
+            Some(n) => Err(Error::ModelNotFound(format!(
+                "{n} (this component is baked with {})",
+                baked.join(", ")
+            ))),
+            None => Ok(baked[0].clone()),
+        };
+    }
     match name {
         Some(n) => {
             let dir = model_dir(n);
@@ -327,7 +348,17 @@ fn summary(s: Summary) -> wit::Summary {
 /// What `list-models` says of model `name`. The JSON files suffice; the tokenizer is parsed only
 /// if config.json has no vocabulary size.
 fn model_info(name: String) -> Result<wit::ModelInfo> {
-    let info = model::info(&model_dir(&name))?;
+    let baked = BAKED.with(|b| {
+        b.borrow().as_ref().and_then(|list| {
+            list.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, i)| i.clone())
+        })
+    });
+    let info = match baked {
+        Some(info) => info,
+        None => model::info(&model_dir(&name))?,
+    };
     let vocab_size = match info.vocab_size {
         Some(n) => n,
         None => get_model(Some(&name))?.vocab_size,
@@ -389,7 +420,11 @@ impl Guest for Component {
 
     fn list_models() -> std::result::Result<Vec<wit::ModelInfo>, wit::Error> {
         let mut out = Vec::new();
-        for name in model::list(Path::new(MODELS_ROOT))? {
+        let names = match baked_names() {
+            Some(names) => names,
+            None => model::list(Path::new(MODELS_ROOT))?,
+        };
+        for name in names {
             match model_info(name.clone()) {
                 Ok(info) => out.push(info),
                 // One broken model directory must not hide the others (nor fail /health): it is
@@ -444,3 +479,43 @@ impl Guest for Component {
 }
 
 crate::bindings::export!(Component with_types_in crate::bindings);
+
+/// The build-time hook of a baked component (`scripts/build --bake`; WIT `generator-build`).
+impl crate::bindings::Guest for Component {
+    fn preload() {
+        let models = model::list(Path::new(MODELS_ROOT)).unwrap_or_else(|e| panic!("preload: {e}"));
+        if models.is_empty() {
+            panic!("preload: no models in {MODELS_ROOT}");
+        }
+        let mut baked = Vec::new();
+        for name in models {
+            let loaded = resolve(Some(&name)).and_then(|name| {
+                let model = get_model(Some(&name))?;
+                let info = model::info(&model_dir(&name))?;
+                Ok((model, info))
+            });
+            match loaded {
+                Ok((model, info)) => baked.push((model.name.clone(), info)),
+                Err(e) => panic!("preload: model {name:?}: {e}"),
+            }
+        }
+        BAKED.with(|b| *b.borrow_mut() = Some(baked));
+        forget_wasi_state();
+    }
+}
+
+/// wasi-libc keeps the preopened directories' handles and the environment it read. A snapshot
+/// taken after `preload` must not carry them into instances that have other handles (or none)
+/// and another environment: both are read again on next use.
+fn forget_wasi_state() {
+    extern "C" {
+        fn __wasilibc_reset_preopens();
+        fn __wasilibc_deinitialize_environ();
+    }
+    // SAFETY: wasi-libc's own hooks for pre-initialization; no file is open at this point (the
+    // model's files were read whole) and nothing holds a pointer into the environment.
+    unsafe {
+        __wasilibc_reset_preopens();
+        __wasilibc_deinitialize_environ();
+    }
+}

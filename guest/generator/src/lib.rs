@@ -20,7 +20,7 @@ pub mod tools;
 
 #[cfg(target_arch = "wasm32")]
 mod bindings {
-    wit_bindgen::generate!({ path: "../../wit", world: "edge:slm/generator-component", generate_all });
+    wit_bindgen::generate!({ path: "../../wit", world: "edge:slm/generator-build", generate_all });
 }
 #[cfg(target_arch = "wasm32")]
 mod component;

@@ -42,7 +42,23 @@ impl Rng {
     }
 }
 
-/// A seed from the host's random source (std seeds `RandomState` from wasi:random on wasip2).
+/// A seed from the host's random source, fresh on every call: wasi:random through wasi-libc's
+/// `getentropy`. (Not std's `RandomState`: it draws its keys once per instance, and a baked
+/// component's snapshot would give every instance the same seeds.)
+#[cfg(target_arch = "wasm32")]
+pub fn random_seed() -> u64 {
+    extern "C" {
+        fn getentropy(buf: *mut u8, len: usize) -> i32;
+    }
+    let mut bytes = [0u8; 8];
+    // SAFETY: `bytes` is valid for 8 writes; getentropy takes at most 256 bytes.
+    let rc = unsafe { getentropy(bytes.as_mut_ptr(), bytes.len()) };
+    assert_eq!(rc, 0, "wasi:random failed");
+    u64::from_le_bytes(bytes)
+}
+
+/// A seed from the OS's random source (std's `RandomState` keys; native unit tests only).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

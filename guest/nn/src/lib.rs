@@ -4,6 +4,7 @@
 //! Only the export glue is here; tensors, errors and the stateful execution context are the
 //! `slm-wasi-nn` crate's, shared with the native host, so both answer alike. `load-by-name(<name>)`
 //! reads `/models/<name>/model.onnx`; loaded graphs are cached for the life of the instance.
+//! `preload` fills that cache at build time (a baked component: `scripts/build --bake`).
 
 #[cfg(target_arch = "wasm32")]
 mod component {
@@ -14,7 +15,7 @@ mod component {
     use slm_engine::{Model, Placement};
     use slm_wasi_nn::{ErrorKind, ExecContext, NnError, NnTensor, Target};
 
-    wit_bindgen::generate!({ path: "../../wit", world: "edge:slm/nn-component" });
+    wit_bindgen::generate!({ path: "../../wit", world: "edge:slm/nn-build" });
 
     use exports::wasi::nn::errors::{self, ErrorCode, GuestError};
     use exports::wasi::nn::graph::{
@@ -126,20 +127,71 @@ mod component {
         }
 
         fn load_by_name(name: String) -> Result<graph::Graph, errors::Error> {
-            slm_wasi_nn::check_model_name(&name).map_err(error)?;
-            if let Some(model) = GRAPHS.with(|g| g.borrow().get(&name).cloned()) {
-                return Ok(graph::Graph::new(NnGraph(model)));
-            }
-            let path = std::path::PathBuf::from(format!("{MODELS_DIR}/{name}/model.onnx"));
-            if !path.is_file() {
-                return Err(error(NnError::new(
-                    ErrorKind::NotFound,
-                    format!("no model named {name:?} in {MODELS_DIR}"),
-                )));
-            }
-            let model = Arc::new(slm_wasi_nn::load_file(&path).map_err(error)?);
-            GRAPHS.with(|g| g.borrow_mut().insert(name, model.clone()));
+            let model = graph_by_name(name).map_err(error)?;
             Ok(graph::Graph::new(NnGraph(model)))
+        }
+    }
+
+    /// The model called `name`: from this instance's cache, else read from `/models` and cached.
+    fn graph_by_name(name: String) -> Result<Arc<Model>, NnError> {
+        slm_wasi_nn::check_model_name(&name)?;
+        if let Some(model) = GRAPHS.with(|g| g.borrow().get(&name).cloned()) {
+            return Ok(model);
+        }
+        let path = std::path::PathBuf::from(format!("{MODELS_DIR}/{name}/model.onnx"));
+        if !path.is_file() {
+            return Err(NnError::new(
+                ErrorKind::NotFound,
+                format!("no model named {name:?} in {MODELS_DIR}"),
+            ));
+        }
+        let model = Arc::new(slm_wasi_nn::load_file(&path)?);
+        GRAPHS.with(|g| g.borrow_mut().insert(name, model.clone()));
+        Ok(model)
+    }
+
+    /// The build-time hook of a baked component (`scripts/build --bake`).
+    impl Guest for Component {
+        fn preload() {
+            let names = model_dirs().unwrap_or_else(|e| panic!("preload: {e}"));
+            if names.is_empty() {
+                panic!("preload: no model directory in {MODELS_DIR}");
+            }
+            for name in names {
+                if let Err(e) = graph_by_name(name.clone()) {
+                    panic!("preload: model {name:?}: {}", e.message);
+                }
+            }
+            forget_wasi_state();
+        }
+    }
+
+    /// The directories in `/models` that hold a `model.onnx`, by name.
+    fn model_dirs() -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(MODELS_DIR)? {
+            let entry = entry?;
+            if entry.path().join("model.onnx").is_file() {
+                names.extend(entry.file_name().to_str().map(str::to_string));
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// wasi-libc keeps the preopened directories' handles and the environment it read. A
+    /// snapshot taken after `preload` must not carry them into instances that have other
+    /// handles (or none) and another environment: both are read again on next use.
+    fn forget_wasi_state() {
+        extern "C" {
+            fn __wasilibc_reset_preopens();
+            fn __wasilibc_deinitialize_environ();
+        }
+        // SAFETY: wasi-libc's own hooks for pre-initialization; no file is open at this point
+        // (the loader's reads are done) and nothing holds a pointer into the environment.
+        unsafe {
+            __wasilibc_reset_preopens();
+            __wasilibc_deinitialize_environ();
         }
     }
 

@@ -5,7 +5,11 @@
 - Node.js through jco (`jco serve`, tests/node) on the same file, same answer;
 - `wasmtime run` of the example app dist/slm-summarize-portable.wasm (imports edge:slm/generator)
   prints the same summary as `slm run` with the same messages;
-- `slm serve --portable` (the in-wasm wasi:nn under our host) gives the same answer too.
+- `slm serve --portable` (the in-wasm wasi:nn under our host) gives the same answer too;
+- the baked component (`scripts/build --bake`) serves on `wasmtime serve` with no model mount;
+- the browser playground (web/, `scripts/build-web`): the generator transpiled by jco, in headless
+  Chromium (puppeteer-core, tests/node/playground.mjs), streams the same answers, with a
+  screenshot in target/test-output/.
 
 Few tokens: the in-wasm engine is slower than the native one, and wasmtime serve instantiates the
 component (and so loads the model) for every request.
@@ -29,6 +33,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -281,6 +286,24 @@ def test_slm_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_
 
 
 @pytest.fixture(scope="module")
+def wasm_default_answer(tmp_path_factory) -> str:
+    """The greedy chat answer of the default (Q4_1) model on the in-wasm engine: stock `wasmtime
+    serve` on the unbaked portable component reading models/. (Native and wasm builds part on this
+    model's near-ties; on the int8 layout they agree, see the module docstring.)"""
+    need(WASMTIME, "run scripts/setup")
+    need(DEFAULT_MODELS / MODEL / "model.onnx", "run scripts/setup")
+    port = free_port()
+    cmd = [str(WASMTIME), "serve", "-S", "cli", "--dir", f"{DEFAULT_MODELS}::/models",
+           "--addr", f"127.0.0.1:{port}", str(DIST / "slm-http-portable.wasm")]
+    with server(cmd, port, tmp_path_factory.mktemp("unbaked") / "wasmtime-serve.log") as base:
+        status, body = post_json(base + "/v1/chat/completions", dict(chat_request(), model=MODEL))
+    assert status == 200, body
+    answer = body["choices"][0]["message"]["content"]
+    assert answer.strip()
+    return answer
+
+
+@pytest.fixture(scope="module")
 def baked_http() -> pathlib.Path:
     """dist/slm-http-<default model>.wasm, baked by `scripts/build --bake` unless it is up to date."""
     f = DIST / f"slm-http-{MODEL}.wasm"
@@ -292,24 +315,14 @@ def baked_http() -> pathlib.Path:
     return f
 
 
-def test_baked_component_serves_with_no_model_files(baked_http, tmp_path):
+def test_baked_component_serves_with_no_model_files(baked_http, wasm_default_answer, tmp_path):
     """The baked component (model loaded, packed and tokenizer parsed at build time) on stock
     `wasmtime serve` with no mount at all: a fresh instance per request answers as the unbaked
     portable component does when it reads the model from /models, lists only its own model,
     refuses others by name, and draws a fresh seed per request (unseeded sampling must not repeat
     in every instance just because the snapshot holds the same state)."""
-    need(WASMTIME, "run scripts/setup")
     request = dict(chat_request(), model=MODEL)
-
-    port = free_port()
-    unbaked = [str(WASMTIME), "serve", "-S", "cli", "--dir", f"{DEFAULT_MODELS}::/models",
-               "--addr", f"127.0.0.1:{port}", str(DIST / "slm-http-portable.wasm")]
-    with server(unbaked, port, tmp_path / "unbaked.log") as base:
-        status, body = post_json(base + "/v1/chat/completions", request)
-        assert status == 200, body
-        reference = body["choices"][0]["message"]["content"]
-    assert reference.strip()
-
+    reference = wasm_default_answer
     port = free_port()
     baked = [str(WASMTIME), "serve", "-S", "cli", "--addr", f"127.0.0.1:{port}", str(baked_http)]
     with server(baked, port, tmp_path / "baked.log") as base:
@@ -333,3 +346,84 @@ def test_baked_component_serves_with_no_model_files(baked_http, tmp_path):
             assert status == 200, body
             texts.add(body["choices"][0]["message"]["content"])
         assert len(texts) > 1, texts
+
+
+CHROMIUM = pathlib.Path(shutil.which("chromium") or "/usr/bin/chromium")
+PLAYGROUND_DRIVER = NODE_DIR / "playground.mjs"
+SCREENSHOTS = ROOT / "target" / "test-output"
+
+
+@pytest.fixture(scope="module")
+def web() -> pathlib.Path:
+    """dist/web, built from web/ and dist/slm-generator-portable.wasm by scripts/build-web."""
+    need(DIST / "slm-generator-portable.wasm", "run scripts/build")
+    need(JCO, "run scripts/setup (installs jco and puppeteer-core into tests/node)")
+    subprocess.run([str(ROOT / "scripts" / "build-web")], cwd=ROOT, check=True, timeout=600)
+    return DIST / "web"
+
+
+@contextlib.contextmanager
+def static_server(web_dir: pathlib.Path, models_dir: pathlib.Path):
+    """A plain static file server: the page from `web_dir`, /models/ from `models_dir`."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def translate_path(self, path):
+            if path.startswith("/models/"):
+                rel = urllib.parse.unquote(path.split("?", 1)[0])[len("/models/"):]
+                return str(models_dir / rel)
+            return super().translate_path(path)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(web_dir)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def playground(base: str, screenshot: pathlib.Path, **query) -> dict:
+    """Open the playground in headless Chromium with `query`; the page's result (its answer)."""
+    if not CHROMIUM.exists():  # like haproxy for test_cluster.py: scripts/setup installs it when apt can
+        pytest.skip("chromium missing: scripts/setup installs Debian's chromium with apt-get")
+    url = base + "/?" + urllib.parse.urlencode(query)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["node", str(PLAYGROUND_DRIVER), url, str(screenshot), "600"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env=dict(os.environ, CHROMIUM=str(CHROMIUM)))
+    assert r.returncode == 0, r.stderr
+    png = screenshot.read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000, "no screenshot"
+    print(f"playground screenshot: {screenshot}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_browser_playground_answers_as_native(web, native_answer):
+    """In Chromium, on the int8 layout (where native and wasm builds agree): the streamed greedy
+    answer is the native `slm serve` one, and the page shows it as it streamed it."""
+    with static_server(web, MODELS) as base:
+        result = playground(base, SCREENSHOTS / "playground-int8.png", q=QUESTION, max_tokens=MAX_TOKENS)
+    assert "error" not in result, result
+    assert result["text"] == native_answer
+    assert result["shown"] == native_answer
+    assert result["completionTokens"] <= MAX_TOKENS
+    assert "tokens" in result["status"], result
+
+
+def test_browser_playground_default_model(web, wasm_default_answer):
+    """The default Q4_1 model in Chromium answers as the same wasm does under wasmtime (V8 and
+    wasmtime compute the simd128 kernels alike), and an unknown model is a message on the page."""
+    with static_server(web, DEFAULT_MODELS) as base:
+        result = playground(base, SCREENSHOTS / "playground.png", q=QUESTION, max_tokens=MAX_TOKENS)
+        assert "error" not in result, result
+        assert result["text"] == wasm_default_answer
+
+        missing = playground(base, SCREENSHOTS / "playground-missing-model.png", model="no-such-model", q=QUESTION)
+    assert "no-such-model" in missing["error"], missing

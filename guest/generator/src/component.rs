@@ -483,39 +483,25 @@ crate::bindings::export!(Component with_types_in crate::bindings);
 /// The build-time hook of a baked component (`scripts/build --bake`; WIT `generator-build`).
 impl crate::bindings::Guest for Component {
     fn preload() {
-        let models = model::list(Path::new(MODELS_ROOT)).unwrap_or_else(|e| panic!("preload: {e}"));
-        if models.is_empty() {
-            panic!("preload: no models in {MODELS_ROOT}");
-        }
-        let mut baked = Vec::new();
-        for name in models {
-            let loaded = resolve(Some(&name)).and_then(|name| {
-                let model = get_model(Some(&name))?;
-                let info = model::info(&model_dir(&name))?;
-                Ok((model, info))
-            });
-            match loaded {
-                Ok((model, info)) => baked.push((model.name.clone(), info)),
-                Err(e) => panic!("preload: model {name:?}: {e}"),
+        slm_preinit::preloading(|| {
+            let models =
+                model::list(Path::new(MODELS_ROOT)).unwrap_or_else(|e| panic!("preload: {e}"));
+            if models.is_empty() {
+                panic!("preload: no models in {MODELS_ROOT}");
             }
-        }
-        BAKED.with(|b| *b.borrow_mut() = Some(baked));
-        forget_wasi_state();
-    }
-}
-
-/// wasi-libc keeps the preopened directories' handles and the environment it read. A snapshot
-/// taken after `preload` must not carry them into instances that have other handles (or none)
-/// and another environment: both are read again on next use.
-fn forget_wasi_state() {
-    extern "C" {
-        fn __wasilibc_reset_preopens();
-        fn __wasilibc_deinitialize_environ();
-    }
-    // SAFETY: wasi-libc's own hooks for pre-initialization; no file is open at this point (the
-    // model's files were read whole) and nothing holds a pointer into the environment.
-    unsafe {
-        __wasilibc_reset_preopens();
-        __wasilibc_deinitialize_environ();
+            let mut baked = Vec::new();
+            for name in models {
+                let loaded = resolve(Some(&name)).and_then(|name| {
+                    let model = get_model(Some(&name))?;
+                    let info = model::info(&model_dir(&name))?;
+                    Ok((model, info))
+                });
+                match loaded {
+                    Ok((model, info)) => baked.push((model.name.clone(), info)),
+                    Err(e) => panic!("preload: model {name:?}: {e}"),
+                }
+            }
+            BAKED.with(|b| *b.borrow_mut() = Some(baked));
+        })
     }
 }

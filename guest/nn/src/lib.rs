@@ -153,16 +153,17 @@ mod component {
     /// The build-time hook of a baked component (`scripts/build --bake`).
     impl Guest for Component {
         fn preload() {
-            let names = model_dirs().unwrap_or_else(|e| panic!("preload: {e}"));
-            if names.is_empty() {
-                panic!("preload: no model directory in {MODELS_DIR}");
-            }
-            for name in names {
-                if let Err(e) = graph_by_name(name.clone()) {
-                    panic!("preload: model {name:?}: {}", e.message);
+            slm_preinit::preloading(|| {
+                let names = model_dirs().unwrap_or_else(|e| panic!("preload: {e}"));
+                if names.is_empty() {
+                    panic!("preload: no model directory in {MODELS_DIR}");
                 }
-            }
-            forget_wasi_state();
+                for name in names {
+                    if let Err(e) = graph_by_name(name.clone()) {
+                        panic!("preload: model {name:?}: {}", e.message);
+                    }
+                }
+            })
         }
     }
 
@@ -177,22 +178,6 @@ mod component {
         }
         names.sort();
         Ok(names)
-    }
-
-    /// wasi-libc keeps the preopened directories' handles and the environment it read. A
-    /// snapshot taken after `preload` must not carry them into instances that have other
-    /// handles (or none) and another environment: both are read again on next use.
-    fn forget_wasi_state() {
-        extern "C" {
-            fn __wasilibc_reset_preopens();
-            fn __wasilibc_deinitialize_environ();
-        }
-        // SAFETY: wasi-libc's own hooks for pre-initialization; no file is open at this point
-        // (the loader's reads are done) and nothing holds a pointer into the environment.
-        unsafe {
-            __wasilibc_reset_preopens();
-            __wasilibc_deinitialize_environ();
-        }
     }
 
     impl tensor::Guest for Component {

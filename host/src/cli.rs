@@ -90,10 +90,11 @@ pub enum Cmd {
     Models,
     /// Convert a GGUF file into a model directory (model.onnx and its JSON files), in Rust.
     ///
-    /// Llama-architecture (Llama, SmolLM, Mistral), qwen2 and phi3 files with Q4_0 or Q4_1
-    /// block matrices convert today: the blocks are kept exactly, the embedding becomes int8 rows, the
-    /// vocabulary (byte-level BPE or SentencePiece) a tokenizer.json. Other architectures and
-    /// matrix types are refused with the reason.
+    /// Llama-architecture (Llama, SmolLM, Mistral), qwen2, phi3 and gemma3 files convert, with
+    /// every matrix type GGUF files use (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K,
+    /// Q4_K, Q5_K, Q6_K) kept exactly; a tied embedding table of a 4-bit or offset type becomes
+    /// int8 rows. The vocabulary (byte-level BPE or SentencePiece) becomes a tokenizer.json. Other
+    /// architectures are refused with the reason.
     Convert {
         /// The GGUF file.
         gguf: PathBuf,

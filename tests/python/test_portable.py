@@ -14,12 +14,8 @@
 Few tokens: the in-wasm engine is slower than the native one, and wasmtime serve instantiates the
 component (and so loads the model) for every request.
 
-These comparisons run the int8 layout (`model_int8.onnx`, f32 activations), which native and in-wasm
-builds compute alike to float rounding, so greedy texts compare token for token. The default Q4_1
-kernels round activations to 8 bits per block: there the last-bit differences between the two
-builds' float kernels (tract's sigmoid, sin/cos, reductions) flip some of those roundings, and the
-greedy texts part after a few tokens, both faithful (tests/python/test_quality.py).
-`test_default_model_runs_in_wasm` runs the default model in wasm.
+All of them run the default model (SmolLM2 Q4_1), and the greedy texts are compared as they come:
+the engine computes the same logits bit for bit natively and in wasm (test_determinism.py).
 """
 from __future__ import annotations
 
@@ -37,8 +33,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
-from model_variants import variant_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist"
@@ -64,29 +58,7 @@ START_TIMEOUT = 600
 REQUEST_TIMEOUT = 900
 
 
-def exact_models() -> pathlib.Path:
-    """A models directory whose model.onnx is the default model's int8 layout (hard links, or
-    copies: a symlink would lead out of a WASI preopen). The int8 file is outside models/, in
-    .cache/model-variants/ (scripts/model_variants.py)."""
-    src, out = DEFAULT_MODELS / MODEL, ROOT / "target" / "portable-int8-models"
-    if not variant_path(src, "model_int8.onnx").is_file():
-        return out  # `need` below reports the missing model
-    (out / MODEL).mkdir(parents=True, exist_ok=True)
-    files = {n: n for n in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json")}
-    files["model.onnx"] = "model_int8.onnx"
-    for name, source in files.items():
-        target, source = out / MODEL / name, variant_path(src, source)
-        if target.exists() and os.path.samefile(target, source):
-            continue
-        target.unlink(missing_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
-    return out
-
-
-MODELS = exact_models()
+MODELS = DEFAULT_MODELS
 
 
 def need(path: pathlib.Path, hint: str) -> None:
@@ -286,24 +258,6 @@ def test_slm_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_
 
 
 @pytest.fixture(scope="module")
-def wasm_default_answer(tmp_path_factory) -> str:
-    """The greedy chat answer of the default (Q4_1) model on the in-wasm engine: stock `wasmtime
-    serve` on the unbaked portable component reading models/. (Native and wasm builds part on this
-    model's near-ties; on the int8 layout they agree, see the module docstring.)"""
-    need(WASMTIME, "run scripts/setup")
-    need(DEFAULT_MODELS / MODEL / "model.onnx", "run scripts/setup")
-    port = free_port()
-    cmd = [str(WASMTIME), "serve", "-S", "cli", "--dir", f"{DEFAULT_MODELS}::/models",
-           "--addr", f"127.0.0.1:{port}", str(DIST / "slm-http-portable.wasm")]
-    with server(cmd, port, tmp_path_factory.mktemp("unbaked") / "wasmtime-serve.log") as base:
-        status, body = post_json(base + "/v1/chat/completions", dict(chat_request(), model=MODEL))
-    assert status == 200, body
-    answer = body["choices"][0]["message"]["content"]
-    assert answer.strip()
-    return answer
-
-
-@pytest.fixture(scope="module")
 def baked_http() -> pathlib.Path:
     """dist/slm-http-<default model>.wasm, baked by `scripts/build --bake` unless it is up to date."""
     f = DIST / f"slm-http-{MODEL}.wasm"
@@ -315,14 +269,15 @@ def baked_http() -> pathlib.Path:
     return f
 
 
-def test_baked_component_serves_with_no_model_files(baked_http, wasm_default_answer, tmp_path):
+def test_baked_component_serves_with_no_model_files(baked_http, native_answer, tmp_path):
     """The baked component (model loaded, packed and tokenizer parsed at build time) on stock
-    `wasmtime serve` with no mount at all: a fresh instance per request answers as the unbaked
-    portable component does when it reads the model from /models, lists only its own model,
+    `wasmtime serve` with no mount at all: a fresh instance per request answers as `slm serve`
+    does (and so as the unbaked portable component on wasmtime serve), lists only its own model,
     refuses others by name, and draws a fresh seed per request (unseeded sampling must not repeat
     in every instance just because the snapshot holds the same state)."""
+    need(WASMTIME, "run scripts/setup")
     request = dict(chat_request(), model=MODEL)
-    reference = wasm_default_answer
+    reference = native_answer
     port = free_port()
     baked = [str(WASMTIME), "serve", "-S", "cli", "--addr", f"127.0.0.1:{port}", str(baked_http)]
     with server(baked, port, tmp_path / "baked.log") as base:
@@ -406,24 +361,15 @@ def playground(base: str, screenshot: pathlib.Path, **query) -> dict:
 
 
 def test_browser_playground_answers_as_native(web, native_answer):
-    """In Chromium, on the int8 layout (where native and wasm builds agree): the streamed greedy
-    answer is the native `slm serve` one, and the page shows it as it streamed it."""
+    """In Chromium, the streamed greedy answer is the native `slm serve` one (the page shows it as
+    it streamed it), and an unknown model is an error on the page."""
     with static_server(web, MODELS) as base:
-        result = playground(base, SCREENSHOTS / "playground-int8.png", q=QUESTION, max_tokens=MAX_TOKENS)
-    assert "error" not in result, result
-    assert result["text"] == native_answer
-    assert result["shown"] == native_answer
-    assert result["completionTokens"] <= MAX_TOKENS
-    assert "tokens" in result["status"], result
-
-
-def test_browser_playground_default_model(web, wasm_default_answer):
-    """The default Q4_1 model in Chromium answers as the same wasm does under wasmtime (V8 and
-    wasmtime compute the simd128 kernels alike), and an unknown model is a message on the page."""
-    with static_server(web, DEFAULT_MODELS) as base:
         result = playground(base, SCREENSHOTS / "playground.png", q=QUESTION, max_tokens=MAX_TOKENS)
         assert "error" not in result, result
-        assert result["text"] == wasm_default_answer
+        assert result["text"] == native_answer
+        assert result["shown"] == native_answer
+        assert result["completionTokens"] <= MAX_TOKENS
+        assert "tokens" in result["status"], result
 
         missing = playground(base, SCREENSHOTS / "playground-missing-model.png", model="no-such-model", q=QUESTION)
     assert "no-such-model" in missing["error"], missing

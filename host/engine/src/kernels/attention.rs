@@ -69,7 +69,7 @@ fn attend_block_body(block: &Block, scores: &mut [f32], out: &mut [f32]) {
     let mut sum = [0f32; BLOCK_ROWS];
     for (i, &n) in keys.iter().enumerate() {
         for s in &mut scores[i * t..][..n] {
-            *s = (*s - max[i]).exp();
+            *s = super::detmath::exp(*s - max[i]);
             sum[i] += *s;
         }
     }

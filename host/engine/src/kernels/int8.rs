@@ -8,8 +8,9 @@
 //! through contiguous memory, one cache line per K step, for every weight: a tied LM head too
 //! (its rows, the embedding table's, are read back as columns by [`QWeights::copy_column`]).
 //!
-//! Kernels: AVX2 + FMA on x86_64 (detected at run time), a portable version elsewhere (written
-//! so that the compiler can vectorize it, e.g. to simd128 on wasm32). Columns are split across
+//! Kernels: AVX2 on x86_64 (detected at run time), a portable version elsewhere (written so that
+//! the compiler can vectorize it, e.g. to simd128 on wasm32). Both multiply then add, in the same
+//! order, so they give the same bits (no FMA: wasm has none). Columns are split across
 //! threads when there is enough work ([`super::parallel`]).
 
 use super::parallel::{parallel_ranges, OutPtr};
@@ -257,7 +258,9 @@ mod x86 {
                 for v in 0..NV {
                     let wv = load8(w.add(v * 8));
                     for r in 0..MR {
-                        acc[r][v] = _mm256_fmadd_ps(xb[r], wv, acc[r][v]);
+                        // Multiply, then add (no FMA): the portable and wasm kernels' rounding,
+                        // so every build gives the same bits.
+                        acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_mul_ps(xb[r], wv));
                     }
                 }
             }
@@ -293,7 +296,7 @@ mod x86 {
                 let lo = n0.max(p * PANEL) - p * PANEL;
                 let hi = n1.min((p + 1) * PANEL) - p * PANEL;
                 let mut row = 0;
-                // Four rows at a time (prefill): each widened weight vector feeds four FMAs; the
+                // Four rows at a time (prefill): each widened weight vector feeds four rows; the
                 // panel (K x 64 bytes) stays in cache across the row tiles.
                 while row + 4 <= m {
                     let xp = x.as_ptr().add(row * k);
@@ -381,6 +384,29 @@ mod tests {
             for (m, k, n) in SHAPES.into_iter().chain(odd) {
                 check(layout, m, k, n);
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x86_kernel_gives_the_portable_kernels_bits() {
+        if !crate::kernels::cpu::avx2_fma() {
+            return;
+        }
+        for (m, k, n) in [(1, 64, 128), (5, 200, 96), (4, 576, 200), (9, 31, 64)] {
+            let mut g = Lcg(k as u64 * 31 + n as u64);
+            let q: Vec<u8> = (0..k * n).map(|_| g.i8()).collect();
+            let scale: Vec<f32> = (0..n).map(|_| 0.001 + g.f32().abs() * 0.02).collect();
+            let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+            let w = QWeights::new(k, n, Layout::KN, q, scale).unwrap();
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            // SAFETY: a and b hold m * N floats, x holds m * K; the CPU has AVX2 and FMA.
+            unsafe {
+                x86::kn_panels(&w, &x, m, a.as_mut_ptr(), 0, n);
+                portable::kn_panels(&w, &x, m, b.as_mut_ptr(), 0, n);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "m={m} k={k} n={n}");
         }
     }
 

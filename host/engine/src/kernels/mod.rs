@@ -6,6 +6,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod cpu;
+pub(crate) mod detmath;
 pub(crate) mod dispatch;
 pub(crate) mod int8;
 pub(crate) mod offsets;

@@ -84,8 +84,11 @@ impl Model {
 
     fn optimize(model: InferenceModel, name: &str) -> Result<Model, EngineError> {
         let io = io_names(&model).map_err(|e| EngineError::load(name, e))?;
-        let typed = model
+        let mut typed = model
             .into_optimized()
+            .map_err(|e| EngineError::load(name, e))?;
+        // tract's float kernels differ by target: ours give every build the same logits.
+        ops::deterministic::make_deterministic(&mut typed)
             .map_err(|e| EngineError::load(name, e))?;
         let input_kinds = decoder_inputs(&io.0, name)?;
         Self::build(name, typed, io, input_kinds, |typed| typed.into_runnable())

@@ -13,6 +13,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 pub(crate) mod attention;
+pub(crate) mod deterministic;
 pub(crate) mod kv_attention;
 mod packed;
 pub(crate) mod qgather;

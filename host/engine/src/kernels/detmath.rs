@@ -1,0 +1,185 @@
+//! Float functions with one answer on every target: the same IEEE operations in the same order,
+//! whether the code runs natively (scalar, SSE, AVX2, AVX-512 builds) or in wasm32 (simd128).
+//!
+//! tract's own kernels for these functions differ by target (AVX-512 and NEON approximations,
+//! reductions in each vector width's order), and `f32::exp`/`sin`/`cos` are the platform's libm
+//! (glibc natively, musl in wasi-libc). A last-bit difference in one activation then flips an
+//! 8-bit activation rounding somewhere, and greedy texts part. Here:
+//! - element-wise functions are plain f32 arithmetic (no fused multiply-add: Rust never
+//!   contracts), so a compiler that vectorizes them computes each lane as the scalar code would;
+//! - a reduction accumulates in [`LANES`] fixed lanes and adds them in a fixed order;
+//! - sin and cos (RoPE's angles, a few per token) are the `libm` crate's: Rust, the same code
+//!   everywhere.
+
+/// Lanes of a sum: each accumulates every LANES-th element, in order.
+pub const LANES: usize = 8;
+
+/// e^x, within 2 ulp of the true value for normal results; exactly 0 below -87.5 (attention
+/// relies on masked scores giving 0), +inf above 88.7; NaN stays NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const MIN: f32 = -87.5;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: the first has a short mantissa so that n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer (|x * LOG2E| < 2^22).
+    const ROUND: f32 = 12_582_912.0;
+    let below = x < MIN;
+    let x = x.clamp(MIN, 88.75);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // e^r on |r| <= ln2/2: Taylor to degree 7, Horner (truncation error < 2^-29 relative).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // 2^n in two steps, so that n down to -126 (and up to 128) stays representable.
+    let n = n as i32;
+    let half = n / 2;
+    let e = p * pow2(half) * pow2(n - half);
+    if below {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// 2^n for -126 <= n <= 127.
+#[inline(always)]
+fn pow2(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// x * sigmoid(x) (SiLU), as x / (1 + e^-x).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// 1 / (1 + e^-x).
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// tanh(x) = 1 - 2 / (e^2x + 1); saturates to +-1.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// GELU with the tanh approximation (gelu_pytorch_tanh: Gemma), with x^3 as x * x * x.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
+}
+
+pub fn sin(x: f32) -> f32 {
+    libm::sinf(x)
+}
+
+pub fn cos(x: f32) -> f32 {
+    libm::cosf(x)
+}
+
+/// Sum of squares of `xs`, in [`LANES`] lanes added pairwise in a fixed order, then the tail.
+#[inline(always)]
+pub fn sum_of_squares(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += c[i] * c[i];
+        }
+    }
+    let mut sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+        + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    for &x in tail {
+        sum += x * x;
+    }
+    sum
+}
+
+/// RMS normalization of one row, in place: x / sqrt(mean(x^2) + eps).
+#[inline(always)]
+pub fn rms_norm(row: &mut [f32], eps: f32) {
+    if row.is_empty() {
+        return;
+    }
+    let mean = sum_of_squares(row) / row.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for x in row {
+        *x *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_f64() {
+        let mut worst = 0;
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let want = (x as f64).exp() as f32;
+            worst = worst.max(ulps(exp(x), want));
+            x += 0.0137;
+        }
+        assert!(worst <= 2, "worst {worst} ulp");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(-1e9), 0.0);
+        assert!(exp(100.0) > 1e38);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn activations_match_their_definitions() {
+        for i in -400..400 {
+            let x = i as f32 * 0.05;
+            let (xd, sig) = (x as f64, 1.0 / (1.0 + (-(x as f64)).exp()));
+            assert!(
+                (silu(x) as f64 - xd * sig).abs() <= 1e-6 * (1.0 + (xd * sig).abs()),
+                "{x}"
+            );
+            assert!((sigmoid(x) as f64 - sig).abs() <= 1e-6, "{x}");
+            assert!((tanh(x) as f64 - xd.tanh()).abs() <= 1e-6, "{x}");
+            let g = 0.5
+                * xd
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+            assert!(
+                (gelu_tanh(x) as f64 - g).abs() <= 1e-5 * (1.0 + g.abs()),
+                "{x}"
+            );
+        }
+        assert_eq!(silu(-200.0), -0.0);
+        assert_eq!(tanh(50.0), 1.0);
+        assert_eq!(tanh(-50.0), -1.0);
+    }
+
+    #[test]
+    fn rms_norm_matches_f64() {
+        let mut row: Vec<f32> = (0..579)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.031)
+            .collect();
+        let want: Vec<f64> = {
+            let ms = row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / row.len() as f64;
+            row.iter().map(|&x| x as f64 / (ms + 1e-5).sqrt()).collect()
+        };
+        rms_norm(&mut row, 1e-5);
+        for (a, b) in row.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()));
+        }
+    }
+}

@@ -330,6 +330,10 @@ pub struct LogitsArgs {
     /// Run the GPU plan's graph (plain tract-onnx, f32 weights) on the CPU instead.
     #[arg(long)]
     pub plain: bool,
+    /// Run the engine compiled to wasm instead (slm-nn.wasm, as the portable components do;
+    /// one thread), through its wasi:nn exports.
+    #[arg(long)]
+    pub portable: bool,
     /// Timed prefills (time to first token: the median), after one warm-up.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,

@@ -1,5 +1,6 @@
-//! `slm logits` (hidden, for scripts/gpu-check): greedy decoding straight on the engine, no
-//! component in the way, so two devices can be compared logit for logit. Prints one JSON line:
+//! `slm logits` (hidden, for scripts/gpu-check and the same-logits tests): greedy decoding
+//! straight on the engine, no generator in the way, so two devices or builds can be compared
+//! logit for logit (`--portable`: the engine compiled to wasm, dist/slm-nn.wasm). Prints one JSON line:
 //! where the model ran, the greedy tokens, time to first token (prefill of the whole prompt,
 //! median), decode speed, and the session contract checked on this device: a rewind
 //! (`Session::truncate` through `position_ids`) and a prefix-cache restore (`KvSnapshot`) must
@@ -13,8 +14,11 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::json;
 use slm_engine::{Model, Placement, Session, Tensor};
 
-use crate::cli::LogitsArgs;
+use crate::cli::{Global, LogitsArgs};
+use crate::commands::NN_FILE;
+use crate::nn_guest::{GuestContext, NnGuest};
 use crate::registry::ModelRegistry;
+use crate::runtime::find_component;
 use crate::stats::median;
 
 fn row(ids: &[i64]) -> Tensor {
@@ -54,12 +58,52 @@ fn max_diff(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
+/// Where `slm logits` runs the steps: the engine in this process, or the in-wasm wasi:nn.
+enum Runner {
+    Native(Arc<Model>),
+    Wasm { guest: NnGuest, model: String },
+}
+
+/// One sequence with its KV cache, on a [`Runner`].
+enum Sequence {
+    Native(Session),
+    Wasm(GuestContext),
+}
+
+impl Runner {
+    fn sequence(&mut self) -> Result<Sequence> {
+        Ok(match self {
+            Runner::Native(m) => Sequence::Native(Session::new(m.clone())),
+            Runner::Wasm { guest, model } => Sequence::Wasm(guest.context(model)?),
+        })
+    }
+
+    fn step(&mut self, s: &mut Sequence, ids: &[i64], start: usize) -> Result<Vec<f32>> {
+        match (self, s) {
+            (Runner::Native(_), Sequence::Native(s)) => step(s, ids, start),
+            (Runner::Wasm { guest, .. }, Sequence::Wasm(c)) => guest.step(c, ids, start),
+            _ => unreachable!("a sequence runs where it was made"),
+        }
+    }
+
+    fn close(&mut self, s: Sequence) -> Result<()> {
+        match (self, s) {
+            (Runner::Wasm { guest, .. }, Sequence::Wasm(c)) => guest.drop_context(c),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn logits(registry: ModelRegistry, a: &LogitsArgs, global: &Global) -> Result<()> {
     let ids: Vec<i64> =
         serde_json::from_str(&a.ids).context("--ids: expected a JSON array of token ids")?;
     if ids.len() < 2 {
         bail!("--ids: give at least 2 token ids");
     }
+    if a.portable && a.plain {
+        bail!("--portable and --plain: give one of them");
+    }
+    let registry = Arc::new(registry);
     let name = a
         .model
         .clone()
@@ -69,21 +113,36 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
         .model(&name)
         .ok_or_else(|| anyhow!("model {name:?} not found in {}", registry.dir().display()))?;
     let t = Instant::now();
-    let (model, placed): (Arc<Model>, String) = if a.plain {
+    let (mut runner, placed): (Runner, String) = if a.portable {
+        let file = find_component(global.component.as_deref(), NN_FILE)?;
+        let mut guest = NnGuest::new(&file, registry.clone())?;
+        // Loaded (and packed) here, so that load_ms counts it as the native path's does.
+        let ctx = guest.context(&name)?;
+        guest.drop_context(ctx)?;
+        (
+            Runner::Wasm {
+                guest,
+                model: name.clone(),
+            },
+            "wasm32 (slm-nn.wasm)".into(),
+        )
+    } else if a.plain {
         let path = registry.dir().join(&name).join("model.onnx");
         (
-            Arc::new(Model::load_plain(&path).map_err(|e| anyhow!("{e}"))?),
+            Runner::Native(Arc::new(
+                Model::load_plain(&path).map_err(|e| anyhow!("{e}"))?,
+            )),
             "CPU (plain f32 plan)".into(),
         )
     } else {
         let m = lazy.get().map_err(|e| anyhow!("{e}"))?;
         (
-            m,
+            Runner::Native(m),
             lazy.placed().cloned().unwrap_or(Placement::Cpu).to_string(),
         )
     };
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
-    let on_gpu = !a.plain && matches!(lazy.placed(), Some(Placement::Gpu(_)));
+    let on_gpu = !a.plain && !a.portable && matches!(lazy.placed(), Some(Placement::Gpu(_)));
     let n = ids.len();
     let follow: Option<Vec<i64>> = match &a.follow {
         Some(f) => {
@@ -95,26 +154,27 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
         bail!("--follow: give at least --steps ({}) tokens", a.steps);
     }
 
-    // Time to first token: a fresh session's prefill of the whole prompt (the first one warms up).
+    // Time to first token: a fresh sequence's prefill of the whole prompt (the first one warms up).
     let mut ttfts = Vec::new();
     for i in 0..=a.runs.max(1) {
-        let mut s = Session::new(model.clone());
+        let mut s = runner.sequence()?;
         let t = Instant::now();
-        step(&mut s, &ids, 0)?;
+        runner.step(&mut s, &ids, 0)?;
         if i > 0 {
             ttfts.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        runner.close(s)?;
     }
 
     // Greedy decoding, every step's logits kept.
-    let mut s = Session::new(model.clone());
-    let first = step(&mut s, &ids, 0)?;
+    let mut s = runner.sequence()?;
+    let first = runner.step(&mut s, &ids, 0)?;
     let mut rows = vec![first.clone()];
     let mut tokens = vec![argmax(&first)];
     let t = Instant::now();
     for i in 0..a.steps {
         let feed = follow.as_ref().map_or(tokens[i], |f| f[i]);
-        let next = step(&mut s, &[feed], n + i)?;
+        let next = runner.step(&mut s, &[feed], n + i)?;
         tokens.push(argmax(&next));
         rows.push(next);
     }
@@ -126,13 +186,23 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
     };
 
     // The contract on this device: rewind to the middle of the prompt and recompute its end;
-    // seed a new session from a snapshot of the prompt and recompute its last token.
+    // seed a new session from a snapshot of the prompt and recompute its last token (the engine's
+    // API: natively only).
     let half = n / 2;
-    let rewound = step(&mut s, &ids[half..], half)?;
-    let snapshot = s.snapshot();
-    let mut s2 = Session::new(model.clone());
-    s2.restore(&snapshot, n - 1).map_err(|e| anyhow!("{e}"))?;
-    let restored = step(&mut s2, &ids[n - 1..], n - 1)?;
+    let rewound = runner.step(&mut s, &ids[half..], half)?;
+    let restored = match &mut s {
+        Sequence::Native(native) => {
+            let snapshot = native.snapshot();
+            let Runner::Native(model) = &runner else {
+                unreachable!("a native sequence runs natively")
+            };
+            let mut s2 = Session::new(model.clone());
+            s2.restore(&snapshot, n - 1).map_err(|e| anyhow!("{e}"))?;
+            Some(step(&mut s2, &ids[n - 1..], n - 1)?)
+        }
+        Sequence::Wasm(_) => None,
+    };
+    runner.close(s)?;
 
     if let Some(out) = &a.out {
         let mut f = std::io::BufWriter::new(
@@ -157,7 +227,7 @@ pub fn logits(registry: &ModelRegistry, a: &LogitsArgs) -> Result<()> {
         "ttft_ms": median(ttfts),
         "decode_tps": if decode_s > 0.0 { a.steps as f64 / decode_s } else { 0.0 },
         "rewind_max_abs_diff": max_diff(&rewound, &first),
-        "snapshot_max_abs_diff": max_diff(&restored, &first),
+        "snapshot_max_abs_diff": restored.map(|r| max_diff(&r, &first)),
         "gpu_memory_used_mib": gpu_mem,
     });
     println!("{report}");

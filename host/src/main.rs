@@ -6,6 +6,7 @@ mod commands;
 mod completion;
 mod converted;
 mod devcheck;
+mod nn_guest;
 mod registry;
 mod runtime;
 mod serve;

@@ -2,12 +2,13 @@
 (this CPU's kernels: AVX2 here, AVX-512 VNNI where the CPU has it), at 1 and 2 threads, and in
 wasm32 with simd128 under wasmtime, over a prefill and 64 greedy steps.
 
-The probe is the engine's `greedy_logits` example (host/engine/examples), built natively and for
-wasm32-wasip2; each run writes every step's logits, and the files must be identical. Models: the
-default SmolLM2 Q4_1 and its int8 layout, and tiny GGUF files converted by `slm convert` that
-cover each architecture (llama, qwen2, phi3, gemma3 with its GELU and sliding windows) and the
-block formats (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, and Q2_K/Q3_K/Q5_K/F16/BF16/F32 in `llama-k_mix`).
-Files with float matrices are expected to differ (FLOAT_MATRICES, below).
+The probe is `slm logits` (a prefill, then greedy steps straight on the engine, every step's
+logits written to a file); `slm logits --portable` runs the same steps on dist/slm-nn.wasm, the
+in-wasm wasi:nn the portable components carry, through its wasi:nn exports. The files must be
+identical. Models: the default SmolLM2 Q4_1 and its int8, f32 and q4 layouts, and tiny GGUF files converted by
+`slm convert` that cover each architecture (llama, qwen2, phi3, gemma3 with its GELU and sliding
+windows) and the block formats (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, and Q2_K/Q3_K/Q5_K/F16/BF16/F32 in
+`llama-k_mix`).
 
 The greedy texts of the hosts built on these (slm serve, --portable, wasmtime serve, jco, the
 browser) are compared in test_portable.py.
@@ -15,6 +16,7 @@ browser) are compared in test_portable.py.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,54 +27,36 @@ from conftest import ROOT
 from model_variants import variant_path
 
 STEPS = 64
-WASMTIME = next((ROOT / ".venv" / "lib").glob("python3*/site-packages/wasmtime_cli/wasmtime"))
 SLM = ROOT / "target" / "release" / "slm"
-# Float matrices (F16, BF16, F32: llama-k_mix's, and the tiny qwen2 and phi3 files' untied F32
-# heads) still go through tract's f32 matmul, whose kernels add in another order (and fuse
-# multiply-adds) natively than in wasm: a known gap until they run on a kernel of ours. Strict:
-# an unexpected pass fails, so this list stays true.
-FLOAT_MATRICES = pytest.mark.xfail(strict=True, reason="float matrices run on tract's f32 matmul, which differs by target")
-TINY_GGUFS = ["llama-q4_1", "llama-q4_k_m", "gemma3-q8_0",
-              pytest.param("llama-k_mix", marks=FLOAT_MATRICES),
-              pytest.param("qwen2-q4_0", marks=FLOAT_MATRICES),
-              pytest.param("phi3-q4_1", marks=FLOAT_MATRICES)]
-
-
-def cargo(*args: str) -> None:
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "slm-engine", "--example", "greedy_logits", *args],
-                   cwd=ROOT, check=True, timeout=1800)
-
-
-@pytest.fixture(scope="module")
-def probes(tmp_path_factory) -> dict:
-    """The native probe, and the wasm probe compiled ahead by wasmtime (once, not per run)."""
-    cargo()
-    cargo("--target", "wasm32-wasip2", "--no-default-features")
-    wasm = ROOT / "target" / "wasm32-wasip2" / "release" / "examples" / "greedy_logits.wasm"
-    cwasm = tmp_path_factory.mktemp("probe") / "greedy_logits.cwasm"
-    subprocess.run([str(WASMTIME), "compile", "-o", str(cwasm), str(wasm)], check=True, timeout=900)
-    return {"native": ROOT / "target" / "release" / "examples" / "greedy_logits", "wasm": cwasm}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# Every architecture and block format, and float matrices (llama-k_mix's F16/BF16/F32, the qwen2
+# and phi3 files' untied F32 heads).
+TINY_GGUFS = ["llama-q4_1", "llama-q4_k_m", "llama-k_mix", "qwen2-q4_0", "phi3-q4_1", "gemma3-q8_0"]
 
 
 def prompt(model_dir: pathlib.Path) -> list[int]:
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    return [(7 + 37 * i) % vocab for i in range(23)]
+    return [(7 + 37 * i) % vocab_of(model_dir) for i in range(23)]
 
 
-def logits_everywhere(probes: dict, model: pathlib.Path, out: pathlib.Path) -> dict[str, bytes]:
-    """The probe's logits file for `model` (a model.onnx) natively at 1 and 2 threads and in wasm."""
-    ids = [str(i) for i in prompt(model.parent)]
+def vocab_of(model_dir: pathlib.Path) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
+def logits_everywhere(models: pathlib.Path, name: str, out: pathlib.Path) -> dict[str, bytes]:
+    """`slm logits`' file for model `name` of `models` natively at 1 and 2 threads, and in wasm."""
+    assert SLM.is_file(), "run scripts/setup (builds target/release/slm)"
+    ids = json.dumps(prompt(models / name))
     files = {}
-    for threads in (1, 2):
-        f = out / f"native-{threads}.bin"
-        subprocess.run([str(probes["native"]), str(model), str(f), str(STEPS), str(threads), *ids],
-                       check=True, timeout=600)
-        files[f"native, {threads} thread(s)"] = f.read_bytes()
-    f = out / "wasm.bin"
-    subprocess.run([str(WASMTIME), "run", "--allow-precompiled", "--dir", f"{model.parent}::/model",
-                    "--dir", f"{out}::/out", str(probes["wasm"]), f"/model/{model.name}", f"/out/{f.name}",
-                    str(STEPS), "1", *ids], check=True, timeout=900)
-    files["wasm32 simd128"] = f.read_bytes()
+    for label, flags in [("native, 1 thread", ["--threads", "1"]), ("native, 2 threads", ["--threads", "2"]),
+                         ("wasm32 simd128 (slm-nn.wasm)", ["--portable"])]:
+        f = out / f"{len(files)}.bin"
+        r = subprocess.run([str(SLM), "--models", str(models), "--device", "cpu", "-q", "logits", "--model", name,
+                            "--ids", ids, "--steps", str(STEPS), "--runs", "1", "--out", str(f), *flags],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["rewind_max_abs_diff"] == 0, report  # the KV-cache rewind, on this build too
+        files[label] = f.read_bytes()
     return files
 
 
@@ -90,22 +74,29 @@ def assert_identical(files: dict[str, bytes], vocab: int) -> None:
                         f"(max |diff| {np.abs(other - rows).max():.3g})")
 
 
-def vocab_of(model_dir: pathlib.Path) -> int:
-    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+def test_default_model_same_logits_on_every_build(model_dir, tmp_path):
+    assert model_dir.name == DEFAULT_MODEL
+    files = logits_everywhere(model_dir.parent, DEFAULT_MODEL, tmp_path)
+    assert_identical(files, vocab_of(model_dir))
 
 
-@pytest.mark.parametrize("layout", ["model.onnx", "model_int8.onnx"])
-def test_default_model_same_logits_on_every_build(probes, model_dir, layout, tmp_path):
-    model = model_dir / layout if layout == "model.onnx" else variant_path(model_dir, layout)
-    assert model.is_file(), f"{model} missing: run scripts/setup"
-    if model.parent != model_dir:  # the variant lives apart from its JSON files: bring them
-        for name in ("config.json",):
-            (tmp_path / "dir").mkdir(exist_ok=True)
-            (tmp_path / "dir" / name).write_bytes((model_dir / name).read_bytes())
-        link = tmp_path / "dir" / "model.onnx"
-        link.hardlink_to(model) if model.stat().st_dev == tmp_path.stat().st_dev else link.write_bytes(model.read_bytes())
-        model = link
-    assert_identical(logits_everywhere(probes, model, tmp_path), vocab_of(model_dir))
+@pytest.mark.parametrize("layout", ["model_int8.onnx", "model_f32.onnx", "model_q4.onnx"])
+def test_other_layouts_same_logits_on_every_build(model_dir, layout, tmp_path):
+    """The default model's other layouts (int8 and f32 weights with f32 activations, 4-bit
+    blocks with f32 scales) live apart from their JSON files: a models directory of its own holds
+    each with them."""
+    variant = variant_path(model_dir, layout)
+    assert variant.is_file(), f"{variant} missing: run scripts/setup"
+    here = tmp_path / "models" / "layout"
+    here.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.suffix == ".json":
+            (here / f.name).write_bytes(f.read_bytes())
+    try:
+        os.link(variant, here / "model.onnx")
+    except OSError:  # another filesystem
+        (here / "model.onnx").symlink_to(variant)
+    assert_identical(logits_everywhere(here.parent, "layout", tmp_path), vocab_of(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +108,9 @@ def tiny_ggufs(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("name", TINY_GGUFS)
-def test_tiny_ggufs_same_logits_on_every_build(probes, tiny_ggufs, name, tmp_path):
+def test_tiny_ggufs_same_logits_on_every_build(tiny_ggufs, name, tmp_path):
     assert SLM.is_file(), "run scripts/setup (builds target/release/slm)"
-    model_dir = tmp_path / name
-    subprocess.run([str(SLM), "convert", str(tiny_ggufs / f"{name}.gguf"), "-o", str(model_dir)],
+    models = tmp_path / "models"
+    subprocess.run([str(SLM), "convert", str(tiny_ggufs / f"{name}.gguf"), "-o", str(models / name)],
                    check=True, timeout=600, capture_output=True)
-    assert_identical(logits_everywhere(probes, model_dir / "model.onnx", tmp_path), vocab_of(model_dir))
+    assert_identical(logits_everywhere(models, name, tmp_path), vocab_of(models / name))

@@ -19,7 +19,7 @@ from conftest import ROOT
 
 SLM = ROOT / "target" / "release" / "slm"
 MODEL = "smollm2-135m-instruct"
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of Germany?"
 
 
 def _free_port() -> int:
@@ -102,7 +102,7 @@ def test_chat_non_streaming(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
                                        max_tokens=24, temperature=0)
     text = r.choices[0].message.content
-    assert "Paris" in text
+    assert "Berlin" in text
     assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
@@ -283,7 +283,7 @@ def test_client_disconnect_stops_generation(server, client, server_log):
     else:
         pytest.fail(f"generation did not stop:\n{server_log.read_text()[-2000:]}")
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0)
-    assert "Paris" in r.choices[0].message.content
+    assert "Berlin" in r.choices[0].message.content
 
 
 def test_prefix_cache_reuses_a_shared_system_prompt(client):

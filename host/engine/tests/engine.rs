@@ -71,14 +71,15 @@ fn attention_is_fused_in_every_layout() {
 fn quantized_weights_stay_quantized() {
     // Default (Q4_1): 7 matrix products per layer on Q4_1 weights, the tied LM head int8 with
     // 8-bit activations. int8: all 7 and the head on int8 (f32 activations). The f32 reference
-    // has none; q4 (symmetric, f32 scales that float16 cannot hold) runs its 7 on 4-bit blocks
-    // with f32 scales, and so its int8 head with 8-bit activations too. The embedding lookup
-    // reads the rows of the tied head's table (held once).
-    for (file, q4_1, q8_head, int8, gathers) in [
-        ("model.onnx", 2 * 7, 1, 0, 1),
-        ("model_int8.onnx", 0, 0, 2 * 7 + 1, 1),
-        ("model_f32.onnx", 0, 0, 0, 0),
-        ("model_q4.onnx", 2 * 7, 1, 0, 1),
+    // runs all 7 and the head on our one-order f32 kernel; q4 (symmetric, f32 scales that
+    // float16 cannot hold) runs its 7 on 4-bit blocks with f32 scales, and so its int8 head with
+    // 8-bit activations too. The embedding lookup reads the rows of the tied head's table (held
+    // once).
+    for (file, q4_1, q8_head, int8, f32s, gathers) in [
+        ("model.onnx", 2 * 7, 1, 0, 0, 1),
+        ("model_int8.onnx", 0, 0, 2 * 7 + 1, 0, 1),
+        ("model_f32.onnx", 0, 0, 0, 2 * 7 + 1, 1),
+        ("model_q4.onnx", 2 * 7, 1, 0, 0, 1),
     ] {
         let m = load(file);
         assert_eq!(
@@ -86,9 +87,10 @@ fn quantized_weights_stay_quantized() {
                 m.q4_1_matmuls(),
                 m.q8_heads(),
                 m.int8_matmuls(),
-                m.int8_gathers()
+                m.f32_matmuls(),
+                m.table_gathers()
             ),
-            (q4_1, q8_head, int8, gathers),
+            (q4_1, q8_head, int8, f32s, gathers),
             "{file}"
         );
     }

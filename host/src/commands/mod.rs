@@ -27,6 +27,8 @@ use app::App;
 pub const GENERATOR_FILE: &str = "slm-generator.wasm";
 /// The generator composed with the in-wasm wasi:nn (imports only wasi:*).
 pub const GENERATOR_PORTABLE_FILE: &str = "slm-generator-portable.wasm";
+/// The in-wasm wasi:nn (the engine compiled to wasm32; exports wasi:nn).
+pub const NN_FILE: &str = "slm-nn.wasm";
 /// The HTTP app composed with the generator (imports wasi:nn).
 pub const HTTP_FILE: &str = "slm-http.wasm";
 /// The HTTP app composed with the generator and the in-wasm wasi:nn (imports only wasi:*).
@@ -81,7 +83,7 @@ pub fn main() -> Result<()> {
             return convert::convert(&cli.global, gguf, output.as_deref())
         }
         Cmd::Serve(args) => return serve::serve(&cli.global, registry()?, args),
-        Cmd::Logits(args) => return crate::devcheck::logits(&registry()?, args),
+        Cmd::Logits(args) => return crate::devcheck::logits(registry()?, args, &cli.global),
         _ => {}
     }
     let file = match &cli.cmd {

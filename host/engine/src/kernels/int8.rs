@@ -16,7 +16,7 @@
 use super::parallel::{parallel_ranges, OutPtr};
 
 /// Where the K and N axes of an int8 weight lie in the file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Layout {
     /// `[K, N]` row-major: a `MatMul` weight, a scale per column.
     KN,
@@ -53,6 +53,53 @@ impl std::fmt::Debug for QWeights {
     }
 }
 
+/// `values` (`k * n` of them, in `layout`) repacked into panels of [`PANEL`] columns
+/// (`[N/PANEL][K][PANEL]`), the last one padded with zeros: the layout of every weight of the
+/// f32-activation kernels (int8 here, f32 in [`super::float`]).
+pub(crate) fn pack_panels<T: Copy + Default>(
+    k: usize,
+    n: usize,
+    layout: Layout,
+    values: Vec<T>,
+) -> Vec<T> {
+    debug_assert_eq!(values.len(), k * n);
+    let panels = n.div_ceil(PANEL);
+    match layout {
+        Layout::KN => {
+            let mut packed = vec![T::default(); panels * k * PANEL];
+            for p in 0..panels {
+                let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
+                for kk in 0..k {
+                    let dst = (p * k + kk) * PANEL;
+                    packed[dst..dst + width]
+                        .copy_from_slice(&values[kk * n + c0..kk * n + c0 + width]);
+                }
+            }
+            packed
+        }
+        // Panel p holds rows p*64.. of the file, which are exactly the values it replaces:
+        // transposed in place, one panel at a time through a small buffer (a tied LM head is the
+        // largest weight; no second copy of it, not even while loading).
+        Layout::NK => {
+            let mut packed = values;
+            packed.resize(panels * k * PANEL, T::default());
+            let mut rows = vec![T::default(); PANEL * k];
+            for p in 0..panels {
+                let width = PANEL.min(n - p * PANEL);
+                let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
+                rows[..width * k].copy_from_slice(&panel[..width * k]);
+                panel.fill(T::default());
+                for j in 0..width {
+                    for (kk, &v) in rows[j * k..(j + 1) * k].iter().enumerate() {
+                        panel[kk * PANEL + j] = v;
+                    }
+                }
+            }
+            packed
+        }
+    }
+}
+
 impl QWeights {
     /// `q` holds `k * n` int8 values (as bytes) in `layout`; `scale` one value per output channel.
     pub fn new(
@@ -70,40 +117,7 @@ impl QWeights {
             ));
         }
         let panels = n.div_ceil(PANEL);
-        let packed = match layout {
-            Layout::KN => {
-                let mut packed = vec![0u8; panels * k * PANEL];
-                for p in 0..panels {
-                    let (c0, width) = (p * PANEL, PANEL.min(n - p * PANEL));
-                    for kk in 0..k {
-                        let dst = (p * k + kk) * PANEL;
-                        packed[dst..dst + width]
-                            .copy_from_slice(&q[kk * n + c0..kk * n + c0 + width]);
-                    }
-                }
-                packed
-            }
-            // Panel p holds rows p*64.. of the file, which are exactly the bytes it replaces:
-            // transposed in place, one panel at a time through a small buffer (a tied LM head
-            // is the largest weight; no second copy of it, not even while loading).
-            Layout::NK => {
-                let mut packed = q;
-                packed.resize(panels * k * PANEL, 0);
-                let mut rows = vec![0u8; PANEL * k];
-                for p in 0..panels {
-                    let width = PANEL.min(n - p * PANEL);
-                    let panel = &mut packed[p * k * PANEL..(p + 1) * k * PANEL];
-                    rows[..width * k].copy_from_slice(&panel[..width * k]);
-                    panel.fill(0);
-                    for j in 0..width {
-                        for (kk, &v) in rows[j * k..(j + 1) * k].iter().enumerate() {
-                            panel[kk * PANEL + j] = v;
-                        }
-                    }
-                }
-                packed
-            }
-        };
+        let packed = pack_panels(k, n, layout, q);
         let mut scale = scale;
         scale.resize(panels * PANEL, 0.0);
         Ok(QWeights {

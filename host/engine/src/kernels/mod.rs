@@ -1,4 +1,4 @@
-//! The compute kernels of our ops: matrix products on int8 ([`int8`]), Q4_1 and Q4_K
+//! The compute kernels of our ops: matrix products on f32 ([`float`]), int8 ([`int8`]), Q4_1 and Q4_K
 //! ([`q4_1`]), int8 blocks (Q8_0, Q5_0, Q6_K, Q3_K; with
 //! [`offsets`], Q5_1, Q5_K, Q2_K: [`q8_blocks`]) and Q8 ([`q8`]) weights, a row of fused
 //! attention ([`attention`]); the rounding of activations to 8 bits that the Q4_1 and Q8 products share ([`quantize`], [`dispatch`]); which instructions the
@@ -8,6 +8,7 @@ pub(crate) mod attention;
 pub(crate) mod cpu;
 pub(crate) mod detmath;
 pub(crate) mod dispatch;
+pub(crate) mod float;
 pub(crate) mod int8;
 pub(crate) mod offsets;
 pub(crate) mod parallel;

@@ -216,8 +216,9 @@ impl Model {
     #[doc(hidden)]
     pub fn int8_matmuls(&self) -> usize {
         self.count(|n| {
-            n.op_as::<QMatMul>()
-                .is_some_and(|q| !q.is_q4_1() && !q.is_q8_head() && !q.is_q8_blocks())
+            n.op_as::<QMatMul>().is_some_and(|q| {
+                !q.is_q4_1() && !q.is_q8_head() && !q.is_q8_blocks() && !q.is_f32()
+            })
         })
     }
 
@@ -240,9 +241,15 @@ impl Model {
         self.count(|n| n.op_as::<QMatMul>().is_some_and(|q| q.is_q4_1()))
     }
 
-    /// How many row lookups of the plan read int8 tables shared with a [`QMatMul`].
+    /// How many matrix products of the plan run on f32 weights (our one-order kernel).
     #[doc(hidden)]
-    pub fn int8_gathers(&self) -> usize {
+    pub fn f32_matmuls(&self) -> usize {
+        self.count(|n| n.op_as::<QMatMul>().is_some_and(|q| q.is_f32()))
+    }
+
+    /// How many row lookups of the plan read tables shared with a [`QMatMul`] (int8 or f32).
+    #[doc(hidden)]
+    pub fn table_gathers(&self) -> usize {
         self.count(|n| n.op_is::<QGather>())
     }
 

@@ -1,7 +1,7 @@
 //! The ONNX protobuf before tract parses it: decoded from the file without holding it twice
 //! ([`proto`]), then rewritten so that tract builds our ops ([`crate::ops`]) where the export
 //! spells out what they do: 4- and 8-bit `MatMulNBits` ([`nbits`]) and int8 `MatMul`s ([`int8`]) keep
-//! their weights quantized, attention chains are fused ([`attention`]), and their KV cache kept in place
+//! their weights quantized, f32 `MatMul`s run on our one-order kernel ([`float`]), attention chains are fused ([`attention`]), and their KV cache kept in place
 //! ([`kv_cache`]); the batch axis is pinned to one sequence ([`batch`]). The file is unchanged
 //! (it stays what ONNX Runtime runs); patterns that do not fit exactly are left to tract.
 
@@ -13,6 +13,7 @@ use crate::ops::Packed;
 
 pub(crate) mod attention;
 pub(crate) mod batch;
+pub(crate) mod float;
 pub(crate) mod graph;
 pub(crate) mod int8;
 pub(crate) mod kv_cache;
@@ -38,6 +39,7 @@ pub(crate) fn rewrite(
             .values()
             .any(|w| matches!(w, Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_)));
         int8::rewrite(graph, &mut weights, head_q8);
+        float::rewrite(graph, &mut weights);
         kv_cache::rewrite(graph);
     }
     weights

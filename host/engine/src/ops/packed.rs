@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::kernels::dispatch::PanelKernels;
+use crate::kernels::float::F32Weights;
 use crate::kernels::int8::{Layout, QWeights};
 use crate::kernels::q4_1::Q4Weights;
 use crate::kernels::q8::Q8Weights;
@@ -11,6 +12,8 @@ use crate::kernels::q8_blocks::Q8Blocks;
 /// The weight of a rewritten product, in one of the packed formats.
 #[derive(Clone)]
 pub enum Packed {
+    /// Float matrices, summed in one order on every target.
+    F32(Arc<F32Weights>),
     Int8(Arc<QWeights>),
     /// Q4_0 and Q4_1 blocks: float16 scales and offsets.
     Q4_1(Arc<Q4Weights>),
@@ -25,6 +28,7 @@ pub enum Packed {
 impl Packed {
     pub(crate) fn k(&self) -> usize {
         match self {
+            Packed::F32(w) => w.k,
             Packed::Int8(w) => w.k,
             Packed::Q4_1(w) => w.k,
             Packed::Q4F32(w) => w.k,
@@ -35,6 +39,7 @@ impl Packed {
 
     pub(crate) fn n(&self) -> usize {
         match self {
+            Packed::F32(w) => w.n,
             Packed::Int8(w) => w.n,
             Packed::Q4_1(w) => w.n,
             Packed::Q4F32(w) => w.n,
@@ -46,6 +51,7 @@ impl Packed {
     /// `y = x @ W` for `x` `[m, K]` and `y` `[m, N]`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         match self {
+            Packed::F32(w) => w.matmul(x, m, y),
             Packed::Int8(w) => w.matmul(x, m, y),
             Packed::Q4_1(w) => w.matmul(x, m, y),
             Packed::Q4F32(w) => w.matmul(x, m, y),
@@ -57,6 +63,7 @@ impl Packed {
     /// Whether its output channels are rows of a table (a tied embedding reads them back).
     pub(crate) fn is_table(&self) -> bool {
         match self {
+            Packed::F32(w) => w.layout == Layout::NK,
             Packed::Int8(w) => w.layout == Layout::NK,
             Packed::Q8Head(_) | Packed::Q8Blocks(_) => true,
             Packed::Q4_1(_) | Packed::Q4F32(_) => false,
@@ -66,7 +73,7 @@ impl Packed {
     /// Whether a row of its table reads as f32 values (int8 blocks, each with its scale) rather
     /// than int8 values for one scale per row.
     pub(crate) fn has_f32_rows(&self) -> bool {
-        matches!(self, Packed::Q8Blocks(_))
+        matches!(self, Packed::Q8Blocks(_) | Packed::F32(_))
     }
 
     /// Output channel `c` (K values) into `out`; only for a [`Packed::is_table`] weight without
@@ -84,6 +91,7 @@ impl Packed {
     pub(crate) fn copy_column_f32(&self, c: usize, out: &mut [f32]) {
         match self {
             Packed::Q8Blocks(w) => w.copy_column(c, out),
+            Packed::F32(w) => w.copy_column(c, out),
             _ => unreachable!("checked by has_f32_rows"),
         }
     }
@@ -93,6 +101,7 @@ impl Packed {
 impl PartialEq for Packed {
     fn eq(&self, other: &Packed) -> bool {
         match (self, other) {
+            (Packed::F32(a), Packed::F32(b)) => Arc::ptr_eq(a, b),
             (Packed::Int8(a), Packed::Int8(b)) => Arc::ptr_eq(a, b),
             (Packed::Q4_1(a), Packed::Q4_1(b)) => Arc::ptr_eq(a, b),
             (Packed::Q4F32(a), Packed::Q4F32(b)) => Arc::ptr_eq(a, b),
@@ -107,6 +116,7 @@ impl Eq for Packed {}
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Packed::F32(w) => w.fmt(f),
             Packed::Int8(w) => w.fmt(f),
             Packed::Q4_1(w) => w.fmt(f),
             Packed::Q4F32(w) => w.fmt(f),

@@ -1,7 +1,7 @@
-//! `SlmQGather`: rows of an int8 table (ONNX `Gather` on axis 0) read from the weights of a
+//! `SlmQGather`: rows of a table (ONNX `Gather` on axis 0) read from the weights of a
 //! [`super::qmatmul::QMatMul`] (a tied embedding and LM head hold the table once): int8 values
 //! for a table with one scale per row (the graph scales them), or f32 values for int8 blocks
-//! (each block's scale applied: exactly the file's values).
+//! (each block's scale applied: exactly the file's values) and for f32 tables.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb;
@@ -15,7 +15,11 @@ pub(super) fn build(
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let w = match pending_weights(node)? {
-        w @ (Packed::Int8(_) | Packed::Q8Head(_) | Packed::Q8Blocks(_)) if w.is_table() => w,
+        w @ (Packed::F32(_) | Packed::Int8(_) | Packed::Q8Head(_) | Packed::Q8Blocks(_))
+            if w.is_table() =>
+        {
+            w
+        }
         _ => bail!("{QGATHER} needs an int8 table of rows (a transposed MatMul weight)"),
     };
     Ok((expand(Inferred(QGather { w })), vec![]))

@@ -33,6 +33,11 @@ impl QMatMul {
         matches!(self.w, Packed::Q8Blocks(_))
     }
 
+    /// f32 weights (float matrices), summed in one order on every target.
+    pub fn is_f32(&self) -> bool {
+        matches!(self.w, Packed::F32(_))
+    }
+
     pub fn is_q8_head(&self) -> bool {
         matches!(self.w, Packed::Q8Head(_))
     }

@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use wasmtime::component::{Linker, ResourceAny};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::component::ResourceAny;
+use wasmtime::Store;
 
 use crate::registry::ModelRegistry;
-use crate::runtime::{load_component, one_line, werr, HostState};
+use crate::runtime::{one_line, wasi_component, werr, HostState};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -36,12 +36,7 @@ pub struct GuestContext(ResourceAny);
 
 impl NnGuest {
     pub fn new(component: &Path, registry: Arc<ModelRegistry>) -> Result<NnGuest> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(werr)?;
-        let component = load_component(&engine, component)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(werr)?;
+        let (engine, component, linker) = wasi_component(component)?;
         let mut store = Store::new(&engine, HostState::new(registry)?);
         let nn = NnComponent::instantiate(&mut store, &component, &linker)
             .map_err(|e| anyhow!("the wasi:nn component does not link: {}", one_line(&e)))?;

@@ -248,6 +248,17 @@ pub fn load_component(engine: &Engine, path: &Path) -> Result<Component> {
     unsafe { Component::deserialize(engine, &serialized) }.map_err(werr)
 }
 
+/// An engine, `component` compiled (or from the cache) and a linker with WASI Preview 2.
+pub fn wasi_component(component: &Path) -> Result<(Engine, Component, Linker<HostState>)> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    let engine = Engine::new(&config).map_err(werr)?;
+    let component = load_component(&engine, component)?;
+    let mut linker: Linker<HostState> = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(werr)?;
+    Ok((engine, component, linker))
+}
+
 /// The engine, the pre-linked generator component and the shared model registry.
 pub struct Runtime {
     pub engine: Engine,
@@ -257,12 +268,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(component: &Path, registry: Arc<ModelRegistry>) -> Result<Runtime> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        let engine = Engine::new(&config).map_err(werr)?;
-        let component = load_component(&engine, component)?;
-        let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(werr)?;
+        let (engine, component, mut linker) = wasi_component(component)?;
         add_nn_to_linker(&mut linker)?;
         let pre = linker
             .instantiate_pre(&component)

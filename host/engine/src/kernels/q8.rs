@@ -140,8 +140,14 @@ mod wasm {
     use std::arch::wasm32::*;
 
     use super::*;
-    use crate::kernels::quantize::wasm::i8x4_twice;
 
+    /// A group's 16 bytes (4 columns x 4 K values, stored as `w + 128`) read as eight 16-bit
+    /// lanes, two per column, split by mask and shift alone (no widening, no subtraction): the
+    /// even bytes (K 0 and 2 of each column) and the odd bytes (K 1 and 3), still `w + 128`.
+    /// Each meets x values in the same pattern, so `i32x4.dot_i16x8_s` adds a column's two
+    /// products per lane: the lanes are the 4 columns. The block's `128 * sum(x)` is taken off
+    /// once per block: the integer sums are the portable kernel's, exactly.
+    ///
     /// # Safety
     /// As `dispatch::PanelKernels`.
     pub unsafe fn panels(
@@ -153,8 +159,13 @@ mod wasm {
         p1: usize,
     ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
-        let offset = i16x8_splat(128);
+        let low_byte = u16x8_splat(0x00ff);
         let mut out = [0f32; Q8_PANEL];
+        // Per row and block: 128 times the sum of its quantized values.
+        let offsets: Vec<i32> = x.q[..m * k]
+            .chunks_exact(QBLOCK)
+            .map(|b| 128 * b.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
         // SAFETY: for p < p1 <= N/32 (rounded up), b < K/32 and row < m, the block's 1 KiB,
         // the panel's 32 scales and the row's 32 quantized values are inside `w` and `x`; the
         // row's columns p * 32 .. p * 32 + cols are inside y, in a panel this call owns.
@@ -165,24 +176,26 @@ mod wasm {
                     for b in 0..kb {
                         let blk = w.q.as_ptr().add(p * Q8_PANEL * k + b * BLOCK_BYTES);
                         let xq = x.q.as_ptr().add(row * k + b * QBLOCK);
-                        let mut acc = [[i32x4_splat(0); 2]; Q8_PANEL / 4];
+                        let mut acc = [i32x4_splat(0); Q8_PANEL / 4];
                         for g in 0..8 {
-                            let xa = i8x4_twice(xq.add(4 * g));
+                            // x0..x3 of the group as [x0 x2] and [x1 x3], four times each.
+                            let v = i16x8_extend_low_i8x16(v128_load32_zero(
+                                xq.add(4 * g) as *const u32
+                            ));
+                            let xe = i16x8_shuffle::<0, 2, 0, 2, 0, 2, 0, 2>(v, v);
+                            let xo = i16x8_shuffle::<1, 3, 1, 3, 1, 3, 1, 3>(v, v);
                             for (c4, acc) in acc.iter_mut().enumerate() {
                                 let v =
                                     v128_load(blk.add(g * Q8_PANEL * 4 + c4 * 16) as *const v128);
-                                let lo = i16x8_sub(u16x8_extend_low_u8x16(v), offset);
-                                let hi = i16x8_sub(u16x8_extend_high_u8x16(v), offset);
-                                acc[0] = i32x4_add(acc[0], i32x4_dot_i16x8(lo, xa));
-                                acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi, xa));
+                                let even = i32x4_dot_i16x8(v128_and(v, low_byte), xe);
+                                let odd = i32x4_dot_i16x8(u16x8_shr(v, 8), xo);
+                                *acc = i32x4_add(*acc, i32x4_add(even, odd));
                             }
                         }
                         let xs = f32x4_splat(x.scale[row * kb + b]);
+                        let offset = i32x4_splat(offsets[row * kb + b]);
                         for (c4, acc) in acc.iter().enumerate() {
-                            let sums = i32x4_add(
-                                i32x4_shuffle::<0, 2, 4, 6>(acc[0], acc[1]),
-                                i32x4_shuffle::<1, 3, 5, 7>(acc[0], acc[1]),
-                            );
+                            let sums = i32x4_sub(*acc, offset);
                             facc[c4] =
                                 f32x4_add(facc[c4], f32x4_mul(f32x4_convert_i32x4(sums), xs));
                         }

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use super::parallel::OutPtr;
 use super::q4_1::QBLOCK;
-use super::quantize::QuantRows;
+use super::quantize::{int_sum, QuantRows};
 
 /// Offsets `[N][K / per]` of a weight `[K, N]`, `per` 16 or 32.
 pub struct BlockOffsets {
@@ -46,10 +46,7 @@ impl BlockOffsets {
         }
         x.q.chunks_exact(self.per)
             .enumerate()
-            .map(|(h, q)| {
-                let isum: i32 = q.iter().map(|&v| v as i32).sum();
-                x.scale[h * self.per / QBLOCK] * isum as f32
-            })
+            .map(|(h, q)| x.scale[h * self.per / QBLOCK] * int_sum(q) as f32)
             .collect()
     }
 

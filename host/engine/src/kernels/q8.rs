@@ -12,7 +12,7 @@
 
 use super::dispatch::panel_kernels;
 use super::q4_1::QBLOCK;
-use super::quantize::{Activations, QuantRows};
+use super::quantize::{int_sum, Activations, QuantRows};
 
 /// Columns per panel.
 pub const Q8_PANEL: usize = 32;
@@ -164,7 +164,7 @@ mod wasm {
         // Per row and block: 128 times the sum of its quantized values.
         let offsets: Vec<i32> = x.q[..m * k]
             .chunks_exact(QBLOCK)
-            .map(|b| 128 * b.iter().map(|&v| v as i32).sum::<i32>())
+            .map(|b| 128 * int_sum(b))
             .collect();
         // SAFETY: for p < p1 <= N/32 (rounded up), b < K/32 and row < m, the block's 1 KiB,
         // the panel's 32 scales and the row's 32 quantized values are inside `w` and `x`; the
@@ -330,11 +330,7 @@ pub(super) mod x86 {
                         let i = row * kb + b;
                         let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));
                         let correction = if D::OFFSET {
-                            let qsum: i32 = std::slice::from_raw_parts(xq, QBLOCK)
-                                .iter()
-                                .map(|&v| v as i32)
-                                .sum();
-                            _mm256_set1_epi32(128 * qsum)
+                            _mm256_set1_epi32(128 * int_sum(std::slice::from_raw_parts(xq, QBLOCK)))
                         } else {
                             _mm256_setzero_si256()
                         };

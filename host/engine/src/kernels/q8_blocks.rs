@@ -306,6 +306,7 @@ mod x86 {
     use super::*;
     // The Q8 head's byte dot products: the same stored `q + 128` bytes.
     use crate::kernels::q8::x86::{Avx2, Dot8, Vnni};
+    use crate::kernels::quantize::int_sum;
 
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.
@@ -430,11 +431,9 @@ mod x86 {
                     if D::OFFSET {
                         for (r, corr) in correction.iter_mut().enumerate() {
                             let xq = x.q.as_ptr().add((row + r) * k + b * QBLOCK + HALF * h);
-                            let qsum: i32 = std::slice::from_raw_parts(xq, HALF)
-                                .iter()
-                                .map(|&v| v as i32)
-                                .sum();
-                            *corr = _mm256_set1_epi32(128 * qsum);
+                            *corr = _mm256_set1_epi32(
+                                128 * int_sum(std::slice::from_raw_parts(xq, HALF)),
+                            );
                         }
                     }
                     let s = w

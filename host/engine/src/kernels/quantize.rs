@@ -39,6 +39,12 @@ pub(crate) struct QuantRows {
     pub(crate) sum: Vec<f32>,
 }
 
+/// The sum of quantized values as an integer (a block's, for the kernels' offset corrections).
+#[inline(always)]
+pub(crate) fn int_sum(q: &[i8]) -> i32 {
+    q.iter().map(|&v| v as i32).sum()
+}
+
 impl QuantRows {
     /// Rounded as `how` says.
     pub(crate) fn with(x: &[f32], m: usize, k: usize, how: Activations) -> QuantRows {
@@ -49,10 +55,7 @@ impl QuantRows {
             Activations::Q8_0 | Activations::Q8_1 => {
                 let mut rows = Self::new(x, m, k);
                 for (i, (s, t)) in rows.scale.iter_mut().zip(rows.sum.iter_mut()).enumerate() {
-                    let q: i32 = rows.q[i * QBLOCK..][..QBLOCK]
-                        .iter()
-                        .map(|&v| v as i32)
-                        .sum();
+                    let q = int_sum(&rows.q[i * QBLOCK..][..QBLOCK]);
                     let rounded = f16::from_f32(*s).to_f32();
                     *t = match how {
                         Activations::Q8_1 => f16::from_f32(*s * q as f32).to_f32(),

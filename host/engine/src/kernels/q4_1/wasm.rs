@@ -1,5 +1,6 @@
-//! The Q4_1 kernel for wasm32 with simd128 (`i32x4.dot_i16x8_s`), or with relaxed SIMD's 8-bit
-//! dot product when the engine is built with the `relaxed-simd` feature ([`relaxed`]).
+//! The Q4_1 kernel for wasm32 with simd128 (`i32x4.dot_i16x8_s`); with the `relaxed-simd`
+//! feature, the one on relaxed SIMD's 8-bit dot product instead (crate slm-wasm-relaxed,
+//! [`relaxed`]).
 
 use std::arch::wasm32::*;
 
@@ -36,8 +37,8 @@ pub unsafe fn panels<S: BlockScale>(
     p1: usize,
 ) {
     #[cfg(feature = "relaxed-simd")]
-    // SAFETY: the build requires relaxed SIMD (the feature's promise); the rest is passed on.
-    return unsafe { relaxed::panels(w, x, m, y, p0, p1) };
+    // SAFETY: the caller's contract; the feature's promise that the engine runs relaxed SIMD.
+    return unsafe { S::relaxed_panels(w, x, m, y, p0, p1) };
     // SAFETY: the caller's contract, passed on; every tile's rows are below m.
     #[allow(unreachable_code)]
     unsafe {
@@ -241,120 +242,36 @@ unsafe fn store<const R: usize>(
     }
 }
 
-/// The kernel on relaxed SIMD's `i16x8.relaxed_dot_i8x16_i7x16_s` (x86: one `pmaddubsw`).
-///
-/// The instruction multiplies 8-bit x by a second operand that it defines exactly only below
-/// 128: our 4-bit weights (0..15) always are, so every engine gives the same pairs of products.
-/// A pair's sum is at most 2 * 128 * 15 = 3,840 in magnitude, so a block's 8 pairs per 16-bit
-/// lane (4 groups x low and high nibbles) stay below 32,767 and the sums are the portable
-/// kernel's integers, whatever the engine does on overflow (it never happens).
+/// The relaxed-SIMD kernel's operands ([`BlockScale::relaxed_panels`]).
 #[cfg(feature = "relaxed-simd")]
-mod relaxed {
-    use std::arch::wasm32::*;
+pub(super) mod relaxed {
+    use slm_wasm_relaxed::{Q4Product, BLOCK, PANEL};
 
     use super::super::*;
-    use super::store;
 
-    /// Rows computed together: each row needs one accumulator (its x values are splat from
-    /// memory), so 8 rows fit the registers (prefill 10-15% faster than 4; 12 and 16 slower).
-    const TILE: usize = 8;
+    // The crate reads the blocks as `Q4Weights` lays them out.
+    const _: () = assert!(BLOCK == QBLOCK && PANEL == Q4_PANEL);
 
-    /// # Safety
-    /// As `dispatch::PanelKernels`; the engine runs relaxed SIMD (the module would not validate
-    /// otherwise).
-    #[target_feature(enable = "relaxed-simd")]
-    pub(super) unsafe fn panels<S: BlockScale>(
-        w: &Q4Weights<S>,
-        x: &QuantRows,
-        m: usize,
-        y: *mut f32,
-        p0: usize,
-        p1: usize,
-    ) {
-        // SAFETY: the caller's contract, passed on; every tile's rows are below m.
-        unsafe {
-            for p in p0..p1 {
-                let mut row = 0;
-                while row + TILE <= m {
-                    tile::<S, TILE>(w, x, p, row, y);
-                    row += TILE;
-                }
-                while row < m {
-                    tile::<S, 1>(w, x, p, row, y);
-                    row += 1;
-                }
-            }
-        }
-    }
-
-    /// Panel `p` for rows `row0 .. row0 + R`. Per block, each row's groups of 4 x values are
-    /// splat to the 4 columns of a weight load; per 4 columns, the low and high nibbles of each
-    /// group's 16 bytes (byte t of a column: K values t and 4 + t) meet x values 0..4 and 4..8
-    /// of the group, adding a column's products in pairs into two 16-bit lanes; one pairwise
-    /// widening per block gives the column sums. The float arithmetic is the portable
-    /// kernel's, operation for operation.
+    /// `w` and `x` as the crate takes them, the scales as `T` (the same bits).
     ///
     /// # Safety
-    /// As `dispatch::PanelKernels`, for panel p < p1 and rows `row0 .. row0 + R` < m; relaxed
-    /// SIMD.
-    #[inline(always)]
-    unsafe fn tile<S: BlockScale, const R: usize>(
-        w: &Q4Weights<S>,
-        x: &QuantRows,
-        p: usize,
-        row0: usize,
-        y: *mut f32,
-    ) {
-        let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
-        let cols = Q4_PANEL.min(n - p * Q4_PANEL);
-        let nib = u8x16_splat(15);
-        let mut facc = [[f32x4_splat(0.0); Q4_PANEL / 4]; R];
-        // SAFETY: for b < K/32 the block's 512 bytes and its 32 scales and offsets are inside
-        // `w`; for the tile's rows, their 32 quantized values, scale and sum are inside `x`, and
-        // columns p * 32 .. p * 32 + cols of their outputs are inside y, in a panel this call
-        // owns.
-        unsafe {
-            for b in 0..kb {
-                let blk = w.q.as_ptr().add((p * kb + b) * BLOCK_BYTES);
-                // Per row and group of 8 K values: x0..x3 and x4..x7, each four times.
-                let mut xs = [[[i32x4_splat(0); 2]; 4]; R];
-                for (r, xs) in xs.iter_mut().enumerate() {
-                    let xq = x.q.as_ptr().add((row0 + r) * k + b * QBLOCK);
-                    for (g, xs) in xs.iter_mut().enumerate() {
-                        *xs = [
-                            v128_load32_splat(xq.add(8 * g) as *const u32),
-                            v128_load32_splat(xq.add(8 * g + 4) as *const u32),
-                        ];
-                    }
-                }
-                let sm = (p * kb + b) * Q4_PANEL;
-                for c4 in 0..Q4_PANEL / 4 {
-                    // Per row: two 16-bit lanes per column.
-                    let mut acc = [i16x8_splat(0); R];
-                    for g in 0..4 {
-                        let v = v128_load(blk.add(g * 128 + c4 * 16) as *const v128);
-                        let (lo, hi) = (v128_and(v, nib), u8x16_shr(v, 4));
-                        for (acc, xs) in acc.iter_mut().zip(&xs) {
-                            let [x0, x1] = xs[g];
-                            *acc = i16x8_add(*acc, i16x8_relaxed_dot_i8x16_i7x16(x0, lo));
-                            *acc = i16x8_add(*acc, i16x8_relaxed_dot_i8x16_i7x16(x1, hi));
-                        }
-                    }
-                    let d = S::load4(w.d.as_ptr().add(sm + c4 * 4));
-                    let mo = S::load4(w.m.as_ptr().add(sm + c4 * 4));
-                    for (r, acc) in acc.iter().enumerate() {
-                        let i = (row0 + r) * kb + b;
-                        let (xsc, sx) = (f32x4_splat(x.scale[i]), f32x4_splat(x.sum[i]));
-                        let sums = i32x4_extadd_pairwise_i16x8(*acc);
-                        let f = f32x4_add(
-                            facc[r][c4],
-                            f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xsc)),
-                        );
-                        facc[r][c4] = f32x4_add(f, f32x4_mul(mo, sx));
-                    }
-                }
-            }
-            store(&facc, y.add(row0 * n + p * Q4_PANEL), n, cols);
+    /// `T` has the size and the bits of `S`.
+    pub(in super::super) unsafe fn product<'a, S: BlockScale, T>(
+        w: &'a Q4Weights<S>,
+        x: &'a QuantRows,
+    ) -> Q4Product<'a, T> {
+        // SAFETY: the caller's promise on T; the lengths are the vectors'.
+        let cast =
+            |v: &'a [S]| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const T, v.len()) };
+        Q4Product {
+            k: w.k,
+            n: w.n,
+            q: &w.q,
+            d: cast(&w.d),
+            m: cast(&w.m),
+            xq: &x.q,
+            x_scale: &x.scale,
+            x_sum: &x.sum,
         }
     }
 }

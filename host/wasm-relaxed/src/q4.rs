@@ -143,6 +143,13 @@ unsafe fn tile<S: Scale, const R: usize>(w: &Q4Product<S>, p: usize, row0: usize
                     ];
                 }
             }
+            // Per row: the block's scale and sum of x, splat once for the 8 groups of columns.
+            let mut xsc = [f32x4_splat(0.0); R];
+            let mut sx = [f32x4_splat(0.0); R];
+            for r in 0..R {
+                let i = (row0 + r) * kb + b;
+                (xsc[r], sx[r]) = (f32x4_splat(w.x_scale[i]), f32x4_splat(w.x_sum[i]));
+            }
             let sm = (p * kb + b) * PANEL;
             for c4 in 0..PANEL / 4 {
                 // Per row: two 16-bit lanes per column.
@@ -159,14 +166,12 @@ unsafe fn tile<S: Scale, const R: usize>(w: &Q4Product<S>, p: usize, row0: usize
                 let d = S::load4(w.d.as_ptr().add(sm + c4 * 4));
                 let mo = S::load4(w.m.as_ptr().add(sm + c4 * 4));
                 for (r, acc) in acc.iter().enumerate() {
-                    let i = (row0 + r) * kb + b;
-                    let (xsc, sx) = (f32x4_splat(w.x_scale[i]), f32x4_splat(w.x_sum[i]));
                     let sums = i32x4_extadd_pairwise_i16x8(*acc);
                     let f = f32x4_add(
                         facc[r][c4],
-                        f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xsc)),
+                        f32x4_mul(f32x4_convert_i32x4(sums), f32x4_mul(d, xsc[r])),
                     );
-                    facc[r][c4] = f32x4_add(f, f32x4_mul(mo, sx));
+                    facc[r][c4] = f32x4_add(f, f32x4_mul(mo, sx[r]));
                 }
             }
         }

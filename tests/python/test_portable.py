@@ -79,6 +79,13 @@ def node_env(**extra) -> dict:
     return env
 
 
+def need_node_with_relaxed_simd() -> None:
+    """Node 22 or later: the portable components use relaxed SIMD."""
+    out = subprocess.run([NODE, "--version"], capture_output=True, text=True, check=True).stdout
+    major = int(out.strip().lstrip("v").split(".")[0])
+    assert major >= 22, f"{NODE} is Node {out.strip()}: the portable components need Node 22+ (relaxed SIMD); run scripts/setup"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -201,6 +208,7 @@ def test_wasmtime_serve_portable_matches_slm_serve(portable_http, native_answer,
 
 def test_jco_serve_portable_matches_slm_serve(portable_http, native_answer, tmp_path):
     need(JCO, "run scripts/setup (npm ci in tests/node)")
+    need_node_with_relaxed_simd()
     port = free_port()
     jco_dir = NODE_DIR / "build" / "http-portable"
     shutil.rmtree(jco_dir, ignore_errors=True)

@@ -14,4 +14,4 @@
 mod q4;
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-pub use q4::{q4_panels_f16, q4_panels_f32, Q4Product, BLOCK, PANEL};
+pub use q4::{q4_panels_f16, q4_panels_f32, Q4Kernel, Q4Product, BLOCK, PANEL};

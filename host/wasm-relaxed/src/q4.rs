@@ -35,6 +35,9 @@ pub struct Q4Product<'a, S> {
     pub x_sum: &'a [f32],
 }
 
+/// [`q4_panels_f16`] or [`q4_panels_f32`].
+pub type Q4Kernel<S> = unsafe fn(&Q4Product<S>, usize, *mut f32, usize, usize);
+
 /// `y[r][p * 32 ..] = x[r] . w[:, panel p]` for rows `r < rows` and panels `p0 .. p1`.
 ///
 /// # Safety

@@ -45,23 +45,21 @@ pub trait BlockScale: Copy + Send + Sync + 'static {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     unsafe fn load4(p: *const Self) -> std::arch::wasm32::v128;
 
-    /// The relaxed-SIMD kernel (slm-wasm-relaxed) for weights with these scales.
-    ///
-    /// # Safety
-    /// As `dispatch::PanelKernels`; the engine runs relaxed SIMD.
+    /// The scales as slm-wasm-relaxed reads them: a type of the same size and bits.
     #[cfg(all(
         target_arch = "wasm32",
         target_feature = "simd128",
         feature = "relaxed-simd"
     ))]
-    unsafe fn relaxed_panels(
-        w: &Q4Weights<Self>,
-        x: &QuantRows,
-        m: usize,
-        y: *mut f32,
-        p0: usize,
-        p1: usize,
-    );
+    type Bits;
+
+    /// The relaxed-SIMD kernel (slm-wasm-relaxed) for these scales.
+    #[cfg(all(
+        target_arch = "wasm32",
+        target_feature = "simd128",
+        feature = "relaxed-simd"
+    ))]
+    const RELAXED_PANELS: slm_wasm_relaxed::Q4Kernel<Self::Bits>;
 }
 
 impl BlockScale for f16 {
@@ -91,17 +89,13 @@ impl BlockScale for f16 {
         target_feature = "simd128",
         feature = "relaxed-simd"
     ))]
-    unsafe fn relaxed_panels(
-        w: &Q4Weights<f16>,
-        x: &QuantRows,
-        m: usize,
-        y: *mut f32,
-        p0: usize,
-        p1: usize,
-    ) {
-        // SAFETY: f16 is a u16 of the same bits; the rest is the caller's contract.
-        unsafe { slm_wasm_relaxed::q4_panels_f16(&wasm::relaxed::product(w, x), m, y, p0, p1) }
-    }
+    type Bits = u16;
+    #[cfg(all(
+        target_arch = "wasm32",
+        target_feature = "simd128",
+        feature = "relaxed-simd"
+    ))]
+    const RELAXED_PANELS: slm_wasm_relaxed::Q4Kernel<u16> = slm_wasm_relaxed::q4_panels_f16;
 }
 
 impl BlockScale for f32 {
@@ -130,17 +124,13 @@ impl BlockScale for f32 {
         target_feature = "simd128",
         feature = "relaxed-simd"
     ))]
-    unsafe fn relaxed_panels(
-        w: &Q4Weights<f32>,
-        x: &QuantRows,
-        m: usize,
-        y: *mut f32,
-        p0: usize,
-        p1: usize,
-    ) {
-        // SAFETY: the scales are f32 already; the rest is the caller's contract.
-        unsafe { slm_wasm_relaxed::q4_panels_f32(&wasm::relaxed::product(w, x), m, y, p0, p1) }
-    }
+    type Bits = f32;
+    #[cfg(all(
+        target_arch = "wasm32",
+        target_feature = "simd128",
+        feature = "relaxed-simd"
+    ))]
+    const RELAXED_PANELS: slm_wasm_relaxed::Q4Kernel<f32> = slm_wasm_relaxed::q4_panels_f32;
 }
 
 /// Weights per block along K (one `d` and one `m` each).

@@ -38,7 +38,7 @@ pub unsafe fn panels<S: BlockScale>(
 ) {
     #[cfg(feature = "relaxed-simd")]
     // SAFETY: the caller's contract; the feature's promise that the engine runs relaxed SIMD.
-    return unsafe { S::relaxed_panels(w, x, m, y, p0, p1) };
+    return unsafe { (S::RELAXED_PANELS)(&relaxed::product(w, x), m, y, p0, p1) };
     // SAFETY: the caller's contract, passed on; every tile's rows are below m.
     #[allow(unreachable_code)]
     unsafe {
@@ -242,7 +242,7 @@ unsafe fn store<const R: usize>(
     }
 }
 
-/// The relaxed-SIMD kernel's operands ([`BlockScale::relaxed_panels`]).
+/// The relaxed-SIMD kernel's operands ([`BlockScale::RELAXED_PANELS`]).
 #[cfg(feature = "relaxed-simd")]
 pub(super) mod relaxed {
     use slm_wasm_relaxed::{Q4Product, BLOCK, PANEL};
@@ -252,17 +252,16 @@ pub(super) mod relaxed {
     // The crate reads the blocks as `Q4Weights` lays them out.
     const _: () = assert!(BLOCK == QBLOCK && PANEL == Q4_PANEL);
 
-    /// `w` and `x` as the crate takes them, the scales as `T` (the same bits).
-    ///
-    /// # Safety
-    /// `T` has the size and the bits of `S`.
-    pub(in super::super) unsafe fn product<'a, S: BlockScale, T>(
+    /// `w` and `x` as the crate takes them, the scales as `S::Bits`.
+    pub(super) fn product<'a, S: BlockScale>(
         w: &'a Q4Weights<S>,
         x: &'a QuantRows,
-    ) -> Q4Product<'a, T> {
-        // SAFETY: the caller's promise on T; the lengths are the vectors'.
-        let cast =
-            |v: &'a [S]| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const T, v.len()) };
+    ) -> Q4Product<'a, S::Bits> {
+        // SAFETY: `S::Bits` has the size and the bits of S (BlockScale's contract); the lengths
+        // are the vectors'.
+        let cast = |v: &'a [S]| unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const S::Bits, v.len())
+        };
         Q4Product {
             k: w.k,
             n: w.n,

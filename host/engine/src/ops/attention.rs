@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::{attend_block, Block, BLOCK_ROWS};
+use crate::kernels::attention::{attend_block, Block, Mask, BLOCK_ROWS};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -118,28 +118,32 @@ pub(crate) struct Heads<'a> {
     pub(crate) scale: f32,
 }
 
-/// The `[heads, m, dv]` result of `a`: rows split across threads, each thread's rows in blocks
-/// of one head ([`attend_block`]).
+/// The `[heads, m, dv]` result of `a`: each head's rows in blocks of up to [`BLOCK_ROWS`]
+/// ([`attend_block`]), whole blocks split across threads, so that the rows which share a
+/// head's keys and values read them once between them.
 pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
     let (m, d, t, dv) = (a.m, a.d, a.t, a.dv);
     let rows = a.heads * m;
+    let per_head = m.div_ceil(BLOCK_ROWS);
     let mut out = vec![0f32; rows * dv];
     let dst = OutPtr(out.as_mut_ptr());
-    let run = |r0: usize, r1: usize| {
+    let run = |b0: usize, b1: usize| {
         let mut scores = vec![0f32; BLOCK_ROWS * t];
-        let mut row = r0;
-        while row < r1 {
-            let (h, i) = (row / m, row % m);
-            let end = r1.min((h + 1) * m).min(row + BLOCK_ROWS);
-            let n = end - row;
-            let mask_base = (a.mask_head)(h) + i * a.mask_row;
-            let mask_of = |r: usize, j: usize| a.mask[mask_base + r * a.mask_row + j * a.mask_col];
+        for b in b0..b1 {
+            let (h, i) = (b / per_head, b % per_head * BLOCK_ROWS);
+            let (row, n) = (h * m + i, BLOCK_ROWS.min(m - i));
+            let end = row + n;
             let block = Block {
                 q: &a.q[row * d..end * d],
                 d,
                 k: &a.keys[(a.key_head)(h)..][..t * d],
                 v: &a.values[(a.value_head)(h)..][..t * dv],
-                mask: &mask_of,
+                mask: Mask {
+                    data: a.mask,
+                    base: (a.mask_head)(h) + i * a.mask_row,
+                    row: a.mask_row,
+                    col: a.mask_col,
+                },
                 scale: a.scale,
             };
             // SAFETY: end <= heads * m, so the rows row..end of `out` (heads * m * dv long,
@@ -147,10 +151,9 @@ pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
             // call, so the slice aliases nothing.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), n * dv) };
             attend_block(&block, &mut scores[..n * t], o);
-            row = end;
         }
     };
-    parallel_ranges(rows, rows * t * (d + dv), &run);
+    parallel_ranges(a.heads * per_head, rows * t * (d + dv), &run);
     out
 }
 

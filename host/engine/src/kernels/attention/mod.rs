@@ -1,0 +1,390 @@
+//! Fused attention on a block of query rows of one head: each row's scores against every key,
+//! their softmax and the weighted sum of the values, the rows sharing each chunk of keys and
+//! values while it is in cache (AVX2 when the CPU has it, simd128 in wasm).
+//!
+//! Every row's arithmetic is fixed, whatever the target, the grouping of rows or the chunking of
+//! keys: a score is [`dot`]'s sum (8 lanes, added in lane order); exponentials are
+//! [`detmath::exp`](super::detmath::exp), summed key by key; each output is summed key by key.
+//! The vector code computes exactly those operations, several keys or columns at a time.
+
+mod dots;
+
+use super::detmath;
+
+/// A mask value at or below this is taken as is for the score: whatever the dot product, the
+/// exponential of such a score underflows to exactly 0 (the export's "minus infinity" is -1e9).
+const MASKED: f32 = -1e8;
+
+/// Keys per chunk: a chunk's keys and values (64 x 64 floats each for a 64-wide head, 16 KiB)
+/// stay in L1 while every row of the block reads them.
+const KEY_CHUNK: usize = 64;
+
+/// Output columns a row accumulates in registers while it runs through a chunk of values.
+const COLUMNS: usize = 32;
+
+/// The mask of a block's rows: row i, key j at `data[base + i * row + j * col]`.
+#[derive(Clone, Copy)]
+pub struct Mask<'a> {
+    pub data: &'a [f32],
+    pub base: usize,
+    pub row: usize,
+    pub col: usize,
+}
+
+impl Mask<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[self.base + i * self.row + j * self.col]
+    }
+}
+
+/// Query rows of one head, at most [`BLOCK_ROWS`], that share what they attend to: `q`
+/// (`[rows, D]`), keys `k` (`[T, D]`) and values `v` (`[T, Dv]`), the rows' `mask` and `scale`,
+/// the factor of the scores.
+pub struct Block<'a> {
+    pub q: &'a [f32],
+    pub d: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub mask: Mask<'a>,
+    pub scale: f32,
+}
+
+/// The most query rows one [`attend_block`] takes: the rows of a block read each key and value
+/// chunk once between them (a decode step's query heads that share a KV head; a prefill's rows),
+/// so the cache streams from memory once per block, not once per row.
+pub const BLOCK_ROWS: usize = 16;
+
+/// Dot products of one query row with consecutive keys, each summed as [`dot`] sums it.
+trait KeyDots {
+    /// `out[j]` = `dot(q, keys[j * d..][..d])`.
+    fn dots(q: &[f32], keys: &[f32], d: usize, out: &mut [f32]);
+}
+
+/// The rows of `block`: `scores` (rows * T) is scratch, `out` (rows * Dv) receives the results.
+#[inline(always)]
+fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f32]) {
+    let Block {
+        q,
+        d,
+        k,
+        v,
+        mask,
+        scale,
+    } = *block;
+    let rows = q.len() / d;
+    debug_assert!(rows <= BLOCK_ROWS);
+    let t = scores.len() / rows;
+    let dv = out.len() / rows;
+    // Keys after a row's last unmasked one (a causal mask's future) would add exact zeros to
+    // every sum below: leave them out (the same result, bit for bit; half the work of a prompt).
+    let mut keys = [0usize; BLOCK_ROWS];
+    for (i, n) in keys[..rows].iter_mut().enumerate() {
+        *n = (0..t)
+            .rposition(|j| mask.at(i, j) > MASKED)
+            .map_or(t, |j| j + 1);
+    }
+    let keys = &keys[..rows];
+    let last = keys.iter().copied().max().unwrap_or(0);
+
+    let mut max = [f32::NEG_INFINITY; BLOCK_ROWS];
+    let mut dots = [0f32; KEY_CHUNK];
+    for j0 in (0..last).step_by(KEY_CHUNK) {
+        for (i, &n) in keys.iter().enumerate() {
+            if j0 >= n {
+                continue;
+            }
+            let j1 = n.min(j0 + KEY_CHUNK);
+            let dots = &mut dots[..j1 - j0];
+            D::dots(&q[i * d..][..d], &k[j0 * d..j1 * d], d, dots);
+            let row = &mut scores[i * t + j0..i * t + j1];
+            let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
+            if mask.col == 1 {
+                let m = &mask.data[mask.base + i * mask.row + j0..][..j1 - j0];
+                for ((s, &x), &m) in row.iter_mut().zip(dots.iter()).zip(m) {
+                    *s = score(m, x);
+                }
+            } else {
+                for (jj, (s, &x)) in row.iter_mut().zip(dots.iter()).enumerate() {
+                    *s = score(mask.at(i, j0 + jj), x);
+                }
+            }
+            max[i] = max_of(max[i], row);
+        }
+    }
+
+    let mut sum = [0f32; BLOCK_ROWS];
+    for (i, &n) in keys.iter().enumerate() {
+        let row = &mut scores[i * t..][..n];
+        // Two loops: the exponentials vectorize, the sum keeps its key-by-key order.
+        for s in row.iter_mut() {
+            *s = detmath::exp(*s - max[i]);
+        }
+        for &s in row.iter() {
+            sum[i] += s;
+        }
+    }
+
+    out.fill(0.0);
+    for j0 in (0..last).step_by(KEY_CHUNK) {
+        for (i, &n) in keys.iter().enumerate() {
+            if j0 < n {
+                let j1 = n.min(j0 + KEY_CHUNK);
+                weighted_sum(
+                    &scores[i * t + j0..i * t + j1],
+                    &v[j0 * dv..j1 * dv],
+                    &mut out[i * dv..][..dv],
+                );
+            }
+        }
+    }
+    for (i, o) in out.chunks_exact_mut(dv).enumerate() {
+        let inv = 1.0 / sum[i];
+        for x in o {
+            *x *= inv;
+        }
+    }
+}
+
+/// `o += sum over j of p[j] * v[j]` (`v` is `[p.len(), o.len()]`), key by key for every column;
+/// keys of weight 0 are skipped. [`COLUMNS`] columns at a time stay in registers.
+#[inline(always)]
+fn weighted_sum(p: &[f32], v: &[f32], o: &mut [f32]) {
+    let dv = o.len();
+    let mut c = 0;
+    while c + COLUMNS <= dv {
+        let mut acc = [0f32; COLUMNS];
+        acc.copy_from_slice(&o[c..c + COLUMNS]);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                let vj = &v[j * dv + c..][..COLUMNS];
+                for x in 0..COLUMNS {
+                    acc[x] += pj * vj[x];
+                }
+            }
+        }
+        o[c..c + COLUMNS].copy_from_slice(&acc);
+        c += COLUMNS;
+    }
+    if c < dv {
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                for (x, &y) in o[c..].iter_mut().zip(&v[j * dv + c..(j + 1) * dv]) {
+                    *x += pj * y;
+                }
+            }
+        }
+    }
+}
+
+/// The largest of `m` and `xs` (NaNs ignored, as `f32::max` does; the order of comparisons
+/// does not change the result), in 8 lanes.
+#[inline(always)]
+fn max_of(m: f32, xs: &[f32]) -> f32 {
+    let mut lanes = [m; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(m, |a, &x| a.max(x));
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |a, &x| a.max(x))
+}
+
+/// A dot product in 8 independent lanes, added in lane order, then the products past the last
+/// whole 8 in order: the one summation order of a score on every target.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = dot_tail(ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The products of [`dot`] past its last whole 8, summed in order.
+#[inline(always)]
+fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// [`attend_block_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_block_avx2(block: &Block, scores: &mut [f32], out: &mut [f32]) {
+    attend_block_body::<dots::Avx2>(block, scores, out)
+}
+
+/// The rows of `block`: each row of `out` (`[rows, Dv]`) = softmax(q k^T * scale + mask) v;
+/// `scores` (`rows * T`) is scratch.
+pub fn attend_block(block: &Block, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { attend_block_avx2(block, scores, out) };
+    }
+    attend_block_body::<dots::Portable>(block, scores, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel as it was before key chunks and vector dot products: row by row inside each
+    /// key, with [`dot`] per score. The new one must give its results bit for bit.
+    fn key_by_key(block: &Block, scores: &mut [f32], out: &mut [f32]) {
+        let Block {
+            q,
+            d,
+            k,
+            v,
+            mask,
+            scale,
+        } = *block;
+        let rows = q.len() / d;
+        let t = scores.len() / rows;
+        let dv = out.len() / rows;
+        let keys: Vec<usize> = (0..rows)
+            .map(|i| {
+                (0..t)
+                    .rposition(|j| mask.at(i, j) > MASKED)
+                    .map_or(t, |j| j + 1)
+            })
+            .collect();
+        let last = keys.iter().copied().max().unwrap_or(0);
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        for j in 0..last {
+            for (i, &n) in keys.iter().enumerate() {
+                if j < n {
+                    let m = mask.at(i, j);
+                    let s = if m <= MASKED {
+                        m
+                    } else {
+                        dot(&q[i * d..][..d], &k[j * d..][..d]) * scale + m
+                    };
+                    scores[i * t + j] = s;
+                    max[i] = max[i].max(s);
+                }
+            }
+        }
+        let mut sum = vec![0f32; rows];
+        for (i, &n) in keys.iter().enumerate() {
+            for s in &mut scores[i * t..][..n] {
+                *s = detmath::exp(*s - max[i]);
+                sum[i] += *s;
+            }
+        }
+        out.fill(0.0);
+        for j in 0..last {
+            for (i, &n) in keys.iter().enumerate() {
+                let p = scores[i * t + j];
+                if j < n && p != 0.0 {
+                    for (o, &x) in out[i * dv..][..dv].iter_mut().zip(&v[j * dv..][..dv]) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
+        for (i, o) in out.chunks_exact_mut(dv).enumerate() {
+            let inv = 1.0 / sum[i];
+            for x in o {
+                *x *= inv;
+            }
+        }
+    }
+
+    /// A deterministic pseudo-random value in [-2, 2).
+    fn val(i: usize) -> f32 {
+        let x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+
+    #[test]
+    fn same_bits_as_key_by_key_for_every_shape() {
+        // (rows, keys, head width, value width): decode's grouped rows, a prefill block, chunk
+        // edges (63..65, 129 keys), widths with a tail past the last 8 and past COLUMNS.
+        let shapes = [
+            (3, 2000, 64, 64),
+            (16, 129, 64, 64),
+            (1, 1, 64, 64),
+            (5, 63, 32, 32),
+            (7, 65, 20, 20),
+            (2, 70, 256, 256),
+            (4, 64, 12, 40),
+            (16, 300, 9, 33),
+        ];
+        for (case, &(rows, t, d, dv)) in shapes.iter().enumerate() {
+            let q: Vec<f32> = (0..rows * d).map(|i| val(i + case * 7)).collect();
+            let k: Vec<f32> = (0..t * d).map(|i| val(i * 3 + 1)).collect();
+            let v: Vec<f32> = (0..t * dv).map(|i| val(i * 5 + 2)).collect();
+            // Row i sits at position t - rows + i (causal), one key masked out by a window,
+            // and every 11th key of row 0 masked by a large negative that is not -1e9.
+            let mask: Vec<f32> = (0..rows * t)
+                .map(|x| {
+                    let (i, j) = (x / t, x % t);
+                    if j + rows > t + i {
+                        -1e9
+                    } else if j == 0 && t > 2 {
+                        f32::NEG_INFINITY
+                    } else if i == 0 && j % 11 == 5 {
+                        -30.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let block = Block {
+                q: &q,
+                d,
+                k: &k,
+                v: &v,
+                mask: Mask {
+                    data: &mask,
+                    base: 0,
+                    row: t,
+                    col: 1,
+                },
+                scale: 0.125,
+            };
+            let (mut s1, mut s2) = (vec![0f32; rows * t], vec![0f32; rows * t]);
+            let (mut o1, mut o2) = (vec![0f32; rows * dv], vec![0f32; rows * dv]);
+            key_by_key(&block, &mut s1, &mut o1);
+            attend_block(&block, &mut s2, &mut o2);
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&o1), bits(&o2), "shape {:?}", shapes[case]);
+            // The portable path too, where the machine has AVX2.
+            attend_block_body::<dots::Portable>(&block, &mut s2, &mut o2);
+            assert_eq!(bits(&o1), bits(&o2), "portable, shape {:?}", shapes[case]);
+        }
+    }
+
+    #[test]
+    fn vector_dots_equal_dot_bit_for_bit() {
+        for d in [8, 12, 64, 72, 256] {
+            let n = 37;
+            let q: Vec<f32> = (0..d).map(|i| val(i + d)).collect();
+            let keys: Vec<f32> = (0..n * d).map(|i| val(i * 7 + 3)).collect();
+            let expected: Vec<u32> = (0..n)
+                .map(|j| dot(&q, &keys[j * d..][..d]).to_bits())
+                .collect();
+            let mut out = vec![0f32; n];
+            <dots::Portable as KeyDots>::dots(&q, &keys, d, &mut out);
+            let got: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, expected, "portable, d = {d}");
+            #[cfg(target_arch = "x86_64")]
+            if super::super::cpu::avx2() {
+                <dots::Avx2 as KeyDots>::dots(&q, &keys, d, &mut out);
+                let got: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+                assert_eq!(got, expected, "avx2, d = {d}");
+            }
+        }
+    }
+}

@@ -128,7 +128,8 @@ pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
     let mut out = vec![0f32; rows * dv];
     let dst = OutPtr(out.as_mut_ptr());
     let run = |b0: usize, b1: usize| {
-        let mut scores = vec![0f32; BLOCK_ROWS * t];
+        // Scratch for the largest block: a decode step's 3 rows, not BLOCK_ROWS, zeroed per call.
+        let mut scores = vec![0f32; BLOCK_ROWS.min(m) * t];
         for b in b0..b1 {
             let (h, i) = (b / per_head, b % per_head * BLOCK_ROWS);
             let (row, n) = (h * m + i, BLOCK_ROWS.min(m - i));

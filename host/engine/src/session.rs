@@ -280,8 +280,11 @@ impl Session {
         let mut logits = None;
         if self.model.kv_in_place() {
             let total = start + ids.len();
+            // Values are as wide as keys in every export we take (`past_value` has `past_key`'s
+            // shape); a cache meeting other widths refuses the write.
+            let (heads, d) = (self.model.info().kv_heads, self.model.info().head_dim);
             self.state()?;
-            self.for_each_cache(|_, c| c.expect(total));
+            self.for_each_cache(|_, c| c.reserve(total, heads, d, d));
         }
         for (c, chunk) in ids.chunks(self.chunk).enumerate() {
             logits = Some(self.run_chunk(chunk, start + c * self.chunk)?);

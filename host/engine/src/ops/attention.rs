@@ -11,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::{attend_block, Block, Mask, BLOCK_ROWS};
+use crate::kernels::attention::{attend_block, Block, Contiguous, KeyValues, Mask, BLOCK_ROWS};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -97,18 +97,14 @@ pub(crate) fn offset(mut lead: usize, dims: &[usize], strides: &[usize]) -> usiz
 }
 
 /// An attention over `heads * m` query rows (`q` is `[heads, m, d]`): each against the `t` keys
-/// and values of its head, which start at `keys[key_head(h)..]` and `values[value_head(h)..]`
-/// (`[t, d]` and `[t, dv]`), with the mask of row i of head h at `mask[mask_head(h) + i *
-/// mask_row + j * mask_col]`.
+/// and values of its head, `chunks(h, c)` its chunks ([`KvChunks`]), with the mask of row i of
+/// head h at `mask[mask_head(h) + i * mask_row + j * mask_col]`.
 pub(crate) struct Heads<'a> {
     pub(crate) q: &'a [f32],
     pub(crate) heads: usize,
     pub(crate) m: usize,
     pub(crate) d: usize,
-    pub(crate) keys: &'a [f32],
-    pub(crate) key_head: &'a (dyn Fn(usize) -> usize + Sync),
-    pub(crate) values: &'a [f32],
-    pub(crate) value_head: &'a (dyn Fn(usize) -> usize + Sync),
+    pub(crate) chunks: &'a dyn KvChunks,
     pub(crate) t: usize,
     pub(crate) dv: usize,
     pub(crate) mask: &'a [f32],
@@ -116,6 +112,49 @@ pub(crate) struct Heads<'a> {
     pub(crate) mask_row: usize,
     pub(crate) mask_col: usize,
     pub(crate) scale: f32,
+}
+
+/// Head `h` of `kv`, for the kernel.
+struct Head<'a> {
+    kv: &'a dyn KvChunks,
+    h: usize,
+}
+
+impl KeyValues for Head<'_> {
+    fn chunk(&self, c: usize) -> (&[f32], &[f32]) {
+        self.kv.chunk(self.h, c)
+    }
+}
+
+/// Where an attention's keys and values are, chunk by chunk.
+pub(crate) trait KvChunks: Sync {
+    /// Keys `c * KEY_CHUNK..` of head `h` (`[n, d]`) and their values (`[n, dv]`), n =
+    /// [`KEY_CHUNK`](crate::kernels::attention::KEY_CHUNK) or what is left of the `t` keys.
+    fn chunk(&self, h: usize, c: usize) -> (&[f32], &[f32]);
+}
+
+/// Keys and values laid out head by head, `t` tokens each: head h's keys `[t, d]` at
+/// `keys[key_head(h)..]`, its values `[t, dv]` at `values[value_head(h)..]`.
+pub(crate) struct ContiguousHeads<'a> {
+    pub(crate) keys: &'a [f32],
+    pub(crate) key_head: &'a (dyn Fn(usize) -> usize + Sync),
+    pub(crate) values: &'a [f32],
+    pub(crate) value_head: &'a (dyn Fn(usize) -> usize + Sync),
+    pub(crate) t: usize,
+    pub(crate) d: usize,
+    pub(crate) dv: usize,
+}
+
+impl KvChunks for ContiguousHeads<'_> {
+    fn chunk(&self, h: usize, c: usize) -> (&[f32], &[f32]) {
+        let (t, d, dv) = (self.t, self.d, self.dv);
+        Contiguous {
+            k: &self.keys[(self.key_head)(h)..][..t * d],
+            v: &self.values[(self.value_head)(h)..][..t * dv],
+            t,
+        }
+        .at(c)
+    }
 }
 
 /// The `[heads, m, dv]` result of `a`: each head's rows in blocks of up to [`BLOCK_ROWS`]
@@ -134,11 +173,12 @@ pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
             let (h, i) = (b / per_head, b % per_head * BLOCK_ROWS);
             let (row, n) = (h * m + i, BLOCK_ROWS.min(m - i));
             let end = row + n;
+            let kv = Head { kv: a.chunks, h };
             let block = Block {
                 q: &a.q[row * d..end * d],
                 d,
-                k: &a.keys[(a.key_head)(h)..][..t * d],
-                v: &a.values[(a.value_head)(h)..][..t * dv],
+                kv: &kv,
+                t,
                 mask: Mask {
                     data: a.mask,
                     base: (a.mask_head)(h) + i * a.mask_row,
@@ -197,15 +237,21 @@ impl EvalOp for Attention {
         ];
         let mut out_shape: TVec<usize> = q.shape().into();
         out_shape[rank - 1] = dv;
+        let kv = ContiguousHeads {
+            keys: views[1].as_slice()?,
+            key_head: &|h| offset(h, lead, &ks),
+            values: views[2].as_slice()?,
+            value_head: &|h| offset(h, lead, &vs),
+            t,
+            d,
+            dv,
+        };
         let out = attend_heads(&Heads {
             q: views[0].as_slice()?,
             heads,
             m,
             d,
-            keys: views[1].as_slice()?,
-            key_head: &|h| offset(h, lead, &ks),
-            values: views[2].as_slice()?,
-            value_head: &|h| offset(h, lead, &vs),
+            chunks: &kv,
             t,
             dv,
             mask: views[3].as_slice()?,

@@ -16,8 +16,8 @@ use super::detmath;
 const MASKED: f32 = -1e8;
 
 /// Keys per chunk: a chunk's keys and values (64 x 64 floats each for a 64-wide head, 16 KiB)
-/// stay in L1 while every row of the block reads them.
-const KEY_CHUNK: usize = 64;
+/// stay in L1 while every row of the block reads them. (A session's KV cache is paged in chunks.)
+pub const KEY_CHUNK: usize = 64;
 
 /// Output columns a row accumulates in registers while it runs through a chunk of values.
 const COLUMNS: usize = 32;
@@ -38,14 +38,45 @@ impl Mask<'_> {
     }
 }
 
+/// One head's keys and values, chunk by chunk.
+pub trait KeyValues {
+    /// Keys `c * KEY_CHUNK..` (`[n, D]`) and their values (`[n, Dv]`), n = [`KEY_CHUNK`] or what
+    /// is left of the keys.
+    fn chunk(&self, c: usize) -> (&[f32], &[f32]);
+}
+
+/// Contiguous keys `k` (`[t, D]`) and values `v` (`[t, Dv]`).
+#[derive(Clone, Copy)]
+pub struct Contiguous<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub t: usize,
+}
+
+impl KeyValues for Contiguous<'_> {
+    fn chunk(&self, c: usize) -> (&[f32], &[f32]) {
+        self.at(c)
+    }
+}
+
+impl<'a> Contiguous<'a> {
+    /// [`KeyValues::chunk`], borrowing the keys and values rather than `self`.
+    pub fn at(self, c: usize) -> (&'a [f32], &'a [f32]) {
+        let t = self.t;
+        let (d, dv) = (self.k.len() / t.max(1), self.v.len() / t.max(1));
+        let (j0, j1) = (c * KEY_CHUNK, t.min((c + 1) * KEY_CHUNK));
+        (&self.k[j0 * d..j1 * d], &self.v[j0 * dv..j1 * dv])
+    }
+}
+
 /// Query rows of one head, at most [`BLOCK_ROWS`], that share what they attend to: `q`
-/// (`[rows, D]`), keys `k` (`[T, D]`) and values `v` (`[T, Dv]`), the rows' `mask` and `scale`,
-/// the factor of the scores.
+/// (`[rows, D]`), `t` keys and values `kv`, the rows' `mask` and `scale`, the factor of
+/// the scores.
 pub struct Block<'a> {
     pub q: &'a [f32],
     pub d: usize,
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub kv: &'a dyn KeyValues,
+    pub t: usize,
     pub mask: Mask<'a>,
     pub scale: f32,
 }
@@ -67,14 +98,13 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
     let Block {
         q,
         d,
-        k,
-        v,
+        kv,
+        t,
         mask,
         scale,
     } = *block;
     let rows = q.len() / d;
-    debug_assert!(rows <= BLOCK_ROWS);
-    let t = scores.len() / rows;
+    debug_assert!(rows <= BLOCK_ROWS && scores.len() == rows * t);
     let dv = out.len() / rows;
     // Keys after a row's last unmasked one (a causal mask's future) would add exact zeros to
     // every sum below: leave them out (the same result, bit for bit; half the work of a prompt).
@@ -96,7 +126,8 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
             }
             let j1 = n.min(j0 + KEY_CHUNK);
             let dots = &mut dots[..j1 - j0];
-            D::dots(&q[i * d..][..d], &k[j0 * d..j1 * d], d, dots);
+            let keys = kv.chunk(j0 / KEY_CHUNK).0;
+            D::dots(&q[i * d..][..d], &keys[..(j1 - j0) * d], d, dots);
             let row = &mut scores[i * t + j0..i * t + j1];
             let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
             if mask.col == 1 {
@@ -132,7 +163,7 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
                 let j1 = n.min(j0 + KEY_CHUNK);
                 weighted_sum(
                     &scores[i * t + j0..i * t + j1],
-                    &v[j0 * dv..j1 * dv],
+                    &kv.chunk(j0 / KEY_CHUNK).1[..(j1 - j0) * dv],
                     &mut out[i * dv..][..dv],
                 );
             }
@@ -240,14 +271,9 @@ mod tests {
 
     /// The kernel as it was before key chunks and vector dot products: row by row inside each
     /// key, with [`dot`] per score. The new one must give its results bit for bit.
-    fn key_by_key(block: &Block, scores: &mut [f32], out: &mut [f32]) {
+    fn key_by_key(block: &Block, k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
         let Block {
-            q,
-            d,
-            k,
-            v,
-            mask,
-            scale,
+            q, d, mask, scale, ..
         } = *block;
         let rows = q.len() / d;
         let t = scores.len() / rows;
@@ -341,11 +367,12 @@ mod tests {
                     }
                 })
                 .collect();
+            let kv = Contiguous { k: &k, v: &v, t };
             let block = Block {
                 q: &q,
                 d,
-                k: &k,
-                v: &v,
+                kv: &kv,
+                t,
                 mask: Mask {
                     data: &mask,
                     base: 0,
@@ -356,7 +383,7 @@ mod tests {
             };
             let (mut s1, mut s2) = (vec![0f32; rows * t], vec![0f32; rows * t]);
             let (mut o1, mut o2) = (vec![0f32; rows * dv], vec![0f32; rows * dv]);
-            key_by_key(&block, &mut s1, &mut o1);
+            key_by_key(&block, &k, &v, &mut s1, &mut o1);
             attend_block(&block, &mut s2, &mut o2);
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&o1), bits(&o2), "shape {:?}", shapes[case]);

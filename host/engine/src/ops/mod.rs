@@ -12,6 +12,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
+pub(crate) mod arith;
 pub(crate) mod attention;
 pub(crate) mod deterministic;
 pub(crate) mod kv_attention;

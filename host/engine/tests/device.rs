@@ -68,7 +68,12 @@ fn gpu_placement_without_a_gpu_is_an_error_not_a_panic() {
 /// contract: prefill == token by token, rewind == fresh run, snapshot restore. On the int8 file,
 /// whose kernels keep activations f32, to f32 rounding; on the default (Q4_1) file, whose
 /// MatMulNBits the plain plan runs on dequantized f32 weights, within the 8-bit rounding of the
-/// activations that our Q4_1 kernels do (engine.rs: TOL_Q4_1).
+/// activations that our Q4_1 kernels do (engine.rs: TOL_Q4_1). The default engine's KV cache
+/// holds float16 keys and values, the plain plan's f32 ones: [`TOL_F16_KV`] between them.
+/// Logits of the default engine (a float16 KV cache, 2^-11 relative rounding per key and value)
+/// against an f32 cache on the tiny model: 0.005 measured.
+const TOL_F16_KV: f32 = 0.02;
+
 #[test]
 fn plain_plan_matches_the_default_engine() {
     let ids = [1i64, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47];
@@ -105,14 +110,18 @@ fn plain_plan_matches_the_default_engine() {
     let a = step(&mut p, &ids, 0);
     let b = step(&mut d, &ids, 0);
     assert!(
-        max_diff(&a, &b) < 1e-3,
+        max_diff(&a, &b) < TOL_F16_KV,
         "plain vs default: {}",
         max_diff(&a, &b)
     );
     for (i, t) in [2i64, 198, 1].into_iter().enumerate() {
         let pos = ids.len() + i;
         let (x, y) = (step(&mut p, &[t], pos), step(&mut d, &[t], pos));
-        assert!(max_diff(&x, &y) < 1e-3, "step {i}: {}", max_diff(&x, &y));
+        assert!(
+            max_diff(&x, &y) < TOL_F16_KV,
+            "step {i}: {}",
+            max_diff(&x, &y)
+        );
     }
     // Rewind into the prompt and recompute its end: the prefill's logits again.
     let again = step(&mut p, &ids[4..], 4);

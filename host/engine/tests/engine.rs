@@ -101,11 +101,12 @@ fn logits_match_onnx_runtime() {
     // Tolerance: f32 and int8 kernels differ from ONNX Runtime's in summation order only; 2e-3
     // absolute on logits of magnitude ~10. The Q4_1 kernels also round activations to 8 bits per
     // block of 32 (ONNX Runtime keeps them f32), which moves these logits by up to TOL_Q4_1; its
-    // effect on perplexity is bounded on the real model (tests/python/test_quality.py).
+    // effect on perplexity is bounded on the real model (tests/python/test_quality.py). Our
+    // KV cache holds float16 keys and values (ONNX Runtime's f32): up to 0.007 more measured.
     let mut failures = vec![];
     for (file, tolerance) in [
-        ("model_f32.onnx", 2e-3),
-        ("model_int8.onnx", 2e-3),
+        ("model_f32.onnx", 0.012),
+        ("model_int8.onnx", 0.012),
         ("model.onnx", TOL_Q4_1),
     ] {
         let out = root().join(format!("target/test-models/ort-{file}.json"));

@@ -1,11 +1,18 @@
 //! Which vector instructions this CPU has: x86_64 features, detected at run time (std caches
 //! the answers), in the combinations the kernels are compiled for.
 
-/// AVX2 (the fused attention's kernel).
+/// AVX2 (the deterministic float ops).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn avx2() -> bool {
     std::is_x86_feature_detected!("avx2")
+}
+
+/// AVX2 and F16C (the fused attention's kernel: a float16 KV cache widens with F16C).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub fn avx2_f16c() -> bool {
+    avx2() && std::is_x86_feature_detected!("f16c")
 }
 
 /// AVX2 and FMA (the int8 kernels on f32 activations).

@@ -11,7 +11,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
-use crate::kernels::attention::{attend_block, Block, Contiguous, KeyValues, Mask, BLOCK_ROWS};
+use crate::kernels::attention::{
+    attend_block, Block, Contiguous, KeyValues, Mask, Stored, BLOCK_ROWS,
+};
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
 
@@ -121,16 +123,21 @@ struct Head<'a> {
 }
 
 impl KeyValues for Head<'_> {
-    fn chunk(&self, c: usize) -> (&[f32], &[f32]) {
-        self.kv.chunk(self.h, c)
+    fn keys(&self, c: usize) -> Stored<'_> {
+        self.kv.keys(self.h, c)
+    }
+    fn values(&self, c: usize) -> Stored<'_> {
+        self.kv.values(self.h, c)
     }
 }
 
-/// Where an attention's keys and values are, chunk by chunk.
+/// Where an attention's keys and values are, chunk by chunk ([`KeyValues`] of every head).
 pub(crate) trait KvChunks: Sync {
-    /// Keys `c * KEY_CHUNK..` of head `h` (`[n, d]`) and their values (`[n, dv]`), n =
+    /// Keys `c * KEY_CHUNK..` of head `h` (`[n, d]`), n =
     /// [`KEY_CHUNK`](crate::kernels::attention::KEY_CHUNK) or what is left of the `t` keys.
-    fn chunk(&self, h: usize, c: usize) -> (&[f32], &[f32]);
+    fn keys(&self, h: usize, c: usize) -> Stored<'_>;
+    /// Their values (`[n, dv]`).
+    fn values(&self, h: usize, c: usize) -> Stored<'_>;
 }
 
 /// Keys and values laid out head by head, `t` tokens each: head h's keys `[t, d]` at
@@ -145,15 +152,23 @@ pub(crate) struct ContiguousHeads<'a> {
     pub(crate) dv: usize,
 }
 
-impl KvChunks for ContiguousHeads<'_> {
-    fn chunk(&self, h: usize, c: usize) -> (&[f32], &[f32]) {
+impl ContiguousHeads<'_> {
+    fn head(&self, h: usize) -> Contiguous<'_> {
         let (t, d, dv) = (self.t, self.d, self.dv);
         Contiguous {
             k: &self.keys[(self.key_head)(h)..][..t * d],
             v: &self.values[(self.value_head)(h)..][..t * dv],
             t,
         }
-        .at(c)
+    }
+}
+
+impl KvChunks for ContiguousHeads<'_> {
+    fn keys(&self, h: usize, c: usize) -> Stored<'_> {
+        Stored::F32(self.head(h).at(c).0)
+    }
+    fn values(&self, h: usize, c: usize) -> Stored<'_> {
+        Stored::F32(self.head(h).at(c).1)
     }
 }
 

@@ -24,7 +24,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::attention::{attend_heads, broadcast_strides, ContiguousHeads, Heads, KvChunks};
 use super::{KV_ATTENTION, LAYER, SCALE};
-use crate::kernels::attention::KEY_CHUNK;
+use crate::kernels::attention::{Stored, KEY_CHUNK};
+use crate::kernels::half;
 use crate::onnx::graph::attr;
 
 pub(super) fn build(
@@ -54,18 +55,18 @@ impl Eq for KvAttention {}
 /// its keys read 16 KiB at a time; four chunks bring that to ~5%. A copy-on-write copies one page.)
 pub(crate) const PAGE: usize = 4 * KEY_CHUNK;
 
-/// [`PAGE`] tokens of every head: keys `[H, PAGE, D]`, values `[H, PAGE, Dv]`.
+/// [`PAGE`] tokens of every head, as float16: keys `[H, PAGE, D]`, values `[H, PAGE, Dv]`.
 #[derive(Debug, Clone)]
 struct Page {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: Vec<u16>,
+    values: Vec<u16>,
 }
 
 impl Page {
     fn new(heads: usize, d: usize, dv: usize) -> Arc<Page> {
         Arc::new(Page {
-            keys: vec![0.0; heads * PAGE * d],
-            values: vec![0.0; heads * PAGE * dv],
+            keys: vec![0; heads * PAGE * d],
+            values: vec![0; heads * PAGE * dv],
         })
     }
 }
@@ -104,7 +105,7 @@ impl KvCache {
             .iter()
             .map(|p| p.keys.len() + p.values.len())
             .sum();
-        floats * std::mem::size_of::<f32>()
+        floats * std::mem::size_of::<u16>()
     }
 
     /// Writes `keys` and `values` (`[heads, s, d]` and `[heads, s, dv]`) after the cached tokens.
@@ -129,10 +130,14 @@ impl KvCache {
                 "the KV cache holds heads of another shape than {heads} x ({d}, {dv})"
             );
             for h in 0..heads {
-                page.keys[(h * PAGE + slot) * d..][..d]
-                    .copy_from_slice(&keys[(h * s + i) * d..][..d]);
-                page.values[(h * PAGE + slot) * dv..][..dv]
-                    .copy_from_slice(&values[(h * s + i) * dv..][..dv]);
+                half::narrow(
+                    &keys[(h * s + i) * d..][..d],
+                    &mut page.keys[(h * PAGE + slot) * d..][..d],
+                );
+                half::narrow(
+                    &values[(h * s + i) * dv..][..dv],
+                    &mut page.values[(h * PAGE + slot) * dv..][..dv],
+                );
             }
         }
         self.len += s;
@@ -147,17 +152,24 @@ struct Paged<'a> {
     dv: usize,
 }
 
-impl KvChunks for Paged<'_> {
-    /// Tokens `c * KEY_CHUNK..` of head `h`: one chunk of a page.
-    fn chunk(&self, h: usize, c: usize) -> (&[f32], &[f32]) {
-        let (d, dv) = (self.d, self.dv);
+impl Paged<'_> {
+    /// Tokens `c * KEY_CHUNK..` of head `h`, one chunk of a page: its page, where in the page
+    /// its head's rows start and how many there are.
+    fn locate(&self, h: usize, c: usize) -> (&Page, usize, usize) {
         let (page, first) = (c * KEY_CHUNK / PAGE, c * KEY_CHUNK % PAGE);
-        let page = &self.cache.pages[page];
         let n = KEY_CHUNK.min(self.cache.len - c * KEY_CHUNK);
-        (
-            &page.keys[(h * PAGE + first) * d..][..n * d],
-            &page.values[(h * PAGE + first) * dv..][..n * dv],
-        )
+        (&self.cache.pages[page], h * PAGE + first, n)
+    }
+}
+
+impl KvChunks for Paged<'_> {
+    fn keys(&self, h: usize, c: usize) -> Stored<'_> {
+        let (page, row, n) = self.locate(h, c);
+        Stored::F16(&page.keys[row * self.d..][..n * self.d])
+    }
+    fn values(&self, h: usize, c: usize) -> Stored<'_> {
+        let (page, row, n) = self.locate(h, c);
+        Stored::F16(&page.values[row * self.dv..][..n * self.dv])
     }
 }
 
@@ -261,8 +273,10 @@ impl KvAttention {
             past_v.shape()[3]
         );
         let past = [past_k.try_as_plain_ram()?, past_v.try_as_plain_ram()?];
-        let present_k = concat(past[0].as_slice()?, kd, heads, p, s, d);
-        let present_v = concat(past[1].as_slice()?, vd, heads, p, s, dv);
+        // The cache holds float16 values, in a session and here alike (the same results).
+        let (kd, vd) = (half::rounded(kd), half::rounded(vd));
+        let present_k = concat(past[0].as_slice()?, &kd, heads, p, s, d);
+        let present_v = concat(past[1].as_slice()?, &vd, heads, p, s, dv);
         let kv = ContiguousHeads {
             keys: &present_k,
             key_head: &|h| h * t * d,
@@ -514,11 +528,19 @@ mod tests {
                     dv: d,
                 };
                 (0..snap.len.div_ceil(KEY_CHUNK))
-                    .flat_map(|c| paged.chunk(h, c).0.to_vec())
+                    .flat_map(|c| widened(paged.keys(h, c)))
                     .collect::<Vec<f32>>()
             })
             .collect();
         assert_eq!(keys, snap_k, "the snapshot's keys changed");
+    }
+
+    /// A chunk of the cache as f32.
+    fn widened(chunk: Stored) -> Vec<f32> {
+        match chunk {
+            Stored::F32(x) => x.to_vec(),
+            Stored::F16(h) => h.iter().map(|&h| half::f32_from_f16(h)).collect(),
+        }
     }
 
     #[test]
@@ -544,7 +566,7 @@ mod tests {
             .collect();
         assert_eq!(shared, [true, true, false], "full pages stay shared");
         let chunk = 2 * PAGE / KEY_CHUNK;
-        let last = |c: &KvCache| Paged { cache: c, d, dv: d }.chunk(2, chunk).0.to_vec();
+        let last = |c: &KvCache| widened(Paged { cache: c, d, dv: d }.keys(2, chunk));
         assert_eq!(
             last(&snapshot),
             vec![1.0; 2 * d],
@@ -558,16 +580,15 @@ mod tests {
             .append(&tokens(1, 5.0), &tokens(1, 6.0), heads, d, d)
             .unwrap();
         assert!(!Arc::ptr_eq(&cache.pages[0], &snapshot.pages[0]));
-        assert_eq!(
+        let first = widened(
             Paged {
                 cache: &snapshot,
                 d,
-                dv: d
+                dv: d,
             }
-            .chunk(0, 0)
-            .0[10 * d],
-            1.0
+            .keys(0, 0),
         );
+        assert_eq!(first[10 * d], 1.0);
         // Pages are of one shape: a step with other heads is an error, not a corrupt cache.
         assert!(cache.append(&[0.0; 8], &[0.0; 8], 1, 8, 8).is_err());
     }

@@ -21,7 +21,7 @@ impl KeyDots for Portable {
     }
 }
 
-/// AVX2 (x86_64); only inside functions compiled for AVX2 on a CPU that has it.
+/// AVX2 and F16C (x86_64); only inside functions compiled for them on a CPU that has them.
 #[cfg(target_arch = "x86_64")]
 pub(super) struct Avx2;
 
@@ -33,6 +33,33 @@ impl KeyDots for Avx2 {
         // (`attend_block`), and by tests that check it first.
         unsafe { avx2(q, keys, d, out) }
     }
+
+    #[inline(always)]
+    fn widen(h: &[u16], out: &mut [f32]) {
+        // SAFETY: as for `dots`: the CPU has F16C.
+        unsafe { widen_f16c(h, out) }
+    }
+}
+
+/// `out[i]` = float16 `h[i]` as f32, 8 at a time by `vcvtph2ps` (exact, as the portable
+/// conversion).
+///
+/// # Safety
+/// The CPU has F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16c(h: &[u16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(h.len(), out.len());
+    let whole = h.len() / 8 * 8;
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= whole <= both lengths.
+        unsafe {
+            let x = _mm_loadu_si128(h.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(x));
+        }
+    }
+    super::half::widen(&h[whole..], &mut out[whole..]);
 }
 
 /// The keys' products past their last whole 8 (`d % 8` of them), added to `out`'s lane sums.

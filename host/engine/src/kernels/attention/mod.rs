@@ -9,7 +9,7 @@
 
 mod dots;
 
-use super::detmath;
+use super::{detmath, half};
 
 /// A mask value at or below this is taken as is for the score: whatever the dot product, the
 /// exponential of such a score underflows to exactly 0 (the export's "minus infinity" is -1e9).
@@ -38,11 +38,20 @@ impl Mask<'_> {
     }
 }
 
+/// A chunk of keys or values as they are stored: f32, or float16 bits (a session's KV cache),
+/// which the kernel widens (exactly) into a scratch chunk of f32 before it reads them.
+#[derive(Clone, Copy)]
+pub enum Stored<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
 /// One head's keys and values, chunk by chunk.
 pub trait KeyValues {
-    /// Keys `c * KEY_CHUNK..` (`[n, D]`) and their values (`[n, Dv]`), n = [`KEY_CHUNK`] or what
-    /// is left of the keys.
-    fn chunk(&self, c: usize) -> (&[f32], &[f32]);
+    /// Keys `c * KEY_CHUNK..` (`[n, D]`), n = [`KEY_CHUNK`] or what is left of the keys.
+    fn keys(&self, c: usize) -> Stored<'_>;
+    /// Their values (`[n, Dv]`).
+    fn values(&self, c: usize) -> Stored<'_>;
 }
 
 /// Contiguous keys `k` (`[t, D]`) and values `v` (`[t, Dv]`).
@@ -54,13 +63,16 @@ pub struct Contiguous<'a> {
 }
 
 impl KeyValues for Contiguous<'_> {
-    fn chunk(&self, c: usize) -> (&[f32], &[f32]) {
-        self.at(c)
+    fn keys(&self, c: usize) -> Stored<'_> {
+        Stored::F32(self.at(c).0)
+    }
+    fn values(&self, c: usize) -> Stored<'_> {
+        Stored::F32(self.at(c).1)
     }
 }
 
 impl<'a> Contiguous<'a> {
-    /// [`KeyValues::chunk`], borrowing the keys and values rather than `self`.
+    /// Chunk `c`'s keys and values, borrowing them rather than `self`.
     pub fn at(self, c: usize) -> (&'a [f32], &'a [f32]) {
         let t = self.t;
         let (d, dv) = (self.k.len() / t.max(1), self.v.len() / t.max(1));
@@ -90,6 +102,26 @@ pub const BLOCK_ROWS: usize = 16;
 trait KeyDots {
     /// `out[j]` = `dot(q, keys[j * d..][..d])`.
     fn dots(q: &[f32], keys: &[f32], d: usize, out: &mut [f32]);
+
+    /// `out[i]` = float16 `h[i]` as f32.
+    #[inline(always)]
+    fn widen(h: &[u16], out: &mut [f32]) {
+        half::widen(h, out)
+    }
+}
+
+/// `chunk` as f32: itself, or widened into `buf`.
+#[inline(always)]
+fn as_f32<'a, D: KeyDots>(chunk: Stored<'a>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match chunk {
+        Stored::F32(x) => x,
+        Stored::F16(h) => {
+            // Allocated on the first float16 chunk only: f32 keys never need it.
+            buf.resize(buf.len().max(h.len()), 0.0);
+            D::widen(h, &mut buf[..h.len()]);
+            &buf[..h.len()]
+        }
+    }
 }
 
 /// The rows of `block`: `scores` (rows * T) is scratch, `out` (rows * Dv) receives the results.
@@ -119,15 +151,16 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
 
     let mut max = [f32::NEG_INFINITY; BLOCK_ROWS];
     let mut dots = [0f32; KEY_CHUNK];
+    let mut buf = Vec::new();
     for j0 in (0..last).step_by(KEY_CHUNK) {
+        let chunk = as_f32::<D>(kv.keys(j0 / KEY_CHUNK), &mut buf);
         for (i, &n) in keys.iter().enumerate() {
             if j0 >= n {
                 continue;
             }
             let j1 = n.min(j0 + KEY_CHUNK);
             let dots = &mut dots[..j1 - j0];
-            let keys = kv.chunk(j0 / KEY_CHUNK).0;
-            D::dots(&q[i * d..][..d], &keys[..(j1 - j0) * d], d, dots);
+            D::dots(&q[i * d..][..d], &chunk[..(j1 - j0) * d], d, dots);
             let row = &mut scores[i * t + j0..i * t + j1];
             let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
             if mask.col == 1 {
@@ -158,12 +191,13 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
 
     out.fill(0.0);
     for j0 in (0..last).step_by(KEY_CHUNK) {
+        let chunk = as_f32::<D>(kv.values(j0 / KEY_CHUNK), &mut buf);
         for (i, &n) in keys.iter().enumerate() {
             if j0 < n {
                 let j1 = n.min(j0 + KEY_CHUNK);
                 weighted_sum(
                     &scores[i * t + j0..i * t + j1],
-                    &kv.chunk(j0 / KEY_CHUNK).1[..(j1 - j0) * dv],
+                    &chunk[..(j1 - j0) * dv],
                     &mut out[i * dv..][..dv],
                 );
             }
@@ -244,12 +278,12 @@ fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// [`attend_block_body`] compiled for AVX2.
+/// [`attend_block_body`] compiled for AVX2 and F16C.
 ///
 /// # Safety
-/// The CPU has AVX2.
+/// The CPU has AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_block_avx2(block: &Block, scores: &mut [f32], out: &mut [f32]) {
     attend_block_body::<dots::Avx2>(block, scores, out)
 }
@@ -258,8 +292,8 @@ unsafe fn attend_block_avx2(block: &Block, scores: &mut [f32], out: &mut [f32]) 
 /// `scores` (`rows * T`) is scratch.
 pub fn attend_block(block: &Block, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::cpu::avx2() {
-        // SAFETY: the CPU has AVX2.
+    if super::cpu::avx2_f16c() {
+        // SAFETY: the CPU has AVX2 and F16C.
         return unsafe { attend_block_avx2(block, scores, out) };
     }
     attend_block_body::<dots::Portable>(block, scores, out)
@@ -390,6 +424,59 @@ mod tests {
             // The portable path too, where the machine has AVX2.
             attend_block_body::<dots::Portable>(&block, &mut s2, &mut o2);
             assert_eq!(bits(&o1), bits(&o2), "portable, shape {:?}", shapes[case]);
+
+            // Stored as float16: the same results as those float16 values stored as f32.
+            let (kh, vh): (Vec<u16>, Vec<u16>) = (
+                k.iter().map(|&x| half::f16_from_f32(x)).collect(),
+                v.iter().map(|&x| half::f16_from_f32(x)).collect(),
+            );
+            let widen = |h: &[u16]| h.iter().map(|&h| half::f32_from_f16(h)).collect::<Vec<_>>();
+            let (kw, vw) = (widen(&kh), widen(&vh));
+            let as_f32 = Contiguous { k: &kw, v: &vw, t };
+            let as_f16 = HalfChunks { k: &kh, v: &vh, t };
+            key_by_key(
+                &Block {
+                    kv: &as_f32,
+                    ..block
+                },
+                &kw,
+                &vw,
+                &mut s1,
+                &mut o1,
+            );
+            let half_block = Block {
+                kv: &as_f16,
+                ..block
+            };
+            attend_block(&half_block, &mut s2, &mut o2);
+            assert_eq!(bits(&o1), bits(&o2), "f16, shape {:?}", shapes[case]);
+            attend_block_body::<dots::Portable>(&half_block, &mut s2, &mut o2);
+            assert_eq!(
+                bits(&o1),
+                bits(&o2),
+                "f16 portable, shape {:?}",
+                shapes[case]
+            );
+        }
+    }
+
+    /// Contiguous float16 keys (`[t, D]`) and values (`[t, Dv]`).
+    struct HalfChunks<'a> {
+        k: &'a [u16],
+        v: &'a [u16],
+        t: usize,
+    }
+
+    impl KeyValues for HalfChunks<'_> {
+        fn keys(&self, c: usize) -> Stored<'_> {
+            let (j0, j1) = (c * KEY_CHUNK, self.t.min((c + 1) * KEY_CHUNK));
+            let d = self.k.len() / self.t;
+            Stored::F16(&self.k[j0 * d..j1 * d])
+        }
+        fn values(&self, c: usize) -> Stored<'_> {
+            let (j0, j1) = (c * KEY_CHUNK, self.t.min((c + 1) * KEY_CHUNK));
+            let dv = self.v.len() / self.t;
+            Stored::F16(&self.v[j0 * dv..j1 * dv])
         }
     }
 
@@ -407,7 +494,7 @@ mod tests {
             let got: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
             assert_eq!(got, expected, "portable, d = {d}");
             #[cfg(target_arch = "x86_64")]
-            if super::super::cpu::avx2() {
+            if super::super::cpu::avx2_f16c() {
                 <dots::Avx2 as KeyDots>::dots(&q, &keys, d, &mut out);
                 let got: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
                 assert_eq!(got, expected, "avx2, d = {d}");

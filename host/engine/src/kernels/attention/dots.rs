@@ -19,6 +19,49 @@ impl KeyDots for Portable {
             *o = dot(q, &keys[j * d..][..d]);
         }
     }
+
+    #[inline(always)]
+    fn widen(h: &[u16], out: &mut [f32]) {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        widen_simd128(h, out);
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+        super::half::widen(h, out);
+    }
+}
+
+/// [`half::widen`](super::half::widen)'s operations, 4 values at a time.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(always)]
+fn widen_simd128(h: &[u16], out: &mut [f32]) {
+    use std::arch::wasm32::*;
+    assert_eq!(h.len(), out.len());
+    let whole = h.len() / 8 * 8;
+    let (magnitude, exponent, sign) = (
+        u32x4_splat(0x7fff),
+        u32x4_splat(0x7c00),
+        u32x4_splat(0x8000),
+    );
+    let (scale, infinity) = (
+        f32x4_splat(f32::from_bits(0x7780_0000)),
+        u32x4_splat(0x7f80_0000),
+    );
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= whole <= h.len(); wasm loads need no alignment.
+        let x = unsafe { v128_load(h.as_ptr().add(i) as *const v128) };
+        for (k, w) in [u32x4_extend_low_u16x8(x), u32x4_extend_high_u16x8(x)]
+            .into_iter()
+            .enumerate()
+        {
+            let m = u32x4_shl(v128_and(w, magnitude), 13);
+            let finite = f32x4_mul(m, scale);
+            let special = i32x4_eq(v128_and(w, exponent), exponent);
+            let value = v128_bitselect(v128_or(m, infinity), finite, special);
+            let value = v128_or(value, u32x4_shl(v128_and(w, sign), 16));
+            // SAFETY: i + 4 * k + 4 <= whole <= out.len().
+            unsafe { v128_store(out.as_mut_ptr().add(i + 4 * k) as *mut v128, value) };
+        }
+    }
+    super::half::widen(&h[whole..], &mut out[whole..]);
 }
 
 /// AVX2 and F16C (x86_64); only inside functions compiled for them on a CPU that has them.

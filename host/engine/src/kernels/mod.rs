@@ -9,7 +9,6 @@ pub(crate) mod cpu;
 pub(crate) mod detmath;
 pub(crate) mod dispatch;
 pub(crate) mod float;
-pub(crate) mod half;
 pub(crate) mod int8;
 pub(crate) mod offsets;
 pub(crate) mod parallel;

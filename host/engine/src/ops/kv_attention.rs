@@ -25,8 +25,9 @@ use tract_onnx::tract_hir::internal::*;
 use super::attention::{attend_heads, broadcast_strides, ContiguousHeads, Heads, KvChunks};
 use super::{KV_ATTENTION, LAYER, SCALE};
 use crate::kernels::attention::{Stored, KEY_CHUNK};
-use crate::kernels::half;
 use crate::onnx::graph::attr;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 pub(super) fn build(
     _ctx: &ParsingContext,
@@ -58,15 +59,15 @@ pub(crate) const PAGE: usize = 4 * KEY_CHUNK;
 /// [`PAGE`] tokens of every head, as float16: keys `[H, PAGE, D]`, values `[H, PAGE, Dv]`.
 #[derive(Debug, Clone)]
 struct Page {
-    keys: Vec<u16>,
-    values: Vec<u16>,
+    keys: Vec<f16>,
+    values: Vec<f16>,
 }
 
 impl Page {
     fn new(heads: usize, d: usize, dv: usize) -> Arc<Page> {
         Arc::new(Page {
-            keys: vec![0; heads * PAGE * d],
-            values: vec![0; heads * PAGE * dv],
+            keys: vec![f16::ZERO; heads * PAGE * d],
+            values: vec![f16::ZERO; heads * PAGE * dv],
         })
     }
 }
@@ -105,7 +106,7 @@ impl KvCache {
             .iter()
             .map(|p| p.keys.len() + p.values.len())
             .sum();
-        floats * std::mem::size_of::<u16>()
+        floats * std::mem::size_of::<f16>()
     }
 
     /// Writes `keys` and `values` (`[heads, s, d]` and `[heads, s, dv]`) after the cached tokens.
@@ -130,14 +131,10 @@ impl KvCache {
                 "the KV cache holds heads of another shape than {heads} x ({d}, {dv})"
             );
             for h in 0..heads {
-                half::narrow(
-                    &keys[(h * s + i) * d..][..d],
-                    &mut page.keys[(h * PAGE + slot) * d..][..d],
-                );
-                half::narrow(
-                    &values[(h * s + i) * dv..][..dv],
-                    &mut page.values[(h * PAGE + slot) * dv..][..dv],
-                );
+                page.keys[(h * PAGE + slot) * d..][..d]
+                    .convert_from_f32_slice(&keys[(h * s + i) * d..][..d]);
+                page.values[(h * PAGE + slot) * dv..][..dv]
+                    .convert_from_f32_slice(&values[(h * s + i) * dv..][..dv]);
             }
         }
         self.len += s;
@@ -274,7 +271,9 @@ impl KvAttention {
         );
         let past = [past_k.try_as_plain_ram()?, past_v.try_as_plain_ram()?];
         // The cache holds float16 values, in a session and here alike (the same results).
-        let (kd, vd) = (half::rounded(kd), half::rounded(vd));
+        let rounded =
+            |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| f16::from_f32(x).to_f32()).collect() };
+        let (kd, vd) = (rounded(kd), rounded(vd));
         let present_k = concat(past[0].as_slice()?, &kd, heads, p, s, d);
         let present_v = concat(past[1].as_slice()?, &vd, heads, p, s, dv);
         let kv = ContiguousHeads {
@@ -539,7 +538,7 @@ mod tests {
     fn widened(chunk: Stored) -> Vec<f32> {
         match chunk {
             Stored::F32(x) => x.to_vec(),
-            Stored::F16(h) => h.iter().map(|&h| half::f32_from_f16(h)).collect(),
+            Stored::F16(h) => h.iter().map(|h| h.to_f32()).collect(),
         }
     }
 

@@ -4,6 +4,9 @@
 //! transposes 8 (AVX2) or 4 (simd128) keys' registers so that a register holds one lane of each
 //! key, and adds those registers in lane order: every key's sum in the scalar order.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use super::{dot, dot_tail, KeyDots};
 
 /// Scalar, or simd128 in wasm32.
@@ -21,26 +24,30 @@ impl KeyDots for Portable {
     }
 
     #[inline(always)]
-    fn widen(h: &[u16], out: &mut [f32]) {
+    fn widen(h: &[f16], out: &mut [f32]) {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         widen_simd128(h, out);
         #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-        super::half::widen(h, out);
+        h.convert_to_f32_slice(out);
     }
 }
 
-/// [`half::widen`](super::half::widen)'s operations, 4 values at a time.
+/// `out[i]` = `h[i]` as f32, 4 at a time (the `half` crate converts one by one in wasm): the
+/// exponent rebased by a multiply by 2^112 (as the Q4_1 kernel's `f16x4` does for its finite
+/// scales), infinities kept, NaNs made quiet.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 #[inline(always)]
-fn widen_simd128(h: &[u16], out: &mut [f32]) {
+fn widen_simd128(h: &[f16], out: &mut [f32]) {
     use std::arch::wasm32::*;
     assert_eq!(h.len(), out.len());
     let whole = h.len() / 8 * 8;
-    let (magnitude, exponent, sign) = (
+    let (magnitude, exponent, mantissa, sign) = (
         u32x4_splat(0x7fff),
         u32x4_splat(0x7c00),
+        u32x4_splat(0x03ff),
         u32x4_splat(0x8000),
     );
+    let quiet = u32x4_splat(0x0040_0000);
     let (scale, infinity) = (
         f32x4_splat(f32::from_bits(0x7780_0000)),
         u32x4_splat(0x7f80_0000),
@@ -55,13 +62,21 @@ fn widen_simd128(h: &[u16], out: &mut [f32]) {
             let m = u32x4_shl(v128_and(w, magnitude), 13);
             let finite = f32x4_mul(m, scale);
             let special = i32x4_eq(v128_and(w, exponent), exponent);
-            let value = v128_bitselect(v128_or(m, infinity), finite, special);
+            // Infinities and NaNs (rare in a KV cache: checked, not selected, per 4). A NaN
+            // comes out quiet, as from the `half` crate and F16C.
+            let value = if v128_any_true(special) {
+                let nan = v128_not(i32x4_eq(v128_and(w, mantissa), u32x4_splat(0)));
+                let special_value = v128_or(v128_or(m, infinity), v128_and(nan, quiet));
+                v128_bitselect(special_value, finite, special)
+            } else {
+                finite
+            };
             let value = v128_or(value, u32x4_shl(v128_and(w, sign), 16));
             // SAFETY: i + 4 * k + 4 <= whole <= out.len().
             unsafe { v128_store(out.as_mut_ptr().add(i + 4 * k) as *mut v128, value) };
         }
     }
-    super::half::widen(&h[whole..], &mut out[whole..]);
+    h[whole..].convert_to_f32_slice(&mut out[whole..]);
 }
 
 /// AVX2 and F16C (x86_64); only inside functions compiled for them on a CPU that has them.
@@ -78,20 +93,20 @@ impl KeyDots for Avx2 {
     }
 
     #[inline(always)]
-    fn widen(h: &[u16], out: &mut [f32]) {
+    fn widen(h: &[f16], out: &mut [f32]) {
         // SAFETY: as for `dots`: the CPU has F16C.
         unsafe { widen_f16c(h, out) }
     }
 }
 
-/// `out[i]` = float16 `h[i]` as f32, 8 at a time by `vcvtph2ps` (exact, as the portable
-/// conversion).
+/// `out[i]` = `h[i]` as f32, 8 at a time by `vcvtph2ps`, inlined into the attention kernel (the
+/// `half` crate's slice conversion checks the CPU on every call).
 ///
 /// # Safety
 /// The CPU has F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_f16c(h: &[u16], out: &mut [f32]) {
+unsafe fn widen_f16c(h: &[f16], out: &mut [f32]) {
     use std::arch::x86_64::*;
     assert_eq!(h.len(), out.len());
     let whole = h.len() / 8 * 8;
@@ -102,7 +117,7 @@ unsafe fn widen_f16c(h: &[u16], out: &mut [f32]) {
             _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(x));
         }
     }
-    super::half::widen(&h[whole..], &mut out[whole..]);
+    h[whole..].convert_to_f32_slice(&mut out[whole..]);
 }
 
 /// The keys' products past their last whole 8 (`d % 8` of them), added to `out`'s lane sums.

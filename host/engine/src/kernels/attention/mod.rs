@@ -9,7 +9,10 @@
 
 mod dots;
 
-use super::{detmath, half};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::detmath;
 
 /// A mask value at or below this is taken as is for the score: whatever the dot product, the
 /// exponential of such a score underflows to exactly 0 (the export's "minus infinity" is -1e9).
@@ -43,7 +46,7 @@ impl Mask<'_> {
 #[derive(Clone, Copy)]
 pub enum Stored<'a> {
     F32(&'a [f32]),
-    F16(&'a [u16]),
+    F16(&'a [f16]),
 }
 
 /// One head's keys and values, chunk by chunk.
@@ -103,10 +106,10 @@ trait KeyDots {
     /// `out[j]` = `dot(q, keys[j * d..][..d])`.
     fn dots(q: &[f32], keys: &[f32], d: usize, out: &mut [f32]);
 
-    /// `out[i]` = float16 `h[i]` as f32.
+    /// `out[i]` = `h[i]` as f32.
     #[inline(always)]
-    fn widen(h: &[u16], out: &mut [f32]) {
-        half::widen(h, out)
+    fn widen(h: &[f16], out: &mut [f32]) {
+        h.convert_to_f32_slice(out)
     }
 }
 
@@ -426,11 +429,11 @@ mod tests {
             assert_eq!(bits(&o1), bits(&o2), "portable, shape {:?}", shapes[case]);
 
             // Stored as float16: the same results as those float16 values stored as f32.
-            let (kh, vh): (Vec<u16>, Vec<u16>) = (
-                k.iter().map(|&x| half::f16_from_f32(x)).collect(),
-                v.iter().map(|&x| half::f16_from_f32(x)).collect(),
+            let (kh, vh): (Vec<f16>, Vec<f16>) = (
+                k.iter().map(|&x| f16::from_f32(x)).collect(),
+                v.iter().map(|&x| f16::from_f32(x)).collect(),
             );
-            let widen = |h: &[u16]| h.iter().map(|&h| half::f32_from_f16(h)).collect::<Vec<_>>();
+            let widen = |h: &[f16]| h.iter().map(|h| h.to_f32()).collect::<Vec<_>>();
             let (kw, vw) = (widen(&kh), widen(&vh));
             let as_f32 = Contiguous { k: &kw, v: &vw, t };
             let as_f16 = HalfChunks { k: &kh, v: &vh, t };
@@ -462,8 +465,8 @@ mod tests {
 
     /// Contiguous float16 keys (`[t, D]`) and values (`[t, Dv]`).
     struct HalfChunks<'a> {
-        k: &'a [u16],
-        v: &'a [u16],
+        k: &'a [f16],
+        v: &'a [f16],
         t: usize,
     }
 
@@ -477,6 +480,25 @@ mod tests {
             let (j0, j1) = (c * KEY_CHUNK, self.t.min((c + 1) * KEY_CHUNK));
             let dv = self.v.len() / self.t;
             Stored::F16(&self.v[j0 * dv..j1 * dv])
+        }
+    }
+
+    /// Every float16 (infinities, NaNs, subnormals included) widens to the `half` crate's f32.
+    #[test]
+    fn vector_widening_equals_the_half_crate_for_every_float16() {
+        let h: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let expected: Vec<u32> = h.iter().map(|h| h.to_f32().to_bits()).collect();
+        let mut out = vec![0f32; h.len()];
+        // 3 values short of a whole 8: the scalar tail too.
+        let n = h.len() - 3;
+        <dots::Portable as KeyDots>::widen(&h[..n], &mut out[..n]);
+        let got: Vec<u32> = out[..n].iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, expected[..n], "portable");
+        #[cfg(target_arch = "x86_64")]
+        if super::super::cpu::avx2_f16c() {
+            <dots::Avx2 as KeyDots>::widen(&h[..n], &mut out[..n]);
+            let got: Vec<u32> = out[..n].iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, expected[..n], "f16c");
         }
     }
 

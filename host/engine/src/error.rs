@@ -4,7 +4,7 @@
 use thiserror::Error;
 
 /// What went wrong, in terms a caller can act on.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum EngineError {
     /// The model file is missing, unreadable, not ONNX, or uses something tract cannot run.
     #[error("cannot load model {source_name}: {message}")]

@@ -17,11 +17,13 @@
 //! - `ops/`: the tract ops those rewrites produce (quantized matmul and gather, attention);
 //! - `kernels/`: their compute (int8, Q4_1, Q8, attention), activation quantization, CPU feature
 //!   detection, and the threads a product is split across;
+//! - `batching.rs`: concurrent sessions' steps run as one packed run (continuous batching);
 //! - [`Session`] (`session.rs`), [`Tensor`] (`tensor.rs`), [`EngineError`] (`error.rs`).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod batching;
 mod error;
 mod kernels;
 mod model;
@@ -31,11 +33,14 @@ mod ops;
 mod session;
 mod tensor;
 
+#[doc(hidden)]
+pub use batching::BatchingStats;
+pub use batching::INTERLEAVED_PREFILL;
 pub use error::EngineError;
 pub use kernels::set_threads;
 pub use model::{gpu, gpu_memory_mib, resolve, Device, GpuInfo, Placement, GPU_BUILT, NOT_BUILT};
 pub use model::{release_free_memory, Model, ModelInfo};
-pub use session::{KvSnapshot, Session};
+pub use session::{KvSnapshot, Session, PREFILL_CHUNK};
 #[doc(hidden)]
 pub use session::{NodeTime, Profile};
 pub use tensor::{DType, Tensor};

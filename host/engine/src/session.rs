@@ -221,6 +221,9 @@ impl Session {
             check_fact(name, &t, fact.map_err(runtime)?, &mut sizes)?;
             ordered.push(t.into_tvalue());
         }
+        if self.model.rows_node.is_some() {
+            self.check_packed_positions(&inputs)?;
+        }
         let outputs = self.execute(ordered.into())?;
         self.model
             .output_names
@@ -228,6 +231,32 @@ impl Session {
             .zip(outputs.iter())
             .map(|(n, t)| Ok((n.clone(), Tensor::from_tract(t)?)))
             .collect()
+    }
+
+    /// A graph rewritten for packed runs ([`crate::onnx::packing`]) masks by `position_ids`,
+    /// where the export masked by the past length: a stateless call's positions must be that
+    /// range, or the two would differ.
+    fn check_packed_positions(&self, inputs: &[(String, Tensor)]) -> Result<(), EngineError> {
+        let get = |name: &str| inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        let past = inputs
+            .iter()
+            .find(|(n, _)| n.starts_with(names::PAST_KEY_VALUES_PREFIX))
+            .and_then(|(_, t)| t.dims.get(2).copied())
+            .unwrap_or(0);
+        let Some(positions) = get(names::POSITION_IDS).and_then(Tensor::to_i64) else {
+            return Ok(());
+        };
+        if positions
+            .iter()
+            .enumerate()
+            .any(|(i, &p)| p != (past + i) as i64)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "{} must count on from the past length ({past}): this model's mask follows them",
+                names::POSITION_IDS
+            )));
+        }
+        Ok(())
     }
 
     fn run_stateful(
@@ -276,8 +305,6 @@ impl Session {
                 "token id {bad} is outside the vocabulary (0..{vocab})"
             )));
         }
-        // int_row refused an empty row: there is at least one chunk.
-        let mut logits = None;
         if self.model.kv_in_place() {
             let total = start + ids.len();
             // Values are as wide as keys in every export we take (`past_value` has `past_key`'s
@@ -286,11 +313,59 @@ impl Session {
             self.state()?;
             self.for_each_cache(|_, c| c.reserve(total, heads, d, d));
         }
+        if self.model.packs_sequences() {
+            return self.run_batched(&ids, start);
+        }
+        // int_row refused an empty row: there is at least one chunk.
+        let mut logits = None;
         for (c, chunk) in ids.chunks(self.chunk).enumerate() {
             logits = Some(self.run_chunk(chunk, start + c * self.chunk)?);
         }
         let logits = logits.expect("at least one chunk");
         Ok(vec![(names::LOGITS.to_string(), last_position(&logits)?)])
+    }
+
+    /// Runs `ids` from `start` (the cached length) in steps shared with the model's other
+    /// sessions ([`crate::batching`]); the logits of the last token, as [`Self::run`] returns them.
+    fn run_batched(
+        &mut self,
+        ids: &[i64],
+        start: usize,
+    ) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let model = self.model.clone();
+        let mut done = 0;
+        loop {
+            let (ran, logits) = model.batcher.step(self, &ids[done..], start + done)?;
+            done += ran;
+            if done == ids.len() {
+                return Ok(vec![(names::LOGITS.to_string(), logits)]);
+            }
+        }
+    }
+
+    /// The most tokens one run of the plan takes.
+    pub(crate) fn prefill_chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// One run of the plan on `ids` at `start` (the cached length) for this session alone;
+    /// the logits of the last token.
+    pub(crate) fn run_alone(&mut self, ids: &[i64], start: usize) -> Result<Tensor, EngineError> {
+        last_position(&self.run_chunk(ids, start)?)
+    }
+
+    /// Moves the in-place KV cache out, layer by layer (for a packed run).
+    pub(crate) fn take_caches(&mut self) -> Vec<KvCache> {
+        let mut caches = vec![];
+        self.for_each_cache(|_, c| caches.push(std::mem::take(c)));
+        caches
+    }
+
+    /// Puts back the caches [`Self::take_caches`] took, now `cached` tokens long.
+    pub(crate) fn put_caches(&mut self, caches: Vec<KvCache>, cached: usize) {
+        let mut caches = caches.into_iter();
+        self.for_each_cache(|_, c| *c = caches.next().unwrap_or_default());
+        self.cached = cached;
     }
 
     /// One run of the plan on `ids` at positions `start..`, right after the cached tokens; keeps
@@ -362,37 +437,9 @@ impl Session {
     }
 
     fn execute(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
-        let started = Instant::now();
         self.state()?;
         let state = self.state.as_mut().expect("spawned above");
-        let profile = self.profile.as_mut();
-        // A panic inside tract (an op meeting input it did not expect) must not take the host down.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match profile {
-            None => state.run(inputs),
-            Some(p) => state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
-                let t = Instant::now();
-                let out = eval_node(ctx, op_state, node, inputs);
-                let dt = t.elapsed();
-                let entry = p.nodes.entry(node.id).or_insert_with(|| NodeTime {
-                    name: node.name.clone(),
-                    op: format!(
-                        "{} {:?}",
-                        node.op().name(),
-                        out.as_ref()
-                            .ok()
-                            .and_then(|o| o.first().map(|t| t.shape().to_vec()))
-                    ),
-                    calls: 0,
-                    total: Duration::ZERO,
-                });
-                entry.calls += 1;
-                entry.total += dt;
-                out
-            }),
-        }));
-        if let Some(p) = self.profile.as_mut() {
-            p.total += started.elapsed();
-        }
+        let run = run_plan(state, inputs, self.profile.as_mut());
         match run {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) => {
@@ -434,6 +481,45 @@ impl Session {
             }
         }
     }
+}
+
+/// One run of the plan on `state`, timing every node into `profile` if there is one. A panic
+/// inside tract (an op meeting input it did not expect) is caught: it must not take the host
+/// down.
+pub(crate) fn run_plan(
+    state: &mut TypedSimpleState,
+    inputs: TVec<TValue>,
+    profile: Option<&mut Profile>,
+) -> std::thread::Result<TractResult<TVec<TValue>>> {
+    let started = Instant::now();
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match profile {
+        None => state.run(inputs),
+        Some(p) => {
+            let out = state.run_plan_with_eval(inputs, |ctx, op_state, node, inputs| {
+                let t = Instant::now();
+                let out = eval_node(ctx, op_state, node, inputs);
+                let dt = t.elapsed();
+                let entry = p.nodes.entry(node.id).or_insert_with(|| NodeTime {
+                    name: node.name.clone(),
+                    op: format!(
+                        "{} {:?}",
+                        node.op().name(),
+                        out.as_ref()
+                            .ok()
+                            .and_then(|o| o.first().map(|t| t.shape().to_vec()))
+                    ),
+                    calls: 0,
+                    total: Duration::ZERO,
+                });
+                entry.calls += 1;
+                entry.total += dt;
+                out
+            });
+            p.total += started.elapsed();
+            out
+        }
+    }));
+    run
 }
 
 /// A placeholder for a cache slot whose tensor is in a run.

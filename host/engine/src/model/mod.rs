@@ -6,10 +6,14 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
+use crate::batching::Batcher;
 use crate::ops::attention::Attention;
 use crate::ops::kv_attention::KvAttention;
+use crate::ops::last_rows::LastRows;
 use crate::ops::qgather::QGather;
 use crate::ops::qmatmul::QMatMul;
+#[cfg(doc)]
+use crate::Session;
 use crate::{names, EngineError};
 
 mod cpu;
@@ -50,6 +54,11 @@ pub struct Model {
     /// The plan nodes that keep each layer's KV cache in their state (by layer), when every
     /// layer's does ([`crate::onnx::kv_cache`]); empty when the cache flows through the graph.
     pub(crate) kv_nodes: Vec<usize>,
+    /// The plan node keeping the rows that reach the LM head ([`LastRows`]), in a graph that
+    /// runs several sequences packed ([`crate::onnx::packing`]).
+    pub(crate) rows_node: Option<usize>,
+    /// Concurrent sessions' steps, run together ([`crate::batching`]).
+    pub(crate) batcher: Batcher,
 }
 
 impl std::fmt::Debug for Model {
@@ -130,6 +139,12 @@ impl Model {
             .map_err(|e| EngineError::load(name, e))?;
         let plan = prepare(typed).map_err(|e| EngineError::load(name, e))?;
         let kv_nodes = Self::kv_nodes(&plan, &mut info);
+        let rows_node = plan
+            .model()
+            .nodes()
+            .iter()
+            .find(|n| n.op_is::<LastRows>())
+            .map(|n| n.id);
         Ok(Model {
             plan,
             input_names,
@@ -137,6 +152,8 @@ impl Model {
             output_names,
             info,
             kv_nodes,
+            rows_node,
+            batcher: Batcher::default(),
         })
     }
 
@@ -264,6 +281,41 @@ impl Model {
     #[doc(hidden)]
     pub fn kv_in_place(&self) -> bool {
         !self.kv_nodes.is_empty()
+    }
+
+    /// Whether concurrent sessions' steps run together, packed into one run (continuous
+    /// batching): graphs of our converters with the KV cache in place and position inputs.
+    pub fn packs_sequences(&self) -> bool {
+        self.rows_node.is_some()
+            && self.kv_in_place()
+            && self.input_kinds.contains(&InputKind::PositionIds)
+    }
+
+    /// What batching has done with this model's sessions so far.
+    #[doc(hidden)]
+    pub fn batching_stats(&self) -> crate::BatchingStats {
+        self.batcher.stats()
+    }
+
+    /// Starts (or stops) timing every node of packed runs (see [`Session::set_profiling`]).
+    #[doc(hidden)]
+    pub fn set_batch_profiling(&self, on: bool) {
+        *self
+            .batcher
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = on.then(crate::Profile::default);
+    }
+
+    /// The timings of packed runs since profiling was turned on; starts a fresh collection.
+    #[doc(hidden)]
+    pub fn take_batch_profile(&self) -> Option<crate::Profile> {
+        let mut p = self
+            .batcher
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        p.as_mut().map(std::mem::take)
     }
 
     /// Names of the model's inputs, in order.

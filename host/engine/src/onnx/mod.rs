@@ -2,7 +2,8 @@
 //! ([`proto`]), then rewritten so that tract builds our ops ([`crate::ops`]) where the export
 //! spells out what they do: 4- and 8-bit `MatMulNBits` ([`nbits`]) and int8 `MatMul`s ([`int8`]) keep
 //! their weights quantized, f32 `MatMul`s run on our one-order kernel ([`float`]), attention chains are fused ([`attention`]), and their KV cache kept in place
-//! ([`kv_cache`]); the batch axis is pinned to one sequence ([`batch`]). The file is unchanged
+//! ([`kv_cache`]); the batch axis is pinned to one sequence ([`batch`]), and our converters'
+//! graphs take several sequences' tokens as the rows of one run ([`packing`]). The file is unchanged
 //! (it stays what ONNX Runtime runs); patterns that do not fit exactly are left to tract.
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ pub(crate) mod graph;
 pub(crate) mod int8;
 pub(crate) mod kv_cache;
 pub(crate) mod nbits;
+pub(crate) mod packing;
 pub(crate) mod proto;
 
 /// Every rewrite of the CPU engine, on a protobuf that `stream` decoded: returns the weights of
@@ -41,6 +43,7 @@ pub(crate) fn rewrite(
         int8::rewrite(graph, &mut weights, head_q8);
         float::rewrite(graph, &mut weights);
         kv_cache::rewrite(graph);
+        packing::rewrite(graph);
     }
     weights
 }

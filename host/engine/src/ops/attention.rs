@@ -176,16 +176,42 @@ impl KvChunks for ContiguousHeads<'_> {
 /// ([`attend_block`]), whole blocks split across threads, so that the rows which share a
 /// head's keys and values read them once between them.
 pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
-    let (m, d, t, dv) = (a.m, a.d, a.t, a.dv);
-    let rows = a.heads * m;
-    let per_head = m.div_ceil(BLOCK_ROWS);
-    let mut out = vec![0f32; rows * dv];
-    let dst = OutPtr(out.as_mut_ptr());
+    attend_all(std::slice::from_ref(a))
+        .pop()
+        .expect("one result per attention")
+}
+
+/// The results of several attentions at once (the sequences of a packed run), each as
+/// [`attend_heads`] computes it: their blocks are split across the threads together, so that
+/// many small attentions keep both threads busy with one split instead of one each.
+pub(crate) fn attend_all(all: &[Heads]) -> Vec<Vec<f32>> {
+    let per_head: Vec<usize> = all.iter().map(|a| a.m.div_ceil(BLOCK_ROWS)).collect();
+    // The first block of each attention, in the blocks numbered across all of them.
+    let mut first = Vec::with_capacity(all.len());
+    let (mut blocks, mut macs) = (0, 0);
+    for (a, &per_head) in all.iter().zip(&per_head) {
+        first.push(blocks);
+        blocks += a.heads * per_head;
+        macs += a.heads * a.m * a.t * (a.d + a.dv);
+    }
+    let mut outs: Vec<Vec<f32>> = all
+        .iter()
+        .map(|a| vec![0f32; a.heads * a.m * a.dv])
+        .collect();
+    let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let scratch = all
+        .iter()
+        .map(|a| BLOCK_ROWS.min(a.m) * a.t)
+        .max()
+        .unwrap_or(0);
     let run = |b0: usize, b1: usize| {
         // Scratch for the largest block: a decode step's 3 rows, not BLOCK_ROWS, zeroed per call.
-        let mut scores = vec![0f32; BLOCK_ROWS.min(m) * t];
+        let mut scores = vec![0f32; scratch];
         for b in b0..b1 {
-            let (h, i) = (b / per_head, b % per_head * BLOCK_ROWS);
+            let j = first.partition_point(|&f| f <= b) - 1;
+            let (a, b) = (&all[j], b - first[j]);
+            let (m, d, t, dv) = (a.m, a.d, a.t, a.dv);
+            let (h, i) = (b / per_head[j], b % per_head[j] * BLOCK_ROWS);
             let (row, n) = (h * m + i, BLOCK_ROWS.min(m - i));
             let end = row + n;
             let kv = Head { kv: a.chunks, h };
@@ -202,15 +228,15 @@ pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
                 },
                 scale: a.scale,
             };
-            // SAFETY: end <= heads * m, so the rows row..end of `out` (heads * m * dv long,
-            // alive until the calls return) are inside it; each row is written by exactly one
-            // call, so the slice aliases nothing.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.at(row * dv), n * dv) };
+            // SAFETY: end <= heads * m, so the rows row..end of attention j's output (heads *
+            // m * dv long, alive until the calls return) are inside it; each row is written by
+            // exactly one call, so the slice aliases nothing.
+            let o = unsafe { std::slice::from_raw_parts_mut(dsts[j].at(row * dv), n * dv) };
             attend_block(&block, &mut scores[..n * t], o);
         }
     };
-    parallel_ranges(a.heads * per_head, rows * t * (d + dv), &run);
-    out
+    parallel_ranges(blocks, macs, &run);
+    outs
 }
 
 impl EvalOp for Attention {

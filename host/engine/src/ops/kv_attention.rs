@@ -22,7 +22,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::LaneId;
 use tract_onnx::tract_hir::internal::*;
 
-use super::attention::{attend_heads, broadcast_strides, ContiguousHeads, Heads, KvChunks};
+use super::attention::{
+    attend_all, attend_heads, broadcast_strides, ContiguousHeads, Heads, KvChunks,
+};
 use super::{KV_ATTENTION, LAYER, SCALE};
 use crate::kernels::attention::{Stored, KEY_CHUNK};
 use crate::onnx::graph::attr;
@@ -140,6 +142,17 @@ impl KvCache {
         self.len += s;
         Ok(())
     }
+}
+
+/// The caches of the sequences in one packed run ([`crate::batching`]): sequence `i` is the next
+/// `rows` rows of the run (after sequence `i - 1`'s) and continues `cache`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PackedCaches(pub(crate) Vec<PackedSequence>);
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PackedSequence {
+    pub(crate) cache: KvCache,
+    pub(crate) rows: usize,
 }
 
 /// A cache's pages as an attention's chunks (heads `d` and `dv` wide).
@@ -294,6 +307,146 @@ impl KvAttention {
     }
 }
 
+impl KvAttention {
+    /// A packed run: each sequence's rows of `q`, `k`, `v` and the mask, against its own cache.
+    /// Each sequence's attention is the very call a run of that sequence alone makes (the same
+    /// rows, keys and mask values), so it gives the same bits. The past inputs are ignored: the
+    /// mask's width is the run's longest context.
+    fn run_packed(
+        &self,
+        sequences: &mut [PackedSequence],
+        inputs: TVec<TValue>,
+    ) -> TractResult<TVec<TValue>> {
+        let [q, _, k, _, v, mask] = &inputs[..] else {
+            bail!("{KV_ATTENTION} takes 6 inputs, got {}", inputs.len());
+        };
+        ensure!(
+            q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
+            "{KV_ATTENTION}: q {:?}, k {:?}, v {:?} are not [1, heads, tokens, width]",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+        let (heads, m, d) = (q.shape()[1], q.shape()[2], q.shape()[3]);
+        let (n, dv) = (k.shape()[2], v.shape()[3]);
+        let total: usize = sequences.iter().map(|s| s.rows).sum();
+        ensure!(
+            n > 0
+                && total == n
+                && m % n == 0
+                && k.shape()[1..] == [heads, n, d]
+                && v.shape()[1..3] == [heads, n],
+            "{KV_ATTENTION}: a packed run of {total} rows got q {:?}, k {:?}, v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+        // Query rows are (query head in the group, token): `rep` groups of n rows per KV head.
+        let rep = m / n;
+        let width = *mask.shape().last().unwrap_or(&0);
+        let ms = broadcast_strides(mask.shape(), &[1, heads, m, width])?;
+        let views = [
+            q.try_as_plain_ram()?,
+            k.try_as_plain_ram()?,
+            v.try_as_plain_ram()?,
+            mask.try_as_plain_ram()?,
+        ];
+        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) = (
+            views[0].as_slice()?,
+            views[1].as_slice()?,
+            views[2].as_slice()?,
+            views[3].as_slice()?,
+        );
+        // Each sequence's rows, head by head: keys and values [H, s, *] (appended to its cache),
+        // queries and mask rows [H, rep * s, *] (the mask's rows for one head if it is shared).
+        let head_masks = if ms[1] == 0 { 1 } else { heads };
+        let mut prepared = Vec::with_capacity(sequences.len());
+        let mut r0 = 0;
+        for seq in sequences.iter_mut() {
+            let (s, t) = (seq.rows, seq.cache.len + seq.rows);
+            ensure!(
+                t <= width,
+                "layer {}: a packed sequence at {t} tokens, the mask covers {width}",
+                self.layer
+            );
+            let rows = |x: &[f32], w: usize, per_head: usize, groups: usize| {
+                let mut out = Vec::with_capacity(heads * groups * s * w);
+                for h in 0..heads {
+                    for g in 0..groups {
+                        out.extend_from_slice(&x[(h * per_head + g * n + r0) * w..][..s * w]);
+                    }
+                }
+                out
+            };
+            seq.cache
+                .append(&rows(kd, d, n, 1), &rows(vd, dv, n, 1), heads, d, dv)?;
+            let mut mask_rows = Vec::with_capacity(head_masks * rep * s * t);
+            for h in 0..head_masks {
+                for g in 0..rep {
+                    for i in 0..s {
+                        let row = h * ms[1] + (g * n + r0 + i) * ms[2];
+                        mask_rows.extend((0..t).map(|c| maskd[row + c * ms[3]]));
+                    }
+                }
+            }
+            prepared.push((rows(qd, d, m, rep), mask_rows, r0, s, t));
+            r0 += s;
+        }
+        let paged: Vec<Paged> = sequences
+            .iter()
+            .map(|seq| Paged {
+                cache: &seq.cache,
+                d,
+                dv,
+            })
+            .collect();
+        let per_head_mask: Vec<usize> = prepared
+            .iter()
+            .map(|&(_, _, _, s, t)| if head_masks == 1 { 0 } else { rep * s * t })
+            .collect();
+        let mask_heads: Vec<_> = per_head_mask
+            .iter()
+            .map(|&stride| move |h: usize| h * stride)
+            .collect();
+        let attentions: Vec<Heads> = prepared
+            .iter()
+            .zip(&paged)
+            .zip(&mask_heads)
+            .map(|((&(ref q, ref mask, _, s, t), chunks), mask_head)| Heads {
+                q,
+                heads,
+                m: rep * s,
+                d,
+                chunks,
+                t,
+                dv,
+                mask,
+                mask_head,
+                mask_row: t,
+                mask_col: 1,
+                scale: self.scale,
+            })
+            .collect();
+        let results = attend_all(&attentions);
+        let mut out = vec![0f32; heads * m * dv];
+        for (result, &(_, _, r0, s, _)) in results.iter().zip(&prepared) {
+            for h in 0..heads {
+                for g in 0..rep {
+                    let from = (h * rep + g) * s * dv;
+                    let to = (h * m + g * n + r0) * dv;
+                    out[to..][..s * dv].copy_from_slice(&result[from..][..s * dv]);
+                }
+            }
+        }
+        let empty = Tensor::zero::<f32>(&[1, heads, width, 0])?.into_tvalue();
+        Ok(tvec!(
+            Tensor::from_shape(&[1, heads, m, dv], &out)?.into_tvalue(),
+            empty.clone(),
+            empty
+        ))
+    }
+}
+
 impl Expansion for KvAttention {
     fn name(&self) -> StaticName {
         KV_ATTENTION.into()
@@ -379,6 +532,24 @@ impl OpState for KvCache {
     /// One cache, one stream: a laned (batched) runtime cannot share it.
     fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
         bail!("{KV_ATTENTION} keeps one stream's KV cache")
+    }
+}
+
+impl OpState for PackedCaches {
+    fn eval(
+        &mut self,
+        _ctx: &EvalContext,
+        op: &dyn Op,
+        inputs: TVec<TValue>,
+    ) -> TractResult<TVec<TValue>> {
+        let op = op
+            .downcast_ref::<KvAttention>()
+            .context("packed KV caches on another op")?;
+        op.run_packed(&mut self.0, inputs)
+    }
+
+    fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
+        bail!("{KV_ATTENTION} keeps its sequences' KV caches")
     }
 }
 

@@ -2,7 +2,7 @@
 //! ([`crate::onnx`]) leave: `SlmQMatMul` ([`qmatmul::QMatMul`]) and `SlmQGather`
 //! ([`qgather::QGather`]) on quantized weights ([`Packed`]), `SlmAttention`
 //! ([`attention::Attention`]), `SlmKvAttention` ([`kv_attention::KvAttention`], with the KV cache
-//! in its state). The weights do not go through the protobuf: the rewrite leaves
+//! in its state), `SlmLastRows` ([`last_rows::LastRows`], the rows that reach the LM head). The weights do not go through the protobuf: the rewrite leaves
 //! them in a registry ([`with_weights`]) under a key that the node's `weights` attribute names.
 
 use std::cell::RefCell;
@@ -16,6 +16,7 @@ pub(crate) mod arith;
 pub(crate) mod attention;
 pub(crate) mod deterministic;
 pub(crate) mod kv_attention;
+pub(crate) mod last_rows;
 mod packed;
 pub(crate) mod qgather;
 pub(crate) mod qmatmul;
@@ -27,6 +28,7 @@ pub(crate) const QMATMUL: &str = "SlmQMatMul";
 pub(crate) const QGATHER: &str = "SlmQGather";
 pub(crate) const ATTENTION: &str = "SlmAttention";
 pub(crate) const KV_ATTENTION: &str = "SlmKvAttention";
+pub(crate) const LAST_ROWS: &str = "SlmLastRows";
 /// String attribute of `SlmQMatMul` and `SlmQGather`: the key of their weights.
 pub(crate) const WEIGHTS: &str = "weights";
 /// Float attribute of `SlmAttention`: the factor of the scores.
@@ -45,6 +47,7 @@ pub(crate) fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(QGATHER, qgather::build);
     onnx.op_register.insert(ATTENTION, attention::build);
     onnx.op_register.insert(KV_ATTENTION, kv_attention::build);
+    onnx.op_register.insert(LAST_ROWS, last_rows::build);
 }
 
 /// Runs `f` (the parse of a rewritten protobuf) with `weights` available to the op builders.

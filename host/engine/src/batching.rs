@@ -1,0 +1,381 @@
+//! Continuous batching: the steps of concurrent sessions of one model run together, as one packed
+//! run ([`crate::onnx::packing`]) whose rows are every waiting session's next tokens, so the
+//! weights are read once per step for all of them rather than once per session.
+//!
+//! No scheduler thread: a session that finds no run going leads one. It takes every waiting step
+//! (after waiting briefly for the sessions of the last run to come back), runs them packed, hands
+//! each session its result and steps down; the others wait parked on a condition variable. A
+//! session alone runs its step on its own state, as without batching.
+//!
+//! Prefill is interleaved: in a run with decode steps, a prompt advances [`INTERLEAVED_PREFILL`]
+//! tokens, so a long prompt does not stall the streams already decoding; alone, it runs in
+//! chunks of [`crate::PREFILL_CHUNK`]. Each row is computed as it would be alone, so a session's
+//! logits do not depend on who it ran with.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tract_onnx::prelude::*;
+
+use crate::model::{InputKind, Model};
+use crate::ops::kv_attention::{KvCache, PackedCaches, PackedSequence};
+use crate::ops::last_rows::RowsToKeep;
+use crate::session::{run_plan, Profile, Session};
+use crate::{EngineError, Tensor};
+
+/// Prompt tokens a prefilling session runs in a step shared with decoding sessions: each of
+/// those waits for them. (A decode step's weights cost about what ~10 more rows compute.)
+pub const INTERLEAVED_PREFILL: usize = 16;
+
+/// How long the leader of a run waits for the sessions of the previous run to come back with
+/// their next step (between steps they sample, in their own threads or guests).
+const GATHER: Duration = Duration::from_millis(2);
+
+/// One model's batching: the waiting steps and the packed plan state.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+    /// The plan state of packed runs; its caches and kept rows are set for each run.
+    state: Mutex<Option<TypedSimpleState>>,
+    /// Packed runs so far, and the sessions they carried.
+    runs: AtomicU64,
+    sequences: AtomicU64,
+    /// Nanoseconds in packed runs.
+    busy: AtomicU64,
+    /// Per-node timings of packed runs, when profiling is on.
+    pub(crate) profile: Mutex<Option<Profile>>,
+}
+
+/// What a model's batching has done (tests and benchmarks).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchingStats {
+    /// Runs that packed two or more sessions' steps.
+    pub packed_runs: u64,
+    /// The steps those runs carried.
+    pub packed_steps: u64,
+    /// Seconds in packed runs.
+    pub packed_seconds: f64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Step>,
+    finished: HashMap<u64, Finished>,
+    /// Whether a session is running steps now.
+    leading: bool,
+    next_id: u64,
+    /// Sessions in the last run.
+    last_width: usize,
+}
+
+/// A session's next tokens, with its KV cache (moved in: the leader runs it).
+struct Step {
+    id: u64,
+    ids: Vec<i64>,
+    /// Position of `ids[0]`, the session's cached length.
+    start: usize,
+    /// The session's prefill chunk.
+    chunk: usize,
+    caches: Vec<KvCache>,
+}
+
+struct Finished {
+    caches: Vec<KvCache>,
+    /// Tokens of the step that ran.
+    ran: usize,
+    /// Logits of the last token that ran, `[1, 1, vocab]`.
+    logits: Result<Tensor, EngineError>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic in a run is caught inside it: a poisoned lock still holds consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Batcher {
+    /// Runs the first tokens of `ids` (at `start`, the session's cached length) for `session`,
+    /// with whatever other sessions of the model are stepping now. Returns how many ran, and the
+    /// logits of the last one.
+    pub(crate) fn step(
+        &self,
+        session: &mut Session,
+        ids: &[i64],
+        start: usize,
+    ) -> Result<(usize, Tensor), EngineError> {
+        let mut queue = lock(&self.queue);
+        if !queue.leading && queue.waiting.is_empty() && queue.last_width <= 1 {
+            queue.leading = true;
+            queue.last_width = 1;
+            drop(queue);
+            let ran = ids.len().min(session.prefill_chunk());
+            let logits = session.run_alone(&ids[..ran], start);
+            drop(self.step_down(lock(&self.queue), HashMap::new()));
+            return Ok((ran, logits?));
+        }
+        let id = queue.next_id;
+        queue.next_id += 1;
+        queue.waiting.push(Step {
+            id,
+            ids: ids.to_vec(),
+            start,
+            chunk: session.prefill_chunk(),
+            caches: session.take_caches(),
+        });
+        self.changed.notify_all();
+        loop {
+            if let Some(done) = queue.finished.remove(&id) {
+                drop(queue);
+                session.put_caches(done.caches, start + done.ran);
+                return match done.logits {
+                    Ok(logits) => Ok((done.ran, logits)),
+                    Err(e) => {
+                        session.reset();
+                        Err(e)
+                    }
+                };
+            }
+            if queue.leading {
+                queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            queue.leading = true;
+            let deadline = Instant::now() + GATHER;
+            while queue.waiting.len() < queue.last_width {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                queue = self
+                    .changed
+                    .wait_timeout(queue, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            let steps = std::mem::take(&mut queue.waiting);
+            queue.last_width = steps.len();
+            drop(queue);
+            let finished = if steps.len() == 1 {
+                // Only ours (the leader's step is always waiting): alone after all.
+                let mut step = steps.into_iter().next().expect("one step");
+                session.put_caches(std::mem::take(&mut step.caches), start);
+                let ran = step.ids.len().min(step.chunk);
+                let logits = session.run_alone(&step.ids[..ran], start);
+                let caches = session.take_caches();
+                HashMap::from([(
+                    id,
+                    Finished {
+                        caches,
+                        ran,
+                        logits,
+                    },
+                )])
+            } else {
+                self.run_packed(session.model(), steps)
+            };
+            queue = self.step_down(lock(&self.queue), finished);
+        }
+    }
+
+    /// Ends a run: its results where their sessions find them, and the lead free to take.
+    fn step_down<'a>(
+        &self,
+        mut queue: MutexGuard<'a, Queue>,
+        finished: HashMap<u64, Finished>,
+    ) -> MutexGuard<'a, Queue> {
+        queue.finished.extend(finished);
+        queue.leading = false;
+        self.changed.notify_all();
+        queue
+    }
+
+    pub(crate) fn stats(&self) -> BatchingStats {
+        BatchingStats {
+            packed_runs: self.runs.load(Ordering::Relaxed),
+            packed_steps: self.sequences.load(Ordering::Relaxed),
+            packed_seconds: self.busy.load(Ordering::Relaxed) as f64 * 1e-9,
+        }
+    }
+
+    /// Runs `steps` (two or more sessions) as one packed run.
+    fn run_packed(&self, model: &Model, mut steps: Vec<Step>) -> HashMap<u64, Finished> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.sequences
+            .fetch_add(steps.len() as u64, Ordering::Relaxed);
+        let decoding = steps.iter().any(|s| s.ids.len() == 1);
+        let takes: Vec<usize> = steps
+            .iter()
+            .map(|s| {
+                let budget = if decoding {
+                    INTERLEAVED_PREFILL
+                } else {
+                    s.chunk
+                };
+                s.ids.len().min(budget.max(1))
+            })
+            .collect();
+        let started = Instant::now();
+        let result = self.run_plan(model, &mut steps, &takes);
+        self.busy
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let mut logits = match result {
+            Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => steps.iter().map(|_| Err(e.clone())).collect(),
+        };
+        steps
+            .into_iter()
+            .zip(takes)
+            .zip(logits.drain(..))
+            .map(|((step, ran), logits)| {
+                let finished = Finished {
+                    caches: step.caches,
+                    ran,
+                    logits,
+                };
+                (step.id, finished)
+            })
+            .collect()
+    }
+
+    /// One run of the plan on the first `takes[i]` tokens of each step; returns each step's last
+    /// row of logits. The caches go into the attention ops' states for the run and come back.
+    fn run_plan(
+        &self,
+        model: &Model,
+        steps: &mut [Step],
+        takes: &[usize],
+    ) -> Result<Vec<Tensor>, EngineError> {
+        let rows_node = model
+            .rows_node
+            .ok_or_else(|| EngineError::Runtime("this model cannot pack sequences".into()))?;
+        let n: usize = takes.iter().sum();
+        let mut ids = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut last_rows = Vec::with_capacity(steps.len());
+        let mut context = n;
+        for (step, &take) in steps.iter().zip(takes) {
+            ids.extend_from_slice(&step.ids[..take]);
+            positions.extend((step.start..step.start + take).map(|p| p as i64));
+            last_rows.push(ids.len() - 1);
+            context = context.max(step.start + take);
+        }
+        let inputs = packed_inputs(model, ids, positions, context)?;
+
+        let mut state = lock(&self.state);
+        if state.is_none() {
+            *state = Some(model.plan.spawn().map_err(runtime)?);
+        }
+        let plan = state.as_mut().expect("spawned above");
+        plan.op_states[rows_node]
+            .as_mut()
+            .and_then(|s| s.downcast_mut::<RowsToKeep>())
+            .ok_or_else(|| EngineError::Runtime("the plan keeps no rows".into()))?
+            .rows = last_rows;
+        for (layer, &node) in model.kv_nodes.iter().enumerate() {
+            let sequences = steps
+                .iter_mut()
+                .zip(takes)
+                .map(|(step, &rows)| PackedSequence {
+                    cache: std::mem::take(&mut step.caches[layer]),
+                    rows,
+                })
+                .collect();
+            plan.op_states[node] = Some(Box::new(PackedCaches(sequences)));
+        }
+        let run = run_plan(plan, inputs, lock(&self.profile).as_mut());
+        // The caches come back whatever the run did (a failed run's are dropped by their
+        // sessions, which reset).
+        for (layer, &node) in model.kv_nodes.iter().enumerate() {
+            let packed = plan.op_states[node]
+                .as_mut()
+                .and_then(|s| s.downcast_mut::<PackedCaches>());
+            if let Some(packed) = packed {
+                for (step, seq) in steps.iter_mut().zip(packed.0.drain(..)) {
+                    step.caches[layer] = seq.cache;
+                }
+            }
+        }
+        let outputs = match run {
+            Ok(Ok(outputs)) => outputs,
+            failed => {
+                *state = None;
+                return Err(match failed {
+                    Ok(Err(e)) => runtime(e),
+                    _ => {
+                        EngineError::Runtime("the inference engine panicked on these inputs".into())
+                    }
+                });
+            }
+        };
+        let logits = model
+            .output_names
+            .iter()
+            .position(|o| o == crate::names::LOGITS)
+            .and_then(|i| outputs.get(i))
+            .ok_or_else(|| EngineError::Runtime("the model has no logits output".into()))?;
+        split_rows(logits, steps.len())
+    }
+}
+
+/// The plan's inputs for a packed run of `ids` at `positions` whose longest context is
+/// `context` tokens: the causal mask spans that many keys (each sequence reads its own).
+fn packed_inputs(
+    model: &Model,
+    ids: Vec<i64>,
+    positions: Vec<i64>,
+    context: usize,
+) -> Result<TVec<TValue>, EngineError> {
+    let n = ids.len();
+    let kv_heads = model.info().kv_heads;
+    let row = |v: Vec<i64>| {
+        tract_ndarray::Array2::from_shape_vec((1, n), v)
+            .expect("one value per row")
+            .into_tvalue()
+    };
+    let (mut ids, mut positions) = (Some(ids), Some(positions));
+    let mut inputs = tvec![];
+    for kind in &model.input_kinds {
+        inputs.push(match kind {
+            InputKind::InputIds => row(ids.take().unwrap_or_default()),
+            InputKind::PositionIds => row(positions.take().unwrap_or_default()),
+            InputKind::AttentionMask => {
+                tract_ndarray::Array2::<i64>::ones((1, context)).into_tvalue()
+            }
+            InputKind::Past { .. } => {
+                tract_onnx::prelude::Tensor::zero::<f32>(&[1, kv_heads, context - n, 0])
+                    .map_err(runtime)?
+                    .into_tvalue()
+            }
+            InputKind::Other => {
+                return Err(EngineError::InvalidInput(
+                    "the model has inputs this engine cannot fill".into(),
+                ))
+            }
+        });
+    }
+    Ok(inputs)
+}
+
+/// `[1, rows, vocab]` logits as one `[1, 1, vocab]` tensor per row.
+fn split_rows(logits: &TValue, rows: usize) -> Result<Vec<Tensor>, EngineError> {
+    let shape = logits.shape();
+    let vocab = *shape.last().unwrap_or(&0);
+    if vocab == 0 || logits.len() != rows * vocab {
+        return Err(EngineError::Runtime(format!(
+            "a packed run of {rows} sequences returned logits {shape:?}"
+        )));
+    }
+    let view = logits.try_as_plain_ram().map_err(runtime)?;
+    let all: &[f32] = view.as_slice().map_err(runtime)?;
+    Ok(all
+        .chunks(vocab)
+        .map(|row| Tensor::from_f32(vec![1, 1, vocab], row))
+        .collect())
+}
+
+fn runtime(e: TractError) -> EngineError {
+    EngineError::Runtime(format!("{e:#}"))
+}

@@ -10,6 +10,12 @@ count and, last, one JSON object.
 
     .venv/bin/python scripts/bench_serve.py --baked [--prompt-tokens 20] [--rounds 5]
 
+    .venv/bin/python scripts/bench_serve.py --beside-prefill [--prefill-tokens 512] [--max-tokens 200] [--threads 1,2]
+
+--beside-prefill: the p50 inter-token latency of a streamed completion alone, and over the time another
+request prefills a --prefill-tokens prompt next to it (continuous batching interleaves that prefill with
+the stream's steps); interleaved rounds, medians. Writes target/bench/serve-beside-prefill.json.
+
 Per-request hosts: time to the first streamed token on stock `wasmtime serve`, which starts a fresh
 instance for every request, of the baked component (dist/slm-http-<model>.wasm, `scripts/build
 --bake <model>`; no model mount) and of the unbaked portable one (which reads and packs the model
@@ -137,7 +143,9 @@ def prompts_of(n_tokens: int, count: int, model: str) -> list[str]:
     import tokenizers
 
     tok = tokenizers.Tokenizer.from_file(str(ROOT / "models" / model / "tokenizer.json"))
-    ids = tok.encode((ROOT / "tests" / "fixtures" / "heldout.txt").read_text()).ids
+    text = (ROOT / "tests" / "fixtures" / "heldout.txt").read_text()
+    # The held-out text is ~500 tokens: longer prompts wrap around it.
+    ids = tok.encode((text + "\n\n") * (1 + 2 * n_tokens // 400)).ids
     out = []
     for i in range(count):
         start = (i * 37) % (len(ids) - n_tokens)
@@ -156,6 +164,73 @@ def engine_ms(threads: int, prompt_tokens: int, portable: bool) -> tuple[float, 
     r = json.loads(out.strip().splitlines()[-1])
     prefill = prompt_tokens / r["prefill_tps"] * 1e3
     return prefill, prefill + 1e3 / r["decode_tps"]
+
+
+def stream_times(port: int, prompt: str, max_tokens: int, started=None) -> list[float]:
+    """Arrival times of a streamed greedy completion's chunks (one per token); `started`, a list,
+    gets each arrival as it comes."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+    times = started if started is not None else []
+    for line in r:
+        line = line.strip()
+        if line.startswith(b"data: {") and json.loads(line[6:]).get("choices"):
+            times.append(time.perf_counter())
+    c.close()
+    return times
+
+
+def beside_prefill(args) -> None:
+    """p50 inter-token latency of a stream alone, and while another request prefills a long prompt."""
+    import threading
+
+    model = "smollm2-135m-instruct"
+    report = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        proc, port = start_server(["--threads", str(threads), "--prefix-cache-mb", "0"])
+        try:
+            # Counting on: a stream that does not end before --max-tokens.
+            streams = iter(", ".join(str(k + i) for i in range(12)) + "," for k in range(1, 10_000, 97))
+            longs = iter(prompts_of(args.prefill_tokens, 1000, model))
+            stream_times(port, next(streams), 4)  # warm-up
+            alone, beside, prefill_s = [], [], []
+            for _ in range(args.rounds):
+                times = stream_times(port, next(streams), args.max_tokens)
+                alone.append(statistics.median(b - a for a, b in zip(times, times[1:])))
+                times: list[float] = []
+                t = threading.Thread(target=stream_times, args=(port, next(streams), args.max_tokens, times))
+                t.start()
+                while len(times) < 8 and t.is_alive():
+                    time.sleep(0.001)
+                t0 = time.perf_counter()
+                ttft, n = stream_completion_ttft(port, next(longs))
+                t1 = time.perf_counter()
+                t.join()
+                assert n == args.prefill_tokens, n
+                during = [b - a for a, b in zip(times, times[1:]) if a >= t0 and b <= t1]
+                if len(times) < 8 or not during or times[-1] < t1:
+                    raise SystemExit("bench_serve: the stream ended before the prefill; raise --max-tokens")
+                beside.append(statistics.median(during))
+                prefill_s.append(t1 - t0)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        row = {"threads": threads, "prefill_tokens": args.prefill_tokens,
+               "itl_alone_ms": statistics.median(alone) * 1e3, "itl_beside_prefill_ms": statistics.median(beside) * 1e3,
+               "prefill_s": statistics.median(prefill_s)}
+        row["ratio"] = row["itl_beside_prefill_ms"] / row["itl_alone_ms"]
+        report.append(row)
+        print(f"{threads} thread(s): a stream's p50 inter-token latency {row['itl_alone_ms']:.1f} ms alone,"
+              f" {row['itl_beside_prefill_ms']:.1f} ms while a {args.prefill_tokens}-token prompt prefills"
+              f" ({row['ratio']:.2f}x; that prefill took {row['prefill_s']:.2f} s)")
+    out = ROOT / "target" / "bench" / "serve-beside-prefill.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
 
 
 def ttft(args) -> None:
@@ -261,12 +336,17 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--portable", action="store_true", help="--ttft on slm-http-portable.wasm (wasi:nn in wasm)")
+    ap.add_argument("--beside-prefill", action="store_true",
+                    help="a stream's p50 inter-token latency alone and while another request prefills a long prompt")
+    ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--baked", action="store_true",
                     help="first-token time of the baked component on stock wasmtime serve (fresh instance"
                          " per request) against slm serve --portable warm")
     args = ap.parse_args()
     if args.baked:
         return baked_ttft(args)
+    if args.beside_prefill:
+        return beside_prefill(args)
     if args.ttft:
         return ttft(args)
     proc = None

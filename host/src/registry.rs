@@ -67,6 +67,11 @@ impl LazyModel {
         self.placed.get()
     }
 
+    /// The model if it is loaded (never loads it).
+    pub fn loaded(&self) -> Option<Arc<Model>> {
+        self.cell.get().and_then(|r| r.as_ref().ok()).cloned()
+    }
+
     /// The prefix cache every execution context on this model shares.
     pub fn prefix_cache(&self) -> Arc<PrefixCache> {
         self.prefix.clone()

@@ -231,7 +231,15 @@ def test_wrong_method_and_path(server):
     assert _raw(server, "POST", "/v1/nothing-here", b"{}")[0] == 404
 
 
-def test_eight_concurrent_streams(client):
+def _counter(server: str, name: str) -> float:
+    text = _raw(server, "GET", "/metrics")[2].decode()
+    m = re.search(rf'^{name}{{model="{MODEL}"}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_eight_concurrent_streams(server, client):
+    """Concurrent greedy streams run their steps together (continuous batching), and each answer is
+    the one it gets alone."""
     questions = [f"What is {a} plus {a}?" for a in range(1, 9)]
 
     def ask(q: str, stream: bool) -> str:
@@ -241,10 +249,15 @@ def test_eight_concurrent_streams(client):
         return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices)
 
     expected = [ask(q, False) for q in questions]
+    counters = ("slm_batched_steps_total", "slm_generation_tokens_total")
+    before = [_counter(server, c) for c in counters]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda q: ask(q, True), questions))
     assert got == expected
     assert all(g for g in got)
+    # Most of the streams' steps ran with others'.
+    batched, steps = (_counter(server, c) - b for c, b in zip(counters, before))
+    assert batched >= steps / 2, (batched, steps)
 
 
 def _access_lines(log: pathlib.Path, path: str) -> list[re.Match]:

@@ -3,13 +3,13 @@
 //! weights are read once per step for all of them rather than once per session.
 //!
 //! No scheduler thread: a session that finds no run going leads one. It takes every waiting step
-//! (after waiting briefly for the sessions of the last run to come back), runs them packed, hands
-//! each session its result and steps down; the others wait parked on a condition variable. A
-//! session alone runs its step on its own state, as without batching.
+//! (after waiting briefly for the other sessions active lately to come back), runs them packed,
+//! hands each session its result and steps down; the others wait parked on a condition variable.
+//! A session alone runs its step on its own state, as without batching.
 //!
-//! Prefill is interleaved: in a run with decode steps, a prompt advances [`INTERLEAVED_PREFILL`]
-//! tokens, so a long prompt does not stall the streams already decoding; alone, it runs in
-//! chunks of [`crate::PREFILL_CHUNK`]. Each row is computed as it would be alone, so a session's
+//! Prefill is interleaved: while another session decodes, a prompt advances
+//! [`INTERLEAVED_PREFILL`] tokens per run, so a long prompt does not stall the streams already
+//! decoding; otherwise it runs in chunks of [`crate::PREFILL_CHUNK`]. Each row is computed as it would be alone, so a session's
 //! logits do not depend on who it ran with.
 
 use std::collections::HashMap;
@@ -25,13 +25,19 @@ use crate::ops::last_rows::RowsToKeep;
 use crate::session::{run_plan, Profile, Session};
 use crate::{EngineError, Tensor};
 
-/// Prompt tokens a prefilling session runs in a step shared with decoding sessions: each of
-/// those waits for them. (A decode step's weights cost about what ~10 more rows compute.)
-pub const INTERLEAVED_PREFILL: usize = 16;
+/// Prompt tokens a prefilling session runs per run while another session decodes: the decoding
+/// ones wait for them. On 2 cores each row costs ~1.5-2 ms against ~9 ms for a decode step; with
+/// 4, a stream's p50 inter-token latency beside a 512-token prefill was 1.8x its own (6: 2.25x,
+/// 16: 4.6x), and that prefill took about as long (2.1 s) with 4 as with 6.
+pub const INTERLEAVED_PREFILL: usize = 4;
 
-/// How long the leader of a run waits for the sessions of the previous run to come back with
-/// their next step (between steps they sample, in their own threads or guests).
+/// How long the leader of a run waits for the other active sessions to come back with their next
+/// step (between steps they sample, in their own threads or guests).
 const GATHER: Duration = Duration::from_millis(2);
+
+/// A session that has not stepped for this long is no longer waited for (a stream steps every
+/// few tens of milliseconds; one that ended is forgotten when it is dropped).
+const ACTIVE: Duration = Duration::from_millis(100);
 
 /// One model's batching: the waiting steps and the packed plan state.
 #[derive(Default)]
@@ -68,8 +74,16 @@ struct Queue {
     /// Whether a session is running steps now.
     leading: bool,
     next_id: u64,
-    /// Sessions in the last run.
-    last_width: usize,
+    /// Sessions that stepped within [`ACTIVE`], by [`Session::batch_id`].
+    active: HashMap<u64, Active>,
+}
+
+/// A session that stepped lately: runs wait briefly for its next step.
+#[derive(Clone, Copy)]
+struct Active {
+    at: Instant,
+    /// Its last step was one token.
+    decoding: bool,
 }
 
 /// A session's next tokens, with its KV cache (moved in: the leader runs it).
@@ -78,8 +92,6 @@ struct Step {
     ids: Vec<i64>,
     /// Position of `ids[0]`, the session's cached length.
     start: usize,
-    /// The session's prefill chunk.
-    chunk: usize,
     caches: Vec<KvCache>,
 }
 
@@ -98,20 +110,42 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Batcher {
     /// Runs the first tokens of `ids` (at `start`, the session's cached length) for `session`,
-    /// with whatever other sessions of the model are stepping now. Returns how many ran, and the
-    /// logits of the last one.
+    /// with whatever other sessions of the model are stepping now: up to
+    /// [`INTERLEAVED_PREFILL`] while another session decodes, else a prefill chunk. Returns how
+    /// many ran, and the logits of the last one.
     pub(crate) fn step(
         &self,
         session: &mut Session,
         ids: &[i64],
         start: usize,
     ) -> Result<(usize, Tensor), EngineError> {
+        let me = session.batch_id();
         let mut queue = lock(&self.queue);
-        if !queue.leading && queue.waiting.is_empty() && queue.last_width <= 1 {
+        let now = Instant::now();
+        queue.active.retain(|_, a| now - a.at < ACTIVE);
+        let others: Vec<Active> = queue
+            .active
+            .iter()
+            .filter(|(&s, _)| s != me)
+            .map(|(_, a)| *a)
+            .collect();
+        queue.active.insert(
+            me,
+            Active {
+                at: now,
+                decoding: ids.len() == 1,
+            },
+        );
+        // Beside a decoding session, a prompt advances a few tokens per run.
+        let budget = if others.iter().any(|a| a.decoding) {
+            INTERLEAVED_PREFILL
+        } else {
+            session.prefill_chunk()
+        };
+        if !queue.leading && queue.waiting.is_empty() && others.is_empty() {
             queue.leading = true;
-            queue.last_width = 1;
             drop(queue);
-            let ran = ids.len().min(session.prefill_chunk());
+            let ran = ids.len().min(budget);
             let logits = session.run_alone(&ids[..ran], start);
             drop(self.step_down(lock(&self.queue), HashMap::new()));
             return Ok((ran, logits?));
@@ -120,9 +154,8 @@ impl Batcher {
         queue.next_id += 1;
         queue.waiting.push(Step {
             id,
-            ids: ids.to_vec(),
+            ids: ids[..ids.len().min(budget)].to_vec(),
             start,
-            chunk: session.prefill_chunk(),
             caches: session.take_caches(),
         });
         self.changed.notify_all();
@@ -143,10 +176,16 @@ impl Batcher {
                 continue;
             }
             queue.leading = true;
+            // Wait briefly for the other active sessions' next steps, to run them together.
             let deadline = Instant::now() + GATHER;
-            while queue.waiting.len() < queue.last_width {
+            loop {
                 let now = Instant::now();
-                if now >= deadline {
+                let active = queue
+                    .active
+                    .values()
+                    .filter(|a| now - a.at < ACTIVE)
+                    .count();
+                if queue.waiting.len() >= active || now >= deadline {
                     break;
                 }
                 queue = self
@@ -156,14 +195,13 @@ impl Batcher {
                     .0;
             }
             let steps = std::mem::take(&mut queue.waiting);
-            queue.last_width = steps.len();
             drop(queue);
             let finished = if steps.len() == 1 {
                 // Only ours (the leader's step is always waiting): alone after all.
                 let mut step = steps.into_iter().next().expect("one step");
                 session.put_caches(std::mem::take(&mut step.caches), start);
-                let ran = step.ids.len().min(step.chunk);
-                let logits = session.run_alone(&step.ids[..ran], start);
+                let ran = step.ids.len();
+                let logits = session.run_alone(&step.ids, start);
                 let caches = session.take_caches();
                 HashMap::from([(
                     id,
@@ -178,6 +216,11 @@ impl Batcher {
             };
             queue = self.step_down(lock(&self.queue), finished);
         }
+    }
+
+    /// Forgets a session that will not step again (dropped), so no run waits for it.
+    pub(crate) fn forget(&self, session: u64) {
+        lock(&self.queue).active.remove(&session);
     }
 
     /// Ends a run: its results where their sessions find them, and the lead free to take.
@@ -205,18 +248,7 @@ impl Batcher {
         self.runs.fetch_add(1, Ordering::Relaxed);
         self.sequences
             .fetch_add(steps.len() as u64, Ordering::Relaxed);
-        let decoding = steps.iter().any(|s| s.ids.len() == 1);
-        let takes: Vec<usize> = steps
-            .iter()
-            .map(|s| {
-                let budget = if decoding {
-                    INTERLEAVED_PREFILL
-                } else {
-                    s.chunk
-                };
-                s.ids.len().min(budget.max(1))
-            })
-            .collect();
+        let takes: Vec<usize> = steps.iter().map(|s| s.ids.len()).collect();
         let started = Instant::now();
         let result = self.run_plan(model, &mut steps, &takes);
         self.busy

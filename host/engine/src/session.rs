@@ -29,6 +29,14 @@ pub struct Session {
     profile: Option<Profile>,
     /// The most tokens one run of the plan takes (see [`PREFILL_CHUNK`]).
     chunk: usize,
+    /// This session among the model's others, for batching ([`crate::batching`]).
+    batch_id: u64,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.model.batcher.forget(self.batch_id);
+    }
 }
 
 /// Tokens per run of the plan in a long prefill. A run's temporaries grow with the tokens it takes
@@ -38,6 +46,9 @@ pub struct Session {
 /// at a time. Every row is computed the same way in any chunk (masked keys add exact zeros), so the
 /// logits do not depend on the chunk size.
 pub const PREFILL_CHUNK: usize = 512;
+
+/// The next session's [`Session::batch_id`].
+static NEXT_BATCH_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Time spent in one node of the plan over the profiled steps.
 #[doc(hidden)]
@@ -82,6 +93,7 @@ impl Session {
             state: None,
             profile: None,
             chunk: PREFILL_CHUNK,
+            batch_id: NEXT_BATCH_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         s.reset();
         s
@@ -341,6 +353,11 @@ impl Session {
                 return Ok(vec![(names::LOGITS.to_string(), logits)]);
             }
         }
+    }
+
+    /// This session's key among the model's sessions.
+    pub(crate) fn batch_id(&self) -> u64 {
+        self.batch_id
     }
 
     /// The most tokens one run of the plan takes.

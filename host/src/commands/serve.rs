@@ -17,6 +17,11 @@ use crate::serve::{ApiKeys, Limits};
 const INSTANCE_MEMORY_MIB: usize = 512;
 const PORTABLE_INSTANCE_MEMORY_MIB: usize = 2048;
 
+/// Generations running at once per model by default. Natively their steps share each run of the
+/// model (continuous batching); portable instances each hold a model, ~285 MB apiece.
+const MAX_RUNNING: usize = 8;
+const PORTABLE_MAX_RUNNING: usize = 4;
+
 pub fn serve(g: &Global, registry: ModelRegistry, args: &ServeArgs) -> Result<()> {
     let file = if args.portable {
         HTTP_PORTABLE_FILE
@@ -44,7 +49,12 @@ fn limits(args: &ServeArgs) -> Result<Limits> {
     positive("--header-timeout", args.header_timeout)?;
     positive("--body-timeout", args.body_timeout)?;
     positive("--max-connections", args.max_connections as u64)?;
-    positive("--max-running", args.max_running as u64)?;
+    let max_running = args.max_running.unwrap_or(if args.portable {
+        PORTABLE_MAX_RUNNING
+    } else {
+        MAX_RUNNING
+    });
+    positive("--max-running", max_running as u64)?;
     positive("--request-timeout", args.request_timeout)?;
     positive("--max-tokens-limit", args.max_tokens_limit.into())?;
     positive("--instance-reuse", args.instance_reuse.into())?;
@@ -64,7 +74,7 @@ fn limits(args: &ServeArgs) -> Result<Limits> {
         body_timeout: Duration::from_secs(args.body_timeout),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         max_connections: args.max_connections,
-        max_running: args.max_running,
+        max_running,
         max_queue: args.max_queue,
         request_timeout: Duration::from_secs(args.request_timeout),
         max_tokens: args.max_tokens_limit,

@@ -42,6 +42,8 @@ pub struct Metrics {
     kv_tokens: Family<ModelLabels, Gauge>,
     kv_usage: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     prefix_bytes: Family<ModelLabels, Gauge>,
+    batched_runs: Family<ModelLabels, Counter>,
+    batched_steps: Family<ModelLabels, Counter>,
     /// KV capacity per model in tokens: `--max-running` full contexts (models whose context
     /// length is known).
     kv_capacity: BTreeMap<String, f64>,
@@ -90,6 +92,8 @@ impl Metrics {
             kv_tokens: Family::default(),
             kv_usage: Family::default(),
             prefix_bytes: Family::default(),
+            batched_runs: Family::default(),
+            batched_steps: Family::default(),
             kv_capacity,
         };
         let r = &mut m.registry;
@@ -153,6 +157,16 @@ impl Metrics {
             "Bytes held by the prefix cache",
             m.prefix_bytes.clone(),
         );
+        r.register(
+            "slm_batched_runs",
+            "Model runs that carried the steps of several generations at once (continuous batching)",
+            m.batched_runs.clone(),
+        );
+        r.register(
+            "slm_batched_steps",
+            "Generation steps that ran in such a shared run",
+            m.batched_steps.clone(),
+        );
         m
     }
 
@@ -208,6 +222,17 @@ impl Metrics {
             if let Some(model) = models.model(&name) {
                 let (_, bytes) = model.prefix_cache().usage();
                 self.prefix_bytes.get_or_create(&labels).set(bytes as i64);
+                if let Some(loaded) = model.loaded() {
+                    // The engine counts; the counters catch up at each scrape.
+                    let stats = loaded.batching_stats();
+                    for (counter, total) in [
+                        (&self.batched_runs, stats.packed_runs),
+                        (&self.batched_steps, stats.packed_steps),
+                    ] {
+                        let counter = counter.get_or_create(&labels);
+                        counter.inc_by(total.saturating_sub(counter.get()));
+                    }
+                }
             }
         }
         let mut text = String::new();

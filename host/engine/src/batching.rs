@@ -142,11 +142,21 @@ impl Batcher {
         } else {
             session.prefill_chunk()
         };
-        if !queue.leading && queue.waiting.is_empty() && others.is_empty() {
+        // Without threads (wasm32) sessions never step at once: each runs alone.
+        let alone = others.is_empty() || !cfg!(feature = "threads");
+        if !queue.leading && queue.waiting.is_empty() && alone {
             queue.leading = true;
             drop(queue);
             let ran = ids.len().min(budget);
-            let logits = session.run_alone(&ids[..ran], start);
+            let logits = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                session.run_alone(&ids[..ran], start)
+            }))
+            .unwrap_or_else(|_| {
+                session.reset();
+                Err(EngineError::Runtime(
+                    "the inference engine panicked on these inputs".into(),
+                ))
+            });
             drop(self.step_down(lock(&self.queue), HashMap::new()));
             return Ok((ran, logits?));
         }
@@ -196,24 +206,39 @@ impl Batcher {
             }
             let steps = std::mem::take(&mut queue.waiting);
             drop(queue);
-            let finished = if steps.len() == 1 {
-                // Only ours (the leader's step is always waiting): alone after all.
-                let mut step = steps.into_iter().next().expect("one step");
-                session.put_caches(std::mem::take(&mut step.caches), start);
-                let ran = step.ids.len();
-                let logits = session.run_alone(&step.ids, start);
-                let caches = session.take_caches();
-                HashMap::from([(
-                    id,
-                    Finished {
-                        caches,
-                        ran,
-                        logits,
-                    },
-                )])
-            } else {
-                self.run_packed(session.model(), steps)
-            };
+            let ids: Vec<u64> = steps.iter().map(|s| s.id).collect();
+            // Whatever happens in the run, every waiting session gets an answer and the lead is
+            // given up (a panic here would otherwise leave them waiting forever).
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if steps.len() == 1 {
+                    // Only ours (the leader's step is always waiting): alone after all.
+                    let mut step = steps.into_iter().next().expect("one step");
+                    session.put_caches(std::mem::take(&mut step.caches), start);
+                    let ran = step.ids.len();
+                    let logits = session.run_alone(&step.ids, start);
+                    let caches = session.take_caches();
+                    HashMap::from([(
+                        id,
+                        Finished {
+                            caches,
+                            ran,
+                            logits,
+                        },
+                    )])
+                } else {
+                    self.run_packed(session.model(), steps)
+                }
+            }));
+            let finished = run.unwrap_or_else(|_| {
+                let failed = || Finished {
+                    caches: vec![],
+                    ran: 0,
+                    logits: Err(EngineError::Runtime(
+                        "the inference engine panicked in a batched run".into(),
+                    )),
+                };
+                ids.into_iter().map(|id| (id, failed())).collect()
+            });
             queue = self.step_down(lock(&self.queue), finished);
         }
     }

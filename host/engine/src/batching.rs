@@ -7,9 +7,10 @@
 //! hands each session its result and steps down; the others wait parked on a condition variable.
 //! A session alone runs its step on its own state, as without batching.
 //!
-//! Prefill is interleaved: while another session decodes, a prompt advances
-//! [`INTERLEAVED_PREFILL`] tokens per run, so a long prompt does not stall the streams already
-//! decoding; otherwise it runs in chunks of [`crate::PREFILL_CHUNK`]. Each row is computed as it would be alone, so a session's
+//! Prefill is interleaved: while another session decodes, a prompt advances a few tokens per run,
+//! as many as keep the run within [`INTERLEAVED_SLOWDOWN`] of a run of decode steps alone (by the
+//! recent runs' times), so a long prompt does not stall the streams already decoding; otherwise
+//! it runs in chunks of [`crate::PREFILL_CHUNK`]. Each row is computed as it would be alone, so a session's
 //! logits do not depend on who it ran with.
 
 use std::collections::HashMap;
@@ -25,11 +26,14 @@ use crate::ops::last_rows::RowsToKeep;
 use crate::session::{run_plan, Profile, Session};
 use crate::{EngineError, Tensor};
 
-/// Prompt tokens a prefilling session runs per run while another session decodes: the decoding
-/// ones wait for them. On 2 cores each row costs ~1.5-2 ms against ~9 ms for a decode step; with
-/// 4, a stream's p50 inter-token latency beside a 512-token prefill was 1.8x its own (6: 2.25x,
-/// 16: 4.6x), and that prefill took about as long (2.1 s) with 4 as with 6.
+/// Prompt tokens a prefilling session runs per run while another session decodes, until the runs'
+/// times say how many fit [`INTERLEAVED_SLOWDOWN`] ([`Pace`]). On 2 cores each prompt row costs
+/// ~1.5-2 ms against ~9 ms for a decode step: a fixed 4 made a stream's p50 inter-token latency
+/// beside a 512-token prefill 1.8-2.0x its own (6: 2.25x, 16: 4.6x).
 pub const INTERLEAVED_PREFILL: usize = 4;
+
+/// How much slower than a run of decode steps alone a run with prompt rows beside them may be.
+const INTERLEAVED_SLOWDOWN: f64 = 1.6;
 
 /// How long the leader of a run waits for the other active sessions to come back with their next
 /// step (between steps they sample, in their own threads or guests).
@@ -76,6 +80,7 @@ struct Queue {
     next_id: u64,
     /// Sessions that stepped within [`ACTIVE`], by [`Session::batch_id`].
     active: HashMap<u64, Active>,
+    pace: Pace,
 }
 
 /// A session that stepped lately: runs wait briefly for its next step.
@@ -84,6 +89,44 @@ struct Active {
     at: Instant,
     /// Its last step was one token.
     decoding: bool,
+}
+
+/// Moving averages of run times (seconds), which size the prompt rows beside decoding sessions.
+#[derive(Clone, Copy, Default)]
+struct Pace {
+    /// A run of decode steps only.
+    decode_run: f64,
+    /// What each prompt row adds to a run with decode steps.
+    prompt_row: f64,
+}
+
+impl Pace {
+    /// Takes in a run of `seconds` with `prompt_rows` prompt tokens, and whether it had decode
+    /// steps (runs of prompts alone say nothing about the cost next to a stream).
+    fn observe(&mut self, seconds: f64, prompt_rows: usize, decoding: bool) {
+        let average = |old: f64, new: f64| {
+            if old > 0.0 {
+                0.8 * old + 0.2 * new
+            } else {
+                new
+            }
+        };
+        if prompt_rows == 0 {
+            self.decode_run = average(self.decode_run, seconds);
+        } else if decoding && self.decode_run > 0.0 {
+            let row = ((seconds - self.decode_run) / prompt_rows as f64).max(1e-6);
+            self.prompt_row = average(self.prompt_row, row);
+        }
+    }
+
+    /// Prompt tokens per run beside decoding sessions.
+    fn prompt_budget(&self, chunk: usize) -> usize {
+        if self.decode_run <= 0.0 || self.prompt_row <= 0.0 {
+            return INTERLEAVED_PREFILL.min(chunk);
+        }
+        let fits = (INTERLEAVED_SLOWDOWN - 1.0) * self.decode_run / self.prompt_row;
+        (fits as usize).clamp(1, chunk.max(1))
+    }
 }
 
 /// A session's next tokens, with its KV cache (moved in: the leader runs it).
@@ -110,8 +153,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Batcher {
     /// Runs the first tokens of `ids` (at `start`, the session's cached length) for `session`,
-    /// with whatever other sessions of the model are stepping now: up to
-    /// [`INTERLEAVED_PREFILL`] while another session decodes, else a prefill chunk. Returns how
+    /// with whatever other sessions of the model are stepping now: a few while another session
+    /// decodes ([`Pace`]), else a prefill chunk. Returns how
     /// many ran, and the logits of the last one.
     pub(crate) fn step(
         &self,
@@ -137,8 +180,9 @@ impl Batcher {
             },
         );
         // Beside a decoding session, a prompt advances a few tokens per run.
-        let budget = if others.iter().any(|a| a.decoding) {
-            INTERLEAVED_PREFILL
+        let beside_decoding = others.iter().any(|a| a.decoding);
+        let budget = if beside_decoding {
+            queue.pace.prompt_budget(session.prefill_chunk())
         } else {
             session.prefill_chunk()
         };
@@ -148,6 +192,7 @@ impl Batcher {
             queue.leading = true;
             drop(queue);
             let ran = ids.len().min(budget);
+            let started = Instant::now();
             let logits = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 session.run_alone(&ids[..ran], start)
             }))
@@ -157,7 +202,11 @@ impl Batcher {
                     "the inference engine panicked on these inputs".into(),
                 ))
             });
-            drop(self.step_down(lock(&self.queue), HashMap::new()));
+            let mut queue = lock(&self.queue);
+            if ran == 1 {
+                queue.pace.observe(started.elapsed().as_secs_f64(), 0, true);
+            }
+            drop(self.step_down(queue, HashMap::new()));
             return Ok((ran, logits?));
         }
         let id = queue.next_id;
@@ -207,6 +256,9 @@ impl Batcher {
             let steps = std::mem::take(&mut queue.waiting);
             drop(queue);
             let ids: Vec<u64> = steps.iter().map(|s| s.id).collect();
+            let prompt_rows: usize = steps.iter().map(|s| s.ids.len()).filter(|&n| n > 1).sum();
+            let decoding = steps.iter().any(|s| s.ids.len() == 1);
+            let started = Instant::now();
             // Whatever happens in the run, every waiting session gets an answer and the lead is
             // given up (a panic here would otherwise leave them waiting forever).
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -239,7 +291,11 @@ impl Batcher {
                 };
                 ids.into_iter().map(|id| (id, failed())).collect()
             });
-            queue = self.step_down(lock(&self.queue), finished);
+            queue = lock(&self.queue);
+            queue
+                .pace
+                .observe(started.elapsed().as_secs_f64(), prompt_rows, decoding);
+            queue = self.step_down(queue, finished);
         }
     }
 

@@ -5,7 +5,7 @@
 //!       [--streams S] [--prompt-tokens N] [--gen-tokens M] [--threads T] [--rounds R]
 //!
 //! Each round: one session alone, then S at once (distinct prompts of N tokens, M greedy decode
-//! steps each), interleaved. Prints decode tokens/s (aggregate over the streams), the packed runs'
+//! steps each, decoding once all have prefilled), interleaved. Prints decode tokens/s (aggregate over the streams), the packed runs'
 //! mean width, and checks that every stream's tokens equal its run alone.
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
@@ -27,10 +27,12 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Prefill `prompt`, then `gen` greedy steps: the tokens and the decode time in seconds.
-fn stream(model: &Arc<Model>, prompt: &[i64], gen: usize) -> (Vec<i64>, f64) {
+/// Prefill `prompt`, then (once every stream of `prefilled` has) `gen` greedy steps: the tokens
+/// and the decode time in seconds.
+fn stream(model: &Arc<Model>, prompt: &[i64], gen: usize, prefilled: &Barrier) -> (Vec<i64>, f64) {
     let mut s = Session::new(model.clone());
     let mut logits = step(&mut s, prompt, 0);
+    prefilled.wait();
     let t = Instant::now();
     let mut tokens = vec![];
     for i in 0..gen {
@@ -50,7 +52,7 @@ fn profile_round(model: &Arc<Model>, prompts: &[Vec<i64>], gen: usize) {
         .iter()
         .map(|p| {
             let (model, p) = (model.clone(), p.clone());
-            std::thread::spawn(move || stream(&model, &p, gen))
+            std::thread::spawn(move || stream(&model, &p, gen, &Barrier::new(1)))
         })
         .collect();
     handles.into_iter().for_each(|h| drop(h.join().unwrap()));
@@ -109,21 +111,27 @@ fn main() {
                 .collect()
         })
         .collect();
-    let alone_tokens: Vec<Vec<i64>> = prompts.iter().map(|p| stream(&model, p, gen).0).collect();
+    let one = Barrier::new(1);
+    let alone_tokens: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|p| stream(&model, p, gen, &one).0)
+        .collect();
     let (mut one, mut all) = (vec![], vec![]);
     for _ in 0..rounds {
-        let (_, secs) = stream(&model, &prompts[0], gen);
+        let (_, secs) = stream(&model, &prompts[0], gen, &Barrier::new(1));
         one.push(gen as f64 / secs);
         let before = model.batching_stats();
         let start = Arc::new(Barrier::new(streams));
+        let prefilled = Arc::new(Barrier::new(streams));
         let t = Instant::now();
         let handles: Vec<_> = prompts
             .iter()
             .map(|p| {
-                let (model, p, start) = (model.clone(), p.clone(), start.clone());
+                let (model, p) = (model.clone(), p.clone());
+                let (start, prefilled) = (start.clone(), prefilled.clone());
                 std::thread::spawn(move || {
                     start.wait();
-                    stream(&model, &p, gen)
+                    stream(&model, &p, gen, &prefilled)
                 })
             })
             .collect();

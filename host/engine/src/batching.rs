@@ -47,7 +47,10 @@ const ACTIVE: Duration = Duration::from_millis(100);
 #[derive(Default)]
 pub(crate) struct Batcher {
     queue: Mutex<Queue>,
-    changed: Condvar,
+    /// Signalled when a step is queued: the leader gathering a run waits on it.
+    arrived: Condvar,
+    /// Signalled when a run ends: its results are in and the lead is free.
+    ended: Condvar,
     /// The plan state of packed runs; its caches and kept rows are set for each run.
     state: Mutex<Option<TypedSimpleState>>,
     /// Packed runs so far, and the sessions they carried.
@@ -217,7 +220,7 @@ impl Batcher {
             start,
             caches: session.take_caches(),
         });
-        self.changed.notify_all();
+        self.arrived.notify_all();
         loop {
             if let Some(done) = queue.finished.remove(&id) {
                 drop(queue);
@@ -231,7 +234,7 @@ impl Batcher {
                 };
             }
             if queue.leading {
-                queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+                queue = self.ended.wait(queue).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
             queue.leading = true;
@@ -248,7 +251,7 @@ impl Batcher {
                     break;
                 }
                 queue = self
-                    .changed
+                    .arrived
                     .wait_timeout(queue, deadline - now)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
@@ -312,7 +315,7 @@ impl Batcher {
     ) -> MutexGuard<'a, Queue> {
         queue.finished.extend(finished);
         queue.leading = false;
-        self.changed.notify_all();
+        self.ended.notify_all();
         queue
     }
 

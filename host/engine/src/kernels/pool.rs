@@ -19,7 +19,8 @@
 //!
 //! Each output element is computed by one thread, whole, whatever the split: results do not
 //! depend on the thread count or on who ran which chunk. Only one caller at a time uses the
-//! workers (a server's other sessions run their products on their own thread meanwhile).
+//! workers (a server's concurrent sessions of one model share one run, `batching.rs`; those of
+//! other models run their products on their own thread meanwhile).
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};

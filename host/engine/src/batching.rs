@@ -10,8 +10,11 @@
 //! Prefill is interleaved: while another session decodes, a prompt advances a few tokens per run,
 //! as many as keep the run within [`INTERLEAVED_SLOWDOWN`] of a run of decode steps alone (by the
 //! recent runs' times), so a long prompt does not stall the streams already decoding; otherwise
-//! it runs in chunks of [`crate::PREFILL_CHUNK`]. Each row is computed as it would be alone, so a session's
-//! logits do not depend on who it ran with.
+//! it runs in chunks of [`crate::PREFILL_CHUNK`].
+//!
+//! Each row is computed as it would be alone, so a session's logits do not depend on who it ran
+//! with: every op but attention and the last-rows selection treats rows independently, and those
+//! two handle each sequence's rows as a run of that sequence alone would.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -356,7 +359,7 @@ impl Batcher {
             .collect()
     }
 
-    /// One run of the plan on the first `takes[i]` tokens of each step; returns each step's last
+    /// One run of the plan on each step's tokens (`takes[i]` of them); returns each step's last
     /// row of logits. The caches go into the attention ops' states for the run and come back.
     fn run_plan(
         &self,

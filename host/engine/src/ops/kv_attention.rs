@@ -155,6 +155,21 @@ pub(crate) struct PackedSequence {
     pub(crate) rows: usize,
 }
 
+/// One sequence's share of a packed run, as a run of it alone would see it.
+struct SequenceRows {
+    /// Its query rows, `[H, rep * rows, D]`.
+    q: Vec<f32>,
+    /// Its rows of the mask over its own keys, `[H or 1, rep * rows, keys]`.
+    mask: Vec<f32>,
+    /// The stride of `mask` between heads (0: one for all).
+    mask_head: usize,
+    /// Its first row in the run.
+    first: usize,
+    rows: usize,
+    /// Its cache's tokens, its new ones included.
+    keys: usize,
+}
+
 /// A cache's pages as an attention's chunks (heads `d` and `dv` wide).
 struct Paged<'a> {
     cache: &'a KvCache,
@@ -360,8 +375,8 @@ impl KvAttention {
         // Each sequence's rows, head by head: keys and values [H, s, *] (appended to its cache),
         // queries and mask rows [H, rep * s, *] (the mask's rows for one head if it is shared).
         let head_masks = if ms[1] == 0 { 1 } else { heads };
-        let mut prepared = Vec::with_capacity(sequences.len());
-        let mut r0 = 0;
+        let mut rows_of = Vec::with_capacity(sequences.len());
+        let mut first = 0;
         for seq in sequences.iter_mut() {
             let (s, t) = (seq.rows, seq.cache.len + seq.rows);
             ensure!(
@@ -373,25 +388,37 @@ impl KvAttention {
                 let mut out = Vec::with_capacity(heads * groups * s * w);
                 for h in 0..heads {
                     for g in 0..groups {
-                        out.extend_from_slice(&x[(h * per_head + g * n + r0) * w..][..s * w]);
+                        out.extend_from_slice(&x[(h * per_head + g * n + first) * w..][..s * w]);
                     }
                 }
                 out
             };
             seq.cache
                 .append(&rows(kd, d, n, 1), &rows(vd, dv, n, 1), heads, d, dv)?;
-            let mut mask_rows = Vec::with_capacity(head_masks * rep * s * t);
+            let mut mask = Vec::with_capacity(head_masks * rep * s * t);
             for h in 0..head_masks {
                 for g in 0..rep {
                     for i in 0..s {
-                        let row = h * ms[1] + (g * n + r0 + i) * ms[2];
-                        mask_rows.extend((0..t).map(|c| maskd[row + c * ms[3]]));
+                        let row = h * ms[1] + (g * n + first + i) * ms[2];
+                        mask.extend((0..t).map(|c| maskd[row + c * ms[3]]));
                     }
                 }
             }
-            prepared.push((rows(qd, d, m, rep), mask_rows, r0, s, t));
-            r0 += s;
+            let mask_head = if head_masks == 1 { 0 } else { rep * s * t };
+            rows_of.push(SequenceRows {
+                q: rows(qd, d, m, rep),
+                mask,
+                mask_head,
+                first,
+                rows: s,
+                keys: t,
+            });
+            first += s;
         }
+        let mask_heads: Vec<_> = rows_of
+            .iter()
+            .map(|r| move |h: usize| h * r.mask_head)
+            .collect();
         let paged: Vec<Paged> = sequences
             .iter()
             .map(|seq| Paged {
@@ -400,40 +427,33 @@ impl KvAttention {
                 dv,
             })
             .collect();
-        let per_head_mask: Vec<usize> = prepared
-            .iter()
-            .map(|&(_, _, _, s, t)| if head_masks == 1 { 0 } else { rep * s * t })
-            .collect();
-        let mask_heads: Vec<_> = per_head_mask
-            .iter()
-            .map(|&stride| move |h: usize| h * stride)
-            .collect();
-        let attentions: Vec<Heads> = prepared
+        let attentions: Vec<Heads> = rows_of
             .iter()
             .zip(&paged)
             .zip(&mask_heads)
-            .map(|((&(ref q, ref mask, _, s, t), chunks), mask_head)| Heads {
-                q,
+            .map(|((r, chunks), mask_head)| Heads {
+                q: &r.q,
                 heads,
-                m: rep * s,
+                m: rep * r.rows,
                 d,
                 chunks,
-                t,
+                t: r.keys,
                 dv,
-                mask,
+                mask: &r.mask,
                 mask_head,
-                mask_row: t,
+                mask_row: r.keys,
                 mask_col: 1,
                 scale: self.scale,
             })
             .collect();
-        let results = attend_all(&attentions);
+        // Back to the run's row order: (head, group, row of the run).
         let mut out = vec![0f32; heads * m * dv];
-        for (result, &(_, _, r0, s, _)) in results.iter().zip(&prepared) {
+        for (result, r) in attend_all(&attentions).iter().zip(&rows_of) {
+            let s = r.rows;
             for h in 0..heads {
                 for g in 0..rep {
                     let from = (h * rep + g) * s * dv;
-                    let to = (h * m + g * n + r0) * dv;
+                    let to = (h * m + g * n + r.first) * dv;
                     out[to..][..s * dv].copy_from_slice(&result[from..][..s * dv]);
                 }
             }

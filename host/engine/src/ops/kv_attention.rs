@@ -833,4 +833,134 @@ mod tests {
         .unwrap_err();
         assert!(format!("{err}").contains("layer 3"), "{err}");
     }
+
+    #[test]
+    fn a_packed_run_gives_each_sequence_what_it_gets_alone() {
+        // 2 KV heads, 2 query rows per head and token (grouped queries), a mask that differs by
+        // head; sequence A continues 5 cached tokens with 1, B 300 (past a page) with 3.
+        let (heads, rep, d) = (2, 2, 8);
+        let op = KvAttention {
+            scale: 0.35,
+            layer: 0,
+        };
+        let val = |i: usize| (i * 7919 % 113) as f32 / 56.0 - 1.0;
+        let ctx = EvalContext::out_of_plan();
+        // Head 1 never sees key 0; both are causal.
+        let mask_value = |h: usize, p: usize, i: usize, c: usize| {
+            if c <= p + i && !(h == 1 && c == 0) {
+                0.0
+            } else {
+                -1e9
+            }
+        };
+        let mask = |p: usize, s: usize, width: usize| -> Vec<f32> {
+            let mut out = vec![];
+            for h in 0..heads {
+                for _g in 0..rep {
+                    for i in 0..s {
+                        out.extend((0..width).map(|c| mask_value(h, p, i, c)));
+                    }
+                }
+            }
+            out
+        };
+        let seqs = [(5, 1, 11), (300, 3, 23)];
+        let mut caches = vec![];
+        let mut alone = vec![];
+        let mut news = vec![];
+        for &(p, s, seed) in &seqs {
+            let x = |n: usize, salt: usize| -> Vec<f32> {
+                (0..n).map(|i| val(i * 3 + seed * 1000 + salt)).collect()
+            };
+            let mut cache = KvCache::default();
+            let fill = |n: usize| tv(&x(heads * n * d, 1), &[1, heads, n, d]);
+            let empty = tv(&[], &[1, heads, 0, 0]);
+            let q = tv(&x(heads * rep * p * d, 2), &[1, heads, rep * p, d]);
+            let m = tv(&mask(0, p, p), &[1, heads, rep * p, p]);
+            OpState::eval(
+                &mut cache,
+                &ctx,
+                &op,
+                tvec!(q, empty.clone(), fill(p), empty.clone(), fill(p), m),
+            )
+            .unwrap();
+            let (q, k, v) = (
+                x(heads * rep * s * d, 3),
+                x(heads * s * d, 4),
+                x(heads * s * d, 5),
+            );
+            let mut own = cache.clone();
+            let out = OpState::eval(
+                &mut own,
+                &ctx,
+                &op,
+                tvec!(
+                    tv(&q, &[1, heads, rep * s, d]),
+                    tv(&[], &[1, heads, p, 0]),
+                    tv(&k, &[1, heads, s, d]),
+                    tv(&[], &[1, heads, p, 0]),
+                    tv(&v, &[1, heads, s, d]),
+                    tv(&mask(p, s, p + s), &[1, heads, rep * s, p + s])
+                ),
+            )
+            .unwrap();
+            alone.push(values(&out[0]));
+            caches.push(cache);
+            news.push((q, k, v));
+        }
+
+        // The run's rows: A's token then B's 3, per head and group.
+        let n: usize = seqs.iter().map(|s| s.1).sum();
+        let width = seqs.iter().map(|&(p, s, _)| p + s).max().unwrap();
+        let (mut q, mut k, mut v, mut m) = (vec![], vec![], vec![], vec![]);
+        for h in 0..heads {
+            for (j, &(_, s, _)) in seqs.iter().enumerate() {
+                k.extend_from_slice(&news[j].1[h * s * d..][..s * d]);
+                v.extend_from_slice(&news[j].2[h * s * d..][..s * d]);
+            }
+            for g in 0..rep {
+                for (j, &(p, s, _)) in seqs.iter().enumerate() {
+                    q.extend_from_slice(&news[j].0[(h * rep + g) * s * d..][..s * d]);
+                    for i in 0..s {
+                        m.extend((0..width).map(|c| mask_value(h, p, i, c)));
+                    }
+                }
+            }
+        }
+        let mut packed = PackedCaches(
+            caches
+                .into_iter()
+                .zip(&seqs)
+                .map(|(cache, &(_, rows, _))| PackedSequence { cache, rows })
+                .collect(),
+        );
+        let empty = tv(&[], &[1, heads, width - n, 0]);
+        let out = OpState::eval(
+            &mut packed,
+            &ctx,
+            &op,
+            tvec!(
+                tv(&q, &[1, heads, rep * n, d]),
+                empty.clone(),
+                tv(&k, &[1, heads, n, d]),
+                empty,
+                tv(&v, &[1, heads, n, d]),
+                tv(&m, &[1, heads, rep * n, width])
+            ),
+        )
+        .unwrap();
+        let out = values(&out[0]);
+        let mut first = 0;
+        for (j, &(p, s, _)) in seqs.iter().enumerate() {
+            for h in 0..heads {
+                for g in 0..rep {
+                    let got = &out[(h * rep * n + g * n + first) * d..][..s * d];
+                    let want = &alone[j][(h * rep + g) * s * d..][..s * d];
+                    assert_eq!(got, want, "sequence {j}, head {h}, group {g}");
+                }
+            }
+            assert_eq!(packed.0[j].cache.len, p + s);
+            first += s;
+        }
+    }
 }

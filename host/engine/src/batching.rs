@@ -335,9 +335,8 @@ impl Batcher {
         self.runs.fetch_add(1, Ordering::Relaxed);
         self.sequences
             .fetch_add(steps.len() as u64, Ordering::Relaxed);
-        let takes: Vec<usize> = steps.iter().map(|s| s.ids.len()).collect();
         let started = Instant::now();
-        let result = self.run_plan(model, &mut steps, &takes);
+        let result = self.run_plan(model, &mut steps);
         self.busy
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut logits = match result {
@@ -346,12 +345,11 @@ impl Batcher {
         };
         steps
             .into_iter()
-            .zip(takes)
             .zip(logits.drain(..))
-            .map(|((step, ran), logits)| {
+            .map(|(step, logits)| {
                 let finished = Finished {
+                    ran: step.ids.len(),
                     caches: step.caches,
-                    ran,
                     logits,
                 };
                 (step.id, finished)
@@ -359,27 +357,23 @@ impl Batcher {
             .collect()
     }
 
-    /// One run of the plan on each step's tokens (`takes[i]` of them); returns each step's last
+    /// One run of the plan on every step's tokens; returns each step's last
     /// row of logits. The caches go into the attention ops' states for the run and come back.
-    fn run_plan(
-        &self,
-        model: &Model,
-        steps: &mut [Step],
-        takes: &[usize],
-    ) -> Result<Vec<Tensor>, EngineError> {
+    fn run_plan(&self, model: &Model, steps: &mut [Step]) -> Result<Vec<Tensor>, EngineError> {
         let rows_node = model
             .rows_node
             .ok_or_else(|| EngineError::Runtime("this model cannot pack sequences".into()))?;
-        let n: usize = takes.iter().sum();
+        let n: usize = steps.iter().map(|s| s.ids.len()).sum();
         let mut ids = Vec::with_capacity(n);
         let mut positions = Vec::with_capacity(n);
         let mut last_rows = Vec::with_capacity(steps.len());
         let mut context = n;
-        for (step, &take) in steps.iter().zip(takes) {
-            ids.extend_from_slice(&step.ids[..take]);
-            positions.extend((step.start..step.start + take).map(|p| p as i64));
+        for step in steps.iter() {
+            let end = step.start + step.ids.len();
+            ids.extend_from_slice(&step.ids);
+            positions.extend((step.start..end).map(|p| p as i64));
             last_rows.push(ids.len() - 1);
-            context = context.max(step.start + take);
+            context = context.max(end);
         }
         let inputs = packed_inputs(model, ids, positions, context)?;
 
@@ -396,10 +390,9 @@ impl Batcher {
         for (layer, &node) in model.kv_nodes.iter().enumerate() {
             let sequences = steps
                 .iter_mut()
-                .zip(takes)
-                .map(|(step, &rows)| PackedSequence {
+                .map(|step| PackedSequence {
                     cache: std::mem::take(&mut step.caches[layer]),
-                    rows,
+                    rows: step.ids.len(),
                 })
                 .collect();
             plan.op_states[node] = Some(Box::new(PackedCaches(sequences)));

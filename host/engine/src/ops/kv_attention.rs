@@ -198,6 +198,26 @@ impl KvChunks for Paged<'_> {
     }
 }
 
+/// The data of `xs` in memory (for [`f32_slices`]).
+fn plain_views<const N: usize>(xs: [&TValue; N]) -> TractResult<[PlainView<'_>; N]> {
+    let views: Vec<PlainView> = xs
+        .iter()
+        .map(|x| x.try_as_plain_ram())
+        .collect::<TractResult<_>>()?;
+    Ok(views
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one view per tensor")))
+}
+
+/// The f32 elements of each view.
+fn f32_slices<'a, const N: usize>(views: &'a [PlainView<'_>; N]) -> TractResult<[&'a [f32]; N]> {
+    let mut out: [&[f32]; N] = [&[]; N];
+    for (o, v) in out.iter_mut().zip(views) {
+        *o = v.as_slice()?;
+    }
+    Ok(out)
+}
+
 /// `[1, H, P, W]` past and `[1, H, S, W]` new, concatenated on the token axis.
 fn concat(past: &[f32], new: &[f32], heads: usize, p: usize, s: usize, width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(heads * (p + s) * width);
@@ -248,18 +268,8 @@ impl KvAttention {
             v.shape()
         );
         let mask_strides = broadcast_strides(mask.shape(), &[1, heads, m, t])?;
-        let views = [
-            q.try_as_plain_ram()?,
-            k.try_as_plain_ram()?,
-            v.try_as_plain_ram()?,
-            mask.try_as_plain_ram()?,
-        ];
-        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) = (
-            views[0].as_slice()?,
-            views[1].as_slice()?,
-            views[2].as_slice()?,
-            views[3].as_slice()?,
-        );
+        let views = plain_views([q, k, v, mask])?;
+        let [qd, kd, vd, maskd] = f32_slices(&views)?;
         let attend = |chunks: &dyn KvChunks| {
             attend_heads(&Heads {
                 q: qd,
@@ -360,18 +370,8 @@ impl KvAttention {
         let rep = m / n;
         let width = *mask.shape().last().unwrap_or(&0);
         let ms = broadcast_strides(mask.shape(), &[1, heads, m, width])?;
-        let views = [
-            q.try_as_plain_ram()?,
-            k.try_as_plain_ram()?,
-            v.try_as_plain_ram()?,
-            mask.try_as_plain_ram()?,
-        ];
-        let (qd, kd, vd, maskd): (&[f32], &[f32], &[f32], &[f32]) = (
-            views[0].as_slice()?,
-            views[1].as_slice()?,
-            views[2].as_slice()?,
-            views[3].as_slice()?,
-        );
+        let views = plain_views([q, k, v, mask])?;
+        let [qd, kd, vd, maskd] = f32_slices(&views)?;
         // Each sequence's rows, head by head: keys and values [H, s, *] (appended to its cache),
         // queries and mask rows [H, rep * s, *] (the mask's rows for one head if it is shared).
         let head_masks = if ms[1] == 0 { 1 } else { heads };

@@ -68,6 +68,20 @@ fn attention_is_fused_in_every_layout() {
 }
 
 #[test]
+fn rotary_embeddings_are_fused_in_every_layout() {
+    // q and k in each layer; `logits_match_onnx_runtime` checks what they compute, and the
+    // op's unit test that the bits are the unfused graph's.
+    for file in [
+        "model.onnx",
+        "model_int8.onnx",
+        "model_f32.onnx",
+        "model_q4.onnx",
+    ] {
+        assert_eq!(load(file).fused_rotations(), 4, "{file}");
+    }
+}
+
+#[test]
 fn quantized_weights_stay_quantized() {
     // Default (Q4_1): 7 matrix products per layer on Q4_1 weights, the tied LM head int8 with
     // 8-bit activations. int8: all 7 and the head on int8 (f32 activations). The f32 reference

@@ -12,6 +12,7 @@ use crate::ops::kv_attention::KvAttention;
 use crate::ops::last_rows::LastRows;
 use crate::ops::qgather::QGather;
 use crate::ops::qmatmul::QMatMul;
+use crate::ops::rope::Rope;
 #[cfg(doc)]
 use crate::Session;
 use crate::{names, EngineError};
@@ -274,6 +275,12 @@ impl Model {
     #[doc(hidden)]
     pub fn fused_attentions(&self) -> usize {
         self.count(|n| n.op_is::<Attention>() || n.op_is::<KvAttention>())
+    }
+
+    /// How many rotary embeddings (`rotate_half` chains) of the plan run fused ([`Rope`]).
+    #[doc(hidden)]
+    pub fn fused_rotations(&self) -> usize {
+        self.count(|n| n.op_is::<Rope>())
     }
 
     /// Whether the KV cache stays in place in the attention ops' state (else the graph

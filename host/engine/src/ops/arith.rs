@@ -61,7 +61,7 @@ pub(crate) fn replace_adds_and_muls(model: &mut TypedModel) -> TractResult<usize
 
 /// Whether `part` is `full` with its leading axes (any number) set to 1: then `part`'s elements,
 /// in order, are each block of `full`'s.
-fn repeats_within<D: PartialEq>(part: &[D], full: &[D], one: &D) -> bool {
+pub(crate) fn repeats_within<D: PartialEq>(part: &[D], full: &[D], one: &D) -> bool {
     if part.len() != full.len() {
         return false;
     }
@@ -71,6 +71,21 @@ fn repeats_within<D: PartialEq>(part: &[D], full: &[D], one: &D) -> bool {
         .rposition(|(p, f)| p != f)
         .map_or(0, |last_differing| last_differing + 1);
     part[..kept].iter().all(|p| p == one)
+}
+
+impl Elementwise {
+    pub(crate) fn arith(&self) -> Arith {
+        self.arith
+    }
+
+    /// Of the node's `inputs`, the one with the output's shape and the one that repeats in it.
+    pub(crate) fn full_and_part(&self, inputs: &[OutletId]) -> (OutletId, OutletId) {
+        if self.full_first {
+            (inputs[0], inputs[1])
+        } else {
+            (inputs[1], inputs[0])
+        }
+    }
 }
 
 impl Op for Elementwise {

@@ -20,6 +20,7 @@ pub(crate) mod last_rows;
 mod packed;
 pub(crate) mod qgather;
 pub(crate) mod qmatmul;
+pub(crate) mod rope;
 
 pub(crate) use packed::Packed;
 

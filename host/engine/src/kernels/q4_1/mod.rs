@@ -435,6 +435,8 @@ mod tests {
         let mut g = Lcg(5);
         agree_bit_for_bit(weights(&mut g, 256, 80), &mut g);
         agree_bit_for_bit(weights_as(&mut g, 256, 80, |v| v), &mut g);
+        // A last panel of 14 columns: a group of 4 columns cut short.
+        agree_bit_for_bit(weights(&mut g, 64, 78), &mut g);
     }
 
     fn agree_bit_for_bit<S: BlockScale>(w: Q4Weights<S>, g: &mut Lcg) {

@@ -22,7 +22,13 @@ const MASKED: f32 = -1e8;
 /// stay in L1 while every row of the block reads them. (A session's KV cache is paged in chunks.)
 pub const KEY_CHUNK: usize = 64;
 
-/// Output columns a row accumulates in registers while it runs through a chunk of values.
+/// Output columns a row accumulates in registers while it runs through a chunk of values: 64 on
+/// x86_64 (8 AVX2 registers: 8 independent sums per key keep both adders busy; with 4, each
+/// key waited for the last one's additions), 32 elsewhere (8 of simd128's 16 registers). Each
+/// column is summed key by key either way: the same bits.
+#[cfg(target_arch = "x86_64")]
+const COLUMNS: usize = 64;
+#[cfg(not(target_arch = "x86_64"))]
 const COLUMNS: usize = 32;
 
 /// The mask of a block's rows: row i, key j at `data[base + i * row + j * col]`.
@@ -180,17 +186,13 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
         }
     }
 
-    let mut sum = [0f32; BLOCK_ROWS];
     for (i, &n) in keys.iter().enumerate() {
-        let row = &mut scores[i * t..][..n];
-        // Two loops: the exponentials vectorize, the sum keeps its key-by-key order.
-        for s in row.iter_mut() {
+        for s in scores[i * t..][..n].iter_mut() {
             *s = detmath::exp(*s - max[i]);
         }
-        for &s in row.iter() {
-            sum[i] += s;
-        }
     }
+    let mut sum = [0f32; BLOCK_ROWS];
+    row_sums(scores, t, keys, &mut sum);
 
     out.fill(0.0);
     for j0 in (0..last).step_by(KEY_CHUNK) {
@@ -214,6 +216,39 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
     }
 }
 
+/// `sum[i]` = the sum of row i's first `keys[i]` scores (rows of `t`), key by key: the one
+/// order on every target. Up to 8 rows run side by side, so that their additions overlap
+/// instead of each waiting for the one before (a row alone is one chain of dependent adds).
+#[inline(always)]
+fn row_sums(scores: &[f32], t: usize, keys: &[usize], sum: &mut [f32]) {
+    const SIDE: usize = 8;
+    for (g, ks) in keys.chunks(SIDE).enumerate() {
+        let first = g * SIDE;
+        // The keys every row of the group has, summed together; then each row's own rest.
+        let common = ks.iter().copied().min().unwrap_or(0);
+        let mut acc = [0f32; SIDE];
+        if ks.len() == SIDE {
+            let rows: [&[f32]; SIDE] =
+                std::array::from_fn(|r| &scores[(first + r) * t..][..common]);
+            for j in 0..common {
+                for r in 0..SIDE {
+                    acc[r] += rows[r][j];
+                }
+            }
+        } else {
+            for j in 0..common {
+                for (r, a) in acc[..ks.len()].iter_mut().enumerate() {
+                    *a += scores[(first + r) * t + j];
+                }
+            }
+        }
+        for (r, &n) in ks.iter().enumerate() {
+            let rest = &scores[(first + r) * t..][common..n];
+            sum[first + r] = rest.iter().fold(acc[r], |a, &x| a + x);
+        }
+    }
+}
+
 /// `o += sum over j of p[j] * v[j]` (`v` is `[p.len(), o.len()]`), key by key for every column;
 /// keys of weight 0 are skipped. [`COLUMNS`] columns at a time stay in registers.
 #[inline(always)]
@@ -221,18 +256,12 @@ fn weighted_sum(p: &[f32], v: &[f32], o: &mut [f32]) {
     let dv = o.len();
     let mut c = 0;
     while c + COLUMNS <= dv {
-        let mut acc = [0f32; COLUMNS];
-        acc.copy_from_slice(&o[c..c + COLUMNS]);
-        for (j, &pj) in p.iter().enumerate() {
-            if pj != 0.0 {
-                let vj = &v[j * dv + c..][..COLUMNS];
-                for x in 0..COLUMNS {
-                    acc[x] += pj * vj[x];
-                }
-            }
-        }
-        o[c..c + COLUMNS].copy_from_slice(&acc);
+        weighted_columns::<COLUMNS>(p, v, o, c);
         c += COLUMNS;
+    }
+    while c + 32 <= dv {
+        weighted_columns::<32>(p, v, o, c);
+        c += 32;
     }
     if c < dv {
         for (j, &pj) in p.iter().enumerate() {
@@ -243,6 +272,23 @@ fn weighted_sum(p: &[f32], v: &[f32], o: &mut [f32]) {
             }
         }
     }
+}
+
+/// [`weighted_sum`] for columns `c..c + W`, held in registers.
+#[inline(always)]
+fn weighted_columns<const W: usize>(p: &[f32], v: &[f32], o: &mut [f32], c: usize) {
+    let dv = o.len();
+    let mut acc = [0f32; W];
+    acc.copy_from_slice(&o[c..c + W]);
+    for (j, &pj) in p.iter().enumerate() {
+        if pj != 0.0 {
+            let vj = &v[j * dv + c..][..W];
+            for x in 0..W {
+                acc[x] += pj * vj[x];
+            }
+        }
+    }
+    o[c..c + W].copy_from_slice(&acc);
 }
 
 /// The largest of `m` and `xs` (NaNs ignored, as `f32::max` does; the order of comparisons
@@ -383,6 +429,7 @@ mod tests {
             (2, 70, 256, 256),
             (4, 64, 12, 40),
             (16, 300, 9, 33),
+            (12, 200, 64, 96),
         ];
         for (case, &(rows, t, d, dv)) in shapes.iter().enumerate() {
             let q: Vec<f32> = (0..rows * d).map(|i| val(i + case * 7)).collect();

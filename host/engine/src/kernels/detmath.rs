@@ -27,7 +27,8 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let below = x < MIN;
     let x = x.clamp(MIN, 88.75);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // e^r on |r| <= ln2/2: Taylor to degree 7, Horner (truncation error < 2^-29 relative).
     let p = 1.0
@@ -37,7 +38,10 @@ pub fn exp(x: f32) -> f32 {
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^n in two steps, so that n down to -126 (and up to 128) stays representable.
-    let n = n as i32;
+    // n as an integer: t = ROUND + n exactly, in [2^23, 2^24), so n is t's bits less ROUND's.
+    // (`n as i32` gives the same for every x but NaN, and does not vectorize: it saturates lane
+    // by lane.)
+    let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let half = n / 2;
     let e = p * pow2(half) * pow2(n - half);
     if below {
@@ -141,6 +145,24 @@ mod tests {
         assert_eq!(exp(-1e9), 0.0);
         assert!(exp(100.0) > 1e38);
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    /// The integer part read from the float's bits is `as i32`'s, for every finite input: exp
+    /// gives the bits it gave when it converted with `as i32`.
+    #[test]
+    fn exp_reads_its_exponent_as_a_cast_would() {
+        const ROUND: f32 = 12_582_912.0;
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let t = x.clamp(-87.5, 88.75) * std::f32::consts::LOG2_E + ROUND;
+            let n = t - ROUND;
+            assert_eq!(
+                t.to_bits() as i32 - ROUND.to_bits() as i32,
+                n as i32,
+                "x = {x}"
+            );
+            x += 1e-4;
+        }
     }
 
     #[test]

@@ -45,6 +45,30 @@ impl Mask<'_> {
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[self.base + i * self.row + j * self.col]
     }
+
+    /// 1 + row i's last key (of t) that is not masked out; t when every key is. A causal
+    /// prompt row scans its whole future: a contiguous row is scanned with one branch per 8 keys.
+    #[inline(always)]
+    fn keys_of_row(&self, i: usize, t: usize) -> usize {
+        let unmasked = |m: &f32| *m > MASKED;
+        let last = if self.col == 1 {
+            let row = &self.data[self.base + i * self.row..][..t];
+            let whole = t / 8 * 8;
+            row[whole..]
+                .iter()
+                .rposition(unmasked)
+                .map(|j| whole + j)
+                .or_else(|| {
+                    let c = row[..whole]
+                        .chunks_exact(8)
+                        .rposition(|c| c.iter().fold(false, |any, m| any | unmasked(m)))?;
+                    Some(c * 8 + row[c * 8..][..8].iter().rposition(unmasked)?)
+                })
+        } else {
+            (0..t).rposition(|j| unmasked(&self.at(i, j)))
+        };
+        last.map_or(t, |j| j + 1)
+    }
 }
 
 /// A chunk of keys or values as they are stored: f32, or float16 bits (a session's KV cache),
@@ -151,9 +175,7 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
     // every sum below: leave them out (the same result, bit for bit; half the work of a prompt).
     let mut keys = [0usize; BLOCK_ROWS];
     for (i, n) in keys[..rows].iter_mut().enumerate() {
-        *n = (0..t)
-            .rposition(|j| mask.at(i, j) > MASKED)
-            .map_or(t, |j| j + 1);
+        *n = mask.keys_of_row(i, t);
     }
     let keys = &keys[..rows];
     let last = keys.iter().copied().max().unwrap_or(0);
@@ -414,6 +436,43 @@ mod tests {
     fn val(i: usize) -> f32 {
         let x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+
+    /// A row's key count, scanned 8 at a time, is the key-by-key scan's: every length around
+    /// the 8s, the last unmasked key anywhere, rows masked out entirely, strided masks.
+    #[test]
+    fn rows_end_at_their_last_unmasked_key() {
+        for t in [0, 1, 7, 8, 9, 16, 17, 63, 64, 65] {
+            for last in (0..t).map(Some).chain([None]) {
+                let row: Vec<f32> = (0..t)
+                    .map(|j| match last {
+                        Some(l) if j == l || j * 3 < l => 0.5,
+                        _ if j % 2 == 1 => f32::NEG_INFINITY,
+                        _ => -1e9,
+                    })
+                    .collect();
+                let want = last.map_or(t, |l| l + 1);
+                let contiguous = Mask {
+                    data: &row,
+                    base: 0,
+                    row: t,
+                    col: 1,
+                };
+                assert_eq!(contiguous.keys_of_row(0, t), want, "t {t} last {last:?}");
+                let spread: Vec<f32> = row.iter().flat_map(|&m| [m, 0.0]).collect();
+                let strided = Mask {
+                    data: &spread,
+                    base: 0,
+                    row: 2 * t,
+                    col: 2,
+                };
+                assert_eq!(
+                    strided.keys_of_row(0, t),
+                    want,
+                    "t {t} last {last:?} strided"
+                );
+            }
+        }
     }
 
     #[test]

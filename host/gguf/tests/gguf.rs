@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use slm_gguf::{Architecture, GgmlType, Gguf, GgufError, ModelConfig, Value, Vocabulary};
 
@@ -293,11 +294,17 @@ fn the_gemma3_file_reads_whole() {
     }
 }
 
-/// tests/tiny_models.py's files, in a directory of their own.
+/// tests/tiny_models.py's files, in a directory of their own, written once per test process:
+/// tests run in parallel, and a second run of the script rewrote a file another test was
+/// reading (CI saw a truncated tensor).
 fn tiny_models() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf");
-    stdout_of(python().arg(script("tiny_models.py")).arg(&out));
-    out
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tiny-gguf");
+        stdout_of(python().arg(script("tiny_models.py")).arg(&out));
+        out
+    })
+    .clone()
 }
 
 #[test]

@@ -20,6 +20,14 @@ const REWIND_IDS: [i64; 2] = [30, 31];
 /// measured 1.2 on logits up to 50 (std 8). A weight read wrongly moves them by 5 or more.
 const TOL_Q4_1: f32 = 2.5;
 
+/// The tiny model in every weight layout.
+const LAYOUTS: [&str; 4] = [
+    "model.onnx",
+    "model_int8.onnx",
+    "model_f32.onnx",
+    "model_q4.onnx",
+];
+
 fn load(file: &str) -> Arc<Model> {
     Arc::new(Model::load(&tiny_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}")))
 }
@@ -38,12 +46,7 @@ fn engine_script(model: &Arc<Model>) -> Vec<Vec<f32>> {
 
 #[test]
 fn every_layout_loads_and_reports_its_shape() {
-    for file in [
-        "model.onnx",
-        "model_int8.onnx",
-        "model_f32.onnx",
-        "model_q4.onnx",
-    ] {
+    for file in LAYOUTS {
         let m = load(file);
         let info = m.info();
         assert_eq!(
@@ -57,12 +60,7 @@ fn every_layout_loads_and_reports_its_shape() {
 #[test]
 fn attention_is_fused_in_every_layout() {
     // One SlmAttention per layer; `logits_match_onnx_runtime` checks what it computes.
-    for file in [
-        "model.onnx",
-        "model_int8.onnx",
-        "model_f32.onnx",
-        "model_q4.onnx",
-    ] {
+    for file in LAYOUTS {
         assert_eq!(load(file).fused_attentions(), 2, "{file}");
     }
 }
@@ -71,12 +69,7 @@ fn attention_is_fused_in_every_layout() {
 fn rotary_embeddings_are_fused_in_every_layout() {
     // q and k in each layer; `logits_match_onnx_runtime` checks what they compute, and the
     // op's unit test that the bits are the unfused graph's.
-    for file in [
-        "model.onnx",
-        "model_int8.onnx",
-        "model_f32.onnx",
-        "model_q4.onnx",
-    ] {
+    for file in LAYOUTS {
         assert_eq!(load(file).fused_rotations(), 4, "{file}");
     }
 }

@@ -89,9 +89,9 @@ fn read_once(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
 /// `half` when `concat` is `Concat(Neg(x[.., half..2 half]), x[.., ..half])` on x's last axis
 /// and that axis is `2 * half` wide.
 fn rotation_of(model: &TypedModel, concat: &TypedNode, x: OutletId) -> Option<usize> {
-    let rank = model.outlet_fact(x).ok()?.rank();
-    let width = model.outlet_fact(x).ok()?.shape[rank - 1].to_usize().ok()?;
-    let last = rank - 1;
+    let shape = &model.outlet_fact(x).ok()?.shape;
+    let last = shape.len().checked_sub(1)?;
+    let width = shape[last].to_usize().ok()?;
     let [neg, low] = concat.inputs[..] else {
         return None;
     };
@@ -106,8 +106,10 @@ fn rotation_of(model: &TypedModel, concat: &TypedNode, x: OutletId) -> Option<us
     let low = read_once(model, low)?;
     let slice = |n: &TypedNode| -> Option<(usize, usize)> {
         let s = n.op_as::<Slice>()?;
-        (s.axis == last && n.inputs[0] == x)
-            .then(|| Some((s.start.to_usize().ok()?, s.end.to_usize().ok()?)))?
+        if s.axis != last || n.inputs[0] != x {
+            return None;
+        }
+        Some((s.start.to_usize().ok()?, s.end.to_usize().ok()?))
     };
     let half = width / 2;
     (is_neg

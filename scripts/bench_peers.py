@@ -14,7 +14,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from model_variants import variant_path  # noqa: E402
+from model_variants import variants_dir  # noqa: E402
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 
 
@@ -90,7 +90,9 @@ def ort_runner(ids, gen, threads, file="model.onnx"):
     """Loads ONNX Runtime on `file`, warms it up; returns a function that times one generation."""
     from slmconv.ort_eval import OrtModel
 
-    m = OrtModel(str(MODEL_DIR), file, threads=threads)
+    # The oracle's files (scripts/slmconv: standard ONNX operators, which ONNX Runtime runs).
+    oracle = variants_dir(MODEL_DIR)
+    m = OrtModel(str(oracle), str(oracle / file), threads=threads)
     state = {}
 
     def prefill(p):
@@ -183,9 +185,13 @@ def main() -> None:
         args.gguf = pathlib.Path(fetched.stdout.strip())
     GGUF = args.gguf or gguf_path()
     if args.gguf:
-        args.no_onnxruntime = True  # ONNX Runtime runs our default model.onnx only
+        args.no_onnxruntime = True  # ONNX Runtime runs the default model's layouts only
         subprocess.run([str(ROOT / "target/release/slm"), "-q", "run", "--raw", "-n", "1", "--model", str(GGUF), "Hi"],
                        check=True, capture_output=True, cwd=ROOT)  # its conversion, outside the timings
+    if not args.no_onnxruntime:
+        # ONNX Runtime runs the oracle's files (scripts/slmconv, in the main venv; skipped when made).
+        subprocess.run([str(ROOT / ".venv/bin/python"), str(ROOT / "scripts/model_variants.py"), "make",
+                        str(MODEL_DIR), str(GGUF)], check=True)
     ids = gguf_tokens(args.prompt_tokens) if args.gguf else prompt_ids(args.prompt_tokens)
     bw = bandwidth_gbs()
     weight_bytes = GGUF.stat().st_size if args.gguf else (MODEL_DIR / "model.onnx").stat().st_size
@@ -200,7 +206,7 @@ def main() -> None:
         ort_run = None if args.no_onnxruntime else ort_runner(ids, args.gen_tokens, threads)
         # ONNX Runtime also on the int8 file (which it folds to f32): its MatMulNBits with float
         # zero points (the default Q4_1 file) takes a slow path, so that column alone flatters us.
-        int8_file = variant_path(MODEL_DIR, "model_int8.onnx")
+        int8_file = variants_dir(MODEL_DIR) / "model_int8.onnx"
         int8 = ort_run is not None and int8_file.is_file()
         ort_int8_run = ort_runner(ids, args.gen_tokens, threads, str(int8_file)) if int8 else None
         rounds = {"ours": [], "llama.cpp": [], "onnxruntime": [], "onnxruntime_int8": []}

@@ -1,14 +1,14 @@
 """Reference data from llama.cpp (llama-cpp-python) on the GGUF: token ids and teacher-forced next tokens.
 
   python scripts/llamacpp_reference.py tokens MODEL.gguf > tests/fixtures/tokenizer_llamacpp.json
-  python scripts/llamacpp_reference.py agreement MODEL.gguf MODEL_DIR [TEXT_FILE]
+  python scripts/llamacpp_reference.py agreement MODEL.gguf ORACLE_DIR [TEXT_FILE]
   python scripts/llamacpp_reference.py logits MODEL.gguf... > tests/fixtures/tiny_llamacpp_logits.json
   python scripts/llamacpp_reference.py engine MODEL.gguf [TEXT_FILE] [--model-dir DIR]
 
-`agreement` feeds held-out text to llama.cpp and to every ONNX variant (ONNX Runtime, whole prompt)
-and reports the share of positions where both pick the same next token, and each one's perplexity.
-The variants other than model.onnx are found as scripts/model_variants.py says (scripts/setup keeps
-them in .cache/model-variants/<name>/).
+`agreement` feeds held-out text to llama.cpp and to every layout scripts/slmconv wrote in ORACLE_DIR
+(ONNX Runtime, whole prompt; for the default model .cache/model-variants/smollm2-135m-instruct, which
+scripts/model_variants.py makes) and reports the share of positions where both pick the same next
+token, and each one's perplexity.
 
 `engine` holds our engine (`slm logits`, the GGUF converted as `slm` converts it) to llama.cpp on the
 same file, as issue 14 measures faithfulness: next-token agreement teacher-forced over the first 500
@@ -111,7 +111,6 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
     from tokenizers import Tokenizer
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
-    from model_variants import variant_path
     from slmconv.ort_eval import OrtModel, perplexity
 
     ids = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")).encode(
@@ -124,7 +123,7 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
     report = {"tokens": len(ids), "llama.cpp": {"perplexity": perplexity(ref, ids)}}
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     for layout, file in cfg["edge_slm"]["variants"].items():
-        logits = OrtModel(model_dir, str(variant_path(model_dir, file)), all_logits=True).prompt_logits(ids)
+        logits = OrtModel(model_dir, os.path.join(model_dir, file), all_logits=True).prompt_logits(ids)
         report[layout] = {
             "file": file,
             "agreement_with_llama_cpp": float((logits.argmax(-1) == ref.argmax(-1)).mean()),

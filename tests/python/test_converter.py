@@ -21,8 +21,8 @@ VARIANTS = ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]
 def test_default_model_directory(model_dir):
     for f in FILES:
         assert (model_dir / f).is_file(), f
-    # The other layouts are kept out of models/ (scripts/setup moves them), so that what mounts
-    # models/ (Spin copies it at every start) gets only what slm reads.
+    # The other layouts (the oracle's, scripts/model_variants.py) are kept out of models/, so that
+    # what mounts models/ (Spin copies it at every start) gets only what slm reads.
     assert not sorted(model_dir.glob("model_*.onnx"))
     for f in VARIANTS:
         assert (variants_dir(model_dir) / f).is_file(), f

@@ -1,6 +1,8 @@
 """Every weight layout runs in ONNX Runtime with a KV cache, and the default stays faithful to f32,
 in ONNX Runtime and through our own engine (`slm logits`, whose Q4_1 kernels round activations
-to 8 bits per block of 32).
+to 8 bits per block of 32). The layouts are the oracle's (scripts/slmconv, in
+.cache/model-variants/: scripts/model_variants.py), in standard ONNX operators; `slm logits` runs the
+default model as `slm convert` wrote it.
 
 Measured on tests/fixtures/heldout.txt (first 300 tokens), ONNX Runtime 1.32, token by token:
   layout                 perplexity vs f32   next-token agreement with f32
@@ -17,7 +19,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from model_variants import variant_path
+from model_variants import variants_dir
 from slmconv.ort_eval import OrtModel, log_softmax, perplexity
 
 N_TOKENS = 300
@@ -33,15 +35,26 @@ def ids(heldout_ids):
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, ids):
+def oracle(model_dir):
+    """slmconv's directory of the default model: every layout."""
+    d = variants_dir(model_dir)
+    assert (d / "config.json").is_file(), f"{d} missing: scripts/test writes it (scripts/model_variants.py make)"
+    return d
+
+
+def variants(oracle) -> dict[str, str]:
+    return json.loads((oracle / "config.json").read_text())["edge_slm"]["variants"]
+
+
+@pytest.fixture(scope="module")
+def runs(oracle, ids):
     """Per layout: logits of the whole prompt in one call, and of the same tokens fed one at a time."""
-    variants = json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"]
     out = {}
-    for layout, file in variants.items():
-        path = variant_path(model_dir, file)  # model.onnx here, the others in .cache/model-variants/
-        assert path.is_file(), f"{path} missing: run scripts/setup"
-        whole = OrtModel(str(model_dir), str(path), all_logits=True).prompt_logits(ids)
-        stepwise = OrtModel(str(model_dir), str(path)).stepwise_logits(ids)
+    for layout, file in variants(oracle).items():
+        path = oracle / file
+        assert path.is_file(), f"{path} missing: scripts/test writes it (scripts/model_variants.py make)"
+        whole = OrtModel(str(oracle), str(path), all_logits=True).prompt_logits(ids)
+        stepwise = OrtModel(str(oracle), str(path)).stepwise_logits(ids)
         out[layout] = (whole, stepwise)
     return out
 
@@ -51,13 +64,12 @@ def test_variants_present(runs):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_prefill_matches_token_by_token(runs, model_dir, ids, layout):
+def test_prefill_matches_token_by_token(runs, oracle, ids, layout):
     whole, stepwise = runs[layout]
     assert (whole.argmax(-1) == stepwise.argmax(-1)).all()
     np.testing.assert_allclose(whole, stepwise, atol=2e-2)
     # The shipped file (last-position logits) after a whole prompt predicts the same next token.
-    file = json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"][layout]
-    last = OrtModel(str(model_dir), str(variant_path(model_dir, file))).prompt_logits(ids[:64])
+    last = OrtModel(str(oracle), str(oracle / variants(oracle)[layout])).prompt_logits(ids[:64])
     assert last.shape[0] == 1 and last[0].argmax() == stepwise[63].argmax()
 
 
@@ -69,8 +81,8 @@ def test_next_token_agreement_with_f32(runs, layout):
 
 
 @pytest.mark.parametrize("mode", [0, 1], ids=["whole-prompt", "token-by-token"])
-def test_default_layout_is_faithful(runs, model_dir, ids, mode):
-    assert json.loads((model_dir / "config.json").read_text())["edge_slm"]["variants"]["q4_1"] == "model.onnx"
+def test_default_layout_is_faithful(runs, oracle, ids, mode):
+    assert variants(oracle)["q4_1"] == "model.onnx"
     ref = perplexity(runs["f32"][mode], ids)
     for layout in ("q4_1", "int8"):
         assert perplexity(runs[layout][mode], ids) <= FAITHFUL * ref, layout

@@ -206,38 +206,42 @@ def test_direct_mounts_are_allowed():
         assert (ROOT / mount["source"]).is_dir()
 
 
-def test_setup_moves_the_other_layouts_out_of_models(tmp_path, monkeypatch):
-    """scripts/setup runs `model_variants.py move` after converting: the other layouts leave the
-    model directory (moved, not rewritten), and `variant_path` finds every layout."""
+def test_setup_converts_with_the_host_and_the_oracle_writes_the_other_layouts(tmp_path, monkeypatch):
+    """scripts/setup converts the default model with `slm convert` (model.onnx only, in models/);
+    scripts/test has slmconv, the oracle, write the other layouts outside models/, where
+    `variant_path` finds them."""
     setup = (ROOT / "scripts" / "setup").read_text(encoding="utf-8")
-    convert = setup.index('-m slmconv gguf "$GGUF" "$MODEL_DIR"')
-    assert setup.index('scripts/model_variants.py move "$MODEL_DIR"') > convert
-    assert 'scripts/model_variants.py check "$MODEL_DIR"' in setup[:convert]
+    assert 'target/release/slm convert "$GGUF" --output "$MODEL_DIR"' in setup
+    assert setup.index("scripts/build-all") < setup.index("target/release/slm convert")
+    assert "-m slmconv" not in setup and "model_variants.py make" not in setup
+    test = (ROOT / "scripts" / "test").read_text(encoding="utf-8")
+    assert 'scripts/model_variants.py make models/smollm2-135m-instruct "$GGUF"' in test
+    assert test.index("model_variants.py make") < test.index("pytest")
 
     monkeypatch.setattr(model_variants, "VARIANTS_ROOT", tmp_path / "cache")
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"edge_slm": {"variants": {"q4_1": "model.onnx"}}}))
+    (model / "model.onnx").write_text("slm convert's")
+    assert model_variants.missing(model) == ["config.json"]  # the oracle has not written them yet
+    oracle = tmp_path / "cache" / "m"
+    oracle.mkdir(parents=True)
     files = {"f32": "model_f32.onnx", "int8": "model_int8.onnx", "q4": "model_q4.onnx", "q4_1": "model.onnx"}
-    (model / "config.json").write_text(json.dumps({"edge_slm": {"variants": files}}))
+    (oracle / "config.json").write_text(json.dumps({"edge_slm": {"variants": files}}))
     for f in files.values():
-        (model / f).write_text(f)
-    inode = (model / "model_f32.onnx").stat().st_ino
+        (oracle / f).write_text(f)
     assert model_variants.missing(model) == []
-    assert model_variants.move(model, log=lambda m: None) == ["model_f32.onnx", "model_int8.onnx", "model_q4.onnx"]
-    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.onnx"]
-    assert (tmp_path / "cache" / "m" / "model_f32.onnx").stat().st_ino == inode
     assert model_variants.variant_path(model, "model.onnx") == model / "model.onnx"
-    assert model_variants.variant_path(model, "model_q4.onnx") == tmp_path / "cache" / "m" / "model_q4.onnx"
-    assert model_variants.missing(model) == [] and model_variants.move(model, log=lambda m: None) == []
-    (tmp_path / "cache" / "m" / "model_int8.onnx").unlink()
-    assert model_variants.missing(model) == ["model_int8.onnx"]  # setup then converts again
+    assert model_variants.variant_path(model, "model_q4.onnx") == oracle / "model_q4.onnx"
+    (oracle / "model_int8.onnx").unlink()
+    assert model_variants.missing(model) == ["model_int8.onnx"]  # `make` then converts again
 
 
-def test_check_command_exit_status(tmp_path):
+def test_variants_command_exit_status(tmp_path):
     script = ROOT / "scripts" / "model_variants.py"
     run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True)  # noqa: E731
     assert run("check", str(tmp_path / "none")).returncode == 1
-    assert run("move", str(tmp_path / "none")).returncode == 0
+    assert run("make", str(tmp_path / "none")).returncode == 2  # no GGUF named
     assert run("nonsense", str(tmp_path)).returncode == 2
 
 

@@ -1,6 +1,6 @@
-//! The Rust converter writes the graph scripts/slmconv wrote for the default model
-//! (models/smollm2-135m-instruct/model.onnx, made by scripts/setup): the same nodes, inputs,
-//! outputs and initializers, byte for byte.
+//! The Rust converter writes the graph scripts/slmconv, its oracle, wrote for the default model
+//! (.cache/model-variants/smollm2-135m-instruct/, made by scripts/test with
+//! scripts/model_variants.py): the same nodes, inputs, outputs and initializers, byte for byte.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +11,11 @@ use slm_gguf::Gguf;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The default model as slmconv wrote it.
+fn oracle_dir() -> PathBuf {
+    root().join(".cache/model-variants/smollm2-135m-instruct")
 }
 
 fn default_gguf() -> Gguf {
@@ -30,8 +35,8 @@ fn default_gguf() -> Gguf {
 #[test]
 fn the_default_model_converts_to_the_graph_slmconv_wrote() {
     let ours = onnx_model_in(&default_gguf(), TableLayout::Int8Rows).unwrap();
-    let bytes = std::fs::read(root().join("models/smollm2-135m-instruct/model.onnx"))
-        .expect("scripts/setup converts the default model");
+    let bytes = std::fs::read(oracle_dir().join("model.onnx"))
+        .expect("scripts/test has slmconv convert the default model (scripts/model_variants.py make)");
     let theirs = pb::ModelProto::decode(&bytes[..]).unwrap();
 
     assert_eq!(
@@ -90,7 +95,7 @@ fn the_model_directory_holds_what_the_runtime_reads() {
         .collect();
     assert_eq!(leftovers, ["smollm2"]);
 
-    let converted = root().join("models/smollm2-135m-instruct");
+    let converted = oracle_dir();
     for name in [
         "tokenizer.json",
         "tokenizer_config.json",

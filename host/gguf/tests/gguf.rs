@@ -159,16 +159,17 @@ fn the_default_model_file_reads_whole() {
     }
 }
 
-/// The tokenizer files equal the ones the Python converter wrote for the default model
-/// (scripts/setup), whose tokenization tests/python checks against llama.cpp.
+/// The tokenizer files equal the ones the Python converter, the oracle, wrote for the default
+/// model (scripts/test, scripts/model_variants.py), whose tokenization tests/python checks against
+/// llama.cpp.
 #[test]
 fn the_default_models_tokenizer_files_equal_the_converters() {
     let file = default_model();
     let vocabulary = Vocabulary::read(&file).unwrap();
-    let converted = root().join("models/smollm2-135m-instruct");
+    let converted = root().join(".cache/model-variants/smollm2-135m-instruct");
     let read = |name: &str| -> serde_json::Value {
         let text = std::fs::read_to_string(converted.join(name))
-            .expect("scripts/setup converts the default model");
+            .expect("scripts/test has slmconv convert the default model (scripts/model_variants.py make)");
         serde_json::from_str(&text).unwrap()
     };
     assert_eq!(vocabulary.tokenizer_json().unwrap(), read("tokenizer.json"));

@@ -16,6 +16,7 @@ pub mod sampler;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+mod tokenizer_file;
 pub mod tools;
 
 #[cfg(target_arch = "wasm32")]

@@ -7,7 +7,7 @@ use std::cell::OnceCell;
 use std::ops::Range;
 
 use serde_json::Value as Json;
-use tokenizers::ModelWrapper;
+use tokenizers::{Model, ModelWrapper};
 
 use crate::detok::Decode;
 use crate::error::{Error, Result};
@@ -71,7 +71,7 @@ fn model_error(e: impl std::fmt::Display) -> Error {
 
 impl Tokenizer {
     pub fn from_bytes(json: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json)
+        let inner = crate::tokenizer_file::read(json)
             .map_err(|e| Error::model(format!("tokenizer.json: {e}")))?;
         let mut special: Vec<u32> = inner
             .get_added_tokens_decoder()
@@ -357,14 +357,16 @@ fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
     let ModelWrapper::BPE(bpe) = t.get_model() else {
         return None;
     };
-    let vocab = t.get_vocab(false);
+    // The model's vocabulary, read in place (a copy of a 262k-token vocabulary would stay in a
+    // wasm32 memory as its high-water mark).
+    let model = t.get_model();
+    let in_vocab = |token: &str| model.token_to_id(token).is_some();
     // Every character must become some token, not be fused with others. BPE drops a
     // character it has no token for when there is neither byte fallback nor an unknown token:
     // with ByteLevel (characters are bytes) and no normalizer, such bytes are not counted.
     let mut dropped = [false; 256];
     let unk_per_char = bpe.unk_token.is_some() && !bpe.fuse_unk;
-    let byte_fallback =
-        bpe.byte_fallback && (0..=255u8).all(|b| vocab.contains_key(&format!("<0x{b:02X}>")));
+    let byte_fallback = bpe.byte_fallback && (0..=255u8).all(|b| in_vocab(&format!("<0x{b:02X}>")));
     if !unk_per_char && !byte_fallback {
         let plain_chars =
             bpe.continuing_subword_prefix.is_none() && bpe.end_of_word_suffix.is_none();
@@ -372,23 +374,32 @@ fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
             return None;
         }
         for b in 0..=255u8 {
-            dropped[b as usize] = !vocab.contains_key(&byte_level_char(b));
+            dropped[b as usize] = !in_vocab(&byte_level_char(b));
         }
         if dropped.contains(&true) && !normalizer.is_null() {
             return None;
         }
     }
-    let mut longest = vocab
-        .keys()
-        .map(|s| {
-            if byte_level {
-                s.chars().count()
-            } else {
-                s.len()
-            }
-        })
-        .max()
-        .unwrap_or(0);
+    let width = |s: &str| {
+        if byte_level {
+            s.chars().count()
+        } else {
+            s.len()
+        }
+    };
+    // Ids are 0..size unless the file left holes; then its entries are read from a copy.
+    let size = model.get_vocab_size();
+    let (found, mut longest) = (0..size as u32)
+        .filter_map(|id| model.id_to_token(id))
+        .fold((0, 0), |(n, w), s| (n + 1, w.max(width(&s))));
+    if found != size {
+        longest = model
+            .get_vocab()
+            .keys()
+            .map(|s| width(s))
+            .max()
+            .unwrap_or(0);
+    }
     if unk_per_char {
         longest = longest.max(4); // one unknown character
     }

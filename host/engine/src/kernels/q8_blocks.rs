@@ -52,24 +52,30 @@ impl std::fmt::Debug for Q8Blocks {
 impl Q8Blocks {
     /// From `rows` `[N][K]` of int8 values (as bytes, two's complement) in -127..=127 (the AVX2
     /// kernel negates weights; no GGUF type stores -128) and `scale` `[N][K/16]`.
-    pub fn from_rows(k: usize, n: usize, rows: &[u8], scale: &[f32]) -> Result<Q8Blocks, String> {
+    pub fn from_rows(k: usize, n: usize, rows: Vec<u8>, scale: &[f32]) -> Result<Q8Blocks, String> {
         Self::pack(k, n, rows, scale, 0x80)
     }
 
     /// From `biased` `[N][K]` values stored as `q + 128` (8-bit `MatMulNBits`' bytes with its
-    /// default zero point), packed straight from them: a 262k-row table is not copied first.
+    /// default zero point).
     pub fn from_biased(
         k: usize,
         n: usize,
-        biased: &[u8],
+        biased: Vec<u8>,
         scale: &[f32],
     ) -> Result<Q8Blocks, String> {
         Self::pack(k, n, biased, scale, 0)
     }
 
-    /// Packs `bytes ^ flip`, which is `q + 128` (the panels' form); `flip` is 0x80 for two's
-    /// complement input, 0 for biased input.
-    fn pack(k: usize, n: usize, bytes: &[u8], scale: &[f32], flip: u8) -> Result<Q8Blocks, String> {
+    /// Whether `bytes` can be packed by [`Q8Blocks::from_rows`] (`biased` false) or
+    /// [`Q8Blocks::from_biased`] (true): checked before a caller gives its bytes away.
+    pub fn check(
+        k: usize,
+        n: usize,
+        bytes: &[u8],
+        scale: &[f32],
+        biased: bool,
+    ) -> Result<(), String> {
         if k == 0
             || n == 0
             || k % QBLOCK != 0
@@ -83,20 +89,44 @@ impl Q8Blocks {
             ));
         }
         // q = -128 is `q + 128` = 0.
-        if bytes.contains(&flip) {
+        if bytes.contains(&if biased { 0 } else { 0x80 }) {
             return Err("int8 block weight with a value of -128 (the range is -127..=127)".into());
         }
+        Ok(())
+    }
+
+    /// Packs `bytes ^ flip`, which is `q + 128` (the panels' form); `flip` is 0x80 for two's
+    /// complement input, 0 for biased input. In place: a panel's 32 columns are 32 consecutive
+    /// rows of `bytes` and fill the same number of bytes, so each panel is rearranged within its
+    /// own bytes, and a 262k-row table is never held twice while it loads.
+    fn pack(
+        k: usize,
+        n: usize,
+        mut bytes: Vec<u8>,
+        scale: &[f32],
+        flip: u8,
+    ) -> Result<Q8Blocks, String> {
+        Self::check(k, n, &bytes, scale, flip == 0)?;
         let (panels, halves) = (n.div_ceil(Q8B_PANEL), k / HALF);
-        let mut q = vec![0x80u8; panels * Q8B_PANEL * k];
+        // Padding columns hold q = 0.
+        bytes.resize(panels * Q8B_PANEL * k, 0x80 ^ flip);
+        let flip4 = u32::from_ne_bytes([flip; 4]);
+        let mut rows = vec![0u8; Q8B_PANEL * k];
+        for panel in bytes.chunks_exact_mut(Q8B_PANEL * k) {
+            rows.copy_from_slice(panel);
+            for (j, row) in rows.chunks_exact(k).enumerate() {
+                // 4 consecutive K values of a column are 4 consecutive bytes in a panel.
+                for (g, four) in row.chunks_exact(4).enumerate() {
+                    let (b, r) = (4 * g / QBLOCK, 4 * g % QBLOCK);
+                    let at = b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4;
+                    let v = u32::from_ne_bytes(four.try_into().unwrap()) ^ flip4;
+                    panel[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+                }
+            }
+        }
         let mut s = vec![0f32; panels * halves * Q8B_PANEL];
         for c in 0..n {
             let (p, j) = (c / Q8B_PANEL, c % Q8B_PANEL);
-            let panel = &mut q[p * Q8B_PANEL * k..];
-            for kk in 0..k {
-                let (b, r) = (kk / QBLOCK, kk % QBLOCK);
-                panel[b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4] =
-                    bytes[c * k + kk] ^ flip;
-            }
             for h in 0..halves {
                 s[(p * halves + h) * Q8B_PANEL + j] = scale[c * halves + h];
             }
@@ -104,7 +134,7 @@ impl Q8Blocks {
         Ok(Q8Blocks {
             k,
             n,
-            q,
+            q: bytes,
             scale: s,
             activations: Activations::default(),
             offsets: None,
@@ -478,7 +508,7 @@ mod tests {
         let scale: Vec<f32> = (0..n * k / HALF)
             .map(|_| (0.001 + g.f32().abs() * 0.01) * if g.next() % 2 == 0 { 1.0 } else { -1.0 })
             .collect();
-        let w = Q8Blocks::from_rows(k, n, &rows, &scale).unwrap();
+        let w = Q8Blocks::from_rows(k, n, rows.clone(), &scale).unwrap();
         (rows, scale, w)
     }
 
@@ -560,7 +590,7 @@ mod tests {
                 .map(|_| 0.001 + g.f32().abs() * 0.01)
                 .collect();
             let offset: Vec<f32> = (0..n * k / per).map(|_| g.f32() * 0.1).collect();
-            let w = Q8Blocks::from_rows(k, n, &rows, &scale)
+            let w = Q8Blocks::from_rows(k, n, rows.clone(), &scale)
                 .unwrap()
                 .with_offsets(per, &offset)
                 .unwrap()
@@ -621,9 +651,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes() {
-        assert!(Q8Blocks::from_rows(48, 1, &[0; 48], &[1.0; 3]).is_err());
-        assert!(Q8Blocks::from_rows(32, 1, &[0; 32], &[1.0; 1]).is_err());
-        assert!(Q8Blocks::from_rows(32, 1, &[0; 31], &[1.0; 2]).is_err());
-        assert!(Q8Blocks::from_rows(32, 1, &[0x80; 32], &[1.0; 2]).is_err());
+        assert!(Q8Blocks::from_rows(48, 1, vec![0; 48], &[1.0; 3]).is_err());
+        assert!(Q8Blocks::from_rows(32, 1, vec![0; 32], &[1.0; 1]).is_err());
+        assert!(Q8Blocks::from_rows(32, 1, vec![0; 31], &[1.0; 2]).is_err());
+        assert!(Q8Blocks::from_rows(32, 1, vec![0x80; 32], &[1.0; 2]).is_err());
     }
 }

@@ -196,19 +196,38 @@ pub(crate) fn nbits<'a>(
     })
 }
 
-/// The packed weight of `node`, when [`nbits`] reads it: 8-bit blocks by [`q8_weight`]; 4-bit
-/// blocks as `d * q + m`, `d` the scale and `m` the offset, held as float16 where that is exact
-/// (Q4_0, Q4_1), else as f32 (Q4_K). A `MatMulNBits`' offset is `-zero * scale`, which a
-/// float16 export's zero point (`-m / d`) gives to within f32 rounding: rounded back to the
-/// float16 `m` when all are that close (that is how a Q4_1 file's offsets come back exactly),
-/// else kept as computed.
+/// What [`nbits`] reads `node` as: a packed 4-bit weight, or an 8-bit weight's [`Q8Plan`], which
+/// packs the bytes it is then given (in place: the stream hands over the file's bytes).
+enum Weight {
+    Packed(Packed),
+    Q8(Q8Plan),
+}
+
+/// The packed weight of `node`, when [`nbits`] reads it: 8-bit blocks by [`Q8Plan`] (from a
+/// copy of the initializer's bytes); 4-bit as [`weight_of`] says.
 fn packed_weight<'a>(
     node: &pb::NodeProto,
     init: impl Fn(&str) -> Option<&'a pb::TensorProto>,
 ) -> Option<Packed> {
+    match weight_of(node, &init)? {
+        Weight::Packed(w) => Some(w),
+        Weight::Q8(plan) => plan.pack(init(&node.input[1])?.raw_data.clone()),
+    }
+}
+
+/// [`Weight`] of `node`: 8-bit blocks planned by [`Q8Plan::new`]; 4-bit blocks as `d * q + m`,
+/// `d` the scale and `m` the offset, held as float16 where that is exact
+/// (Q4_0, Q4_1), else as f32 (Q4_K). A `MatMulNBits`' offset is `-zero * scale`, which a
+/// float16 export's zero point (`-m / d`) gives to within f32 rounding: rounded back to the
+/// float16 `m` when all are that close (that is how a Q4_1 file's offsets come back exactly),
+/// else kept as computed.
+fn weight_of<'a>(
+    node: &pb::NodeProto,
+    init: impl Fn(&str) -> Option<&'a pb::TensorProto>,
+) -> Option<Weight> {
     let w = nbits(node, init)?;
     if w.bits == 8 {
-        return q8_weight(&w);
+        return Q8Plan::new(w).map(Weight::Q8);
     }
     let (m, close): (Vec<f32>, f32) = match &w.shift {
         Shift::Offset(offset) => (offset.clone(), 0.0),
@@ -244,10 +263,14 @@ fn packed_weight<'a>(
                     m.iter().map(|h| h.to_f32()).collect(),
                 );
                 let packed = Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()?;
-                return Some(Packed::Q4F32(Arc::new(packed.with_activations(how))));
+                return Some(Weight::Packed(Packed::Q4F32(Arc::new(
+                    packed.with_activations(how),
+                ))));
             }
             let packed = Q4Weights::from_nbits(w.k, w.n, w.raw, &d, &m).ok()?;
-            Some(Packed::Q4_1(Arc::new(packed.with_activations(how))))
+            Some(Weight::Packed(Packed::Q4_1(Arc::new(
+                packed.with_activations(how),
+            ))))
         }
         _ => {
             let how = match w.shift {
@@ -255,42 +278,78 @@ fn packed_weight<'a>(
                 Shift::Zero(_) => Activations::F32Scale,
             };
             let packed = Q4Weights::from_nbits(w.k, w.n, w.raw, &w.scale, &m).ok()?;
-            Some(Packed::Q4F32(Arc::new(packed.with_activations(how))))
+            Some(Weight::Packed(Packed::Q4F32(Arc::new(
+                packed.with_activations(how),
+            ))))
         }
     }
 }
 
-/// An 8-bit `MatMulNBits` whose zero points are all 128 (int8 blocks, `scale * (q - 128)`) or
-/// a [`MATMUL_Q8_OFFSET`] whose values are all below 128 (`scale * q + offset`).
-fn q8_weight(w: &NBits) -> Option<Packed> {
-    let biased = match &w.shift {
-        Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => true,
-        Shift::Offset(_) if w.raw.iter().all(|&q| q < 128) => false,
-        _ => return None,
-    };
-    // One scale per 16 values: a block of 32's, twice.
-    let scale: Vec<f32> = w
-        .scale
-        .iter()
-        .flat_map(|&s| std::iter::repeat_n(s, w.block / HALF))
-        .collect();
-    // Blocks of 32 are Q8_0 and Q5_0 (llama.cpp rounds their activations as Q8_0), blocks of 16
-    // Q6_K (as Q8_K).
-    // With offsets, blocks of 32 are Q5_1 (Q8_1), of 16 Q5_K and Q2_K (Q8_K).
-    let how = match (w.block, &w.shift) {
-        (HALF, _) => Activations::Q8K,
-        (_, Shift::Offset(_)) => Activations::Q8_1,
-        _ => Activations::Q8_0,
-    };
-    let mut packed = match biased {
-        true => Q8Blocks::from_biased(w.k, w.n, w.raw, &scale),
-        false => Q8Blocks::from_rows(w.k, w.n, w.raw, &scale),
+/// How an 8-bit `MatMulNBits` whose zero points are all 128 (int8 blocks, `scale * (q - 128)`)
+/// or a [`MATMUL_Q8_OFFSET`] whose values are all below 128 (`scale * q + offset`) is packed:
+/// everything but its bytes, which were checked and are given to [`Q8Plan::pack`].
+struct Q8Plan {
+    k: usize,
+    n: usize,
+    /// Bytes stored as `q + 128` (else two's complement).
+    biased: bool,
+    /// One scale per 16 values.
+    scale: Vec<f32>,
+    /// Offsets per `block` values.
+    offsets: Option<(usize, Vec<f32>)>,
+    activations: Activations,
+}
+
+impl Q8Plan {
+    fn new(w: NBits) -> Option<Q8Plan> {
+        let biased = match &w.shift {
+            Shift::Zero(zero) if zero.iter().all(|&z| z == 128.0) => true,
+            Shift::Offset(_) if w.raw.iter().all(|&q| q < 128) => false,
+            _ => return None,
+        };
+        // One scale per 16 values: a block of 32's, twice.
+        let scale: Vec<f32> = w
+            .scale
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, w.block / HALF))
+            .collect();
+        Q8Blocks::check(w.k, w.n, w.raw, &scale, biased).ok()?;
+        // Blocks of 32 are Q8_0 and Q5_0 (llama.cpp rounds their activations as Q8_0), blocks
+        // of 16 Q6_K (as Q8_K).
+        // With offsets, blocks of 32 are Q5_1 (Q8_1), of 16 Q5_K and Q2_K (Q8_K).
+        let activations = match (w.block, &w.shift) {
+            (HALF, _) => Activations::Q8K,
+            (_, Shift::Offset(_)) => Activations::Q8_1,
+            _ => Activations::Q8_0,
+        };
+        let offsets = match w.shift {
+            Shift::Offset(offset) => Some((w.block, offset)),
+            Shift::Zero(_) => None,
+        };
+        Some(Q8Plan {
+            k: w.k,
+            n: w.n,
+            biased,
+            scale,
+            offsets,
+            activations,
+        })
     }
-    .ok()?;
-    if let Shift::Offset(offset) = &w.shift {
-        packed = packed.with_offsets(w.block, offset).ok()?;
+
+    /// The packed weight, from the bytes [`Q8Plan::new`] checked (`raw`, taken over).
+    fn pack(self, raw: Vec<u8>) -> Option<Packed> {
+        let mut packed = match self.biased {
+            true => Q8Blocks::from_biased(self.k, self.n, raw, &self.scale),
+            false => Q8Blocks::from_rows(self.k, self.n, raw, &self.scale),
+        }
+        .ok()?;
+        if let Some((per, offset)) = &self.offsets {
+            packed = packed.with_offsets(*per, offset).ok()?;
+        }
+        Some(Packed::Q8Blocks(Arc::new(
+            packed.with_activations(self.activations),
+        )))
     }
-    Some(Packed::Q8Blocks(Arc::new(packed.with_activations(how))))
 }
 
 /// A `MatMulNBits` or one of our offset products.
@@ -402,9 +461,23 @@ impl Initializers for NBitsStream {
         if cand.held.len() < cand.needed {
             return;
         }
-        let inits: HashMap<&str, &pb::TensorProto> =
-            cand.held.iter().map(|t| (t.name.as_str(), t)).collect();
-        match packed_weight(&cand.node, |name| inits.get(name).copied()) {
+        let weight = {
+            let inits: HashMap<&str, &pb::TensorProto> =
+                cand.held.iter().map(|t| (t.name.as_str(), t)).collect();
+            weight_of(&cand.node, |name| inits.get(name).copied())
+        };
+        let packed = match weight {
+            Some(Weight::Packed(w)) => Some(w),
+            // The bytes decoded from the file become the packed weight's: a 262k-row table
+            // is not held twice (once as read, once packed).
+            Some(Weight::Q8(plan)) => cand
+                .held
+                .iter_mut()
+                .find(|t| t.name == cand.node.input[1])
+                .and_then(|b| plan.pack(std::mem::take(&mut b.raw_data))),
+            None => None,
+        };
+        match packed {
             Some(w) => {
                 self.packed.insert(cand.node.output[0].clone(), w);
                 cand.held.clear();

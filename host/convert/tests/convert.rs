@@ -35,8 +35,9 @@ fn default_gguf() -> Gguf {
 #[test]
 fn the_default_model_converts_to_the_graph_slmconv_wrote() {
     let ours = onnx_model_in(&default_gguf(), TableLayout::Int8Rows).unwrap();
-    let bytes = std::fs::read(oracle_dir().join("model.onnx"))
-        .expect("scripts/test has slmconv convert the default model (scripts/model_variants.py make)");
+    let bytes = std::fs::read(oracle_dir().join("model.onnx")).expect(
+        "scripts/test has slmconv convert the default model (scripts/model_variants.py make)",
+    );
     let theirs = pb::ModelProto::decode(&bytes[..]).unwrap();
 
     assert_eq!(

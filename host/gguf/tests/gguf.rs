@@ -168,8 +168,9 @@ fn the_default_models_tokenizer_files_equal_the_converters() {
     let vocabulary = Vocabulary::read(&file).unwrap();
     let converted = root().join(".cache/model-variants/smollm2-135m-instruct");
     let read = |name: &str| -> serde_json::Value {
-        let text = std::fs::read_to_string(converted.join(name))
-            .expect("scripts/test has slmconv convert the default model (scripts/model_variants.py make)");
+        let text = std::fs::read_to_string(converted.join(name)).expect(
+            "scripts/test has slmconv convert the default model (scripts/model_variants.py make)",
+        );
         serde_json::from_str(&text).unwrap()
     };
     assert_eq!(vocabulary.tokenizer_json().unwrap(), read("tokenizer.json"));

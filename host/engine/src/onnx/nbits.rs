@@ -293,8 +293,9 @@ struct Q8Plan {
     n: usize,
     /// Bytes stored as `q + 128` (else two's complement).
     biased: bool,
-    /// One scale per 16 values.
+    /// One scale per `per` values (16 or 32: the file's blocks).
     scale: Vec<f32>,
+    per: usize,
     /// Offsets per `block` values.
     offsets: Option<(usize, Vec<f32>)>,
     activations: Activations,
@@ -307,13 +308,7 @@ impl Q8Plan {
             Shift::Offset(_) if w.raw.iter().all(|&q| q < 128) => false,
             _ => return None,
         };
-        // One scale per 16 values: a block of 32's, twice.
-        let scale: Vec<f32> = w
-            .scale
-            .iter()
-            .flat_map(|&s| std::iter::repeat_n(s, w.block / HALF))
-            .collect();
-        Q8Blocks::check(w.k, w.n, w.raw, &scale, biased).ok()?;
+        Q8Blocks::check(w.k, w.n, w.raw, &w.scale, w.block, biased).ok()?;
         // Blocks of 32 are Q8_0 and Q5_0 (llama.cpp rounds their activations as Q8_0), blocks
         // of 16 Q6_K (as Q8_K).
         // With offsets, blocks of 32 are Q5_1 (Q8_1), of 16 Q5_K and Q2_K (Q8_K).
@@ -330,7 +325,8 @@ impl Q8Plan {
             k: w.k,
             n: w.n,
             biased,
-            scale,
+            scale: w.scale,
+            per: w.block,
             offsets,
             activations,
         })
@@ -339,8 +335,8 @@ impl Q8Plan {
     /// The packed weight, from the bytes [`Q8Plan::new`] checked (`raw`, taken over).
     fn pack(self, raw: Vec<u8>) -> Option<Packed> {
         let mut packed = match self.biased {
-            true => Q8Blocks::from_biased(self.k, self.n, raw, &self.scale),
-            false => Q8Blocks::from_rows(self.k, self.n, raw, &self.scale),
+            true => Q8Blocks::from_biased(self.k, self.n, raw, &self.scale, self.per),
+            false => Q8Blocks::from_rows(self.k, self.n, raw, &self.scale, self.per),
         }
         .ok()?;
         if let Some((per, offset)) = &self.offsets {

@@ -210,7 +210,7 @@ impl Model {
                 dir.join("tokenizer.json").display()
             ))
         })?;
-        let tokenizer = Tokenizer::from_bytes(&tok_bytes)?;
+        let tokenizer = Tokenizer::from_bytes(tok_bytes)?;
 
         let special = |key: &str| tok_config.get(key).and_then(token_str);
         let tokens = SpecialTokens {

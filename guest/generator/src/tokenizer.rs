@@ -70,7 +70,8 @@ fn model_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Tokenizer {
-    pub fn from_bytes(json: &[u8]) -> Result<Self> {
+    /// The tokenizer in `json` (a tokenizer.json file's bytes, freed once read).
+    pub fn from_bytes(json: Vec<u8>) -> Result<Self> {
         let inner = crate::tokenizer_file::read(json)
             .map_err(|e| Error::model(format!("tokenizer.json: {e}")))?;
         let mut special: Vec<u32> = inner
@@ -492,7 +493,7 @@ pub(crate) mod tests {
 
     #[test]
     fn token_bytes_byte_level() {
-        let t = Tokenizer::from_bytes(byte_level_json().as_bytes()).unwrap();
+        let t = Tokenizer::from_bytes(byte_level_json().into_bytes()).unwrap();
         assert_eq!(t.token_bytes(0), b"a");
         assert_eq!(t.token_bytes(5), b" a");
         assert_eq!(t.token_bytes(3), [0xC3]);
@@ -516,7 +517,7 @@ pub(crate) mod tests {
                 "vocab": {"▁the": 0, "<0xE2>": 1, "x": 2}, "merges": []}
         })
         .to_string();
-        let t = Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        let t = Tokenizer::from_bytes(json.into_bytes()).unwrap();
         assert_eq!(t.token_bytes(0), b" the");
         assert_eq!(t.token_bytes(1), [0xE2]);
         assert_eq!(t.token_bytes(2), b"x");

@@ -36,8 +36,8 @@ pub struct Q8Blocks {
     /// By (panel, half-block, column), or (panel, block, column) when `per` is 32; padded
     /// columns 0.
     scale: Vec<f32>,
-    /// Values per scale along K: 16 or 32.
-    per: usize,
+    /// Scales per block of 32 along K: 2 (one per 16 values) or 1.
+    scales_per_block: usize,
     /// How its products round activations.
     activations: Activations,
     /// Per-block offsets, added after the kernels' integer products.
@@ -152,7 +152,7 @@ impl Q8Blocks {
             n,
             q: bytes,
             scale: s,
-            per,
+            scales_per_block: QBLOCK / per,
             activations: Activations::default(),
             offsets: None,
         })
@@ -176,8 +176,10 @@ impl Q8Blocks {
     /// Where the scales of panel `p`, block `b`, half `h` start (32 columns of them).
     #[inline(always)]
     fn scales_at(&self, p: usize, b: usize, h: usize) -> usize {
-        let per_block = QBLOCK / self.per;
-        (p * per_block * (self.k / QBLOCK) + per_block * b + h * (per_block - 1)) * Q8B_PANEL
+        match self.scales_per_block {
+            1 => scale_index::<1>(self.k / QBLOCK, p, b, h),
+            _ => scale_index::<2>(self.k / QBLOCK, p, b, h),
+        }
     }
 
     /// Output channel `c`'s K values, `s * q` (a tied embedding's row, exactly as the file's).
@@ -211,6 +213,14 @@ impl Q8Blocks {
             None => v,
         }
     }
+}
+
+/// [`Q8Blocks::scales_at`] for `SPB` scales per block of 32, `kb` blocks per panel column: the
+/// SIMD kernels take `SPB` as a constant (a run-time multiply per half-block cost a tenth of the
+/// decode of Gemma 3's LM head).
+#[inline(always)]
+fn scale_index<const SPB: usize>(kb: usize, p: usize, b: usize, h: usize) -> usize {
+    (p * SPB * kb + SPB * b + h * (SPB - 1)) * Q8B_PANEL
 }
 
 panel_kernels!(Q8Blocks, Q8B_PANEL, offsets);
@@ -273,11 +283,17 @@ mod wasm {
             for p in p0..p1 {
                 let mut row = 0;
                 while row + TILE <= m {
-                    tile::<TILE>(w, x, p, row, y);
+                    match w.scales_per_block {
+                        1 => tile::<TILE, 1>(w, x, p, row, y),
+                        _ => tile::<TILE, 2>(w, x, p, row, y),
+                    }
                     row += TILE;
                 }
                 while row < m {
-                    tile::<1>(w, x, p, row, y);
+                    match w.scales_per_block {
+                        1 => tile::<1, 1>(w, x, p, row, y),
+                        _ => tile::<1, 2>(w, x, p, row, y),
+                    }
                     row += 1;
                 }
             }
@@ -289,7 +305,7 @@ mod wasm {
     /// # Safety
     /// As `dispatch::PanelKernels`, for panel p < p1 and rows `row0 .. row0 + R` < m.
     #[inline(always)]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile<const R: usize, const SPB: usize>(
         w: &Q8Blocks,
         x: &QuantRows,
         p: usize,
@@ -313,7 +329,7 @@ mod wasm {
                     }
                 }
                 for h in 0..2 {
-                    let s = w.scale.as_ptr().add(w.scales_at(p, b, h));
+                    let s = w.scale.as_ptr().add(scale_index::<SPB>(kb, p, b, h));
                     for c4 in 0..Q8B_PANEL / 4 {
                         let mut acc = [[i32x4_splat(0); 2]; R];
                         for g in 4 * h..4 * h + 4 {
@@ -374,7 +390,12 @@ mod x86 {
         p1: usize,
     ) {
         // SAFETY: the caller's contract; this function has the features `Vnni` needs.
-        unsafe { panels::<Vnni, 4>(w, x, m, y, p0, p1) }
+        unsafe {
+            match w.scales_per_block {
+                1 => panels::<Vnni, 4, 1>(w, x, m, y, p0, p1),
+                _ => panels::<Vnni, 4, 2>(w, x, m, y, p0, p1),
+            }
+        }
     }
 
     /// # Safety
@@ -390,13 +411,18 @@ mod x86 {
     ) {
         // 16 vector registers: 4 rows x 16 columns of accumulators at a time.
         // SAFETY: the caller's contract; this function has the features `Avx2` needs.
-        unsafe { panels::<Avx2, 2>(w, x, m, y, p0, p1) }
+        unsafe {
+            match w.scales_per_block {
+                1 => panels::<Avx2, 2, 1>(w, x, m, y, p0, p1),
+                _ => panels::<Avx2, 2, 2>(w, x, m, y, p0, p1),
+            }
+        }
     }
 
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and what `D` needs.
     #[inline(always)]
-    unsafe fn panels<D: Dot8, const NV4: usize>(
+    unsafe fn panels<D: Dot8, const NV4: usize, const SPB: usize>(
         w: &Q8Blocks,
         x: &QuantRows,
         m: usize,
@@ -416,7 +442,7 @@ mod x86 {
                 let mut row = 0;
                 while row + 4 <= m {
                     for c in (0..Q8B_PANEL).step_by(8 * NV4) {
-                        tile::<D, 4, NV4>(w, p, c, x, row, o.add(c));
+                        tile::<D, 4, NV4, SPB>(w, p, c, x, row, o.add(c));
                     }
                     for r in 0..4 {
                         std::ptr::copy_nonoverlapping(
@@ -428,7 +454,7 @@ mod x86 {
                     row += 4;
                 }
                 while row < m {
-                    tile::<D, 1, 4>(w, p, 0, x, row, o);
+                    tile::<D, 1, 4, SPB>(w, p, 0, x, row, o);
                     std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q8B_PANEL), cols);
                     row += 1;
                 }
@@ -443,7 +469,7 @@ mod x86 {
     /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `w`, `x` and
     /// `out`; the CPU has AVX2, FMA and what `D` needs.
     #[inline(always)]
-    unsafe fn tile<D: Dot8, const MR: usize, const NV: usize>(
+    unsafe fn tile<D: Dot8, const MR: usize, const NV: usize, const SPB: usize>(
         w: &Q8Blocks,
         p: usize,
         c: usize,
@@ -490,7 +516,7 @@ mod x86 {
                             );
                         }
                     }
-                    let s = w.scale.as_ptr().add(w.scales_at(p, b, h) + c);
+                    let s = w.scale.as_ptr().add(scale_index::<SPB>(kb, p, b, h) + c);
                     for v in 0..NV {
                         let sc = _mm256_loadu_ps(s.add(v * 8));
                         for r in 0..MR {

@@ -360,8 +360,7 @@ fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
     };
     // The model's vocabulary, read in place (a copy of a 262k-token vocabulary would stay in a
     // wasm32 memory as its high-water mark).
-    let model = t.get_model();
-    let in_vocab = |token: &str| model.token_to_id(token).is_some();
+    let in_vocab = |token: &str| bpe.token_to_id(token).is_some();
     // Every character must become some token, not be fused with others. BPE drops a
     // character it has no token for when there is neither byte fallback nor an unknown token:
     // with ByteLevel (characters are bytes) and no normalizer, such bytes are not counted.
@@ -389,17 +388,12 @@ fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
         }
     };
     // Ids are 0..size unless the file left holes; then its entries are read from a copy.
-    let size = model.get_vocab_size();
+    let size = bpe.get_vocab_size();
     let (found, mut longest) = (0..size as u32)
-        .filter_map(|id| model.id_to_token(id))
+        .filter_map(|id| bpe.id_to_token(id))
         .fold((0, 0), |(n, w), s| (n + 1, w.max(width(&s))));
     if found != size {
-        longest = model
-            .get_vocab()
-            .keys()
-            .map(|s| width(s))
-            .max()
-            .unwrap_or(0);
+        longest = bpe.get_vocab().keys().map(|s| width(s)).max().unwrap_or(0);
     }
     if unk_per_char {
         longest = longest.max(4); // one unknown character

@@ -55,33 +55,25 @@ impl std::fmt::Debug for Q8Blocks {
 }
 
 impl Q8Blocks {
-    /// From `rows` `[N][K]` of int8 values (as bytes, two's complement) in -127..=127 (the AVX2
-    /// kernel negates weights; no GGUF type stores -128) and `scale` `[N][K/per]`, `per` 16 or
-    /// 32.
-    pub fn from_rows(
+    /// From `rows` `[N][K]` of int8 values (as bytes, two's complement) and `scale` `[N][K/per]`
+    /// (tests; the loader checks, then packs with [`Q8Blocks::from_checked`]).
+    #[cfg(test)]
+    fn from_rows(
         k: usize,
         n: usize,
         rows: Vec<u8>,
         scale: &[f32],
         per: usize,
     ) -> Result<Q8Blocks, String> {
-        Self::pack(k, n, rows, scale, per, 0x80)
+        Self::check(k, n, &rows, scale, per, false)?;
+        Ok(Self::from_checked(k, n, rows, scale, per, false))
     }
 
-    /// From `biased` `[N][K]` values stored as `q + 128` (8-bit `MatMulNBits`' bytes with its
-    /// default zero point).
-    pub fn from_biased(
-        k: usize,
-        n: usize,
-        biased: Vec<u8>,
-        scale: &[f32],
-        per: usize,
-    ) -> Result<Q8Blocks, String> {
-        Self::pack(k, n, biased, scale, per, 0)
-    }
-
-    /// Whether `bytes` can be packed by [`Q8Blocks::from_rows`] (`biased` false) or
-    /// [`Q8Blocks::from_biased`] (true): checked before a caller gives its bytes away.
+    /// Whether `bytes` `[N][K]`, int8 values in -127..=127 (two's complement, or stored as
+    /// `q + 128` when `biased`: 8-bit `MatMulNBits`' bytes with its default zero point; the AVX2
+    /// kernel negates weights, and no GGUF type stores -128), and `scale` `[N][K/per]`, `per` 16
+    /// or 32, can be packed: checked before a caller gives its bytes to
+    /// [`Q8Blocks::from_checked`], so that it keeps them when they cannot be.
     pub fn check(
         k: usize,
         n: usize,
@@ -110,19 +102,19 @@ impl Q8Blocks {
         Ok(())
     }
 
-    /// Packs `bytes ^ flip`, which is `q + 128` (the panels' form); `flip` is 0x80 for two's
-    /// complement input, 0 for biased input. In place: a panel's 32 columns are 32 consecutive
-    /// rows of `bytes` and fill the same number of bytes, so each panel is rearranged within its
-    /// own bytes, and a 262k-row table is never held twice while it loads.
-    fn pack(
+    /// Packs `bytes` that [`Q8Blocks::check`] accepted (two's complement, or `q + 128` when
+    /// `biased`) into `q + 128`, the panels' form. In place: a panel's 32 columns are 32
+    /// consecutive rows of `bytes` and fill the same number of bytes, so each panel is
+    /// rearranged within its own bytes, and a 262k-row table is never held twice while it loads.
+    pub(crate) fn from_checked(
         k: usize,
         n: usize,
         mut bytes: Vec<u8>,
         scale: &[f32],
         per: usize,
-        flip: u8,
-    ) -> Result<Q8Blocks, String> {
-        Self::check(k, n, &bytes, scale, per, flip == 0)?;
+        biased: bool,
+    ) -> Q8Blocks {
+        let flip = if biased { 0 } else { 0x80 };
         let (panels, halves) = (n.div_ceil(Q8B_PANEL), k / per);
         // Padding columns hold q = 0.
         bytes.resize(panels * Q8B_PANEL * k, 0x80 ^ flip);
@@ -147,7 +139,7 @@ impl Q8Blocks {
                 s[(p * halves + h) * Q8B_PANEL + j] = scale[c * halves + h];
             }
         }
-        Ok(Q8Blocks {
+        Q8Blocks {
             k,
             n,
             q: bytes,
@@ -155,7 +147,7 @@ impl Q8Blocks {
             scales_per_block: QBLOCK / per,
             activations: Activations::default(),
             offsets: None,
-        })
+        }
     }
 
     /// The same weight plus an offset per block of `per` values (16 or 32): `s * q + o`, `o`

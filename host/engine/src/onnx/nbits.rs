@@ -334,11 +334,8 @@ impl Q8Plan {
 
     /// The packed weight, from the bytes [`Q8Plan::new`] checked (`raw`, taken over).
     fn pack(self, raw: Vec<u8>) -> Option<Packed> {
-        let mut packed = match self.biased {
-            true => Q8Blocks::from_biased(self.k, self.n, raw, &self.scale, self.per),
-            false => Q8Blocks::from_rows(self.k, self.n, raw, &self.scale, self.per),
-        }
-        .ok()?;
+        let mut packed =
+            Q8Blocks::from_checked(self.k, self.n, raw, &self.scale, self.per, self.biased);
         if let Some((per, offset)) = &self.offsets {
             packed = packed.with_offsets(*per, offset).ok()?;
         }

@@ -82,6 +82,49 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044715 * (x * x * x))))
 }
 
+/// `x` rounded to the nearest float16 value, ties to even, as f32: `f16::from_f32(x).to_f32()`
+/// (tract's pair of casts) in operations that vectorize, bit for bit on every value but NaN's
+/// payload.
+#[inline(always)]
+pub fn round_to_f16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let abs = bits & 0x7fff_ffff;
+    // Normal float16 range: 10 mantissa bits kept, ties to even; a carry moves the exponent.
+    let normal = (abs + 0x0fff + ((abs >> 13) & 1)) & 0xffff_e000;
+    // 65520 and up round to 2^16 or more: past float16's largest value (65504), infinity.
+    let normal = if normal >= 0x4780_0000 {
+        0x7f80_0000
+    } else {
+        normal
+    };
+    // Below 2^-14 float16 is subnormal, a multiple of 2^-24: adding 0.5 (whose ulp is 2^-24)
+    // rounds to one, ties to even, and taking it away again is exact.
+    let subnormal = ((f32::from_bits(abs) + 0.5) - 0.5).to_bits();
+    let rounded = if abs < 0x3880_0000 { subnormal } else { normal };
+    let rounded = if abs > 0x7f80_0000 {
+        abs | 0x0040_0000
+    } else {
+        rounded
+    };
+    f32::from_bits((bits & 0x8000_0000) | rounded)
+}
+
+/// GELU with the tanh approximation as llama.cpp's CPU backend computes it (Gemma's MLP, our
+/// converter's graph, `host/convert`): the input rounded to float16, `0.5 x (1 + tanh(c x (1 +
+/// a x x)))` in f32 in this order, the result rounded to float16, and `x` itself from
+/// `threshold` up (c = sqrt(2 / pi), a = 0.044715 and threshold = 10 there).
+#[inline(always)]
+pub fn gelu_tanh_f16(x: f32, c: f32, a: f32, threshold: f32) -> f32 {
+    let xh = round_to_f16(x);
+    let poly = 1.0 + (a * xh) * xh;
+    let y = (0.5 * xh) * (1.0 + tanh((c * xh) * poly));
+    if x >= threshold {
+        x
+    } else {
+        round_to_f16(y)
+    }
+}
+
 pub fn sin(x: f32) -> f32 {
     libm::sinf(x)
 }
@@ -202,6 +245,38 @@ mod tests {
         rms_norm(&mut row, 1e-5);
         for (a, b) in row.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()));
+        }
+    }
+
+    #[test]
+    fn rounding_to_f16_is_the_casts() {
+        let check = |x: f32| {
+            let want = half::f16::from_f32(x).to_f32();
+            let got = round_to_f16(x);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{x:e} ({:#x})", x.to_bits());
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{x:e} ({:#x})", x.to_bits());
+            }
+        };
+        // Every 4099th bit pattern, and every pattern near the boundaries: the subnormal range's
+        // top, the largest float16, ties, infinities and NaNs.
+        for bits in (0..=u32::MAX).step_by(4099) {
+            check(f32::from_bits(bits));
+        }
+        for edge in [
+            0x3880_0000u32,
+            0x477f_e000,
+            0x477f_f000,
+            0x4780_0000,
+            0x7f80_0000,
+            0x3300_0000,
+            0,
+        ] {
+            for bits in edge.saturating_sub(1 << 14)..=edge.saturating_add(1 << 14) {
+                check(f32::from_bits(bits));
+                check(f32::from_bits(bits | 0x8000_0000));
+            }
         }
     }
 }

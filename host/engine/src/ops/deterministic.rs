@@ -140,6 +140,12 @@ pub(crate) struct DetUnary {
     func: Func,
 }
 
+impl DetUnary {
+    pub(crate) fn func(&self) -> Func {
+        self.func
+    }
+}
+
 impl Op for DetUnary {
     fn name(&self) -> StaticName {
         format!("Slm{:?}", self.func).into()

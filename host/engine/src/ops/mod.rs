@@ -15,6 +15,7 @@ use tract_onnx::tract_hir::internal::*;
 pub(crate) mod arith;
 pub(crate) mod attention;
 pub(crate) mod deterministic;
+pub(crate) mod gelu;
 pub(crate) mod kv_attention;
 pub(crate) mod last_rows;
 mod packed;

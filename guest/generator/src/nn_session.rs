@@ -100,43 +100,49 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// The last row of a logits tensor ([..., vocab]) as f32.
+/// The last row of a logits tensor ([..., vocab]) as f32 (only that row is converted).
 fn last_row(t: &Tensor) -> Result<Vec<f32>> {
     let dims = t.dimensions();
     let vocab = *dims
         .last()
         .ok_or_else(|| Error::backend("logits tensor has no dimensions"))? as usize;
     let data = t.data();
-    let values: Vec<f32> = match t.ty() {
-        TensorType::Fp32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        TensorType::Fp16 => data
-            .chunks_exact(2)
-            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-            .collect(),
-        TensorType::Bf16 => data
-            .chunks_exact(2)
-            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-            .collect(),
-        TensorType::Fp64 => data
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
-            .collect(),
+    let width = match t.ty() {
+        TensorType::Fp32 => 4,
+        TensorType::Fp16 | TensorType::Bf16 => 2,
+        TensorType::Fp64 => 8,
         other => {
             return Err(Error::backend(format!(
                 "logits have type {other:?}; expected a float type"
             )))
         }
     };
-    if vocab == 0 || values.len() < vocab || !values.len().is_multiple_of(vocab) {
+    let values = data.len() / width;
+    if vocab == 0 || data.len() % width != 0 || values < vocab || values % vocab != 0 {
         return Err(Error::backend(format!(
-            "logits of shape {dims:?} hold {} values",
-            values.len()
+            "logits of shape {dims:?} hold {} bytes of {width}-byte values",
+            data.len()
         )));
     }
-    Ok(values[values.len() - vocab..].to_vec())
+    let row = &data[(values - vocab) * width..];
+    Ok(match t.ty() {
+        TensorType::Fp32 => row
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        TensorType::Fp16 => row
+            .chunks_exact(2)
+            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        TensorType::Bf16 => row
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
+        _ => row
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            .collect(),
+    })
 }
 
 impl Session for NnSession {

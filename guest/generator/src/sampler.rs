@@ -218,11 +218,14 @@ impl Sampler {
         }
         // NaN never wins; +inf becomes the largest finite value (keeps the softmax finite).
         for l in logits.iter_mut() {
-            if l.is_nan() {
-                *l = f32::NEG_INFINITY;
-            } else if *l == f32::INFINITY {
-                *l = f32::MAX;
-            }
+            let v = *l;
+            *l = if v.is_nan() {
+                f32::NEG_INFINITY
+            } else if v == f32::INFINITY {
+                f32::MAX
+            } else {
+                v
+            };
         }
         let penalty = self.params.repetition_penalty;
         if penalty != 1.0 {
@@ -307,13 +310,22 @@ impl Sampler {
 
 /// Index of the largest value; the lowest index on ties.
 pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+    // The largest value in eight lanes (compares and selects that vectorize: a 262k-entry
+    // vocabulary is read once per token), then the first position that holds it.
+    const LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    xs.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -406,6 +418,15 @@ mod tests {
         assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0]), Some(1));
         assert_eq!(s.sample(&mut [f32::NAN, 0.0, -1.0]), Some(1));
         assert_eq!(s.sample(&mut []), None);
+        // Past the eight lanes, in the tail, and every value -inf.
+        let mut long: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 1000) as f32).collect();
+        let best = long.iter().cloned().fold(f32::MIN, f32::max);
+        let first = long.iter().position(|&x| x == best).unwrap() as u32;
+        assert_eq!(s.sample(&mut long.clone()), Some(first));
+        long[1001] = 5000.0;
+        assert_eq!(s.sample(&mut long), Some(1001));
+        assert_eq!(s.sample(&mut [f32::NEG_INFINITY; 20]), Some(0));
+        assert_eq!(s.sample(&mut [-0.0, 0.0, -0.0]), Some(0));
     }
 
     #[test]

@@ -603,11 +603,16 @@ fn last_position(logits: &TValue) -> Result<Tensor, EngineError> {
     let view = logits
         .cast_to::<f32>()
         .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
-    let all = view
-        .to_plain_array_view::<f32>()
+    let plain = view
+        .try_as_plain_ram()
         .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
-    let last: Vec<f32> = all.iter().skip((rows - 1) * vocab).copied().collect();
-    Ok(Tensor::from_f32(vec![1, 1, vocab], &last))
+    let all = plain
+        .as_slice::<f32>()
+        .map_err(|e| EngineError::Runtime(format!("{e:#}")))?;
+    Ok(Tensor::from_f32(
+        vec![1, 1, vocab],
+        &all[(rows - 1) * vocab..rows * vocab],
+    ))
 }
 
 /// The values of a [1, S] (S >= 1) integer tensor.

@@ -87,10 +87,16 @@ impl Tensor {
     }
 
     pub fn from_f32(dims: Vec<usize>, values: &[f32]) -> Tensor {
+        // Byte for byte into a buffer of the right size (a copy the compiler vectorizes; a
+        // collected flat_map grows its buffer and costs ~2 ns a value, 0.5 ms per 262k logits).
+        let mut data = vec![0u8; values.len() * 4];
+        for (bytes, v) in data.chunks_exact_mut(4).zip(values) {
+            bytes.copy_from_slice(&v.to_le_bytes());
+        }
         Tensor {
             dims,
             dtype: DType::F32,
-            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data,
         }
     }
 

@@ -452,3 +452,36 @@ fn convert_writes_a_model_directory_that_runs() {
         "no-such-file.gguf",
     );
 }
+
+#[test]
+fn bench_reports_its_figures_as_json() {
+    let out = ok(run(slm().args([
+        "bench",
+        "--model",
+        "tiny",
+        "--json",
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--threads",
+        "1",
+    ])));
+    let last = out.lines().last().expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("bench --json prints JSON");
+    assert_eq!(v["prompt_tokens"], 16, "{v}");
+    assert_eq!(v["gen_tokens"], 4, "{v}");
+    for key in [
+        "ttft_ms",
+        "ttft_fresh_instance_ms",
+        "prefill_tps",
+        "decode_tps",
+        "cold_start_ms",
+        "run_peak_rss_mb",
+    ] {
+        let x = v[key].as_f64().unwrap_or(f64::NAN);
+        assert!(x > 0.0 && x.is_finite(), "{key}: {x} in {v}");
+    }
+}

@@ -34,6 +34,7 @@ pub fn print(
                 "prompt_tokens": speed.prompt_tokens,
                 "gen_tokens": speed.gen_tokens,
                 "ttft_ms": speed.ttft_ms,
+                "ttft_fresh_instance_ms": speed.ttft_fresh_instance_ms,
                 "prefill_tps": speed.prefill_tps,
                 "decode_tps": speed.decode_tps,
                 "constrained_decode_tps": speed.constrained_decode_tps,
@@ -72,7 +73,10 @@ pub fn print(
     if let Some(used) = device.gpu_memory_used_mib {
         println!("  GPU memory used      {used} MiB (whole device)");
     }
-    println!("  time to first token  {:.0} ms", speed.ttft_ms);
+    println!(
+        "  time to first token  {:.0} ms ({:.0} ms in a fresh instance: its start and tokenizer parse)",
+        speed.ttft_ms, speed.ttft_fresh_instance_ms
+    );
     println!("  prefill              {:.1} tokens/s", speed.prefill_tps);
     println!("  decode               {:.1} tokens/s", speed.decode_tps);
     println!(

@@ -15,10 +15,15 @@
 //! half-block, 4..8 the second. Scales by (panel, half-block, column), or by (panel, block,
 //! column) when the file has one per 32 (Q8_0, Q5_0): both halves then read the same scale, so
 //! the products are the same bits at half the scales' memory (21 MB less for Gemma 3's table).
+//! Scales that are all float16 values (Q8_0 and Q5_0 store them so) are held as float16 and
+//! widened exactly in the kernels: half the bytes again (10.6 MB for Gemma 3's table, and 5% of
+//! the bytes its decode reads per token).
+
+use half::f16;
 
 use super::dispatch::panel_kernels;
 use super::offsets::BlockOffsets;
-use super::q4_1::QBLOCK;
+use super::q4_1::{BlockScale, QBLOCK};
 use super::quantize::{Activations, QuantRows};
 
 /// Values per scale along K.
@@ -35,13 +40,61 @@ pub struct Q8Blocks {
     q: Vec<u8>,
     /// By (panel, half-block, column), or (panel, block, column) when `per` is 32; padded
     /// columns 0.
-    scale: Vec<f32>,
+    scale: Scales,
     /// Scales per block of 32 along K: 2 (one per 16 values) or 1.
     scales_per_block: usize,
     /// How its products round activations.
     activations: Activations,
     /// Per-block offsets, added after the kernels' integer products.
     offsets: Option<BlockOffsets>,
+}
+
+/// A weight's scales, as f32 or, when each is a float16 value, as float16.
+enum Scales {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Scales {
+    /// `s` as float16 when that holds every value exactly (bit for bit), else as f32.
+    fn of(s: Vec<f32>) -> Scales {
+        let exact = |v: &f32| f16::from_f32(*v).to_f32().to_bits() == v.to_bits();
+        if s.iter().all(exact) {
+            Scales::F16(s.iter().map(|&v| f16::from_f32(v)).collect())
+        } else {
+            Scales::F32(s)
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Scales::F32(s) => s[i],
+            Scales::F16(s) => s[i].to_f32(),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Scales::F32(s) => s.len(),
+            Scales::F16(s) => s.len(),
+        }
+    }
+}
+
+/// `with_scales!(w, f, [A, B,], (args))` calls `f::<A, B, SPB, S>(w, scales: &[S], args)` for
+/// the weight's scales per block (SPB, 1 or 2) and their type (S, f32 or float16): the kernels
+/// take both as constants.
+macro_rules! with_scales {
+    ($w:expr, $f:ident, [$($c:tt)*], ($($arg:expr),*)) => {
+        match (&$w.scale, $w.scales_per_block) {
+            (Scales::F32(s), 1) => $f::<$($c)* 1, f32>($w, s, $($arg),*),
+            (Scales::F32(s), _) => $f::<$($c)* 2, f32>($w, s, $($arg),*),
+            (Scales::F16(s), 1) => $f::<$($c)* 1, f16>($w, s, $($arg),*),
+            (Scales::F16(s), _) => $f::<$($c)* 2, f16>($w, s, $($arg),*),
+        }
+    };
 }
 
 impl std::fmt::Debug for Q8Blocks {
@@ -143,7 +196,7 @@ impl Q8Blocks {
             k,
             n,
             q: bytes,
-            scale: s,
+            scale: Scales::of(s),
             scales_per_block: QBLOCK / per,
             activations: Activations::default(),
             offsets: None,
@@ -182,7 +235,7 @@ impl Q8Blocks {
         for (kk, o) in out.iter_mut().enumerate() {
             let (b, r) = (kk / QBLOCK, kk % QBLOCK);
             let byte = panel[b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4];
-            let s = self.scale[self.scales_at(p, b, r / HALF) + j];
+            let s = self.scale.get(self.scales_at(p, b, r / HALF) + j);
             *o = self.plus_offset(s * (byte ^ 0x80) as i8 as f32, kk, c);
         }
     }
@@ -194,7 +247,7 @@ impl Q8Blocks {
         let (b, r) = (kk / QBLOCK, kk % QBLOCK);
         let byte = self.q
             [p * Q8B_PANEL * self.k + b * BLOCK_BYTES + (r / 4) * (Q8B_PANEL * 4) + j * 4 + r % 4];
-        let s = self.scale[self.scales_at(p, b, r / HALF) + j];
+        let s = self.scale.get(self.scales_at(p, b, r / HALF) + j);
         self.plus_offset(s * (byte ^ 0x80) as i8 as f32, kk, c)
     }
 
@@ -225,6 +278,21 @@ mod portable {
     /// # Safety
     /// As `dispatch::PanelKernels`.
     pub unsafe fn panels(w: &Q8Blocks, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { with_scales!(w, panels_with, [], (x, m, y, p0, p1)) }
+    }
+
+    /// # Safety
+    /// As `dispatch::PanelKernels`; `scales` are `w`'s.
+    unsafe fn panels_with<const SPB: usize, S: BlockScale>(
+        w: &Q8Blocks,
+        scales: &[S],
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         for p in p0..p1 {
             let panel = &w.q[p * Q8B_PANEL * k..(p + 1) * Q8B_PANEL * k];
@@ -235,7 +303,7 @@ mod portable {
                     let xq = &x.q[row * k + b * QBLOCK..][..QBLOCK];
                     let xs = x.scale[row * kb + b];
                     for h in 0..2 {
-                        let s = &w.scale[w.scales_at(p, b, h)..][..Q8B_PANEL];
+                        let s = &scales[scale_index::<SPB>(kb, p, b, h)..][..Q8B_PANEL];
                         for (j, f) in facc.iter_mut().enumerate() {
                             let mut acc = 0i32;
                             for g in 4 * h..4 * h + 4 {
@@ -244,7 +312,7 @@ mod portable {
                                     acc += v * xq[4 * g + t] as i32;
                                 }
                             }
-                            *f += acc as f32 * (s[j] * xs);
+                            *f += acc as f32 * (s[j].to_f32() * xs);
                         }
                     }
                 }
@@ -275,17 +343,11 @@ mod wasm {
             for p in p0..p1 {
                 let mut row = 0;
                 while row + TILE <= m {
-                    match w.scales_per_block {
-                        1 => tile::<TILE, 1>(w, x, p, row, y),
-                        _ => tile::<TILE, 2>(w, x, p, row, y),
-                    }
+                    with_scales!(w, tile, [TILE,], (x, p, row, y));
                     row += TILE;
                 }
                 while row < m {
-                    match w.scales_per_block {
-                        1 => tile::<1, 1>(w, x, p, row, y),
-                        _ => tile::<1, 2>(w, x, p, row, y),
-                    }
+                    with_scales!(w, tile, [1,], (x, p, row, y));
                     row += 1;
                 }
             }
@@ -297,8 +359,9 @@ mod wasm {
     /// # Safety
     /// As `dispatch::PanelKernels`, for panel p < p1 and rows `row0 .. row0 + R` < m.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const SPB: usize>(
+    unsafe fn tile<const R: usize, const SPB: usize, S: BlockScale>(
         w: &Q8Blocks,
+        scales: &[S],
         x: &QuantRows,
         p: usize,
         row0: usize,
@@ -321,7 +384,7 @@ mod wasm {
                     }
                 }
                 for h in 0..2 {
-                    let s = w.scale.as_ptr().add(scale_index::<SPB>(kb, p, b, h));
+                    let s = scales.as_ptr().add(scale_index::<SPB>(kb, p, b, h));
                     for c4 in 0..Q8B_PANEL / 4 {
                         let mut acc = [[i32x4_splat(0); 2]; R];
                         for g in 4 * h..4 * h + 4 {
@@ -333,7 +396,7 @@ mod wasm {
                                 acc[1] = i32x4_add(acc[1], i32x4_dot_i16x8(hi, xw[g]));
                             }
                         }
-                        let sc = v128_load(s.add(c4 * 4) as *const v128);
+                        let sc = S::load4(s.add(c4 * 4));
                         for (r, acc) in acc.iter().enumerate() {
                             let xs = f32x4_splat(x.scale[(row0 + r) * kb + b]);
                             let sums = i32x4_add(
@@ -372,7 +435,7 @@ mod x86 {
 
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub unsafe fn panels_vnni(
         w: &Q8Blocks,
         x: &QuantRows,
@@ -382,17 +445,12 @@ mod x86 {
         p1: usize,
     ) {
         // SAFETY: the caller's contract; this function has the features `Vnni` needs.
-        unsafe {
-            match w.scales_per_block {
-                1 => panels::<Vnni, 4, 1>(w, x, m, y, p0, p1),
-                _ => panels::<Vnni, 4, 2>(w, x, m, y, p0, p1),
-            }
-        }
+        unsafe { with_scales!(w, panels, [Vnni, 4,], (x, m, y, p0, p1)) }
     }
 
     /// # Safety
-    /// As `dispatch::PanelKernels`, on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn panels_avx2(
         w: &Q8Blocks,
         x: &QuantRows,
@@ -403,19 +461,15 @@ mod x86 {
     ) {
         // 16 vector registers: 4 rows x 16 columns of accumulators at a time.
         // SAFETY: the caller's contract; this function has the features `Avx2` needs.
-        unsafe {
-            match w.scales_per_block {
-                1 => panels::<Avx2, 2, 1>(w, x, m, y, p0, p1),
-                _ => panels::<Avx2, 2, 2>(w, x, m, y, p0, p1),
-            }
-        }
+        unsafe { with_scales!(w, panels, [Avx2, 2,], (x, m, y, p0, p1)) }
     }
 
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and what `D` needs.
     #[inline(always)]
-    unsafe fn panels<D: Dot8, const NV4: usize, const SPB: usize>(
+    unsafe fn panels<D: Dot8, const NV4: usize, const SPB: usize, S: BlockScale>(
         w: &Q8Blocks,
+        scales: &[S],
         x: &QuantRows,
         m: usize,
         y: *mut f32,
@@ -434,7 +488,7 @@ mod x86 {
                 let mut row = 0;
                 while row + 4 <= m {
                     for c in (0..Q8B_PANEL).step_by(8 * NV4) {
-                        tile::<D, 4, NV4, SPB>(w, p, c, x, row, o.add(c));
+                        tile::<D, 4, NV4, SPB, S>(w, scales, p, c, x, row, o.add(c));
                     }
                     for r in 0..4 {
                         std::ptr::copy_nonoverlapping(
@@ -446,7 +500,7 @@ mod x86 {
                     row += 4;
                 }
                 while row < m {
-                    tile::<D, 1, 4, SPB>(w, p, 0, x, row, o);
+                    tile::<D, 1, 4, SPB, S>(w, scales, p, 0, x, row, o);
                     std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q8B_PANEL), cols);
                     row += 1;
                 }
@@ -461,8 +515,9 @@ mod x86 {
     /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `w`, `x` and
     /// `out`; the CPU has AVX2, FMA and what `D` needs.
     #[inline(always)]
-    unsafe fn tile<D: Dot8, const MR: usize, const NV: usize, const SPB: usize>(
+    unsafe fn tile<D: Dot8, const MR: usize, const NV: usize, const SPB: usize, S: BlockScale>(
         w: &Q8Blocks,
+        scales: &[S],
         p: usize,
         c: usize,
         x: &QuantRows,
@@ -508,9 +563,9 @@ mod x86 {
                             );
                         }
                     }
-                    let s = w.scale.as_ptr().add(scale_index::<SPB>(kb, p, b, h) + c);
+                    let s = scales.as_ptr().add(scale_index::<SPB>(kb, p, b, h) + c);
                     for v in 0..NV {
-                        let sc = _mm256_loadu_ps(s.add(v * 8));
+                        let sc = S::load8(s.add(v * 8));
                         for r in 0..MR {
                             let xs = _mm256_set1_ps(*x.scale.get_unchecked((row + r) * kb + b));
                             let sums = _mm256_sub_epi32(acc[r][v], correction[r]);
@@ -599,6 +654,50 @@ mod tests {
         }
         assert!(Q8Blocks::from_rows(32, 1, vec![0; 32], &[1.0; 2], QBLOCK).is_err());
         assert!(Q8Blocks::from_rows(32, 1, vec![0; 32], &[1.0; 4], 8).is_err());
+    }
+
+    /// Scales that are float16 values (Q8_0, Q5_0) are held as float16, and every kernel gives
+    /// the bits it gives with the same scales held as f32, per 16 and per 32.
+    #[test]
+    fn float16_scales_give_the_bits_of_the_same_scales_as_f32() {
+        for (m, k, n) in SHAPES {
+            for per in [HALF, QBLOCK] {
+                let mut g = Lcg((m * 31 + k * 7 + n + per) as u64);
+                let (rows, scale16, _) = weights(&mut g, k, n);
+                let scale: Vec<f32> = scale16
+                    .iter()
+                    .step_by(per / HALF)
+                    .map(|&s| f16::from_f32(s).to_f32())
+                    .collect();
+                let half = Q8Blocks::from_rows(k, n, rows.clone(), &scale, per).unwrap();
+                let Scales::F16(held) = &half.scale else {
+                    panic!("float16 values held as f32")
+                };
+                let mut full = Q8Blocks::from_rows(k, n, rows, &scale, per).unwrap();
+                full.scale = Scales::F32(held.iter().map(|s| s.to_f32()).collect());
+                let x: Vec<f32> = (0..m * k).map(|_| g.f32()).collect();
+                let xr = QuantRows::new(&x, m, k);
+                for (name, kernel) in kernels::<Q8Blocks>() {
+                    let (mut a, mut b) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                    // SAFETY: the kernel's CPU features were detected; x holds m rows, y m x n.
+                    unsafe {
+                        kernel(&half, &xr, m, a.as_mut_ptr(), 0, n.div_ceil(Q8B_PANEL));
+                        kernel(&full, &xr, m, b.as_mut_ptr(), 0, n.div_ceil(Q8B_PANEL));
+                    }
+                    let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert!(bits(&a) == bits(&b), "{name} per {per} m={m} k={k} n={n}");
+                }
+                let (mut r16, mut r32) = (vec![0f32; k], vec![0f32; k]);
+                for c in 0..n {
+                    half.copy_column(c, &mut r16);
+                    full.copy_column(c, &mut r32);
+                    assert_eq!(r16, r32, "column {c}");
+                }
+            }
+        }
+        // One scale that float16 cannot hold keeps them all f32.
+        let w = Q8Blocks::from_rows(32, 2, vec![1; 64], &[0.5, 1.0 + f32::EPSILON], QBLOCK);
+        assert!(matches!(w.unwrap().scale, Scales::F32(_)));
     }
 
     /// Every kernel against the f64 product with x rounded as the kernels round it, and every

@@ -18,6 +18,7 @@ use tract_onnx::tract_core::ops::logic::{CompGTE, Iff};
 use super::arith::{Arith, Elementwise};
 use super::deterministic::{DetUnary, Func};
 use crate::kernels::detmath;
+use crate::kernels::parallel::{parallel_ranges, OutPtr};
 
 /// `y = gelu_tanh_f16(x)` element-wise on f32, its constants as f32 bits (for Hash and Eq).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -27,8 +28,29 @@ pub(crate) struct GeluTanhF16 {
     threshold: u32,
 }
 
+/// Values per part when a prompt's activations are split across threads.
+const CHUNK: usize = 4096;
+/// A value's work, in the multiply-adds that `parallel_ranges` weighs (a division, an
+/// exponential and two float16 roundings: ~70 vector operations per 8 values): a decode step's
+/// 2,048 values stay on one thread, a prompt's are split.
+const WORK_PER_VALUE: usize = 16;
+
 impl GeluTanhF16 {
+    /// Every value of `xs`, its parts on the pool's threads (each value is computed alone, so
+    /// any split gives the same bits).
     fn apply(&self, xs: &mut [f32]) {
+        let len = xs.len();
+        let out = OutPtr(xs.as_mut_ptr());
+        parallel_ranges(len.div_ceil(CHUNK), len * WORK_PER_VALUE, &|b0, b1| {
+            let (i0, i1) = (b0 * CHUNK, (b1 * CHUNK).min(len));
+            // SAFETY: parts b0..b1 of distinct calls are disjoint ranges inside xs, which
+            // outlives the call (parallel_ranges returns when every part is done).
+            let part = unsafe { std::slice::from_raw_parts_mut(out.at(i0), i1 - i0) };
+            self.apply_serial(part);
+        });
+    }
+
+    fn apply_serial(&self, xs: &mut [f32]) {
         #[inline(always)]
         fn body(xs: &mut [f32], c: f32, a: f32, threshold: f32) {
             for x in xs {
@@ -306,6 +328,28 @@ mod tests {
             assert_eq!(run(m, &x)?, before, "swapped {swapped}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_prompts_values_split_across_threads_give_the_same_bits() {
+        let (c, a, threshold) = ((2.0 / std::f64::consts::PI).sqrt() as f32, 0.044715, 10.0);
+        let op = GeluTanhF16 {
+            c: c.to_bits(),
+            a: f32::to_bits(a),
+            threshold: f32::to_bits(threshold),
+        };
+        let x: Vec<f32> = (0..300_001)
+            .map(|i| (i as f32 * 0.0137).sin() * 14.0)
+            .collect();
+        let want: Vec<u32> = x
+            .iter()
+            .map(|&v| detmath::gelu_tanh_f16(v, c, a, threshold).to_bits())
+            .collect();
+        let got = crate::kernels::testing::same_on_threads(x.len(), |out| {
+            out.copy_from_slice(&x);
+            op.apply(out);
+        });
+        assert!(got.iter().map(|v| v.to_bits()).eq(want));
     }
 
     #[test]

@@ -126,10 +126,15 @@ fn last_row(t: &Tensor) -> Result<Vec<f32>> {
     }
     let row = &data[(values - vocab) * width..];
     Ok(match t.ty() {
-        TensorType::Fp32 => row
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
+        TensorType::Fp32 => {
+            // An indexed loop, which compiles to a vector copy (a collected iterator of chunks
+            // went value by value: 2% of a Gemma 3 decode step).
+            let mut out = vec![0f32; vocab];
+            for (o, b) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            out
+        }
         TensorType::Fp16 => row
             .chunks_exact(2)
             .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))

@@ -158,11 +158,30 @@ pub fn rms_norm(row: &mut [f32], eps: f32) {
     if row.is_empty() {
         return;
     }
-    let mean = sum_of_squares(row) / row.len() as f32;
-    let inv = 1.0 / (mean + eps).sqrt();
+    let inv = rms_factor(row, eps);
     for x in row {
         *x *= inv;
     }
+}
+
+/// [`rms_norm`], then each value times its weight (`weight` as long as the row): the two
+/// products of the norm and the weight's `Mul`, in their order, in one pass.
+#[inline(always)]
+pub fn rms_norm_weighted(row: &mut [f32], eps: f32, weight: &[f32]) {
+    if row.is_empty() {
+        return;
+    }
+    let inv = rms_factor(row, eps);
+    for (x, w) in row.iter_mut().zip(weight) {
+        *x = (*x * inv) * w;
+    }
+}
+
+/// 1 / sqrt(mean(x^2) + eps).
+#[inline(always)]
+fn rms_factor(row: &[f32], eps: f32) -> f32 {
+    let mean = sum_of_squares(row) / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
 }
 
 #[cfg(test)]

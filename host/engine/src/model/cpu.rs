@@ -93,6 +93,8 @@ impl Model {
         ops::arith::replace_adds_and_muls(&mut typed).map_err(|e| EngineError::load(name, e))?;
         ops::rope::fuse_rotations(&mut typed).map_err(|e| EngineError::load(name, e))?;
         ops::gelu::fuse_gelus(&mut typed).map_err(|e| EngineError::load(name, e))?;
+        ops::deterministic::fuse_norm_weights(&mut typed)
+            .map_err(|e| EngineError::load(name, e))?;
         let input_kinds = decoder_inputs(&io.0, name)?;
         Self::build(name, typed, io, input_kinds, |typed| typed.into_runnable())
     }

@@ -84,25 +84,29 @@ unsafe fn apply_avx2(func: Func, xs: &mut [f32]) {
     apply_body(func, xs)
 }
 
-/// RMS normalization of each `row`-long row of `xs` (AVX2 where the CPU has it).
-fn rms_norm_rows(xs: &mut [f32], row: usize, eps: f32) {
+/// RMS normalization of each `row`-long row of `xs`, each then times `weight` if there is one
+/// (AVX2 where the CPU has it).
+fn rms_norm_rows(xs: &mut [f32], row: usize, eps: f32, weight: Option<&[f32]>) {
     #[inline(always)]
-    fn body(xs: &mut [f32], row: usize, eps: f32) {
+    fn body(xs: &mut [f32], row: usize, eps: f32, weight: Option<&[f32]>) {
         for r in xs.chunks_exact_mut(row) {
-            detmath::rms_norm(r, eps);
+            match weight {
+                Some(w) => detmath::rms_norm_weighted(r, eps, w),
+                None => detmath::rms_norm(r, eps),
+            }
         }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn avx2(xs: &mut [f32], row: usize, eps: f32) {
-        body(xs, row, eps)
+    unsafe fn avx2(xs: &mut [f32], row: usize, eps: f32, weight: Option<&[f32]>) {
+        body(xs, row, eps, weight)
     }
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::cpu::avx2() {
         // SAFETY: the CPU has AVX2.
-        return unsafe { avx2(xs, row, eps) };
+        return unsafe { avx2(xs, row, eps, weight) };
     }
-    body(xs, row, eps)
+    body(xs, row, eps, weight)
 }
 
 /// Replace, in place, every op of `model` that [`Func`] or [`DetRmsNorm`] covers. Returns how
@@ -122,7 +126,12 @@ pub(crate) fn make_deterministic(model: &mut TypedModel) -> TractResult<usize> {
             (f32_in && norm.axis + 1 == rank && norm.eps.len() == 1)
                 .then(|| norm.eps.cast_to_scalar::<f32>())
                 .transpose()?
-                .map(|eps| Box::new(DetRmsNorm { eps: eps.to_bits() }) as _)
+                .map(|eps| {
+                    Box::new(DetRmsNorm {
+                        eps: eps.to_bits(),
+                        weight: None,
+                    }) as _
+                })
         } else {
             None
         };
@@ -175,10 +184,85 @@ impl TypedOp for DetUnary {
     as_op!();
 }
 
-/// RMS normalization along the last axis of an f32 tensor (`eps` as f32 bits, for Hash/Eq).
+/// RMS normalization along the last axis of an f32 tensor (`eps` as f32 bits, for Hash/Eq),
+/// then, once [`fuse_norm_weights`] has taken in the `Mul` that follows it, times a weight per
+/// position of that axis (as f32 bits).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub(crate) struct DetRmsNorm {
     eps: u32,
+    weight: Option<Vec<u32>>,
+}
+
+/// Takes into each [`DetRmsNorm`] the product by a constant weight that follows it (every
+/// model's norms: `norm(x) * w`, `w` one value per position of the normalized axis): one pass
+/// and one dispatch instead of two, the same two products per value. Returns how many. A norm
+/// whose output anything else reads is left as it is.
+pub(crate) fn fuse_norm_weights(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in 0..model.nodes().len() {
+        let Some((mul, weight)) = weight_after(model, id) else {
+            continue;
+        };
+        let Some(norm) = model.node(id).op_as::<DetRmsNorm>() else {
+            continue;
+        };
+        let op = DetRmsNorm {
+            eps: norm.eps,
+            weight: Some(weight.iter().map(|w| w.to_bits()).collect()),
+        };
+        let input = model.node(id).inputs[0];
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, input)?;
+        let name = format!("{}.weighted", model.node(id).name);
+        let out = patch.wire_node(name, op, &[x])?[0];
+        patch.shunt_outside(model, OutletId::new(mul, 0), out)?;
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+/// The `Mul` that alone reads norm `id`'s output, and its other operand's values, when that is
+/// a constant f32 weight with one value per position of the normalized (last) axis.
+fn weight_after(model: &TypedModel, id: usize) -> Option<(usize, Vec<f32>)> {
+    let node = model.node(id);
+    let norm = node.op_as::<DetRmsNorm>()?;
+    let out = OutletId::new(id, 0);
+    if norm.weight.is_some()
+        || node.outputs[0].successors.len() != 1
+        || model.outputs.contains(&out)
+    {
+        return None;
+    }
+    let mul = model.node(node.outputs[0].successors[0].node);
+    let is_mul = mul
+        .op_as::<tract_onnx::tract_core::ops::binary::OptBinUnicast>()
+        .is_some_and(|b| b.binop.name() == "Mul")
+        || mul
+            .op_as::<tract_onnx::tract_core::ops::binary::TypedBinOp>()
+            .is_some_and(|b| b.0.name() == "Mul" && b.1.is_none())
+        || mul
+            .op_as::<super::arith::Elementwise>()
+            .is_some_and(|e| e.arith() == super::arith::Arith::Mul);
+    let [a, b] = mul.inputs[..] else { return None };
+    let other = if a == out { b } else { a };
+    let row = model.outlet_fact(out).ok()?.shape.last()?.to_usize().ok()?;
+    let out_shape = &model.outlet_fact(OutletId::new(mul.id, 0)).ok()?.shape;
+    let k = model.outlet_fact(other).ok()?.konst.clone()?;
+    // The weight repeats over every axis but the last: the product keeps the norm's shape.
+    let per_position = k.datum_type() == f32::datum_type()
+        && k.len() == row
+        && k.shape().last() == Some(&row)
+        && *out_shape == model.outlet_fact(out).ok()?.shape;
+    (is_mul && (a == out) != (b == out) && per_position && row > 0)
+        .then(|| {
+            let view = k.try_as_plain_ram().ok()?;
+            Some((mul.id, view.as_slice::<f32>().ok()?.to_vec()))
+        })
+        .flatten()
 }
 
 impl Op for DetRmsNorm {
@@ -196,9 +280,18 @@ impl EvalOp for DetRmsNorm {
         let mut t = args_1!(inputs).into_tensor();
         let row = *t.shape().last().unwrap_or(&1);
         let eps = f32::from_bits(self.eps);
+        let weight: Option<Vec<f32>> = self
+            .weight
+            .as_ref()
+            .map(|w| w.iter().map(|&b| f32::from_bits(b)).collect());
+        ensure!(
+            weight.as_ref().is_none_or(|w| w.len() == row),
+            "SlmRmsNorm: a weight of {:?} values for rows of {row}",
+            weight.as_ref().map(Vec::len)
+        );
         if row > 0 {
             let mut view = t.try_as_plain_ram_mut()?;
-            rms_norm_rows(view.as_slice_mut::<f32>()?, row, eps);
+            rms_norm_rows(view.as_slice_mut::<f32>()?, row, eps, weight.as_deref());
         }
         Ok(tvec!(t.into_tvalue()))
     }
@@ -210,4 +303,64 @@ impl TypedOp for DetRmsNorm {
     }
 
     as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::math;
+
+    /// `RmsNorm(x) * w` over x `[1, 3, 8]`, the weight `w_shape` (a model's: `[1, 1, 8]`),
+    /// first or second in the product.
+    fn norm_times(w_shape: &[usize], weight_first: bool) -> TractResult<TypedModel> {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([1, 3, 8]))?;
+        let eps = tensor0(1e-6f32).into_arc_tensor();
+        let norm = m.wire_node("norm", RmsNorm { axis: 2, eps }, &[x])?[0];
+        let n: usize = w_shape.iter().product();
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + i as f32 * 0.37).collect();
+        let w = m.add_const("w", Tensor::from_shape(w_shape, &w)?)?;
+        let ins = if weight_first { [w, norm] } else { [norm, w] };
+        let out = m.wire_node("mul", math::mul(), &ins)?[0];
+        m.select_output_outlets(&[out])?;
+        Ok(m)
+    }
+
+    fn run(m: TypedModel) -> TractResult<Vec<u32>> {
+        let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
+        let x = Tensor::from_shape(&[1, 3, 8], &x)?;
+        let out = m.into_runnable()?.run(tvec!(x.into_tvalue()))?;
+        let out = out[0].try_as_plain_ram()?;
+        Ok(out.as_slice::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    }
+
+    #[test]
+    fn a_norms_weight_is_taken_in_bit_for_bit() -> TractResult<()> {
+        for weight_first in [false, true] {
+            let mut m = norm_times(&[1, 1, 8], weight_first)?;
+            make_deterministic(&mut m)?;
+            let before = run(m.clone())?;
+            assert_eq!(fuse_norm_weights(&mut m)?, 1);
+            assert_eq!(m.nodes().len(), 2, "{:?}", m.nodes());
+            assert_eq!(run(m)?, before, "weight first: {weight_first}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_weight_that_is_not_per_position_stays() -> TractResult<()> {
+        // One value per row, not per position of the normalized axis.
+        let mut m = norm_times(&[1, 3, 1], false)?;
+        make_deterministic(&mut m)?;
+        assert_eq!(fuse_norm_weights(&mut m)?, 0);
+        // The norm is also a model output.
+        let mut m = norm_times(&[1, 1, 8], false)?;
+        make_deterministic(&mut m)?;
+        let norm = m.node_by_name("norm")?.id;
+        let mut outputs = m.output_outlets()?.to_vec();
+        outputs.push(OutletId::new(norm, 0));
+        m.select_output_outlets(&outputs)?;
+        assert_eq!(fuse_norm_weights(&mut m)?, 0);
+        Ok(())
+    }
 }

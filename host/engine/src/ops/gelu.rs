@@ -17,6 +17,7 @@ use tract_onnx::tract_core::ops::logic::{CompGTE, Iff};
 
 use super::arith::{Arith, Elementwise};
 use super::deterministic::{DetUnary, Func};
+use super::read_once;
 use crate::kernels::detmath;
 use crate::kernels::parallel::{parallel_ranges, OutPtr};
 
@@ -210,14 +211,6 @@ fn scalar(model: &TypedModel, outlet: OutletId) -> Option<f32> {
     (k.datum_type() == f32::datum_type() && k.len() == 1)
         .then(|| k.cast_to_scalar::<f32>().ok())
         .flatten()
-}
-
-/// The node that produces `outlet`, when its one output has one reader (the pattern's next node)
-/// and is not a model output.
-fn read_once(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
-    let node = model.node(outlet.node);
-    let returned = model.outputs.contains(&outlet);
-    (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 && !returned).then_some(node)
 }
 
 impl Op for GeluTanhF16 {

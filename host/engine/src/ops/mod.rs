@@ -80,6 +80,15 @@ fn pending_weights(node: &pb::NodeProto) -> TractResult<Packed> {
         .with_context(|| format!("{}: no weights {key}", node.op_type))
 }
 
+/// The node that produces `outlet`, when its one output has one reader (a fused
+/// pattern's next node) and is not a model output: the fusions (rope.rs, gelu.rs) take in only
+/// values nothing else reads.
+pub(crate) fn read_once(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    let node = model.node(outlet.node);
+    let returned = model.outputs.contains(&outlet);
+    (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 && !returned).then_some(node)
+}
+
 /// The type and shape rules of an op of ours with one output, for tract's inference front end.
 pub(crate) trait Rules: TypedOp + Clone {
     /// How many inputs it takes.

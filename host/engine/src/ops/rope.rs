@@ -14,6 +14,7 @@ use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 
 use super::arith::{Arith, Elementwise};
+use super::read_once;
 
 /// `out = x * cos + rotate_half(x) * sin` over x's last axis (`2 * half` wide); `cos` and `sin`
 /// have one shape, which repeats within x's over its leading axes (as [`Elementwise`]'s part).
@@ -76,14 +77,6 @@ fn find(model: &TypedModel, id: usize) -> Option<Found> {
             half,
         })
     })
-}
-
-/// The node that produces `outlet`, when its one output has one reader (the pattern's next node)
-/// and is not a model output.
-fn read_once(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
-    let node = model.node(outlet.node);
-    let returned = model.outputs.contains(&outlet);
-    (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 && !returned).then_some(node)
 }
 
 /// `half` when `concat` is `Concat(Neg(x[.., half..2 half]), x[.., ..half])` on x's last axis

@@ -32,6 +32,8 @@ fn arg(name: &str, default: usize) -> usize {
 fn stream(model: &Arc<Model>, prompt: &[i64], gen: usize, prefilled: &Barrier) -> (Vec<i64>, f64) {
     let mut s = Session::new(model.clone());
     let mut logits = step(&mut s, prompt, 0);
+    // Twice: between the two, the profile round turns profiling on (decode steps only).
+    prefilled.wait();
     prefilled.wait();
     let t = Instant::now();
     let mut tokens = vec![];
@@ -43,18 +45,21 @@ fn stream(model: &Arc<Model>, prompt: &[i64], gen: usize, prefilled: &Barrier) -
     (tokens, t.elapsed().as_secs_f64())
 }
 
-/// One more round of the streams with every node of the packed runs timed: ms per packed run
-/// by op kind.
+/// One more round of the streams with every node of the decode steps' packed runs timed: ms
+/// per packed run by op kind.
 fn profile_round(model: &Arc<Model>, prompts: &[Vec<i64>], gen: usize) {
-    model.set_batch_profiling(true);
-    let before = model.batching_stats().packed_runs;
+    let prefilled = Arc::new(Barrier::new(prompts.len() + 1));
     let handles: Vec<_> = prompts
         .iter()
         .map(|p| {
-            let (model, p) = (model.clone(), p.clone());
-            std::thread::spawn(move || stream(&model, &p, gen, &Barrier::new(1)))
+            let (model, p, prefilled) = (model.clone(), p.clone(), prefilled.clone());
+            std::thread::spawn(move || stream(&model, &p, gen, &prefilled))
         })
         .collect();
+    prefilled.wait();
+    model.set_batch_profiling(true);
+    let before = model.batching_stats().packed_runs;
+    prefilled.wait();
     handles.into_iter().for_each(|h| drop(h.join().unwrap()));
     let runs = (model.batching_stats().packed_runs - before).max(1) as f64;
     let p = model.take_batch_profile().expect("profiling is on");

@@ -15,6 +15,7 @@ pub(crate) mod parallel;
 #[cfg(feature = "threads")]
 pub(crate) mod pool;
 pub(crate) mod q4_1;
+pub(crate) mod q5_blocks;
 pub(crate) mod q8;
 pub(crate) mod q8_blocks;
 pub(crate) mod quantize;

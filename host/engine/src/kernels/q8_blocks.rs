@@ -51,24 +51,40 @@ pub struct Q8Blocks {
 }
 
 /// A weight's scales, as f32 or, when each is a float16 value, as float16.
-enum Scales {
+pub(crate) enum Scales {
     F32(Vec<f32>),
     F16(Vec<f16>),
 }
 
 impl Scales {
-    /// `s` as float16 when that holds every value exactly (bit for bit), else as f32.
-    fn of(s: Vec<f32>) -> Scales {
+    /// `scale` `[N][K/per]` by (panel of 32 columns, block, column), padded columns 0: as
+    /// float16 when that holds every value exactly (bit for bit), else as f32. Built in one
+    /// pass, so that a 262k-row table's scales are not held a second time as f32 on the way.
+    pub(crate) fn in_panels(scale: &[f32], n: usize, blocks: usize) -> Scales {
         let exact = |v: &f32| f16::from_f32(*v).to_f32().to_bits() == v.to_bits();
-        if s.iter().all(exact) {
-            Scales::F16(s.iter().map(|&v| f16::from_f32(v)).collect())
+        let len = n.div_ceil(Q8B_PANEL) * blocks * Q8B_PANEL;
+        // Where output channel c's block b goes.
+        let at = |c: usize, b: usize| ((c / Q8B_PANEL) * blocks + b) * Q8B_PANEL + c % Q8B_PANEL;
+        let fill = |out: &mut dyn FnMut(usize, f32)| {
+            for c in 0..n {
+                for b in 0..blocks {
+                    out(at(c, b), scale[c * blocks + b]);
+                }
+            }
+        };
+        if scale.iter().all(exact) {
+            let mut s = vec![f16::ZERO; len];
+            fill(&mut |i, v| s[i] = f16::from_f32(v));
+            Scales::F16(s)
         } else {
+            let mut s = vec![0f32; len];
+            fill(&mut |i, v| s[i] = v);
             Scales::F32(s)
         }
     }
 
     #[inline(always)]
-    fn get(&self, i: usize) -> f32 {
+    pub(crate) fn get(&self, i: usize) -> f32 {
         match self {
             Scales::F32(s) => s[i],
             Scales::F16(s) => s[i].to_f32(),
@@ -76,7 +92,7 @@ impl Scales {
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Scales::F32(s) => s.len(),
             Scales::F16(s) => s.len(),
@@ -86,17 +102,19 @@ impl Scales {
 
 /// `with_scales!(w, f, [A, B,], (args))` calls `f::<A, B, SPB, S>(w, scales: &[S], args)` for
 /// the weight's scales per block (SPB, 1 or 2) and their type (S, f32 or float16): the kernels
-/// take both as constants.
+/// take both as constants. (Also for [`super::q5_blocks::Q5Blocks`], whose fields have the same
+/// names.)
 macro_rules! with_scales {
     ($w:expr, $f:ident, [$($c:tt)*], ($($arg:expr),*)) => {
         match (&$w.scale, $w.scales_per_block) {
-            (Scales::F32(s), 1) => $f::<$($c)* 1, f32>($w, s, $($arg),*),
-            (Scales::F32(s), _) => $f::<$($c)* 2, f32>($w, s, $($arg),*),
-            (Scales::F16(s), 1) => $f::<$($c)* 1, f16>($w, s, $($arg),*),
-            (Scales::F16(s), _) => $f::<$($c)* 2, f16>($w, s, $($arg),*),
+            ($crate::kernels::q8_blocks::Scales::F32(s), 1) => $f::<$($c)* 1, f32>($w, s, $($arg),*),
+            ($crate::kernels::q8_blocks::Scales::F32(s), _) => $f::<$($c)* 2, f32>($w, s, $($arg),*),
+            ($crate::kernels::q8_blocks::Scales::F16(s), 1) => $f::<$($c)* 1, ::half::f16>($w, s, $($arg),*),
+            ($crate::kernels::q8_blocks::Scales::F16(s), _) => $f::<$($c)* 2, ::half::f16>($w, s, $($arg),*),
         }
     };
 }
+pub(crate) use with_scales;
 
 impl std::fmt::Debug for Q8Blocks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,7 +130,7 @@ impl Q8Blocks {
     /// From `rows` `[N][K]` of int8 values (as bytes, two's complement) and `scale` `[N][K/per]`
     /// (tests; the loader checks, then packs with [`Q8Blocks::from_checked`]).
     #[cfg(test)]
-    fn from_rows(
+    pub(crate) fn from_rows(
         k: usize,
         n: usize,
         rows: Vec<u8>,
@@ -186,18 +204,11 @@ impl Q8Blocks {
                 }
             }
         }
-        let mut s = vec![0f32; panels * halves * Q8B_PANEL];
-        for c in 0..n {
-            let (p, j) = (c / Q8B_PANEL, c % Q8B_PANEL);
-            for h in 0..halves {
-                s[(p * halves + h) * Q8B_PANEL + j] = scale[c * halves + h];
-            }
-        }
         Q8Blocks {
             k,
             n,
             q: bytes,
-            scale: Scales::of(s),
+            scale: Scales::in_panels(scale, n, halves),
             scales_per_block: QBLOCK / per,
             activations: Activations::default(),
             offsets: None,
@@ -205,10 +216,19 @@ impl Q8Blocks {
     }
 
     /// The same weight plus an offset per block of `per` values (16 or 32): `s * q + o`, `o`
-    /// `[N][K/per]`.
+    /// `[N][K/per]` (tests; the loader checks them first: [`Self::with_block_offsets`]).
+    #[cfg(test)]
     pub fn with_offsets(self, per: usize, o: &[f32]) -> Result<Self, String> {
-        let offsets = Some(BlockOffsets::new(self.k, self.n, per, o)?);
-        Ok(Q8Blocks { offsets, ..self })
+        let offsets = BlockOffsets::new(self.k, self.n, per, o)?;
+        Ok(self.with_block_offsets(offsets))
+    }
+
+    /// The same weight plus `offsets` (made for its K and N).
+    pub(crate) fn with_block_offsets(self, offsets: BlockOffsets) -> Self {
+        Q8Blocks {
+            offsets: Some(offsets),
+            ..self
+        }
     }
 
     /// The same weight, its products rounding activations as `activations` says.
@@ -269,7 +289,7 @@ const GROUPS_PER_SCALE: [usize; 3] = [0, 8, 4];
 /// SIMD kernels take `SPB` as a constant (a run-time multiply per half-block cost a tenth of the
 /// decode of Gemma 3's LM head).
 #[inline(always)]
-fn scale_index<const SPB: usize>(kb: usize, p: usize, b: usize, h: usize) -> usize {
+pub(crate) fn scale_index<const SPB: usize>(kb: usize, p: usize, b: usize, h: usize) -> usize {
     (p * SPB * kb + SPB * b + h * (SPB - 1)) * Q8B_PANEL
 }
 
@@ -594,13 +614,13 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::dispatch::{kernels, PanelKernels};
     use crate::kernels::testing::{same_on_threads, Lcg, SHAPES};
 
     /// Int8 rows (the whole range, -127..=127) with a scale per 16 values.
-    fn weights(g: &mut Lcg, k: usize, n: usize) -> (Vec<u8>, Vec<f32>, Q8Blocks) {
+    pub(crate) fn weights(g: &mut Lcg, k: usize, n: usize) -> (Vec<u8>, Vec<f32>, Q8Blocks) {
         let rows: Vec<u8> = (0..k * n)
             .map(|_| g.i8())
             .map(|b| if b == 0x80 { 0x81 } else { b })

@@ -37,9 +37,12 @@ pub(crate) fn rewrite(
         nbits::rewrite(graph, &mut weights);
         // A block-quantized model already rounds activations to 8 bits per block: its int8 LM
         // head does too.
-        let head_q8 = weights
-            .values()
-            .any(|w| matches!(w, Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_)));
+        let head_q8 = weights.values().any(|w| {
+            matches!(
+                w,
+                Packed::Q4_1(_) | Packed::Q4F32(_) | Packed::Q8Blocks(_) | Packed::Q5Blocks(_)
+            )
+        });
         int8::rewrite(graph, &mut weights, head_q8);
         float::rewrite(graph, &mut weights);
         kv_cache::rewrite(graph);

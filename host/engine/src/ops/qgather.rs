@@ -15,7 +15,11 @@ pub(super) fn build(
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let w = match pending_weights(node)? {
-        w @ (Packed::F32(_) | Packed::Int8(_) | Packed::Q8Head(_) | Packed::Q8Blocks(_))
+        w @ (Packed::F32(_)
+        | Packed::Int8(_)
+        | Packed::Q8Head(_)
+        | Packed::Q8Blocks(_)
+        | Packed::Q5Blocks(_))
             if w.is_table() =>
         {
             w

@@ -28,9 +28,9 @@ impl QMatMul {
         matches!(self.w, Packed::Q4_1(_) | Packed::Q4F32(_))
     }
 
-    /// int8 blocks with a scale per 16 values (Q8_0, Q5_0, Q6_K).
+    /// int8 blocks (Q8_0, Q5_0, Q6_K), held in 8 or 5 bits.
     pub fn is_q8_blocks(&self) -> bool {
-        matches!(self.w, Packed::Q8Blocks(_))
+        matches!(self.w, Packed::Q8Blocks(_) | Packed::Q5Blocks(_))
     }
 
     /// f32 weights (float matrices), summed in one order on every target.

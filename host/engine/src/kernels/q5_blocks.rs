@@ -369,19 +369,37 @@ mod x86 {
     use super::*;
     use crate::kernels::quantize::int_sum;
 
-    /// `acc + sum of 4 products u * x` per 32-bit lane, for u in 0..32 (u8) and x (i8).
+    /// The byte products and the fifth bits of one instruction set.
     trait DotU {
+        /// `acc + sum of 4 products u * x` per 32-bit lane, for u in 0..32 (u8) and x (i8).
+        ///
         /// # Safety
         /// The CPU has the instructions of the implementation.
         unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i;
+
+        /// `nibbles` plus 16 in the bytes whose bit is set in the 32-bit mask at `mask`.
+        ///
+        /// # Safety
+        /// As `dot`; `mask` points at 4 readable bytes.
+        unsafe fn add_fifth_bits(nibbles: __m256i, mask: *const u32) -> __m256i;
     }
 
+    /// AVX-512 VNNI, with BW's byte masks for the fifth bits.
     struct Vnni;
     impl DotU for Vnni {
         #[inline(always)]
         unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
             // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
             unsafe { _mm256_dpbusd_epi32(acc, u, x) }
+        }
+
+        #[inline(always)]
+        unsafe fn add_fifth_bits(nibbles: __m256i, mask: *const u32) -> __m256i {
+            // SAFETY: the caller's CPU (AVX-512 BW and VL) and 4 bytes at `mask`.
+            unsafe {
+                let k = _cvtu32_mask32(mask.read_unaligned());
+                _mm256_mask_add_epi8(nibbles, k, nibbles, _mm256_set1_epi8(16))
+            }
         }
     }
 
@@ -396,12 +414,50 @@ mod x86 {
                 _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
             }
         }
+
+        #[inline(always)]
+        unsafe fn add_fifth_bits(nibbles: __m256i, mask: *const u32) -> __m256i {
+            // SAFETY: the caller's AVX2 and 4 bytes at `mask`.
+            unsafe {
+                // Byte i from mask byte i / 8 (each 128-bit lane shuffles its own copy).
+                let spread = _mm256_setr_epi8(
+                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                    3, 3, 3, 3, 3, 3,
+                );
+                let m = _mm256_set1_epi32(mask.read_unaligned() as i32);
+                let bytes = _mm256_shuffle_epi8(m, spread);
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+            }
+        }
     }
 
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub unsafe fn panels_vnni(
+        w: &Q5Blocks,
+        x: &QuantRows,
+        m: usize,
+        y: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        // SAFETY: the caller's contract, passed on with the features each kernel needs (every
+        // CPU with AVX-512 VNNI so far has BW as well).
+        unsafe {
+            if std::is_x86_feature_detected!("avx512bw") {
+                panels_vnni_bw(w, x, m, y, p0, p1)
+            } else {
+                panels_avx2(w, x, m, y, p0, p1)
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`panels_vnni`], on a CPU with AVX-512 BW too.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw")]
+    unsafe fn panels_vnni_bw(
         w: &Q5Blocks,
         x: &QuantRows,
         m: usize,
@@ -473,26 +529,6 @@ mod x86 {
         }
     }
 
-    /// 32 bytes, 16 if bit i of `mask` is set, else 0.
-    ///
-    /// # Safety
-    /// The CPU has AVX2.
-    #[inline(always)]
-    unsafe fn fifth_bits(mask: u32) -> __m256i {
-        // SAFETY: the caller's AVX2.
-        unsafe {
-            // Byte i from mask byte i / 8 (each 128-bit lane shuffles its own copy).
-            let spread = _mm256_setr_epi8(
-                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
-                3, 3, 3, 3,
-            );
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask as i32), spread);
-            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-            _mm256_and_si256(set, _mm256_set1_epi8(16))
-        }
-    }
-
     /// Rows `row..row + MR` by columns `c..c + 8 * NV` of panel `p`, over all of K, into `out`
     /// (`[MR][Q5_PANEL]`, at column c): the int8 blocks' tile on `u`, each scale's sum then
     /// corrected by `lo * sum(xq)`.
@@ -533,13 +569,10 @@ mod x86 {
                             let octet = c / 8 + v;
                             let q = _mm256_loadu_si256(blk.add(g * 128 + octet * 32) as *const _);
                             let masks = blk.add(NIBBLE_BYTES + (g * 4 + octet) * 8) as *const u32;
-                            let low = _mm256_or_si256(
-                                _mm256_and_si256(q, nib),
-                                fifth_bits(masks.read_unaligned()),
-                            );
-                            let high = _mm256_or_si256(
+                            let low = D::add_fifth_bits(_mm256_and_si256(q, nib), masks);
+                            let high = D::add_fifth_bits(
                                 _mm256_and_si256(_mm256_srli_epi16(q, 4), nib),
-                                fifth_bits(masks.add(1).read_unaligned()),
+                                masks.add(1),
                             );
                             for r in 0..MR {
                                 acc[r][v] = D::dot(acc[r][v], low, xl[r]);

@@ -367,10 +367,15 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
+    use crate::kernels::q8::x86::Dot8;
+    use crate::kernels::q8_blocks::x86::tile as int8_tile;
     use crate::kernels::quantize::int_sum;
 
     /// The byte products and the fifth bits of one instruction set.
     trait DotU {
+        /// The int8 blocks' products on the same instructions (a prefill's unpacked panels).
+        type Int8: Dot8;
+
         /// `acc + sum of 4 products u * x` per 32-bit lane, for u in 0..32 (u8) and x (i8).
         ///
         /// # Safety
@@ -387,6 +392,8 @@ mod x86 {
     /// AVX-512 VNNI, with BW's byte masks for the fifth bits.
     struct Vnni;
     impl DotU for Vnni {
+        type Int8 = crate::kernels::q8::x86::Vnni;
+
         #[inline(always)]
         unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
             // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
@@ -405,6 +412,8 @@ mod x86 {
 
     struct Avx2;
     impl DotU for Avx2 {
+        type Int8 = crate::kernels::q8::x86::Avx2;
+
         #[inline(always)]
         unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
             // Pairs stay within i16 (2 * 31 * 128).
@@ -485,6 +494,11 @@ mod x86 {
         unsafe { with_scales!(w, panels, [Avx2, 2,], (x, m, y, p0, p1)) }
     }
 
+    /// Decode's rows (fewer than 4) straight from the 5-bit blocks. A prefill's (4 or more) on
+    /// each panel unpacked once into the int8 blocks' layout, by their kernel: unpacking per
+    /// tile of 4 rows cost a quarter of Gemma 3's prefill at 1 thread. Both give the int8
+    /// blocks' bits.
+    ///
     /// # Safety
     /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and what `D` needs.
     #[inline(always)]
@@ -497,19 +511,38 @@ mod x86 {
         p0: usize,
         p1: usize,
     ) {
-        let n = w.n;
+        let (n, k) = (w.n, w.k);
         let mut out = [0f32; 4 * Q5_PANEL];
         let o = out.as_mut_ptr();
+        let mut unpacked = vec![0u8; if m >= 4 { Q5_PANEL * k } else { 0 }];
         // SAFETY: tiles of panels p < p1 and rows < m, columns in 0..32 (NV4 * 8 divides
-        // 32), are inside `w`, `x` and `out`; the copies write `cols` columns of panel p of
-        // rows < m: inside y, in a panel this call owns.
+        // 32), are inside `w`, `unpacked`, `x` and `out`; the copies write `cols` columns of
+        // panel p of rows < m: inside y, in a panel this call owns.
         unsafe {
             for p in p0..p1 {
                 let cols = Q5_PANEL.min(n - p * Q5_PANEL);
+                if m < 4 {
+                    for row in 0..m {
+                        tile::<D, 1, 4, SPB, S>(w, scales, p, 0, x, row, o);
+                        std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q5_PANEL), cols);
+                    }
+                    continue;
+                }
+                unpack::<D>(w, p, &mut unpacked);
+                let panel = unpacked.as_ptr();
                 let mut row = 0;
                 while row + 4 <= m {
                     for c in (0..Q5_PANEL).step_by(8 * NV4) {
-                        tile::<D, 4, NV4, SPB, S>(w, scales, p, c, x, row, o.add(c));
+                        int8_tile::<D::Int8, 4, NV4, SPB, S>(
+                            panel,
+                            k,
+                            scales,
+                            p,
+                            c,
+                            x,
+                            row,
+                            o.add(c),
+                        );
                     }
                     for r in 0..4 {
                         std::ptr::copy_nonoverlapping(
@@ -521,9 +554,45 @@ mod x86 {
                     row += 4;
                 }
                 while row < m {
-                    tile::<D, 1, 4, SPB, S>(w, scales, p, 0, x, row, o);
+                    int8_tile::<D::Int8, 1, 4, SPB, S>(panel, k, scales, p, 0, x, row, o);
                     std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q5_PANEL), cols);
                     row += 1;
+                }
+            }
+        }
+    }
+
+    /// Panel `p` as the int8 blocks hold a panel (`q + 128` per value), into `out` (32 * K).
+    ///
+    /// # Safety
+    /// Panel `p` is inside `w`; the CPU has AVX2 and what `D` needs.
+    #[inline(always)]
+    unsafe fn unpack<D: DotU>(w: &Q5Blocks, p: usize, out: &mut [u8]) {
+        let kb = w.k / QBLOCK;
+        assert_eq!(out.len(), kb * QBLOCK * Q5_PANEL);
+        // SAFETY: block b < K/32 of panel p is inside `w`; group g's 32 columns of block b are
+        // inside `out` (1 KiB per block).
+        unsafe {
+            let nib = _mm256_set1_epi8(15);
+            // q + 128 = u + lo + 128, in 1..=255.
+            let bias = _mm256_set1_epi8((w.lo + 128) as u8 as i8);
+            for b in 0..kb {
+                let blk = w.bits.as_ptr().add((p * kb + b) * BLOCK_BYTES);
+                let dst = out.as_mut_ptr().add(b * QBLOCK * Q5_PANEL);
+                for g in 0..4 {
+                    for octet in 0..4 {
+                        let q = _mm256_loadu_si256(blk.add(g * 128 + octet * 32) as *const _);
+                        let masks = blk.add(NIBBLE_BYTES + (g * 4 + octet) * 8) as *const u32;
+                        let low = D::add_fifth_bits(_mm256_and_si256(q, nib), masks);
+                        let high = D::add_fifth_bits(
+                            _mm256_and_si256(_mm256_srli_epi16(q, 4), nib),
+                            masks.add(1),
+                        );
+                        // Values 8g + t are the int8 blocks' group 2g, 8g + 4 + t group 2g + 1.
+                        let at = |group: usize| dst.add(group * 128 + octet * 32) as *mut __m256i;
+                        _mm256_storeu_si256(at(2 * g), _mm256_add_epi8(low, bias));
+                        _mm256_storeu_si256(at(2 * g + 1), _mm256_add_epi8(high, bias));
+                    }
                 }
             }
         }

@@ -450,7 +450,7 @@ mod wasm {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -510,10 +510,11 @@ mod x86 {
         unsafe {
             for p in p0..p1 {
                 let cols = Q8B_PANEL.min(n - p * Q8B_PANEL);
+                let panel = w.q.as_ptr().add(p * Q8B_PANEL * w.k);
                 let mut row = 0;
                 while row + 4 <= m {
                     for c in (0..Q8B_PANEL).step_by(8 * NV4) {
-                        tile::<D, 4, NV4, SPB, S>(w, scales, p, c, x, row, o.add(c));
+                        tile::<D, 4, NV4, SPB, S>(panel, w.k, scales, p, c, x, row, o.add(c));
                     }
                     for r in 0..4 {
                         std::ptr::copy_nonoverlapping(
@@ -525,7 +526,7 @@ mod x86 {
                     row += 4;
                 }
                 while row < m {
-                    tile::<D, 1, 4, SPB, S>(w, scales, p, 0, x, row, o);
+                    tile::<D, 1, 4, SPB, S>(panel, w.k, scales, p, 0, x, row, o);
                     std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q8B_PANEL), cols);
                     row += 1;
                 }
@@ -533,15 +534,24 @@ mod x86 {
         }
     }
 
-    /// Rows `row..row + MR` by columns `c..c + 8 * NV` of panel `p`, over all of K, into `out`
-    /// (`[MR][Q8B_PANEL]`, at column c).
+    /// Rows `row..row + MR` by columns `c..c + 8 * NV` of panel `p` (its `32 * k` bytes at
+    /// `panel`, laid out as [`Q8Blocks`] lays a panel out; its scales in `scales`), over all of
+    /// K, into `out` (`[MR][Q8B_PANEL]`, at column c).
     ///
     /// # Safety
-    /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `w`, `x` and
-    /// `out`; the CPU has AVX2, FMA and what `D` needs.
+    /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `panel`,
+    /// `scales`, `x` and `out`; the CPU has AVX2, FMA and what `D` needs.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn tile<D: Dot8, const MR: usize, const NV: usize, const SPB: usize, S: BlockScale>(
-        w: &Q8Blocks,
+    pub(crate) unsafe fn tile<
+        D: Dot8,
+        const MR: usize,
+        const NV: usize,
+        const SPB: usize,
+        S: BlockScale,
+    >(
+        panel: *const u8,
+        k: usize,
         scales: &[S],
         p: usize,
         c: usize,
@@ -549,15 +559,13 @@ mod x86 {
         row: usize,
         out: *mut f32,
     ) {
-        let (k, kb) = (w.k, w.k / QBLOCK);
+        let kb = k / QBLOCK;
         // SAFETY: every offset stays in panel p's blocks (b < K/32) at columns c..c + 8 * NV,
         // in rows row..row + MR of x, and in out's MR rows: the caller's ranges.
         unsafe {
             let mut facc = [[_mm256_setzero_ps(); NV]; MR];
             for b in 0..kb {
-                let blk =
-                    w.q.as_ptr()
-                        .add(p * Q8B_PANEL * k + b * BLOCK_BYTES + c * 4);
+                let blk = panel.add(b * BLOCK_BYTES + c * 4);
                 for h in 0..SPB {
                     let mut acc = [[_mm256_setzero_si256(); NV]; MR];
                     let mut correction = [_mm256_setzero_si256(); MR];

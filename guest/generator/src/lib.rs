@@ -4,6 +4,7 @@
 //! wasi:nn (`load-by-name(<name>)`, one execution context per completion, the KV cache kept
 //! by the host). Everything but `nn_session` and `component` is pure logic that tests natively.
 
+mod bpe;
 pub mod chat;
 pub mod constraint;
 pub mod detok;

@@ -7,15 +7,17 @@ use std::cell::OnceCell;
 use std::ops::Range;
 
 use serde_json::Value as Json;
-use tokenizers::{Model, ModelWrapper};
+use tokenizers::Model;
+
+use crate::tokenizer_file::Inner;
 
 use crate::detok::Decode;
 use crate::error::{Error, Result};
 
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     /// A copy that reads special-token text as plain text; made when first needed.
-    plain: OnceCell<tokenizers::Tokenizer>,
+    plain: OnceCell<Inner>,
     /// Ids of the special added tokens (`"special": true`), sorted.
     special: Vec<u32>,
     /// The content of every added token, by id.
@@ -196,6 +198,16 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(model_error)
     }
 
+    /// Whether the model is this crate's compact BPE (crate::bpe) rather than the library's (for
+    /// tests: files the lean reader refuses fall back to the library quietly).
+    #[doc(hidden)]
+    pub fn is_lean_bpe(&self) -> bool {
+        matches!(
+            self.inner.get_model(),
+            crate::tokenizer_file::TokenModel::Lean(_)
+        )
+    }
+
     /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> u32 {
         self.inner.get_vocab_size(true) as u32
@@ -351,13 +363,12 @@ fn pre_tokenizer_keeps_text(p: &Json) -> Option<bool> {
 /// See [`Tokenizer::size_bound`]. Each token's text in the vocabulary is at least as long as
 /// the (normalized) input it covers: ByteLevel vocabularies spell one byte per character, "▁"
 /// (3 bytes) stands for a space, "<0x0A>" for one byte.
-fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
+fn size_bound(t: &Inner) -> Option<SizeBound> {
     let normalizer = serde_json::to_value(t.get_normalizer()).ok()?;
     let shrink = normalizer_shrink(&normalizer)?;
     let byte_level = pre_tokenizer_keeps_text(&serde_json::to_value(t.get_pre_tokenizer()).ok()?)?;
-    let ModelWrapper::BPE(bpe) = t.get_model() else {
-        return None;
-    };
+    let bpe = t.get_model();
+    let flags = bpe.bpe_flags()?;
     // The model's vocabulary, read in place (a copy of a 262k-token vocabulary would stay in a
     // wasm32 memory as its high-water mark).
     let in_vocab = |token: &str| bpe.token_to_id(token).is_some();
@@ -365,12 +376,11 @@ fn size_bound(t: &tokenizers::Tokenizer) -> Option<SizeBound> {
     // character it has no token for when there is neither byte fallback nor an unknown token:
     // with ByteLevel (characters are bytes) and no normalizer, such bytes are not counted.
     let mut dropped = [false; 256];
-    let unk_per_char = bpe.unk_token.is_some() && !bpe.fuse_unk;
-    let byte_fallback = bpe.byte_fallback && (0..=255u8).all(|b| in_vocab(&format!("<0x{b:02X}>")));
+    let unk_per_char = flags.unk_token && !flags.fuse_unk;
+    let byte_fallback =
+        flags.byte_fallback && (0..=255u8).all(|b| in_vocab(&format!("<0x{b:02X}>")));
     if !unk_per_char && !byte_fallback {
-        let plain_chars =
-            bpe.continuing_subword_prefix.is_none() && bpe.end_of_word_suffix.is_none();
-        if !(byte_level && plain_chars) {
+        if !(byte_level && flags.plain_chars) {
             return None;
         }
         for b in 0..=255u8 {

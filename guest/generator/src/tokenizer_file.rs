@@ -1,38 +1,159 @@
 //! `tokenizer.json` read with little memory. The `tokenizers` crate deserializes a model by way of
 //! two whole JSON trees (an untagged enum buffers it, then a `serde_json::Value` holds it again),
-//! which for Gemma 3's 262k tokens and 513k merges costs about three times the tokenizer's own
-//! size, and in wasm32 a linear memory never gives back what it grew to. Here a BPE model's
-//! vocabulary and merges stream straight into what `BpeBuilder` takes; every other part
-//! (normalizer, pre-tokenizer, post-processor, decoder, added tokens, truncation, padding) goes
-//! through the library's own types, as the library assembles them. Any other model, or a file
-//! this reader does not take, is read by the library itself.
+//! and its BPE holds the vocabulary and merges in hash maps of strings: for Gemma 3's 262k tokens
+//! and 513k merges, a 98 MB high-water mark, and in wasm32 a linear memory never gives back what
+//! it grew to. Here a BPE model's vocabulary and merges stream straight into a [`Bpe`] (13 MB);
+//! every other part (normalizer, pre-tokenizer, post-processor, decoder, added tokens,
+//! truncation, padding) goes through the library's own types, as the library assembles them. Any
+//! other model, or a file this reader does not take, is read by the library itself.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::path::{Path, PathBuf};
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
-use tokenizers::models::bpe::{Vocab, BPE};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::{
-    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PaddingParams,
-    PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder, TruncationParams,
+    AddedToken, DecoderWrapper, Model, ModelWrapper, NormalizerWrapper, PaddingParams,
+    PostProcessorWrapper, PreTokenizerWrapper, Token, TokenizerBuilder, TokenizerImpl,
+    TruncationParams,
 };
 
+use crate::bpe::{self, Bpe};
+
+/// The generator's tokenizer: the library's pipeline around either model.
+pub type Inner = TokenizerImpl<
+    TokenModel,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
 /// The tokenizer in `json`: a BPE model read lean, anything else by the library. The file's
-/// bytes are freed before the model is built (12 MB less at the high-water mark for Gemma 3).
-pub fn read(json: Vec<u8>) -> tokenizers::Result<tokenizers::Tokenizer> {
+/// bytes are freed before the model is built.
+pub fn read(json: Vec<u8>) -> tokenizers::Result<Inner> {
     match serde_json::from_slice::<LeanFile>(&json) {
         Ok(lean) => {
             drop(json);
             lean.build()
         }
-        Err(_) => tokenizers::Tokenizer::from_bytes(json),
+        Err(_) => Inner::from_bytes(json),
+    }
+}
+
+/// The model of a tokenizer: ours for BPE files, the library's for the rest.
+#[derive(Clone)]
+pub enum TokenModel {
+    Lean(Bpe),
+    Library(ModelWrapper),
+}
+
+/// What [`crate::tokenizer::SizeBound`] needs of a BPE model.
+pub struct BpeFlags {
+    pub unk_token: bool,
+    pub fuse_unk: bool,
+    pub byte_fallback: bool,
+    /// Neither a continuing-subword prefix nor an end-of-word suffix.
+    pub plain_chars: bool,
+}
+
+impl TokenModel {
+    /// None when the model is not BPE.
+    pub fn bpe_flags(&self) -> Option<BpeFlags> {
+        match self {
+            TokenModel::Lean(b) => Some(BpeFlags {
+                unk_token: b.options().unk_token.is_some(),
+                fuse_unk: b.options().fuse_unk,
+                byte_fallback: b.options().byte_fallback,
+                plain_chars: true,
+            }),
+            TokenModel::Library(ModelWrapper::BPE(b)) => Some(BpeFlags {
+                unk_token: b.unk_token.is_some(),
+                fuse_unk: b.fuse_unk,
+                byte_fallback: b.byte_fallback,
+                plain_chars: b.continuing_subword_prefix.is_none()
+                    && b.end_of_word_suffix.is_none(),
+            }),
+            TokenModel::Library(_) => None,
+        }
+    }
+}
+
+impl Model for TokenModel {
+    type Trainer = TrainerWrapper;
+
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
+        match self {
+            TokenModel::Lean(m) => m.tokenize(sequence),
+            TokenModel::Library(m) => m.tokenize(sequence),
+        }
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            TokenModel::Lean(m) => m.token_to_id(token),
+            TokenModel::Library(m) => m.token_to_id(token),
+        }
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            TokenModel::Lean(m) => m.id_to_token(id),
+            TokenModel::Library(m) => m.id_to_token(id),
+        }
+    }
+
+    fn get_vocab(&self) -> HashMap<String, u32> {
+        match self {
+            TokenModel::Lean(m) => m.get_vocab(),
+            TokenModel::Library(m) => m.get_vocab(),
+        }
+    }
+
+    fn get_vocab_size(&self) -> usize {
+        match self {
+            TokenModel::Lean(m) => m.get_vocab_size(),
+            TokenModel::Library(m) => m.get_vocab_size(),
+        }
+    }
+
+    fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
+        match self {
+            TokenModel::Lean(m) => m.save(folder, prefix),
+            TokenModel::Library(m) => m.save(folder, prefix),
+        }
+    }
+
+    fn get_trainer(&self) -> TrainerWrapper {
+        match self {
+            TokenModel::Lean(m) => m.get_trainer().into(),
+            TokenModel::Library(m) => m.get_trainer(),
+        }
+    }
+}
+
+impl Serialize for TokenModel {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TokenModel::Lean(m) => m.serialize(s),
+            TokenModel::Library(m) => m.serialize(s),
+        }
+    }
+}
+
+/// Files the lean reader does not take come through here, whole, to the library.
+impl<'de> Deserialize<'de> for TokenModel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ModelWrapper::deserialize(d).map(TokenModel::Library)
     }
 }
 
 /// The file's parts, as the library's `Tokenizer` deserializer reads them, with the model as a
-/// [`LeanBpe`].
+/// [`Bpe`].
 struct LeanFile {
-    bpe: LeanBpe,
+    bpe: Bpe,
     normalizer: Option<NormalizerWrapper>,
     pre_tokenizer: Option<PreTokenizerWrapper>,
     post_processor: Option<PostProcessorWrapper>,
@@ -54,9 +175,9 @@ struct AddedTokenWithId {
 impl LeanFile {
     /// The tokenizer, assembled as the library assembles a deserialized one: the model and its
     /// companions, then the added tokens (which take the model's ids where it has them).
-    fn build(self) -> tokenizers::Result<tokenizers::Tokenizer> {
+    fn build(self) -> tokenizers::Result<Inner> {
         let mut tokenizer = TokenizerBuilder::new()
-            .with_model(ModelWrapper::BPE(self.bpe.build()?))
+            .with_model(TokenModel::Lean(self.bpe))
             .with_normalizer(self.normalizer)
             .with_pre_tokenizer(self.pre_tokenizer)
             .with_post_processor(self.post_processor)
@@ -66,7 +187,7 @@ impl LeanFile {
             .build()?;
         let added: Vec<AddedToken> = self.added_tokens.into_iter().map(|t| t.token).collect();
         tokenizer.add_tokens(&added);
-        Ok(tokenizer.into())
+        Ok(tokenizer)
     }
 }
 
@@ -97,7 +218,7 @@ impl<'de> Visitor<'de> for FileVisitor {
                         return Err(de::Error::custom(format!("tokenizer version {v}")));
                     }
                 }
-                "model" => bpe = Some(map.next_value::<LeanBpe>()?),
+                "model" => bpe = Some(map.next_value_seed(BpeSeed)?),
                 "normalizer" => normalizer = map.next_value()?,
                 "pre_tokenizer" => pre_tokenizer = map.next_value()?,
                 "post_processor" => post_processor = map.next_value()?,
@@ -123,54 +244,16 @@ impl<'de> Visitor<'de> for FileVisitor {
     }
 }
 
-/// A BPE model's fields, as the library's BPE deserializer reads them; the merges in either of
-/// its forms (`"a b"` strings, or `["a", "b"]` pairs), read one by one.
-#[derive(Default)]
-struct LeanBpe {
-    vocab: Option<Vocab>,
-    merges: Option<Vec<(String, String)>>,
-    dropout: Option<f32>,
-    unk_token: Option<String>,
-    continuing_subword_prefix: Option<String>,
-    end_of_word_suffix: Option<String>,
-    fuse_unk: Option<bool>,
-    byte_fallback: Option<bool>,
-    ignore_merges: Option<bool>,
-}
+/// A BPE model's fields, as the library's BPE deserializer reads them, into a [`Bpe`]: the
+/// vocabulary token by token, then the merges one by one in either of their forms (`"a b"`
+/// strings, or `["a", "b"]` pairs). Dropout, a subword prefix or suffix, or a token or id listed
+/// twice: an error, and the library reads the file.
+struct BpeSeed;
 
-impl LeanBpe {
-    fn build(self) -> tokenizers::Result<BPE> {
-        let (Some(vocab), Some(merges)) = (self.vocab, self.merges) else {
-            return Err("BPE model without vocab or merges".into());
-        };
-        let mut b = BPE::builder().vocab_and_merges(vocab, merges);
-        if let Some(p) = self.dropout {
-            b = b.dropout(p);
-        }
-        if let Some(t) = self.unk_token {
-            b = b.unk_token(t);
-        }
-        if let Some(p) = self.continuing_subword_prefix {
-            b = b.continuing_subword_prefix(p);
-        }
-        if let Some(s) = self.end_of_word_suffix {
-            b = b.end_of_word_suffix(s);
-        }
-        if let Some(f) = self.fuse_unk {
-            b = b.fuse_unk(f);
-        }
-        if let Some(f) = self.byte_fallback {
-            b = b.byte_fallback(f);
-        }
-        if let Some(f) = self.ignore_merges {
-            b = b.ignore_merges(f);
-        }
-        b.build()
-    }
-}
+impl<'de> DeserializeSeed<'de> for BpeSeed {
+    type Value = Bpe;
 
-impl<'de> Deserialize<'de> for LeanBpe {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Bpe, D::Error> {
         d.deserialize_map(BpeVisitor)
     }
 }
@@ -178,69 +261,118 @@ impl<'de> Deserialize<'de> for LeanBpe {
 struct BpeVisitor;
 
 impl<'de> Visitor<'de> for BpeVisitor {
-    type Value = LeanBpe;
+    type Value = Bpe;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a BPE model")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LeanBpe, A::Error> {
-        let mut m = LeanBpe::default();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Bpe, A::Error> {
+        let mut builder = bpe::Builder::default();
+        let mut options = bpe::Options::default();
+        let (mut vocab, mut merges) = (false, false);
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "type" => {
                     let kind: String = map.next_value()?;
                     if kind != "BPE" {
-                        // Read by the library instead.
                         return Err(de::Error::custom(format!("a {kind} model")));
                     }
                 }
-                "vocab" => m.vocab = Some(map.next_value()?),
-                "merges" => m.merges = Some(map.next_value::<Merges>()?.0),
-                "dropout" => m.dropout = map.next_value()?,
-                "unk_token" => m.unk_token = map.next_value()?,
-                "continuing_subword_prefix" => m.continuing_subword_prefix = map.next_value()?,
-                "end_of_word_suffix" => m.end_of_word_suffix = map.next_value()?,
-                "fuse_unk" => m.fuse_unk = map.next_value()?,
-                "byte_fallback" => m.byte_fallback = map.next_value()?,
-                "ignore_merges" => m.ignore_merges = map.next_value()?,
+                "vocab" => {
+                    map.next_value_seed(VocabSeed(&mut builder))?;
+                    builder.end_vocab().map_err(de::Error::custom)?;
+                    vocab = true;
+                }
+                "merges" => {
+                    map.next_value_seed(MergesSeed(&mut builder))?;
+                    merges = true;
+                }
+                "dropout" => {
+                    options.dropout = map.next_value()?;
+                    if options.dropout.is_some_and(|p| p != 0.0) {
+                        return Err(de::Error::custom("BPE dropout"));
+                    }
+                }
+                "unk_token" => options.unk_token = map.next_value()?,
+                "continuing_subword_prefix" | "end_of_word_suffix" => {
+                    if map.next_value::<Option<String>>()?.is_some() {
+                        return Err(de::Error::custom(format!("BPE {key}")));
+                    }
+                }
+                "fuse_unk" => options.fuse_unk = map.next_value::<Option<bool>>()?.unwrap_or(false),
+                "byte_fallback" => {
+                    options.byte_fallback = map.next_value::<Option<bool>>()?.unwrap_or(false)
+                }
+                "ignore_merges" => {
+                    options.ignore_merges = map.next_value::<Option<bool>>()?.unwrap_or(false)
+                }
                 other => {
                     // A field this reader does not know: the library decides what it means.
                     return Err(de::Error::unknown_field(other, &[]));
                 }
             }
         }
-        Ok(m)
+        if !(vocab && merges) {
+            return Err(de::Error::custom("BPE model without vocab or merges"));
+        }
+        Ok(builder.build(options))
     }
 }
 
-/// The merges, in rank order.
-struct Merges(Vec<(String, String)>);
+/// `vocab`: token -> id, into the builder.
+struct VocabSeed<'a>(&'a mut bpe::Builder);
 
-impl<'de> Deserialize<'de> for Merges {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_seq(MergesVisitor)
+impl<'de> DeserializeSeed<'de> for VocabSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-struct MergesVisitor;
+impl<'de> Visitor<'de> for VocabSeed<'_> {
+    type Value = ();
 
-impl<'de> Visitor<'de> for MergesVisitor {
-    type Value = Merges;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a vocabulary: token -> id")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(token) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let id: u32 = map.next_value()?;
+            self.0.token(&token, id).map_err(de::Error::custom)?;
+        }
+        Ok(())
+    }
+}
+
+/// `merges`, in rank order, into the builder.
+struct MergesSeed<'a>(&'a mut bpe::Builder);
+
+impl<'de> DeserializeSeed<'de> for MergesSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MergesSeed<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a list of merges")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Merges, A::Error> {
-        let mut merges = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(m) = seq.next_element::<Merge>()? {
             // The legacy form may carry a "#version" line, which the library skips.
             if let Merge::Pair(a, b) = m {
-                merges.push((a, b));
+                self.0.merge(&a, &b).map_err(de::Error::custom)?;
             }
         }
-        Ok(Merges(merges))
+        Ok(())
     }
 }
 
@@ -299,7 +431,7 @@ mod tests {
         tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap()
     }
 
-    fn lean(json: &str) -> tokenizers::Tokenizer {
+    fn lean(json: &str) -> Inner {
         serde_json::from_str::<LeanFile>(json)
             .expect("the lean reader takes it")
             .build()
@@ -308,7 +440,7 @@ mod tests {
 
     /// Both readings serialize alike: vocabulary, merges by rank, added tokens and their ids,
     /// normalizer, pre-tokenizer, decoder, post-processor.
-    fn assert_same(a: &tokenizers::Tokenizer, b: &tokenizers::Tokenizer) {
+    fn assert_same(a: &impl Serialize, b: &impl Serialize) {
         assert_eq!(
             serde_json::to_value(a).unwrap(),
             serde_json::to_value(b).unwrap()
@@ -368,6 +500,20 @@ mod tests {
         assert!(serde_json::from_str::<LeanFile>(word_level).is_err());
         let t = read(word_level.into()).unwrap();
         assert_eq!(t.encode("hello", false).unwrap().get_ids(), [1]);
+        // Dropout, an end-of-word suffix, a token listed twice: the library's BPE.
+        for (from, to) in [
+            (r#""dropout": null"#, r#""dropout": 0.5"#),
+            (
+                r#""end_of_word_suffix": null"#,
+                r#""end_of_word_suffix": "</w>""#,
+            ),
+            (r#""<eot>": 7}"#, r#""<eot>": 7, "a": 9}"#),
+        ] {
+            let json = SPM_LIKE.replace(from, to);
+            assert!(serde_json::from_str::<LeanFile>(&json).is_err(), "{to}");
+            let t = read(json.into_bytes()).unwrap();
+            assert!(matches!(t.get_model(), TokenModel::Library(_)), "{to}");
+        }
         // A merge that is not two tokens: the library's own error.
         let bad = SPM_LIKE.replace(r#""a b","#, r#""a b c","#);
         assert!(serde_json::from_str::<LeanFile>(&bad).is_err());

@@ -4,9 +4,11 @@
 //! hash map built from a `Vec<(String, String)>`: for Gemma 3's 262k tokens and 513k merges that is
 //! 60 MB once built and a 98 MB high-water mark while building, and a wasm32 linear memory never
 //! gives back what it grew to. Here the tokens' text is one string, the text-to-id index a table
-//! of ids, and the merges a table of ids sorted by left token: 13 MB, built straight from the
-//! streamed file (`tokenizer_file.rs`). The rest of the pipeline (normalizer, pre-tokenizer, added
-//! tokens, decoder) stays the library's: this is a `tokenizers::Model`.
+//! of ids, and the merges a table of ids sorted by left token: 14 MB, built token by token and
+//! merge by merge as `tokenizer_file.rs` reads the file (the generator's memory high-water mark
+//! for Gemma 3: 98 -> 56 MB). The rest of the pipeline (normalizer, pre-tokenizer, added tokens,
+//! decoder) stays the library's: this is a `tokenizers::Model`. It keeps no cache of words as the
+//! library's does: 8k tokens encode in 10 ms natively against the library's 5.6 ms.
 //!
 //! What it does not take (dropout, subword prefixes and suffixes) stays with the library's BPE;
 //! the reader sends such files there.
@@ -63,8 +65,8 @@ struct Vocab {
     hasher: foldhash::fast::FixedState,
 }
 
-impl Vocab {
-    fn new() -> Vocab {
+impl Default for Vocab {
+    fn default() -> Vocab {
         Vocab {
             text: String::new(),
             spans: Vec::new(),
@@ -72,7 +74,9 @@ impl Vocab {
             hasher: foldhash::fast::FixedState::with_seed(0x5eed),
         }
     }
+}
 
+impl Vocab {
     fn hash(&self, token: &str) -> u64 {
         use std::hash::BuildHasher;
         self.hasher.hash_one(token)
@@ -165,30 +169,14 @@ impl Merges {
     }
 }
 
-/// Builds a [`Bpe`]: tokens, the end of the vocabulary, merges in rank order. Merges read
-/// before the vocabulary ends (files written with sorted keys list `merges` first) wait as text.
+/// Builds a [`Bpe`]: tokens, the end of the vocabulary, merges in rank order.
+#[derive(Default)]
 pub struct Builder {
     vocab: Vocab,
     vocab_ended: bool,
-    /// Merges waiting for the vocabulary: `a` and `b` of each, one after another.
-    pending_text: String,
-    pending_ends: Vec<u32>,
     /// (left, right, rank, new id), as read.
     merges: Vec<(u32, u32, u32, u32)>,
     scratch: String,
-}
-
-impl Default for Builder {
-    fn default() -> Self {
-        Builder {
-            vocab: Vocab::new(),
-            vocab_ended: false,
-            pending_text: String::new(),
-            pending_ends: Vec::new(),
-            merges: Vec::new(),
-            scratch: String::new(),
-        }
-    }
 }
 
 impl Builder {
@@ -199,35 +187,15 @@ impl Builder {
         self.vocab.insert(token, id)
     }
 
-    /// The vocabulary is complete: merges read so far are resolved.
-    pub fn end_vocab(&mut self) -> Result<(), String> {
+    /// The vocabulary is complete: merges may follow.
+    pub fn end_vocab(&mut self) {
         self.vocab_ended = true;
-        let (text, ends) = (
-            std::mem::take(&mut self.pending_text),
-            std::mem::take(&mut self.pending_ends),
-        );
-        let mut start = 0;
-        for pair in ends.chunks(2) {
-            let (a_end, b_end) = (pair[0] as usize, pair[1] as usize);
-            self.merge(&text[start..a_end], &text[a_end..b_end])?;
-            start = b_end;
-        }
-        Ok(())
     }
 
     /// The next merge: `a` and `b`, both tokens, into the token `ab`.
     pub fn merge(&mut self, a: &str, b: &str) -> Result<(), String> {
         if !self.vocab_ended {
-            self.pending_text.push_str(a);
-            let a_end = self.pending_text.len();
-            self.pending_text.push_str(b);
-            let b_end = self.pending_text.len();
-            let (a_end, b_end) = (u32::try_from(a_end), u32::try_from(b_end));
-            let (Ok(a_end), Ok(b_end)) = (a_end, b_end) else {
-                return Err("merges' text over 4 GB".into());
-            };
-            self.pending_ends.extend([a_end, b_end]);
-            return Ok(());
+            return Err("a merge before the vocabulary's end".into());
         }
         let id = |t: &str| {
             self.vocab
@@ -247,8 +215,12 @@ impl Builder {
     /// The model; call [`Builder::end_vocab`] first.
     pub fn build(self, options: Options) -> Bpe {
         let Builder {
-            vocab, mut merges, ..
+            mut vocab,
+            mut merges,
+            ..
         } = self;
+        vocab.text.shrink_to_fit();
+        vocab.spans.shrink_to_fit();
         // A pair listed twice keeps its last rank, as the library's map does.
         merges.sort_unstable();
         merges.dedup_by(|later, earlier| {
@@ -569,7 +541,7 @@ mod tests {
         for (id, t) in tokens.iter().enumerate() {
             ours.token(t, id as u32).unwrap();
         }
-        ours.end_vocab().unwrap();
+        ours.end_vocab();
         for (a, b) in &merges {
             ours.merge(a, b).unwrap();
         }
@@ -642,7 +614,7 @@ mod tests {
             for (id, t) in ["<unk>", "a", "b", "ab"].iter().enumerate() {
                 b.token(t, id as u32).unwrap();
             }
-            b.end_vocab().unwrap();
+            b.end_vocab();
             b.merge("a", "b").unwrap();
             let ours = b.build(Options {
                 unk_token: Some("<unk>".into()),
@@ -664,25 +636,18 @@ mod tests {
         let mut b = Builder::default();
         b.token("a", 0).unwrap();
         b.token("b", 1).unwrap();
-        b.end_vocab().unwrap();
+        b.end_vocab();
         assert!(b.merge("a", "b").unwrap_err().contains("\"ab\""));
         assert!(b.merge("a", "c").unwrap_err().contains("\"c\""));
     }
 
     #[test]
-    fn merges_read_before_the_vocabulary_wait_for_it() {
+    fn merges_come_after_the_vocabulary() {
         let mut b = Builder::default();
-        b.merge("a", "b").unwrap();
-        b.merge("ab", "c").unwrap();
-        for (id, t) in ["a", "b", "c", "ab", "abc"].iter().enumerate() {
-            b.token(t, id as u32).unwrap();
-        }
-        b.end_vocab().unwrap();
-        let ids: Vec<u32> = (b.build(Options::default()).tokenize("abcab").unwrap())
-            .iter()
-            .map(|t| t.id)
-            .collect();
-        assert_eq!(ids, [4, 3]);
+        b.token("a", 0).unwrap();
+        assert!(b.merge("a", "a").is_err());
+        b.end_vocab();
+        assert!(b.token("b", 1).is_err());
     }
 
     #[test]

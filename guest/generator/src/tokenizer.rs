@@ -76,6 +76,9 @@ impl Tokenizer {
     pub fn from_bytes(json: Vec<u8>) -> Result<Self> {
         let inner = crate::tokenizer_file::read(json)
             .map_err(|e| Error::model(format!("tokenizer.json: {e}")))?;
+        Ok(Self::from_inner(inner))
+    }
+    fn from_inner(inner: Inner) -> Self {
         let mut special: Vec<u32> = inner
             .get_added_tokens_decoder()
             .iter()
@@ -90,14 +93,14 @@ impl Tokenizer {
             .collect();
         let token_text = decoder_steps(&serde_json::to_value(inner.get_decoder()).ok());
         let size_bound = size_bound(&inner);
-        Ok(Tokenizer {
+        Tokenizer {
             inner,
             plain: OnceCell::new(),
             special,
             added,
             token_text,
             size_bound,
-        })
+        }
     }
 
     /// Token ids of `text`: no special tokens added (no BOS, no post-processor template);

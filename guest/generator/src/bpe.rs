@@ -187,6 +187,10 @@ impl Builder {
         self.vocab.insert(token, id)
     }
 
+    pub fn vocab_ended(&self) -> bool {
+        self.vocab_ended
+    }
+
     /// The vocabulary is complete: merges may follow.
     pub fn end_vocab(&mut self) {
         self.vocab_ended = true;

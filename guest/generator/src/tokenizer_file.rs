@@ -43,18 +43,29 @@ pub fn read(json: Vec<u8>) -> tokenizers::Result<Inner> {
     }
 }
 
-/// The file read in two passes: the BPE vocabulary first, then everything else, so that each
-/// merge becomes ids as it is read whichever of `vocab` and `merges` the file lists first
-/// (files written with sorted keys list `merges` first).
-///
-/// (Read from the file twice instead, it would spare Gemma 3's 12 MB of JSON at the high-water
-/// mark, but serde_json reads an `io::Read` byte by byte: 100 ms more to load.)
+/// The file in one pass when its BPE vocabulary comes before its merges (as the library and
+/// `slm convert` write them), else in two: the vocabulary first, then everything else (files
+/// written with sorted keys list `merges` first). Either way each merge becomes ids as it is
+/// read. (Read from the file instead of its bytes, it would spare Gemma 3's 12 MB of JSON at the
+/// high-water mark, but serde_json reads an `io::Read` byte by byte: 100 ms more to load.)
 fn read_lean(json: &[u8]) -> serde_json::Result<LeanFile> {
-    let mut builder = bpe::Builder::default();
-    let mut pass = serde_json::Deserializer::from_slice(json);
-    VocabPass(&mut builder).deserialize(&mut pass)?;
-    pass.end()?;
-    builder.end_vocab();
+    match read_pass(json, bpe::Builder::default()) {
+        Err(e) if e.to_string().starts_with(MERGES_FIRST) => {
+            let mut builder = bpe::Builder::default();
+            let mut pass = serde_json::Deserializer::from_slice(json);
+            VocabPass(&mut builder).deserialize(&mut pass)?;
+            pass.end()?;
+            builder.end_vocab();
+            read_pass(json, builder)
+        }
+        file => file,
+    }
+}
+
+/// What stops a pass that meets the merges before the vocabulary.
+const MERGES_FIRST: &str = "BPE merges before the vocabulary";
+
+fn read_pass(json: &[u8], builder: bpe::Builder) -> serde_json::Result<LeanFile> {
     let mut pass = serde_json::Deserializer::from_slice(json);
     let file = FileSeed(builder).deserialize(&mut pass)?;
     pass.end()?;
@@ -209,7 +220,7 @@ impl LeanFile {
     }
 }
 
-/// The first pass: the BPE model's `vocab`, into the builder; a model of another type is an
+/// A first pass: the BPE model's `vocab`, into the builder; a model of another type is an
 /// error (the library reads the file).
 struct VocabPass<'a>(&'a mut bpe::Builder);
 
@@ -282,7 +293,7 @@ impl<'de> Visitor<'de> for ModelVocab<'_> {
     }
 }
 
-/// The second pass: the file's parts, around the builder that holds the vocabulary.
+/// The file's parts, around the builder (which may hold the vocabulary already).
 struct FileSeed(bpe::Builder);
 
 impl<'de> DeserializeSeed<'de> for FileSeed {
@@ -346,8 +357,8 @@ impl<'de> Visitor<'de> for FileVisitor {
     }
 }
 
-/// A BPE model's fields, as the library's BPE deserializer reads them, into a [`Bpe`] (the
-/// vocabulary is in the builder already): the merges one by one in either of their forms
+/// A BPE model's fields, as the library's BPE deserializer reads them, into a [`Bpe`]: the
+/// vocabulary (unless a first pass read it), then the merges one by one in either of their forms
 /// (`"a b"` strings, or `["a", "b"]` pairs). Dropout, a subword prefix or suffix, or a token or
 /// id listed twice: an error, and the library reads the file.
 struct BpeSeed(bpe::Builder);
@@ -381,11 +392,17 @@ impl<'de> Visitor<'de> for BpeVisitor {
                         return Err(de::Error::custom(format!("a {kind} model")));
                     }
                 }
-                "vocab" => {
-                    // Read by the first pass.
+                "vocab" if builder.vocab_ended() => {
+                    // Read by a first pass.
                     map.next_value::<de::IgnoredAny>()?;
                     vocab = true;
                 }
+                "vocab" => {
+                    map.next_value_seed(VocabSeed(&mut builder))?;
+                    builder.end_vocab();
+                    vocab = true;
+                }
+                "merges" if !builder.vocab_ended() => return Err(de::Error::custom(MERGES_FIRST)),
                 "merges" => {
                     map.next_value_seed(MergesSeed(&mut builder))?;
                     merges = true;

@@ -5,6 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use prost::Message;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{json, Value as Json};
 use slm_gguf::{Architecture, Gguf, ModelConfig, Vocabulary};
 
@@ -113,7 +114,7 @@ pub fn write_model_dir_with(
         fs::create_dir_all(&partial)?;
         let dump = |name: &str, value: &Json| -> Result<(), ConvertError> {
             let text = match name {
-                "tokenizer.json" => serde_json::to_string(value),
+                "tokenizer.json" => serde_json::to_string(&MergesLast(value)),
                 _ => serde_json::to_string_pretty(value),
             };
             Ok(fs::write(
@@ -143,4 +144,40 @@ pub fn write_model_dir_with(
         let _ = fs::remove_dir_all(&partial);
     }
     written
+}
+
+/// A JSON value written with each object's `merges` after its other keys: tokenizer.json's BPE
+/// `vocab` before its `merges`, as the `tokenizers` library writes them, so that a reader can
+/// turn each merge into ids as it reads it (the generator's does; `serde_json` would otherwise
+/// sort `merges` first).
+struct MergesLast<'a>(&'a Json);
+
+impl Serialize for MergesLast<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let Json::Object(map) = self.0 else {
+            return self.0.serialize(serializer);
+        };
+        let mut out = serializer.serialize_map(Some(map.len()))?;
+        let others = map.iter().filter(|(key, _)| *key != "merges");
+        for (key, value) in others.chain(map.get_key_value("merges")) {
+            out.serialize_entry(key, &MergesLast(value))?;
+        }
+        out.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_are_written_after_the_vocabulary() {
+        let value = json!({"model": {"merges": ["a b"], "type": "BPE", "vocab": {"a": 0}}, "added_tokens": []});
+        let text = serde_json::to_string(&MergesLast(&value)).unwrap();
+        assert!(
+            text.find("\"vocab\"").unwrap() < text.find("\"merges\"").unwrap(),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Json>(&text).unwrap(), value);
+    }
 }

@@ -3,7 +3,8 @@
   python scripts/llamacpp_reference.py tokens MODEL.gguf > tests/fixtures/tokenizer_llamacpp.json
   python scripts/llamacpp_reference.py agreement MODEL.gguf ORACLE_DIR [TEXT_FILE]
   python scripts/llamacpp_reference.py logits MODEL.gguf... > tests/fixtures/tiny_llamacpp_logits.json
-  python scripts/llamacpp_reference.py engine MODEL.gguf [TEXT_FILE] [--model-dir DIR]
+  python scripts/llamacpp_reference.py engine MODEL.gguf [TEXT_FILE] [--model-dir DIR] [--kv f16]
+  python scripts/llamacpp_reference.py floor MODEL.gguf [TEXT_FILE]
 
 `agreement` feeds held-out text to llama.cpp and to every layout scripts/slmconv wrote in ORACLE_DIR
 (ONNX Runtime, whole prompt; for the default model .cache/model-variants/smollm2-135m-instruct, which
@@ -15,6 +16,12 @@ same file, as issue 14 measures faithfulness: next-token agreement teacher-force
 tokens of the held-out text, and greedy continuations of 16 tokens from 10 prompts (20-token windows
 of that text): how many leading tokens each shares with llama.cpp's. With `--model-dir`, our engine
 runs that model directory (an Optimum export of the same weights, say) instead of the converted GGUF.
+llama.cpp runs with an f32 KV cache unless `--kv f16` (its default cache) is given.
+
+`floor` holds llama.cpp to itself the same way: its greedy continuations with its default f16 KV
+cache, with flash attention, and at 1 thread, against its f32-cache run. How far two
+configurations of llama.cpp part is the noise floor of the greedy measure: a close call between
+two tokens goes either way with any change of rounding.
 
 `logits` runs each (tiny) GGUF on a fixed prompt and greedy steps and records every step's logits
 (host/tests/faithful.rs compares ours with them).
@@ -134,7 +141,7 @@ def agreement(gguf_path: str, model_dir: str, text_file: str = "tests/fixtures/h
 
 
 def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: str = "target/release/slm",
-           model_dir: str | None = None) -> None:
+           model_dir: str | None = None, kv: str = "f32") -> None:
     import os
     import subprocess
     import tempfile
@@ -142,7 +149,8 @@ def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: s
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf_path, n_ctx=1024, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
+    cache = {"f32": dict(type_k=0, type_v=0), "f16": {}}[kv]
+    llm = Llama(model_path=gguf_path, n_ctx=1024, logits_all=True, verbose=False, n_threads=2, **cache)
     text = open(text_file, encoding="utf-8").read()
     ids = llm.tokenize(text.encode("utf-8"), add_bos=True)[:500]
     llm.eval(ids)
@@ -173,29 +181,79 @@ def engine(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt", slm: s
     agreement = float((rows.argmax(-1) == ref[1:]).mean())
 
     shared = []
-    for start in range(0, 10 * 40, 40):
-        prompt = ids[start + 1 : start + 21]
-        llm.reset()
-        llm.eval([ids[0]] + prompt)
-        theirs = []
-        for _ in range(16):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            theirs.append(token)
-            llm.eval([token])
-        rows, _ = ours([ids[0]] + prompt, 15)
-        mine = [int(t) for t in rows.argmax(-1)]
-        n = 0
-        while n < 16 and mine[n] == theirs[n]:
-            n += 1
-        shared.append(n)
+    for prompt, theirs in zip(greedy_prompts(ids), greedy_continuations(llm, ids)):
+        rows, _ = ours(prompt, 15)
+        shared.append(shared_leading([int(t) for t in rows.argmax(-1)], theirs))
     report = {
         "model": os.path.basename(gguf_path) + ("" if model_dir is None else f" as {model_dir}"),
+        "llama_cpp_kv_cache": kv,
         "teacher_forced_tokens": len(ids) - 1,
         "next_token_agreement": round(agreement, 4),
         "greedy_16_shared_leading_tokens": shared,
         "prompts_sharing_at_least_4": sum(n >= 4 for n in shared),
         "median_shared": float(np.median(shared)),
     }
+    json.dump(report, sys.stdout, indent=1)
+    print()
+
+
+def greedy_prompts(ids: list[int]) -> list[list[int]]:
+    """The 10 prompts of the greedy measure: BOS and 20-token windows of the text, 40 apart."""
+    return [[ids[0]] + ids[start + 1 : start + 21] for start in range(0, 10 * 40, 40)]
+
+
+def greedy_continuations(llm, ids: list[int]) -> list[list[int]]:
+    """llama.cpp's greedy 16 tokens after each prompt."""
+    import numpy as np
+
+    out = []
+    for prompt in greedy_prompts(ids):
+        llm.reset()
+        llm.eval(prompt)
+        tokens = []
+        for _ in range(16):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tokens.append(token)
+            llm.eval([token])
+        out.append(tokens)
+    return out
+
+
+def shared_leading(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def floor(gguf_path: str, text_file: str = "tests/fixtures/heldout.txt") -> None:
+    import os
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    text = open(text_file, encoding="utf-8").read()
+    configs = {
+        "f32 KV cache": dict(type_k=0, type_v=0),
+        "f16 KV cache (llama.cpp's default)": {},
+        "f32 KV cache, flash attention": dict(type_k=0, type_v=0, flash_attn=True),
+        "f32 KV cache, 1 thread": dict(type_k=0, type_v=0, n_threads=1),
+    }
+    runs = {}
+    for name, config in configs.items():
+        llm = Llama(model_path=gguf_path, n_ctx=1024, logits_all=True, verbose=False, **{"n_threads": 2, **config})
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=True)[:500]
+        runs[name] = greedy_continuations(llm, ids)
+        del llm
+    base = runs["f32 KV cache"]
+    report = {"model": os.path.basename(gguf_path), "against": "llama.cpp, f32 KV cache"}
+    for name, run in list(runs.items())[1:]:
+        shared = [shared_leading(a, b) for a, b in zip(base, run)]
+        report[name] = {
+            "greedy_16_shared_leading_tokens": shared,
+            "prompts_sharing_at_least_4": sum(n >= 4 for n in shared),
+            "median_shared": float(np.median(shared)),
+        }
     json.dump(report, sys.stdout, indent=1)
     print()
 
@@ -207,4 +265,9 @@ if __name__ == "__main__":
         at = args.index("--model-dir")
         kwargs["model_dir"] = args[at + 1]
         del args[at : at + 2]
-    {"tokens": tokens, "agreement": agreement, "logits": logits, "engine": engine}[cmd](*args, **kwargs)
+    if "--kv" in args:
+        at = args.index("--kv")
+        kwargs["kv"] = args[at + 1]
+        del args[at : at + 2]
+    commands = {"tokens": tokens, "agreement": agreement, "logits": logits, "engine": engine, "floor": floor}
+    commands[cmd](*args, **kwargs)

@@ -233,6 +233,7 @@ pub fn load_component(engine: &Engine, path: &Path) -> Result<Component> {
         )
     })?;
     tracing::debug!("compiled in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    release_freed_memory();
     if let Some(c) = &cached {
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(c.parent().unwrap())?;
@@ -246,6 +247,18 @@ pub fn load_component(engine: &Engine, path: &Path) -> Result<Component> {
     }
     // SAFETY: produced just now by this engine.
     unsafe { Component::deserialize(engine, &serialized) }.map_err(werr)
+}
+
+/// Hands the allocator's free memory back to the system. Compiling a component frees ~120 MB
+/// that glibc's arenas keep (its threads' arenas are not trimmed as the main heap is), and the
+/// model loaded next would otherwise come on top of it (Gemma 3's first run: 481 MiB of RSS
+/// against 361 once the compiled component is cached).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// An engine, `component` compiled (or from the cache) and a linker with WASI Preview 2.

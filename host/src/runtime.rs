@@ -253,7 +253,7 @@ pub fn load_component(engine: &Engine, path: &Path) -> Result<Component> {
 /// that glibc's arenas keep (its threads' arenas are not trimmed as the main heap is), and the
 /// model loaded next would otherwise come on top of it (Gemma 3's first run: 481 MiB of RSS
 /// against 361 once the compiled component is cached).
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory; no pointer is involved.
     unsafe {

@@ -453,6 +453,38 @@ fn convert_writes_a_model_directory_that_runs() {
     );
 }
 
+/// The cold-start runs start the bench's model, not the directory's default: here the default
+/// ("broken", first by name) cannot load, so a cold start of it would fail the bench.
+#[test]
+fn bench_cold_starts_run_the_benched_model() {
+    let dir = broken_models("bench", Some(b"this is not an onnx file at all"));
+    let tiny = dir.join("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    for f in std::fs::read_dir(test_models().join("tiny")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), tiny.join(f.file_name())).unwrap();
+    }
+    let o = run(slm_in(&dir).args([
+        "bench",
+        "--model",
+        "tiny",
+        "--json",
+        "--runs",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--threads",
+        "1",
+    ]));
+    std::fs::remove_dir_all(&dir).ok();
+    let out = ok(o);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let rss = v["run_peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
+    assert!(rss > 0.0 && rss.is_finite(), "{v}");
+}
+
 #[test]
 fn bench_reports_its_figures_as_json() {
     let out = ok(run(slm().args([

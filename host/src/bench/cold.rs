@@ -43,7 +43,7 @@ pub fn measure(a: &BenchArgs) -> Result<ColdStarts> {
     let (mut colds, mut ratios, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     if !a.relaunch.is_empty() {
         for _ in 0..a.runs {
-            let c = cold_start(&a.relaunch, COLD_START_PROMPT)?;
+            let c = cold_start(&a.relaunch, &a.relaunch_model, COLD_START_PROMPT)?;
             colds.push(c.ms);
             ratios.extend(c.load_ms.map(|l| c.ms / l));
             rss.extend(c.peak_rss_mb);
@@ -56,22 +56,16 @@ pub fn measure(a: &BenchArgs) -> Result<ColdStarts> {
     })
 }
 
-/// A new `slm run` process, answering `prompt` with one token.
-fn cold_start(relaunch: &[String], prompt: &str) -> Result<ColdStart> {
+/// A new `slm run` process (`relaunch`'s global options, `model`'s run options), answering
+/// `prompt` with one token.
+fn cold_start(relaunch: &[String], model: &[String], prompt: &str) -> Result<ColdStart> {
     let (exe, args) = relaunch.split_first().context("no program to relaunch")?;
     let t = Instant::now();
     let mut child = Command::new(exe)
         .args(args)
-        .args([
-            "-v",
-            "run",
-            "--raw",
-            "--max-tokens",
-            "1",
-            "--temperature",
-            "0",
-            prompt,
-        ])
+        .args(["-v", "run"])
+        .args(model)
+        .args(["--raw", "--max-tokens", "1", "--temperature", "0", prompt])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -30,8 +30,11 @@ pub struct BenchArgs {
     pub portable: bool,
     /// Where the model runs (`--device`).
     pub device: slm_engine::Placement,
-    /// How to start this program again, for the cold-start measurement.
+    /// How to start this program again, for the cold-start measurement: the program and its
+    /// global options.
     pub relaunch: Vec<String>,
+    /// The `run` options that pick the same model (`--model` as given, if it was).
+    pub relaunch_model: Vec<String>,
 }
 
 pub fn bench(rt: &Runtime, a: &BenchArgs) -> Result<()> {

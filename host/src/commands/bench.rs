@@ -51,6 +51,11 @@ pub fn bench(app: &App, g: &Global, setup: &Setup, f: Flags) -> Result<()> {
                 setup.placement.clone()
             },
             relaunch,
+            // The bench's model, not the default one (a GGUF file by its path, as given).
+            relaunch_model: f
+                .model
+                .map(|m| vec!["--model".to_string(), m.to_string()])
+                .unwrap_or_default(),
         },
     )
 }

@@ -13,6 +13,8 @@ use crate::commands::Setup;
 /// `slm bench`'s own flags.
 pub struct Flags<'a> {
     pub model: Option<&'a str>,
+    /// `--model` as the user gave it (a GGUF file's path rather than its name).
+    pub given_model: Option<&'a str>,
     pub prompt_tokens: usize,
     pub gen_tokens: u32,
     pub runs: usize,
@@ -53,7 +55,7 @@ pub fn bench(app: &App, g: &Global, setup: &Setup, f: Flags) -> Result<()> {
             relaunch,
             // The bench's model, not the default one (a GGUF file by its path, as given).
             relaunch_model: f
-                .model
+                .given_model
                 .map(|m| vec!["--model".to_string(), m.to_string()])
                 .unwrap_or_default(),
         },

@@ -62,6 +62,8 @@ pub fn main() -> Result<()> {
         Cmd::Tokenize { .. } | Cmd::Models | Cmd::Convert { .. } => Placement::Cpu,
         _ => resolve_device(device, cli.global.quiet)?,
     };
+    // `--model` as given (a GGUF file by its path), for `bench` to start `slm run` again with it.
+    let given_model = model_arg(&mut cli.cmd).map(|m| m.clone());
     // `--model FILE.gguf`: the file, converted (or found converted), runs under its stem.
     let gguf_model = match model_arg(&mut cli.cmd) {
         Some(model) if converted::is_gguf(Path::new(model.as_str())) => {
@@ -115,6 +117,7 @@ pub fn main() -> Result<()> {
             &setup,
             bench::Flags {
                 model: model.as_deref(),
+                given_model: given_model.as_deref(),
                 prompt_tokens: *prompt_tokens,
                 gen_tokens: *gen_tokens,
                 runs: *runs,

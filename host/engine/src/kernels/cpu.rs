@@ -29,11 +29,14 @@ pub fn avx2_fma_f16c() -> bool {
     avx2_fma() && std::is_x86_feature_detected!("f16c")
 }
 
-/// [`avx2_fma_f16c`] and AVX-512 VNNI on 256-bit vectors (`vpdpbusd`, AVX512VL).
+/// [`avx2_fma_f16c`] and AVX-512 VNNI (`vpdpbusd`) with F, BW and VL: on 256-bit vectors, or
+/// 512-bit ones (the Q4_1 kernel). Every CPU with VNNI so far has the other three.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn avx512_vnni() -> bool {
     avx2_fma_f16c()
         && std::is_x86_feature_detected!("avx512vnni")
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
         && std::is_x86_feature_detected!("avx512vl")
 }

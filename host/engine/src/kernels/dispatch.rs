@@ -36,7 +36,7 @@ pub(crate) trait PanelKernels: Sync {
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize);
 
-    /// That and AVX-512 VNNI (`vpdpbusd` on 256-bit vectors).
+    /// That and AVX-512 VNNI (`vpdpbusd`), F, BW and VL ([`super::cpu::avx512_vnni`]).
     #[cfg(target_arch = "x86_64")]
     unsafe fn vnni(&self, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize);
 

@@ -367,14 +367,27 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::kernels::q8::x86::Dot8;
-    use crate::kernels::q8_blocks::x86::tile as int8_tile;
+    use crate::kernels::q8_blocks::x86::{tile as int8_tile, tile512 as int8_tile512};
     use crate::kernels::quantize::int_sum;
 
     /// The byte products and the fifth bits of one instruction set.
     trait DotU {
-        /// The int8 blocks' products on the same instructions (a prefill's unpacked panels).
-        type Int8: Dot8;
+        /// Rows `row..row + MR` by the whole panel `p` of unpacked int8 blocks (a prefill's),
+        /// by the int8 blocks' kernel on the same instructions (`NV4` vectors per tile where
+        /// it takes 256-bit ones), into `out` (`[MR][Q5_PANEL]`).
+        ///
+        /// # Safety
+        /// As `q8_blocks::x86::tile` for every column of the panel.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn int8_rows<const MR: usize, const NV4: usize, const SPB: usize, S: BlockScale>(
+            panel: *const u8,
+            k: usize,
+            scales: &[S],
+            p: usize,
+            x: &QuantRows,
+            row: usize,
+            out: *mut f32,
+        );
 
         /// `acc + sum of 4 products u * x` per 32-bit lane, for u in 0..32 (u8) and x (i8).
         ///
@@ -392,7 +405,19 @@ mod x86 {
     /// AVX-512 VNNI, with BW's byte masks for the fifth bits.
     struct Vnni;
     impl DotU for Vnni {
-        type Int8 = crate::kernels::q8::x86::Vnni;
+        #[inline(always)]
+        unsafe fn int8_rows<const MR: usize, const NV4: usize, const SPB: usize, S: BlockScale>(
+            panel: *const u8,
+            k: usize,
+            scales: &[S],
+            p: usize,
+            x: &QuantRows,
+            row: usize,
+            out: *mut f32,
+        ) {
+            // SAFETY: the caller's ranges and CPU (AVX-512 F, BW and VNNI).
+            unsafe { int8_tile512::<MR, SPB, S>(panel, k, scales, p, x, row, out) }
+        }
 
         #[inline(always)]
         unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
@@ -412,7 +437,23 @@ mod x86 {
 
     struct Avx2;
     impl DotU for Avx2 {
-        type Int8 = crate::kernels::q8::x86::Avx2;
+        #[inline(always)]
+        unsafe fn int8_rows<const MR: usize, const NV4: usize, const SPB: usize, S: BlockScale>(
+            panel: *const u8,
+            k: usize,
+            scales: &[S],
+            p: usize,
+            x: &QuantRows,
+            row: usize,
+            out: *mut f32,
+        ) {
+            // SAFETY: the caller's ranges and CPU (AVX2, FMA); NV4 * 8 divides 32.
+            unsafe {
+                for c in (0..Q5_PANEL).step_by(8 * NV4) {
+                    int8_tile::<MR, NV4, SPB, S>(panel, k, scales, p, c, x, row, out.add(c));
+                }
+            }
+        }
 
         #[inline(always)]
         unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
@@ -465,7 +506,7 @@ mod x86 {
 
     /// # Safety
     /// As [`panels_vnni`], on a CPU with AVX-512 BW too.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl,avx512bw")]
     unsafe fn panels_vnni_bw(
         w: &Q5Blocks,
         x: &QuantRows,
@@ -532,18 +573,7 @@ mod x86 {
                 let panel = unpacked.as_ptr();
                 let mut row = 0;
                 while row + 4 <= m {
-                    for c in (0..Q5_PANEL).step_by(8 * NV4) {
-                        int8_tile::<D::Int8, 4, NV4, SPB, S>(
-                            panel,
-                            k,
-                            scales,
-                            p,
-                            c,
-                            x,
-                            row,
-                            o.add(c),
-                        );
-                    }
+                    D::int8_rows::<4, NV4, SPB, S>(panel, k, scales, p, x, row, o);
                     for r in 0..4 {
                         std::ptr::copy_nonoverlapping(
                             o.add(r * Q5_PANEL),
@@ -554,7 +584,7 @@ mod x86 {
                     row += 4;
                 }
                 while row < m {
-                    int8_tile::<D::Int8, 1, 4, SPB, S>(panel, k, scales, p, 0, x, row, o);
+                    D::int8_rows::<1, 4, SPB, S>(panel, k, scales, p, x, row, o);
                     std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q5_PANEL), cols);
                     row += 1;
                 }

@@ -223,45 +223,30 @@ pub(super) mod x86 {
 
     use super::*;
 
-    /// `acc + sum of 4 products (w - 128) * x` per 32-bit lane, for w stored as u8.
-    pub(crate) trait Dot8 {
-        /// # Safety
-        /// The CPU has the instructions of the implementation.
-        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i;
-        /// Whether the sums still carry `128 * sum(x)` (removed once per block).
-        const OFFSET: bool;
-    }
-
-    pub(crate) struct Vnni;
-    impl Dot8 for Vnni {
-        const OFFSET: bool = true;
-        #[inline(always)]
-        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, _: __m256i) -> __m256i {
-            // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
-            unsafe { _mm256_dpbusd_epi32(acc, w, x) }
-        }
-    }
-
-    pub(crate) struct Avx2;
-    impl Dot8 for Avx2 {
-        const OFFSET: bool = false;
-        #[inline(always)]
-        unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i {
-            // |x| (u8) times w with x's sign (i8): pairs stay within i16 (2 * 127 * 128).
-            // SAFETY: the caller runs on a CPU with AVX2.
-            unsafe {
-                let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
-                _mm256_add_epi32(
-                    acc,
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
-                )
-            }
-        }
-    }
-
+    /// `acc + sum of 4 products (w - 128) * x` per 32-bit lane, for w stored as u8 and
+    /// `x_abs` = |x|: AVX2 has no unsigned-by-signed 4-byte dot, so |x| (u8) multiplies w with
+    /// x's sign (i8), and pairs stay within i16 (2 * 127 * 128).
+    ///
     /// # Safety
-    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 VNNI and VL.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    /// The CPU has AVX2.
+    #[inline(always)]
+    pub(crate) unsafe fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i, x_abs: __m256i) -> __m256i {
+        // SAFETY: the caller runs on a CPU with AVX2.
+        unsafe {
+            let signed = _mm256_sign_epi8(_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x);
+            _mm256_add_epi32(
+                acc,
+                _mm256_madd_epi16(_mm256_maddubs_epi16(x_abs, signed), _mm256_set1_epi16(1)),
+            )
+        }
+    }
+
+    /// On 512-bit vectors: rows four at a time (several sequences' last positions, batched),
+    /// each lane doing what a lane of [`panels`] does, in the same order (the same bits).
+    ///
+    /// # Safety
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
     pub unsafe fn panels_vnni(
         w: &Q8Weights,
         x: &QuantRows,
@@ -270,8 +255,103 @@ pub(super) mod x86 {
         p0: usize,
         p1: usize,
     ) {
-        // SAFETY: the caller's contract; this function has the features `Vnni` needs.
-        unsafe { panels::<Vnni>(w, x, m, y, p0, p1) }
+        let n = w.n;
+        let mut out = [0f32; 4 * Q8_PANEL];
+        let o = out.as_mut_ptr();
+        // SAFETY: panels p < p1 <= N/32 (rounded up) and rows < m are inside `w`, `x` and
+        // `out` (4 rows of 32); the copies write `cols` columns of panel p of rows < m: inside
+        // y, in a panel this call owns. This function has the features `tile512` needs.
+        unsafe {
+            for p in p0..p1 {
+                let cols = Q8_PANEL.min(n - p * Q8_PANEL);
+                let mut row = 0;
+                while row + 4 <= m {
+                    tile512::<4>(w, p, x, row, o);
+                    for r in 0..4 {
+                        let to = y.add((row + r) * n + p * Q8_PANEL);
+                        std::ptr::copy_nonoverlapping(o.add(r * Q8_PANEL), to, cols);
+                    }
+                    row += 4;
+                }
+                while row < m {
+                    tile512::<1>(w, p, x, row, o);
+                    std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q8_PANEL), cols);
+                    row += 1;
+                }
+            }
+        }
+    }
+
+    /// Rows `row..row + MR` by the whole panel `p` (two vectors of 16 columns), into `out`
+    /// (`[MR][Q8_PANEL]`).
+    ///
+    /// # Safety
+    /// Panel `p` and rows `row..row + MR` are inside `w`, `x` and `out`; the CPU has AVX-512 F,
+    /// BW and VNNI.
+    #[inline(always)]
+    unsafe fn tile512<const MR: usize>(
+        w: &Q8Weights,
+        p: usize,
+        x: &QuantRows,
+        row: usize,
+        out: *mut f32,
+    ) {
+        let (k, kb) = (w.k, w.k / QBLOCK);
+        // SAFETY: the block's 1 KiB (b < K/32), the panel's 32 scales and the rows' quantized
+        // values and block scales are inside `w` and `x`: the caller's ranges.
+        unsafe {
+            let mut facc = [[_mm512_setzero_ps(); 2]; MR];
+            for b in 0..kb {
+                let blk = w.q.as_ptr().add(p * Q8_PANEL * k + b * BLOCK_BYTES);
+                let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+                // One row sums odd groups apart: four chains of dependent `vpdpbusd` rather
+                // than two, each half as long (integer sums: the same bits in any order).
+                let mut acc_odd = [[_mm512_setzero_si512(); 2]; MR];
+                for g in 0..8 {
+                    let mut xa = [_mm512_setzero_si512(); MR];
+                    for (r, xa) in xa.iter_mut().enumerate() {
+                        let xq = x.q.as_ptr().add((row + r) * k + b * QBLOCK + 4 * g);
+                        *xa = _mm512_set1_epi32((xq as *const i32).read_unaligned());
+                    }
+                    for v in 0..2 {
+                        let wv = _mm512_loadu_si512(
+                            blk.add(g * Q8_PANEL * 4 + v * 64) as *const __m512i
+                        );
+                        for r in 0..MR {
+                            if MR == 1 && g % 2 == 1 {
+                                acc_odd[r][v] = _mm512_dpbusd_epi32(acc_odd[r][v], wv, xa[r]);
+                            } else {
+                                acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wv, xa[r]);
+                            }
+                        }
+                    }
+                }
+                if MR == 1 {
+                    for v in 0..2 {
+                        acc[0][v] = _mm512_add_epi32(acc[0][v], acc_odd[0][v]);
+                    }
+                }
+                for r in 0..MR {
+                    let i = (row + r) * kb + b;
+                    let xq = x.q.as_ptr().add((row + r) * k + b * QBLOCK);
+                    let xs = _mm512_set1_ps(*x.scale.get_unchecked(i));
+                    let correction =
+                        _mm512_set1_epi32(128 * int_sum(std::slice::from_raw_parts(xq, QBLOCK)));
+                    for v in 0..2 {
+                        let sums = _mm512_sub_epi32(acc[r][v], correction);
+                        // Multiply, then add (no FMA), as the wasm kernel: the same logits.
+                        facc[r][v] =
+                            _mm512_add_ps(facc[r][v], _mm512_mul_ps(_mm512_cvtepi32_ps(sums), xs));
+                    }
+                }
+            }
+            for r in 0..MR {
+                for v in 0..2 {
+                    let s = _mm512_loadu_ps(w.scale.as_ptr().add(p * Q8_PANEL + v * 16));
+                    _mm512_storeu_ps(out.add(r * Q8_PANEL + v * 16), _mm512_mul_ps(facc[r][v], s));
+                }
+            }
+        }
     }
 
     /// # Safety
@@ -285,23 +365,16 @@ pub(super) mod x86 {
         p0: usize,
         p1: usize,
     ) {
-        // SAFETY: the caller's contract; this function has the features `Avx2` needs.
-        unsafe { panels::<Avx2>(w, x, m, y, p0, p1) }
+        // SAFETY: the caller's contract; this function has the features `panels` needs.
+        unsafe { panels(w, x, m, y, p0, p1) }
     }
 
     /// One row at a time (the head runs on the last position only), a whole panel per step.
     ///
     /// # Safety
-    /// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and what `D` needs.
+    /// As `dispatch::PanelKernels`, on a CPU with AVX2 and FMA.
     #[inline(always)]
-    unsafe fn panels<D: Dot8>(
-        w: &Q8Weights,
-        x: &QuantRows,
-        m: usize,
-        y: *mut f32,
-        p0: usize,
-        p1: usize,
-    ) {
+    unsafe fn panels(w: &Q8Weights, x: &QuantRows, m: usize, y: *mut f32, p0: usize, p1: usize) {
         let (k, n, kb) = (w.k, w.n, w.k / QBLOCK);
         let mut out = [0f32; Q8_PANEL];
         // SAFETY: for p < p1 <= N/32 (rounded up), b < K/32 and row < m, the block's 1 KiB,
@@ -324,21 +397,17 @@ pub(super) mod x86 {
                                 let wv = _mm256_loadu_si256(
                                     blk.add(g * Q8_PANEL * 4 + v * 32) as *const __m256i
                                 );
-                                *a = D::dot(*a, wv, xa, xa_abs);
+                                *a = dot_avx2(*a, wv, xa, xa_abs);
                             }
                         }
                         let i = row * kb + b;
                         let xs = _mm256_set1_ps(*x.scale.get_unchecked(i));
-                        let correction = if D::OFFSET {
-                            _mm256_set1_epi32(128 * int_sum(std::slice::from_raw_parts(xq, QBLOCK)))
-                        } else {
-                            _mm256_setzero_si256()
-                        };
                         for v in 0..4 {
-                            let sums = _mm256_sub_epi32(acc[v], correction);
                             // Multiply, then add (no FMA), as the wasm kernel: the same logits.
-                            facc[v] =
-                                _mm256_add_ps(facc[v], _mm256_mul_ps(_mm256_cvtepi32_ps(sums), xs));
+                            facc[v] = _mm256_add_ps(
+                                facc[v],
+                                _mm256_mul_ps(_mm256_cvtepi32_ps(acc[v]), xs),
+                            );
                         }
                     }
                     for v in 0..4 {

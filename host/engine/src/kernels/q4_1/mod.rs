@@ -13,7 +13,7 @@
 //! of the block). The rounding of x to 8 bits per block of 32 values is the only approximation;
 //! its effect on perplexity is measured by the quality tests (tests/python/test_quality.py).
 //!
-//! Kernels: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) or AVX2 (`vpmaddubsw`) on x86_64
+//! Kernels: AVX-512 VNNI (`vpdpbusd` on 512-bit vectors) or AVX2 (`vpmaddubsw`) on x86_64
 //! (`x86.rs`), detected at run time; simd128 (`i32x4.dot_i16x8_s`) on wasm32 built with it (the
 //! guests are; `wasm.rs`), or relaxed SIMD's 8-bit dot product with the `relaxed-simd` feature
 //! (crate slm-wasm-relaxed); a portable version elsewhere (here). [`super::dispatch`] quantizes x
@@ -37,6 +37,13 @@ pub trait BlockScale: Copy + Send + Sync + 'static {
     /// `p` points at 8 readable values; the CPU has AVX and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Sixteen values at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points at 16 readable values; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 
     /// Four values at `p`, widened.
     ///
@@ -77,6 +84,14 @@ impl BlockScale for f16 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's 32 bytes and AVX-512F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
     #[inline(always)]
     unsafe fn load4(p: *const f16) -> std::arch::wasm32::v128 {
@@ -110,6 +125,13 @@ impl BlockScale for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's 32 bytes and AVX.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's 64 bytes and AVX-512F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]

@@ -1,4 +1,4 @@
-//! The Q4_1 kernels for x86_64: AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) or AVX2
+//! The Q4_1 kernels for x86_64: AVX-512 VNNI (`vpdpbusd` on 512-bit vectors) or AVX2
 //! (`vpmaddubsw`).
 
 use std::arch::x86_64::*;
@@ -10,15 +10,6 @@ trait Dot {
     /// # Safety
     /// The CPU has the instructions of the implementation.
     unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
-}
-
-struct Vnni;
-impl Dot for Vnni {
-    #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: the caller runs on a CPU with AVX-512 VNNI and VL.
-        unsafe { _mm256_dpbusd_epi32(acc, w, x) }
-    }
 }
 
 struct Avx2;
@@ -37,8 +28,8 @@ impl Dot for Avx2 {
 }
 
 /// # Safety
-/// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA, F16C and AVX-512 VNNI and VL.
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+/// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA, F16C and AVX-512 F, BW and VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 pub unsafe fn panels_vnni<S: BlockScale>(
     w: &Q4Weights<S>,
     x: &QuantRows,
@@ -47,8 +38,115 @@ pub unsafe fn panels_vnni<S: BlockScale>(
     p0: usize,
     p1: usize,
 ) {
-    // SAFETY: the caller's contract; this function has the features `Vnni` needs.
-    unsafe { panels::<Vnni, S, 4>(w, x, m, y, p0, p1) }
+    let n = w.n;
+    let mut out = [0f32; 4 * Q4_PANEL];
+    let o = out.as_mut_ptr();
+    // SAFETY: panels p < p1 <= N/32 (rounded up) and rows < m are inside `w`, `x` and `out`
+    // (4 rows of 32); the copies write `cols` columns of panel p of rows < m: inside y, in a
+    // panel this call owns. This function has the features `tile512` needs.
+    unsafe {
+        for p in p0..p1 {
+            let cols = Q4_PANEL.min(n - p * Q4_PANEL);
+            let mut row = 0;
+            while row + 4 <= m {
+                tile512::<S, 4>(w, p, x, row, o);
+                for r in 0..4 {
+                    std::ptr::copy_nonoverlapping(
+                        o.add(r * Q4_PANEL),
+                        y.add((row + r) * n + p * Q4_PANEL),
+                        cols,
+                    );
+                }
+                row += 4;
+            }
+            while row < m {
+                tile512::<S, 1>(w, p, x, row, o);
+                std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q4_PANEL), cols);
+                row += 1;
+            }
+        }
+    }
+}
+
+/// [`tile`] on 512-bit vectors, for AVX-512 VNNI: rows `row..row + MR` by the whole panel
+/// `p` (two vectors of 16 columns), over all of K, into `out` (`[MR][Q4_PANEL]`). Each lane
+/// does what a lane of [`tile`] does, in the same order: the same bits, with half the
+/// instructions (the dot products and the float work per block are what bound the products
+/// of several rows).
+///
+/// # Safety
+/// Panel `p` and rows `row..row + MR` are inside `w`, `x` and `out`; the CPU has AVX-512 F,
+/// BW and VNNI, and F16C.
+#[inline(always)]
+unsafe fn tile512<S: BlockScale, const MR: usize>(
+    w: &Q4Weights<S>,
+    p: usize,
+    x: &QuantRows,
+    row: usize,
+    out: *mut f32,
+) {
+    let (k, kb) = (w.k, w.k / QBLOCK);
+    // SAFETY: every offset below stays in panel p's blocks (b < K/32), in rows row..row + MR
+    // of x, and in out's MR rows: the caller's ranges.
+    unsafe {
+        let nib = _mm512_set1_epi8(0x0F);
+        let mut facc = [[_mm512_setzero_ps(); 2]; MR];
+        for b in 0..kb {
+            let blk = w.q.as_ptr().add((p * kb + b) * BLOCK_BYTES);
+            let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+            // One row sums its high nibbles apart: four chains of dependent `vpdpbusd` rather
+            // than two, each half as long (integer sums: the same bits in any order).
+            let mut acc_hi = [[_mm512_setzero_si512(); 2]; MR];
+            for g in 0..4 {
+                let mut xa = [_mm512_setzero_si512(); MR];
+                let mut xb = [_mm512_setzero_si512(); MR];
+                for r in 0..MR {
+                    let xp = x.q.as_ptr().add((row + r) * k + b * QBLOCK + 8 * g);
+                    xa[r] = _mm512_set1_epi32((xp as *const i32).read_unaligned());
+                    xb[r] = _mm512_set1_epi32((xp.add(4) as *const i32).read_unaligned());
+                }
+                for v in 0..2 {
+                    let bytes = _mm512_loadu_si512(blk.add(g * 128 + v * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(bytes, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib);
+                    for r in 0..MR {
+                        acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], lo, xa[r]);
+                        if MR == 1 {
+                            acc_hi[r][v] = _mm512_dpbusd_epi32(acc_hi[r][v], hi, xb[r]);
+                        } else {
+                            acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], hi, xb[r]);
+                        }
+                    }
+                }
+            }
+            if MR == 1 {
+                for v in 0..2 {
+                    acc[0][v] = _mm512_add_epi32(acc[0][v], acc_hi[0][v]);
+                }
+            }
+            let sm = (p * kb + b) * Q4_PANEL;
+            for v in 0..2 {
+                let d = S::load16(w.d.as_ptr().add(sm + v * 16));
+                let mo = S::load16(w.m.as_ptr().add(sm + v * 16));
+                for r in 0..MR {
+                    let i = (row + r) * kb + b;
+                    let xs = _mm512_set1_ps(*x.scale.get_unchecked(i));
+                    let sx = _mm512_set1_ps(*x.sum.get_unchecked(i));
+                    // As in `tile`: multiply, then add (no FMA).
+                    let f = _mm512_add_ps(
+                        facc[r][v],
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][v]), _mm512_mul_ps(d, xs)),
+                    );
+                    facc[r][v] = _mm512_add_ps(f, _mm512_mul_ps(mo, sx));
+                }
+            }
+        }
+        for r in 0..MR {
+            for v in 0..2 {
+                _mm512_storeu_ps(out.add(r * Q4_PANEL + v * 16), facc[r][v]);
+            }
+        }
+    }
 }
 
 /// # Safety

@@ -34,18 +34,25 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_GGUFS = ["llama-q4_1", "llama-q4_k_m", "llama-k_mix", "qwen2-q4_0", "phi3-q4_1", "gemma3-q8_0"]
 
 
-def prompt(model_dir: pathlib.Path) -> list[int]:
-    return [(7 + 37 * i) % vocab_of(model_dir) for i in range(23)]
+# The default model's prompt is long enough that its decode steps attend over more keys than
+# SPLIT_MIN_KEYS (ops/attention.rs), where 2 threads split each KV head's block inside.
+LONG_PROMPT = 1100
+
+
+def prompt(model_dir: pathlib.Path, tokens: int = 23) -> list[int]:
+    return [(7 + 37 * i) % vocab_of(model_dir) for i in range(tokens)]
 
 
 def vocab_of(model_dir: pathlib.Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
-def logits_everywhere(models: pathlib.Path, name: str, out: pathlib.Path) -> dict[str, bytes]:
-    """`slm logits`' file for model `name` of `models` natively at 1 and 2 threads, and in wasm."""
+def logits_everywhere(models: pathlib.Path, name: str, out: pathlib.Path,
+                      tokens: int = 23) -> dict[str, bytes]:
+    """`slm logits`' file for model `name` of `models` natively at 1 and 2 threads, and in wasm,
+    after a prompt of `tokens` tokens."""
     assert SLM.is_file(), "run scripts/setup (builds target/release/slm)"
-    ids = json.dumps(prompt(models / name))
+    ids = json.dumps(prompt(models / name, tokens))
     files = {}
     for label, flags in [("native, 1 thread", ["--threads", "1"]), ("native, 2 threads", ["--threads", "2"]),
                          ("wasm32 simd128 (slm-nn.wasm)", ["--portable"])]:
@@ -76,7 +83,7 @@ def assert_identical(files: dict[str, bytes], vocab: int) -> None:
 
 def test_default_model_same_logits_on_every_build(model_dir, tmp_path):
     assert model_dir.name == DEFAULT_MODEL
-    files = logits_everywhere(model_dir.parent, DEFAULT_MODEL, tmp_path)
+    files = logits_everywhere(model_dir.parent, DEFAULT_MODEL, tmp_path, LONG_PROMPT)
     assert_identical(files, vocab_of(model_dir))
 
 

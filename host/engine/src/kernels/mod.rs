@@ -23,4 +23,4 @@ pub(crate) mod quantize;
 pub(crate) mod testing;
 
 pub use parallel::set_threads;
-pub(crate) use parallel::{parallel_ranges, OutPtr};
+pub(crate) use parallel::{parallel_ranges, threads, OutPtr};

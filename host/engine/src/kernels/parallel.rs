@@ -67,6 +67,14 @@ pub(crate) fn parallel_ranges(blocks: usize, macs: usize, f: &(dyn Fn(usize, usi
     f(0, blocks)
 }
 
+/// The threads [`parallel_ranges`] splits work across now (1 without the `threads` feature).
+pub(crate) fn threads() -> usize {
+    #[cfg(feature = "threads")]
+    return super::pool::threads();
+    #[allow(unreachable_code)]
+    1
+}
+
 /// Uses every core for matrix products (native builds with the `threads` feature); `n` <= 1 runs
 /// single-threaded.
 pub fn set_threads(n: usize) {

@@ -149,6 +149,15 @@ pub fn set_threads(threads: usize) {
     *cell = (threads > 1).then(|| Arc::new(Pool::start(threads - 1)));
 }
 
+/// The threads a product may use: the caller and the workers.
+pub fn threads() -> usize {
+    pool_cell()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or(1, |p| p.slots.len() + 1)
+}
+
 impl Pool {
     fn start(workers: usize) -> Pool {
         let mut slots = vec![];

@@ -12,7 +12,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::{Inferred, Io, Rules, ATTENTION, SCALE};
 use crate::kernels::attention::{
-    attend_block, Block, Contiguous, KeyValues, Mask, Stored, BLOCK_ROWS,
+    attend_block, block_exps, block_scores, block_values, Block, Contiguous, KeyValues, Mask,
+    Stored, BLOCK_ROWS, KEY_CHUNK,
 };
 use crate::kernels::{parallel_ranges, OutPtr};
 use crate::onnx::graph::attr;
@@ -183,22 +184,24 @@ pub(crate) fn attend_heads(a: &Heads) -> Vec<f32> {
 
 /// The results of several attentions at once (the sequences of a packed run), each as
 /// [`attend_heads`] computes it: their blocks are split across the threads together, so that
-/// many small attentions keep both threads busy with one split instead of one each.
+/// many small attentions keep both threads busy with one split instead of one each. Too few
+/// blocks to share evenly, over many keys (a decode step at a long context: one block per KV
+/// head), are split inside ([`attend_split`]).
 pub(crate) fn attend_all(all: &[Heads]) -> Vec<Vec<f32>> {
-    let per_head: Vec<usize> = all.iter().map(|a| a.m.div_ceil(BLOCK_ROWS)).collect();
-    // The first block of each attention, in the blocks numbered across all of them.
-    let mut first = Vec::with_capacity(all.len());
-    let (mut blocks, mut macs) = (0, 0);
-    for (a, &per_head) in all.iter().zip(&per_head) {
-        first.push(blocks);
-        blocks += a.heads * per_head;
-        macs += a.heads * a.m * a.t * (a.d + a.dv);
-    }
+    let blocks = Blocks::of(all);
     let mut outs: Vec<Vec<f32>> = all
         .iter()
         .map(|a| vec![0f32; a.heads * a.m * a.dv])
         .collect();
     let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let threads = crate::kernels::threads();
+    if threads > 1
+        && blocks.count < SPLIT_BELOW_BLOCKS_PER_THREAD * threads
+        && all.iter().all(|a| a.t >= SPLIT_MIN_KEYS)
+    {
+        attend_split(all, &blocks, threads, &dsts);
+        return outs;
+    }
     let scratch = all
         .iter()
         .map(|a| BLOCK_ROWS.min(a.m) * a.t)
@@ -208,35 +211,203 @@ pub(crate) fn attend_all(all: &[Heads]) -> Vec<Vec<f32>> {
         // Scratch for the largest block: a decode step's 3 rows, not BLOCK_ROWS, zeroed per call.
         let mut scores = vec![0f32; scratch];
         for b in b0..b1 {
-            let j = first.partition_point(|&f| f <= b) - 1;
-            let (a, b) = (&all[j], b - first[j]);
-            let (m, d, t, dv) = (a.m, a.d, a.t, a.dv);
-            let (h, i) = (b / per_head[j], b % per_head[j] * BLOCK_ROWS);
-            let (row, n) = (h * m + i, BLOCK_ROWS.min(m - i));
-            let end = row + n;
-            let kv = Head { kv: a.chunks, h };
-            let block = Block {
-                q: &a.q[row * d..end * d],
-                d,
-                kv: &kv,
-                t,
-                mask: Mask {
-                    data: a.mask,
-                    base: (a.mask_head)(h) + i * a.mask_row,
-                    row: a.mask_row,
-                    col: a.mask_col,
-                },
-                scale: a.scale,
-            };
-            // SAFETY: end <= heads * m, so the rows row..end of attention j's output (heads *
-            // m * dv long, alive until the calls return) are inside it; each row is written by
-            // exactly one call, so the slice aliases nothing.
-            let o = unsafe { std::slice::from_raw_parts_mut(dsts[j].at(row * dv), n * dv) };
-            attend_block(&block, &mut scores[..n * t], o);
+            blocks.with(all, b, |j, row, block| {
+                let (n, dv) = (block.q.len() / block.d, all[j].dv);
+                // SAFETY: row + n <= heads * m, so the rows row..row + n of attention j's output
+                // (heads * m * dv long, alive until the calls return) are inside it; each row is
+                // written by exactly one call, so the slice aliases nothing.
+                let o = unsafe { std::slice::from_raw_parts_mut(dsts[j].at(row * dv), n * dv) };
+                attend_block(block, &mut scores[..n * block.t], o);
+            });
         }
     };
-    parallel_ranges(blocks, macs, &run);
+    parallel_ranges(blocks.count, blocks.macs, &run);
     outs
+}
+
+/// Split a block inside when there are fewer blocks than this many per thread.
+const SPLIT_BELOW_BLOCKS_PER_THREAD: usize = 4;
+
+/// ... and every attention has at least this many keys. Below, the split's two extra hand-overs
+/// between threads per layer cost more than the balance gains: on the default model at 2
+/// threads, decode at a 400-token context was 0.94x without the split, at 1,000 tokens 1.08x.
+const SPLIT_MIN_KEYS: usize = 16 * KEY_CHUNK;
+
+/// The blocks of several attentions, numbered across all of them.
+struct Blocks {
+    /// Row blocks per head, per attention.
+    per_head: Vec<usize>,
+    /// The number of each attention's first block.
+    first: Vec<usize>,
+    count: usize,
+    macs: usize,
+}
+
+impl Blocks {
+    fn of(all: &[Heads]) -> Blocks {
+        let per_head: Vec<usize> = all.iter().map(|a| a.m.div_ceil(BLOCK_ROWS)).collect();
+        let mut first = Vec::with_capacity(all.len());
+        let (mut count, mut macs) = (0, 0);
+        for (a, &per_head) in all.iter().zip(&per_head) {
+            first.push(count);
+            count += a.heads * per_head;
+            macs += a.heads * a.m * a.t * (a.d + a.dv);
+        }
+        Blocks {
+            per_head,
+            first,
+            count,
+            macs,
+        }
+    }
+
+    /// Calls `f(j, row, block)` with block `b`: attention j's rows `row..` (of its `heads * m`)
+    /// as a kernel [`Block`].
+    fn with<R>(&self, all: &[Heads], b: usize, f: impl FnOnce(usize, usize, &Block) -> R) -> R {
+        let j = self.first.partition_point(|&f| f <= b) - 1;
+        let (a, b) = (&all[j], b - self.first[j]);
+        let (m, d) = (a.m, a.d);
+        let (h, i) = (b / self.per_head[j], b % self.per_head[j] * BLOCK_ROWS);
+        let (row, n) = (h * m + i, BLOCK_ROWS.min(m - i));
+        let kv = Head { kv: a.chunks, h };
+        let block = Block {
+            q: &a.q[row * d..(row + n) * d],
+            d,
+            kv: &kv,
+            t: a.t,
+            mask: Mask {
+                data: a.mask,
+                base: (a.mask_head)(h) + i * a.mask_row,
+                row: a.mask_row,
+                col: a.mask_col,
+            },
+            scale: a.scale,
+        };
+        f(j, row, &block)
+    }
+}
+
+/// [`attend_all`] for a few blocks over many keys, each block in three passes that the threads
+/// share: the scores of a part of its key chunks each ([`block_scores`]); once all are in (and
+/// each row's largest), their exponentials, by the same parts ([`block_exps`]); then a range of
+/// its output columns each ([`block_values`], which sums the exponentials). The same bits as
+/// [`attend_block`]; a 2,000-token decode step's three blocks no longer split 2:1 over two
+/// threads.
+fn attend_split(all: &[Heads], blocks: &Blocks, threads: usize, dsts: &[OutPtr]) {
+    // Per block: its rows, key chunks, where its scores start, its output width.
+    struct Split {
+        rows: usize,
+        chunks: usize,
+        scores_at: usize,
+        dv: usize,
+    }
+    let mut splits = Vec::with_capacity(blocks.count);
+    let mut floats = 0;
+    for b in 0..blocks.count {
+        let (rows, t, dv) = blocks.with(all, b, |j, _, block| {
+            (block.q.len() / block.d, block.t, all[j].dv)
+        });
+        let chunks = t.div_ceil(KEY_CHUNK);
+        splits.push(Split {
+            rows,
+            chunks,
+            scores_at: floats,
+            dv,
+        });
+        floats += chunks * rows * KEY_CHUNK;
+    }
+    // Enough parts in all to share evenly: key-chunk ranges, then column ranges.
+    let parts = (SPLIT_BELOW_BLOCKS_PER_THREAD * threads).div_ceil(blocks.count.max(1));
+    let key_parts: Vec<(usize, usize, usize)> = splits
+        .iter()
+        .enumerate()
+        .flat_map(|(b, s)| {
+            let n = parts.min(s.chunks);
+            (0..n).map(move |p| (b, s.chunks * p / n, s.chunks * (p + 1) / n))
+        })
+        .collect();
+    let mut scores = vec![0f32; floats];
+    let mut maxes = vec![f32::NEG_INFINITY; key_parts.len() * BLOCK_ROWS];
+    let (scores_ptr, maxes_ptr) = (OutPtr(scores.as_mut_ptr()), OutPtr(maxes.as_mut_ptr()));
+    let score_parts = |p0: usize, p1: usize| {
+        for (p, &(b, c0, c1)) in key_parts.iter().enumerate().take(p1).skip(p0) {
+            let s = &splits[b];
+            let len = (c1 - c0) * s.rows * KEY_CHUNK;
+            // SAFETY: part p writes chunks c0..c1 of block b's scores and its own BLOCK_ROWS
+            // maxima: inside `scores` and `maxes`, and no other part's.
+            let (sc, mx) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(
+                        scores_ptr.at(s.scores_at + c0 * s.rows * KEY_CHUNK),
+                        len,
+                    ),
+                    std::slice::from_raw_parts_mut(maxes_ptr.at(p * BLOCK_ROWS), BLOCK_ROWS),
+                )
+            };
+            blocks.with(all, b, |_, _, block| block_scores(block, c0, sc, mx));
+        }
+    };
+    parallel_ranges(key_parts.len(), blocks.macs / 2, &score_parts);
+
+    // Each row's largest score over all its block's parts (the order does not matter).
+    let mut max = vec![f32::NEG_INFINITY; blocks.count * BLOCK_ROWS];
+    for (p, &(b, ..)) in key_parts.iter().enumerate() {
+        for (m, &x) in max[b * BLOCK_ROWS..][..BLOCK_ROWS]
+            .iter_mut()
+            .zip(&maxes[p * BLOCK_ROWS..][..BLOCK_ROWS])
+        {
+            *m = m.max(x);
+        }
+    }
+    let exp_parts = |p0: usize, p1: usize| {
+        for &(b, c0, c1) in key_parts.iter().take(p1).skip(p0) {
+            let s = &splits[b];
+            // SAFETY: as in `score_parts`: chunks c0..c1 of block b's scores are this part's.
+            let sc = unsafe {
+                std::slice::from_raw_parts_mut(
+                    scores_ptr.at(s.scores_at + c0 * s.rows * KEY_CHUNK),
+                    (c1 - c0) * s.rows * KEY_CHUNK,
+                )
+            };
+            let max = &max[b * BLOCK_ROWS..][..BLOCK_ROWS];
+            blocks.with(all, b, |_, _, block| block_exps(block, c0, sc, max));
+        }
+    };
+    let exps: usize = splits.iter().map(|s| s.rows * s.chunks * KEY_CHUNK).sum();
+    parallel_ranges(key_parts.len(), exps * 16, &exp_parts);
+
+    let column_parts: Vec<(usize, usize, usize)> = splits
+        .iter()
+        .enumerate()
+        .flat_map(|(b, s)| {
+            // Whole 32-column groups, which the kernel keeps in registers.
+            let n = parts.min(s.dv / 32).max(1);
+            (0..n).map(move |p| {
+                let end = if p + 1 == n { s.dv } else { 32 * (p + 1) };
+                (b, 32 * p, end)
+            })
+        })
+        .collect();
+    let value_parts = |p0: usize, p1: usize| {
+        let mut out = vec![];
+        for &(b, c0, c1) in column_parts.iter().take(p1).skip(p0) {
+            let s = &splits[b];
+            let scores = &scores[s.scores_at..][..s.chunks * s.rows * KEY_CHUNK];
+            out.resize(s.rows * (c1 - c0), 0.0);
+            blocks.with(all, b, |j, row, block| {
+                block_values(block, scores, c0..c1, &mut out);
+                for (i, o) in out.chunks_exact(c1 - c0).enumerate() {
+                    // SAFETY: row + i < heads * m and c1 <= dv: inside attention j's output;
+                    // each (row, column range) is written by exactly one part.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(dsts[j].at((row + i) * s.dv + c0), c1 - c0)
+                    };
+                    dst.copy_from_slice(o);
+                }
+            });
+        }
+    };
+    parallel_ranges(column_parts.len(), blocks.macs / 2, &value_parts);
 }
 
 impl EvalOp for Attention {
@@ -337,6 +508,94 @@ impl TypedOp for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two attentions of a packed run, long enough to split (heads sharing KV heads in blocks of
+    /// 3 rows, a masked tail), as [`attend_split`] computes them at 2 and 3 threads' parts, on
+    /// this thread: every output is the unsplit path's, bit for bit.
+    #[test]
+    fn a_split_block_gives_the_unsplit_bits() {
+        let (heads, d, dv) = (2, 64, 96);
+        let val = |i: usize| ((i * 7919 % 1999) as f32 / 999.5 - 1.0) * 0.5;
+        let specs = [(3, SPLIT_MIN_KEYS + 70), (1, SPLIT_MIN_KEYS + 1)];
+        let data: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = specs
+            .iter()
+            .enumerate()
+            .map(|(a, &(m, t))| {
+                let q = (0..heads * m * d).map(|i| val(i + a)).collect();
+                let k = (0..heads * t * d).map(|i| val(3 * i + 1)).collect();
+                let v = (0..heads * t * dv).map(|i| val(5 * i + 2)).collect();
+                // The last 5 keys masked out for the first row.
+                let mask = (0..m * t)
+                    .map(|x| {
+                        if x / t == 0 && x % t >= t - 5 {
+                            -1e9
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                (q, k, v, mask)
+            })
+            .collect();
+        let key_heads: Vec<_> = specs
+            .iter()
+            .map(|&(_, t)| move |h: usize| h * t * d)
+            .collect();
+        let value_heads: Vec<_> = specs
+            .iter()
+            .map(|&(_, t)| move |h: usize| h * t * dv)
+            .collect();
+        let kvs: Vec<ContiguousHeads> = specs
+            .iter()
+            .zip(&data)
+            .zip(key_heads.iter().zip(&value_heads))
+            .map(|((&(_, t), (_, k, v, _)), (kh, vh))| ContiguousHeads {
+                keys: k,
+                key_head: kh,
+                values: v,
+                value_head: vh,
+                t,
+                d,
+                dv,
+            })
+            .collect();
+        let shared = |_: usize| 0;
+        let all: Vec<Heads> = specs
+            .iter()
+            .zip(&data)
+            .zip(&kvs)
+            .map(|((&(m, t), (q, _, _, mask)), kv)| Heads {
+                q,
+                heads,
+                m,
+                d,
+                chunks: kv,
+                t,
+                dv,
+                mask,
+                mask_head: &shared,
+                mask_row: t,
+                mask_col: 1,
+                scale: 0.125,
+            })
+            .collect();
+        // One thread: no split.
+        let whole = attend_all(&all);
+        let blocks = Blocks::of(&all);
+        for threads in [2, 3] {
+            let mut outs: Vec<Vec<f32>> = whole.iter().map(|o| vec![f32::NAN; o.len()]).collect();
+            let dsts: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+            attend_split(&all, &blocks, threads, &dsts);
+            for (a, (w, o)) in whole.iter().zip(&outs).enumerate() {
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(w),
+                    bits(o),
+                    "attention {a}, parts for {threads} threads"
+                );
+            }
+        }
+    }
 
     /// softmax(q k^T * scale + mask) v, row by row, in f64.
     fn reference(

@@ -225,12 +225,176 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
                 weighted_sum(
                     &scores[i * t + j0..i * t + j1],
                     &chunk[..(j1 - j0) * dv],
+                    dv,
                     &mut out[i * dv..][..dv],
                 );
             }
         }
     }
     for (i, o) in out.chunks_exact_mut(dv).enumerate() {
+        let inv = 1.0 / sum[i];
+        for x in o {
+            *x *= inv;
+        }
+    }
+}
+
+/// The first of three steps that compute [`attend_block`] for a block split across threads (few
+/// blocks, many keys: a decode step at a long context): the rows' scores against key chunks `c0..c0 + n`, into
+/// `scores` (`[n][rows][KEY_CHUNK]`, keys past a row's last unmasked one left as they are), and
+/// each row's largest among them into `max` (minus infinity for none). Every score is
+/// [`attend_block`]'s, bit for bit.
+pub fn block_scores(block: &Block, c0: usize, scores: &mut [f32], max: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::avx2_f16c() {
+        // SAFETY: the CPU has AVX2 and F16C.
+        return unsafe { block_scores_avx2(block, c0, scores, max) };
+    }
+    block_scores_body::<dots::Portable>(block, c0, scores, max)
+}
+
+/// The second step: chunks `c0..` of the rows' scores (as [`block_scores`] wrote them, in
+/// `scores`) replaced by their exponentials, `exp(score - max)`, `max` the rows' largest scores
+/// over all chunks: [`attend_block`]'s, bit for bit.
+pub fn block_exps(block: &Block, c0: usize, scores: &mut [f32], max: &[f32]) {
+    let rows = block.q.len() / block.d;
+    let keys = keys_of_rows(block, rows);
+    for (n, part) in scores.chunks_exact_mut(rows * KEY_CHUNK).enumerate() {
+        let j0 = (c0 + n) * KEY_CHUNK;
+        for (i, &k) in keys[..rows].iter().enumerate() {
+            if j0 < k {
+                for s in &mut part[i * KEY_CHUNK..][..k.min(j0 + KEY_CHUNK) - j0] {
+                    *s = detmath::exp(*s - max[i]);
+                }
+            }
+        }
+    }
+}
+
+/// The last step: output columns `cols` of every row of the block, from every chunk's
+/// exponentials ([`block_exps`]), into `out` (`[rows, cols.len()]`). Each column is
+/// [`attend_block`]'s, bit for bit: the rows' sums key by key, the column's weighted sum key by
+/// key.
+pub fn block_values(block: &Block, scores: &[f32], cols: std::ops::Range<usize>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::avx2_f16c() {
+        // SAFETY: the CPU has AVX2 and F16C.
+        return unsafe { block_values_avx2(block, scores, cols, out) };
+    }
+    block_values_body::<dots::Portable>(block, scores, cols, out)
+}
+
+/// The keys each row of `block` reads (see [`Mask::keys_of_row`]).
+#[inline(always)]
+fn keys_of_rows(block: &Block, rows: usize) -> [usize; BLOCK_ROWS] {
+    let mut keys = [0usize; BLOCK_ROWS];
+    for (i, n) in keys[..rows].iter_mut().enumerate() {
+        *n = block.mask.keys_of_row(i, block.t);
+    }
+    keys
+}
+
+#[inline(always)]
+fn block_scores_body<D: KeyDots>(block: &Block, c0: usize, scores: &mut [f32], max: &mut [f32]) {
+    let Block {
+        q,
+        d,
+        kv,
+        mask,
+        scale,
+        ..
+    } = *block;
+    let rows = q.len() / d;
+    let keys = keys_of_rows(block, rows);
+    let keys = &keys[..rows];
+    max[..rows].fill(f32::NEG_INFINITY);
+    let mut dots = [0f32; KEY_CHUNK];
+    let mut buf = Vec::new();
+    for (n, part) in scores.chunks_exact_mut(rows * KEY_CHUNK).enumerate() {
+        let j0 = (c0 + n) * KEY_CHUNK;
+        if keys.iter().all(|&k| j0 >= k) {
+            continue;
+        }
+        let chunk = as_f32::<D>(kv.keys(c0 + n), &mut buf);
+        for (i, &k) in keys.iter().enumerate() {
+            if j0 >= k {
+                continue;
+            }
+            let j1 = k.min(j0 + KEY_CHUNK);
+            let dots = &mut dots[..j1 - j0];
+            D::dots(&q[i * d..][..d], &chunk[..(j1 - j0) * d], d, dots);
+            let row = &mut part[i * KEY_CHUNK..][..j1 - j0];
+            let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
+            if mask.col == 1 {
+                let m = &mask.data[mask.base + i * mask.row + j0..][..j1 - j0];
+                for ((s, &x), &m) in row.iter_mut().zip(dots.iter()).zip(m) {
+                    *s = score(m, x);
+                }
+            } else {
+                for (jj, (s, &x)) in row.iter_mut().zip(dots.iter()).enumerate() {
+                    *s = score(mask.at(i, j0 + jj), x);
+                }
+            }
+            max[i] = max_of(max[i], row);
+        }
+    }
+}
+
+#[inline(always)]
+fn block_values_body<D: KeyDots>(
+    block: &Block,
+    scores: &[f32],
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let Block { q, d, kv, t, .. } = *block;
+    let rows = q.len() / d;
+    let keys = keys_of_rows(block, rows);
+    let keys = &keys[..rows];
+    let last = keys.iter().copied().max().unwrap_or(0);
+    let width = cols.len();
+    // Row i of chunk c: its exponentials.
+    let row = |c: usize, i: usize| &scores[(c * rows + i) * KEY_CHUNK..][..KEY_CHUNK];
+    // Each row's sum key by key from 0, as `row_sums` adds them.
+    let mut sum = [0f32; BLOCK_ROWS];
+    for (i, &n) in keys.iter().enumerate() {
+        for j0 in (0..n).step_by(KEY_CHUNK) {
+            let e = &row(j0 / KEY_CHUNK, i)[..(n - j0).min(KEY_CHUNK)];
+            sum[i] = e.iter().fold(sum[i], |a, &x| a + x);
+        }
+    }
+    out.fill(0.0);
+    let mut buf = Vec::new();
+    for j0 in (0..last).step_by(KEY_CHUNK) {
+        let n = KEY_CHUNK.min(t - j0);
+        let (values, stride) = match kv.values(j0 / KEY_CHUNK) {
+            Stored::F32(v) => (&v[cols.start..], v.len() / n),
+            Stored::F16(h) => {
+                // Only these columns, widened into rows of `width`.
+                let dv = h.len() / n;
+                buf.resize(n * width, 0.0);
+                for j in 0..n {
+                    D::widen(
+                        &h[j * dv + cols.start..][..width],
+                        &mut buf[j * width..][..width],
+                    );
+                }
+                (&buf[..], width)
+            }
+        };
+        for (i, &k) in keys.iter().enumerate() {
+            if j0 < k {
+                let j1 = k.min(j0 + KEY_CHUNK);
+                weighted_sum(
+                    &row(j0 / KEY_CHUNK, i)[..j1 - j0],
+                    values,
+                    stride,
+                    &mut out[i * width..][..width],
+                );
+            }
+        }
+    }
+    for (i, o) in out.chunks_exact_mut(width.max(1)).enumerate().take(rows) {
         let inv = 1.0 / sum[i];
         for x in o {
             *x *= inv;
@@ -271,24 +435,25 @@ fn row_sums(scores: &[f32], t: usize, keys: &[usize], sum: &mut [f32]) {
     }
 }
 
-/// `o += sum over j of p[j] * v[j]` (`v` is `[p.len(), o.len()]`), key by key for every column;
-/// keys of weight 0 are skipped. [`COLUMNS`] columns at a time stay in registers.
+/// `o += sum over j of p[j] * v[j]` (row j of `v` at `j * stride`, its first `o.len()` values),
+/// key by key for every column; keys of weight 0 are skipped. [`COLUMNS`] columns at a time stay
+/// in registers (how many does not change a column's sum).
 #[inline(always)]
-fn weighted_sum(p: &[f32], v: &[f32], o: &mut [f32]) {
+fn weighted_sum(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
     let dv = o.len();
     let mut c = 0;
     while c + COLUMNS <= dv {
-        weighted_columns::<COLUMNS>(p, v, o, c);
+        weighted_columns::<COLUMNS>(p, v, stride, o, c);
         c += COLUMNS;
     }
     while c + 32 <= dv {
-        weighted_columns::<32>(p, v, o, c);
+        weighted_columns::<32>(p, v, stride, o, c);
         c += 32;
     }
     if c < dv {
         for (j, &pj) in p.iter().enumerate() {
             if pj != 0.0 {
-                for (x, &y) in o[c..].iter_mut().zip(&v[j * dv + c..(j + 1) * dv]) {
+                for (x, &y) in o[c..].iter_mut().zip(&v[j * stride + c..j * stride + dv]) {
                     *x += pj * y;
                 }
             }
@@ -298,13 +463,12 @@ fn weighted_sum(p: &[f32], v: &[f32], o: &mut [f32]) {
 
 /// [`weighted_sum`] for columns `c..c + W`, held in registers.
 #[inline(always)]
-fn weighted_columns<const W: usize>(p: &[f32], v: &[f32], o: &mut [f32], c: usize) {
-    let dv = o.len();
+fn weighted_columns<const W: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut [f32], c: usize) {
     let mut acc = [0f32; W];
     acc.copy_from_slice(&o[c..c + W]);
     for (j, &pj) in p.iter().enumerate() {
         if pj != 0.0 {
-            let vj = &v[j * dv + c..][..W];
+            let vj = &v[j * stride + c..][..W];
             for x in 0..W {
                 acc[x] += pj * vj[x];
             }
@@ -357,6 +521,31 @@ fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_block_avx2(block: &Block, scores: &mut [f32], out: &mut [f32]) {
     attend_block_body::<dots::Avx2>(block, scores, out)
+}
+
+/// [`block_scores_body`] compiled for AVX2 and F16C.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn block_scores_avx2(block: &Block, c0: usize, scores: &mut [f32], max: &mut [f32]) {
+    block_scores_body::<dots::Avx2>(block, c0, scores, max)
+}
+
+/// [`block_values_body`] compiled for AVX2 and F16C.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn block_values_avx2(
+    block: &Block,
+    scores: &[f32],
+    cols: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    block_values_body::<dots::Avx2>(block, scores, cols, out)
 }
 
 /// The rows of `block`: each row of `out` (`[rows, Dv]`) = softmax(q k^T * scale + mask) v;
@@ -530,6 +719,15 @@ mod tests {
             attend_block(&block, &mut s2, &mut o2);
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&o1), bits(&o2), "shape {:?}", shapes[case]);
+            for parts in [1, 2, 3, 5] {
+                let split = in_parts(&block, parts, dv);
+                assert_eq!(
+                    bits(&o1),
+                    bits(&split),
+                    "in {parts} parts, {:?}",
+                    shapes[case]
+                );
+            }
             // The portable path too, where the machine has AVX2.
             attend_block_body::<dots::Portable>(&block, &mut s2, &mut o2);
             assert_eq!(bits(&o1), bits(&o2), "portable, shape {:?}", shapes[case]);
@@ -559,6 +757,15 @@ mod tests {
             };
             attend_block(&half_block, &mut s2, &mut o2);
             assert_eq!(bits(&o1), bits(&o2), "f16, shape {:?}", shapes[case]);
+            for parts in [1, 2, 3, 5] {
+                let split = in_parts(&half_block, parts, dv);
+                assert_eq!(
+                    bits(&o1),
+                    bits(&split),
+                    "f16 in {parts} parts, {:?}",
+                    shapes[case]
+                );
+            }
             attend_block_body::<dots::Portable>(&half_block, &mut s2, &mut o2);
             assert_eq!(
                 bits(&o1),
@@ -567,6 +774,59 @@ mod tests {
                 shapes[case]
             );
         }
+    }
+
+    /// `block` as a split block runs ([`block_scores`], [`block_exps`], [`block_values`]): its
+    /// key chunks in `parts` ranges (uneven), then its columns in `parts` ranges (uneven; one 1 wide where
+    /// there are enough), on the dispatched kernels and on the portable ones (which must agree).
+    fn in_parts(block: &Block, parts: usize, dv: usize) -> Vec<f32> {
+        let rows = block.q.len() / block.d;
+        let chunks = block.t.div_ceil(KEY_CHUNK);
+        let cuts = |n: usize| -> Vec<usize> {
+            let mut c: Vec<usize> = (0..=parts).map(|p| n * p * p / (parts * parts)).collect();
+            if parts > 1 && n > parts {
+                c[1] = c[1].max(1);
+            }
+            c.dedup();
+            c
+        };
+        let mut results = vec![];
+        for portable in [false, true] {
+            let mut scores = vec![f32::NAN; chunks * rows * KEY_CHUNK];
+            let mut max = [f32::NEG_INFINITY; BLOCK_ROWS];
+            for w in cuts(chunks).windows(2) {
+                let mut part_max = [0f32; BLOCK_ROWS];
+                let sc = &mut scores[w[0] * rows * KEY_CHUNK..w[1] * rows * KEY_CHUNK];
+                if portable {
+                    block_scores_body::<dots::Portable>(block, w[0], sc, &mut part_max);
+                } else {
+                    block_scores(block, w[0], sc, &mut part_max);
+                }
+                for (m, x) in max.iter_mut().zip(part_max) {
+                    *m = m.max(x);
+                }
+            }
+            for w in cuts(chunks).windows(2) {
+                let sc = &mut scores[w[0] * rows * KEY_CHUNK..w[1] * rows * KEY_CHUNK];
+                block_exps(block, w[0], sc, &max);
+            }
+            let mut out = vec![0f32; rows * dv];
+            for w in cuts(dv).windows(2) {
+                let mut o = vec![0f32; rows * (w[1] - w[0])];
+                if portable {
+                    block_values_body::<dots::Portable>(block, &scores, w[0]..w[1], &mut o);
+                } else {
+                    block_values(block, &scores, w[0]..w[1], &mut o);
+                }
+                for (i, r) in o.chunks_exact(w[1] - w[0]).enumerate() {
+                    out[i * dv + w[0]..i * dv + w[1]].copy_from_slice(r);
+                }
+            }
+            results.push(out);
+        }
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&results[0]), bits(&results[1]), "portable halves");
+        results.pop().expect("two")
     }
 
     /// Contiguous float16 keys (`[t, D]`) and values (`[t, Dv]`).

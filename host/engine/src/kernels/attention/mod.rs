@@ -157,26 +157,44 @@ fn as_f32<'a, D: KeyDots>(chunk: Stored<'a>, buf: &'a mut Vec<f32>) -> &'a [f32]
     }
 }
 
+/// Row `i`'s scores against the keys `j0..j0 + row.len()` of `chunk` (the chunk of keys from
+/// `j0`, as f32): its dot products, scaled, plus the mask (a mask at or below [`MASKED`] taken
+/// as is). `dots` is scratch.
+#[inline(always)]
+fn chunk_scores<D: KeyDots>(
+    block: &Block,
+    i: usize,
+    j0: usize,
+    chunk: &[f32],
+    dots: &mut [f32; KEY_CHUNK],
+    row: &mut [f32],
+) {
+    let (d, mask, scale) = (block.d, block.mask, block.scale);
+    let dots = &mut dots[..row.len()];
+    D::dots(&block.q[i * d..][..d], &chunk[..row.len() * d], d, dots);
+    let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
+    if mask.col == 1 {
+        let m = &mask.data[mask.base + i * mask.row + j0..][..row.len()];
+        for ((s, &x), &m) in row.iter_mut().zip(dots.iter()).zip(m) {
+            *s = score(m, x);
+        }
+    } else {
+        for (jj, (s, &x)) in row.iter_mut().zip(dots.iter()).enumerate() {
+            *s = score(mask.at(i, j0 + jj), x);
+        }
+    }
+}
+
 /// The rows of `block`: `scores` (rows * T) is scratch, `out` (rows * Dv) receives the results.
 #[inline(always)]
 fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f32]) {
-    let Block {
-        q,
-        d,
-        kv,
-        t,
-        mask,
-        scale,
-    } = *block;
+    let Block { q, d, kv, t, .. } = *block;
     let rows = q.len() / d;
     debug_assert!(rows <= BLOCK_ROWS && scores.len() == rows * t);
     let dv = out.len() / rows;
     // Keys after a row's last unmasked one (a causal mask's future) would add exact zeros to
     // every sum below: leave them out (the same result, bit for bit; half the work of a prompt).
-    let mut keys = [0usize; BLOCK_ROWS];
-    for (i, n) in keys[..rows].iter_mut().enumerate() {
-        *n = mask.keys_of_row(i, t);
-    }
+    let keys = keys_of_rows(block, rows);
     let keys = &keys[..rows];
     let last = keys.iter().copied().max().unwrap_or(0);
 
@@ -189,21 +207,8 @@ fn attend_block_body<D: KeyDots>(block: &Block, scores: &mut [f32], out: &mut [f
             if j0 >= n {
                 continue;
             }
-            let j1 = n.min(j0 + KEY_CHUNK);
-            let dots = &mut dots[..j1 - j0];
-            D::dots(&q[i * d..][..d], &chunk[..(j1 - j0) * d], d, dots);
-            let row = &mut scores[i * t + j0..i * t + j1];
-            let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
-            if mask.col == 1 {
-                let m = &mask.data[mask.base + i * mask.row + j0..][..j1 - j0];
-                for ((s, &x), &m) in row.iter_mut().zip(dots.iter()).zip(m) {
-                    *s = score(m, x);
-                }
-            } else {
-                for (jj, (s, &x)) in row.iter_mut().zip(dots.iter()).enumerate() {
-                    *s = score(mask.at(i, j0 + jj), x);
-                }
-            }
+            let row = &mut scores[i * t + j0..i * t + n.min(j0 + KEY_CHUNK)];
+            chunk_scores::<D>(block, i, j0, chunk, &mut dots, row);
             max[i] = max_of(max[i], row);
         }
     }
@@ -296,14 +301,7 @@ fn keys_of_rows(block: &Block, rows: usize) -> [usize; BLOCK_ROWS] {
 
 #[inline(always)]
 fn block_scores_body<D: KeyDots>(block: &Block, c0: usize, scores: &mut [f32], max: &mut [f32]) {
-    let Block {
-        q,
-        d,
-        kv,
-        mask,
-        scale,
-        ..
-    } = *block;
+    let Block { q, d, kv, .. } = *block;
     let rows = q.len() / d;
     let keys = keys_of_rows(block, rows);
     let keys = &keys[..rows];
@@ -320,21 +318,8 @@ fn block_scores_body<D: KeyDots>(block: &Block, c0: usize, scores: &mut [f32], m
             if j0 >= k {
                 continue;
             }
-            let j1 = k.min(j0 + KEY_CHUNK);
-            let dots = &mut dots[..j1 - j0];
-            D::dots(&q[i * d..][..d], &chunk[..(j1 - j0) * d], d, dots);
-            let row = &mut part[i * KEY_CHUNK..][..j1 - j0];
-            let score = |m: f32, x: f32| if m <= MASKED { m } else { x * scale + m };
-            if mask.col == 1 {
-                let m = &mask.data[mask.base + i * mask.row + j0..][..j1 - j0];
-                for ((s, &x), &m) in row.iter_mut().zip(dots.iter()).zip(m) {
-                    *s = score(m, x);
-                }
-            } else {
-                for (jj, (s, &x)) in row.iter_mut().zip(dots.iter()).enumerate() {
-                    *s = score(mask.at(i, j0 + jj), x);
-                }
-            }
+            let row = &mut part[i * KEY_CHUNK..][..k.min(j0 + KEY_CHUNK) - j0];
+            chunk_scores::<D>(block, i, j0, chunk, &mut dots, row);
             max[i] = max_of(max[i], row);
         }
     }

@@ -5,25 +5,19 @@ use std::arch::x86_64::*;
 
 use super::*;
 
-/// `acc + sum of 4 products u8 * i8` per 32-bit lane.
-trait Dot {
-    /// # Safety
-    /// The CPU has the instructions of the implementation.
-    unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
-}
-
-struct Avx2;
-impl Dot for Avx2 {
-    #[inline(always)]
-    unsafe fn dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        // u8 <= 15 times i8: pairs sum to at most 2 * 15 * 128, no i16 saturation.
-        // SAFETY: the caller runs on a CPU with AVX2.
-        unsafe {
-            _mm256_add_epi32(
-                acc,
-                _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)),
-            )
-        }
+/// `acc + sum of 4 products u8 * i8` per 32-bit lane, for u8 <= 15: pairs sum to at most
+/// 2 * 15 * 128, no i16 saturation.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[inline(always)]
+unsafe fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    // SAFETY: the caller runs on a CPU with AVX2.
+    unsafe {
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)),
+        )
     }
 }
 
@@ -161,14 +155,14 @@ pub unsafe fn panels_avx2<S: BlockScale>(
     p1: usize,
 ) {
     // 16 vector registers: 4 rows x 16 columns of accumulators at a time.
-    // SAFETY: the caller's contract; this function has the features `Avx2` needs.
-    unsafe { panels::<Avx2, S, 2>(w, x, m, y, p0, p1) }
+    // SAFETY: the caller's contract; this function has the features `panels` needs.
+    unsafe { panels::<S, 2>(w, x, m, y, p0, p1) }
 }
 
 /// # Safety
-/// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA, F16C and what `D` needs.
+/// As `dispatch::PanelKernels`, on a CPU with AVX2, FMA and F16C.
 #[inline(always)]
-unsafe fn panels<D: Dot, S: BlockScale, const NV4: usize>(
+unsafe fn panels<S: BlockScale, const NV4: usize>(
     w: &Q4Weights<S>,
     x: &QuantRows,
     m: usize,
@@ -190,7 +184,7 @@ unsafe fn panels<D: Dot, S: BlockScale, const NV4: usize>(
             // products.
             while row + 4 <= m {
                 for c in (0..Q4_PANEL).step_by(8 * NV4) {
-                    tile::<D, S, 4, NV4>(w, p, c, x, row, o.add(c));
+                    tile::<S, 4, NV4>(w, p, c, x, row, o.add(c));
                 }
                 for r in 0..4 {
                     std::ptr::copy_nonoverlapping(
@@ -203,7 +197,7 @@ unsafe fn panels<D: Dot, S: BlockScale, const NV4: usize>(
             }
             // One row at a time (decode): the whole panel, 512 contiguous bytes per block.
             while row < m {
-                tile::<D, S, 1, 4>(w, p, 0, x, row, o);
+                tile::<S, 1, 4>(w, p, 0, x, row, o);
                 std::ptr::copy_nonoverlapping(o, y.add(row * n + p * Q4_PANEL), cols);
                 row += 1;
             }
@@ -216,9 +210,9 @@ unsafe fn panels<D: Dot, S: BlockScale, const NV4: usize>(
 ///
 /// # Safety
 /// Panel `p`, rows `row..row + MR` and columns `c..c + 8 * NV` <= 32 are inside `w`, `x` and
-/// `out`; the CPU has AVX2, FMA, F16C and what `D` needs.
+/// `out`; the CPU has AVX2, FMA and F16C.
 #[inline(always)]
-unsafe fn tile<D: Dot, S: BlockScale, const MR: usize, const NV: usize>(
+unsafe fn tile<S: BlockScale, const MR: usize, const NV: usize>(
     w: &Q4Weights<S>,
     p: usize,
     c: usize,
@@ -248,8 +242,8 @@ unsafe fn tile<D: Dot, S: BlockScale, const MR: usize, const NV: usize>(
                     let lo = _mm256_and_si256(bytes, nib);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nib);
                     for r in 0..MR {
-                        acc[r][v] = D::dot(acc[r][v], lo, xa[r]);
-                        acc[r][v] = D::dot(acc[r][v], hi, xb[r]);
+                        acc[r][v] = dot_avx2(acc[r][v], lo, xa[r]);
+                        acc[r][v] = dot_avx2(acc[r][v], hi, xb[r]);
                     }
                 }
             }

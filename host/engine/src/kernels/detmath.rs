@@ -51,6 +51,19 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// The larger of a and b, a NaN ignored (b if a is NaN, a if b is): `f32::max`'s answer (either
+/// zero for a pair of zeros), as a compare and a select. wasm32 compiles `f32::max` to a call of
+/// libm's `fmaxf` (its own `f32.max` propagates NaN); this is inline on every target and
+/// vectorizes.
+#[inline(always)]
+pub fn max(a: f32, b: f32) -> f32 {
+    if a >= b || b.is_nan() {
+        a
+    } else {
+        b
+    }
+}
+
 /// 2^n for -126 <= n <= 127.
 #[inline(always)]
 fn pow2(n: i32) -> f32 {
@@ -190,6 +203,33 @@ mod tests {
 
     fn ulps(a: f32, b: f32) -> u32 {
         (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn max_is_f32_max() {
+        let values = [
+            f32::NAN,
+            f32::NEG_INFINITY,
+            -3.5,
+            -1e-40,
+            -0.0,
+            0.0,
+            1e-40,
+            2.0,
+            f32::MAX,
+            f32::INFINITY,
+        ];
+        for a in values {
+            for b in values {
+                let (got, want) = (max(a, b), a.max(b));
+                if want == 0.0 {
+                    // Either zero, as f32::max allows.
+                    assert_eq!(got, 0.0, "max({a}, {b})");
+                } else {
+                    assert_eq!(got.to_bits(), want.to_bits(), "max({a}, {b})");
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use half::f16;
 
+use super::detmath;
 use super::q4_1::QBLOCK;
 
 const ROUND: f32 = 12582912.0;
@@ -79,7 +80,7 @@ impl QuantRows {
             .zip(q.chunks_exact_mut(K_BLOCK))
             .enumerate()
         {
-            let amax = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let amax = xg.iter().fold(0f32, |a, v| detmath::max(a, v.abs()));
             if amax == 0.0 {
                 continue;
             }
@@ -119,7 +120,7 @@ impl QuantRows {
             .zip(q.chunks_exact_mut(QBLOCK))
             .enumerate()
         {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let amax = xb.iter().fold(0f32, |a, v| detmath::max(a, v.abs()));
             // The sum in the AVX2 version's order (8 lanes, a tree), so that every build rounds
             // it alike: lane l = (x[l] + x[8+l]) + (x[16+l] + x[24+l]), then lanes l + (l+4), ...
             let t: [f32; 8] =

@@ -32,15 +32,50 @@ impl KeyDots for Portable {
     }
 }
 
-/// `out[i]` = `h[i]` as f32, 4 at a time (the `half` crate converts one by one in wasm): the
-/// exponent rebased by a multiply by 2^112 (as the Q4_1 kernel's `f16x4` does for its finite
-/// scales), infinities kept, NaNs made quiet.
+/// `out[i]` = `h[i]` as f32, 8 at a time (the `half` crate converts one by one in wasm): each
+/// value moved to the top 16 bits of a 32-bit lane, its exponent and mantissa shifted into
+/// place and rebased by a multiply by 2^112 (as the Q4_1 kernel's `f16x4` does for its finite
+/// scales; exact for zeros and subnormals too), its sign put back. Eight values with an
+/// infinity or a NaN among them (rare in a KV cache: checked per 8, on the float16 bits) take a
+/// slower path that keeps infinities and makes NaNs quiet, as the `half` crate and F16C do.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 #[inline(always)]
 fn widen_simd128(h: &[f16], out: &mut [f32]) {
     use std::arch::wasm32::*;
     assert_eq!(h.len(), out.len());
     let whole = h.len() / 8 * 8;
+    let exponent16 = u16x8_splat(0x7c00);
+    let (magnitude, sign) = (u32x4_splat(0x7fff_0000), u32x4_splat(0x8000_0000));
+    let scale = f32x4_splat(f32::from_bits(0x7780_0000));
+    let zero = u16x8_splat(0);
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 <= whole <= h.len(); wasm loads need no alignment.
+        let x = unsafe { v128_load(h.as_ptr().add(i) as *const v128) };
+        if v128_any_true(i16x8_eq(v128_and(x, exponent16), exponent16)) {
+            widen_special(x, &mut out[i..i + 8]);
+            continue;
+        }
+        // Lane j of each half: value j << 16.
+        // (x86: `punpcklwd` / `punpckhwd` with zero.)
+        let halves = [
+            i16x8_shuffle::<0, 8, 1, 9, 2, 10, 3, 11>(zero, x),
+            i16x8_shuffle::<4, 12, 5, 13, 6, 14, 7, 15>(zero, x),
+        ];
+        for (k, s) in halves.into_iter().enumerate() {
+            let finite = f32x4_mul(u32x4_shr(v128_and(s, magnitude), 3), scale);
+            let value = v128_or(finite, v128_and(s, sign));
+            // SAFETY: i + 4 * k + 4 <= whole <= out.len().
+            unsafe { v128_store(out.as_mut_ptr().add(i + 4 * k) as *mut v128, value) };
+        }
+    }
+    h[whole..].convert_to_f32_slice(&mut out[whole..]);
+}
+
+/// [`widen_simd128`] for 8 float16 values `x` with an infinity or a NaN among them, into `out`.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+#[inline(never)]
+fn widen_special(x: std::arch::wasm32::v128, out: &mut [f32]) {
+    use std::arch::wasm32::*;
     let (magnitude, exponent, mantissa, sign) = (
         u32x4_splat(0x7fff),
         u32x4_splat(0x7c00),
@@ -52,31 +87,20 @@ fn widen_simd128(h: &[f16], out: &mut [f32]) {
         f32x4_splat(f32::from_bits(0x7780_0000)),
         u32x4_splat(0x7f80_0000),
     );
-    for i in (0..whole).step_by(8) {
-        // SAFETY: i + 8 <= whole <= h.len(); wasm loads need no alignment.
-        let x = unsafe { v128_load(h.as_ptr().add(i) as *const v128) };
-        for (k, w) in [u32x4_extend_low_u16x8(x), u32x4_extend_high_u16x8(x)]
-            .into_iter()
-            .enumerate()
-        {
-            let m = u32x4_shl(v128_and(w, magnitude), 13);
-            let finite = f32x4_mul(m, scale);
-            let special = i32x4_eq(v128_and(w, exponent), exponent);
-            // Infinities and NaNs (rare in a KV cache: checked, not selected, per 4). A NaN
-            // comes out quiet, as from the `half` crate and F16C.
-            let value = if v128_any_true(special) {
-                let nan = v128_not(i32x4_eq(v128_and(w, mantissa), u32x4_splat(0)));
-                let special_value = v128_or(v128_or(m, infinity), v128_and(nan, quiet));
-                v128_bitselect(special_value, finite, special)
-            } else {
-                finite
-            };
-            let value = v128_or(value, u32x4_shl(v128_and(w, sign), 16));
-            // SAFETY: i + 4 * k + 4 <= whole <= out.len().
-            unsafe { v128_store(out.as_mut_ptr().add(i + 4 * k) as *mut v128, value) };
-        }
+    for (k, w) in [u32x4_extend_low_u16x8(x), u32x4_extend_high_u16x8(x)]
+        .into_iter()
+        .enumerate()
+    {
+        let m = u32x4_shl(v128_and(w, magnitude), 13);
+        let finite = f32x4_mul(m, scale);
+        let special = i32x4_eq(v128_and(w, exponent), exponent);
+        let nan = v128_not(i32x4_eq(v128_and(w, mantissa), u32x4_splat(0)));
+        let special_value = v128_or(v128_or(m, infinity), v128_and(nan, quiet));
+        let value = v128_bitselect(special_value, finite, special);
+        let value = v128_or(value, u32x4_shl(v128_and(w, sign), 16));
+        // SAFETY: `out` holds 8 floats.
+        unsafe { v128_store(out.as_mut_ptr().add(4 * k) as *mut v128, value) };
     }
-    h[whole..].convert_to_f32_slice(&mut out[whole..]);
 }
 
 /// AVX2 and F16C (x86_64); only inside functions compiled for them on a CPU that has them.

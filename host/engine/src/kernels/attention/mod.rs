@@ -468,13 +468,16 @@ fn weighted_columns<const W: usize>(p: &[f32], v: &[f32], stride: usize, o: &mut
 fn max_of(m: f32, xs: &[f32]) -> f32 {
     let mut lanes = [m; 8];
     let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(m, |a, &x| a.max(x));
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(m, |a, &x| detmath::max(a, x));
     for c in chunks {
         for l in 0..8 {
-            lanes[l] = lanes[l].max(c[l]);
+            lanes[l] = detmath::max(lanes[l], c[l]);
         }
     }
-    lanes.iter().fold(tail, |a, &x| a.max(x))
+    lanes.iter().fold(tail, |a, &x| detmath::max(a, x))
 }
 
 /// A dot product in 8 independent lanes, added in lane order, then the products past the last

@@ -127,10 +127,10 @@ pub fn logits(registry: ModelRegistry, a: &LogitsArgs, global: &Global) -> Resul
             "wasm32 (slm-nn.wasm)".into(),
         )
     } else if a.plain {
-        let path = registry.dir().join(&name).join("model.onnx");
+        // The model's own file: a GGUF's is its converted directory's, not under the models dir.
         (
             Runner::Native(Arc::new(
-                Model::load_plain(&path).map_err(|e| anyhow!("{e}"))?,
+                Model::load_plain(lazy.path()).map_err(|e| anyhow!("{e}"))?,
             )),
             "CPU (plain f32 plan)".into(),
         )

@@ -87,7 +87,10 @@ fn optimum_exports_follow_llama_cpp() {
 }
 
 /// Runs each model `names` of `models` by `slm logits` on the fixture's prompt and llama.cpp's
-/// greedy tokens (teacher-forced) and compares every step's logits with llama.cpp's.
+/// greedy tokens (teacher-forced) and compares every step's logits with llama.cpp's: on the
+/// default engine, and on the GPU plan's graph run by the CPU (`--plain`: the plain tract-onnx
+/// parse with f32 weights that tract-cuda is given, so every architecture's graph reaches a GPU
+/// in a form tract can type).
 fn follows_llama_cpp(fixture: &Value, models: &Path, names: &[&str], tmp: &Path) {
     // Rounding differs (our 8-bit activations and int8 embedding rows, llama.cpp's Q8_0
     // activations), so a close call between two tokens may go either way: the top tokens must
@@ -96,16 +99,21 @@ fn follows_llama_cpp(fixture: &Value, models: &Path, names: &[&str], tmp: &Path)
     let mut report = Vec::new();
     let mut failures = Vec::new();
     std::fs::create_dir_all(tmp).unwrap();
-    for &name in names {
+    let engines: [(&str, &[&str]); 2] = [("", &[]), (" (GPU plan on the CPU)", &["--plain"])];
+    for (&name, (engine, flags)) in names
+        .iter()
+        .flat_map(|n| engines.iter().map(move |e| (n, e)))
+    {
         let want = &fixture["models"][name];
         assert!(want.is_object(), "no llama.cpp logits for {name}");
         let tokens = want["tokens"].to_string();
-        let out = tmp.join(format!("{name}.logits"));
+        let out = tmp.join(format!("{name}{}.logits", flags.concat()));
         let run = Command::new(env!("CARGO_BIN_EXE_slm"))
             .env("SLM_CACHE_DIR", tmp.join("cache"))
             .args(["--threads", "1", "--models"])
             .arg(models)
             .args(["logits", "--runs", "1", "--model", name])
+            .args(flags.iter())
             .args(["--ids", &fixture["prompt"].to_string()])
             .args([
                 "--steps",
@@ -117,7 +125,7 @@ fn follows_llama_cpp(fixture: &Value, models: &Path, names: &[&str], tmp: &Path)
             .unwrap();
         assert!(
             run.status.success(),
-            "{name}: {}",
+            "{name}{engine}: {}",
             String::from_utf8_lossy(&run.stderr)
         );
         let ours: Vec<f32> = std::fs::read(&out)
@@ -142,12 +150,12 @@ fn follows_llama_cpp(fixture: &Value, models: &Path, names: &[&str], tmp: &Path)
             sorted.sort_by(|a, b| b.total_cmp(a));
             let clear = sorted[0] - sorted[1] >= 0.02 * (sorted[0] - sorted[sorted.len() - 1]);
             report.push(format!(
-                "{name} step {step}: cosine {similarity:.5}, same top token: {same} (a clear \
+                "{name}{engine} step {step}: cosine {similarity:.5}, same top token: {same} (a clear \
                  choice: {clear})"
             ));
             if similarity < 0.998 || (clear && !same) {
                 failures.push(format!(
-                    "{name} step {step}: cosine {similarity}, top token {} (ours) and {} (llama.cpp)",
+                    "{name}{engine} step {step}: cosine {similarity}, top token {} (ours) and {} (llama.cpp)",
                     argmax(ours),
                     argmax(&theirs)
                 ));

@@ -1,6 +1,6 @@
 //! The GPU plan: a plain tract-onnx parse (none of our CPU rewrites: tract-cuda does not know our
-//! ops; tract folds the int8 `Cast * scale` weights to f32 and the Q4_1 `MatMulNBits` weights
-//! are dequantized to f32 here), decluttered, with tract-transformers' rope / masked-softmax
+//! ops; tract folds the int8 `Cast * scale` weights to f32, the block-quantized products and
+//! `GatherBlocks` tables are dequantized to f32 here, the batch axis pinned to one), decluttered, with tract-transformers' rope / masked-softmax
 //! patterns detected, then prepared by the `cuda`
 //! [`Runtime`](tract_onnx::tract_core::runtime::Runtime). It is an ordinary `TypedSimplePlan`
 //! with the same inputs and outputs, so [`crate::Session`] (stateful KV cache, rewinds,
@@ -18,7 +18,7 @@ use tract_onnx::tract_core::internal::TractErrorContext as _;
 
 use super::{decoder_inputs, io_names, Model};
 use crate::onnx::graph::{prune, set_op, FLOAT};
-use crate::onnx::{nbits, proto};
+use crate::onnx::{batch, nbits, proto};
 use crate::{names, EngineError};
 
 /// A model file, or its bytes (wasi:nn `load`).
@@ -37,18 +37,28 @@ impl Source<'_> {
     }
 }
 
-/// Replaces every 4-bit `MatMulNBits` by a `MatMul` on its dequantized f32 weight, for front ends
-/// that do not run it (tract's own import has no zero points; the GPU plan runs f32 weights).
+/// Replaces every block-quantized product (`MatMulNBits`, our offset ops) by a `MatMul` on its
+/// dequantized f32 weight, and every `GatherBlocks` lookup that shares a product's table (a tied
+/// 8-bit embedding) by a `Gather` on the dequantized rows, for front ends that do not run them
+/// (tract's own import has no zero points and knows none of our ops; the GPU plan runs f32).
 fn dequantize_nbits(proto: &mut pb::ModelProto) {
     let Some(graph) = proto.graph.as_mut() else {
         return;
     };
     let mut dense = vec![];
+    let mut tables = vec![];
     {
         let inits: HashMap<&str, &pb::TensorProto> = graph
             .initializer
             .iter()
             .map(|t| (t.name.as_str(), t))
+            .collect();
+        let products: HashMap<&str, usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| nbits::nbits(n, |name| inits.get(name).copied()).is_some())
+            .map(|(i, n)| (n.input[1].as_str(), i))
             .collect();
         for (i, node) in graph.node.iter().enumerate() {
             if let Some(w) = nbits::nbits(node, |name| inits.get(name).copied()) {
@@ -60,6 +70,24 @@ fn dequantize_nbits(proto: &mut pb::ModelProto) {
                     }
                 }
                 dense.push((i, w.k, w.n, kn));
+            } else if nbits::is_gather_blocks(node) {
+                // The lookup reads its product's B and scales: rows of that weight, [N][K].
+                let Some(&head) = products.get(node.input[1].as_str()) else {
+                    continue;
+                };
+                let head = &graph.node[head];
+                if head.input.get(2) != node.input.get(2) {
+                    continue;
+                }
+                if let Some(w) = nbits::nbits(head, |name| inits.get(name).copied()) {
+                    let mut nk = Vec::with_capacity(w.k * w.n * 4);
+                    for c in 0..w.n {
+                        for kk in 0..w.k {
+                            nk.extend_from_slice(&w.value(c, kk).to_le_bytes());
+                        }
+                    }
+                    tables.push((i, w.k, w.n, nk));
+                }
             }
         }
     }
@@ -67,15 +95,30 @@ fn dequantize_nbits(proto: &mut pb::ModelProto) {
         let name = format!("{}_dequantized", graph.node[i].input[1]);
         let x = std::mem::take(&mut graph.node[i].input[0]);
         set_op(&mut graph.node[i], "MatMul", vec![x, name.clone()], vec![]);
-        graph.initializer.push(pb::TensorProto {
-            name,
-            dims: vec![k as i64, n as i64],
-            data_type: FLOAT,
-            raw_data: raw,
-            ..Default::default()
-        });
+        graph.initializer.push(f32_initializer(name, [k, n], raw));
+    }
+    for (i, k, n, raw) in tables {
+        let name = format!("{}_rows", graph.node[i].input[1]);
+        let ids = std::mem::take(&mut graph.node[i].input[0]);
+        set_op(
+            &mut graph.node[i],
+            "Gather",
+            vec![name.clone(), ids],
+            vec![],
+        );
+        graph.initializer.push(f32_initializer(name, [n, k], raw));
     }
     prune(graph);
+}
+
+fn f32_initializer(name: String, dims: [usize; 2], raw_data: Vec<u8>) -> pb::TensorProto {
+    pb::TensorProto {
+        name,
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: FLOAT,
+        raw_data,
+        ..Default::default()
+    }
 }
 
 /// The ONNX front end without our CPU rewrites (the GPU plan's, and [`Model::load_plain`]'s).
@@ -94,6 +137,10 @@ fn parse_plain(source: Source, name: &str) -> Result<InferenceModel, EngineError
     };
     let mut proto = proto.map_err(|e| EngineError::load(name, e))?;
     dequantize_nbits(&mut proto);
+    // One sequence per session, as on the CPU: Optimum exports' masks need the batch a number.
+    if let Some(graph) = proto.graph.as_mut() {
+        batch::pin_to_one(graph);
+    }
     let parsed = tract_onnx::onnx()
         .parse(&proto, dir)
         .map_err(|e| EngineError::load(name, e))?;

@@ -47,7 +47,7 @@ fn offset_op_bits(node: &pb::NodeProto) -> Option<i64> {
 /// the head's packed weight, so the table is held once.
 pub const GATHER_BLOCKS: &str = "GatherBlocks";
 
-fn is_gather_blocks(node: &pb::NodeProto) -> bool {
+pub(crate) fn is_gather_blocks(node: &pb::NodeProto) -> bool {
     node.domain == SLM_DOMAIN && node.op_type == GATHER_BLOCKS && node.input.len() == 3
 }
 

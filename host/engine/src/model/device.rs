@@ -124,6 +124,7 @@ fn probe() -> Result<GpuInfo, String> {
 #[cfg(feature = "gpu")]
 fn probe() -> Result<GpuInfo, String> {
     let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    refuse_stub_libraries()?;
     // Loads every library by dlopen and calls cuInit; must come before any other cudarc call
     // (cudarc panics when it binds a symbol of a library that is absent).
     tract_cuda::utils::ensure_cuda_runtime_dependencies("CUDA libraries missing").map_err(|e| {
@@ -159,6 +160,53 @@ fn probe() -> Result<GpuInfo, String> {
         .map_err(one_line)
 }
 
+/// The CUDA toolkit's `stubs/` libraries exist to link against, not to run: they load, then
+/// answer calls with garbage (on an H200, tract-cuda then asked for a 10^17-byte buffer and the
+/// process aborted). An `LD_LIBRARY_PATH` that names a `stubs` directory before the real one
+/// picks them. cudarc opens each library lazily, by the first of its candidate names that loads:
+/// this opens them the same way, holds them while the process's mappings are read, and refuses a
+/// library mapped from a `stubs` directory, naming it.
+#[cfg(feature = "gpu")]
+fn refuse_stub_libraries() -> Result<(), String> {
+    let held: Vec<libloading::Library> = ["cuda", "cudart", "nvrtc", "cublas", "cublasLt", "cudnn"]
+        .iter()
+        .filter_map(|lib| {
+            cudarc::get_lib_name_candidates(lib)
+                .into_iter()
+                // SAFETY: loading a CUDA library runs its initializers, as cudarc's own load does.
+                .find_map(|name| unsafe { libloading::Library::new(name) }.ok())
+        })
+        .collect();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    drop(held);
+    match stub_libraries(&maps).first() {
+        Some(stub) => Err(format!(
+            "the CUDA stub library {stub} would be loaded (link-time stubs do not run): take its \
+             directory out of LD_LIBRARY_PATH, or put the real CUDA libraries' directory first"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The CUDA libraries in a `/proc/self/maps` text that come from a `stubs` directory.
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+fn stub_libraries(maps: &str) -> Vec<&str> {
+    let mut stubs: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|path| {
+            let mut parts = path.rsplit('/');
+            let file = parts.next().unwrap_or_default();
+            parts.next() == Some("stubs")
+                && ["libcuda", "libcudart", "libnvrtc", "libcublas", "libcudnn"]
+                    .iter()
+                    .any(|lib| file.starts_with(lib))
+        })
+        .collect();
+    stubs.dedup();
+    stubs
+}
+
 impl Model {
     /// Loads `model.onnx` where `placement` says: [`Model::load`] for the CPU, the tract-cuda
     /// plan for a GPU.
@@ -175,5 +223,27 @@ impl Model {
             Placement::Cpu => Model::from_bytes(bytes),
             Placement::Gpu(_) => Self::load_gpu(Source::Bytes(bytes)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stub_libraries;
+
+    #[test]
+    fn stub_libraries_are_found_by_their_directory() {
+        let maps = "\
+7f00-7f01 r--p 00000000 00:21 1 /usr/local/cuda/targets/x86_64-linux/lib/stubs/libnvrtc.so
+7f01-7f02 r-xp 00001000 00:21 1 /usr/local/cuda/targets/x86_64-linux/lib/stubs/libnvrtc.so
+7f02-7f03 r--p 00000000 00:21 2 /usr/local/cuda/targets/x86_64-linux/lib/libcublas.so.13
+7f03-7f04 r--p 00000000 00:21 3 /usr/local/nvidia/lib64/libcuda.so.580.159.04
+7f04-7f05 rw-p 00000000 00:00 0
+7f05-7f06 r--p 00000000 00:21 4 /opt/stubs/libfoo.so
+";
+        assert_eq!(
+            stub_libraries(maps),
+            ["/usr/local/cuda/targets/x86_64-linux/lib/stubs/libnvrtc.so"]
+        );
+        assert!(stub_libraries("").is_empty());
     }
 }

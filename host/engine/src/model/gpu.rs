@@ -154,15 +154,17 @@ fn parse_plain(source: Source, name: &str) -> Result<InferenceModel, EngineError
     Ok(parsed.model)
 }
 
-/// Typed, decluttered, with the transformer patterns tract's GPU kernels know (rotary
-/// embeddings, scaled masked softmax) detected. The KV cache stays in the inputs and outputs
-/// (no `detect_kv_cache`): the session owns it.
+/// Typed, decluttered, with the rotary embeddings detected (tract's GPU kernel for them). The
+/// KV cache stays in the inputs and outputs (no `detect_kv_cache`): the session owns it.
+///
+/// The scaled masked softmax is left as its scale, mask and `Softmax`: tract-cuda 0.23.9's fused
+/// kernel for exactly 128 columns is instantiated with a block of 126 (nn.cu), so at 128 keys
+/// (a 128-token prompt, or the decode step that reaches 128) every score row came out wrong:
+/// logits off by up to 4 on the real model, found by scripts/gpu-check on an H200.
 fn plain_typed(model: InferenceModel) -> TractResult<TypedModel> {
     let mut typed = model.into_typed()?.into_decluttered()?;
-    for name in ["detect_apply_rope", "detect_scaled_masked_softmax"] {
-        if let Some(t) = tract_onnx::tract_core::transform::get_transform(name)? {
-            t.transform(&mut typed)?;
-        }
+    if let Some(t) = tract_onnx::tract_core::transform::get_transform("detect_apply_rope")? {
+        t.transform(&mut typed)?;
     }
     typed.declutter()?;
     Ok(typed)
@@ -203,6 +205,38 @@ fn past_concats(model: &TypedModel) -> Vec<String> {
     names
 }
 
+/// Extra nodes the GPU plan keeps on the CPU: `SLM_GPU_FORCE_CPU`, comma-separated node-name
+/// substrings or `op:NAME` (every node whose op's name contains NAME). A diagnostic for
+/// scripts/gpu-check: keeping one kind of op on the CPU at a time finds the GPU kernel behind a
+/// difference. When set, the op kinds of the graph and what was kept are printed on stderr.
+fn forced_on_cpu(model: &TypedModel) -> Vec<String> {
+    let Ok(spec) = std::env::var("SLM_GPU_FORCE_CPU") else {
+        return vec![];
+    };
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for node in model.nodes() {
+        *kinds.entry(node.op().name().to_string()).or_default() += 1;
+    }
+    let mut names = vec![];
+    for pat in spec.split(',').filter(|p| !p.is_empty()) {
+        match pat.strip_prefix("op:") {
+            Some(op) => names.extend(
+                model
+                    .nodes()
+                    .iter()
+                    .filter(|n| n.op().name().contains(op))
+                    .map(|n| n.name.clone()),
+            ),
+            None => names.push(pat.to_string()),
+        }
+    }
+    eprintln!(
+        "SLM_GPU_FORCE_CPU={spec:?}: {} nodes kept on the CPU; op kinds: {kinds:?}",
+        names.len()
+    );
+    names
+}
+
 impl Model {
     /// The GPU plan's graph (plain tract-onnx, f32 weights, transformer patterns detected),
     /// optimized for the CPU: what a GPU run is compared with, and a test of everything in the
@@ -210,6 +244,7 @@ impl Model {
     #[doc(hidden)]
     pub fn load_plain(path: &Path) -> Result<Model, EngineError> {
         Self::load_with(Source::Path(path), |typed| {
+            forced_on_cpu(&typed);
             Ok(typed.into_optimized()?.into_runnable()?)
         })
     }
@@ -239,7 +274,9 @@ impl Model {
             // The KV cache inputs are empty on a session's first step, and CUDA does not allocate
             // 0 bytes (cuMemAlloc: invalid value): keep each past -> Concat on the CPU, so only
             // the (never empty) concatenation crosses to the GPU.
-            let on_cpu = past_concats(&typed).join(",");
+            let mut on_cpu = past_concats(&typed);
+            on_cpu.extend(forced_on_cpu(&typed));
+            let on_cpu = on_cpu.join(",");
             let knobs = tract_onnx::tract_core::tract_data::knobs::KnobScope::new([(
                 "TRACT_CUDA_FORCE_CPU",
                 on_cpu.as_str(),

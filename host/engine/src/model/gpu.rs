@@ -1,8 +1,8 @@
 //! The GPU plan: a plain tract-onnx parse (none of our CPU rewrites: tract-cuda does not know our
 //! ops; tract folds the int8 `Cast * scale` weights to f32, the block-quantized products and
-//! `GatherBlocks` tables are dequantized to f32 here, the batch axis pinned to one), decluttered, with tract-transformers' rope / masked-softmax
-//! patterns detected, then prepared by the `cuda`
-//! [`Runtime`](tract_onnx::tract_core::runtime::Runtime). It is an ordinary `TypedSimplePlan`
+//! `GatherBlocks` tables are dequantized to f32 here, the batch axis pinned to one),
+//! decluttered, with tract-transformers' rotary-embedding pattern detected, then prepared by the
+//! `cuda` [`Runtime`](tract_onnx::tract_core::runtime::Runtime). It is an ordinary `TypedSimplePlan`
 //! with the same inputs and outputs, so [`crate::Session`] (stateful KV cache, rewinds,
 //! [`crate::KvSnapshot`]) runs it unchanged: the KV tensors stay host tensors between steps.
 //! The same graph optimized for the CPU ([`Model::load_plain`]) tests all of it but tract-cuda.

@@ -53,42 +53,45 @@ fn dequantize_nbits(proto: &mut pb::ModelProto) {
             .iter()
             .map(|t| (t.name.as_str(), t))
             .collect();
-        let products: HashMap<&str, usize> = graph
+        // Each product read once, by its node and by the name of its `B` (a lookup's key).
+        let products: Vec<(usize, nbits::NBits)> = graph
             .node
             .iter()
             .enumerate()
-            .filter(|(_, n)| nbits::nbits(n, |name| inits.get(name).copied()).is_some())
-            .map(|(i, n)| (n.input[1].as_str(), i))
+            .filter_map(|(i, n)| Some((i, nbits::nbits(n, |name| inits.get(name).copied())?)))
             .collect();
-        for (i, node) in graph.node.iter().enumerate() {
-            if let Some(w) = nbits::nbits(node, |name| inits.get(name).copied()) {
-                let mut kn = vec![0u8; w.k * w.n * 4];
-                for c in 0..w.n {
-                    for kk in 0..w.k {
-                        let v = w.value(c, kk);
-                        kn[(kk * w.n + c) * 4..][..4].copy_from_slice(&v.to_le_bytes());
-                    }
-                }
-                dense.push((i, w.k, w.n, kn));
-            } else if nbits::is_gather_blocks(node) {
-                // The lookup reads its product's B and scales: rows of that weight, [N][K].
-                let Some(&head) = products.get(node.input[1].as_str()) else {
-                    continue;
-                };
-                let head = &graph.node[head];
-                if head.input.get(2) != node.input.get(2) {
-                    continue;
-                }
-                if let Some(w) = nbits::nbits(head, |name| inits.get(name).copied()) {
-                    let mut nk = Vec::with_capacity(w.k * w.n * 4);
-                    for c in 0..w.n {
-                        for kk in 0..w.k {
-                            nk.extend_from_slice(&w.value(c, kk).to_le_bytes());
-                        }
-                    }
-                    tables.push((i, w.k, w.n, nk));
+        let by_table: HashMap<&str, &(usize, nbits::NBits)> = products
+            .iter()
+            .map(|p| (graph.node[p.0].input[1].as_str(), p))
+            .collect();
+        for (i, w) in &products {
+            let mut kn = vec![0u8; w.k * w.n * 4];
+            for c in 0..w.n {
+                for kk in 0..w.k {
+                    let v = w.value(c, kk);
+                    kn[(kk * w.n + c) * 4..][..4].copy_from_slice(&v.to_le_bytes());
                 }
             }
+            dense.push((*i, w.k, w.n, kn));
+        }
+        for (i, node) in graph.node.iter().enumerate() {
+            if !nbits::is_gather_blocks(node) {
+                continue;
+            }
+            // The lookup reads its product's B and scales: rows of that weight, [N][K].
+            let Some((head, w)) = by_table.get(node.input[1].as_str()) else {
+                continue;
+            };
+            if graph.node[*head].input.get(2) != node.input.get(2) {
+                continue;
+            }
+            let mut nk = Vec::with_capacity(w.k * w.n * 4);
+            for c in 0..w.n {
+                for kk in 0..w.k {
+                    nk.extend_from_slice(&w.value(c, kk).to_le_bytes());
+                }
+            }
+            tables.push((i, w.k, w.n, nk));
         }
     }
     for (i, k, n, raw) in dense {

@@ -95,7 +95,8 @@ def test_default_layout_is_faithful_through_our_engine(runs, ids, tmp_path):
     out = tmp_path / "logits.bin"
     n = len(ids)
     # Prompt ids[:2], then feed ids[2:]: row j predicts ids[2 + j].
-    r = subprocess.run([str(SLM), "logits", "--ids", json.dumps(ids[:2]), "--follow", json.dumps(ids[2:]),
+    # The repository's models directory wherever pytest runs from (slm's default is ./models).
+    r = subprocess.run([str(SLM), "--models", str(SLM.parents[2] / "models"), "logits", "--ids", json.dumps(ids[:2]), "--follow", json.dumps(ids[2:]),
                         "--steps", str(n - 3), "--runs", "1", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ours = np.fromfile(out, np.float32).reshape(n - 2, -1)

@@ -172,11 +172,48 @@ impl Serialize for TokenModel {
     }
 }
 
-/// Files the lean reader does not take come through here, whole, to the library.
+/// Files the lean reader does not take come through here, whole, to the library, after one
+/// check of ours ([`merges_fit_prefix`]). (The library buffers the model as a JSON tree anyway;
+/// this holds it once more while it is read.)
 impl<'de> Deserialize<'de> for TokenModel {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        ModelWrapper::deserialize(d).map(TokenModel::Library)
+        let model = serde_json::Value::deserialize(d)?;
+        merges_fit_prefix(&model).map_err(de::Error::custom)?;
+        ModelWrapper::deserialize(model)
+            .map(TokenModel::Library)
+            .map_err(de::Error::custom)
     }
+}
+
+/// The library's BPE makes each merge's token of the left token and the right one less its
+/// continuing-subword prefix, cutting the right token at the prefix's length unchecked: a right
+/// token shorter than the prefix (or cut inside a character) panics, which traps the generator
+/// in wasm. Such a file is refused here, the merge named.
+fn merges_fit_prefix(model: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    let Some(prefix) = model
+        .get("continuing_subword_prefix")
+        .and_then(Value::as_str)
+    else {
+        return Ok(());
+    };
+    let Some(merges) = model.get("merges").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    for (rank, merge) in merges.iter().enumerate() {
+        let right = match merge {
+            Value::String(line) => line.split(' ').nth(1),
+            Value::Array(pair) => pair.get(1).and_then(Value::as_str),
+            _ => None,
+        };
+        if let Some(right) = right.filter(|r| !r.is_char_boundary(prefix.len())) {
+            return Err(format!(
+                "BPE merge {rank} ({merge}): its right token {right:?} does not start with the \
+                 continuing_subword_prefix {prefix:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The file's parts, as the library's `Tokenizer` deserializer reads them, with the model as a
@@ -632,6 +669,30 @@ mod tests {
             assert!(read_lean(json.as_bytes()).is_err(), "{to}");
             let t = read(json.into_bytes()).unwrap();
             assert!(matches!(t.get_model(), TokenModel::Library(_)), "{to}");
+        }
+        // A continuing-subword prefix: the library's BPE, unless a merge's right token is too
+        // short to hold the prefix (the library would panic: a trap in wasm).
+        let prefixed = SPM_LIKE
+            .replace(
+                r#""continuing_subword_prefix": null"#,
+                r###""continuing_subword_prefix": "##""###,
+            )
+            .replace(r#""b": 2,"#, r###""##b": 2,"###)
+            .replace(r#""a b","#, r###""a ##b","###)
+            .replace(r#""<eot>": 7}"#, r#""<eot>": 7, "€": 9}"#);
+        let t = read(prefixed.clone().into_bytes()).unwrap();
+        assert!(matches!(t.get_model(), TokenModel::Library(_)));
+        // (Tokens in the vocabulary: the library looks them up before it cuts.)
+        for short in [r#""a a","#, r#""a €","#] {
+            let json = prefixed.replace(r###""a ##b","###, short);
+            let Err(e) = read(json.into_bytes()) else {
+                panic!("{short}: read")
+            };
+            let e = e.to_string();
+            assert!(
+                e.contains("BPE merge 0") && e.contains("continuing_subword_prefix"),
+                "{e}"
+            );
         }
         // A merge that is not two tokens: the library's own error.
         let bad = SPM_LIKE.replace(r#""a b","#, r#""a b c","#);

@@ -672,7 +672,8 @@ mod tests {
             let k: Vec<f32> = (0..t * d).map(|i| val(i * 3 + 1)).collect();
             let v: Vec<f32> = (0..t * dv).map(|i| val(i * 5 + 2)).collect();
             // Row i sits at position t - rows + i (causal), one key masked out by a window,
-            // and every 11th key of row 0 masked by a large negative that is not -1e9.
+            // every 11th key of row 0 masked by a large negative that is not -1e9, and every
+            // 13th key of row 1 masked out.
             let mask: Vec<f32> = (0..rows * t)
                 .map(|x| {
                     let (i, j) = (x / t, x % t);
@@ -682,6 +683,9 @@ mod tests {
                         f32::NEG_INFINITY
                     } else if i == 0 && j % 11 == 5 {
                         -30.0
+                    } else if i == 1 && j % 13 == 7 {
+                        // Weight 0 for row 1 alone, inside the keys its neighbours read.
+                        -1e9
                     } else {
                         0.0
                     }
